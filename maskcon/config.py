@@ -1,0 +1,253 @@
+"""One typed configuration for a training run: defaults, per-dataset presets, YAML, command line.
+
+Precedence, lowest first: the dataclass defaults (supplement, section A), the preset of the dataset,
+a YAML file given with ``--config``, then command-line options. Every field is a command-line option in
+both spellings, ``--batch-size 64`` and ``--batch_size=64`` (the form W&B sweep agents pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from maskcon.errors import UserError
+
+METHODS = ("maskcon", "grafit", "coins", "supfine", "selfcon")
+DATASETS = (
+    "digits", "cifar100", "cifartoy_good", "cifartoy_bad", "imagenet32",
+    "sop_split1", "sop_split2", "cars196", "folder",
+)
+ARCHS = ("resnet18", "resnet34", "resnet50")
+VIEWS = ("strong", "weak")
+
+
+@dataclass
+class Config:
+    # --- data ---
+    dataset: str = field(default="digits", metadata={"help": f"dataset of the shards: {', '.join(DATASETS)}"})
+    shards: str | None = field(default=None, metadata={"help": "shard folder (default: shards/DATASET)"})
+    image_size: int = field(default=32, metadata={"help": "side of the square network input, pixels"})
+    query_view: str = field(default="strong", metadata={"help": "augmentation of the query view: strong|weak"})
+    key_view: str = field(default="weak", metadata={"help": "augmentation of the key view: strong|weak"})
+    loader: str = field(default="dali", metadata={"help": "data loader back end: dali|torch"})
+    loader_threads: int = field(default=2, metadata={"help": "CPU threads (DALI) or workers (torch) per process"})
+    # --- method ---
+    method: str = field(default="maskcon", metadata={"help": f"objective: {'|'.join(METHODS)}"})
+    w: float = field(default=1.0, metadata={"help": "weight of the soft target (MaskCon, Grafit) or of the coarse CE (CoIns), in [0, 1]"})
+    t: float = field(default=0.05, metadata={"help": "MaskCon temperature of the key-to-bank similarities (tau)"})
+    t0: float = field(default=0.1, metadata={"help": "temperature of the contrastive logits (tau_0, supplement section A)"})
+    queue_size: int = field(default=8192, metadata={"help": "memory bank size K, keys"})
+    key_momentum: float = field(default=0.99, metadata={"help": "momentum m of the key encoder"})
+    # --- network ---
+    arch: str = field(default="resnet18", metadata={"help": f"backbone: {'|'.join(ARCHS)}"})
+    pretrained: str | None = field(default=None, metadata={"help": "'imagenet' for torchvision weights, or a local weights file"})
+    proj_hidden: int = field(default=512, metadata={"help": "projector hidden width"})
+    proj_dim: int = field(default=128, metadata={"help": "projector output dimension"})
+    # --- optimisation (supplement, section A) ---
+    epochs: int = field(default=200, metadata={"help": "training epochs"})
+    batch_size: int = field(default=128, metadata={"help": "images per process per step"})
+    lr: float = field(default=0.02, metadata={"help": "SGD learning rate for the reference batch"})
+    lr_reference_batch: int = field(default=128, metadata={"help": "global batch that --lr is given for"})
+    scale_lr: bool = field(default=True, metadata={"help": "scale lr linearly by global batch / reference batch"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
+    warmup_epochs: float = field(default=5.0, metadata={"help": "linear warm-up before the per-step cosine schedule, epochs"})
+    mixed_precision: str | None = field(default=None, metadata={"help": "no|bf16|fp16 (default: what accelerate launch says)"})
+    channels_last: bool = field(default=False, metadata={"help": "channels-last memory format (faster on tensor cores)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the query encoder"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    # --- evaluation, logging, checkpoints ---
+    eval_every: int = field(default=10, metadata={"help": "evaluate Recall@K every N epochs (and always after the last)"})
+    eval_batch_size: int = field(default=256, metadata={"help": "images per process per evaluation batch"})
+    log_every: int = field(default=10, metadata={"help": "write a metrics row every N steps"})
+    checkpoint_every: int = field(default=10, metadata={"help": "checkpoint every N epochs (0: only on SIGTERM and at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in OUTPUT_DIR/checkpoints"})
+    output_dir: str | None = field(default=None, metadata={"help": "where the run writes (default: a new folder under runs/)"})
+    wandb: str = field(default="auto", metadata={"help": "auto|online|offline|disabled (auto: online when logged in)"})
+    wandb_project: str = field(default="maskcon", metadata={"help": "W&B project"})
+    run_name: str | None = field(default=None, metadata={"help": "run name (default: DATASET-METHOD-TIME)"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps in all (smoke tests)"})
+    config: str | None = field(default=None, metadata={"help": "YAML file of options (command line wins)"})
+
+
+# Per-dataset presets. Hyperparameters of MaskCon: supplement Table 1 (SOP, Cars196), the best MaskCon rows
+# of Tables 4 and 6 (CIFAR-100, CIFAR-toy). ImageNet32: 100 epochs, batch 256, K 16,384 (section A).
+PRESETS: dict[str, dict] = {
+    "digits": dict(image_size=16, epochs=15, batch_size=128, queue_size=1024, warmup_epochs=1,
+                   eval_every=5, checkpoint_every=5, log_every=5, w=1.0, t=0.05),
+    "cifar100": dict(image_size=32, w=1.0, t=0.05),
+    "cifartoy_good": dict(image_size=32, w=1.0, t=0.05),
+    "cifartoy_bad": dict(image_size=32, w=1.0, t=0.05),
+    "imagenet32": dict(image_size=32, epochs=100, batch_size=256, lr_reference_batch=256,
+                       queue_size=16384, w=1.0, t=0.05),
+    "sop_split1": dict(image_size=224, w=0.8, t=0.1, query_view="weak"),
+    "sop_split2": dict(image_size=224, w=0.5, t=0.05, query_view="weak"),
+    "cars196": dict(image_size=224, w=1.0, t=0.1),
+    "folder": dict(image_size=224),
+}
+
+# The w of the baselines where the supplement fixes one (Table 1); elsewhere the MaskCon preset applies.
+BASELINE_W: dict[tuple[str, str], float] = {
+    ("sop_split1", "grafit"): 0.8, ("sop_split1", "coins"): 0.5,
+    ("sop_split2", "grafit"): 0.8, ("sop_split2", "coins"): 0.2,
+    ("cars196", "grafit"): 1.0, ("cars196", "coins"): 1.0,
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if str(text).lower() in ("none", "null", "") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _field_type(f: dataclasses.Field):
+    hints = typing.get_type_hints(Config)
+    kind = hints[f.name]
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    optional = len(args) == 1 and type(None) in typing.get_args(kind)
+    base = args[0] if optional else kind
+    return base, optional
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="accelerate launch launch/train.py",
+        description="Train MaskCon or a baseline on WebDataset shards. Options override the dataset's "
+                    "preset and a --config YAML file. Both --some-option and --some_option=value work.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, f in FIELDS.items():
+        base, optional = _field_type(f)
+        flags = [f"--{name.replace('_', '-')}"]
+        if "_" in name:
+            flags.append(f"--{name}")
+        help_text = f.metadata.get("help", "")
+        if base is bool:
+            parser.add_argument(*flags, dest=name, nargs="?", const=True, type=_parse_bool,
+                                metavar="BOOL", help=f"{help_text} (default: {f.default})")
+            parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false",
+                                help=f"turn off --{name.replace('_', '-')}")
+        else:
+            kind = _optional(base) if optional else base
+            parser.add_argument(*flags, dest=name, type=kind, metavar=name.upper(),
+                                help=f"{help_text} (default: {f.default})")
+    return parser
+
+
+def _coerce(name: str, value):
+    base, optional = _field_type(FIELDS[name])
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"option {name} cannot be empty")
+    try:
+        if base is bool:
+            return value if isinstance(value, bool) else _parse_bool(value)
+        return base(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise UserError(f"option {name}: cannot read {value!r} as {base.__name__}") from None
+
+
+def load_yaml(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of option: value")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UserError(f"config file {path}: unknown options {', '.join(unknown)} (see --help)")
+    return {k: _coerce(k, v) for k, v in values.items()}
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Resolve defaults < dataset preset < YAML < command line into one validated Config."""
+    cli = vars(build_parser().parse_args(argv))
+    from_yaml = load_yaml(cli["config"]) if cli.get("config") else {}
+    dataset = cli.get("dataset", from_yaml.get("dataset", Config.dataset))
+    method = cli.get("method", from_yaml.get("method", Config.method))
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+    values = dict(PRESETS.get(dataset, {}))
+    if (dataset, method) in BASELINE_W:
+        values["w"] = BASELINE_W[(dataset, method)]
+    values.update(from_yaml)
+    values.update(cli)
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Reject impossible options with one line each."""
+    if config.dataset not in DATASETS:
+        raise UserError(f"unknown dataset {config.dataset!r}; known datasets: {', '.join(DATASETS)}")
+    if config.method not in METHODS:
+        raise UserError(f"unknown method {config.method!r}; known methods: {', '.join(METHODS)}")
+    if config.arch not in ARCHS:
+        raise UserError(f"unknown arch {config.arch!r}; known: {', '.join(ARCHS)}")
+    if not 0.0 <= config.w <= 1.0:
+        raise UserError(f"--w must lie in [0, 1], got {config.w}")
+    for name in ("t", "t0"):
+        if not getattr(config, name) > 0:
+            raise UserError(f"temperature --{name} must be > 0, got {getattr(config, name)}")
+    for name in ("query_view", "key_view"):
+        if getattr(config, name) not in VIEWS:
+            raise UserError(f"--{name.replace('_', '-')} must be strong or weak, got {getattr(config, name)!r}")
+    if config.loader not in ("dali", "torch"):
+        raise UserError(f"--loader must be dali or torch, got {config.loader!r}")
+    if config.wandb not in ("auto", "online", "offline", "disabled"):
+        raise UserError(f"--wandb must be auto, online, offline or disabled, got {config.wandb!r}")
+    if config.mixed_precision not in (None, "no", "bf16", "fp16"):
+        raise UserError(f"--mixed-precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
+    positive = ("image_size", "epochs", "batch_size", "queue_size", "eval_every", "eval_batch_size",
+                "log_every", "keep_checkpoints", "lr_reference_batch", "loader_threads",
+                "proj_hidden", "proj_dim")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be >= 0, got {config.checkpoint_every}")
+    if config.lr <= 0:
+        raise UserError(f"--lr must be > 0, got {config.lr}")
+    if not 0.0 <= config.key_momentum < 1.0:
+        raise UserError(f"--key-momentum must lie in [0, 1), got {config.key_momentum}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise UserError(f"--max-steps must be at least 1, got {config.max_steps}")
+
+
+def shards_dir(config: Config) -> Path:
+    return Path(config.shards) if config.shards else Path("shards") / config.dataset
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,103 @@
+"""Pictures a person would rather look at than numbers: top-10 retrievals and a 2-D embedding map."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+GRID_QUERIES = 8  # fixed test queries shown at every evaluation
+GRID_NEIGHBOURS = 10
+TILE = 64  # pixels per thumbnail
+BORDER = 3
+
+
+def grid_queries(num_test: int, count: int = GRID_QUERIES) -> list[int]:
+    """The same evenly spaced test indices at every evaluation of a run."""
+    count = min(count, num_test)
+    return [int(i) for i in np.linspace(0, num_test - 1, count).round()]
+
+
+def read_test_images(folder: Path, indices: list[int]) -> dict[int, Image.Image]:
+    """Images of the test split at the given positions (the order of the shards), read from the tars."""
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    wanted = set(indices)
+    found: dict[int, Image.Image] = {}
+    start = 0
+    for shard in manifest["splits"]["test"]["shards"]:
+        stop = start + shard["num_samples"]
+        if any(start <= i < stop for i in wanted):
+            with tarfile.open(Path(folder) / shard["tar"]) as tar:
+                position, last_key = start - 1, None
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    if key != last_key:
+                        position, last_key = position + 1, key
+                    if position in wanted and ext in ("png", "jpg", "jpeg"):
+                        data = tar.extractfile(member).read()
+                        found[position] = Image.open(io.BytesIO(data)).convert("RGB")
+        start = stop
+    return found
+
+
+def retrieval_grid(table: dict, folder: Path) -> Image.Image:
+    """One row per fixed query: the query, then its 10 nearest test images, framed green when their fine
+    class matches the query's and red when not."""
+    features, fine = table["features"], table["fine"].cpu()
+    queries = grid_queries(features.shape[0])
+    normalised = F.normalize(features.float(), dim=1)
+    similarity = normalised[queries] @ normalised.T  # queries x N
+    similarity[torch.arange(len(queries)), torch.tensor(queries)] = float("-inf")
+    neighbours = similarity.topk(min(GRID_NEIGHBOURS, features.shape[0] - 1), dim=1).indices.cpu()
+    index = table["index"].cpu()
+    rows = [[int(index[q])] + [int(index[n]) for n in neighbours[r]] for r, q in enumerate(queries)]
+    images = read_test_images(folder, sorted({i for row in rows for i in row}))
+    step = TILE + 2 * BORDER
+    canvas = Image.new("RGB", (step * (GRID_NEIGHBOURS + 1) + BORDER, step * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        for c, position in enumerate(row):
+            x, y = c * step + (BORDER if c else 0), r * step
+            if c == 0:
+                colour = "black"
+            else:
+                colour = "green" if int(fine[row[c]]) == int(fine[row[0]]) else "red"
+            draw.rectangle([x, y, x + step - 1, y + step - 1], fill=colour)
+            tile = images.get(position)
+            if tile is not None:
+                canvas.paste(tile.resize((TILE, TILE), Image.NEAREST), (x + BORDER, y + BORDER))
+    return canvas
+
+
+def embedding_plot(table: dict, max_points: int = 2000, seed: int = 0) -> Image.Image:
+    """t-SNE of (at most max_points) test features, coloured by coarse class (left) and fine class (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    features = F.normalize(table["features"].float(), dim=1).cpu().numpy()
+    fine, coarse = table["fine"].cpu().numpy(), table["coarse"].cpu().numpy()
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(features), size=min(max_points, len(features)), replace=False)
+    perplexity = float(min(30, max(2, len(chosen) // 4)))
+    points = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features[chosen])
+    figure, axes = plt.subplots(1, 2, figsize=(10, 5), dpi=100)
+    for axis, labels, title in ((axes[0], coarse[chosen], "coarse class"), (axes[1], fine[chosen], "fine class")):
+        axis.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab20", s=4)
+        axis.set_title(f"test features (t-SNE), coloured by {title}")
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")

@@ -1,0 +1,393 @@
+"""The training loop: schedule, steps, evaluation, logging, checkpoints.
+
+Order of one step (MoCo v2, official MaskCon): momentum update of the key encoder, keys of the key view
+(shuffle-BN), query projection through the wrapped model, the objective, backward, SGD step, then the
+keys of all processes enter the memory bank.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from tqdm.auto import tqdm
+
+from maskcon import losses, shards
+from maskcon.config import Config, shards_dir, to_dict
+from maskcon.errors import UserError
+from maskcon.loaders import build_test_loader, build_train_loader
+from maskcon.dist import world_size as model_world_size
+from maskcon.model import MaskConModel
+from maskcon.retrieval import RECALL_KS, recall_at_k
+
+CHECKPOINT_PREFIX = "step-"
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    step: int
+    metrics: dict  # the last evaluation's R@K
+    stopped: str  # "finished" | "preempted" | "max_steps"
+
+
+def lr_schedule(*, base_lr: float, total_steps: int, warmup_steps: int) -> list[float]:
+    """Per-step learning rates: linear warm-up to base_lr, then cosine annealing to 0."""
+    rates = []
+    for step in range(total_steps):
+        if step < warmup_steps:
+            rates.append(base_lr * (step + 1) / warmup_steps)
+        else:
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            rates.append(base_lr * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return rates
+
+
+def objective(method: str, *, out: dict, k: torch.Tensor, model: MaskConModel, batch: dict,
+              config: Config) -> torch.Tensor:
+    """The loss of `method` for one batch; the memory bank is read before this batch's keys enter it."""
+    q = out["q"]
+    if method == "selfcon":
+        return losses.selfcon_loss(q=q, k=k, queue=model.queue, t0=config.t0)
+    if method == "maskcon":
+        return losses.maskcon_loss(q=q, k=k, queue=model.queue, queue_coarse=model.queue_coarse,
+                                   coarse=batch["coarse"], t0=config.t0, t=config.t, w=config.w)
+    if method == "grafit":
+        return losses.grafit_loss(q=q, k=k, queue=model.queue, queue_coarse=model.queue_coarse,
+                                  coarse=batch["coarse"], t0=config.t0, w=config.w)
+    if method == "supfine":
+        return losses.supfine_loss(q=q, k=k, queue=model.queue, queue_fine=model.queue_fine,
+                                   fine=batch["fine"], t0=config.t0)
+    if method == "coins":
+        return losses.coins_loss(q=q, k=k, queue=model.queue, logits_coarse=out["logits_coarse"],
+                                 coarse=batch["coarse"], t0=config.t0, w=config.w)
+    raise ValueError(f"unknown method {method}")
+
+
+def default_output_dir(config: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{config.dataset}-{config.method}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        path, n = Path(f"{base}-{n}"), n + 1
+    return path
+
+
+def prepare_shards(config: Config, accelerator: Accelerator) -> tuple[Path, dict]:
+    """The shard folder and its manifest; the bundled digits are written on first use."""
+    folder = shards_dir(config)
+    if not (folder / "manifest.json").exists():
+        if config.dataset != "digits":
+            raise UserError(f"no shards in {folder}; make them with: python launch/make_shards.py create "
+                            f"{config.dataset} --src SRC --out {folder}")
+        with accelerator.main_process_first():
+            if accelerator.is_main_process and not (folder / "manifest.json").exists():
+                shards.create("digits", None, folder)
+    manifest = shards.read_manifest(folder)
+    if manifest["dataset"] != config.dataset and not (config.dataset == "folder"):
+        raise UserError(f"{folder} holds shards of {manifest['dataset']!r}, not {config.dataset!r}; "
+                        f"pass --shards for the right folder")
+    num_train = manifest["splits"]["train"]["num_samples"]
+    per_process = num_train // accelerator.num_processes
+    if config.batch_size > per_process:
+        raise UserError(f"--batch-size {config.batch_size} is larger than the {per_process} training images "
+                        f"each of the {accelerator.num_processes} processes reads; use at most {per_process}")
+    return folder, manifest
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.exists():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, *, step: int, epoch: int, keep: int) -> Path:
+    """Everything needed to continue exactly, written under a temporary name and renamed when complete."""
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    partial = root / f".partial-{CHECKPOINT_PREFIX}{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": epoch}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def extract_features(model: MaskConModel, loader, accelerator: Accelerator, channels_last: bool) -> dict:
+    """Backbone features of every test image, gathered from all processes, ordered by index."""
+    was_training = model.training
+    model.eval()
+    parts = {"features": [], "fine": [], "coarse": [], "index": []}
+    for batch in loader:
+        images = batch["image"]
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            features = model.features(images)
+        parts["features"].append(features.float())
+        for name in ("fine", "coarse", "index"):
+            parts[name].append(batch[name].long())
+    model.train(was_training)
+    local = {name: torch.cat(values) for name, values in parts.items()}
+    count = torch.tensor([local["index"].numel()], device=accelerator.device)
+    gathered = {}
+    for name, values in local.items():
+        padded = accelerator.pad_across_processes(values, dim=0)
+        gathered[name] = accelerator.gather(padded)
+    counts = accelerator.gather(count).tolist()
+    longest = gathered["index"].numel() // accelerator.num_processes
+    keep = torch.cat([torch.arange(c, device=accelerator.device) + r * longest for r, c in enumerate(counts)])
+    result = {name: values[keep] for name, values in gathered.items()}
+    order = result["index"].argsort()
+    return {name: values[order] for name, values in result.items()}
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can checkpoint at the top of the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _any_process(flag: bool, accelerator: Accelerator) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def train(config: Config) -> RunResult:
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+    set_seed(config.seed, device_specific=True)
+    main = accelerator.is_main_process
+
+    # --- where the run writes (decided once, on the main process) ---
+    chosen = [str(Path(config.output_dir)) if config.output_dir else str(default_output_dir(config))]
+    broadcast_object_list(chosen)
+    output_dir = Path(chosen[0])
+    checkpoint_root = output_dir / "checkpoints"
+    if config.resume and not list_checkpoints(checkpoint_root):
+        raise UserError(f"--resume: no checkpoint in {checkpoint_root}; start without --resume")
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+    # --- data ---
+    folder, manifest = prepare_shards(config, accelerator)
+    loader_args = dict(image_size=config.image_size, rank=accelerator.process_index,
+                       world_size=accelerator.num_processes, device=accelerator.device, backend=config.loader)
+    train_loader = build_train_loader(folder, recipe=config.dataset, batch_size=config.batch_size,
+                                      seed=config.seed, query_view=config.query_view, key_view=config.key_view,
+                                      num_threads=config.loader_threads, **loader_args)
+    test_loader = build_test_loader(folder, batch_size=config.eval_batch_size, **loader_args)
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * config.epochs
+    global_batch = config.batch_size * accelerator.num_processes
+
+    # --- learner ---
+    num_coarse = len(manifest["coarse_classes"]) if config.method == "coins" else None
+    model = MaskConModel(arch=config.arch, image_size=config.image_size, proj_hidden=config.proj_hidden,
+                         proj_dim=config.proj_dim, num_coarse=num_coarse, queue_size=config.queue_size,
+                         momentum=config.key_momentum, pretrained=config.pretrained)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.compile:
+        model.encoder = torch.compile(model.encoder)
+    base_lr = config.lr * (global_batch / config.lr_reference_batch if config.scale_lr else 1.0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=base_lr,
+                                momentum=config.momentum, weight_decay=config.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    learner: MaskConModel = accelerator.unwrap_model(model)
+    schedule = lr_schedule(base_lr=base_lr, total_steps=total_steps,
+                           warmup_steps=round(config.warmup_epochs * steps_per_epoch))
+
+    step = 0
+    if config.resume:
+        newest = list_checkpoints(checkpoint_root)[-1]
+        accelerator.load_state(str(newest))
+        step = json.loads((newest / "trainer_state.json").read_text())["step"]
+        accelerator.print(f"resumed from {newest} at step {step}")
+
+    tracker = None
+    if main:
+        from maskcon.tracking import Tracker
+
+        name = config.run_name or output_dir.name
+        tracker = Tracker(output_dir, config={**to_dict(config), "base_lr": base_lr, "global_batch": global_batch,
+                                              "world_size": accelerator.num_processes},
+                          wandb_mode=config.wandb, project=config.wandb_project, name=name, resume=config.resume)
+        accelerator.print(f"training {config.method} on {config.dataset}: {manifest['splits']['train']['num_samples']}"
+                          f" images, {accelerator.num_processes} process(es) x batch {config.batch_size}, "
+                          f"{steps_per_epoch} steps/epoch, {config.epochs} epochs, lr {base_lr:g}; "
+                          f"writing to {output_dir}")
+
+    if step == 0:
+        fill_memory_bank(learner, train_loader, config.channels_last)
+
+    def evaluate(epoch: int) -> dict:
+        table = extract_features(learner, test_loader, accelerator, config.channels_last)
+        metrics = {}
+        if main:
+            metrics = recall_at_k(table["features"], table["fine"], RECALL_KS)
+            tracker.log({"step": step, "epoch": epoch, **metrics})
+            _log_pictures(tracker, step, table, folder, final=epoch >= config.epochs)
+            accelerator.print(f"epoch {epoch} step {step}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        return metrics
+
+    preemption = _Preemption()
+    stopped = "finished"
+    metrics: dict = {}
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
+    last_log = time.perf_counter()
+    wait_time = busy_time = 0.0
+    images_since_log = 0
+    start_epoch = step // steps_per_epoch
+    for epoch in range(start_epoch, config.epochs):
+        skip = step - epoch * steps_per_epoch  # batches of this epoch already trained before a resume
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        batches = iter(train_loader)
+        for position in range(steps_per_epoch):
+            fetch_start = time.perf_counter()
+            batch = next(batches)
+            fetched = time.perf_counter()
+            if position < skip:
+                continue
+            if _any_process(preemption.requested, accelerator):
+                save_checkpoint(accelerator, checkpoint_root, step=step, epoch=epoch, keep=config.keep_checkpoints)
+                accelerator.print(f"stopped by SIGTERM at step {step}; checkpoint saved, continue with --resume")
+                stopped = "preempted"
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = schedule[step]
+            query, key = batch["query"], batch["key"]
+            if config.channels_last:
+                query = query.contiguous(memory_format=torch.channels_last)
+                key = key.contiguous(memory_format=torch.channels_last)
+            learner.momentum_update()
+            with accelerator.autocast():
+                k = learner.encode_keys(key)
+                out = model(query)
+                loss = objective(config.method, out=out, k=k.float(), model=learner, batch=batch, config=config)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            learner.enqueue(k.float(), batch["coarse"], batch["fine"])
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                newest = list_checkpoints(checkpoint_root)
+                where = f"the last good checkpoint is {newest[-1]}" if newest else "no checkpoint was written yet"
+                raise UserError(f"the loss became {loss_value} at step {step} (epoch {epoch}); {where}; "
+                                "try a lower --lr or --mixed-precision bf16")
+            done = time.perf_counter()
+            wait_time += fetched - fetch_start
+            busy_time += done - fetch_start
+            images_since_log += global_batch
+            step += 1
+            bar.update(1)
+            if step % config.log_every == 0 or position == steps_per_epoch - 1:
+                now = time.perf_counter()
+                row = {"step": step, "epoch": epoch + (position + 1) / steps_per_epoch, "loss": loss_value,
+                       "lr": schedule[step - 1], "images_per_s": images_since_log / max(now - last_log, 1e-9),
+                       "data_wait": wait_time / max(busy_time, 1e-9)}
+                if main:
+                    tracker.log(row)
+                    bar.set_postfix(loss=f"{loss_value:.3f}")
+                last_log, wait_time, busy_time, images_since_log = now, 0.0, 0.0, 0
+            if config.max_steps is not None and step >= config.max_steps:
+                stopped = "max_steps"
+                break
+        if stopped == "preempted":
+            break
+        # drain what is left of the epoch so the loader starts the next one cleanly
+        for _ in batches:
+            pass
+        finished_epoch = epoch + 1
+        last = finished_epoch == config.epochs or stopped == "max_steps"
+        if config.checkpoint_every and (finished_epoch % config.checkpoint_every == 0 or last):
+            save_checkpoint(accelerator, checkpoint_root, step=step, epoch=finished_epoch, keep=config.keep_checkpoints)
+        if finished_epoch % config.eval_every == 0 or last:
+            metrics = evaluate(finished_epoch)
+        if stopped == "max_steps":
+            break
+    bar.close()
+    preemption.restore()
+
+    if main:
+        if stopped != "preempted":
+            torch.save(learner.encoder.state_dict(), output_dir / "backbone.pt")
+            (output_dir / "results.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
+        tracker.summary(metrics)
+        tracker.close()
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    del model, learner, optimizer, train_loader, test_loader
+    gc.collect()
+    return RunResult(output_dir=output_dir, step=step, metrics=metrics, stopped=stopped)
+
+
+@torch.no_grad()
+def fill_memory_bank(model: MaskConModel, loader, channels_last: bool) -> None:
+    """Fill the K slots of the bank with keys of training images before the first step (official code).
+
+    Reads as many epochs as K needs; every epoch is read to its end so the loader starts afresh after.
+    """
+    slots, filled = model.queue.shape[0], 0
+    while filled < slots:
+        for batch in loader:
+            if filled >= slots:
+                continue
+            key = batch["key"]
+            if channels_last:
+                key = key.contiguous(memory_format=torch.channels_last)
+            keys = model.encode_keys(key).float()
+            model.enqueue(keys, batch["coarse"], batch["fine"])
+            filled += keys.shape[0] * model_world_size()
+
+
+def _log_pictures(tracker, step: int, table: dict, folder: Path, final: bool) -> None:
+    from maskcon import plots
+
+    images = {"retrievals": plots.retrieval_grid(table, folder)}
+    if final:
+        images["embedding"] = plots.embedding_plot(table)
+    tracker.log_images(step, images)

@@ -1,0 +1,63 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from maskcon.config import FIELDS, PRESETS, parse_config
+from maskcon.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_presets_follow_the_supplement():
+    cifar = parse_config(["--dataset", "cifar100"])
+    assert (cifar.lr, cifar.momentum, cifar.weight_decay, cifar.batch_size, cifar.epochs) == (0.02, 0.9, 5e-4, 128, 200)
+    assert (cifar.queue_size, cifar.t0, cifar.proj_dim, cifar.proj_hidden, cifar.warmup_epochs) == (8192, 0.1, 128, 512, 5)
+    assert (cifar.w, cifar.t) == (1.0, 0.05)
+    imagenet = parse_config(["--dataset", "imagenet32"])
+    assert (imagenet.epochs, imagenet.batch_size, imagenet.queue_size) == (100, 256, 16384)
+    assert (parse_config(["--dataset", "sop_split1"]).w, parse_config(["--dataset", "sop_split1"]).t) == (0.8, 0.1)
+    assert (parse_config(["--dataset", "sop_split2"]).w, parse_config(["--dataset", "sop_split2"]).t) == (0.5, 0.05)
+    assert (parse_config(["--dataset", "cars196"]).w, parse_config(["--dataset", "cars196"]).t) == (1.0, 0.1)
+    assert parse_config(["--dataset", "sop_split2", "--method", "coins"]).w == 0.2
+    assert set(PRESETS) == set(parse_config.__globals__["DATASETS"])
+
+
+def test_command_line_wins_in_both_spellings(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("batch_size: 64\nt: 0.2\nchannels-last: true\n")
+    config = parse_config(["--dataset=cifar100", f"--config={yaml_file}", "--t=0.5", "--queue_size=100",
+                           "--compile=False", "--output-dir", "x"])
+    assert (config.batch_size, config.t, config.queue_size, config.channels_last, config.compile) == (64, 0.5, 100, True, False)
+    assert config.output_dir == "x"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--dataset", "mnist"], "known datasets: digits"),
+    (["--method", "simclr"], "known methods: maskcon"),
+    (["--w", "1.5"], "[0, 1]"),
+    (["--t", "0"], "temperature"),
+    (["--t0=-1"], "temperature"),
+    (["--batch-size", "0"], "at least 1"),
+    (["--epochs", "many"], "invalid"),
+])
+def test_impossible_options_are_one_line_errors(argv, words):
+    with pytest.raises(UserError) as err:
+        parse_config(argv)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_help_documents_every_option():
+    out = subprocess.run([sys.executable, "launch/train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0
+    for name in FIELDS:
+        assert f"--{name.replace('_', '-')}" in out.stdout
+
+
+def test_bad_option_from_the_door_is_one_line_without_traceback():
+    out = subprocess.run([sys.executable, "launch/train.py", "--dataset", "mnist"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert out.stderr.startswith("error: unknown dataset 'mnist'")
