@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,9 +119,13 @@ def _optional(kind):
     return parse
 
 
+@functools.cache
+def _type_hints() -> dict:
+    return typing.get_type_hints(Config)
+
+
 def _field_type(f: dataclasses.Field):
-    hints = typing.get_type_hints(Config)
-    kind = hints[f.name]
+    kind = _type_hints()[f.name]
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     optional = len(args) == 1 and type(None) in typing.get_args(kind)
     base = args[0] if optional else kind

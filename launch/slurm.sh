@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Train on several nodes under SLURM: one `accelerate launch` per node, one process per GPU.
+#
+#   sbatch --nodes 2 launch/slurm.sh --dataset imagenet32 --mixed-precision bf16
+#
+# Submit from the repository root with the Python environment active (sbatch passes the environment on).
+# Every argument goes to launch/train.py unchanged. The node count comes from sbatch (--nodes); GPUs per
+# node from SLURM's allocation (--gpus-per-node), or GPUS_PER_NODE=N to say it. The rendezvous is the first
+# node of the job on port MAIN_PROCESS_PORT (default 29500 + job id mod 1000, so jobs sharing a node differ).
+# SLURM sends SIGTERM 120 s before the time limit (--signal below); the trainer then writes a checkpoint, and
+# a resubmission with the same --output-dir and --resume continues from it.
+#
+#SBATCH --job-name=maskcon
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --signal=TERM@120
+#SBATCH --output=slurm-%j.out
+set -euo pipefail
+
+cd "${SLURM_SUBMIT_DIR:-.}"
+
+nodes=${SLURM_JOB_NUM_NODES:?launch/slurm.sh runs under sbatch (SLURM_JOB_NUM_NODES is not set)}
+# SLURM_GPUS_PER_NODE may read "8" or "a100:8"; keep the count.
+gpus_per_node=${GPUS_PER_NODE:-${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}}
+gpus_per_node=${gpus_per_node##*:}
+if [[ -z "$gpus_per_node" ]]; then
+    gpus_per_node=$(nvidia-smi --list-gpus | wc -l)
+fi
+# All host names are read (no `| head`, whose early exit would fail the pipe under pipefail).
+mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+main_node=${hosts[0]:?no host names in SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST}
+main_port=${MAIN_PROCESS_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}
+
+echo "nodes $nodes x $gpus_per_node GPUs, rendezvous $main_node:$main_port" >&2
+
+# One task per node; SLURM_NODEID (0 .. nodes-1) is read on each node, so the single quotes are deliberate.
+srun --nodes "$nodes" --ntasks-per-node 1 --kill-on-bad-exit=1 bash -c '
+    exec accelerate launch \
+        --config_file launch/accelerate/multinode.yaml \
+        --num_machines "$0" \
+        --num_processes "$1" \
+        --machine_rank "$SLURM_NODEID" \
+        --main_process_ip "$2" \
+        --main_process_port "$3" \
+        launch/train.py "${@:4}"
+' "$nodes" "$((nodes * gpus_per_node))" "$main_node" "$main_port" "$@"

@@ -1,0 +1,137 @@
+"""The W&B sweeps of launch/sweeps/ (supplement Tables 4-8) and the SLURM script launch/slurm.sh."""
+
+import itertools
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+from maskcon.config import FIELDS, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "launch" / "sweeps").glob("*.yaml"))
+COMMAND = ["accelerate", "launch", "${program}", "${args}"]
+
+# The rows of the supplement's Tables 4-8 as (method, w, tau); None where the table shows "/".
+GRAFIT_COINS = [(method, w, None) for method in ("grafit", "coins") for w in (0.2, 0.5, 0.8, 1.0)]
+BASELINES = [("supfine", None, None), ("selfcon", None, None)]
+TABLE_4 = BASELINES + GRAFIT_COINS + [
+    ("maskcon", 0.5, 0.01), ("maskcon", 0.5, 0.05), ("maskcon", 0.5, 0.1), ("maskcon", 0.5, 0.5),
+    ("maskcon", 1.0, 0.01), ("maskcon", 1.0, 0.05), ("maskcon", 1.0, 0.1), ("maskcon", 1.0, 0.5),
+]
+TABLE_5 = BASELINES + GRAFIT_COINS + [
+    ("maskcon", 0.2, 0.1), ("maskcon", 0.5, 0.05), ("maskcon", 0.5, 0.1), ("maskcon", 0.8, 0.05),
+    ("maskcon", 0.8, 0.1),
+]
+TABLE_6 = TABLE_4  # the same rows for the good and the bad split
+TABLE_7 = BASELINES + GRAFIT_COINS + [
+    ("maskcon", 0.2, 0.05), ("maskcon", 0.5, 0.05), ("maskcon", 0.8, 0.05), ("maskcon", 1.0, 0.05),
+]
+TABLE_8 = BASELINES + GRAFIT_COINS + [
+    ("maskcon", 1.0, 0.01), ("maskcon", 1.0, 0.05), ("maskcon", 1.0, 0.1), ("maskcon", 1.0, 0.5),
+]
+# file name prefix -> the table's rows as (dataset, method, w, tau)
+TABLES = {
+    "cifar100": [("cifar100", *row) for row in TABLE_4],
+    "sop_split1": [("sop_split1", *row) for row in TABLE_5],
+    "cifartoy": [(split, *row) for split in ("cifartoy_good", "cifartoy_bad") for row in TABLE_6],
+    "sop_split2": [("sop_split2", *row) for row in TABLE_7],
+    "cars196": [("cars196", *row) for row in TABLE_8],
+}
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def grid(sweep: dict) -> list[dict]:
+    """The runs of a W&B grid sweep: the product of every parameter's `values` (or its single `value`)."""
+    names = list(sweep["parameters"])
+    choices = [spec["values"] if "values" in spec else [spec["value"]] for spec in sweep["parameters"].values()]
+    return [dict(zip(names, combination)) for combination in itertools.product(*choices)]
+
+
+def agent_command(sweep: dict, run: dict) -> list[str]:
+    """The command a W&B agent runs for one grid point (wandb_agent.Agent._command_run)."""
+    sweep_vars = create_sweep_command_args({"args": {name: {"value": value} for name, value in run.items()}})
+    sweep_vars["program"] = [sweep["program"]]
+    tokens = []
+    for chunk in map(str, sweep["command"]):
+        if chunk.startswith("${") and chunk.endswith("}"):
+            tokens += sweep_vars.get(chunk[2:-1]) or []
+        else:
+            tokens.append(chunk)
+    return tokens
+
+
+def test_there_is_a_sweep_per_table():
+    assert SWEEPS, "launch/sweeps/ holds no sweep"
+    prefixes = {path.name.split("-")[0] for path in SWEEPS}
+    assert prefixes == set(TABLES)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_file_is_a_grid_over_options_of_the_trainer(path):
+    sweep = load(path)
+    assert {"program", "method", "metric", "command", "parameters"} <= set(sweep)
+    assert sweep["program"] == "launch/train.py" and (ROOT / sweep["program"]).is_file()
+    assert sweep["method"] == "grid"
+    assert sweep["metric"] == {"name": "R@1", "goal": "maximize"}
+    assert sweep["command"] == COMMAND
+    for name, spec in sweep["parameters"].items():
+        assert name in FIELDS, f"{path.name}: {name} is not an option of launch/train.py"
+        assert len(spec) == 1 and ("value" in spec or isinstance(spec.get("values"), list)), name
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_trainer_accepts_every_run_of_the_grid(path):
+    sweep = load(path)
+    for run in grid(sweep):
+        tokens = agent_command(sweep, run)
+        assert tokens[:3] == ["accelerate", "launch", "launch/train.py"]
+        assert tokens[3:] == [f"--{name}={value}" for name, value in run.items()]
+        config = parse_config(tokens[3:])
+        for name, value in run.items():
+            assert getattr(config, name) == value, (path.name, name)
+
+
+@pytest.mark.parametrize("prefix", TABLES)
+def test_grids_are_the_rows_of_the_table(prefix):
+    runs = [run for path in SWEEPS if path.name.split("-")[0] == prefix for run in grid(load(path))]
+    rows = [(run["dataset"], run["method"], run.get("w"), run.get("t")) for run in runs]
+    assert sorted(rows, key=str) == sorted(TABLES[prefix], key=str)
+
+
+def test_slurm_script_parses():
+    subprocess.run(["bash", "-n", "launch/slurm.sh"], cwd=ROOT, check=True)
+
+
+def test_slurm_script_starts_one_accelerate_launch_per_node(tmp_path):
+    # SLURM and accelerate are replaced by scripts that record what each node would run.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {
+        "srun": 'while [[ "$1" != bash ]]; do shift; done\n'
+                'for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do SLURM_NODEID=$node "$@"; done\n',
+        "scontrol": '[[ "$*" == "show hostnames gpu-a[17-18]" ]] && printf "gpu-a17\\ngpu-a18\\n"\n',
+        "accelerate": 'printf "%s\\n" "$@" > "$RECORD/node-$SLURM_NODEID"\n',
+    }
+    for name, body in fakes.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RECORD=str(tmp_path), SLURM_SUBMIT_DIR=str(ROOT),
+               SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu-a[17-18]", SLURM_GPUS_PER_NODE="h100:4",
+               SLURM_JOB_ID="1234")
+    env.pop("GPUS_PER_NODE", None)
+    env.pop("MAIN_PROCESS_PORT", None)
+    subprocess.run(["bash", "launch/slurm.sh", "--dataset", "imagenet32", "--run-name", "two words"],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    for node in (0, 1):
+        argv = (tmp_path / f"node-{node}").read_text().splitlines()
+        assert argv == ["launch", "--config_file", "launch/accelerate/multinode.yaml", "--num_machines", "2",
+                        "--num_processes", "8", "--machine_rank", str(node), "--main_process_ip", "gpu-a17",
+                        "--main_process_port", "29734", "launch/train.py", "--dataset", "imagenet32",
+                        "--run-name", "two words"]
