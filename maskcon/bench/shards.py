@@ -1,0 +1,207 @@
+"""`python launch/bench.py shards`: conversion speed of maskcon.shards against a plain webdataset loop.
+
+Both convert the same synthetic source in the exact downsampled-ImageNet format (pickled
+`train_data_batch_1..10` and `val_data`, rows of 3,072 channel-planar bytes, 1-based labels, plus the two
+MaskCon mapping files), from the files on disk to finished tars, in one run:
+- ours: `maskcon.shards.create("imagenet32", ...)` with a process pool over shards (all cores), which also
+  shuffles, writes DALI index files, checksums and the manifest;
+- plain: one process, the pickles loaded in order, every sample written with `webdataset.ShardWriter`
+  (its default encoder turns the HWC array into a PNG with PIL), same samples per shard.
+The images are 32 x 32 box-downsampled crops of the two photographs scikit-learn ships, so they compress
+like natural images rather than like noise.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickle
+import platform
+import shutil
+import statistics
+import struct
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from maskcon import shards
+from maskcon.errors import UserError
+
+
+def photo_crops(count: int, seed: int) -> np.ndarray:
+    """count x 32 x 32 x 3 uint8: random crops of sklearn's sample photos, box-downsampled to 32 x 32."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    pyramids = []  # each photo at several scales, so a 32 x 32 crop covers 64..320 source pixels
+    for photo in load_sample_images().images:
+        image = Image.fromarray(photo)
+        for factor in (2, 3, 4, 6, 8, 10):
+            size = (image.width // factor, image.height // factor)
+            pyramids.append(np.asarray(image.resize(size, Image.BOX, reducing_gap=None)))
+    crops = np.empty((count, 32, 32, 3), dtype=np.uint8)
+    choice = rng.integers(0, len(pyramids), count)
+    flips = rng.integers(0, 2, count)
+    for i in range(count):
+        level = pyramids[choice[i]]
+        y = int(rng.integers(0, level.shape[0] - 31))
+        x = int(rng.integers(0, level.shape[1] - 31))
+        crop = level[y:y + 32, x:x + 32]
+        crops[i] = crop[:, ::-1] if flips[i] else crop
+    return crops
+
+
+def write_source(src: Path, train_images: int, val_images: int, seed: int = 0) -> None:
+    """A downsampled-ImageNet folder: 10 train batches, val_data and the two mapping files."""
+    marker = src / "complete.json"
+    wanted = {"train_images": train_images, "val_images": val_images, "seed": seed}
+    if marker.exists() and json.loads(marker.read_text()) == wanted:
+        return
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    (src / "imagenet32_to_fine.json").write_text(json.dumps({str(i): int(j) for i, j in
+                                                             enumerate(rng.permutation(1000))}))
+    (src / "imagenet_fine_to_coarse.json").write_text(json.dumps({str(i): i % 12 for i in range(1000)}))
+    per_batch = -(-train_images // 10)
+    batches = [(f"train_data_batch_{k + 1}", min(per_batch, train_images - k * per_batch)) for k in range(10)]
+    for number, (name, count) in enumerate(batches + [("val_data", val_images)]):
+        images = photo_crops(count, seed=seed * 100 + number)
+        content = {"data": images.transpose(0, 3, 1, 2).reshape(count, -1),
+                   "labels": rng.integers(1, 1001, count).tolist()}
+        with open(src / name, "wb") as handle:
+            pickle.dump(content, handle, protocol=4)
+    marker.write_text(json.dumps(wanted))
+
+
+def plain_loop(src: Path, out: Path, samples_per_shard: int) -> int:
+    """The straightforward converter: one process, webdataset.ShardWriter, PNG by its default encoder."""
+    import webdataset
+
+    to_fine = json.loads((src / "imagenet32_to_fine.json").read_text())
+    fine_to_coarse = json.loads((src / "imagenet_fine_to_coarse.json").read_text())
+    written = 0
+    for split, names in (("train", [f"train_data_batch_{k}" for k in range(1, 11)]), ("test", ["val_data"])):
+        (out / split).mkdir(parents=True)
+        index = 0
+        with webdataset.ShardWriter(str(out / split / f"{split}-%06d.tar"), maxcount=samples_per_shard,
+                                    verbose=0) as sink:
+            for name in names:
+                with open(src / name, "rb") as handle:
+                    batch = pickle.load(handle, encoding="latin1")
+                images = batch["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+                for image, label in zip(images, batch["labels"]):
+                    fine = to_fine[str(label - 1)]
+                    sink.write({"__key__": str(index).zfill(7 if split == "train" else 5), "png": image,
+                                "fine": struct.pack("<q", fine),
+                                "coarse": struct.pack("<q", fine_to_coarse[str(fine)])})
+                    index += 1
+        written += index
+    return written
+
+
+def ours(src: Path, out: Path, workers: int) -> int:
+    manifest = shards.create("imagenet32", src, out, workers=workers)
+    return sum(split["num_samples"] for split in manifest["splits"].values())
+
+
+def same_images(ours_out: Path, plain_out: Path, count: int = 500) -> bool:
+    """Decoded pixels and labels of `count` samples agree between the two outputs."""
+    import webdataset
+    from PIL import Image
+
+    def first(out: Path, tars: list[str]) -> dict:
+        found = {}
+        for sample in webdataset.WebDataset(tars, shardshuffle=False, empty_check=False):
+            found[sample["__key__"]] = (np.asarray(Image.open(io.BytesIO(sample["png"]))), sample["fine"])
+        return found
+
+    mine = first(ours_out, shards.split_files(ours_out, "test")[0])
+    theirs = first(plain_out, sorted(str(p) for p in (plain_out / "test").glob("*.tar")))
+    keys = sorted(theirs)[:count]
+    return len(mine) == len(theirs) and all(np.array_equal(mine[k][0], theirs[k][0]) and mine[k][1] == theirs[k][1]
+                                            for k in keys)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*.tar"))
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python launch/bench.py shards", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-images", type=int, default=100_000)
+    parser.add_argument("--val-images", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=None, help="processes for ours (default: all cores)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/maskcon-bench-shards"),
+                        help="where the synthetic source (kept for reruns) and outputs go")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    if args.train_images + args.val_images < 1 or args.repeats < 1:
+        print("error: --train-images, --val-images and --repeats must be positive", file=sys.stderr)
+        return 2
+    import webdataset  # noqa: F401  imported here, so that its import (it loads torch) is not timed
+
+    workers = args.workers or shards.available_cpus()
+    src = args.workdir / "source"
+    print(f"writing the synthetic ImageNet32 source ({args.train_images} + {args.val_images} images) to {src}",
+          flush=True)
+    write_source(src, args.train_images, args.val_images)
+    samples_per_shard = shards.shard_size(args.train_images)
+    load_before = os.getloadavg()[0]  # other work on the machine slows every converter alike
+    timings: dict[str, list[float]] = {"ours": [], "ours_1_process": [], "plain": []}
+    cpu_times: dict[str, list[float]] = {name: [] for name in timings}  # this process's CPU seconds
+    counts, sizes = {}, {}
+    runs = {"ours": lambda out: ours(src, out, workers), "ours_1_process": lambda out: ours(src, out, 1),
+            "plain": lambda out: plain_loop(src, out, samples_per_shard)}
+    try:
+        for repeat in range(args.repeats):
+            for name, run in runs.items():
+                out = args.workdir / name
+                shutil.rmtree(out, ignore_errors=True)
+                start, cpu_start = time.perf_counter(), time.process_time()
+                counts[name] = run(out)
+                timings[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
+                sizes[name] = _folder_bytes(out)
+                print(f"repeat {repeat + 1}/{args.repeats} {name}: {counts[name]} images in "
+                      f"{timings[name][-1]:.1f} s", flush=True)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    agree = same_images(args.workdir / "ours", args.workdir / "plain")
+    rate = {name: [counts[name] / t for t in times] for name, times in timings.items()}
+    median = {name: statistics.median(r) for name, r in rate.items()}
+    result = {
+        "machine": f"{platform.machine()}, {shards.available_cpus()} cores, {platform.python_version()}",
+        "images": counts["ours"], "workers": workers, "repeats": args.repeats,
+        "images_per_s": {name: {"median": round(median[name]), "min": round(min(r)), "max": round(max(r))}
+                         for name, r in rate.items()},
+        "speedup_median": round(median["ours"] / median["plain"], 2),
+        "speedup_1_process": round(median["ours_1_process"] / median["plain"], 2),
+        # one-process runs only (the pool's workers are not this process): load-independent CPU cost
+        "images_per_cpu_s": {name: round(counts[name] / statistics.median(cpu_times[name]))
+                             for name in ("ours_1_process", "plain")},
+        "tar_bytes": sizes, "same_pixels_and_labels": agree,
+        "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+    }
+    print()
+    print(f"{'converter':<16} {'images/s median':>16} {'min':>8} {'max':>8} {'tar MB':>8}")
+    for name in timings:
+        figures = result["images_per_s"][name]
+        print(f"{name:<16} {figures['median']:>16} {figures['min']:>8} {figures['max']:>8} "
+              f"{sizes[name] / 1e6:>8.1f}")
+    print(f"speedup (ours / plain, medians): {result['speedup_median']}x with {workers} processes, "
+          f"{result['speedup_1_process']}x with 1; images per CPU second {result['images_per_cpu_s']}; "
+          f"same pixels and labels: {agree}; "
+          f"1-min load average {result['load_average_1min']['before']} before, "
+          f"{result['load_average_1min']['after']} after")
+    print(json.dumps(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0 if agree else 1

@@ -1,0 +1,90 @@
+"""Your own data: a class-per-folder image tree plus a CSV that maps each fine class to a coarse class.
+
+    SRC/fine_to_coarse.csv     header `fine,coarse`, one row per fine class (a folder name), e.g. `beagle,dog`
+    SRC/train/<fine class>/*.jpg
+    SRC/test/<fine class>/*.jpg
+
+Fine classes are numbered in the CSV's row order, coarse classes in the order they first appear in it.
+Images are JPEG (.jpg/.jpeg) or PNG (.png) files, all of one kind, passed through byte for byte; keys are
+the paths relative to SRC made key-safe (`train/beagle/001.jpg` -> `train_beagle_001_jpg`).
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from maskcon.datasets.source import DatasetSource, FileSplit
+from maskcon.errors import UserError
+
+CSV_NAME = "fine_to_coarse.csv"
+FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+WHERE = (f"make SRC hold {CSV_NAME} (header fine,coarse) and train/<class>/ and test/<class>/ image folders")
+
+
+def _read_csv(path: Path) -> list[tuple[str, str]]:
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.reader(handle))
+    except FileNotFoundError:
+        raise UserError(f"missing {path}; {WHERE}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"cannot read {path} ({error}); {WHERE}") from None
+    rows = [[cell.strip() for cell in row] for row in rows if any(cell.strip() for cell in row)]
+    if not rows or rows[0][:2] != ["fine", "coarse"]:
+        raise UserError(f"{path} must start with the header fine,coarse; {WHERE}")
+    pairs = []
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != 2 or not row[0] or not row[1]:
+            raise UserError(f"{path} line {number} is not `fine class,coarse class`; {WHERE}")
+        pairs.append((row[0], row[1]))
+    fine_names = [fine for fine, _ in pairs]
+    if len(set(fine_names)) != len(fine_names):
+        duplicate = next(name for name in fine_names if fine_names.count(name) > 1)
+        raise UserError(f"{path} lists the fine class {duplicate!r} twice; give each fine class one row")
+    return pairs
+
+
+def read(src: Path | None) -> DatasetSource:
+    if src is None:
+        raise UserError(f"folder needs --src; {WHERE}")
+    src = Path(src)
+    if not src.is_dir():
+        raise UserError(f"--src {src} is not a folder; {WHERE}")
+    pairs = _read_csv(src / CSV_NAME)
+    fine_classes = [fine for fine, _ in pairs]
+    coarse_classes = list(dict.fromkeys(coarse for _, coarse in pairs))
+    fine_to_coarse = [coarse_classes.index(coarse) for _, coarse in pairs]
+    fine_index = {name: i for i, name in enumerate(fine_classes)}
+    formats = set()
+    splits = {}
+    for split in ("train", "test"):
+        split_dir = src / split
+        if not split_dir.is_dir():
+            raise UserError(f"missing the folder {split_dir}; {WHERE}")
+        paths, fine = [], []
+        for class_dir in sorted(p for p in split_dir.iterdir() if not p.name.startswith(".")):
+            if not class_dir.is_dir():
+                raise UserError(f"{class_dir} is a file; {split_dir} must hold one folder per fine class")
+            if class_dir.name not in fine_index:
+                raise UserError(f"the class folder {class_dir} is not listed in {src / CSV_NAME}; add a row "
+                                f"{class_dir.name},<coarse class>")
+            for image in sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                kind = FORMATS.get(image.suffix.lower())
+                if kind is None:
+                    raise UserError(f"{image} is neither JPEG (.jpg, .jpeg) nor PNG (.png); convert it or move it "
+                                    "out of SRC")
+                formats.add(kind)
+                paths.append(image.relative_to(src).as_posix())
+                fine.append(fine_index[class_dir.name])
+        if not paths:
+            raise UserError(f"{split_dir} holds no images; {WHERE}")
+        splits[split] = FileSplit(src, paths, fine, [fine_to_coarse[f] for f in fine])
+    if len(formats) > 1:
+        raise UserError(f"{src} mixes JPEG and PNG images; convert them to one format (files pass through "
+                        "unchanged, so one format per dataset)")
+    return DatasetSource(
+        name="folder", fine_classes=fine_classes, coarse_classes=coarse_classes, fine_to_coarse=fine_to_coarse,
+        image_format=formats.pop(), image_size=None, channels=3, splits=splits,
+        notes={"source": str(src), "keys": "image path relative to SRC, made key-safe",
+               "labels": f"fine = class folder in {CSV_NAME} row order; coarse from {CSV_NAME}"},
+    )

@@ -1,0 +1,217 @@
+"""What every dataset reader returns: class names, the fine -> coarse map, and lazily read splits.
+
+A split is a sequence of samples: `len(split)` and `split.item(i) -> Sample`. Splits are cheap to pickle
+(they hold paths, never pixels) so that a process pool can call `item(i)` in every worker; each process
+loads what it needs once and keeps it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from maskcon.errors import UserError
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str  # names the source item: zero-padded source index, or the key-safe relative path
+    image: bytes | np.ndarray  # encoded file bytes (passed through), or uint8 H x W / H x W x C pixels
+    fine: int
+    coarse: int
+
+
+class Split:
+    """A sequence of samples read lazily from the source."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def item(self, i: int) -> Sample:
+        raise NotImplementedError
+
+    def staged(self, work_dir: Path) -> "Split":
+        """A split with the same samples that worker processes can open cheaply (default: itself)."""
+        return self
+
+
+@dataclass
+class DatasetSource:
+    name: str
+    fine_classes: list[str]
+    coarse_classes: list[str]
+    fine_to_coarse: list[int]
+    image_format: str  # "png" (pixels, encoded losslessly) or "jpg" (file bytes, passed through)
+    image_size: tuple[int, int] | None  # (h, w), or None when images vary in size
+    channels: int
+    splits: dict[str, Split]
+    notes: dict = field(default_factory=dict)  # provenance written into the manifest (pixel maps, key rule)
+
+
+# ---------------------------------------------------------------------------------------------- arrays
+
+
+_ARRAYS: dict[str, tuple] = {}  # per-process cache: digest of (function, args) -> arrays, the last few splits
+
+
+def _arrays_once(cache_key: str, load: Callable, args: tuple) -> tuple:
+    if cache_key not in _ARRAYS:
+        while len(_ARRAYS) >= 2:  # bound memory: a process works on one or two splits at a time
+            _ARRAYS.pop(next(iter(_ARRAYS)))
+        _ARRAYS[cache_key] = load(*args)
+    return _ARRAYS[cache_key]
+
+
+class ArraySplit(Split):
+    """Samples held as arrays: images, fine (N,), coarse (N,), source index (N,).
+
+    `load(*args)` is a module-level function returning (images, fine, coarse, source_index); it runs at
+    most once per process (args must be hashable: paths as str, ints). Images are N x H x W (grey),
+    N x H x W x C, or N x C x H x W when `channels_first` (the channel-planar rows of CIFAR and downsampled
+    ImageNet, transposed one image at a time). Keys are the zero-padded source index, `key_width` digits.
+    `length` may be None: it is then read from the arrays (which loads them).
+    """
+
+    def __init__(self, load: Callable, args: tuple, length: int | None, key_width: int,
+                 channels_first: bool = False):
+        self.load = load
+        self.args = tuple(args)
+        self.length = length
+        self.key_width = key_width
+        self.channels_first = channels_first
+        self.cache_key = hashlib.sha256(repr((load.__module__, load.__qualname__, self.args)).encode()).hexdigest()
+        self._arrays = None  # this process's arrays, never pickled
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def arrays(self) -> tuple:
+        if self._arrays is None:
+            self._arrays = _arrays_once(self.cache_key, self.load, self.args)
+        return self._arrays
+
+    def __len__(self) -> int:
+        if self.length is None:
+            self.length = len(self.arrays()[1])
+        return self.length
+
+    def item(self, i: int) -> Sample:
+        images, fine, coarse, source_index = self.arrays()
+        image = images[i].transpose(1, 2, 0) if self.channels_first else images[i]
+        return Sample(key=str(int(source_index[i])).zfill(self.key_width), image=image,
+                      fine=int(fine[i]), coarse=int(coarse[i]))
+
+    def staged(self, work_dir: Path) -> "ArraySplit":
+        """Write the arrays once as .npy files that every worker memory-maps (shared page cache)."""
+        work_dir.mkdir(parents=True, exist_ok=True)
+        arrays = self.arrays()
+        names = ("images", "fine", "coarse", "source_index")
+        for name, array in zip(names, arrays):
+            np.save(work_dir / f"{name}.npy", np.ascontiguousarray(array))
+        _ARRAYS.pop(self.cache_key, None)  # from now on the workers read the files
+        self._arrays = None
+        return ArraySplit(_load_npy, (str(work_dir),), len(self), self.key_width, self.channels_first)
+
+
+def _load_npy(work_dir: str):
+    return tuple(np.load(Path(work_dir) / f"{name}.npy", mmap_mode="r")
+                 for name in ("images", "fine", "coarse", "source_index"))
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+class FileSplit(Split):
+    """Samples that are image files under `root`, passed through byte for byte."""
+
+    def __init__(self, root: Path, paths: list[str], fine: list[int], coarse: list[int]):
+        self.root = Path(root)
+        self.paths = list(paths)  # relative to root, with "/" separators
+        self.fine = [int(f) for f in fine]
+        self.coarse = [int(c) for c in coarse]
+        path_of_key: dict[str, str] = {}
+        for path in self.paths:
+            key = key_from_path(path)
+            if key in path_of_key:
+                raise UserError(f"{self.root / path_of_key[key]} and {self.root / path} give the same sample key "
+                                f"{key}; rename one of them")
+            path_of_key[key] = path
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def item(self, i: int) -> Sample:
+        path = self.root / self.paths[i]
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise UserError(f"cannot read image {path}: {error.strerror}; is the dataset folder complete?") from None
+        return Sample(key=key_from_path(self.paths[i]), image=data, fine=self.fine[i], coarse=self.coarse[i])
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def key_from_path(relative_path: str) -> str:
+    """A relative path made key-safe: every character other than letters, digits, '_' and '-' becomes '_'.
+
+    Tar readers (DALI, webdataset) split a member name at its first '.', so keys carry no dots or slashes.
+    """
+    return _UNSAFE.sub("_", relative_path)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def find_folder(src: Path, name: str, marker: str, where_to_get: str) -> Path:
+    """SRC itself when it holds `marker`, else SRC/name when that does; UserError otherwise."""
+    if not src.exists():
+        raise UserError(f"--src {src} does not exist; {where_to_get}")
+    for folder in (src, src / name):
+        if (folder / marker).exists():
+            return folder
+    raise UserError(f"{src} holds neither {marker} nor {name}/{marker}; {where_to_get}")
+
+
+def load_json(path: Path, where_to_get: str):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"missing {path}; {where_to_get}") from None
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not a readable JSON file; {where_to_get}") from None
+
+
+def load_pickle(path: Path, where_to_get: str) -> dict:
+    """A pickled dict from the CIFAR / downsampled-ImageNet releases, with str keys."""
+    try:
+        with open(path, "rb") as handle:
+            content = pickle.load(handle, encoding="latin1")
+    except FileNotFoundError:
+        raise UserError(f"missing {path}; {where_to_get}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError):
+        raise UserError(f"{path} is not a pickled batch of the expected format; {where_to_get}") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{path} is not a pickled batch of the expected format; {where_to_get}")
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in content.items()}
+
+
+def require_keys(content: dict, keys: tuple[str, ...], path: Path, where_to_get: str) -> None:
+    missing = [k for k in keys if k not in content]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: not the expected format; {where_to_get}")
+
+
+def planar_rows_to_images(data: np.ndarray, path: Path, where_to_get: str, side: int = 32) -> np.ndarray:
+    """Rows of 3 * side * side bytes, channel-planar (all R, all G, all B) -> N x 3 x side x side uint8."""
+    data = np.asarray(data)
+    if data.ndim != 2 or data.shape[1] != 3 * side * side or data.dtype != np.uint8:
+        raise UserError(f"{path} holds rows of {data.shape[1:]} {data.dtype} instead of {3 * side * side} "
+                        f"bytes; {where_to_get}")
+    return data.reshape(-1, 3, side, side)

@@ -1,0 +1,9 @@
+"""Errors the user can fix: the entry points print them as one line and exit with status 2."""
+
+
+class UserError(Exception):
+    """A mistake in what the user gave us (a path, a dataset, an option).
+
+    The message is ONE line that says what is wrong and how to fix it; entry points in `launch/` catch
+    this, print `error: <message>` to stderr and exit 2, with no traceback.
+    """

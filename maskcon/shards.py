@@ -1,0 +1,597 @@
+"""Writing, indexing and verifying WebDataset shards.
+
+Layout of OUT (see CONTRACT.md):
+    manifest.json                 written last, atomically: its presence means every shard is complete
+    train/train-000000.tar  .idx  each tar with its DALI index file (the format of DALI's wds2idx, v1.2)
+    test/test-000000.tar    .idx
+
+Each sample is three tar members: `<key>.png` (lossless PNG of array pixels) or `<key>.jpg` (the source
+file byte for byte), `<key>.fine` and `<key>.coarse` (8-byte little-endian int64). Samples are written in
+a shuffled order fixed by the seed; every shard of a split holds `samples_per_shard` samples except the
+last. Shards are written by a process pool, each under a temporary name renamed when complete, so an
+interrupted run resumes where it stopped and gives byte for byte the files of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import struct
+import tarfile
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from maskcon.errors import UserError
+
+SPLITS = ("train", "test")
+MIN_SHARDS = 64  # per split where the data allows: more than 8 GPUs x loader workers read at once
+MAX_SAMPLES_PER_SHARD = 10_000  # ImageNet32 train: 129 shards of ~25 MB
+PNG_COMPRESS_LEVEL = 6  # zlib level of PNG image data (lossless at every level)
+LABEL_ENCODING = "int64 little-endian"
+INDEX_VERSION = "v1.2"  # DALI wds2idx index format
+_PARTIAL = ".partial"  # suffix of files being written; never read as shards
+_PLAN = ".plan.json"  # what an unfinished run is making, so a rerun can resume it
+_PROGRESS = ".progress.jsonl"  # one line per finished shard (its checksum) of an unfinished run
+
+
+def _version() -> str:
+    import maskcon
+
+    return getattr(maskcon, "__version__", "0+unknown")
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ------------------------------------------------------------------------------------------ encodings
+
+
+def encode_png(pixels: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """Lossless 8-bit PNG of H x W (grey) or H x W x 3 (RGB) uint8 pixels."""
+    return encode_pngs(np.asarray(pixels)[None], compress_level)[0]
+
+
+def encode_pngs(batch: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) -> list[bytes]:
+    """Lossless 8-bit PNGs of N x H x W (grey) or N x H x W x 3 (RGB) uint8 pixels, one per image.
+
+    Every row uses PNG filter type 1 ("Sub": each byte minus the byte one pixel to its left, modulo 256),
+    computed for the whole batch at once; zlib at `compress_level` (0..9, lossless at every level).
+    """
+    if batch.dtype != np.uint8:
+        raise ValueError(f"PNG pixels must be uint8, got {batch.dtype}")
+    if batch.ndim == 3 or (batch.ndim == 4 and batch.shape[3] == 1):
+        colour_type, channels = 0, 1
+    elif batch.ndim == 4 and batch.shape[3] == 3:
+        colour_type, channels = 2, 3
+    else:
+        raise ValueError(f"PNG pixels must be H x W or H x W x 3, got {batch.shape[1:]}")
+    count, height, width = batch.shape[:3]
+    flat = batch.reshape(count, height, width * channels)
+    rows = np.empty((count, height, 1 + width * channels), dtype=np.uint8)  # N x H x (1 + W*C)
+    rows[:, :, 0] = 1  # filter type "Sub"
+    rows[:, :, 1:1 + channels] = flat[:, :, :channels]
+    np.subtract(flat[:, :, channels:], flat[:, :, :-channels], out=rows[:, :, 1 + channels:])
+    head = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0))
+    tail = _png_chunk(b"IEND", b"")
+    return [head + _png_chunk(b"IDAT", zlib.compress(image_rows.tobytes(), compress_level)) + tail
+            for image_rows in rows]
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encode_label(value: int) -> bytes:
+    return struct.pack("<q", value)
+
+
+def decode_label(data: bytes) -> int:
+    return struct.unpack("<q", data)[0]
+
+
+_MAGIC = {"jpg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n"}  # first bytes of every such file
+_TAR_BLOCK = 512
+_TAR_RECORD = 20 * _TAR_BLOCK  # archives end padded to a whole record, as GNU tar and tarfile write them
+
+
+def _tar_template() -> bytes:
+    """The constant fields of our ustar headers: regular file, mode 0444, owner 0/0, mtime 0.
+
+    Headers are byte for byte those of Python's tarfile (USTAR_FORMAT) for the same name and size.
+    """
+    header = bytearray(_TAR_BLOCK)
+    header[100:108] = b"0000444\0"  # mode
+    header[108:116] = b"0000000\0"  # uid
+    header[116:124] = b"0000000\0"  # gid
+    header[136:148] = b"00000000000\0"  # mtime (0: output does not depend on when it was made)
+    header[148:156] = b"        "  # checksum field, counted as spaces
+    header[156:157] = b"0"  # regular file
+    header[257:265] = b"ustar\x0000"  # devmajor, devminor, uname, gname, prefix: empty
+    return bytes(header)
+
+
+_TEMPLATE = _tar_template()
+_TEMPLATE_SUM = sum(_TEMPLATE)
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """A POSIX ustar header for a regular file named `name` (ASCII, at most 100 bytes) of `size` bytes."""
+    encoded = name.encode("ascii")
+    if len(encoded) > 100:
+        raise UserError(f"sample name {name!r} is longer than the 100 characters a tar header holds; "
+                        "use shorter file names in the source")
+    size_field = b"%011o\0" % size
+    checksum = _TEMPLATE_SUM + sum(encoded) + sum(size_field)
+    return b"".join((encoded, bytes(100 - len(encoded)), _TEMPLATE[100:124], size_field, _TEMPLATE[136:148],
+                     b"%06o\0 " % checksum, _TEMPLATE[156:]))
+
+
+class _TarBuilder:
+    """Builds a tar archive in memory and the matching DALI index (wds2idx v1.2) as it goes."""
+
+    def __init__(self):
+        self.parts: list[bytes] = []
+        self.offset = 0
+        self.index_lines: list[str] = []
+
+    def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        fields = []
+        for extension, data in members:
+            name = f"{key}.{extension}"
+            self.parts.append(_tar_header(name, len(data)))
+            data_offset = self.offset + _TAR_BLOCK
+            self.parts.append(data)
+            padding = -len(data) % _TAR_BLOCK
+            if padding:
+                self.parts.append(bytes(padding))
+            self.offset = data_offset + len(data) + padding
+            fields.append(f"{extension} {data_offset} {len(data)} {name}")
+        self.index_lines.append(" ".join(fields))
+
+    def tar_bytes(self) -> bytes:
+        end = self.offset + 2 * _TAR_BLOCK
+        end += -end % _TAR_RECORD
+        return b"".join(self.parts) + bytes(end - self.offset)
+
+    def index_text(self) -> str:
+        return f"{INDEX_VERSION} {len(self.index_lines)}\n" + "".join(line + "\n" for line in self.index_lines)
+
+
+def index_of_tar(tar_path: Path) -> str:
+    """The DALI index (wds2idx v1.2) of an existing tar: one line per sample, members in tar order."""
+    samples: list[list[str]] = []
+    last_key = None
+    with tarfile.open(tar_path, "r:") as archive:
+        for member in archive:
+            if not member.isreg():
+                continue
+            base = member.name.rfind("/") + 1
+            dot = member.name.find(".", base)
+            key, extension = member.name[:dot], member.name[dot + 1:]
+            if not key or key.endswith("/"):
+                continue
+            field = f"{extension} {member.offset_data} {member.size} {member.name}"
+            if key != last_key:
+                samples.append([field])
+                last_key = key
+            else:
+                samples[-1].append(field)
+    return f"{INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+
+def shard_size(num_samples: int, *, samples_per_shard: int | None = None, min_shards: int = MIN_SHARDS,
+               max_samples_per_shard: int = MAX_SAMPLES_PER_SHARD) -> int:
+    """Samples per shard: as many as allow at least `min_shards` shards, at most `max_samples_per_shard`."""
+    if samples_per_shard is not None:
+        return max(1, int(samples_per_shard))
+    return max(1, min(max_samples_per_shard, num_samples // max(1, min_shards)))
+
+
+def shard_order(num_samples: int, seed: int, split: str) -> np.ndarray:
+    """The shuffled write order of a split's samples (positions in the source split), fixed by seed."""
+    split_code = int.from_bytes(hashlib.sha256(split.encode()).digest()[:4], "little")
+    return np.random.default_rng([seed, split_code]).permutation(num_samples)
+
+
+def _shard_paths(out: Path, split: str, shard: int) -> tuple[Path, Path]:
+    stem = out / split / f"{split}-{shard:06d}"
+    return stem.with_name(stem.name + ".tar"), stem.with_name(stem.name + ".idx")
+
+
+def _relative(path: Path, out: Path) -> str:
+    return path.relative_to(out).as_posix()
+
+
+# -------------------------------------------------------------------------------------------- workers
+
+
+def _write_shard(split, out: str, split_name: str, shard: int, positions: np.ndarray, image_format: str,
+                 compress_level: int) -> dict:
+    """Write one shard (tar + index) under temporary names, then rename them into place."""
+    out_path = Path(out)
+    tar_path, idx_path = _shard_paths(out_path, split_name, shard)
+    samples = [split.item(int(position)) for position in positions]
+    arrays = [sample.image for sample in samples if isinstance(sample.image, np.ndarray)]
+    if arrays and len(arrays) == len(samples) and len({a.shape for a in arrays}) == 1:
+        images = encode_pngs(np.stack(arrays), compress_level)  # one batch: the common case
+    else:
+        images = [encode_png(s.image, compress_level) if isinstance(s.image, np.ndarray) else s.image
+                  for s in samples]
+    builder = _TarBuilder()
+    for sample, image in zip(samples, images):
+        if not image.startswith(_MAGIC[image_format]):
+            raise UserError(f"sample {sample.key} of {split_name} is not a {image_format.upper()} file; the "
+                            f"source must hold the original {image_format.upper()} images")
+        builder.add_sample(sample.key, [(image_format, image), ("fine", encode_label(sample.fine)),
+                                        ("coarse", encode_label(sample.coarse))])
+    data = builder.tar_bytes()
+    tar_partial = tar_path.with_name(tar_path.name + _PARTIAL)
+    idx_partial = idx_path.with_name(idx_path.name + _PARTIAL)
+    try:
+        tar_partial.write_bytes(data)
+        idx_partial.write_text(builder.index_text())
+        os.replace(tar_partial, tar_path)  # tar first: a shard counts as finished once its index exists
+        os.replace(idx_partial, idx_path)
+    finally:
+        for leftover in (tar_partial, idx_partial):
+            leftover.unlink(missing_ok=True)
+    return {"tar": _relative(tar_path, out_path), "index": _relative(idx_path, out_path),
+            "num_samples": len(positions), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _shard_job(split, out: str, split_name: str, shard: int, positions: np.ndarray, image_format: str,
+               compress_level: int, recorded_sha256: str | None) -> dict:
+    """Keep a shard an earlier run finished (both files in place, its checksum as recorded), else write it."""
+    out_path = Path(out)
+    tar_path, idx_path = _shard_paths(out_path, split_name, shard)
+    if tar_path.exists() and idx_path.exists():
+        sha256 = file_sha256(tar_path)
+        # no record: the run stopped between the rename and the record; the rename means the file is whole
+        if recorded_sha256 in (None, sha256):
+            return {"tar": _relative(tar_path, out_path), "index": _relative(idx_path, out_path),
+                    "num_samples": len(positions), "sha256": sha256}
+    return _write_shard(split, out, split_name, shard, positions, image_format, compress_level)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Deferred:
+    """A future that runs its call when its result is asked for (in this process, in order)."""
+
+    def __init__(self, function, args):
+        self.function, self.args = function, args
+
+    def result(self):
+        return self.function(*self.args)
+
+    def cancel(self) -> bool:
+        return True
+
+
+class _InProcess:
+    """The executor interface, run in this process (workers=1)."""
+
+    def submit(self, function, *args) -> _Deferred:
+        return _Deferred(function, args)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+
+def _executor(workers: int):
+    if workers <= 1:
+        return _InProcess()
+    # forkserver: workers do not inherit the threads of the caller (a training script may hold some)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+
+
+def _run_all(executor, jobs: list[tuple], log: Callable[[str], None], what: str,
+             on_result: Callable[[object], None] = lambda result: None) -> list:
+    """Submit (function, *args) jobs, return their results in order; stop at the first failure."""
+    futures = [executor.submit(*job) for job in jobs]
+    results = []
+    step = max(1, len(futures) // 10)
+    try:
+        for done, future in enumerate(futures, 1):
+            results.append(future.result())
+            on_result(results[-1])
+            if done % step == 0 or done == len(futures):
+                log(f"{what}: {done}/{len(futures)} shards")
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- create
+
+
+def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int = 0,
+           samples_per_shard: int | None = None, min_shards: int = MIN_SHARDS,
+           max_samples_per_shard: int = MAX_SAMPLES_PER_SHARD, compress_level: int = PNG_COMPRESS_LEVEL,
+           workers: int | None = None, overwrite: bool = False,
+           log: Callable[[str], None] | None = None) -> dict:
+    """Convert DATASET read from SRC into shards under OUT; return the manifest.
+
+    Resumes an interrupted run with the same options (finished shards are kept); returns at once when OUT
+    already holds the complete result. OUT holding complete shards made otherwise is an error unless
+    `overwrite`. Raises UserError for a bad source or bad options.
+    """
+    from maskcon.datasets import DATASETS
+
+    log = log or (lambda message: None)
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    if not 0 <= compress_level <= 9:
+        raise UserError(f"--compress-level must be 0..9, got {compress_level}")
+    if samples_per_shard is not None and samples_per_shard < 1:
+        raise UserError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
+    out = Path(out)
+    source = DATASETS[dataset](Path(src) if src is not None else None)
+    options = {"seed": seed, "samples_per_shard": samples_per_shard, "min_shards": min_shards,
+               "max_samples_per_shard": max_samples_per_shard, "png_compress_level": compress_level}
+    plan = {"dataset": dataset, "version": _version(), "options": options,
+            "splits": {name: {"num_samples": len(split),
+                              "samples_per_shard": shard_size(len(split), samples_per_shard=samples_per_shard,
+                                                              min_shards=min_shards,
+                                                              max_samples_per_shard=max_samples_per_shard)}
+                       for name, split in source.splits.items()}}
+    for name, split_plan in plan["splits"].items():
+        if split_plan["num_samples"] == 0:
+            raise UserError(f"the {name} split of {dataset} is empty; check --src")
+
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        existing = _load_json(manifest_path)
+        if existing is not None and _same_plan(existing, plan):
+            log(f"{out} already holds complete {dataset} shards")
+            return existing
+        if not overwrite:
+            raise UserError(f"{out} already holds shards made from other data or options; pass --overwrite "
+                            "to replace them or choose another --out")
+        manifest_path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path, progress_path = out / _PLAN, out / _PROGRESS
+    previous = _load_json(plan_path) if plan_path.exists() else None
+    if previous != plan or overwrite:
+        _remove_shards(out)  # shards of an unfinished run with other options, or --overwrite
+        progress_path.unlink(missing_ok=True)
+    _write_json_atomic(plan_path, plan)
+    recorded = _read_progress(progress_path)  # tar -> sha256 of the shards an earlier run finished
+
+    workers = available_cpus() if workers is None else max(1, workers)
+    staging = out / ".staging"
+    jobs, split_jobs = [], {}
+    for name, split in source.splits.items():
+        (out / name).mkdir(exist_ok=True)
+        for leftover in (out / name).glob(f"*{_PARTIAL}"):
+            leftover.unlink()  # pieces of shards an interrupted run was writing
+        size = plan["splits"][name]["samples_per_shard"]
+        order = shard_order(len(split), seed, name)
+        if workers > 1:
+            split = split.staged(staging / name)
+        split_jobs[name] = []
+        for shard in range(-(-len(split) // size)):
+            tar = _relative(_shard_paths(out, name, shard)[0], out)
+            split_jobs[name].append(len(jobs))
+            jobs.append((_shard_job, split, str(out), name, shard, order[shard * size:(shard + 1) * size],
+                         source.image_format, compress_level, recorded.get(tar)))
+    log(f"{dataset}: {sum(s['num_samples'] for s in plan['splits'].values())} samples in {len(jobs)} shards "
+        f"({len(recorded)} finished before), {min(workers, len(jobs))} processes")
+    with open(progress_path, "a") as progress, _executor(min(workers, len(jobs))) as executor:
+        def record(result: dict) -> None:
+            progress.write(json.dumps(result) + "\n")
+            progress.flush()
+
+        records = _run_all(executor, jobs, log, dataset, on_result=record)
+    shutil.rmtree(staging, ignore_errors=True)
+
+    manifest = {
+        "dataset": dataset,
+        "version": plan["version"],
+        "image_format": source.image_format,
+        "image_size": list(source.image_size) if source.image_size is not None else None,
+        "channels": source.channels,
+        "label_encoding": LABEL_ENCODING,
+        "fine_classes": list(source.fine_classes),
+        "coarse_classes": list(source.coarse_classes),
+        "fine_to_coarse": [int(c) for c in source.fine_to_coarse],
+        "options": options,
+        "source": dict(source.notes),
+        "splits": {name: {"num_samples": plan["splits"][name]["num_samples"],
+                          "samples_per_shard": plan["splits"][name]["samples_per_shard"],
+                          "shards": [records[j] for j in split_jobs[name]]}
+                   for name in source.splits},
+    }
+    _write_json_atomic(manifest_path, manifest)  # last: from now on OUT counts as complete
+    plan_path.unlink(missing_ok=True)
+    progress_path.unlink(missing_ok=True)
+    log(f"wrote {manifest_path}")
+    return manifest
+
+
+def _same_plan(manifest: dict, plan: dict) -> bool:
+    try:
+        return (manifest["dataset"] == plan["dataset"] and manifest["options"] == plan["options"]
+                and {name: {"num_samples": s["num_samples"], "samples_per_shard": s["samples_per_shard"]}
+                     for name, s in manifest["splits"].items()} == plan["splits"])
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def _remove_shards(out: Path) -> None:
+    for split in SPLITS:
+        for path in (out / split).glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].*"):
+            path.unlink()
+
+
+def _read_progress(path: Path) -> dict[str, str]:
+    recorded = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                recorded[record["tar"]] = record["sha256"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short when the run was stopped
+    return recorded
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json_atomic(path: Path, content: dict) -> None:
+    partial = path.with_name(path.name + _PARTIAL)
+    partial.write_text(json.dumps(content, indent=1) + "\n")
+    os.replace(partial, path)
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+_MANIFEST_KEYS = ("dataset", "version", "image_format", "image_size", "channels", "label_encoding",
+                  "fine_classes", "coarse_classes", "fine_to_coarse", "options", "splits")
+
+
+def read_manifest(out: Path | str) -> dict:
+    """The manifest of the shards under OUT; UserError when it is missing or malformed."""
+    path = Path(out) / "manifest.json"
+    if not path.exists():
+        hint = (f" (a conversion was interrupted: rerun the same create command)" if (Path(out) / _PLAN).exists()
+                else "")
+        raise UserError(f"no complete shards at {out}: {path} is missing{hint}; make them with "
+                        f"python launch/make_shards.py create DATASET --src SRC --out {out}")
+    manifest = _load_json(path)
+    if not isinstance(manifest, dict) or any(key not in manifest for key in _MANIFEST_KEYS):
+        raise UserError(f"{path} is not a maskcon shard manifest; recreate the shards with "
+                        "python launch/make_shards.py create")
+    return manifest
+
+
+def split_files(out: Path | str, split: str) -> tuple[list[str], list[str]]:
+    """(tar paths, DALI index paths) of one split, in shard order."""
+    manifest = read_manifest(out)
+    if split not in manifest["splits"]:
+        raise UserError(f"the shards at {out} have no {split!r} split (they have {', '.join(manifest['splits'])})")
+    shards = manifest["splits"][split]["shards"]
+    return ([str(Path(out) / shard["tar"]) for shard in shards], [str(Path(out) / shard["index"]) for shard in shards])
+
+
+# -------------------------------------------------------------------------------------------- verify
+
+
+def _check_shard(out: str, record: dict, manifest: dict) -> list[str]:
+    """What is wrong with one shard (its tar and its index): [] when it is intact."""
+    from PIL import Image
+
+    tar_path = Path(out) / record["tar"]
+    idx_path = Path(out) / record["index"]
+    problems = []
+    if not tar_path.exists():
+        return ["missing"]
+    if file_sha256(tar_path) != record["sha256"]:
+        problems.append("damaged: its sha256 differs from the manifest")
+    image_format = manifest["image_format"]
+    num_fine, fine_to_coarse = len(manifest["fine_classes"]), manifest["fine_to_coarse"]
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(tar_path, "r:") as archive:
+            for member in archive:
+                dot = member.name.find(".")
+                handle = archive.extractfile(member) if member.isreg() else None
+                if dot <= 0 or handle is None:
+                    if not any(p.startswith("unexpected member") for p in problems):
+                        problems.append(f"unexpected member {member.name!r}")
+                    continue
+                samples.setdefault(member.name[:dot], {})[member.name[dot + 1:]] = handle.read()
+    except (tarfile.TarError, OSError, EOFError) as error:
+        return problems + [f"unreadable tar ({error})"]
+    if len(samples) != record["num_samples"]:
+        problems.append(f"holds {len(samples)} samples, the manifest says {record['num_samples']}")
+    bad_samples = []
+    for key, members in samples.items():
+        if set(members) != {image_format, "fine", "coarse"}:
+            bad_samples.append(f"{key} has members {sorted(members)}")
+            continue
+        if len(members["fine"]) != 8 or len(members["coarse"]) != 8:
+            bad_samples.append(f"{key} has labels that are not 8 bytes")
+            continue
+        fine, coarse = decode_label(members["fine"]), decode_label(members["coarse"])
+        if not 0 <= fine < num_fine or fine_to_coarse[fine] != coarse:
+            bad_samples.append(f"{key} has labels fine={fine} coarse={coarse} outside the manifest's map")
+            continue
+        try:
+            with Image.open(io.BytesIO(members[image_format])) as image:
+                expected = {"png": "PNG", "jpg": "JPEG"}[image_format]
+                if image.format != expected:
+                    raise ValueError(f"a {image.format} image")
+                image.load()
+                size = [image.height, image.width]
+        except Exception as error:  # whatever the decoder raises, the sample is damaged
+            bad_samples.append(f"{key} has an image that does not decode ({error})")
+            continue
+        if manifest["image_size"] is not None and size != list(manifest["image_size"]):
+            bad_samples.append(f"{key} has an image of {size[0]}x{size[1]}, not {manifest['image_size']}")
+    if bad_samples:
+        problems.append(f"{len(bad_samples)} bad samples, e.g. {bad_samples[0]}")
+    if not idx_path.exists():
+        problems.append(f"its index {record['index']} is missing")
+    elif not problems and idx_path.read_text() != index_of_tar(tar_path):
+        problems.append(f"its index {record['index']} does not match it (damaged)")
+    return problems
+
+
+def verify(out: Path | str, *, workers: int | None = None, log: Callable[[str], None] | None = None) -> list[str]:
+    """Recompute checksums and counts and read every sample of every shard.
+
+    Returns one line per damaged or missing shard (naming its tar), plus lines for split-level problems;
+    [] when everything is intact.
+    """
+    log = log or (lambda message: None)
+    manifest = read_manifest(out)
+    problems = []
+    jobs = []
+    for split_name, split_plan in manifest["splits"].items():
+        shards = split_plan["shards"]
+        total = sum(shard["num_samples"] for shard in shards)
+        if total != split_plan["num_samples"]:
+            problems.append(f"{split_name}: the shards hold {total} samples, the manifest says "
+                            f"{split_plan['num_samples']}")
+        if any(shard["num_samples"] != split_plan["samples_per_shard"] for shard in shards[:-1]):
+            problems.append(f"{split_name}: shards before the last do not all hold "
+                            f"{split_plan['samples_per_shard']} samples")
+        jobs += [(_check_shard, str(out), shard, manifest) for shard in shards]
+    workers = available_cpus() if workers is None else max(1, workers)
+    with _executor(min(workers, len(jobs))) as executor:
+        for job, shard_problems in zip(jobs, _run_all(executor, jobs, log, "verify")):
+            if shard_problems:  # one line per shard, naming it
+                problems.append(f"{job[2]['tar']}: {'; '.join(shard_problems)}")
+    return problems

@@ -1,0 +1,389 @@
+"""maskcon/shards.py and launch/make_shards.py: exact samples, shuffle, manifest, DALI index files,
+interruption and resume, verify, and bad sources, on real webdataset tars read by webdataset and DALI."""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maskcon import shards
+from maskcon.errors import UserError
+from tests import sources
+
+REPO = Path(__file__).resolve().parents[1]
+DOOR = REPO / "launch" / "make_shards.py"
+
+
+def read_split(out: Path, split: str) -> list[dict]:
+    """Every sample of a split as the webdataset library reads it, in shard order."""
+    import webdataset
+
+    tars, _ = shards.split_files(out, split)
+    return list(webdataset.WebDataset(tars, shardshuffle=False, empty_check=False))
+
+
+def shards_keys(out: Path, split: str) -> list[str]:
+    """Keys of a split in shard order, read from the DALI index files."""
+    return [line.split()[3].split(".")[0] for index in shards.split_files(out, split)[1]
+            for line in Path(index).read_text().splitlines()[1:]]
+
+
+def tree(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def label(data: bytes) -> int:
+    return int(np.frombuffer(data, dtype="<i8")[0])
+
+
+def door(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(DOOR), *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def assert_shards_match(out: Path, expected: dict, image_format: str) -> None:
+    """Every sample's pixels (or file bytes) and labels equal the source's; keys name the source item."""
+    manifest = shards.read_manifest(out)
+    for split, wanted in expected.items():
+        samples = read_split(out, split)
+        assert sorted(s["__key__"] for s in samples) == sorted(wanted), split
+        for sample in samples:
+            image, fine, coarse = wanted[sample["__key__"]]
+            assert set(sample) >= {image_format, "fine", "coarse"}
+            if image_format == "png" and isinstance(image, np.ndarray):
+                assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["png"]))), image), sample["__key__"]
+            else:
+                assert sample[image_format] == image, sample["__key__"]  # byte for byte
+            assert (label(sample["fine"]), label(sample["coarse"])) == (fine, coarse)
+            assert manifest["fine_to_coarse"][fine] == coarse
+        keys = [s["__key__"] for s in samples]
+        assert keys != sorted(keys), "samples are written in a shuffled order"
+        sizes = [shard["num_samples"] for shard in manifest["splits"][split]["shards"]]
+        per_shard = manifest["splits"][split]["samples_per_shard"]
+        assert sum(sizes) == len(wanted) and all(n == per_shard for n in sizes[:-1]) and 0 < sizes[-1] <= per_shard
+
+
+# ------------------------------------------------------------------------------------------- digits
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    shards.create("digits", None, out, workers=2)
+    return out
+
+
+def test_digits_shards_hold_load_digits_exactly(digits_shards):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    manifest = shards.read_manifest(digits_shards)
+    assert manifest["dataset"] == "digits" and manifest["image_format"] == "png"
+    assert manifest["image_size"] == [8, 8] and manifest["channels"] == 1
+    assert manifest["label_encoding"] == "int64 little-endian"
+    assert manifest["fine_classes"] == [str(d) for d in range(10)] and manifest["fine_to_coarse"] == [0] * 5 + [1] * 5
+    assert "255 / 16" in manifest["source"]["pixels"]
+    assert manifest["splits"]["train"]["num_samples"] == 1437 and manifest["splits"]["test"]["num_samples"] == 360
+    assert len(manifest["splits"]["train"]["shards"]) >= 64 and len(manifest["splits"]["test"]["shards"]) >= 64
+    expected = {split: {f"{i:04d}": (np.round(digits.images[i] * 255 / 16).astype(np.uint8), int(digits.target[i]),
+                                     int(digits.target[i] >= 5))
+                        for i in map(int, shards_keys(digits_shards, split))}
+                for split in ("train", "test")}
+    assert len(expected["train"]) == 1437 and not set(expected["train"]) & set(expected["test"])
+    assert_shards_match(digits_shards, expected, "png")
+    for shard in manifest["splits"]["train"]["shards"]:
+        assert shards.file_sha256(digits_shards / shard["tar"]) == shard["sha256"]
+    tars, indexes = shards.split_files(digits_shards, "test")
+    assert [Path(t).name for t in tars][:2] == ["test-000000.tar", "test-000001.tar"]
+    assert all(Path(i).exists() and i == t[:-4] + ".idx" for t, i in zip(tars, indexes))
+
+
+def test_index_files_equal_those_of_dali_wds2idx(digits_shards, tmp_path):
+    tool = Path(sys.executable).parent / "wds2idx"
+    if not tool.exists():
+        pytest.skip("DALI's wds2idx tool is not installed")
+    tars, indexes = shards.split_files(digits_shards, "train")
+    for tar, index in list(zip(tars, indexes))[:3]:
+        reference = tmp_path / (Path(tar).stem + ".idx")
+        subprocess.run([str(tool), tar, str(reference)], check=True, capture_output=True, timeout=60)
+        assert Path(index).read_text() == reference.read_text()
+        assert shards.index_of_tar(Path(tar)) == reference.read_text()
+
+
+def test_dali_reads_every_sample_with_the_index_files(digits_shards):
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def, types
+
+    tars, indexes = shards.split_files(digits_shards, "test")
+
+    @pipeline_def(batch_size=40, num_threads=1, device_id=None)
+    def pipeline():
+        image, fine, coarse = fn.readers.webdataset(paths=tars, index_paths=indexes, ext=["png;jpg", "fine", "coarse"],
+                                                    dtypes=[types.UINT8, types.INT64, types.INT64], name="reader")
+        return fn.decoders.image(image, device="cpu", output_type=types.GRAY), fine, coarse
+
+    pipe = pipeline()
+    pipe.build()
+    assert pipe.epoch_size("reader") == 360
+    fines = []
+    for _ in range(9):
+        images, fine, coarse = pipe.run()
+        for i in range(len(fine)):
+            assert np.array(images.at(i)).shape == (8, 8, 1)
+            assert int(np.array(coarse.at(i))[0]) == int(np.array(fine.at(i))[0] >= 5)
+            fines.append(int(np.array(fine.at(i))[0]))
+    wanted = collections.Counter(label(s["fine"]) for s in read_split(digits_shards, "test"))
+    assert collections.Counter(fines) == wanted
+
+
+def test_png_tar_and_label_encodings_are_standard():
+    import tarfile
+
+    rng = np.random.default_rng(0)
+    for shape in [(32, 32, 3), (8, 8), (1, 1, 3), (5, 7)]:
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(shards.encode_png(pixels)))), pixels)
+    for name, size in [("0001234.png", 2123), ("k" * 94 + ".fine", 8), ("a.jpg", 10**9)]:
+        header = tarfile.TarInfo(name)
+        header.size, header.mode, header.mtime = size, 0o444, 0
+        assert shards._tar_header(name, size) == header.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict")
+    for value in (0, 7, -1, 2**40):
+        assert shards.decode_label(shards.encode_label(value)) == value and len(shards.encode_label(value)) == 8
+    assert shards.encode_label(1) == (1).to_bytes(8, "little")
+
+
+def test_dali_decodes_rgb_shards_to_the_source_pixels(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def, types
+
+    src, expected, _ = _fixture("cifar100", tmp_path / "src")
+    out = tmp_path / "out"
+    shards.create("cifar100", src, out, samples_per_shard=30, workers=1)
+    tars, indexes = shards.split_files(out, "test")
+    in_order = [s["__key__"] for s in read_split(out, "test")]
+
+    @pipeline_def(batch_size=len(in_order), num_threads=1, device_id=None)
+    def pipeline():
+        image, fine = fn.readers.webdataset(paths=tars, index_paths=indexes, ext=["png;jpg", "fine"],
+                                            dtypes=[types.UINT8, types.INT64])
+        return fn.decoders.image(image, device="cpu", output_type=types.RGB), fine
+
+    pipe = pipeline()
+    pipe.build()
+    images, fine = pipe.run()
+    for i, key in enumerate(in_order):  # one reader, no shuffling: the order of the tars
+        assert np.array_equal(np.array(images.at(i)), expected["test"][key][0])
+        assert int(np.array(fine.at(i))[0]) == expected["test"][key][1]
+
+
+# ------------------------------------------------------------------------------------ every dataset
+
+
+def _fixture(dataset: str, root: Path):
+    """(src, expected {split: {key: (image, fine, coarse)}}, image format) for a small source in original format."""
+    if dataset == "cifar100":
+        return root, sources.write_cifar100(root), "png"
+    if dataset.startswith("cifartoy"):
+        from maskcon.datasets import DATASETS
+
+        cifar10 = sources.write_cifar10(root)
+        source = DATASETS[dataset](root)
+        to_fine = {sources.CIFAR10_CLASSES.index(name): i for i, name in enumerate(source.fine_classes)}
+        return root, {split: {key: (image, to_fine[c], source.fine_to_coarse[to_fine[c]])
+                              for key, (image, c) in samples.items() if c in to_fine}
+                      for split, samples in cifar10.items()}, "png"
+    if dataset == "imagenet32":
+        return root, sources.write_imagenet32(root, layout="folders", file_format="npz"), "png"
+    if dataset.startswith("sop"):
+        return root / "Stanford_Online_Products", sources.write_sop(root)[dataset[4:]], "jpg"
+    if dataset == "cars196":
+        return root / "stanford_cars", sources.write_cars(root), "jpg"
+    return root, sources.write_folder(root), "jpg"
+
+
+@pytest.mark.parametrize("dataset", ["cifar100", "cifartoy_good", "cifartoy_bad", "imagenet32", "sop_split1",
+                                     "sop_split2", "cars196", "folder"])
+def test_every_dataset_converts_exactly(tmp_path, dataset):
+    src, expected, image_format = _fixture(dataset, tmp_path / "src")
+    out = tmp_path / "out"
+    manifest = shards.create(dataset, src, out, samples_per_shard=7, workers=1)
+    assert manifest["image_format"] == image_format and manifest["dataset"] == dataset
+    assert manifest == json.loads((out / "manifest.json").read_text())
+    assert_shards_match(out, expected, image_format)
+    assert shards.verify(out, workers=1) == []
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.name.endswith(".partial")]
+    assert leftovers == []
+
+
+def test_shard_count_allows_many_readers():
+    assert shards.shard_size(1_281_167) == 10_000  # ImageNet32 train: 129 shards
+    assert shards.shard_size(25_368) == 396 and -(-25_368 // 396) >= 64  # SOP split1 train
+    assert shards.shard_size(50) == 1  # fewer samples than shards: one each
+    assert shards.shard_size(1000, samples_per_shard=300) == 300
+
+
+def test_shuffle_is_fixed_by_the_seed_and_pool_equals_one_process(tmp_path):
+    src, _, _ = _fixture("cifar100", tmp_path / "src")
+    runs = {}
+    for name, seed, workers in (("a", 0, 1), ("b", 0, 2), ("c", 1, 1)):
+        shards.create("cifar100", src, tmp_path / name, seed=seed, samples_per_shard=16, workers=workers)
+        runs[name] = tree(tmp_path / name)
+    assert runs["a"] == runs["b"]  # the process pool writes the same bytes as one process
+    keys = {name: [s["__key__"] for s in read_split(tmp_path / name, "train")] for name in ("a", "c")}
+    assert keys["a"] != keys["c"] and sorted(keys["a"]) == sorted(keys["c"])
+
+
+# ------------------------------------------------------------------------------ interruption, resume
+
+
+def _kill_during_create(out: Path, *args: str) -> None:
+    """Start the door's create and SIGKILL it once it has written some shards."""
+    process = subprocess.Popen([sys.executable, str(DOOR), "create", "digits", "--out", str(out), *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "train").is_dir() and len(os.listdir(out / "train")) > 40:
+            break
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "manifest.json").exists(), "the run was stopped before it finished"
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    reference = tmp_path / "reference"
+    shards.create("digits", None, reference, samples_per_shard=4, workers=1)
+    out = tmp_path / "out"
+    _kill_during_create(out, "--samples-per-shard", "4", "--workers", "1")
+    with pytest.raises(UserError, match="interrupted"):
+        shards.read_manifest(out)
+    # beyond the kill itself: shards lost, damaged or half-written while the run was stopped
+    finished = [json.loads(line)["tar"] for line in (out / ".progress.jsonl").read_text().splitlines()[:-1]]
+    assert len(finished) >= 4
+    (out / finished[0]).unlink()  # a finished shard lost,
+    (out / (finished[1][:-4] + ".idx")).unlink()  # a shard whose index is gone,
+    (out / finished[2]).write_bytes(b"")  # a finished shard damaged since,
+    (out / "train" / "train-000300.tar.partial").write_bytes(b"half a shard")  # a shard being written
+    shards.create("digits", None, out, samples_per_shard=4, workers=2)
+    assert tree(out) == tree(reference)
+
+
+def test_complete_shards_made_otherwise_need_overwrite(tmp_path):
+    shards.create("digits", None, tmp_path, samples_per_shard=200, workers=1)
+    before = tree(tmp_path)
+    assert shards.create("digits", None, tmp_path, samples_per_shard=200, workers=1)["options"]["seed"] == 0
+    assert tree(tmp_path) == before  # already complete: nothing rewritten
+    with pytest.raises(UserError, match="--overwrite"):
+        shards.create("digits", None, tmp_path, samples_per_shard=200, seed=3, workers=1)
+    assert tree(tmp_path) == before
+    manifest = shards.create("digits", None, tmp_path, samples_per_shard=200, seed=3, workers=1, overwrite=True)
+    assert manifest["options"]["seed"] == 3 and shards.verify(tmp_path, workers=1) == []
+
+
+# ------------------------------------------------------------------------------------------- verify
+
+
+def test_verify_names_each_damaged_or_missing_shard(tmp_path):
+    out = tmp_path / "out"
+    shards.create("digits", None, out, samples_per_shard=40, workers=1)
+    assert door("verify", out, "--workers", "1").returncode == 0
+    tar = out / "train" / "train-000004.tar"
+    data = bytearray(tar.read_bytes())
+    data[600] ^= 0xFF  # one byte of the first image
+    tar.write_bytes(bytes(data))
+    (out / "test" / "test-000003.tar").unlink()
+    (out / "test" / "test-000005.idx").write_text("v1.2 0\n")
+    result = door("verify", out, "--workers", "2")
+    assert result.returncode == 1
+    named = result.stdout
+    lines = named.strip().splitlines()
+    assert len(lines) == 3 and "Traceback" not in result.stderr  # one line per damaged or missing shard
+    assert lines[0].startswith("train/train-000004.tar: damaged") and "bad samples" in lines[0]
+    assert lines[1] == "test/test-000003.tar: missing"
+    assert lines[2].startswith("test/test-000005.tar: its index test/test-000005.idx does not match")
+
+
+# -------------------------------------------------------------------------------- door, bad sources
+
+
+def test_door_creates_shards_under_out(tmp_path):
+    src = tmp_path / "src"
+    sources.write_cifar10(src)
+    result = door("create", "cifartoy_good", "--src", src, "--out", tmp_path / "out", "--samples-per-shard", "20")
+    assert result.returncode == 0, result.stderr
+    assert "cifartoy_good shards at" in result.stdout
+    assert shards.read_manifest(tmp_path / "out")["splits"]["train"]["samples_per_shard"] == 20
+
+
+@pytest.mark.parametrize("dataset, make_src, mention", [
+    ("cifar100", lambda root: None, "does not exist"),
+    ("cifar100", lambda root: sources.write_cifar10(root), "cifar-100-python"),
+    ("imagenet32", lambda root: (sources.write_imagenet32(root), (root / "imagenet32_to_fine.json").unlink()),
+     "imagenet32_to_fine.json"),
+    ("cifartoy_bad", lambda root: (sources.write_cifar10(root),
+                                   (root / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x80\x02garbage")),
+     "test_batch"),
+    ("sop_split1", lambda root: sources.write_sop(root), "sop_split1"),
+    ("cars196", lambda root: sources.write_folder(root), "cars_meta.mat"),
+    ("folder", lambda root: sources.write_cars(root), "fine_to_coarse.csv"),
+])
+def test_bad_source_is_one_line_and_leaves_nothing_complete(tmp_path, dataset, make_src, mention):
+    src = tmp_path / "src"
+    make_src(src)
+    if dataset == "sop_split1":
+        src = src / "Stanford_Online_Products"
+        for name in ("train_path.json", "test_path.json"):
+            (src / "sop_split1" / name).unlink()
+    out = tmp_path / "out"
+    result = door("create", dataset, "--src", src, "--out", out, "--samples-per-shard", "5", "--workers", "1")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and mention in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "manifest.json").exists()
+    assert not list(out.rglob("*.tar")) if out.exists() else True
+    with pytest.raises(UserError):
+        shards.read_manifest(out)
+
+
+def test_read_manifest_and_split_files_errors(tmp_path):
+    with pytest.raises(UserError, match="make_shards.py create"):
+        shards.read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="not a maskcon shard manifest"):
+        shards.read_manifest(tmp_path)
+    shards.create("digits", None, tmp_path / "d", samples_per_shard=500, workers=1)
+    with pytest.raises(UserError, match="no 'val' split"):
+        shards.split_files(tmp_path / "d", "val")
+
+
+def test_benchmark_runs_and_both_converters_agree(tmp_path, capsys):
+    from maskcon.bench import shards as bench
+
+    assert bench.main(["--train-images", "300", "--val-images", "60", "--repeats", "1", "--workers", "2",
+                       "--workdir", str(tmp_path), "--json", str(tmp_path / "result.json")]) == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["images"] == 360 and result["same_pixels_and_labels"] is True
+    assert set(result["images_per_s"]) == {"ours", "ours_1_process", "plain"}
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_a_file_that_is_not_the_announced_format_stops_the_run(tmp_path):
+    src = tmp_path / "src"
+    sources.write_folder(src)
+    (src / "test" / "poodle" / "img.1.jpg").write_bytes(b"GIF89a, named .jpg")
+    result = door("create", "folder", "--src", src, "--out", tmp_path / "out", "--workers", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: sample test_poodle_img_1_jpg of test is not a JPG file; the source must hold the original JPG images")
+    assert not (tmp_path / "out" / "manifest.json").exists()
