@@ -1,0 +1,299 @@
+"""Two-view loading speed: `python launch/bench.py loader --dataset DATASET --shards OUT --json`.
+
+Prints source images per second (both views made, labels included) for
+    dali_cpu       maskcon.loaders, backend "dali" on the CPU (device_id=None)
+    dali_gpu       the same on the GPU (only with --loaders ...,dali_gpu, on a machine with one)
+    torch          maskcon.loaders, backend "torch": torchvision transforms in a DataLoader
+    reference_pil  a loader in the style of the official MaskCon code: PIL images, a PIL AutoAugment
+                   CIFAR10Policy-like transform, torchvision PIL transforms and a torch DataLoader
+all on the same shards and cores. `--synthetic N` first writes N synthetic cifar100-format 32x32 PNG
+training samples to OUT (see write_synthetic_shards), for machines without the real data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import io
+import json
+import os
+import random
+import statistics
+import tarfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from maskcon.errors import UserError
+
+# ----------------------------------------------------------------------------------- synthetic shards
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _encode(pixels: np.ndarray, image_format: str) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    if image_format == "png":
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    else:
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def _write_split(out: Path, split: str, image: Callable[[int], np.ndarray], labels: Callable[[int], tuple[int, int]],
+                 num_samples: int, samples_per_shard: int, image_format: str) -> dict:
+    from wds2idx import IndexCreator  # DALI's index tool, shipped with the nvidia-dali wheel
+
+    (out / split).mkdir(parents=True, exist_ok=True)
+    shards = []
+    for shard, first in enumerate(range(0, num_samples, samples_per_shard)):
+        positions = range(first, min(num_samples, first + samples_per_shard))
+        tar = out / split / f"{split}-{shard:06d}.tar"
+        index = tar.with_suffix(".idx")
+        with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as archive:
+            for position in positions:
+                key = f"{position:08d}"
+                fine, coarse = labels(position)
+                _add(archive, f"{key}.{image_format}", _encode(image(position), image_format))
+                _add(archive, f"{key}.fine", np.int64(fine).astype("<i8").tobytes())
+                _add(archive, f"{key}.coarse", np.int64(coarse).astype("<i8").tobytes())
+        with IndexCreator(str(tar), str(index), verbose=False) as creator:
+            creator.create_index()
+        shards.append({"tar": f"{split}/{tar.name}", "index": f"{split}/{index.name}",
+                       "num_samples": len(positions), "sha256": _sha256(tar)})
+    return {"num_samples": num_samples, "samples_per_shard": samples_per_shard, "shards": shards}
+
+
+def write_synthetic_shards(out: Path | str, *, num_train: int, num_test: int, image: Callable[[int], np.ndarray],
+                           labels: Callable[[int], tuple[int, int]], num_fine: int, num_coarse: int,
+                           image_format: str = "png", image_size: tuple[int, int] | None = (32, 32),
+                           samples_per_shard: int = 1000, dataset: str = "cifar100",
+                           test_image: Callable[[int], np.ndarray] | None = None) -> Path:
+    """Write a shard folder in the CONTRACT layout from functions of the sample position.
+
+    image(position) -> uint8 H x W x 3 array; labels(position) -> (fine, coarse). The test split uses
+    test_image (default: image) and the same labels function. Returns OUT.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {"train": _write_split(out, "train", image, labels, num_train, samples_per_shard, image_format),
+              "test": _write_split(out, "test", test_image or image, labels, num_test, samples_per_shard,
+                                   image_format)}
+    import maskcon
+
+    manifest = {"dataset": dataset, "version": maskcon.__version__, "image_format": image_format,
+                "image_size": list(image_size) if image_size else None, "channels": 3,
+                "label_encoding": "int64 little-endian", "fine_classes": [str(i) for i in range(num_fine)],
+                "coarse_classes": [str(i) for i in range(num_coarse)],
+                "fine_to_coarse": [i * num_coarse // num_fine for i in range(num_fine)],
+                "options": {"synthetic": True}, "splits": splits}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def cifar_like_image(position: int) -> np.ndarray:
+    """A 32x32 RGB image with smooth structure and noise, so PNGs are about CIFAR-sized (~2-3 kB)."""
+    rng = np.random.default_rng(position)
+    y, x = np.mgrid[0:32, 0:32].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi, size=3)
+    frequency = rng.uniform(0.1, 0.5, size=3)
+    channels = [127 + 80 * np.sin(frequency[c] * (x + y * (c - 1)) + phase[c]) for c in range(3)]
+    pixels = np.stack(channels, axis=-1) + rng.normal(0, 12, size=(32, 32, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------- official-style loader
+
+
+class _PilGaussianBlur:
+    """MoCo v2's GaussianBlur, as the official code uses it: PIL's filter with sigma uniform in a range."""
+
+    def __init__(self, sigma: tuple[float, float]):
+        self.sigma = sigma
+
+    def __call__(self, image):
+        from PIL import ImageFilter
+
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+def _pil_transform(steps, recipe, size: int):
+    import torchvision.transforms as T
+
+    parts = []
+    for step in steps:
+        p = step.params
+        if step.op == "random_resized_crop":
+            parts.append(T.RandomResizedCrop(size, scale=p["scale"], ratio=p["ratio"]))
+        elif step.op == "resize":
+            parts.append(T.Resize((size, size)))
+        elif step.op == "horizontal_flip":
+            parts.append(T.RandomHorizontalFlip(p["p"]))
+        elif step.op == "auto_augment":  # PIL ops, the CIFAR-10 policy
+            parts.append(T.AutoAugment(T.AutoAugmentPolicy.CIFAR10))
+        elif step.op == "random_perspective":
+            parts.append(T.RandomPerspective(p["distortion"], p["p"]))
+        elif step.op == "color_jitter":
+            parts.append(T.RandomApply([T.ColorJitter(p["brightness"], p["contrast"], p["saturation"], p["hue"])],
+                                       p=p["p"]))
+        elif step.op == "random_grayscale":
+            parts.append(T.RandomGrayscale(p["p"]))
+        elif step.op == "gaussian_blur":
+            parts.append(T.RandomApply([_PilGaussianBlur(p["sigma"])], p=p["p"]))
+    return T.Compose([*parts, T.ToTensor(), T.Normalize(recipe.mean, recipe.std)])
+
+
+class _PilTwoViews(torch.utils.data.Dataset):
+    def __init__(self, samples, query, key):
+        self.samples, self.query, self.key = samples, query, key
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, position):
+        from PIL import Image
+
+        data, fine, coarse = self.samples.read(position)
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        return self.query(image), self.key(image), fine, coarse
+
+
+def reference_pil_loader(shards: Path, recipe, *, image_size: int, batch_size: int, workers: int):
+    """The official code's way: PIL images, PIL transforms (AutoAugment on PIL), a shuffling DataLoader."""
+    from maskcon.loaders import read_split
+    from maskcon.loaders.torch import TarSamples
+
+    _, split = read_split(shards, "train")
+    dataset = _PilTwoViews(TarSamples(split), _pil_transform(recipe.strong, recipe, image_size),
+                           _pil_transform(recipe.weak, recipe, image_size))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                       num_workers=workers, persistent_workers=workers > 0,
+                                       prefetch_factor=4 if workers else None)
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its live children (DataLoader workers)."""
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+def _measure(loader, *, batches: int, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+    """(images/s, CPU ms per image) of each repeat of `batches` batches, after `warmup` untimed ones."""
+
+    def endless():
+        while True:
+            yield from loader
+
+    stream = endless()
+    for _ in range(warmup):
+        next(stream)
+    rates, costs = [], []
+    for _ in range(repeats):
+        images, cpu, start = 0, _cpu_seconds(), time.perf_counter()
+        for _ in range(batches):
+            batch = next(stream)
+            images += (batch["query"] if isinstance(batch, dict) else batch[0]).shape[0]
+        rates.append(images / (time.perf_counter() - start))
+        costs.append(1000 * (_cpu_seconds() - cpu) / images)
+    stream.close()
+    return rates, costs
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python launch/bench.py loader", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, help="recipe to run (a dataset name, e.g. cifar100)")
+    parser.add_argument("--shards", required=True, type=Path, help="shard folder (manifest.json, train/)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--image-size", type=int, default=None, help="output side (default: the recipe's)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=12, help="timed batches per repeat")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches before the first repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="DALI threads = DataLoader workers "
+                        "(default: the CPUs this process may use)")
+    parser.add_argument("--loaders", default="dali_cpu,torch,reference_pil",
+                        help="comma-separated subset of dali_cpu,torch,reference_pil,dali_gpu")
+    parser.add_argument("--synthetic", type=int, default=0, metavar="N",
+                        help="first write N synthetic 32x32 PNG train samples (cifar100 format) to --shards")
+    args = parser.parse_args(argv)
+
+    from maskcon import recipes
+    from maskcon.loaders import build_train_loader
+
+    recipe = recipes.recipe_for(args.dataset)
+    size = args.image_size or recipe.image_size
+    threads = args.threads or len(os.sched_getaffinity(0))
+    if args.synthetic:
+        if (args.shards / "manifest.json").exists():
+            raise UserError(f"{args.shards} already holds shards; drop --synthetic or pick an empty folder")
+        write_synthetic_shards(args.shards, num_train=args.synthetic, num_test=max(1, args.synthetic // 5),
+                               image=cifar_like_image, labels=lambda i: (i % 100, i % 100 // 5), num_fine=100,
+                               num_coarse=20, samples_per_shard=1000, dataset="cifar100")
+    known = ("dali_cpu", "torch", "reference_pil", "dali_gpu")
+    chosen = [name.strip() for name in args.loaders.split(",") if name.strip()]
+    if not chosen or any(name not in known for name in chosen):
+        raise UserError(f"--loaders takes a comma-separated subset of {', '.join(known)}")
+
+    common = dict(recipe=args.dataset, image_size=size, batch_size=args.batch_size, rank=0, world_size=1, seed=0,
+                  device="cpu", num_threads=threads)
+    results, spread, cpu_ms = {}, {}, {}
+    for name in chosen:
+        if name == "reference_pil":
+            loader = reference_pil_loader(args.shards, recipe, image_size=size, batch_size=args.batch_size,
+                                          workers=threads)
+        elif name == "dali_gpu":
+            if not torch.cuda.is_available():
+                raise UserError("--loaders dali_gpu needs a CUDA GPU; this machine has none")
+            loader = build_train_loader(args.shards, backend="dali", **{**common, "device": "cuda"})
+        else:
+            loader = build_train_loader(args.shards, backend="dali" if name == "dali_cpu" else "torch", **common)
+        rates, costs = _measure(loader, batches=args.batches, warmup=args.warmup, repeats=args.repeats)
+        results[name] = round(statistics.median(rates), 1)
+        spread[name] = [round(min(rates), 1), round(max(rates), 1)]
+        cpu_ms[name] = round(statistics.median(costs), 3)
+        del loader
+        gc.collect()  # a DALI pipeline reserves much address space: free it before forking DataLoader workers
+    report = {"dataset": args.dataset, **results, "unit": "source images/s, both views",
+              "spread_min_max": spread, "cpu_ms_per_image": cpu_ms, "repeats": args.repeats,
+              "batch_size": args.batch_size, "image_size": size,
+              "threads": threads, "cpus": os.cpu_count(), "shards": str(args.shards)}
+    if "dali_cpu" in results and "torch" in results:
+        report["dali_cpu_over_torch"] = round(results["dali_cpu"] / results["torch"], 2)
+        report["cpu_cost_torch_over_dali"] = round(cpu_ms["torch"] / cpu_ms["dali_cpu"], 2)
+    report["load_average_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine while measuring
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for name in chosen:
+            print(f"{name:<14} {results[name]:>9.1f} images/s  (min {spread[name][0]}, max {spread[name][1]}),"
+                  f" {cpu_ms[name]:.3f} CPU ms/image")
+    return 0

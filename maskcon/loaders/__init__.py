@@ -1,0 +1,114 @@
+"""Loaders: shards -> batches of (query view, key view, labels) for training, one view for testing.
+
+Two back ends read the same shards with the same recipes (maskcon/recipes.py):
+    "dali"   maskcon/loaders/dali.py: DALI pipelines, on the GPU or (device CPU) on the CPU
+    "torch"  maskcon/loaders/torch.py: torchvision transforms in a torch DataLoader; the reference
+See CONTRACT.md, section Loaders, for what the loaders yield.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch as _torch  # the name `torch` is this package's torchvision back end
+
+from maskcon import recipes
+from maskcon.errors import UserError
+
+BACKENDS = ("dali", "torch")
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """One split of a shard folder: tar paths, DALI index paths (same order), samples, "png" or "jpg"."""
+
+    tars: list[str]
+    indexes: list[str]
+    num_samples: int
+    image_format: str
+
+
+def read_split(shards: Path | str, split: str) -> tuple[dict, SplitFiles]:
+    """(manifest, SplitFiles) of one split of a shard folder; UserError when files are missing."""
+    from maskcon.shards import read_manifest, split_files
+
+    manifest = read_manifest(shards)
+    tars, indexes = split_files(shards, split)
+    for path in tars + indexes:
+        if not Path(path).exists():
+            raise UserError(f"shard file {path} is missing; recreate the shards under {shards}")
+    num_samples = int(manifest["splits"][split]["num_samples"])
+    return manifest, SplitFiles(tars, indexes, num_samples, manifest["image_format"])
+
+
+def _check(backend: str, batch_size: int, rank: int, world_size: int, image_size: int, num_samples: int,
+           what: str) -> None:
+    if backend not in BACKENDS:
+        raise UserError(f"unknown loader backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if batch_size < 1 or image_size < 1:
+        raise UserError(f"batch size and image size must be positive, got {batch_size} and {image_size}")
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is outside 0..{world_size - 1}")
+    if what == "train" and num_samples // world_size < batch_size:
+        raise UserError(f"the train split has {num_samples} samples: too few for {world_size} process(es) of "
+                        f"batch {batch_size}; lower the batch size")
+
+
+def _recipe(recipe: str | recipes.Recipe) -> recipes.Recipe:
+    if isinstance(recipe, recipes.Recipe):  # a recipe of one's own (tests, experiments): validated the same way
+        recipes.validate({recipe.name: recipe})
+        return recipe
+    return recipes.recipe_for(recipe)
+
+
+def build_train_loader(shards: Path | str, *, recipe: str | recipes.Recipe, image_size: int, batch_size: int,
+                       rank: int, world_size: int, seed: int, device: _torch.device | str, backend: str,
+                       query_view: str = "strong", key_view: str = "weak", num_threads: int = 2):
+    """One epoch per `for batch in loader`: {"query", "key": float32 N x 3 x S x S, "fine", "coarse": int64 N}.
+
+    len(loader) is the number of steps per epoch, (num_samples // world_size) // batch_size on every rank;
+    each rank reads its own part of the shards, a new one each epoch; reproducible under `seed`.
+    `recipe` names a dataset's recipe (maskcon/recipes.py) or is a Recipe of one's own; `num_threads` is
+    DALI's CPU threads or the number of DataLoader workers (0: transforms in this process).
+    """
+    device = _torch.device(device)
+    chosen = _recipe(recipe)
+    for view in (query_view, key_view):
+        chosen.view(view)
+    manifest, split = read_split(shards, "train")
+    _check(backend, batch_size, rank, world_size, image_size, split.num_samples, "train")
+    options = dict(image_size=image_size, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                   device=device, query_view=query_view, key_view=key_view, num_threads=num_threads)
+    if backend == "dali":
+        from maskcon.loaders import dali
+
+        dali.require_dali()
+        return dali.DaliTrainLoader(split, chosen, **options)
+    import maskcon.loaders.torch as torch_loader
+
+    return torch_loader.TorchTrainLoader(split, chosen, **options)
+
+
+def build_test_loader(shards: Path | str, *, image_size: int, batch_size: int, rank: int, world_size: int,
+                      device: _torch.device | str, backend: str, recipe: str | recipes.Recipe | None = None,
+                      num_threads: int = 2):
+    """{"image", "fine", "coarse", "index"} batches; over all ranks every test sample exactly once.
+
+    `index` is the sample's position in the test split. All ranks yield len(loader) batches; a rank whose
+    part is shorter may end with a shorter (possibly empty) batch. `recipe` defaults to the manifest's dataset.
+    """
+    device = _torch.device(device)
+    manifest, split = read_split(shards, "test")
+    chosen = _recipe(recipe or manifest["dataset"])
+    _check(backend, batch_size, rank, world_size, image_size, split.num_samples, "test")
+    options = dict(image_size=image_size, batch_size=batch_size, rank=rank, world_size=world_size, device=device,
+                   num_threads=num_threads)
+    if backend == "dali":
+        from maskcon.loaders import dali
+
+        dali.require_dali()
+        return dali.DaliTestLoader(split, chosen, **options)
+    import maskcon.loaders.torch as torch_loader
+
+    return torch_loader.TorchTestLoader(split, chosen, **options)

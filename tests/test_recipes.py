@@ -1,0 +1,106 @@
+"""The recipe table: the paper's augmentations as data, validated, and the exact AutoAugment CIFAR-10 policy."""
+
+import dataclasses
+
+import pytest
+from torchvision.transforms import AutoAugment, AutoAugmentPolicy
+
+from maskcon import recipes
+from maskcon.errors import UserError
+from maskcon.recipes import RECIPES, Step
+
+
+def test_table_is_valid():
+    recipes.validate()
+
+
+def test_every_dataset_has_a_recipe():
+    from maskcon.datasets import DATASETS
+
+    assert set(DATASETS) <= set(RECIPES)
+
+
+def ops(steps):
+    return [step.op for step in steps]
+
+
+def test_recipes_follow_the_supplement():
+    small = ["cifar100", "cifartoy_good", "cifartoy_bad", "imagenet32", "digits"]
+    for name in small:
+        recipe = RECIPES[name]
+        assert ops(recipe.strong) == ["random_resized_crop", "horizontal_flip", "auto_augment"]
+        assert ops(recipe.weak) == ["random_resized_crop", "horizontal_flip"]
+        assert recipe.image_size == 32
+    for name in ["sop_split1", "sop_split2"]:
+        assert ops(RECIPES[name].strong) == ["random_resized_crop", "horizontal_flip", "random_perspective"]
+    cars = RECIPES["cars196"]
+    assert ops(cars.strong) == ["random_resized_crop", "horizontal_flip", "random_perspective", "color_jitter",
+                                "random_grayscale", "gaussian_blur"]
+    assert cars.strong[3].params == {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "p": 0.8}
+    assert cars.strong[4].params == {"p": 0.2}
+    assert cars.strong[5].params == {"sigma": (0.1, 2.0), "p": 0.5}
+    for name in ["cars196", "sop_split1", "sop_split2"]:
+        recipe = RECIPES[name]
+        assert ops(recipe.weak) == ["random_resized_crop", "random_perspective", "horizontal_flip"]
+        assert recipe.image_size == 224
+        assert recipe.mean == recipes.IMAGENET_MEAN
+    for recipe in RECIPES.values():
+        assert ops(recipe.test) == ["resize"]
+        for step in recipe.strong + recipe.weak:
+            if step.op == "random_resized_crop":
+                assert step.params["scale"] == (0.2, 1.0)
+            if step.op == "random_perspective":
+                assert step.params == {"distortion": 0.5, "p": 0.5}
+
+
+def test_auto_augment_table_is_torchvision_cifar10():
+    torchvision_policy = AutoAugment(AutoAugmentPolicy.CIFAR10).policies
+    assert [tuple(sub) for sub in torchvision_policy] == list(recipes.AUTO_AUGMENT_CIFAR10)
+
+
+@pytest.mark.parametrize("size", [8, 32, 64, 96, 224, 331])
+def test_auto_augment_magnitudes_are_torchvision_bins(size):
+    space = AutoAugment(AutoAugmentPolicy.CIFAR10)._augmentation_space(recipes.AUTO_AUGMENT_BINS, (size, size))
+    for op, (magnitudes, signed) in space.items():
+        ours, ours_signed = recipes.auto_augment_magnitudes(op, size)
+        assert ours_signed == signed, op
+        if magnitudes.ndim == 0:
+            assert ours == [], op
+            continue
+        expected = [float(v) for v in magnitudes]
+        if op.startswith("Translate"):  # torchvision applies int() to the (signed) pixel offset
+            expected = [float(int(v)) for v in expected]
+        assert ours == pytest.approx(expected, rel=1e-6, abs=1e-6), op
+
+
+def test_bad_recipes_are_rejected_with_one_line():
+    good = RECIPES["cifar100"]
+    bad_cases = [
+        dataclasses.replace(good, strong=(Step("horizontal_flip", {"p": 0.5}),)),  # no crop first
+        dataclasses.replace(good, weak=good.weak + (Step("sharpen", {}),)),
+        dataclasses.replace(good, weak=good.weak + (Step("horizontal_flip", {"p": 1.5}),)),
+        dataclasses.replace(good, weak=(Step("random_resized_crop", {"scale": (0.9, 0.2), "ratio": (0.75, 1.33)}),)),
+        dataclasses.replace(good, strong=good.strong[:2] + (Step("auto_augment", {"policy": "svhn"}),)),
+        dataclasses.replace(good, std=(0.2, 0.0, 0.2)),
+    ]
+    for bad in bad_cases:
+        with pytest.raises(UserError) as raised:
+            recipes.validate({"cifar100": bad})
+        assert "\n" not in str(raised.value)
+
+
+def test_unknown_recipe_names_the_known_ones():
+    with pytest.raises(UserError, match="cifar100"):
+        recipes.recipe_for("mnist")
+    with pytest.raises(UserError, match="strong"):
+        RECIPES["cifar100"].view("medium")
+
+
+def test_dali_policy_is_the_table():
+    pytest.importorskip("nvidia.dali")
+    from maskcon.loaders.dali import cifar10_policy
+
+    policy = cifar10_policy(32)
+    assert policy.num_magnitude_bins == recipes.AUTO_AUGMENT_BINS
+    table = [[(aug.name.split("__")[-1], p, magnitude) for aug, p, magnitude in sub] for sub in policy.sub_policies]
+    assert table == [[tuple(op) for op in sub] for sub in recipes.AUTO_AUGMENT_CIFAR10]
