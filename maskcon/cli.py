@@ -30,6 +30,8 @@ def run_train(argv: list[str]) -> int:
         result = train(config)
     except UserError as err:
         return fail(err)
+    if result.untrained:
+        print("untrained " + "  ".join(f"{k[len('untrained_'):]} {v:.2f}" for k, v in result.untrained.items()))
     if result.metrics:
         print("final " + "  ".join(f"{k} {v:.2f}" for k, v in result.metrics.items()) + f"  ({result.output_dir})")
     return 0

@@ -68,3 +68,16 @@ def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tenso
     x_all = concat_all_gather(x)                                  # (P*N) x ...
     idx_this = idx_unshuffle.view(processes, -1)[rank()]        # N
     return x_all[idx_this]
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy every buffer of `module` (batch-norm running statistics) from process `src` to all processes.
+
+    Under DDP each process updates its own running statistics after the last synchronised forward; the
+    evaluation uses rank 0's, so every process extracts features with the same network. No-op on one process.
+    """
+    if world_size() == 1:
+        return
+    for buffer in module.buffers():
+        torch_dist.broadcast(buffer, src=src)

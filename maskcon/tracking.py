@@ -38,9 +38,14 @@ class Tracker:
     """Appends one JSON object per row to metrics.jsonl and mirrors it to W&B."""
 
     def __init__(self, output_dir: Path, *, config: dict, wandb_mode: str, project: str, name: str,
-                 resume: bool = False):
+                 resume: bool = False, resume_step: int = 0):
         self.output_dir = Path(output_dir)
         self.metrics_path = self.output_dir / "metrics.jsonl"
+        if resume and self.metrics_path.exists():
+            # rows written after the checkpoint we resume from are logged again by the resumed run
+            rows = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.metrics_path.write_text("".join(row + "\n" for row in rows))
         self._file = self.metrics_path.open("a" if resume else "w")
         self.mode = resolve_wandb_mode(wandb_mode)
         self.run = None
@@ -51,6 +56,7 @@ class Tracker:
             run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else None
             try:
                 self.run = wandb.init(project=project, name=name, config=config, dir=str(self.output_dir),
+                                      settings=wandb.Settings(quiet=True, console="off"),
                                       mode=self.mode, id=run_id, resume="allow" if run_id else None)
             except Exception as err:  # wandb raises many types for login and network trouble
                 raise UserError(f"W&B could not start in {self.mode} mode ({str(err).splitlines()[0]}); "

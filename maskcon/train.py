@@ -27,6 +27,7 @@ from maskcon import losses, shards
 from maskcon.config import Config, shards_dir, to_dict
 from maskcon.errors import UserError
 from maskcon.loaders import build_test_loader, build_train_loader
+from maskcon.dist import broadcast_buffers
 from maskcon.dist import world_size as model_world_size
 from maskcon.model import MaskConModel
 from maskcon.retrieval import RECALL_KS, recall_at_k
@@ -40,6 +41,7 @@ class RunResult:
     step: int
     metrics: dict  # the last evaluation's R@K
     stopped: str  # "finished" | "preempted" | "max_steps"
+    untrained: dict  # R@K of the network before training, when --eval-untrained
 
 
 def lr_schedule(*, base_lr: float, total_steps: int, warmup_steps: int) -> list[float]:
@@ -143,6 +145,7 @@ def save_checkpoint(accelerator: Accelerator, root: Path, *, step: int, epoch: i
 @torch.no_grad()
 def extract_features(model: MaskConModel, loader, accelerator: Accelerator, channels_last: bool) -> dict:
     """Backbone features of every test image, gathered from all processes, ordered by index."""
+    broadcast_buffers(model.encoder)
     was_training = model.training
     model.eval()
     parts = {"features": [], "fine": [], "coarse": [], "index": []}
@@ -197,6 +200,10 @@ def _any_process(flag: bool, accelerator: Accelerator) -> bool:
 def train(config: Config) -> RunResult:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
     set_seed(config.seed, device_specific=True)
+    if accelerator.device.type == "cpu":
+        # processes on one CPU share its cores; more threads than cores makes every process wait
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
     main = accelerator.is_main_process
 
     # --- where the run writes (decided once, on the main process) ---
@@ -206,12 +213,12 @@ def train(config: Config) -> RunResult:
     checkpoint_root = output_dir / "checkpoints"
     if config.resume and not list_checkpoints(checkpoint_root):
         raise UserError(f"--resume: no checkpoint in {checkpoint_root}; start without --resume")
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
     # --- data ---
     folder, manifest = prepare_shards(config, accelerator)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     loader_args = dict(image_size=config.image_size, rank=accelerator.process_index,
                        world_size=accelerator.num_processes, device=accelerator.device, backend=config.loader)
     train_loader = build_train_loader(folder, recipe=config.dataset, batch_size=config.batch_size,
@@ -253,14 +260,12 @@ def train(config: Config) -> RunResult:
         name = config.run_name or output_dir.name
         tracker = Tracker(output_dir, config={**to_dict(config), "base_lr": base_lr, "global_batch": global_batch,
                                               "world_size": accelerator.num_processes},
-                          wandb_mode=config.wandb, project=config.wandb_project, name=name, resume=config.resume)
+                          wandb_mode=config.wandb, project=config.wandb_project, name=name, resume=config.resume,
+                          resume_step=step)
         accelerator.print(f"training {config.method} on {config.dataset}: {manifest['splits']['train']['num_samples']}"
                           f" images, {accelerator.num_processes} process(es) x batch {config.batch_size}, "
                           f"{steps_per_epoch} steps/epoch, {config.epochs} epochs, lr {base_lr:g}; "
                           f"writing to {output_dir}")
-
-    if step == 0:
-        fill_memory_bank(learner, train_loader, config.channels_last)
 
     def evaluate(epoch: int) -> dict:
         table = extract_features(learner, test_loader, accelerator, config.channels_last)
@@ -268,12 +273,19 @@ def train(config: Config) -> RunResult:
         if main:
             metrics = recall_at_k(table["features"], table["fine"], RECALL_KS)
             tracker.log({"step": step, "epoch": epoch, **metrics})
-            _log_pictures(tracker, step, table, folder, final=epoch >= config.epochs)
-            accelerator.print(f"epoch {epoch} step {step}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            _log_pictures(tracker, step, table, folder, final=epoch >= config.epochs or stopped == "max_steps")
+            label = "untrained network" if step == 0 else f"epoch {epoch} step {step}"
+            accelerator.print(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         return metrics
 
-    preemption = _Preemption()
     stopped = "finished"
+    untrained: dict = {}
+    if step == 0:
+        if config.eval_untrained:
+            untrained = {f"untrained_{k}": v for k, v in evaluate(0).items()}
+        fill_memory_bank(learner, train_loader, config.channels_last)
+
+    preemption = _Preemption()
     metrics: dict = {}
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
@@ -343,26 +355,43 @@ def train(config: Config) -> RunResult:
             pass
         finished_epoch = epoch + 1
         last = finished_epoch == config.epochs or stopped == "max_steps"
-        if config.checkpoint_every and (finished_epoch % config.checkpoint_every == 0 or last):
-            save_checkpoint(accelerator, checkpoint_root, step=step, epoch=finished_epoch, keep=config.keep_checkpoints)
         if finished_epoch % config.eval_every == 0 or last:
             metrics = evaluate(finished_epoch)
+        if config.checkpoint_every and (finished_epoch % config.checkpoint_every == 0 or last):
+            save_checkpoint(accelerator, checkpoint_root, step=step, epoch=finished_epoch, keep=config.keep_checkpoints)
         if stopped == "max_steps":
             break
     bar.close()
     preemption.restore()
 
+    fingerprints = accelerator.gather(weights_fingerprint(learner)[None]).tolist()
     if main:
         if stopped != "preempted":
             torch.save(learner.encoder.state_dict(), output_dir / "backbone.pt")
-            (output_dir / "results.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
+            results = {"step": step, "stopped": stopped, **metrics, **untrained,
+                       "weights_fingerprint_per_process": fingerprints}
+            (output_dir / "results.json").write_text(json.dumps(results, indent=1))
         tracker.summary(metrics)
         tracker.close()
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     del model, learner, optimizer, train_loader, test_loader
     gc.collect()
-    return RunResult(output_dir=output_dir, step=step, metrics=metrics, stopped=stopped)
+    return RunResult(output_dir=output_dir, step=step, metrics=metrics, stopped=stopped, untrained=untrained)
+
+
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
+    """One float64 summarising the parameters of both encoders, the query encoder's buffers and the
+    memory bank: equal on all processes when they hold the same learner. (The key encoder's batch-norm
+    statistics come from each process's own shuffled keys, as in MoCo, and are left out.)"""
+    total = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    for position, (name, tensor) in enumerate(model.state_dict().items()):
+        if name.startswith("key_encoder.") and not any(name == f"key_encoder.{p}" for p, _ in
+                                                       model.key_encoder.named_parameters()):
+            continue
+        total += (position + 1) * tensor.double().sum()
+    return total
 
 
 @torch.no_grad()
