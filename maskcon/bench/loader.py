@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from maskcon.errors import UserError
+from maskcon.loaders.torch import worker_context
 
 # ----------------------------------------------------------------------------------- synthetic shards
 
@@ -186,7 +187,8 @@ def reference_pil_loader(shards: Path, recipe, *, image_size: int, batch_size: i
                            _pil_transform(recipe.weak, recipe, image_size))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                        num_workers=workers, persistent_workers=workers > 0,
-                                       prefetch_factor=4 if workers else None)
+                                       prefetch_factor=4 if workers else None,
+                                       multiprocessing_context=worker_context(workers))
 
 
 # ------------------------------------------------------------------------------------------ measuring

@@ -38,6 +38,7 @@ import torch
 from maskcon import shards
 from maskcon.config import ARCHS, PRESETS, parse_config
 from maskcon.errors import UserError
+from maskcon.loaders.torch import worker_context
 
 MODES = ("real", "synthetic", "official")
 
@@ -273,7 +274,8 @@ def official_style_loader(folder: Path, *, recipe: str, image_size: int, batch_s
     dataset = reference_pil_loader(folder, views, image_size=image_size, batch_size=batch_size, workers=0).dataset
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                        num_workers=workers, pin_memory=pin_memory, persistent_workers=True,
-                                       prefetch_factor=4, generator=torch.Generator().manual_seed(seed))
+                                       prefetch_factor=4, generator=torch.Generator().manual_seed(seed),
+                                       multiprocessing_context=worker_context(workers))
 
 
 def _epochs(loader: Iterable[dict]) -> Iterator[dict]:

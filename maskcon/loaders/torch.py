@@ -23,6 +23,12 @@ from maskcon.loaders import SplitFiles
 from maskcon.recipes import Recipe, Step
 
 
+def worker_context(workers: int):
+    """Start DataLoader workers from a fork server: forking a process that holds a DALI pipeline (tens of
+    GB of address space) can fail with ENOMEM, and a fork server never holds one."""
+    return "forkserver" if workers > 0 else None
+
+
 class TarSamples:
     """Random access to the samples of one split: (image bytes, fine, coarse) by position in the split.
 
@@ -192,7 +198,8 @@ class TorchTrainLoader:
         workers = _workers(num_threads)  # 0: transforms run in this process
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
                                  num_workers=workers, persistent_workers=workers > 0,
-                                 pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+                                 pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                                 multiprocessing_context=worker_context(workers))
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -219,7 +226,7 @@ class TorchTestLoader:
         dataset = EvalDataset(TarSamples(split), view_transform(recipe.test, recipe, image_size))
         workers = _workers(num_threads)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=range(start, stop), num_workers=workers,
-                                 pin_memory=device.type == "cuda")
+                                 pin_memory=device.type == "cuda", multiprocessing_context=worker_context(workers))
 
     def __len__(self) -> int:
         return self.batches
