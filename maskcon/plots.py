@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+
+from maskcon.shards import read_manifest
 
 GRID_QUERIES = 8  # fixed test queries shown at every evaluation
 GRID_NEIGHBOURS = 10
@@ -26,7 +27,7 @@ def grid_queries(num_test: int, count: int = GRID_QUERIES) -> list[int]:
 
 def read_test_images(folder: Path, indices: list[int]) -> dict[int, Image.Image]:
     """Images of the test split at the given positions (the order of the shards), read from the tars."""
-    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    manifest = read_manifest(folder)
     wanted = set(indices)
     found: dict[int, Image.Image] = {}
     start = 0

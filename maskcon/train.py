@@ -386,9 +386,9 @@ def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
     memory bank: equal on all processes when they hold the same learner. (The key encoder's batch-norm
     statistics come from each process's own shuffled keys, as in MoCo, and are left out.)"""
     total = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    key_encoder_buffers = {f"key_encoder.{name}" for name, _ in model.key_encoder.named_buffers()}
     for position, (name, tensor) in enumerate(model.state_dict().items()):
-        if name.startswith("key_encoder.") and not any(name == f"key_encoder.{p}" for p, _ in
-                                                       model.key_encoder.named_parameters()):
+        if name in key_encoder_buffers:
             continue
         total += (position + 1) * tensor.double().sum()
     return total

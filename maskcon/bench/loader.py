@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import io
 import json
 import os
@@ -29,17 +28,10 @@ import numpy as np
 import torch
 
 from maskcon.errors import UserError
+from maskcon.shards import file_sha256
 from maskcon.loaders.torch import worker_context
 
 # ----------------------------------------------------------------------------------- synthetic shards
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _encode(pixels: np.ndarray, image_format: str) -> bytes:
@@ -79,7 +71,7 @@ def _write_split(out: Path, split: str, image: Callable[[int], np.ndarray], labe
         with IndexCreator(str(tar), str(index), verbose=False) as creator:
             creator.create_index()
         shards.append({"tar": f"{split}/{tar.name}", "index": f"{split}/{index.name}",
-                       "num_samples": len(positions), "sha256": _sha256(tar)})
+                       "num_samples": len(positions), "sha256": file_sha256(tar)})
     return {"num_samples": num_samples, "samples_per_shard": samples_per_shard, "shards": shards}
 
 
