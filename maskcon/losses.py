@@ -55,23 +55,26 @@ def maskcon_loss(*, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, queue
     one-hot target. Source: Feng & Patras, "Masked Contrastive Learning for Coarse-Labelled Dataset",
     CVPR 2023, and its official code (models/model.py, MaskCon.forward), whose softmax-then-rescale equals
     exp((s - max s) / t) over the same-class similarities s = k.queue, the form computed here.
+
+    The mask is applied by grouping rather than by filling an N x K matrix: the similarities are computed
+    only between the keys and the bank entries of one coarse class at a time, about N x K / C products for C
+    balanced classes, and the target enters the cross-entropy as its expected bank key (see
+    `_SoftTargetCrossEntropy`), so no N x K target is formed.
     """
     with _fp32(q):
         k, queue = k.detach().float(), queue.detach().float()
         with torch.no_grad():
-            similarity = (k / t) @ queue.T                              # N x K
-            # masked entries get the lowest float: exp(lowest - s) = 0 (a row without any same-class entry
-            # becomes uniform, and is zeroed by has_same_class below)
-            similarity.masked_fill_(coarse[:, None] != queue_coarse[None, :], torch.finfo(similarity.dtype).min)
-            soft = torch.softmax(similarity, dim=1)                     # N x K, 0 off-class
-            has_same_class = torch.isin(coarse, queue_coarse)           # N
-            del similarity                                              # free N x K before the loss
-            # Rescaled so that its largest entry is 1: e = exp(s - max s); with the own key at 1 and
-            # normalised: e / (1 + sum e) = soft / (1 + max soft), since max soft = 1 / sum e.
-            scale = w * has_same_class / (1.0 + soft.amax(dim=1))       # N, the bank's share of the target
-            target_neg = soft.mul_(scale[:, None])                      # N x K
-            target_pos = 1.0 - scale                                    # N
-        return _SoftTargetCrossEntropy.apply(q.float(), k, queue, t0, target_pos, target_neg)
+            bank_share = k.new_zeros(k.shape[0])                        # N, the bank's share of the target
+            target_keys = torch.zeros_like(k)                           # N x D, sum_j target_ij queue_j
+            for rows, entries in _same_class_blocks(coarse, queue_coarse):
+                bank = queue[entries]                                   # K_c x D, the class's bank entries
+                soft = torch.softmax((k[rows] / t) @ bank.T, dim=1)     # n_c x K_c
+                # Rescaled so that its largest entry is 1: e = exp(s - max s); with the own key at 1 and
+                # normalised: e / (1 + sum e) = soft / (1 + max soft), since max soft = 1 / sum e.
+                share = w / (1.0 + soft.amax(dim=1))                    # n_c
+                target_keys[rows] = (soft @ bank).mul_(share[:, None])
+                bank_share[rows] = share
+        return _SoftTargetCrossEntropy.apply(q.float(), k, queue, t0, 1.0 - bank_share, target_keys)
 
 
 def grafit_loss(*, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, queue_coarse: torch.Tensor,
@@ -83,16 +86,20 @@ def grafit_loss(*, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, queue_
     Target: w * (1 on the own key and on each bank entry of the sample's coarse class, normalised) +
     (1 - w) * one-hot(own key). Source: Touvron et al., "Grafit", ICCV 2021, in the memory-bank form of the
     MaskCon official code (models/model.py, MaskCon.forward_explicit, mode 'grafit').
+    The equal weights make the target's expected bank key a per-class sum of the bank, O(K x D) work.
     """
     with _fp32(q):
+        k, queue = k.detach().float(), queue.detach().float()
         with torch.no_grad():
-            same_class = (coarse[:, None] == queue_coarse[None, :]).float()   # N x K
-            count = same_class.sum(dim=1)                               # N, same-class bank entries
+            classes, entry_class = torch.unique(queue_coarse, return_inverse=True)     # sorted bank labels
+            class_sum = queue.new_zeros(len(classes), queue.shape[1]).index_add_(0, entry_class, queue)
+            class_count = torch.bincount(entry_class, minlength=len(classes)).to(queue.dtype)
+            slot = torch.searchsorted(classes, coarse).clamp_(max=len(classes) - 1)    # N
+            count = torch.where(classes[slot] == coarse, class_count[slot], 0.0)        # N, same-class entries
             weight = w / (1.0 + count)                                  # N, each positive's share of w
-            target_neg = same_class.mul_(weight[:, None])               # N x K
+            target_keys = class_sum[slot].mul_((weight * (count > 0))[:, None])          # N x D
             target_pos = 1.0 - weight * count                           # N, own key: weight + (1 - w)
-        return _SoftTargetCrossEntropy.apply(q.float(), k.detach().float(), queue.detach().float(), t0,
-                                             target_pos, target_neg)
+        return _SoftTargetCrossEntropy.apply(q.float(), k, queue, t0, target_pos, target_keys)
 
 
 def supfine_loss(*, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, queue_fine: torch.Tensor,
@@ -124,40 +131,55 @@ def _fp32(q: torch.Tensor) -> torch.autocast:
     return torch.autocast(device_type=q.device.type, enabled=False)
 
 
-class _SoftTargetCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of softmax([q.k, q.queue] / t0) with a target given as its own-key column
-    target_pos (N,) and its bank columns target_neg (N x K); the gradient flows to q only.
+def _same_class_blocks(labels: torch.Tensor, bank_labels: torch.Tensor):
+    """Yields (rows, entries) per class of `labels` that has bank entries: the indices of its samples and of
+    its bank entries. One host synchronisation per call (the block sizes)."""
+    classes, counts = torch.unique(labels, return_counts=True)          # sorted
+    bank_order = torch.argsort(bank_labels)
+    bank_sorted = bank_labels[bank_order]
+    bounds = torch.stack([counts, torch.searchsorted(bank_sorted, classes),
+                          torch.searchsorted(bank_sorted, classes, right=True)]).tolist()
+    rows_by_class = torch.argsort(labels, stable=True).split(bounds[0])
+    for rows, start, end in zip(rows_by_class, bounds[1], bounds[2]):
+        if end > start:
+            yield rows, bank_order[start:end]
 
-    The N x (1+K) logits are never concatenated: the bank columns go through one fused softmax, the own-key
-    column is folded in through the log-partition functions, the probabilities are kept for the backward
-    pass, and the gradient (softmax - target) / N is formed in one fused operation.
+
+class _SoftTargetCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of softmax([q.k, q.queue] / t0) with a soft target; the gradient flows to q only.
+
+    The target is given by its own-key weight target_pos (N,) and its expected bank key
+    target_keys = sum_j target_ij queue_j (N x D): the target's part of the loss is
+    q.(target_pos k + target_keys) / t0 and of the gradient (target_pos k + target_keys) / t0, so the N x K
+    bank target never has to exist. The N x (1+K) logits are never concatenated either: the bank columns go
+    through one fused softmax, the own-key column is folded in through the log-partition functions, and the
+    bank probabilities are kept for the backward pass, which is one N x K by K x D product, as in SelfCon.
     """
 
     @staticmethod
-    def forward(ctx, q, k, queue, t0, target_pos, target_neg):
+    def forward(ctx, q, k, queue, t0, target_pos, target_keys):
         q_scaled = q / t0                                           # N x D
         l_pos = (q_scaled * k).sum(dim=1)                           # N
         l_neg = q_scaled @ queue.T                                  # N x K
-        target_dot_logits = target_pos * l_pos + torch.linalg.vecdot(target_neg, l_neg)    # N
+        target_dot_logits = (q_scaled * torch.addcmul(target_keys, target_pos[:, None], k)).sum(dim=1)   # N
         prob_neg = torch.softmax(l_neg, dim=1)                      # N x K, over the bank columns alone
         # log-partition of the bank columns: the softmax's largest entry is 1 / sum exp(l - max l)
         log_partition_neg = l_neg.amax(dim=1) - prob_neg.amax(dim=1).log()     # N
         log_partition = torch.logaddexp(l_pos, log_partition_neg)                # N, over all 1 + K
         ctx.t0 = t0
-        ctx.save_for_backward(k, queue, target_pos, target_neg, l_pos, prob_neg,
+        ctx.save_for_backward(k, queue, target_pos, target_keys, l_pos, prob_neg,
                               log_partition_neg, log_partition)
         return (log_partition - target_dot_logits).mean()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        k, queue, target_pos, target_neg, l_pos, prob_neg, log_partition_neg, log_partition = ctx.saved_tensors
+        k, queue, target_pos, target_keys, l_pos, prob_neg, log_partition_neg, log_partition = ctx.saved_tensors
         with torch.autocast(device_type=grad_loss.device.type, enabled=False):
-            # target - softmax over [own key, bank]: N and N x K
-            residual_pos = target_pos - (l_pos - log_partition).exp()
-            bank_share = (log_partition_neg - log_partition).exp()  # N, softmax mass of the bank columns
-            residual_neg = torch.addcmul(target_neg, prob_neg, bank_share[:, None], value=-1.0)
             # d loss / d q_i = sum_j (softmax - target)_ij [k_i, queue_j] / (N t0): N x D
-            grad_q = torch.addmm(residual_pos[:, None] * k, residual_neg, queue)
-            grad_q.mul_(-grad_loss / (k.shape[0] * ctx.t0))
+            prob_pos = (l_pos - log_partition).exp()                # N, softmax of the own-key column
+            bank_share = (log_partition_neg - log_partition).exp()  # N, softmax mass of the bank columns
+            grad_q = (prob_neg @ queue).mul_(bank_share[:, None])   # expected bank key under the softmax
+            grad_q.addcmul_((prob_pos - target_pos)[:, None], k).sub_(target_keys)
+            grad_q.mul_(grad_loss / (k.shape[0] * ctx.t0))
         return grad_q, None, None, None, None, None

@@ -90,6 +90,48 @@ def test_matches_official_formulation():
     torch.testing.assert_close(grad, q_ref.grad)
 
 
+def dense_reference(q, k, queue, target):
+    """Mean cross-entropy of softmax([q.k, q.queue] / 0.1) with a dense N x (1+K) target, and its gradient."""
+    q = q.detach().requires_grad_()
+    logits = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.T], dim=1) / 0.1
+    loss = -(F.log_softmax(logits, dim=1) * target).sum(dim=1).mean()
+    loss.backward()
+    return loss.detach(), q.grad
+
+
+@pytest.mark.parametrize("classes", [2, 7, 50])
+def test_grafit_and_supfine_match_the_dense_target(classes):
+    """Equal weights on the own key and every bank entry of the sample's class, built densely; empty bank
+    entries (-1) and classes absent from the bank included."""
+    q, k, queue, labels_bank, labels = random_inputs(n=12, bank=60, classes=classes, seed=classes)
+    same = (labels[:, None] == labels_bank[None, :]).float()
+    positives = torch.cat([torch.ones(len(q), 1), same], dim=1)
+    one_hot = F.one_hot(torch.zeros(len(q), dtype=torch.long), 61).float()
+    for w in (0.3, 1.0):
+        target = w * positives / positives.sum(dim=1, keepdim=True) + (1 - w) * one_hot
+        grafit = value_and_grad(losses.grafit_loss, q, k=k, queue=queue, queue_coarse=labels_bank,
+                                coarse=labels, t0=0.1, w=w)
+        torch.testing.assert_close(grafit, dense_reference(q, k, queue, target))
+    supfine = value_and_grad(losses.supfine_loss, q, k=k, queue=queue, queue_fine=labels_bank, fine=labels, t0=0.1)
+    torch.testing.assert_close(supfine, dense_reference(q, k, queue, positives / positives.sum(dim=1, keepdim=True)))
+
+
+@pytest.mark.parametrize("classes", [1, 5, 30])
+def test_maskcon_matches_the_dense_masked_target(classes):
+    """The grouped computation equals the masked N x K target built densely, for few and many classes."""
+    q, k, queue, queue_coarse, coarse = random_inputs(n=16, bank=50, classes=classes, seed=classes)
+    t, w = 0.05, 0.8
+    same = coarse[:, None] == queue_coarse[None, :]
+    weights = ((k @ queue.T) / t).masked_fill(~same, -math.inf)
+    weights = (weights - weights.amax(dim=1, keepdim=True)).exp().nan_to_num(0.0)   # max 1; 0 off-class
+    bank_target = torch.cat([torch.ones(len(q), 1), weights], dim=1)
+    one_hot = F.one_hot(torch.zeros(len(q), dtype=torch.long), 51).float()
+    target = w * bank_target / bank_target.sum(dim=1, keepdim=True) + (1 - w) * one_hot
+    maskcon = value_and_grad(losses.maskcon_loss, q, k=k, queue=queue, queue_coarse=queue_coarse, coarse=coarse,
+                             t0=0.1, t=t, w=w)
+    torch.testing.assert_close(maskcon, dense_reference(q, k, queue, target))
+
+
 def test_w_zero_gives_selfcon():
     q, k, queue, queue_coarse, coarse = random_inputs()
     selfcon = value_and_grad(losses.selfcon_loss, q, k=k, queue=queue, t0=0.1)
