@@ -56,10 +56,13 @@ VIEW_NAMES = ("strong", "weak")
 # RandomResizedCrop(size, (0.2, 1)) with torchvision's default aspect-ratio range.
 _CROP = Step("random_resized_crop", {"scale": (0.2, 1.0), "ratio": (3.0 / 4.0, 4.0 / 3.0)})
 _FLIP = Step("horizontal_flip", {"p": 0.5})
+# Digits: strokes 1-2 px wide on 8x8 survive only mild crops, and a mirrored digit is not a digit (no flip).
+_DIGITS_CROP = Step("random_resized_crop", {"scale": (0.6, 1.0), "ratio": (3.0 / 4.0, 4.0 / 3.0)})
 _PERSPECTIVE = Step("random_perspective", {"distortion": 0.5, "p": 0.5})
 _TEST = (Step("resize"),)
 
-_SMALL_STRONG = (_CROP, _FLIP, Step("auto_augment", {"policy": "cifar10"}))
+_AUTO_AUGMENT = Step("auto_augment", {"policy": "cifar10"})
+_SMALL_STRONG = (_CROP, _FLIP, _AUTO_AUGMENT)
 _SMALL_WEAK = (_CROP, _FLIP)
 _CARS_STRONG = (
     _CROP,
@@ -82,7 +85,8 @@ RECIPES: dict[str, Recipe] = {
     "cifartoy_good": _small("cifartoy_good"),
     "cifartoy_bad": _small("cifartoy_bad"),
     # 8x8 grey digits, decoded to RGB and resized to image_size; CIFAR statistics are good enough here.
-    "digits": _small("digits"),
+    "digits": Recipe("digits", 32, CIFAR100_MEAN, CIFAR100_STD, (_DIGITS_CROP, _AUTO_AUGMENT), (_DIGITS_CROP,),
+                     _TEST),
     "imagenet32": _small("imagenet32", IMAGENET_MEAN, IMAGENET_STD),
     "cars196": Recipe("cars196", 224, IMAGENET_MEAN, IMAGENET_STD, _CARS_STRONG, _LARGE_WEAK, _TEST),
     "sop_split1": Recipe("sop_split1", 224, IMAGENET_MEAN, IMAGENET_STD, _SOP_STRONG, _LARGE_WEAK, _TEST),
