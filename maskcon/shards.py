@@ -485,7 +485,7 @@ def read_manifest(out: Path | str) -> dict:
     """The manifest of the shards under OUT; UserError when it is missing or malformed."""
     path = Path(out) / "manifest.json"
     if not path.exists():
-        hint = (f" (a conversion was interrupted: rerun the same create command)" if (Path(out) / _PLAN).exists()
+        hint = (" (a conversion was interrupted: rerun the same create command)" if (Path(out) / _PLAN).exists()
                 else "")
         raise UserError(f"no complete shards at {out}: {path} is missing{hint}; make them with "
                         f"python launch/make_shards.py create DATASET --src SRC --out {out}")

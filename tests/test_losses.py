@@ -48,6 +48,15 @@ def value_and_grad(loss_fn, q, **inputs):
     return loss.detach(), q.grad
 
 
+def dense_reference(q, k, queue, target, t0=0.1):
+    """Mean cross-entropy of softmax([q.k, q.queue] / t0) with a dense N x (1+K) target, and its gradient."""
+    q = q.detach().requires_grad_()
+    logits = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.T], dim=1) / t0
+    loss = -(F.log_softmax(logits, dim=1) * target).sum(dim=1).mean()
+    loss.backward()
+    return loss.detach(), q.grad
+
+
 def test_hand_computed_values():
     t, w = 0.5, 0.5
     # same-class similarities k.queue / t = [0.6, 0.8] / 0.5; softmax rescaled to max 1: [e^-0.4, 1]
@@ -82,21 +91,9 @@ def test_matches_official_formulation():
         maskcon_z = torch.cat([torch.ones(len(q), 1), soft], dim=1)
         maskcon_z = maskcon_z / maskcon_z.sum(dim=1, keepdim=True)
         target = w * maskcon_z + (1 - w) * F.one_hot(torch.zeros(len(q), dtype=torch.long), 65)
-    q_ref = q.detach().requires_grad_()
-    logits = torch.cat([(q_ref * k).sum(dim=1, keepdim=True), q_ref @ queue.T], dim=1) / t0
-    reference = -(F.log_softmax(logits, dim=1) * target).sum(dim=1).mean()
-    reference.backward()
-    torch.testing.assert_close(loss, reference.detach())
-    torch.testing.assert_close(grad, q_ref.grad)
-
-
-def dense_reference(q, k, queue, target):
-    """Mean cross-entropy of softmax([q.k, q.queue] / 0.1) with a dense N x (1+K) target, and its gradient."""
-    q = q.detach().requires_grad_()
-    logits = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.T], dim=1) / 0.1
-    loss = -(F.log_softmax(logits, dim=1) * target).sum(dim=1).mean()
-    loss.backward()
-    return loss.detach(), q.grad
+    reference, reference_grad = dense_reference(q, k, queue, target, t0=t0)
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(grad, reference_grad)
 
 
 @pytest.mark.parametrize("classes", [2, 7, 50])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from maskcon.datasets.source import DatasetSource, FileSplit, find_folder
+from maskcon.datasets.source import DatasetSource, FileSplit, find_folder, source_folder
 from maskcon.errors import UserError
 
 WHERE = ("get Stanford Cars in the layout torchvision's StanfordCars reads (stanford_cars/ with devkit/, "
@@ -85,9 +85,7 @@ def _annotations(path: Path, num_classes: int) -> tuple[list[str], list[int]]:
 
 
 def read(src: Path | None) -> DatasetSource:
-    if src is None:
-        raise UserError(f"cars196 needs --src; {WHERE}")
-    root = find_folder(Path(src), "stanford_cars", "devkit/cars_meta.mat", WHERE)
+    root = find_folder(source_folder(src, "cars196", WHERE), "stanford_cars", "devkit/cars_meta.mat", WHERE)
     meta = _loadmat(root / "devkit" / "cars_meta.mat")
     if "class_names" not in meta:
         raise UserError(f"{root / 'devkit' / 'cars_meta.mat'} lacks class_names; {WHERE}")

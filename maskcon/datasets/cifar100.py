@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from maskcon.datasets.source import (ArraySplit, DatasetSource, find_folder, load_pickle, planar_rows_to_images,
-                                     require_keys)
+                                     require_keys, source_folder)
 from maskcon.errors import UserError
 
 WHERE = ("download cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, extract it "
@@ -35,9 +35,7 @@ def _load(folder: str, split: str):
 
 
 def read(src: Path | None) -> DatasetSource:
-    if src is None:
-        raise UserError(f"cifar100 needs --src; {WHERE}")
-    folder = find_folder(Path(src), "cifar-100-python", "meta", WHERE)
+    folder = find_folder(source_folder(src, "cifar100", WHERE), "cifar-100-python", "meta", WHERE)
     for name in FILES.values():
         if not (folder / name).exists():
             raise UserError(f"missing {folder / name}; {WHERE}")

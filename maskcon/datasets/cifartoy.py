@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from maskcon.datasets.source import (ArraySplit, DatasetSource, find_folder, load_pickle, planar_rows_to_images,
-                                     require_keys)
+                                     require_keys, source_folder)
 from maskcon.errors import UserError
 
 WHERE = ("download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, extract it "
@@ -60,9 +60,7 @@ def _load(folder: str, split: str, variant: str):
 
 def read(src: Path | None, variant: str) -> DatasetSource:
     name = f"cifartoy_{variant}"
-    if src is None:
-        raise UserError(f"{name} needs --src; {WHERE}")
-    folder = find_folder(Path(src), "cifar-10-batches-py", "batches.meta", WHERE)
+    folder = find_folder(source_folder(src, name, WHERE), "cifar-10-batches-py", "batches.meta", WHERE)
     for file_name in FILES["train"] + FILES["test"]:
         if not (folder / file_name).exists():
             raise UserError(f"missing {folder / file_name}; {WHERE}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from maskcon.datasets.source import DatasetSource, FileSplit
+from maskcon.datasets.source import DatasetSource, FileSplit, source_folder
 from maskcon.errors import UserError
 
 CSV_NAME = "fine_to_coarse.csv"
@@ -45,11 +45,7 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
 
 
 def read(src: Path | None) -> DatasetSource:
-    if src is None:
-        raise UserError(f"folder needs --src; {WHERE}")
-    src = Path(src)
-    if not src.is_dir():
-        raise UserError(f"--src {src} is not a folder; {WHERE}")
+    src = source_folder(src, "folder", WHERE)
     pairs = _read_csv(src / CSV_NAME)
     fine_classes = [fine for fine, _ in pairs]
     coarse_classes = list(dict.fromkeys(coarse for _, coarse in pairs))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from maskcon.datasets.source import (ArraySplit, DatasetSource, load_json, load_pickle, planar_rows_to_images,
-                                     require_keys)
+                                     require_keys, source_folder)
 from maskcon.errors import UserError
 
 WHERE = ("download Imagenet32_train.zip and Imagenet32_val.zip (or their npz versions) from "
@@ -78,11 +78,7 @@ def _read_map(path: Path, num_values: int) -> list[int]:
 
 
 def read(src: Path | None) -> DatasetSource:
-    if src is None:
-        raise UserError(f"imagenet32 needs --src; {WHERE}")
-    src = Path(src)
-    if not src.is_dir():
-        raise UserError(f"--src {src} is not a folder; {WHERE}")
+    src = source_folder(src, "imagenet32", WHERE)
     to_fine = _read_map(src / "imagenet32_to_fine.json", NUM_CLASSES)
     fine_to_coarse = _read_map(src / "imagenet_fine_to_coarse.json", len(COARSE_CLASSES))
     if len(set(to_fine)) != NUM_CLASSES:

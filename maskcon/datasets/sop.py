@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from maskcon.datasets.source import DatasetSource, FileSplit, find_folder, load_json
+from maskcon.datasets.source import DatasetSource, FileSplit, find_folder, load_json, source_folder
 from maskcon.errors import UserError
 
 WHERE_SOP = ("download Stanford_Online_Products.zip from https://cvgl.stanford.edu/projects/lifted_struct/, "
@@ -66,9 +66,7 @@ def product_classes(lists: dict[str, tuple[list[str], list[int], list[int]]], sp
 def read(src: Path | None, variant: str) -> DatasetSource:
     name = f"sop_{variant}"
     where_split = _where_split(variant)
-    if src is None:
-        raise UserError(f"{name} needs --src; {WHERE_SOP}")
-    src = Path(src)
+    src = source_folder(src, name, WHERE_SOP)
     root = find_folder(src, "Stanford_Online_Products", name, f"{where_split}; {WHERE_SOP}")
     split_dir = root / name
     lists = {}

@@ -169,10 +169,20 @@ def key_from_path(relative_path: str) -> str:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def find_folder(src: Path, name: str, marker: str, where_to_get: str) -> Path:
-    """SRC itself when it holds `marker`, else SRC/name when that does; UserError otherwise."""
+def source_folder(src: Path | str | None, dataset: str, where_to_get: str) -> Path:
+    """The --src folder a converter reads; UserError when it is not given, missing, or not a folder."""
+    if src is None:
+        raise UserError(f"{dataset} needs --src; {where_to_get}")
+    src = Path(src)
     if not src.exists():
         raise UserError(f"--src {src} does not exist; {where_to_get}")
+    if not src.is_dir():
+        raise UserError(f"--src {src} is not a folder; {where_to_get}")
+    return src
+
+
+def find_folder(src: Path, name: str, marker: str, where_to_get: str) -> Path:
+    """SRC (a folder, see source_folder) itself when it holds `marker`, else SRC/name when that does."""
     for folder in (src, src / name):
         if (folder / marker).exists():
             return folder
