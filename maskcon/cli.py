@@ -37,6 +37,69 @@ def run_train(argv: list[str]) -> int:
     return 0
 
 
+def _make_shards_parser():
+    import argparse
+    from pathlib import Path
+
+    from maskcon import shards
+    from maskcon.datasets import DATASETS
+
+    parser = argparse.ArgumentParser(prog="python launch/make_shards.py",
+                                     description="Convert a dataset to WebDataset shards, or verify shards.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    create = commands.add_parser("create", help="convert DATASET read from SRC into shards under OUT")
+    create.add_argument("dataset", choices=list(DATASETS))
+    create.add_argument("--src", type=Path, help="the folder you downloaded (not needed for digits)")
+    create.add_argument("--out", type=Path, help="output folder (default: shards/DATASET in the repository)")
+    create.add_argument("--seed", type=int, default=0, help="seed of the shuffled write order")
+    create.add_argument("--samples-per-shard", type=int, default=None,
+                        help="fixed shard size (default: the most that gives at least --min-shards shards)")
+    create.add_argument("--min-shards", type=int, default=shards.MIN_SHARDS,
+                        help="shards per split where the data allows")
+    create.add_argument("--max-samples-per-shard", type=int, default=shards.MAX_SAMPLES_PER_SHARD)
+    create.add_argument("--compress-level", type=int, default=shards.PNG_COMPRESS_LEVEL,
+                        help="zlib level 0..9 of PNG images (lossless at every level)")
+    create.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    create.add_argument("--overwrite", action="store_true", help="replace complete shards made otherwise")
+    verify = commands.add_parser("verify", help="check every shard under OUT against its manifest")
+    verify.add_argument("out", type=Path)
+    verify.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    return parser
+
+
+def run_make_shards(argv: list[str]) -> int:
+    """create: 0 when the shards are written; verify: 0 when every shard is intact, 1 (one line per damaged
+    shard on stdout) when not; 2 for a user error."""
+    from pathlib import Path
+
+    from maskcon import shards
+
+    args = _make_shards_parser().parse_args(argv)
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        if args.command == "create":
+            out = args.out if args.out is not None else Path(__file__).resolve().parents[1] / "shards" / args.dataset
+            manifest = shards.create(args.dataset, args.src, out, seed=args.seed,
+                                     samples_per_shard=args.samples_per_shard, min_shards=args.min_shards,
+                                     max_samples_per_shard=args.max_samples_per_shard,
+                                     compress_level=args.compress_level, workers=args.workers,
+                                     overwrite=args.overwrite, log=log)
+            sizes = ", ".join(f"{name} {split['num_samples']} samples in {len(split['shards'])} shards"
+                              for name, split in manifest["splits"].items())
+            print(f"{args.dataset} shards at {out}: {sizes}")
+            return 0
+        problems = shards.verify(args.out, workers=args.workers, log=log)
+    except UserError as err:
+        return fail(err)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{args.out}: {len(problems)} problems", file=sys.stderr)
+        return 1
+    print(f"{args.out}: every shard intact")
+    return 0
+
+
 def run_bench(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
         lines = [f"  {name:<11} {text}" for name, text in BENCHMARKS.items()]

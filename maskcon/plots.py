@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from maskcon.shards import read_manifest
+from maskcon.retrieval import nearest_neighbours
+from maskcon.shard_format import read_index, read_manifest, split_files
 
 GRID_QUERIES = 8  # fixed test queries shown at every evaluation
 GRID_NEIGHBOURS = 10
@@ -28,21 +27,19 @@ def grid_queries(num_test: int, count: int = GRID_QUERIES) -> list[int]:
 def read_test_images(folder: Path, indices: list[int]) -> dict[int, Image.Image]:
     """Images of the test split at the given positions (the order of the shards), read from the tars."""
     manifest = read_manifest(folder)
-    wanted = set(indices)
+    wanted = sorted(set(indices))
     found: dict[int, Image.Image] = {}
     start = 0
-    for shard in manifest["splits"]["test"]["shards"]:
+    for tar, index, shard in zip(*split_files(folder, "test", manifest), manifest["splits"]["test"]["shards"]):
         stop = start + shard["num_samples"]
-        if any(start <= i < stop for i in wanted):
-            with tarfile.open(Path(folder) / shard["tar"]) as tar:
-                position, last_key = start - 1, None
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    if key != last_key:
-                        position, last_key = position + 1, key
-                    if position in wanted and ext in ("png", "jpg", "jpeg"):
-                        data = tar.extractfile(member).read()
-                        found[position] = Image.open(io.BytesIO(data)).convert("RGB")
+        positions = [i for i in wanted if start <= i < stop]
+        if positions:
+            entries = read_index(index)
+            with open(tar, "rb") as handle:
+                for position in positions:
+                    image = entries[position - start].image
+                    handle.seek(image.offset)
+                    found[position] = Image.open(io.BytesIO(handle.read(image.size))).convert("RGB")
         start = stop
     return found
 
@@ -52,25 +49,22 @@ def retrieval_grid(table: dict, folder: Path) -> Image.Image:
     class matches the query's and red when not."""
     features, fine = table["features"], table["fine"].cpu()
     queries = grid_queries(features.shape[0])
-    normalised = F.normalize(features.float(), dim=1)
-    similarity = normalised[queries] @ normalised.T  # queries x N
-    similarity[torch.arange(len(queries)), torch.tensor(queries)] = float("-inf")
-    neighbours = similarity.topk(min(GRID_NEIGHBOURS, features.shape[0] - 1), dim=1).indices.cpu()
-    index = table["index"].cpu()
-    rows = [[int(index[q])] + [int(index[n]) for n in neighbours[r]] for r, q in enumerate(queries)]
-    images = read_test_images(folder, sorted({i for row in rows for i in row}))
+    neighbours = nearest_neighbours(features, GRID_NEIGHBOURS, queries=queries).cpu()  # queries x 10
+    index = table["index"].cpu()  # table row -> position in the test split
+    rows = [[q] + neighbours[r].tolist() for r, q in enumerate(queries)]  # table rows: query, then neighbours
+    images = read_test_images(folder, sorted({int(index[i]) for row in rows for i in row}))
     step = TILE + 2 * BORDER
     canvas = Image.new("RGB", (step * (GRID_NEIGHBOURS + 1) + BORDER, step * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)
     for r, row in enumerate(rows):
-        for c, position in enumerate(row):
+        for c, table_row in enumerate(row):
             x, y = c * step + (BORDER if c else 0), r * step
             if c == 0:
                 colour = "black"
             else:
-                colour = "green" if int(fine[row[c]]) == int(fine[row[0]]) else "red"
+                colour = "green" if int(fine[table_row]) == int(fine[row[0]]) else "red"
             draw.rectangle([x, y, x + step - 1, y + step - 1], fill=colour)
-            tile = images.get(position)
+            tile = images.get(int(index[table_row]))
             if tile is not None:
                 canvas.paste(tile.resize((TILE, TILE), Image.NEAREST), (x + BORDER, y + BORDER))
     return canvas

@@ -15,22 +15,25 @@ RECALL_KS = (1, 2, 5, 10, 50, 100)
 
 
 @torch.no_grad()
-def nearest_neighbours(features: torch.Tensor, k: int, *, chunk_size: int = 1024) -> torch.Tensor:
-    """Indices of the k most similar other rows for every row. features: N x F. Returns N x k (int64).
+def nearest_neighbours(features: torch.Tensor, k: int, *, queries: torch.Tensor | list[int] | None = None,
+                       chunk_size: int = 1024) -> torch.Tensor:
+    """Indices of the k most similar other rows for every query row (default: every row). features: N x F.
+    Returns Q x k (int64), most similar first; k larger than N - 1 is clipped.
 
     Similarities are computed a chunk of queries at a time (chunk x N), so 50,000 test images need
     chunk_size x 50,000 x 4 bytes at once rather than N x N.
     """
     features = F.normalize(features.float(), dim=1)
     num = features.shape[0]
+    rows = (torch.arange(num, device=features.device) if queries is None
+            else torch.as_tensor(queries, dtype=torch.long, device=features.device))
     k = min(k, num - 1)
-    result = torch.empty(num, k, dtype=torch.long, device=features.device)
-    for start in range(0, num, chunk_size):
-        stop = min(start + chunk_size, num)
-        similarity = features[start:stop] @ features.T  # chunk x N
-        rows = torch.arange(stop - start, device=features.device)
-        similarity[rows, rows + start] = float("-inf")  # exclude each query by its index
-        result[start:stop] = similarity.topk(k, dim=1).indices
+    result = torch.empty(len(rows), k, dtype=torch.long, device=features.device)
+    for start in range(0, len(rows), chunk_size):
+        chunk = rows[start:start + chunk_size]
+        similarity = features[chunk] @ features.T  # chunk x N
+        similarity[torch.arange(len(chunk), device=features.device), chunk] = float("-inf")  # the query itself
+        result[start:start + len(chunk)] = similarity.topk(k, dim=1).indices
     return result
 
 

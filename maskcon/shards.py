@@ -1,15 +1,10 @@
-"""Writing, indexing and verifying WebDataset shards.
+"""Writing and verifying WebDataset shards in the format of maskcon/shard_format.py (shards/README.md).
 
-Layout of OUT (see CONTRACT.md):
-    manifest.json                 written last, atomically: its presence means every shard is complete
-    train/train-000000.tar  .idx  each tar with its DALI index file (the format of DALI's wds2idx, v1.2)
-    test/test-000000.tar    .idx
-
-Each sample is three tar members: `<key>.png` (lossless PNG of array pixels) or `<key>.jpg` (the source
-file byte for byte), `<key>.fine` and `<key>.coarse` (8-byte little-endian int64). Samples are written in
-a shuffled order fixed by the seed; every shard of a split holds `samples_per_shard` samples except the
-last. Shards are written by a process pool, each under a temporary name renamed when complete, so an
-interrupted run resumes where it stopped and gives byte for byte the files of an uninterrupted run.
+Images are `<key>.png` (lossless PNG of array pixels) or `<key>.jpg` (the source file byte for byte).
+Samples are written in a shuffled order fixed by the seed; every shard of a split holds
+`samples_per_shard` samples except the last. Shards are written by a process pool, each under a temporary
+name renamed when complete, so an interrupted run resumes where it stopped and gives byte for byte the
+files of an uninterrupted run. The manifest, written last, records each shard's checksum and file sizes.
 """
 from __future__ import annotations
 
@@ -24,20 +19,22 @@ import tarfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from maskcon.errors import UserError
+from maskcon.shard_format import (LABEL_BYTES, LABEL_ENCODING, LABEL_MEMBERS, MANIFEST, PLAN, SPLITS, Member,
+                                  decode_label, encode_label, format_index, index_of_tar, member_name,
+                                  read_manifest, shard_names, shard_problem, shard_record, split_member)
 
-SPLITS = ("train", "test")
+if TYPE_CHECKING:
+    from maskcon.datasets.source import DatasetSource
+
 MIN_SHARDS = 64  # per split where the data allows: more than 8 GPUs x loader workers read at once
 MAX_SAMPLES_PER_SHARD = 10_000  # ImageNet32 train: 129 shards of ~25 MB
 PNG_COMPRESS_LEVEL = 6  # zlib level of PNG image data (lossless at every level)
-LABEL_ENCODING = "int64 little-endian"
-INDEX_VERSION = "v1.2"  # DALI wds2idx index format
 _PARTIAL = ".partial"  # suffix of files being written; never read as shards
-_PLAN = ".plan.json"  # what an unfinished run is making, so a rerun can resume it
 _PROGRESS = ".progress.jsonl"  # one line per finished shard (its checksum) of an unfinished run
 
 
@@ -92,14 +89,6 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def encode_label(value: int) -> bytes:
-    return struct.pack("<q", value)
-
-
-def decode_label(data: bytes) -> int:
-    return struct.unpack("<q", data)[0]
-
-
 _MAGIC = {"jpg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n"}  # first bytes of every such file
 _TAR_BLOCK = 512
 _TAR_RECORD = 20 * _TAR_BLOCK  # archives end padded to a whole record, as GNU tar and tarfile write them
@@ -138,17 +127,17 @@ def _tar_header(name: str, size: int) -> bytes:
 
 
 class _TarBuilder:
-    """Builds a tar archive in memory and the matching DALI index (wds2idx v1.2) as it goes."""
+    """Builds a tar archive in memory and the matching DALI index as it goes."""
 
     def __init__(self):
         self.parts: list[bytes] = []
         self.offset = 0
-        self.index_lines: list[str] = []
+        self.samples: list[list[Member]] = []
 
     def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        fields = []
+        indexed = []
         for extension, data in members:
-            name = f"{key}.{extension}"
+            name = member_name(key, extension)
             self.parts.append(_tar_header(name, len(data)))
             data_offset = self.offset + _TAR_BLOCK
             self.parts.append(data)
@@ -156,8 +145,8 @@ class _TarBuilder:
             if padding:
                 self.parts.append(bytes(padding))
             self.offset = data_offset + len(data) + padding
-            fields.append(f"{extension} {data_offset} {len(data)} {name}")
-        self.index_lines.append(" ".join(fields))
+            indexed.append(Member(extension, data_offset, len(data), name))
+        self.samples.append(indexed)
 
     def tar_bytes(self) -> bytes:
         end = self.offset + 2 * _TAR_BLOCK
@@ -165,29 +154,7 @@ class _TarBuilder:
         return b"".join(self.parts) + bytes(end - self.offset)
 
     def index_text(self) -> str:
-        return f"{INDEX_VERSION} {len(self.index_lines)}\n" + "".join(line + "\n" for line in self.index_lines)
-
-
-def index_of_tar(tar_path: Path) -> str:
-    """The DALI index (wds2idx v1.2) of an existing tar: one line per sample, members in tar order."""
-    samples: list[list[str]] = []
-    last_key = None
-    with tarfile.open(tar_path, "r:") as archive:
-        for member in archive:
-            if not member.isreg():
-                continue
-            base = member.name.rfind("/") + 1
-            dot = member.name.find(".", base)
-            key, extension = member.name[:dot], member.name[dot + 1:]
-            if not key or key.endswith("/"):
-                continue
-            field = f"{extension} {member.offset_data} {member.size} {member.name}"
-            if key != last_key:
-                samples.append([field])
-                last_key = key
-            else:
-                samples[-1].append(field)
-    return f"{INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
+        return format_index(self.samples)
 
 
 # ------------------------------------------------------------------------------------------- planning
@@ -201,19 +168,19 @@ def shard_size(num_samples: int, *, samples_per_shard: int | None = None, min_sh
     return max(1, min(max_samples_per_shard, num_samples // max(1, min_shards)))
 
 
-def shard_order(num_samples: int, seed: int, split: str) -> np.ndarray:
-    """The shuffled write order of a split's samples (positions in the source split), fixed by seed."""
+def shard_order(num_samples: int, seed: int | None, split: str) -> np.ndarray:
+    """The shuffled write order of a split's samples (positions in the source split), fixed by seed;
+    seed None keeps the source order."""
+    if seed is None:
+        return np.arange(num_samples)
     split_code = int.from_bytes(hashlib.sha256(split.encode()).digest()[:4], "little")
     return np.random.default_rng([seed, split_code]).permutation(num_samples)
 
 
-def _shard_paths(out: Path, split: str, shard: int) -> tuple[Path, Path]:
-    stem = out / split / f"{split}-{shard:06d}"
-    return stem.with_name(stem.name + ".tar"), stem.with_name(stem.name + ".idx")
-
-
-def _relative(path: Path, out: Path) -> str:
-    return path.relative_to(out).as_posix()
+def _record(out: Path, split: str, shard: int, num_samples: int, sha256: str) -> dict:
+    """The manifest record of a finished shard, its file sizes read from disk."""
+    tar, index = shard_names(split, shard)
+    return shard_record(tar, index, num_samples, sha256, (out / tar).stat().st_size, (out / index).stat().st_size)
 
 
 # -------------------------------------------------------------------------------------------- workers
@@ -223,7 +190,7 @@ def _write_shard(split, out: str, split_name: str, shard: int, positions: np.nda
                  compress_level: int) -> dict:
     """Write one shard (tar + index) under temporary names, then rename them into place."""
     out_path = Path(out)
-    tar_path, idx_path = _shard_paths(out_path, split_name, shard)
+    tar_path, idx_path = (out_path / name for name in shard_names(split_name, shard))
     samples = [split.item(int(position)) for position in positions]
     arrays = [sample.image for sample in samples if isinstance(sample.image, np.ndarray)]
     if arrays and len(arrays) == len(samples) and len({a.shape for a in arrays}) == 1:
@@ -249,21 +216,19 @@ def _write_shard(split, out: str, split_name: str, shard: int, positions: np.nda
     finally:
         for leftover in (tar_partial, idx_partial):
             leftover.unlink(missing_ok=True)
-    return {"tar": _relative(tar_path, out_path), "index": _relative(idx_path, out_path),
-            "num_samples": len(positions), "sha256": hashlib.sha256(data).hexdigest()}
+    return _record(out_path, split_name, shard, len(positions), hashlib.sha256(data).hexdigest())
 
 
 def _shard_job(split, out: str, split_name: str, shard: int, positions: np.ndarray, image_format: str,
                compress_level: int, recorded_sha256: str | None) -> dict:
     """Keep a shard an earlier run finished (both files in place, its checksum as recorded), else write it."""
     out_path = Path(out)
-    tar_path, idx_path = _shard_paths(out_path, split_name, shard)
+    tar_path, idx_path = (out_path / name for name in shard_names(split_name, shard))
     if tar_path.exists() and idx_path.exists():
         sha256 = file_sha256(tar_path)
         # no record: the run stopped between the rename and the record; the rename means the file is whole
         if recorded_sha256 in (None, sha256):
-            return {"tar": _relative(tar_path, out_path), "index": _relative(idx_path, out_path),
-                    "num_samples": len(positions), "sha256": sha256}
+            return _record(out_path, split_name, shard, len(positions), sha256)
     return _write_shard(split, out, split_name, shard, positions, image_format, compress_level)
 
 
@@ -335,23 +300,44 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
            max_samples_per_shard: int = MAX_SAMPLES_PER_SHARD, compress_level: int = PNG_COMPRESS_LEVEL,
            workers: int | None = None, overwrite: bool = False,
            log: Callable[[str], None] | None = None) -> dict:
-    """Convert DATASET read from SRC into shards under OUT; return the manifest.
-
-    Resumes an interrupted run with the same options (finished shards are kept); returns at once when OUT
-    already holds the complete result. OUT holding complete shards made otherwise is an error unless
-    `overwrite`. Raises UserError for a bad source or bad options.
-    """
+    """Convert DATASET read from SRC into shards under OUT; return the manifest (see write_shards)."""
     from maskcon.datasets import DATASETS
 
-    log = log or (lambda message: None)
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    _check_options(compress_level, samples_per_shard)
+    source = DATASETS[dataset](Path(src) if src is not None else None)
+    return write_shards(source, out, src=str(Path(src).resolve()) if src is not None else None, seed=seed,
+                        samples_per_shard=samples_per_shard, min_shards=min_shards,
+                        max_samples_per_shard=max_samples_per_shard, compress_level=compress_level,
+                        workers=workers, overwrite=overwrite, log=log)
+
+
+def _check_options(compress_level: int, samples_per_shard: int | None) -> None:
     if not 0 <= compress_level <= 9:
         raise UserError(f"--compress-level must be 0..9, got {compress_level}")
     if samples_per_shard is not None and samples_per_shard < 1:
         raise UserError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
+
+
+def write_shards(source: DatasetSource, out: Path | str, *, src: str | None = None, seed: int | None = 0,
+                 samples_per_shard: int | None = None, min_shards: int = MIN_SHARDS,
+                 max_samples_per_shard: int = MAX_SAMPLES_PER_SHARD, compress_level: int = PNG_COMPRESS_LEVEL,
+                 workers: int | None = None, overwrite: bool = False,
+                 log: Callable[[str], None] | None = None) -> dict:
+    """Write the samples of `source` (a dataset reader's result) as shards under OUT; return the manifest.
+
+    Resumes an interrupted run with the same options (finished shards are kept); returns at once when OUT
+    already holds the complete, undamaged result, and re-creates it when the shard files no longer match
+    their manifest. OUT holding complete shards made otherwise is an error unless `overwrite`. `seed`
+    fixes the shuffled write order (None: the source's order); `src`, the folder the source was read from,
+    goes into the manifest so that error messages can say how to re-create the shards. `workers` > 1
+    pickles the splits into a process pool. Raises UserError for a bad source or bad options.
+    """
+    log = log or (lambda message: None)
+    _check_options(compress_level, samples_per_shard)
+    dataset = source.name
     out = Path(out)
-    source = DATASETS[dataset](Path(src) if src is not None else None)
     options = {"seed": seed, "samples_per_shard": samples_per_shard, "min_shards": min_shards,
                "max_samples_per_shard": max_samples_per_shard, "png_compress_level": compress_level}
     plan = {"dataset": dataset, "version": _version(), "options": options,
@@ -364,18 +350,23 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
         if split_plan["num_samples"] == 0:
             raise UserError(f"the {name} split of {dataset} is empty; check --src")
 
-    manifest_path = out / "manifest.json"
+    manifest_path = out / MANIFEST
     if manifest_path.exists():
         existing = _load_json(manifest_path)
-        if existing is not None and _same_plan(existing, plan):
-            log(f"{out} already holds complete {dataset} shards")
-            return existing
+        if existing is not None and _same_plan(existing, plan) and not overwrite:
+            damaged = [record["tar"] for split in existing["splits"].values() for record in split["shards"]
+                       if shard_problem(out, record) is not None]
+            if not damaged:
+                log(f"{out} already holds complete {dataset} shards")
+                return existing
+            log(f"{out}: {len(damaged)} shards no longer match the manifest (first {damaged[0]}); re-creating")
+            overwrite = True
         if not overwrite:
             raise UserError(f"{out} already holds shards made from other data or options; pass --overwrite "
                             "to replace them or choose another --out")
         manifest_path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    plan_path, progress_path = out / _PLAN, out / _PROGRESS
+    plan_path, progress_path = out / PLAN, out / _PROGRESS
     previous = _load_json(plan_path) if plan_path.exists() else None
     if previous != plan or overwrite:
         _remove_shards(out)  # shards of an unfinished run with other options, or --overwrite
@@ -396,7 +387,7 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
             split = split.staged(staging / name)
         split_jobs[name] = []
         for shard in range(-(-len(split) // size)):
-            tar = _relative(_shard_paths(out, name, shard)[0], out)
+            tar = shard_names(name, shard)[0]
             split_jobs[name].append(len(jobs))
             jobs.append((_shard_job, split, str(out), name, shard, order[shard * size:(shard + 1) * size],
                          source.image_format, compress_level, recorded.get(tar)))
@@ -421,6 +412,7 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
         "coarse_classes": list(source.coarse_classes),
         "fine_to_coarse": [int(c) for c in source.fine_to_coarse],
         "options": options,
+        "src": src,
         "source": dict(source.notes),
         "splits": {name: {"num_samples": plan["splits"][name]["num_samples"],
                           "samples_per_shard": plan["splits"][name]["samples_per_shard"],
@@ -474,37 +466,6 @@ def _write_json_atomic(path: Path, content: dict) -> None:
     os.replace(partial, path)
 
 
-# ------------------------------------------------------------------------------------------- reading
-
-
-_MANIFEST_KEYS = ("dataset", "version", "image_format", "image_size", "channels", "label_encoding",
-                  "fine_classes", "coarse_classes", "fine_to_coarse", "options", "splits")
-
-
-def read_manifest(out: Path | str) -> dict:
-    """The manifest of the shards under OUT; UserError when it is missing or malformed."""
-    path = Path(out) / "manifest.json"
-    if not path.exists():
-        hint = (" (a conversion was interrupted: rerun the same create command)" if (Path(out) / _PLAN).exists()
-                else "")
-        raise UserError(f"no complete shards at {out}: {path} is missing{hint}; make them with "
-                        f"python launch/make_shards.py create DATASET --src SRC --out {out}")
-    manifest = _load_json(path)
-    if not isinstance(manifest, dict) or any(key not in manifest for key in _MANIFEST_KEYS):
-        raise UserError(f"{path} is not a maskcon shard manifest; recreate the shards with "
-                        "python launch/make_shards.py create")
-    return manifest
-
-
-def split_files(out: Path | str, split: str) -> tuple[list[str], list[str]]:
-    """(tar paths, DALI index paths) of one split, in shard order."""
-    manifest = read_manifest(out)
-    if split not in manifest["splits"]:
-        raise UserError(f"the shards at {out} have no {split!r} split (they have {', '.join(manifest['splits'])})")
-    shards = manifest["splits"][split]["shards"]
-    return ([str(Path(out) / shard["tar"]) for shard in shards], [str(Path(out) / shard["index"]) for shard in shards])
-
-
 # -------------------------------------------------------------------------------------------- verify
 
 
@@ -525,26 +486,28 @@ def _check_shard(out: str, record: dict, manifest: dict) -> list[str]:
     try:
         with tarfile.open(tar_path, "r:") as archive:
             for member in archive:
-                dot = member.name.find(".")
+                parts = split_member(member.name)
                 handle = archive.extractfile(member) if member.isreg() else None
-                if dot <= 0 or handle is None:
+                if parts is None or handle is None:
                     if not any(p.startswith("unexpected member") for p in problems):
                         problems.append(f"unexpected member {member.name!r}")
                     continue
-                samples.setdefault(member.name[:dot], {})[member.name[dot + 1:]] = handle.read()
+                key, extension = parts
+                samples.setdefault(key, {})[extension] = handle.read()
     except (tarfile.TarError, OSError, EOFError) as error:
         return problems + [f"unreadable tar ({error})"]
     if len(samples) != record["num_samples"]:
         problems.append(f"holds {len(samples)} samples, the manifest says {record['num_samples']}")
     bad_samples = []
     for key, members in samples.items():
-        if set(members) != {image_format, "fine", "coarse"}:
+        if set(members) != {image_format, *LABEL_MEMBERS}:
             bad_samples.append(f"{key} has members {sorted(members)}")
             continue
-        if len(members["fine"]) != 8 or len(members["coarse"]) != 8:
-            bad_samples.append(f"{key} has labels that are not 8 bytes")
+        try:
+            fine, coarse = decode_label(members["fine"]), decode_label(members["coarse"])
+        except ValueError:
+            bad_samples.append(f"{key} has labels that are not {LABEL_BYTES} bytes")
             continue
-        fine, coarse = decode_label(members["fine"]), decode_label(members["coarse"])
         if not 0 <= fine < num_fine or fine_to_coarse[fine] != coarse:
             bad_samples.append(f"{key} has labels fine={fine} coarse={coarse} outside the manifest's map")
             continue

@@ -38,3 +38,38 @@ def test_query_excluded_by_index_not_by_rank():
     assert neighbours[:, 0].tolist() == [1, 0, 3, 2]
     assert recall_at_k(features, labels, (1,))["R@1"] == 0.0
     assert recall_at_k(features, torch.tensor([0, 0, 1, 1]), (1,))["R@1"] == 100.0
+
+
+def test_neighbours_of_chosen_queries_equal_those_of_every_row():
+    rng = np.random.default_rng(1)
+    features = torch.tensor(rng.normal(size=(50, 8)), dtype=torch.float32)
+    every = nearest_neighbours(features, 5)
+    queries = [0, 7, 49, 7]
+    assert torch.equal(nearest_neighbours(features, 5, queries=queries, chunk_size=3), every[queries])
+    assert nearest_neighbours(features, 100, queries=[3]).shape == (1, 49)  # k clipped to N - 1
+
+
+def test_retrieval_grid_shows_each_query_and_its_neighbours_read_from_the_shards(tmp_path):
+    from maskcon.bench.loader import write_synthetic_shards
+    from maskcon.plots import BORDER, GRID_NEIGHBOURS, TILE, grid_queries, read_test_images, retrieval_grid
+
+    def colour(position: int) -> np.ndarray:
+        return np.full((16, 16, 3), [5 * position, 255 - 5 * position, 100], np.uint8)
+
+    out = write_synthetic_shards(tmp_path / "shards", num_train=4, num_test=50, image=colour,
+                                 labels=lambda position: (position % 5, 0), num_fine=5, num_coarse=1,
+                                 samples_per_shard=8, image_size=(16, 16))
+    images = read_test_images(out, [0, 9, 49])
+    assert sorted(images) == [0, 9, 49] and all(np.array_equal(np.asarray(images[i]), colour(i)) for i in images)
+    # table rows in another order than the test split, as gathered from several processes
+    index = torch.tensor(np.random.default_rng(0).permutation(50))
+    fine = index % 5
+    features = torch.eye(5)[fine] + 0.01 * torch.randn(50, 5, generator=torch.Generator().manual_seed(0))
+    grid = np.asarray(retrieval_grid({"features": features, "fine": fine, "index": index}, out))
+    step = TILE + 2 * BORDER
+    for r, query in enumerate(grid_queries(50)):
+        y = r * step
+        assert tuple(grid[y + step // 2, BORDER + step // 2]) == tuple(colour(int(index[query]))[0, 0])
+        frames = [tuple(grid[y + 1, c * step + BORDER + 1]) for c in range(1, GRID_NEIGHBOURS + 1)]
+        # 9 other images of the query's fine class, then one of another class
+        assert frames.count((0, 128, 0)) == 9 and frames.count((255, 0, 0)) == 1, frames

@@ -1,5 +1,6 @@
-"""maskcon/shards.py and launch/make_shards.py: exact samples, shuffle, manifest, DALI index files,
-interruption and resume, verify, and bad sources, on real webdataset tars read by webdataset and DALI."""
+"""maskcon/shards.py, maskcon/shard_format.py and launch/make_shards.py: exact samples, shuffle, manifest,
+DALI index files, interruption and resume, verify, the check before every run, and bad sources, on real
+webdataset tars read by webdataset and DALI."""
 from __future__ import annotations
 
 import collections
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskcon import shards
+from maskcon import shard_format, shards
+from maskcon.cli import run_make_shards
 from maskcon.errors import UserError
 from tests import sources
 
@@ -28,14 +30,13 @@ def read_split(out: Path, split: str) -> list[dict]:
     """Every sample of a split as the webdataset library reads it, in shard order."""
     import webdataset
 
-    tars, _ = shards.split_files(out, split)
+    tars, _ = shard_format.split_files(out, split)
     return list(webdataset.WebDataset(tars, shardshuffle=False, empty_check=False))
 
 
 def shards_keys(out: Path, split: str) -> list[str]:
     """Keys of a split in shard order, read from the DALI index files."""
-    return [line.split()[3].split(".")[0] for index in shards.split_files(out, split)[1]
-            for line in Path(index).read_text().splitlines()[1:]]
+    return [entry.key for index in shard_format.split_files(out, split)[1] for entry in shard_format.read_index(index)]
 
 
 def tree(out: Path) -> dict[str, bytes]:
@@ -53,7 +54,7 @@ def door(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 def assert_shards_match(out: Path, expected: dict, image_format: str) -> None:
     """Every sample's pixels (or file bytes) and labels equal the source's; keys name the source item."""
-    manifest = shards.read_manifest(out)
+    manifest = shard_format.read_manifest(out)
     for split, wanted in expected.items():
         samples = read_split(out, split)
         assert sorted(s["__key__"] for s in samples) == sorted(wanted), split
@@ -79,7 +80,7 @@ def assert_shards_match(out: Path, expected: dict, image_format: str) -> None:
 @pytest.fixture(scope="module")
 def digits_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits")
-    shards.create("digits", None, out, workers=2)
+    shards.create("digits", None, out, workers=1)
     return out
 
 
@@ -87,7 +88,7 @@ def test_digits_shards_hold_load_digits_exactly(digits_shards):
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    manifest = shards.read_manifest(digits_shards)
+    manifest = shard_format.read_manifest(digits_shards)
     assert manifest["dataset"] == "digits" and manifest["image_format"] == "png"
     assert manifest["image_size"] == [8, 8] and manifest["channels"] == 1
     assert manifest["label_encoding"] == "int64 little-endian"
@@ -103,28 +104,29 @@ def test_digits_shards_hold_load_digits_exactly(digits_shards):
     assert_shards_match(digits_shards, expected, "png")
     for shard in manifest["splits"]["train"]["shards"]:
         assert shards.file_sha256(digits_shards / shard["tar"]) == shard["sha256"]
-    tars, indexes = shards.split_files(digits_shards, "test")
+    tars, indexes = shard_format.split_files(digits_shards, "test")
     assert [Path(t).name for t in tars][:2] == ["test-000000.tar", "test-000001.tar"]
     assert all(Path(i).exists() and i == t[:-4] + ".idx" for t, i in zip(tars, indexes))
 
 
+@pytest.mark.slow
 def test_index_files_equal_those_of_dali_wds2idx(digits_shards, tmp_path):
     tool = Path(sys.executable).parent / "wds2idx"
     if not tool.exists():
         pytest.skip("DALI's wds2idx tool is not installed")
-    tars, indexes = shards.split_files(digits_shards, "train")
+    tars, indexes = shard_format.split_files(digits_shards, "train")
     for tar, index in list(zip(tars, indexes))[:3]:
         reference = tmp_path / (Path(tar).stem + ".idx")
         subprocess.run([str(tool), tar, str(reference)], check=True, capture_output=True, timeout=60)
         assert Path(index).read_text() == reference.read_text()
-        assert shards.index_of_tar(Path(tar)) == reference.read_text()
+        assert shard_format.index_of_tar(Path(tar)) == reference.read_text()
 
 
 def test_dali_reads_every_sample_with_the_index_files(digits_shards):
     pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn, pipeline_def, types
 
-    tars, indexes = shards.split_files(digits_shards, "test")
+    tars, indexes = shard_format.split_files(digits_shards, "test")
 
     @pipeline_def(batch_size=40, num_threads=1, device_id=None)
     def pipeline():
@@ -158,8 +160,8 @@ def test_png_tar_and_label_encodings_are_standard():
         header.size, header.mode, header.mtime = size, 0o444, 0
         assert shards._tar_header(name, size) == header.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict")
     for value in (0, 7, -1, 2**40):
-        assert shards.decode_label(shards.encode_label(value)) == value and len(shards.encode_label(value)) == 8
-    assert shards.encode_label(1) == (1).to_bytes(8, "little")
+        assert shard_format.decode_label(shard_format.encode_label(value)) == value and len(shard_format.encode_label(value)) == 8
+    assert shard_format.encode_label(1) == (1).to_bytes(8, "little")
 
 
 def test_dali_decodes_rgb_shards_to_the_source_pixels(tmp_path):
@@ -169,7 +171,7 @@ def test_dali_decodes_rgb_shards_to_the_source_pixels(tmp_path):
     src, expected, _ = _fixture("cifar100", tmp_path / "src")
     out = tmp_path / "out"
     shards.create("cifar100", src, out, samples_per_shard=30, workers=1)
-    tars, indexes = shards.split_files(out, "test")
+    tars, indexes = shard_format.split_files(out, "test")
     in_order = [s["__key__"] for s in read_split(out, "test")]
 
     @pipeline_def(batch_size=len(in_order), num_threads=1, device_id=None)
@@ -232,6 +234,7 @@ def test_shard_count_allows_many_readers():
     assert shards.shard_size(1000, samples_per_shard=300) == 300
 
 
+@pytest.mark.slow
 def test_shuffle_is_fixed_by_the_seed_and_pool_equals_one_process(tmp_path):
     src, _, _ = _fixture("cifar100", tmp_path / "src")
     runs = {}
@@ -260,13 +263,14 @@ def _kill_during_create(out: Path, *args: str) -> None:
     assert not (out / "manifest.json").exists(), "the run was stopped before it finished"
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     reference = tmp_path / "reference"
     shards.create("digits", None, reference, samples_per_shard=4, workers=1)
     out = tmp_path / "out"
     _kill_during_create(out, "--samples-per-shard", "4", "--workers", "1")
     with pytest.raises(UserError, match="interrupted"):
-        shards.read_manifest(out)
+        shard_format.read_manifest(out)
     # beyond the kill itself: shards lost, damaged or half-written while the run was stopped
     finished = [json.loads(line)["tar"] for line in (out / ".progress.jsonl").read_text().splitlines()[:-1]]
     assert len(finished) >= 4
@@ -290,24 +294,188 @@ def test_complete_shards_made_otherwise_need_overwrite(tmp_path):
     assert manifest["options"]["seed"] == 3 and shards.verify(tmp_path, workers=1) == []
 
 
+# ------------------------------------------------------------------------------ the check before a run
+
+
+def _truncate_tar(out: Path) -> str:
+    tar = out / "train" / "train-000002.tar"
+    tar.write_bytes(tar.read_bytes()[:len(tar.read_bytes()) // 2])  # a copy that stopped half way
+    return "train-000002.tar"
+
+
+def _remove_index(out: Path) -> str:
+    (out / "test" / "test-000001.idx").unlink()
+    return "test-000001.tar"
+
+
+def _miscount_index(out: Path) -> str:
+    index = out / "train" / "train-000005.idx"
+    lines = index.read_text().splitlines()
+    index.write_text(f"v1.2 {len(lines) - 2}\n" + "".join(line + "\n" for line in lines[1:-1]))  # one sample short
+    return "train-000005.tar"
+
+
+def _remove_tar(out: Path) -> str:
+    (out / "train" / "train-000000.tar").unlink()
+    return "train-000000.tar"
+
+
+DAMAGES = {"truncated tar": _truncate_tar, "missing index": _remove_index, "index count": _miscount_index,
+           "missing tar": _remove_tar}
+
+
+@pytest.fixture(scope="module")
+def small_digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("small") / "digits"
+    shards.create("digits", None, out, samples_per_shard=40, workers=1)
+    return out
+
+
+def _copy(folder: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(folder, to))
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_shard_stops_every_loader_with_one_line(small_digits, tmp_path, damage):
+    from maskcon.loaders import build_train_loader, read_split
+
+    out = _copy(small_digits, tmp_path / "digits")
+    split = "test" if damage == "missing index" else "train"
+    named = DAMAGES[damage](out)
+    with pytest.raises(UserError) as caught:
+        read_split(out, split)
+    message = str(caught.value)
+    assert "\n" not in message and named in message, message
+    assert f"python launch/make_shards.py verify {out} " in message
+    assert f"python launch/make_shards.py create digits --out {out} --overwrite" in message
+    if split == "train":
+        with pytest.raises(UserError, match=named):
+            build_train_loader(out, recipe="digits", image_size=8, batch_size=16, rank=0, world_size=1, seed=0,
+                               device="cpu", backend="dali")
+    read_split(out, "train" if split == "test" else "test")  # the other split is intact
+    # the remedy the message gives: verify names the shard, create --overwrite makes the folder whole
+    assert any(named in line for line in shards.verify(out, workers=1))
+    shards.create("digits", None, out, samples_per_shard=40, workers=1, overwrite=True)
+    assert tree(out) == tree(small_digits)
+
+
+def test_rerunning_create_on_damaged_shards_re_creates_them(small_digits, tmp_path):
+    out = _copy(small_digits, tmp_path / "digits")
+    _truncate_tar(out)
+    logged = []
+    shards.create("digits", None, out, samples_per_shard=40, workers=1, log=logged.append)
+    assert any("no longer match" in line for line in logged)
+    assert tree(out) == tree(small_digits)
+
+
+def test_the_check_names_the_first_shard_and_counts_the_others(small_digits, tmp_path):
+    out = _copy(small_digits, tmp_path / "digits")
+    _truncate_tar(out)
+    _miscount_index(out)
+    with pytest.raises(UserError, match=r"train-000002.tar .*\(and 1 more damaged shards\)"):
+        shard_format.check_split(out, "train")
+
+
+def test_manifests_without_file_sizes_get_the_other_checks(small_digits, tmp_path):
+    out = _copy(small_digits, tmp_path / "digits")
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["src"]
+    for split in manifest["splits"].values():
+        for record in split["shards"]:
+            del record["tar_bytes"], record["index_bytes"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for split in ("train", "test"):
+        shard_format.check_split(out, split)  # intact
+    _truncate_tar(out)
+    with pytest.raises(UserError, match="train-000002.tar ends at byte .* cut short.* create digits --src SRC"):
+        shard_format.check_split(out, "train")
+    _remove_index(out)
+    with pytest.raises(UserError, match="test-000001.tar has lost its index"):
+        shard_format.check_split(out, "test")
+
+
+# ------------------------------------------------------------------------------------- format module
+
+
+def test_member_names_split_as_dali_and_webdataset_split_them():
+    assert shard_format.member_name("0001", "png") == "0001.png"
+    assert shard_format.split_member("0001.png") == ("0001", "png")
+    assert shard_format.split_member("a/b.c/0001.seg.png") == ("a/b.c/0001", "seg.png")
+    assert shard_format.split_member(".hidden") is None and shard_format.split_member("noext") is None
+    for key in ("a.b", "a/b", ""):
+        with pytest.raises(ValueError):
+            shard_format.member_name(key, "png")
+    with pytest.raises(ValueError):
+        shard_format.decode_label(b"\x01" * 4)
+
+
+def test_read_index_and_key_at_name_samples_by_tar_offset(small_digits):
+    import tarfile
+
+    tar, index = (small_digits / name for name in shard_format.shard_names("train", 3))
+    entries = shard_format.read_index(index)
+    with tarfile.open(tar) as archive:
+        members = {member.name: member for member in archive}
+    assert len(entries) == 40 and len(members) == 120
+    for entry in entries:
+        for extension, member in entry.members.items():
+            assert (member.offset, member.size) == (members[f"{entry.key}.{extension}"].offset_data,
+                                                   members[f"{entry.key}.{extension}"].size)
+        assert entry.image.extension == "png"
+        # DALI names an undecodable sample "<tar>:<offset of its image>:<member name>"
+        assert shard_format.key_at(index, entry.image.offset) == entry.key
+    assert shard_format.key_at(index, 0) is None  # a header, no member's data
+
+
+@pytest.mark.parametrize("text, problem", [("v1.1 1\npng 512 10 a.png\n", "version"),
+                                           ("v1.2 2\npng 512 10 a.png fine 1536 8 a.fine coarse 2560 8 a.coarse\n",
+                                            "says 2 samples"),
+                                           ("v1.2 1\npng 512 10 a.png\n", "lacks"),
+                                           ("v1.2 1\npng 512\n", "groups")])
+def test_read_index_rejects_damaged_index_files_in_one_line(tmp_path, text, problem):
+    index = tmp_path / "train" / "train-000000.idx"
+    index.parent.mkdir()
+    index.write_text(text)
+    with pytest.raises(UserError, match=f"{index} is damaged .*{problem}.*make_shards.py verify {tmp_path} "):
+        shard_format.read_index(index)
+
+
+def test_synthetic_shards_come_from_the_writer_in_position_order(tmp_path):
+    from maskcon.bench.loader import cifar_like_image, write_synthetic_shards
+
+    out = write_synthetic_shards(tmp_path / "synthetic", num_train=30, num_test=7, image=cifar_like_image,
+                                 labels=lambda position: (position % 10, position % 10 // 5), num_fine=10,
+                                 num_coarse=2, samples_per_shard=8)
+    manifest = shard_format.read_manifest(out)
+    assert manifest["fine_to_coarse"] == [0] * 5 + [1] * 5 and shards.verify(out, workers=1) == []
+    samples = read_split(out, "train")
+    assert [s["__key__"] for s in samples] == [f"{i:08d}" for i in range(30)]
+    for position, sample in enumerate(samples):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["png"]))), cifar_like_image(position))
+        assert label(sample["fine"]) == position % 10
+    for split in ("train", "test"):
+        shard_format.check_split(out, split)
+
+
 # ------------------------------------------------------------------------------------------- verify
 
 
-def test_verify_names_each_damaged_or_missing_shard(tmp_path):
+def test_verify_names_each_damaged_or_missing_shard(tmp_path, capsys):
     out = tmp_path / "out"
     shards.create("digits", None, out, samples_per_shard=40, workers=1)
-    assert door("verify", out, "--workers", "1").returncode == 0
+    assert run_make_shards(["verify", str(out), "--workers", "1"]) == 0
+    capsys.readouterr()
     tar = out / "train" / "train-000004.tar"
     data = bytearray(tar.read_bytes())
     data[600] ^= 0xFF  # one byte of the first image
     tar.write_bytes(bytes(data))
     (out / "test" / "test-000003.tar").unlink()
     (out / "test" / "test-000005.idx").write_text("v1.2 0\n")
-    result = door("verify", out, "--workers", "2")
-    assert result.returncode == 1
-    named = result.stdout
-    lines = named.strip().splitlines()
-    assert len(lines) == 3 and "Traceback" not in result.stderr  # one line per damaged or missing shard
+    assert run_make_shards(["verify", str(out), "--workers", "1"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3  # one line per damaged or missing shard
     assert lines[0].startswith("train/train-000004.tar: damaged") and "bad samples" in lines[0]
     assert lines[1] == "test/test-000003.tar: missing"
     assert lines[2].startswith("test/test-000005.tar: its index test/test-000005.idx does not match")
@@ -316,13 +484,20 @@ def test_verify_names_each_damaged_or_missing_shard(tmp_path):
 # -------------------------------------------------------------------------------- door, bad sources
 
 
-def test_door_creates_shards_under_out(tmp_path):
+@pytest.mark.slow
+def test_door_creates_and_verifies_shards_under_out(tmp_path):
     src = tmp_path / "src"
     sources.write_cifar10(src)
     result = door("create", "cifartoy_good", "--src", src, "--out", tmp_path / "out", "--samples-per-shard", "20")
     assert result.returncode == 0, result.stderr
     assert "cifartoy_good shards at" in result.stdout
-    assert shards.read_manifest(tmp_path / "out")["splits"]["train"]["samples_per_shard"] == 20
+    assert shard_format.read_manifest(tmp_path / "out")["splits"]["train"]["samples_per_shard"] == 20
+    (tmp_path / "out" / "test" / "test-000000.tar").write_bytes(b"")
+    result = door("verify", tmp_path / "out", "--workers", "2")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stdout.startswith("test/test-000000.tar: damaged")
+    result = door("create", "nothing", "--out", tmp_path / "other")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
 @pytest.mark.parametrize("dataset, make_src, mention", [
@@ -337,7 +512,7 @@ def test_door_creates_shards_under_out(tmp_path):
     ("cars196", lambda root: sources.write_folder(root), "cars_meta.mat"),
     ("folder", lambda root: sources.write_cars(root), "fine_to_coarse.csv"),
 ])
-def test_bad_source_is_one_line_and_leaves_nothing_complete(tmp_path, dataset, make_src, mention):
+def test_bad_source_is_one_line_and_leaves_nothing_complete(tmp_path, capsys, dataset, make_src, mention):
     src = tmp_path / "src"
     make_src(src)
     if dataset == "sop_split1":
@@ -345,28 +520,29 @@ def test_bad_source_is_one_line_and_leaves_nothing_complete(tmp_path, dataset, m
         for name in ("train_path.json", "test_path.json"):
             (src / "sop_split1" / name).unlink()
     out = tmp_path / "out"
-    result = door("create", dataset, "--src", src, "--out", out, "--samples-per-shard", "5", "--workers", "1")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and mention in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    status = run_make_shards(["create", dataset, "--src", str(src), "--out", str(out), "--samples-per-shard", "5",
+                              "--workers", "1"])
+    assert status == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and mention in lines[0], lines
     assert not (out / "manifest.json").exists()
     assert not list(out.rglob("*.tar")) if out.exists() else True
     with pytest.raises(UserError):
-        shards.read_manifest(out)
+        shard_format.read_manifest(out)
 
 
 def test_read_manifest_and_split_files_errors(tmp_path):
     with pytest.raises(UserError, match="make_shards.py create"):
-        shards.read_manifest(tmp_path)
+        shard_format.read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="not a maskcon shard manifest"):
-        shards.read_manifest(tmp_path)
+        shard_format.read_manifest(tmp_path)
     shards.create("digits", None, tmp_path / "d", samples_per_shard=500, workers=1)
     with pytest.raises(UserError, match="no 'val' split"):
-        shards.split_files(tmp_path / "d", "val")
+        shard_format.split_files(tmp_path / "d", "val")
 
 
+@pytest.mark.slow
 def test_benchmark_runs_and_both_converters_agree(tmp_path, capsys):
     from maskcon.bench import shards as bench
 
@@ -378,6 +554,7 @@ def test_benchmark_runs_and_both_converters_agree(tmp_path, capsys):
     assert "speedup" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_file_that_is_not_the_announced_format_stops_the_run(tmp_path):
     src = tmp_path / "src"
     sources.write_folder(src)

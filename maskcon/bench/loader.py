@@ -19,7 +19,6 @@ import json
 import os
 import random
 import statistics
-import tarfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,51 +27,21 @@ import numpy as np
 import torch
 
 from maskcon.errors import UserError
-from maskcon.shards import file_sha256
 from maskcon.loaders.torch import worker_context
 
 # ----------------------------------------------------------------------------------- synthetic shards
 
 
-def _encode(pixels: np.ndarray, image_format: str) -> bytes:
+def _encode(pixels: np.ndarray, image_format: str) -> np.ndarray | bytes:
+    """What the shard writer takes as one image: the pixels for PNG (it encodes them losslessly), the
+    file bytes for JPEG (PIL, quality 95)."""
     from PIL import Image
 
-    buffer = io.BytesIO()
     if image_format == "png":
-        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
-    else:
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+        return pixels
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
-
-
-def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    archive.addfile(info, io.BytesIO(data))
-
-
-def _write_split(out: Path, split: str, image: Callable[[int], np.ndarray], labels: Callable[[int], tuple[int, int]],
-                 num_samples: int, samples_per_shard: int, image_format: str) -> dict:
-    from wds2idx import IndexCreator  # DALI's index tool, shipped with the nvidia-dali wheel
-
-    (out / split).mkdir(parents=True, exist_ok=True)
-    shards = []
-    for shard, first in enumerate(range(0, num_samples, samples_per_shard)):
-        positions = range(first, min(num_samples, first + samples_per_shard))
-        tar = out / split / f"{split}-{shard:06d}.tar"
-        index = tar.with_suffix(".idx")
-        with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as archive:
-            for position in positions:
-                key = f"{position:08d}"
-                fine, coarse = labels(position)
-                _add(archive, f"{key}.{image_format}", _encode(image(position), image_format))
-                _add(archive, f"{key}.fine", np.int64(fine).astype("<i8").tobytes())
-                _add(archive, f"{key}.coarse", np.int64(coarse).astype("<i8").tobytes())
-        with IndexCreator(str(tar), str(index), verbose=False) as creator:
-            creator.create_index()
-        shards.append({"tar": f"{split}/{tar.name}", "index": f"{split}/{index.name}",
-                       "num_samples": len(positions), "sha256": file_sha256(tar)})
-    return {"num_samples": num_samples, "samples_per_shard": samples_per_shard, "shards": shards}
 
 
 def write_synthetic_shards(out: Path | str, *, num_train: int, num_test: int, image: Callable[[int], np.ndarray],
@@ -80,26 +49,34 @@ def write_synthetic_shards(out: Path | str, *, num_train: int, num_test: int, im
                            image_format: str = "png", image_size: tuple[int, int] | None = (32, 32),
                            samples_per_shard: int = 1000, dataset: str = "cifar100",
                            test_image: Callable[[int], np.ndarray] | None = None) -> Path:
-    """Write a shard folder in the CONTRACT layout from functions of the sample position.
+    """Write a shard folder with maskcon.shards' writer from functions of the sample position, samples in
+    position order (keys: the position, 8 digits); replaces whatever shards OUT held. Returns OUT.
 
     image(position) -> uint8 H x W x 3 array; labels(position) -> (fine, coarse). The test split uses
-    test_image (default: image) and the same labels function. Returns OUT.
+    test_image (default: image) and the same labels function. The manifest's fine -> coarse map is what
+    `labels` gives, and fine * num_coarse // num_fine for fine classes no sample has.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    splits = {"train": _write_split(out, "train", image, labels, num_train, samples_per_shard, image_format),
-              "test": _write_split(out, "test", test_image or image, labels, num_test, samples_per_shard,
-                                   image_format)}
-    import maskcon
+    from maskcon.datasets.source import DatasetSource, FunctionSplit
+    from maskcon.shards import write_shards
 
-    manifest = {"dataset": dataset, "version": maskcon.__version__, "image_format": image_format,
-                "image_size": list(image_size) if image_size else None, "channels": 3,
-                "label_encoding": "int64 little-endian", "fine_classes": [str(i) for i in range(num_fine)],
-                "coarse_classes": [str(i) for i in range(num_coarse)],
-                "fine_to_coarse": [i * num_coarse // num_fine for i in range(num_fine)],
-                "options": {"synthetic": True}, "splits": splits}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return out
+    images = {"train": image, "test": test_image or image}
+    splits = {name: FunctionSplit(count, lambda position, pixels=images[name]: _encode(pixels(position), image_format),
+                                  labels)
+              for name, count in (("train", num_train), ("test", num_test))}
+    fine_to_coarse = [fine * num_coarse // num_fine for fine in range(num_fine)]
+    given: dict[int, int] = {}
+    for count in (num_train, num_test):
+        for position in range(count):
+            fine, coarse = labels(position)
+            if given.setdefault(fine, coarse) != coarse:
+                raise ValueError(f"labels() puts fine class {fine} in coarse classes {given[fine]} and {coarse}")
+            fine_to_coarse[fine] = coarse
+    source = DatasetSource(name=dataset, fine_classes=[str(i) for i in range(num_fine)],
+                           coarse_classes=[str(i) for i in range(num_coarse)], fine_to_coarse=fine_to_coarse,
+                           image_format=image_format, image_size=tuple(image_size) if image_size else None, channels=3,
+                           splits=splits, notes={"synthetic": "images and labels are functions of the position"})
+    write_shards(source, out, seed=None, samples_per_shard=samples_per_shard, workers=1, overwrite=True)
+    return Path(out)
 
 
 def cifar_like_image(position: int) -> np.ndarray:

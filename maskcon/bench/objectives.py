@@ -14,7 +14,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import time
 import weakref
@@ -26,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from maskcon import losses
+from maskcon.bench import machine
 from maskcon.errors import UserError
 
 TIME_GOAL = 1.5   # MaskCon time / SelfCon time, issue 5
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     paired = sorted(m / s for m, s in zip(times["maskcon"], times["selfcon"]))
     report = {
         "benchmark": "objectives",
-        "machine": _machine(device),
+        "machine": machine(device),
         "load_average_1min": load,
         "torch": torch.__version__,
         "device": options.device, "amp": options.amp, "repeats": options.repeats,
@@ -190,17 +190,6 @@ def _summary(seconds: list[float], peak: int) -> dict[str, float]:
     return {"median_ms": round(statistics.median(ms), 3), "p25_ms": round(quartiles[0], 3),
             "p75_ms": round(quartiles[2], 3), "min_ms": round(ms[0], 3), "max_ms": round(ms[-1], 3),
             "peak_mib": round(peak / 2**20, 2)}
-
-
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as cpuinfo:
-            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-        model = names[0] if names else model
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def _print_table(report: dict) -> None:

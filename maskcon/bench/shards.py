@@ -20,15 +20,15 @@ import pickle
 import platform
 import shutil
 import statistics
-import struct
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from maskcon import shards
+from maskcon.bench import machine
 from maskcon.errors import UserError
+from maskcon.shard_format import encode_label, split_files
 
 
 def photo_crops(count: int, seed: int) -> np.ndarray:
@@ -97,8 +97,7 @@ def plain_loop(src: Path, out: Path, samples_per_shard: int) -> int:
                 for image, label in zip(images, batch["labels"]):
                     fine = to_fine[str(label - 1)]
                     sink.write({"__key__": str(index).zfill(7 if split == "train" else 5), "png": image,
-                                "fine": struct.pack("<q", fine),
-                                "coarse": struct.pack("<q", fine_to_coarse[str(fine)])})
+                                "fine": encode_label(fine), "coarse": encode_label(fine_to_coarse[str(fine)])})
                     index += 1
         written += index
     return written
@@ -120,7 +119,7 @@ def same_images(ours_out: Path, plain_out: Path, count: int = 500) -> bool:
             found[sample["__key__"]] = (np.asarray(Image.open(io.BytesIO(sample["png"]))), sample["fine"])
         return found
 
-    mine = first(ours_out, shards.split_files(ours_out, "test")[0])
+    mine = first(ours_out, split_files(ours_out, "test")[0])
     theirs = first(plain_out, sorted(str(p) for p in (plain_out / "test").glob("*.tar")))
     keys = sorted(theirs)[:count]
     return len(mine) == len(theirs) and all(np.array_equal(mine[k][0], theirs[k][0]) and mine[k][1] == theirs[k][1]
@@ -143,8 +142,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.train_images + args.val_images < 1 or args.repeats < 1:
-        print("error: --train-images, --val-images and --repeats must be positive", file=sys.stderr)
-        return 2
+        raise UserError("--train-images, --val-images and --repeats must be positive")
     import webdataset  # noqa: F401  imported here, so that its import (it loads torch) is not timed
 
     workers = args.workers or shards.available_cpus()
@@ -159,26 +157,22 @@ def main(argv: list[str]) -> int:
     counts, sizes = {}, {}
     runs = {"ours": lambda out: ours(src, out, workers), "ours_1_process": lambda out: ours(src, out, 1),
             "plain": lambda out: plain_loop(src, out, samples_per_shard)}
-    try:
-        for repeat in range(args.repeats):
-            for name, run in runs.items():
-                out = args.workdir / name
-                shutil.rmtree(out, ignore_errors=True)
-                start, cpu_start = time.perf_counter(), time.process_time()
-                counts[name] = run(out)
-                timings[name].append(time.perf_counter() - start)
-                cpu_times[name].append(time.process_time() - cpu_start)
-                sizes[name] = _folder_bytes(out)
-                print(f"repeat {repeat + 1}/{args.repeats} {name}: {counts[name]} images in "
-                      f"{timings[name][-1]:.1f} s", flush=True)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    for repeat in range(args.repeats):
+        for name, run in runs.items():
+            out = args.workdir / name
+            shutil.rmtree(out, ignore_errors=True)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            counts[name] = run(out)
+            timings[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
+            sizes[name] = _folder_bytes(out)
+            print(f"repeat {repeat + 1}/{args.repeats} {name}: {counts[name]} images in "
+                  f"{timings[name][-1]:.1f} s", flush=True)
     agree = same_images(args.workdir / "ours", args.workdir / "plain")
     rate = {name: [counts[name] / t for t in times] for name, times in timings.items()}
     median = {name: statistics.median(r) for name, r in rate.items()}
     result = {
-        "machine": f"{platform.machine()}, {shards.available_cpus()} cores, {platform.python_version()}",
+        "machine": machine(), "python": platform.python_version(),
         "images": counts["ours"], "workers": workers, "repeats": args.repeats,
         "images_per_s": {name: {"median": round(median[name]), "min": round(min(r)), "max": round(max(r))}
                          for name, r in rate.items()},

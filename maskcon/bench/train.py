@@ -24,7 +24,6 @@ import dataclasses
 import gc
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import torch
 
 from maskcon import shards
 from maskcon.config import ARCHS, PRESETS, parse_config
+from maskcon.bench import machine
 from maskcon.errors import UserError
 from maskcon.loaders.torch import worker_context
 
@@ -322,24 +322,11 @@ def write_synthetic_imagenet32(folder: Path, *, num_train: int, num_test: int) -
 # ----------------------------------------------------------------------------------------- report
 
 
-def _machine(device: torch.device) -> str:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    model = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        model = names[0] if names else model
-    except OSError:
-        pass
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
-    return f"{cpus} CPU cores ({model}), {where}"
-
-
 def _report(results: list[Measurement], config, args, device, precision, folder: Path, manifest: dict) -> dict:
     by_mode = {m.mode: m for m in results}
     report = {
         "benchmark": "train",
-        "machine": _machine(device),
+        "machine": machine(device),
         "torch": torch.__version__,
         "device": str(device),
         "dataset": config.dataset,

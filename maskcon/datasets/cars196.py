@@ -24,7 +24,6 @@ WHERE = ("get Stanford Cars in the layout torchvision's StanfordCars reads (stan
          "cars_train/, cars_test/ and cars_test_annos_withlabels.mat; see https://pytorch.org/vision/stable/"
          "generated/torchvision.datasets.StanfordCars.html) and pass that folder as --src")
 COARSE_CLASSES = ["Cab", "Sedan", "SUV", "Convertible", "Coupe", "Hatchback", "Wagon", "Van"]
-TABLE_2_COUNTS = [18, 50, 36, 30, 29, 14, 7, 12]  # fine classes per coarse class, supplement Table 2
 BODY_WORDS = {"Cab": 0, "SuperCab": 0, "Sedan": 1, "SUV": 2, "Convertible": 3, "Coupe": 4, "Hatchback": 5,
               "Wagon": 6, "Van": 7, "Minivan": 7}
 # the 14 names that carry no body-type word, by the body of that model, and the one Table 2 override

@@ -20,7 +20,6 @@ from maskcon.errors import UserError
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 FINE_TO_COARSE = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
-NUM_IMAGES = 1797
 
 
 def _split_indices() -> dict[str, np.ndarray]:

@@ -124,6 +124,28 @@ def _load_npy(work_dir: str):
                  for name in ("images", "fine", "coarse", "source_index"))
 
 
+# ------------------------------------------------------------------------------------------- functions
+
+
+class FunctionSplit(Split):
+    """Samples made by functions of their position (synthetic data for tests and benchmarks).
+
+    image(i) -> uint8 pixels or encoded file bytes; labels(i) -> (fine, coarse); keys are the zero-padded
+    position, `key_width` digits. It pickles (for a process pool) only when the functions do.
+    """
+
+    def __init__(self, length: int, image: Callable[[int], bytes | np.ndarray],
+                 labels: Callable[[int], tuple[int, int]], key_width: int = 8):
+        self.length, self.image, self.labels, self.key_width = length, image, labels, key_width
+
+    def __len__(self) -> int:
+        return self.length
+
+    def item(self, i: int) -> Sample:
+        fine, coarse = self.labels(i)
+        return Sample(key=str(i).zfill(self.key_width), image=self.image(i), fine=int(fine), coarse=int(coarse))
+
+
 # ----------------------------------------------------------------------------------------------- files
 
 

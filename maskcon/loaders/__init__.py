@@ -3,7 +3,8 @@
 Two back ends read the same shards with the same recipes (maskcon/recipes.py):
     "dali"   maskcon/loaders/dali.py: DALI pipelines, on the GPU or (device CPU) on the CPU
     "torch"  maskcon/loaders/torch.py: torchvision transforms in a torch DataLoader; the reference
-See CONTRACT.md, section Loaders, for what the loaders yield.
+What each loader yields is in the docstrings of build_train_loader and build_test_loader below; the shards
+they read are described in maskcon/shard_format.py (and shards/README.md).
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ class SplitFiles:
 
 
 def read_split(shards: Path | str, split: str) -> tuple[dict, SplitFiles]:
-    """(manifest, SplitFiles) of one split of a shard folder; UserError when files are missing."""
-    from maskcon.shards import read_manifest, split_files
+    """(manifest, SplitFiles) of one split of a shard folder, after a check of every shard of the split
+    against the manifest (sizes and index files; the tars are not read): UserError naming the first
+    missing or damaged shard and how to re-create it."""
+    from maskcon.shard_format import check_split, read_manifest, split_files
 
     manifest = read_manifest(shards)
-    tars, indexes = split_files(shards, split)
-    for path in tars + indexes:
-        if not Path(path).exists():
-            raise UserError(f"shard file {path} is missing; recreate the shards under {shards}")
+    check_split(shards, split, manifest)
+    tars, indexes = split_files(shards, split, manifest)
     num_samples = int(manifest["splits"][split]["num_samples"])
     return manifest, SplitFiles(tars, indexes, num_samples, manifest["image_format"])
 

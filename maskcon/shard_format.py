@@ -1,0 +1,308 @@
+"""The shard format in one place: folder layout, member names, labels, DALI index files and the manifest.
+
+The writer (maskcon/shards.py), the loaders, the plots and `verify` all name, parse and check shards
+through this module; shards/README.md describes the same format for people. A shard folder OUT holds
+
+    manifest.json                  written last: its presence means every shard is complete
+    train/train-000000.tar  .idx   each tar with its DALI index file (DALI's wds2idx format, v1.2)
+    test/test-000000.tar    .idx
+
+and every sample is three tar members named `<key>.<extension>`: the image (`png` or `jpg`), `fine` and
+`coarse` (8-byte little-endian int64 labels). A key holds no '.' and no '/'.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tarfile
+from pathlib import Path
+from typing import NamedTuple
+
+from maskcon.errors import UserError
+
+SPLITS = ("train", "test")
+MANIFEST = "manifest.json"
+PLAN = ".plan.json"  # present while a conversion is unfinished (written and removed by the writer)
+IMAGE_FORMATS = ("png", "jpg")
+LABEL_MEMBERS = ("fine", "coarse")
+LABEL_ENCODING = "int64 little-endian"
+LABEL_BYTES = 8
+INDEX_VERSION = "v1.2"  # DALI wds2idx: "v1.2 <samples>", then per sample "<ext> <offset> <size> <name>" per member
+MANIFEST_KEYS = ("dataset", "version", "image_format", "image_size", "channels", "label_encoding",
+                 "fine_classes", "coarse_classes", "fine_to_coarse", "options", "splits")
+SHARD_KEYS = ("tar", "index", "num_samples", "sha256")  # in every shard record; see shard_record for the rest
+
+
+# --------------------------------------------------------------------------------------------- names
+
+
+def shard_names(split: str, number: int) -> tuple[str, str]:
+    """(tar, index) paths of shard `number` of a split, relative to the shard folder."""
+    stem = f"{split}/{split}-{number:06d}"
+    return stem + ".tar", stem + ".idx"
+
+
+def member_name(key: str, extension: str) -> str:
+    """The tar member name of one part of a sample: `<key>.<extension>`."""
+    if not key or "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must be non-empty without '.' or '/'")
+    return f"{key}.{extension}"
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member name, split as DALI and webdataset do: at the first '.' after the
+    last '/'. None for a name that belongs to no sample (no extension, or a hidden file)."""
+    dot = name.find(".", name.rfind("/") + 1)
+    if dot < 0:
+        return None
+    key = name[:dot]
+    if not key or key.endswith("/"):
+        return None
+    return key, name[dot + 1:]
+
+
+def encode_label(value: int) -> bytes:
+    return struct.pack("<q", value)
+
+
+def decode_label(data: bytes) -> int:
+    """A label member's value; ValueError when it is not 8 bytes."""
+    if len(data) != LABEL_BYTES:
+        raise ValueError(f"a label member holds {LABEL_BYTES} bytes, not {len(data)}")
+    return struct.unpack("<q", data)[0]
+
+
+# --------------------------------------------------------------------------------------------- index
+
+
+class Member(NamedTuple):
+    extension: str
+    offset: int  # bytes from the start of the tar to the member's data (its header is the 512 bytes before)
+    size: int  # bytes of data
+    name: str
+
+
+class IndexEntry(NamedTuple):
+    """One line of an index file: a sample's key and its members by extension."""
+
+    key: str
+    members: dict[str, Member]
+
+    @property
+    def image(self) -> Member | None:
+        for extension in IMAGE_FORMATS:
+            if extension in self.members:
+                return self.members[extension]
+        return None
+
+
+def format_index(samples: list[list[Member]]) -> str:
+    """The text of an index file: the header, then one line per sample listing its members in tar order."""
+    lines = [" ".join(f"{m.extension} {m.offset} {m.size} {m.name}" for m in members) for members in samples]
+    return f"{INDEX_VERSION} {len(samples)}\n" + "".join(line + "\n" for line in lines)
+
+
+def index_of_tar(tar_path: Path | str) -> str:
+    """The index file of an existing tar, as DALI's wds2idx writes it: consecutive members with one key
+    form a sample; members that belong to no sample are left out."""
+    samples: list[list[Member]] = []
+    last_key = None
+    with tarfile.open(tar_path, "r:") as archive:
+        for member in archive:
+            parts = split_member(member.name) if member.isreg() else None
+            if parts is None:
+                continue
+            entry = Member(parts[1], member.offset_data, member.size, member.name)
+            if parts[0] != last_key:
+                samples.append([entry])
+                last_key = parts[0]
+            else:
+                samples[-1].append(entry)
+    return format_index(samples)
+
+
+def index_header(index_path: Path | str) -> tuple[str, int]:
+    """(version, sample count) from an index file's first line; ValueError when it has none."""
+    with open(index_path) as handle:
+        return _parse_header(handle.readline())
+
+
+def _parse_header(line: str) -> tuple[str, int]:
+    fields = line.split()
+    if len(fields) != 2 or not fields[1].isdigit():
+        raise ValueError("its first line is not '<version> <samples>'")
+    return fields[0], int(fields[1])
+
+
+def _parse_line(line: str) -> IndexEntry:
+    fields = line.split()
+    if not fields or len(fields) % 4:
+        raise ValueError("a line does not hold whole '<ext> <offset> <size> <name>' groups")
+    members = {}
+    for i in range(0, len(fields), 4):
+        extension, offset, size, name = fields[i:i + 4]
+        members[extension] = Member(extension, int(offset), int(size), name)
+    parts = split_member(fields[3])
+    if parts is None:
+        raise ValueError(f"member {fields[3]!r} names no sample")
+    return IndexEntry(parts[0], members)
+
+
+def read_index(index_path: Path | str) -> list[IndexEntry]:
+    """Every sample of an index file, in tar order; each holds an image, `fine` and `coarse` member.
+
+    UserError (naming the file and the remedy) when the file is not such an index.
+    """
+    try:
+        with open(index_path) as handle:
+            version, count = _parse_header(handle.readline())
+            entries = [_parse_line(line) for line in handle]
+        if version != INDEX_VERSION:
+            raise ValueError(f"version {version}, not {INDEX_VERSION}")
+        if len(entries) != count:
+            raise ValueError(f"its header says {count} samples but it lists {len(entries)}")
+        for entry in entries:
+            if entry.image is None or any(label not in entry.members for label in LABEL_MEMBERS):
+                raise ValueError(f"sample {entry.key} lacks an image, fine or coarse member")
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        folder = Path(index_path).parent.parent
+        raise UserError(f"index file {index_path} is damaged ({error}); {remedy(folder)}") from None
+    return entries
+
+
+def key_at(index_path: Path | str, offset: int) -> str | None:
+    """The key of the sample whose member data starts at or spans byte `offset` of the tar the index
+    describes (DALI names a sample "<tar>:<offset>:<member name>"); None when no member is there."""
+    for entry in read_index(index_path):
+        for member in entry.members.values():
+            if member.offset <= offset < member.offset + max(member.size, 1):
+                return entry.key
+    return None
+
+
+def _last_member_end(index_path: Path) -> int:
+    """Byte just past the data of the last member the index lists (read from the file's end only)."""
+    with open(index_path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        block = 4096
+        while True:
+            start = max(0, size - block)
+            handle.seek(start)
+            lines = handle.read(size - start).rstrip(b"\n").split(b"\n")
+            if len(lines) > 1 or start == 0:
+                break
+            block *= 4
+    last = _parse_line(lines[-1].decode())
+    return max(member.offset + member.size for member in last.members.values())
+
+
+# ------------------------------------------------------------------------------------------ manifest
+
+
+def shard_record(tar: str, index: str, num_samples: int, sha256: str, tar_bytes: int, index_bytes: int) -> dict:
+    """One shard's entry in the manifest: paths relative to the folder, samples, checksum, file sizes.
+
+    Manifests written before the sizes were recorded lack `tar_bytes` and `index_bytes`; readers accept them.
+    """
+    return {"tar": tar, "index": index, "num_samples": num_samples, "sha256": sha256, "tar_bytes": tar_bytes,
+            "index_bytes": index_bytes}
+
+
+def remedy(folder: Path | str, manifest: dict | None = None) -> str:
+    """What to run about damaged shards under `folder`: the verify command, then the one that re-creates them."""
+    dataset, src = "DATASET", " --src SRC"
+    if manifest is not None:
+        dataset = manifest["dataset"]
+        if "src" in manifest:  # the source folder, or None for a bundled dataset (older manifests lack it)
+            src = f" --src {manifest['src']}" if manifest["src"] else ""
+    return (f"list every damaged shard with python launch/make_shards.py verify {folder} and re-create them with "
+            f"python launch/make_shards.py create {dataset}{src} --out {folder} --overwrite")
+
+
+def read_manifest(folder: Path | str) -> dict:
+    """The manifest of the shards under `folder`; UserError when it is missing or malformed."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        hint = " (a conversion was interrupted: rerun the same create command)" if (Path(folder) / PLAN).exists() else ""
+        raise UserError(f"no complete shards at {folder}: {path} is missing{hint}; make them with "
+                        f"python launch/make_shards.py create DATASET --src SRC --out {folder}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        manifest = None
+    if not _is_manifest(manifest):
+        raise UserError(f"{path} is not a maskcon shard manifest; recreate the shards with "
+                        f"python launch/make_shards.py create DATASET --src SRC --out {folder} --overwrite")
+    return manifest
+
+
+def _is_manifest(manifest) -> bool:
+    if not isinstance(manifest, dict) or any(key not in manifest for key in MANIFEST_KEYS):
+        return False
+    if manifest["image_format"] not in IMAGE_FORMATS or manifest["label_encoding"] != LABEL_ENCODING:
+        return False
+    splits = manifest["splits"]
+    return isinstance(splits, dict) and all(
+        isinstance(split, dict) and isinstance(split.get("num_samples"), int) and isinstance(split.get("shards"), list)
+        and all(isinstance(record, dict) and all(key in record for key in SHARD_KEYS) for record in split["shards"])
+        for split in splits.values())
+
+
+def _split_records(folder: Path | str, manifest: dict, split: str) -> list[dict]:
+    if split not in manifest["splits"]:
+        raise UserError(f"the shards at {folder} have no {split!r} split (they have {', '.join(manifest['splits'])})")
+    return manifest["splits"][split]["shards"]
+
+
+def split_files(folder: Path | str, split: str, manifest: dict | None = None) -> tuple[list[str], list[str]]:
+    """(tar paths, index paths) of one split, in shard order; `manifest` saves reading it again."""
+    manifest = manifest if manifest is not None else read_manifest(folder)
+    records = _split_records(folder, manifest, split)
+    return [str(Path(folder) / r["tar"]) for r in records], [str(Path(folder) / r["index"]) for r in records]
+
+
+# ---------------------------------------------------------------------------------------- pre-flight
+
+
+def shard_problem(folder: Path | str, record: dict) -> str | None:
+    """What is wrong with one shard, judged from file sizes and the index alone (the tar is not read):
+    None when it looks intact. `verify` reads every sample; this is the check before every run."""
+    tar, index = Path(folder) / record["tar"], Path(folder) / record["index"]
+    if not tar.is_file():
+        return "is missing"
+    tar_bytes = tar.stat().st_size
+    if "tar_bytes" in record and tar_bytes != record["tar_bytes"]:
+        return f"holds {tar_bytes} bytes, the manifest says {record['tar_bytes']}"
+    if not index.is_file():
+        return f"has lost its index {record['index']}"
+    if "index_bytes" in record and index.stat().st_size != record["index_bytes"]:
+        return f"has an index {record['index']} of {index.stat().st_size} bytes, the manifest says {record['index_bytes']}"
+    try:
+        version, count = index_header(index)
+        if version != INDEX_VERSION:
+            return f"has an index {record['index']} of version {version}, not {INDEX_VERSION}"
+        if count != record["num_samples"]:
+            return f"has an index {record['index']} of {count} samples, the manifest says {record['num_samples']}"
+        end = _last_member_end(index)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        return f"has an unreadable index {record['index']} ({error})"
+    if end > tar_bytes:
+        return f"ends at byte {tar_bytes}, before its last sample (byte {end}): it was cut short"
+    return None
+
+
+def check_split(folder: Path | str, split: str, manifest: dict | None = None) -> None:
+    """Check every shard of a split against the manifest without reading the tars: tar present and of the
+    recorded size, index present, of the recorded size, with the manifest's sample count, and its last
+    member inside the tar. Raises UserError naming the first damaged shard and the remedy.
+
+    Folders written before the manifest recorded file sizes get every check but the two sizes.
+    """
+    manifest = manifest if manifest is not None else read_manifest(folder)
+    damaged = [(record, problem) for record in _split_records(folder, manifest, split)
+               if (problem := shard_problem(folder, record)) is not None]
+    if damaged:
+        record, problem = damaged[0]
+        more = f" (and {len(damaged) - 1} more damaged shards)" if len(damaged) > 1 else ""
+        raise UserError(f"shard {Path(folder) / record['tar']} {problem}{more}; {remedy(folder, manifest)}")
