@@ -1,13 +1,35 @@
-"""Every cross-process operation of the learner, each with a one-process path.
+"""Every cross-process operation of the learner and the loop, each with a one-process path.
 
-When torch.distributed is not initialised (or runs a single process) every function here is the identity,
-so the model and the losses run and test on one CPU. All collectives assume the same batch size on every
-process (the loaders guarantee it), as MoCo's `concat_all_gather` and batch shuffle do; they work with the
-gloo and NCCL back ends alike.
+When torch.distributed is not initialised (or runs a single process) every function here reduces to its
+local meaning, so the model, the losses and the loop run and test on one CPU. The learner's collectives
+assume the same batch size on every process (the loaders guarantee it), as MoCo's `concat_all_gather` and
+batch shuffle do; `gather_to_main` takes any row counts. All work with the gloo and NCCL back ends.
+
+Traffic of one training step, P processes of N samples with S x S images and D-wide keys (the bytes each
+process receives; `python launch/bench.py collectives` measures them):
+    shuffle-BN   all-to-all: the (P-1)/P of its N key images that live elsewhere, in the training precision,
+                 and the same share of its N x D fp32 keys on the way back
+    enqueue      one all-gather of N x (D + 2) fp32 (keys, coarse and fine labels) from every other process
+    stop vote    every --log-every steps, one all-reduce of 4 floats (`agree_to_stop`)
+Batch-norm running statistics are not sent every step (DDP runs with broadcast_buffers=False): the banks
+stay identical through the gathered enqueue, and `average_buffers` syncs the statistics before evaluation
+and checkpoints.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.distributed as torch_dist
+
+from maskcon.errors import UserError
+
+Result = TypeVar("Result")
+
+STATUS_BYTES = 1024     # size of the status `run_on_main` broadcasts: 1 flag byte + a UTF-8 message
+_RUNNING_STATISTICS = ("running_mean", "running_var")   # buffer names of the batch-norm running statistics
 
 
 def world_size() -> int:
@@ -24,58 +46,278 @@ def rank() -> int:
     return 0
 
 
+def _collective_device() -> torch.device:
+    """Where small control tensors of the default group live: the current GPU under NCCL, else the CPU."""
+    if world_size() > 1 and torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------ the learner
+
+
 @torch.no_grad()
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` (N x ...) of every process along dim 0, in rank order: (world_size * N) x ....
 
-    No gradient flows through the gather (MoCo, `moco/builder.py`). Every process must pass the same shape.
+    One all-gather into a preallocated tensor; no gradient flows through it (MoCo, `moco/builder.py`).
+    Every process must pass the same shape and dtype.
     """
     processes = world_size()
     if processes == 1:
         return tensor
     tensor = tensor.contiguous()
-    gathered = [torch.empty_like(tensor) for _ in range(processes)]
-    torch_dist.all_gather(gathered, tensor)
-    return torch.cat(gathered, dim=0)
+    gathered = tensor.new_empty((processes * tensor.shape[0], *tensor.shape[1:]))
+    torch_dist.all_gather_into_tensor(gathered, tensor)
+    return gathered
+
+
+class _ShuffleState:
+    """The permutation source of shuffle-BN: a CPU generator seeded identically on every process.
+
+    Every process draws the same permutation of the global batch from it without a collective, and
+    computes its all-to-all send plan on the host, so the step waits on no device-to-host copy. It is
+    seeded once per process group from rank 0's torch seed (one broadcast), so a run is reproducible
+    under `set_seed`.
+    """
+
+    group: object = None
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def permutation(cls, size: int) -> torch.Tensor:
+        group = torch_dist.group.WORLD
+        if cls.group is not group or cls.generator is None:
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(_collective_device())
+            torch_dist.broadcast(seed, src=0)
+            cls.generator = torch.Generator().manual_seed(int(seed.item()))
+            cls.group = group
+        return torch.randperm(size, generator=cls.generator)
+
+
+def _shuffle_plan(idx_shuffle: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+    """This process's all-to-all plan for the global permutation idx_shuffle ((P*N,) int64 on the CPU).
+
+    Shuffled position j goes to process j // N and takes global sample idx_shuffle[j], held by process
+    idx_shuffle[j] // N. Returns
+        send_rows   (N,) rows of the local batch, grouped by destination process, in position order
+        send_counts rows sent to each process (P ints; the share for itself stays local in the all-to-all)
+        recv_counts rows received from each process (P ints)
+    The rows a process receives arrive grouped by source process; batch norm does not depend on the order
+    of its batch, so they are used in that order and sent back in it.
+    """
+    processes, this = world_size(), rank()
+    n = idx_shuffle.numel() // processes
+    source = idx_shuffle // n                                        # P*N: process holding each sample
+    destination = torch.arange(idx_shuffle.numel()) // n             # P*N: process of each position
+    mine = (source == this).nonzero().squeeze(1)                     # positions of my samples, ascending
+    send_rows = idx_shuffle[mine] - this * n
+    send_counts = torch.bincount(destination[mine], minlength=processes).tolist()
+    recv_counts = torch.bincount(source[this * n:(this + 1) * n], minlength=processes).tolist()
+    return send_rows, send_counts, recv_counts
+
+
+def _to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host index tensor -> device, without making the host wait for the device's queue."""
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
+
+
+def _exchange(rows: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+    """all_to_all_single: rows (sum(send_counts) x ..., grouped by destination) -> sum(recv_counts) x ...
+    grouped by source."""
+    rows = rows.contiguous()
+    received = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
+    torch_dist.all_to_all_single(received, rows, output_split_sizes=recv_counts, input_split_sizes=send_counts)
+    return received
+
+
+def _like_layout(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x in the channels-last memory format when `like` (a 4-d image batch) is in it."""
+    if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 @torch.no_grad()
 def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle the global batch across processes, for shuffle-BN (MoCo).
 
-    x: N x ... (this process's part of the global batch). Returns (this process's N samples of the shuffled
-    global batch, idx_unshuffle: (world_size * N,) int64) to give to `batch_unshuffle`. Rank 0 draws the
-    permutation and broadcasts it, so all processes agree. On one process the shuffle is the identity (batch
-    norm statistics do not depend on the order of the batch): returns (x, arange(N)).
+    x: N x ... (this process's part of the global batch, sent in its own dtype: pass the images in the
+    training precision). Returns (this process's N samples of the shuffled global batch, grouped by the
+    process they came from; idx_unshuffle: (P*N,) int64 on the CPU, to give to `batch_unshuffle`). Every
+    process draws the same uniform permutation of the P*N samples (a generator seeded alike on all of
+    them), and one all-to-all sends each process only the samples it gets, not the whole global batch. On
+    one process the shuffle is the identity (batch norm statistics do not depend on the order of the
+    batch): returns (x, arange(N)).
     """
     processes = world_size()
     if processes == 1:
-        return x, torch.arange(x.shape[0], device=x.device)
-    x_all = concat_all_gather(x)                                  # (P*N) x ...
-    idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
-    torch_dist.broadcast(idx_shuffle, src=0)
-    idx_unshuffle = torch.argsort(idx_shuffle)
-    idx_this = idx_shuffle.view(processes, -1)[rank()]          # N
-    return x_all[idx_this], idx_unshuffle
+        return x, torch.arange(x.shape[0])
+    idx_shuffle = _ShuffleState.permutation(processes * x.shape[0])   # P*N, same on every process
+    send_rows, send_counts, recv_counts = _shuffle_plan(idx_shuffle)
+    shuffled = _exchange(x[_to_device(send_rows, x.device)], send_counts, recv_counts)
+    return _like_layout(shuffled, x), torch.argsort(idx_shuffle)
 
 
 @torch.no_grad()
 def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
-    """Undo `batch_shuffle`: x (N x ..., computed on the shuffled samples) -> N x ... in the original order."""
+    """Undo `batch_shuffle`: x (N x ..., computed on the shuffled samples) -> N x ... in the original order.
+
+    The reverse all-to-all: each process gets back the results of its own samples only.
+    """
     processes = world_size()
     if processes == 1:
         return x
-    x_all = concat_all_gather(x)                                  # (P*N) x ...
-    idx_this = idx_unshuffle.view(processes, -1)[rank()]        # N
-    return x_all[idx_this]
+    send_rows, send_counts, recv_counts = _shuffle_plan(torch.argsort(idx_unshuffle))
+    returned = _exchange(x, recv_counts, send_counts)                  # N x ..., in send_rows order
+    return torch.empty_like(returned).index_copy_(0, _to_device(send_rows, x.device), returned)
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average the batch-norm running statistics (running_mean, running_var) of `module` over processes.
+
+    DDP runs without a per-step buffer broadcast, so each process's statistics follow its own batches (and
+    the key encoder's its shuffled sub-batches). Call this before evaluation and before a checkpoint: every
+    process then holds the same network. One all-reduce of all statistics, as timm's `distribute_bn`;
+    other buffers (the memory bank, num_batches_tracked) are left alone. No-op on one process.
+    """
+    processes = world_size()
+    if processes == 1:
+        return
+    statistics = [buffer for name, buffer in module.named_buffers()
+                  if name.rsplit(".", 1)[-1] in _RUNNING_STATISTICS]
+    if not statistics:
+        return
+    flat = torch.cat([buffer.detach().float().flatten() for buffer in statistics])
+    torch_dist.all_reduce(flat)
+    flat /= processes
+    averages = torch.split(flat, [buffer.numel() for buffer in statistics])
+    torch._foreach_copy_(statistics, [average.view_as(buffer) for average, buffer in zip(averages, statistics)])
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+class Agreement(NamedTuple):
+    """What every process learns from `agree_to_stop`; the same values on all of them."""
+
+    sigterm: bool            # some process received SIGTERM
+    loss_not_finite: bool    # some process's loss was NaN or infinite
+    failed: bool             # some process reported a failure
+    mean_loss: float         # the given loss averaged over processes (NaN without a loss or when not finite)
+
+    @property
+    def stop(self) -> bool:
+        """Some process asked to stop, for any of the three reasons."""
+        return self.sigterm or self.loss_not_finite or self.failed
+
+
+@torch.no_grad()
+def agree_to_stop(*, sigterm: bool, loss: torch.Tensor | None = None, failed: bool = False) -> Agreement:
+    """One small all-reduce that lets every process decide together whether to stop.
+
+    sigterm: this process received SIGTERM; loss: a tensor on the device (the last loss, or the sum of the
+    losses since the last call: a sum is finite exactly when every term is), read only after the reduce;
+    None where no loss exists (evaluation, the bank fill); failed: this process hit an error and must stop.
+    Every process must call it at the same point. One all-reduce of 4 floats and one device-to-host copy.
+    """
+    processes = world_size()
+    device = loss.device if loss is not None else _collective_device()
+    flags = torch.tensor([float(sigterm), float(failed)], device=device)
+    if loss is None:
+        loss_sum = torch.zeros((), device=device)
+        not_finite = torch.zeros((), device=device)
+    else:
+        loss_sum = loss.detach().float().sum()
+        not_finite = (~torch.isfinite(loss.detach())).any().float()
+    votes = torch.stack([flags[0], not_finite, flags[1], loss_sum])       # 4: counts, counts, counts, sum
+    if processes > 1:
+        torch_dist.all_reduce(votes)
+    sigterm_count, not_finite_count, failed_count, total = votes.tolist()
+    mean_loss = total / processes if loss is not None and not not_finite_count else float("nan")
+    return Agreement(sigterm=sigterm_count > 0, loss_not_finite=not_finite_count > 0, failed=failed_count > 0,
+                     mean_loss=mean_loss)
+
+
+class MainProcessFailed(UserError):
+    """Raised on every other process when a section that runs on the main process alone failed there.
+
+    The main process raises its own error (with its traceback, or its one line for a UserError); this one
+    carries that error's first line, so no process waits for a main process that has given up.
+    """
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def run_on_main(fn: Callable[..., Result], *args, **kwargs) -> Result | None:
+    """Run fn(*args, **kwargs) on the main process (rank 0) only, then tell every process how it went.
+
+    Returns fn's result on the main process and None on the others. If fn raises, the main process re-raises
+    the original error and every other process raises `MainProcessFailed` with its first line, so all leave
+    together instead of waiting in the next collective. Every process must call it at the same point; the
+    others wait in one broadcast of STATUS_BYTES bytes for as long as fn runs (keep fn shorter than the
+    process-group timeout). On one process: fn(*args, **kwargs).
+    """
+    if world_size() == 1:
+        return fn(*args, **kwargs)
+    status = torch.zeros(STATUS_BYTES, dtype=torch.uint8)          # [failed, UTF-8 message, 0 padding]
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as caught:   # every failure, even SystemExit, is reported before it propagates
+            error = caught
+            message = _first_line(caught).encode()[:STATUS_BYTES - 1]
+            status[0] = 1
+            status[1:1 + len(message)] = torch.frombuffer(bytearray(message), dtype=torch.uint8)
+    status = status.to(_collective_device())
+    torch_dist.broadcast(status, src=0)
+    if error is not None:
+        raise error
+    if rank() != 0:
+        status = status.cpu()
+        if status[0]:
+            message = bytes(status[1:].tolist()).rstrip(b"\0").decode(errors="replace")
+            raise MainProcessFailed(f"the main process failed: {message}")
+    return result
+
+
+@torch.no_grad()
+def gather_to_main(tensor: torch.Tensor) -> torch.Tensor | None:
+    """Concatenate every process's rows on the main process, in rank order; the others get None.
+
+    tensor: R_p x ... with any row count R_p per process (same trailing shape and dtype everywhere), e.g. the
+    evaluation features of each process's share of the test set. Returns (sum of R_p) x ... on rank 0.
+    One all-gather of the P row counts (a host sync: evaluation only), then one gather of the rows padded
+    to the longest count. On one process: the tensor itself.
+    """
+    processes = world_size()
+    if processes == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    counts = concat_all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()   # P
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))                                  # max R x ...
+    padded[:tensor.shape[0]] = tensor
+    if rank() != 0:
+        torch_dist.gather(padded, None, dst=0)
+        return None
+    parts = [torch.empty_like(padded) for _ in range(processes)]
+    torch_dist.gather(padded, parts, dst=0)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
 
 @torch.no_grad()
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
-    """Copy every buffer of `module` (batch-norm running statistics) from process `src` to all processes.
+    """Copy every buffer of `module` from process `src` to all processes (one broadcast per buffer).
 
-    Under DDP each process updates its own running statistics after the last synchronised forward; the
-    evaluation uses rank 0's, so every process extracts features with the same network. No-op on one process.
+    Superseded by `average_buffers`, which syncs the batch-norm statistics in one all-reduce.
+    No-op on one process.
     """
     if world_size() == 1:
         return
