@@ -16,13 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from maskcon.datasets import DATASETS
 from maskcon.errors import UserError
+from maskcon.methods import METHODS
 
-METHODS = ("maskcon", "grafit", "coins", "supfine", "selfcon")
-DATASETS = (
-    "digits", "cifar100", "cifartoy_good", "cifartoy_bad", "imagenet32",
-    "sop_split1", "sop_split2", "cars196", "folder",
-)
 ARCHS = ("resnet18", "resnet34", "resnet50")
 VIEWS = ("strong", "weak")
 
@@ -32,7 +29,7 @@ class Config:
     # --- data ---
     dataset: str = field(default="digits", metadata={"help": f"dataset of the shards: {', '.join(DATASETS)}"})
     shards: str | None = field(default=None, metadata={"help": "shard folder (default: shards/DATASET)"})
-    image_size: int = field(default=32, metadata={"help": "side of the square network input, pixels"})
+    image_size: int = field(default=32, metadata={"help": "side of the square network input, pixels (default: the dataset's)"})
     query_view: str = field(default="strong", metadata={"help": "augmentation of the query view: strong|weak"})
     key_view: str = field(default="weak", metadata={"help": "augmentation of the key view: strong|weak"})
     loader: str = field(default="dali", metadata={"help": "data loader back end: dali|torch"})
@@ -46,7 +43,7 @@ class Config:
     key_momentum: float = field(default=0.99, metadata={"help": "momentum m of the key encoder"})
     # --- network ---
     arch: str = field(default="resnet18", metadata={"help": f"backbone: {'|'.join(ARCHS)}"})
-    pretrained: str | None = field(default=None, metadata={"help": "'imagenet' for torchvision weights, or a local weights file"})
+    pretrained: str | None = field(default=None, metadata={"help": "initial weights: 'imagenet' (torchvision's; the paper datasets' default), a local torchvision weights file, or none"})
     proj_hidden: int = field(default=512, metadata={"help": "projector hidden width"})
     proj_dim: int = field(default=128, metadata={"help": "projector output dimension"})
     # --- optimisation (supplement, section A) ---
@@ -58,9 +55,10 @@ class Config:
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
     warmup_epochs: float = field(default=5.0, metadata={"help": "linear warm-up before the per-step cosine schedule, epochs"})
-    mixed_precision: str | None = field(default=None, metadata={"help": "no|bf16|fp16 (default: what accelerate launch says)"})
-    channels_last: bool = field(default=False, metadata={"help": "channels-last memory format (faster on tensor cores)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the query encoder"})
+    mixed_precision: str | None = field(default=None, metadata={"help": "no|bf16|fp16 (default: bf16 on a GPU unless accelerate launch asks for fp16 or bf16; fp32 on the CPU)"})
+    channels_last: bool | None = field(default=None, metadata={"help": "channels-last memory format (default: on for a GPU, off on the CPU)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile both encoders and projectors"})
+    compile_mode: str | None = field(default=None, metadata={"help": "torch.compile mode with --compile: default|reduce-overhead|max-autotune|max-autotune-no-cudagraphs"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     # --- evaluation, logging, checkpoints ---
     eval_every: int = field(default=10, metadata={"help": "evaluate Recall@K every N epochs (and always after the last)"})
@@ -69,7 +67,9 @@ class Config:
     log_every: int = field(default=10, metadata={"help": "write a metrics row every N steps"})
     checkpoint_every: int = field(default=10, metadata={"help": "checkpoint every N epochs (0: only on SIGTERM and at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in OUTPUT_DIR/checkpoints"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest intact checkpoint in OUTPUT_DIR/checkpoints"})
+    accept_changes: str | None = field(default=None, metadata={"help": "with --resume: comma-separated options allowed to differ from the checkpoint's run (e.g. epochs)"})
+    dist_timeout: float = field(default=10.0, metadata={"help": "minutes a process waits in a collective operation before the run fails"})
     output_dir: str | None = field(default=None, metadata={"help": "where the run writes (default: a new folder under runs/)"})
     wandb: str = field(default="auto", metadata={"help": "auto|online|offline|disabled (auto: online when logged in)"})
     wandb_project: str = field(default="maskcon", metadata={"help": "W&B project"})
@@ -77,33 +77,6 @@ class Config:
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps in all (smoke tests)"})
     config: str | None = field(default=None, metadata={"help": "YAML file of options (command line wins)"})
 
-
-# Per-dataset presets. Hyperparameters of MaskCon: supplement Table 1 (SOP, Cars196), the best MaskCon rows
-# of Tables 4 and 6 (CIFAR-100, CIFAR-toy). ImageNet32: 100 epochs, batch 256, K 16,384 (section A).
-PRESETS: dict[str, dict] = {
-    # The bundled demo: sized to finish in minutes on two CPU cores (8 px is the digits' own resolution).
-    # Both views weak (digits' own mild crop, recipes.py); a bank of 4 batches, so that it never holds an
-    # older key of a query's own image (1,437 training images).
-    "digits": dict(image_size=8, epochs=12, batch_size=64, lr=0.04, queue_size=256, query_view="weak",
-                   warmup_epochs=1, eval_every=6, checkpoint_every=6, log_every=5, eval_untrained=True,
-                   w=1.0, t=0.05),
-    "cifar100": dict(image_size=32, w=1.0, t=0.05),
-    "cifartoy_good": dict(image_size=32, w=1.0, t=0.05),
-    "cifartoy_bad": dict(image_size=32, w=1.0, t=0.05),
-    "imagenet32": dict(image_size=32, epochs=100, batch_size=256, lr_reference_batch=256,
-                       queue_size=16384, w=1.0, t=0.05),
-    "sop_split1": dict(image_size=224, w=0.8, t=0.1, query_view="weak"),
-    "sop_split2": dict(image_size=224, w=0.5, t=0.05, query_view="weak"),
-    "cars196": dict(image_size=224, w=1.0, t=0.1),
-    "folder": dict(image_size=224),
-}
-
-# The w of the baselines where the supplement fixes one (Table 1); elsewhere the MaskCon preset applies.
-BASELINE_W: dict[tuple[str, str], float] = {
-    ("sop_split1", "grafit"): 0.8, ("sop_split1", "coins"): 0.5,
-    ("sop_split2", "grafit"): 0.8, ("sop_split2", "coins"): 0.2,
-    ("cars196", "grafit"): 1.0, ("cars196", "coins"): 1.0,
-}
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
@@ -205,16 +178,24 @@ def parse_config(argv: list[str] | None = None) -> Config:
     from_yaml = load_yaml(cli["config"]) if cli.get("config") else {}
     dataset = cli.get("dataset", from_yaml.get("dataset", Config.dataset))
     method = cli.get("method", from_yaml.get("method", Config.method))
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
-    values = dict(PRESETS.get(dataset, {}))
-    if (dataset, method) in BASELINE_W:
-        values["w"] = BASELINE_W[(dataset, method)]
+    values = preset(dataset, method)
     values.update(from_yaml)
     values.update(cli)
     config = Config(**values)
     validate(config)
     return config
+
+
+def preset(dataset: str, method: str) -> dict:
+    """The options a dataset's description sets (maskcon/datasets), with the w the supplement fixes for a
+    baseline on that dataset (maskcon/methods.py)."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+    description = DATASETS[dataset]
+    values = {"image_size": description.image_size, "pretrained": description.pretrained, **description.preset}
+    if method in METHODS and dataset in METHODS[method].fixed_w:
+        values["w"] = METHODS[method].fixed_w[dataset]
+    return values
 
 
 def validate(config: Config) -> None:
@@ -251,8 +232,23 @@ def validate(config: Config) -> None:
         raise UserError(f"--lr must be > 0, got {config.lr}")
     if not 0.0 <= config.key_momentum < 1.0:
         raise UserError(f"--key-momentum must lie in [0, 1), got {config.key_momentum}")
+    if config.compile_mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        raise UserError(f"--compile-mode must be default, reduce-overhead, max-autotune or "
+                        f"max-autotune-no-cudagraphs, got {config.compile_mode!r}")
+    if not config.dist_timeout > 0:
+        raise UserError(f"--dist-timeout must be > 0 minutes, got {config.dist_timeout}")
     if config.max_steps is not None and config.max_steps < 1:
         raise UserError(f"--max-steps must be at least 1, got {config.max_steps}")
+
+
+def accepted_changes(config: Config) -> set[str]:
+    """The option names of --accept-changes (either spelling), checked against the known options."""
+    names = {name.strip().lstrip("-").replace("-", "_") for name in (config.accept_changes or "").split(",")}
+    names.discard("")
+    unknown = sorted(names - set(FIELDS))
+    if unknown:
+        raise UserError(f"--accept-changes: unknown options {', '.join(unknown)} (see --help)")
+    return names
 
 
 def shards_dir(config: Config) -> Path:

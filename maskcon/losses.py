@@ -56,25 +56,48 @@ def maskcon_loss(*, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, queue
     CVPR 2023, and its official code (models/model.py, MaskCon.forward), whose softmax-then-rescale equals
     exp((s - max s) / t) over the same-class similarities s = k.queue, the form computed here.
 
-    The mask is applied by grouping rather than by filling an N x K matrix: the similarities are computed
-    only between the keys and the bank entries of one coarse class at a time, about N x K / C products for C
-    balanced classes, and the target enters the cross-entropy as its expected bank key (see
-    `_SoftTargetCrossEntropy`), so no N x K target is formed.
+    Two equal computations of the target, chosen by `_dense_form`: on a GPU (and under torch.compile) the
+    mask is an N x K boolean matrix and the masked softmax one whole-batch kernel, with static shapes and no
+    host synchronisation; on the CPU the similarities are computed one coarse class at a time, between the
+    keys and the bank entries of that class only, about N x K / C products for C balanced classes. Either way
+    the target enters the cross-entropy as its expected bank key (see `_SoftTargetCrossEntropy`), so no
+    N x K target is formed.
     """
     with _fp32(q):
         k, queue = k.detach().float(), queue.detach().float()
         with torch.no_grad():
-            bank_share = k.new_zeros(k.shape[0])                        # N, the bank's share of the target
-            target_keys = torch.zeros_like(k)                           # N x D, sum_j target_ij queue_j
-            for rows, entries in _same_class_blocks(coarse, queue_coarse):
-                bank = queue[entries]                                   # K_c x D, the class's bank entries
-                soft = torch.softmax((k[rows] / t) @ bank.T, dim=1)     # n_c x K_c
-                # Rescaled so that its largest entry is 1: e = exp(s - max s); with the own key at 1 and
-                # normalised: e / (1 + sum e) = soft / (1 + max soft), since max soft = 1 / sum e.
-                share = w / (1.0 + soft.amax(dim=1))                    # n_c
-                target_keys[rows] = (soft @ bank).mul_(share[:, None])
-                bank_share[rows] = share
+            if _dense_form(q):
+                bank_share, target_keys = _maskcon_target_dense(k, queue, queue_coarse, coarse, t, w)
+            else:
+                bank_share, target_keys = _maskcon_target_grouped(k, queue, queue_coarse, coarse, t, w)
         return _SoftTargetCrossEntropy.apply(q.float(), k, queue, t0, 1.0 - bank_share, target_keys)
+
+
+def _maskcon_target_dense(k, queue, queue_coarse, coarse, t: float, w: float):
+    """(bank share of the target (N,), expected bank key N x D) with an N x K mask: GPU form."""
+    same = coarse[:, None] == queue_coarse[None, :]                     # N x K
+    logits = ((k / t) @ queue.T).masked_fill(~same, float("-inf"))    # N x K, other classes excluded
+    # a row without same-class entries is all -inf: its softmax is NaN, zeroed (the one-hot target)
+    soft = torch.softmax(logits, dim=1).nan_to_num(0.0)                 # N x K
+    # rescaled so the largest entry is 1, own key 1, normalised: soft / (1 + max soft) (see below)
+    top = soft.amax(dim=1)                                              # N, 0 without same-class entries
+    share = torch.where(top > 0, w / (1.0 + top), 0.0)                  # N
+    return share, (soft @ queue).mul_(share[:, None])
+
+
+def _maskcon_target_grouped(k, queue, queue_coarse, coarse, t: float, w: float):
+    """(bank share of the target (N,), expected bank key N x D), one coarse class at a time: CPU form."""
+    bank_share = k.new_zeros(k.shape[0])                                # N, the bank's share of the target
+    target_keys = torch.zeros_like(k)                                   # N x D, sum_j target_ij queue_j
+    for rows, entries in _same_class_blocks(coarse, queue_coarse):
+        bank = queue[entries]                                           # K_c x D, the class's bank entries
+        soft = torch.softmax((k[rows] / t) @ bank.T, dim=1)             # n_c x K_c
+        # Rescaled so that its largest entry is 1: e = exp(s - max s); with the own key at 1 and
+        # normalised: e / (1 + sum e) = soft / (1 + max soft), since max soft = 1 / sum e.
+        share = w / (1.0 + soft.amax(dim=1))                            # n_c
+        target_keys[rows] = (soft @ bank).mul_(share[:, None])
+        bank_share[rows] = share
+    return bank_share, target_keys
 
 
 def grafit_loss(*, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, queue_coarse: torch.Tensor,
@@ -86,18 +109,25 @@ def grafit_loss(*, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, queue_
     Target: w * (1 on the own key and on each bank entry of the sample's coarse class, normalised) +
     (1 - w) * one-hot(own key). Source: Touvron et al., "Grafit", ICCV 2021, in the memory-bank form of the
     MaskCon official code (models/model.py, MaskCon.forward_explicit, mode 'grafit').
-    The equal weights make the target's expected bank key a per-class sum of the bank, O(K x D) work.
+    The equal weights make the target's expected bank key a per-class sum of the bank: O(K x D) work on the
+    CPU; on a GPU (and under torch.compile) an N x K mask times the bank, with static shapes and no host sync.
     """
     with _fp32(q):
         k, queue = k.detach().float(), queue.detach().float()
         with torch.no_grad():
-            classes, entry_class = torch.unique(queue_coarse, return_inverse=True)     # sorted bank labels
-            class_sum = queue.new_zeros(len(classes), queue.shape[1]).index_add_(0, entry_class, queue)
-            class_count = torch.bincount(entry_class, minlength=len(classes)).to(queue.dtype)
-            slot = torch.searchsorted(classes, coarse).clamp_(max=len(classes) - 1)    # N
-            count = torch.where(classes[slot] == coarse, class_count[slot], 0.0)        # N, same-class entries
+            if _dense_form(q):
+                same = (coarse[:, None] == queue_coarse[None, :]).float()      # N x K
+                count = same.sum(dim=1)                                         # N, same-class entries
+                class_sums = same @ queue                                       # N x D
+            else:
+                classes, entry_class = torch.unique(queue_coarse, return_inverse=True)   # sorted bank labels
+                per_class = queue.new_zeros(len(classes), queue.shape[1]).index_add_(0, entry_class, queue)
+                class_count = torch.bincount(entry_class, minlength=len(classes)).to(queue.dtype)
+                slot = torch.searchsorted(classes, coarse).clamp_(max=len(classes) - 1)  # N
+                count = torch.where(classes[slot] == coarse, class_count[slot], 0.0)      # N
+                class_sums = per_class[slot] * (count > 0)[:, None]                       # N x D
             weight = w / (1.0 + count)                                  # N, each positive's share of w
-            target_keys = class_sum[slot].mul_((weight * (count > 0))[:, None])          # N x D
+            target_keys = class_sums.mul_(weight[:, None])              # N x D
             target_pos = 1.0 - weight * count                           # N, own key: weight + (1 - w)
         return _SoftTargetCrossEntropy.apply(q.float(), k, queue, t0, target_pos, target_keys)
 
@@ -124,6 +154,12 @@ def coins_loss(*, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, logits_
     with _fp32(q):
         classification = F.cross_entropy(logits_coarse.float(), coarse)
         return w * classification + (1.0 - w) * selfcon_loss(q=q, k=k, queue=queue, t0=t0)
+
+
+def _dense_form(q: torch.Tensor) -> bool:
+    """Whether the targets use the whole-batch N x K form: on accelerators, where a data-dependent loop costs
+    kernel launches and host synchronisations, and under torch.compile, which needs static shapes."""
+    return q.device.type != "cpu" or torch.compiler.is_compiling()
 
 
 def _fp32(q: torch.Tensor) -> torch.autocast:

@@ -75,29 +75,41 @@ class MaskConModel(nn.Module):
 
         The batch is shuffled across processes around the key encoder (shuffle-BN, MoCo), so batch norm
         cannot use statistics that give away which key belongs to which query; identity on one process.
+        Under autocast the images travel in its dtype (bf16, fp16), the precision the first conv casts them
+        to anyway.
         """
+        if torch.is_autocast_enabled(key.device.type):
+            key = key.to(torch.get_autocast_dtype(key.device.type))
         shuffled, idx_unshuffle = dist.batch_shuffle(key)
         k = F.normalize(self.key_projector(self.key_encoder(shuffled)).float(), dim=1)   # N x D
         return dist.batch_unshuffle(k, idx_unshuffle)
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """key <- m * key + (1 - m) * query for every parameter of the encoder and projector."""
-        pairs = [(self.encoder, self.key_encoder), (self.projector, self.key_projector)]
-        for query_module, key_module in pairs:
-            for query_parameter, key_parameter in zip(query_module.parameters(), key_module.parameters()):
-                key_parameter.lerp_(query_parameter, 1.0 - self.momentum)
+        """key <- m * key + (1 - m) * query for every parameter of the encoder and projector, as one
+        multi-tensor operation."""
+        query_parameters = [*self.encoder.parameters(), *self.projector.parameters()]
+        key_parameters = [*self.key_encoder.parameters(), *self.key_projector.parameters()]
+        torch._foreach_lerp_(key_parameters, query_parameters, 1.0 - self.momentum)
+
+    def compile_encoders(self, mode: str | None = None) -> None:
+        """torch.compile both encoders and projectors in place (parameter names unchanged, so checkpoints
+        and DDP see the same module)."""
+        for module in (self.encoder, self.projector, self.key_encoder, self.key_projector):
+            module.compile(mode=mode)
 
     @torch.no_grad()
     def enqueue(self, k: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor) -> None:
         """Write the keys (N x D) and labels ((N,) int64 each) of all processes into the bank.
 
-        The keys of every process are gathered first (rank order), so every process holds the same bank.
+        The keys and labels of every process are gathered first (rank order) in one all-gather of
+        N x (D + 2) fp32 (labels are exact in fp32 up to 2^24 classes), so every process holds the same bank.
         The write starts at queue_ptr and wraps around K, so K need not be a multiple of the global batch;
         a global batch larger than K keeps its last K entries.
         """
-        k = dist.concat_all_gather(k)                                           # P*N x D
-        coarse, fine = dist.concat_all_gather(coarse), dist.concat_all_gather(fine)
+        packed = torch.cat([k.float(), coarse[:, None].float(), fine[:, None].float()], dim=1)   # N x (D+2)
+        packed = dist.concat_all_gather(packed)                                                # P*N x (D+2)
+        k, coarse, fine = packed[:, :-2], packed[:, -2].long(), packed[:, -1].long()
         size, queue_size = k.shape[0], self.queue.shape[0]
         dropped = max(size - queue_size, 0)
         slots = (self.queue_ptr + dropped + torch.arange(size - dropped, device=k.device)) % queue_size
@@ -154,7 +166,8 @@ def _pretrained_state(arch: str, pretrained: str) -> dict[str, torch.Tensor]:
         except (OSError, RuntimeError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise UserError(f"cannot download torchvision's {arch} ImageNet weights ({reason}); fetch "
-                            f"{weights.url} elsewhere and pass the file with --pretrained PATH") from None
+                            f"{weights.url} elsewhere and pass the file with --pretrained PATH, or start from "
+                            f"random weights with --pretrained none") from None
     path = Path(pretrained).expanduser()
     if not path.is_file():
         raise UserError(f"pretrained weights file {str(path)!r} not found; pass 'imagenet' or the path of "

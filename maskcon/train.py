@@ -1,8 +1,8 @@
 """The training loop: schedule, steps, evaluation, logging, checkpoints.
 
-Order of one step (MoCo v2, official MaskCon): momentum update of the key encoder, keys of the key view
-(shuffle-BN), query projection through the wrapped model, the objective, backward, SGD step, then the
-keys of all processes enter the memory bank.
+The step itself is `maskcon.step.train_step`. The loop reads nothing from the device between logging
+points: every --log-every steps it reads the loss and agrees with the other processes (one small
+all-reduce) on whether to stop (SIGTERM seen, loss not finite).
 """
 
 from __future__ import annotations
@@ -15,24 +15,28 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from maskcon import losses, shards
+from maskcon import shards
 from maskcon.config import Config, shards_dir, to_dict
 from maskcon.errors import UserError
 from maskcon.loaders import build_test_loader, build_train_loader
 from maskcon.dist import broadcast_buffers
 from maskcon.dist import world_size as model_world_size
+from maskcon.methods import method_for
 from maskcon.model import MaskConModel
 from maskcon.retrieval import RECALL_KS, recall_at_k
+from maskcon.step import StepParts, make_optimizer, set_lr, train_step
 
 CHECKPOINT_PREFIX = "step-"
+BANK_FILL_EPOCH = -1  # the loader epoch whose keys fill the memory bank before the first step
 
 
 @dataclass
@@ -56,25 +60,11 @@ def lr_schedule(*, base_lr: float, total_steps: int, warmup_steps: int) -> list[
     return rates
 
 
-def objective(method: str, *, out: dict, k: torch.Tensor, model: MaskConModel, batch: dict,
-              config: Config) -> torch.Tensor:
-    """The loss of `method` for one batch; the memory bank is read before this batch's keys enter it."""
-    q = out["q"]
-    if method == "selfcon":
-        return losses.selfcon_loss(q=q, k=k, queue=model.queue, t0=config.t0)
-    if method == "maskcon":
-        return losses.maskcon_loss(q=q, k=k, queue=model.queue, queue_coarse=model.queue_coarse,
-                                   coarse=batch["coarse"], t0=config.t0, t=config.t, w=config.w)
-    if method == "grafit":
-        return losses.grafit_loss(q=q, k=k, queue=model.queue, queue_coarse=model.queue_coarse,
-                                  coarse=batch["coarse"], t0=config.t0, w=config.w)
-    if method == "supfine":
-        return losses.supfine_loss(q=q, k=k, queue=model.queue, queue_fine=model.queue_fine,
-                                   fine=batch["fine"], t0=config.t0)
-    if method == "coins":
-        return losses.coins_loss(q=q, k=k, queue=model.queue, logits_coarse=out["logits_coarse"],
-                                 coarse=batch["coarse"], t0=config.t0, w=config.w)
-    raise ValueError(f"unknown method {method}")
+def base_learning_rate(config: Config, num_processes: int) -> float:
+    """--lr for a global batch of --lr-reference-batch, scaled linearly to the real global batch
+    (batch x processes) unless --no-scale-lr."""
+    global_batch = config.batch_size * num_processes
+    return config.lr * (global_batch / config.lr_reference_batch if config.scale_lr else 1.0)
 
 
 def default_output_dir(config: Config) -> Path:
@@ -177,7 +167,7 @@ def extract_features(model: MaskConModel, loader, accelerator: Accelerator, chan
 
 
 class _Preemption:
-    """Remembers a SIGTERM so the loop can checkpoint at the top of the next step."""
+    """Remembers a SIGTERM so the loop can checkpoint at the next logging point."""
 
     def __init__(self):
         self.requested = False
@@ -190,21 +180,53 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _any_process(flag: bool, accelerator: Accelerator) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+def _agree(accelerator: Accelerator, *, sigterm: bool, loss_sum: torch.Tensor) -> tuple[bool, bool]:
+    """(stop for SIGTERM, loss not finite), the same on every process: one all-reduce of two flags."""
+    flags = torch.stack([torch.tensor(float(sigterm), device=loss_sum.device),
+                         (~torch.isfinite(loss_sum)).float()])
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    sigterm_seen, not_finite = (flags > 0).tolist()
+    return sigterm_seen, not_finite
+
+
+def resolve_precision(requested: str | None, device: torch.device) -> str:
+    """--mixed-precision when given; else what `accelerate launch --mixed_precision` asked for (fp16, bf16);
+    else bf16 on a GPU (fp16 where bf16 is not supported) and fp32 on the CPU."""
+    if requested is not None:
+        return requested
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher in ("bf16", "fp16"):
+        return launcher
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _accelerator(config: Config) -> Accelerator:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Buffers are not re-sent every step: the gathered enqueue keeps the banks identical, and batch-norm
+    # statistics are made equal before evaluation and checkpoints.
+    handlers = [DistributedDataParallelKwargs(broadcast_buffers=False),
+                InitProcessGroupKwargs(timeout=timedelta(minutes=config.dist_timeout))]
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=resolve_precision(config.mixed_precision, device),
+                       kwargs_handlers=handlers)
 
 
 def train(config: Config) -> RunResult:
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+    accelerator = _accelerator(config)
     set_seed(config.seed, device_specific=True)
-    if accelerator.device.type == "cpu":
+    on_gpu = accelerator.device.type == "cuda"
+    channels_last = on_gpu if config.channels_last is None else config.channels_last
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True
+    else:
         # processes on one CPU share its cores; more threads than cores makes every process wait
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
     main = accelerator.is_main_process
+    method = method_for(config.method)
+    resolved = {**to_dict(config), "mixed_precision": accelerator.mixed_precision, "channels_last": channels_last}
 
     # --- where the run writes (decided once, on the main process) ---
     chosen = [str(Path(config.output_dir)) if config.output_dir else str(default_output_dir(config))]
@@ -218,7 +240,7 @@ def train(config: Config) -> RunResult:
     folder, manifest = prepare_shards(config, accelerator)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     loader_args = dict(image_size=config.image_size, rank=accelerator.process_index,
                        world_size=accelerator.num_processes, device=accelerator.device, backend=config.loader)
     train_loader = build_train_loader(folder, recipe=config.dataset, batch_size=config.batch_size,
@@ -230,21 +252,26 @@ def train(config: Config) -> RunResult:
     global_batch = config.batch_size * accelerator.num_processes
 
     # --- learner ---
-    num_coarse = len(manifest["coarse_classes"]) if config.method == "coins" else None
-    model = MaskConModel(arch=config.arch, image_size=config.image_size, proj_hidden=config.proj_hidden,
-                         proj_dim=config.proj_dim, num_coarse=num_coarse, queue_size=config.queue_size,
-                         momentum=config.key_momentum, pretrained=config.pretrained)
-    if config.channels_last:
+    num_coarse = len(manifest["coarse_classes"]) if method.classifier else None
+    with accelerator.local_main_process_first():  # pretrained weights are downloaded once per node
+        model = MaskConModel(arch=config.arch, image_size=config.image_size, proj_hidden=config.proj_hidden,
+                             proj_dim=config.proj_dim, num_coarse=num_coarse, queue_size=config.queue_size,
+                             momentum=config.key_momentum, pretrained=config.pretrained)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model = model.to(accelerator.device)
     if config.compile:
-        model.encoder = torch.compile(model.encoder)
-    base_lr = config.lr * (global_batch / config.lr_reference_batch if config.scale_lr else 1.0)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=base_lr,
-                                momentum=config.momentum, weight_decay=config.weight_decay)
+        model.compile_encoders(mode=config.compile_mode)
+    base_lr = base_learning_rate(config, accelerator.num_processes)
+    optimizer = make_optimizer(model, lr=base_lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                               device=accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     learner: MaskConModel = accelerator.unwrap_model(model)
     schedule = lr_schedule(base_lr=base_lr, total_steps=total_steps,
                            warmup_steps=round(config.warmup_epochs * steps_per_epoch))
+    parts = StepParts(model=model, learner=learner, optimizer=optimizer, method=method, t0=config.t0, t=config.t,
+                      w=config.w, autocast=accelerator.autocast, backward=accelerator.backward,
+                      channels_last=channels_last)
 
     step = 0
     if config.resume:
@@ -258,17 +285,19 @@ def train(config: Config) -> RunResult:
         from maskcon.tracking import Tracker
 
         name = config.run_name or output_dir.name
-        tracker = Tracker(output_dir, config={**to_dict(config), "base_lr": base_lr, "global_batch": global_batch,
+        tracker = Tracker(output_dir, config={**resolved, "base_lr": base_lr, "global_batch": global_batch,
                                               "world_size": accelerator.num_processes},
                           wandb_mode=config.wandb, project=config.wandb_project, name=name, resume=config.resume,
                           resume_step=step)
         accelerator.print(f"training {config.method} on {config.dataset}: {manifest['splits']['train']['num_samples']}"
                           f" images, {accelerator.num_processes} process(es) x batch {config.batch_size}, "
-                          f"{steps_per_epoch} steps/epoch, {config.epochs} epochs, lr {base_lr:g}; "
-                          f"writing to {output_dir}")
+                          f"{steps_per_epoch} steps/epoch, {config.epochs} epochs, lr {base_lr:g}, "
+                          f"precision {accelerator.mixed_precision}; writing to {output_dir}")
+
+    stopped = "finished"
 
     def evaluate(epoch: int) -> dict:
-        table = extract_features(learner, test_loader, accelerator, config.channels_last)
+        table = extract_features(learner, test_loader, accelerator, channels_last)
         metrics = {}
         if main:
             metrics = recall_at_k(table["features"], table["fine"], RECALL_KS)
@@ -278,81 +307,66 @@ def train(config: Config) -> RunResult:
             accelerator.print(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         return metrics
 
-    stopped = "finished"
+    preemption = _Preemption()
     untrained: dict = {}
     if step == 0:
         if config.eval_untrained:
             untrained = {f"untrained_{k}": v for k, v in evaluate(0).items()}
-        fill_memory_bank(learner, train_loader, config.channels_last)
+        fill_memory_bank(learner, train_loader, channels_last)
 
-    preemption = _Preemption()
     metrics: dict = {}
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     last_log = time.perf_counter()
-    wait_time = busy_time = 0.0
+    wait_time = 0.0
     images_since_log = 0
+    loss_sum = torch.zeros((), device=accelerator.device)    # losses since the last logging point
     start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, config.epochs):
         skip = step - epoch * steps_per_epoch  # batches of this epoch already trained before a resume
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
         batches = iter(train_loader)
         for position in range(steps_per_epoch):
             fetch_start = time.perf_counter()
             batch = next(batches)
-            fetched = time.perf_counter()
+            wait_time += time.perf_counter() - fetch_start
             if position < skip:
                 continue
-            if _any_process(preemption.requested, accelerator):
-                save_checkpoint(accelerator, checkpoint_root, step=step, epoch=epoch, keep=config.keep_checkpoints)
-                accelerator.print(f"stopped by SIGTERM at step {step}; checkpoint saved, continue with --resume")
-                stopped = "preempted"
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = schedule[step]
-            query, key = batch["query"], batch["key"]
-            if config.channels_last:
-                query = query.contiguous(memory_format=torch.channels_last)
-                key = key.contiguous(memory_format=torch.channels_last)
-            learner.momentum_update()
-            with accelerator.autocast():
-                k = learner.encode_keys(key)
-                out = model(query)
-                loss = objective(config.method, out=out, k=k.float(), model=learner, batch=batch, config=config)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            learner.enqueue(k.float(), batch["coarse"], batch["fine"])
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                newest = list_checkpoints(checkpoint_root)
-                where = f"the last good checkpoint is {newest[-1]}" if newest else "no checkpoint was written yet"
-                raise UserError(f"the loss became {loss_value} at step {step} (epoch {epoch}); {where}; "
-                                "try a lower --lr or --mixed-precision bf16")
-            done = time.perf_counter()
-            wait_time += fetched - fetch_start
-            busy_time += done - fetch_start
+            set_lr(optimizer, schedule[step])
+            loss = train_step(parts, batch)
+            loss_sum += loss
             images_since_log += global_batch
             step += 1
-            bar.update(1)
-            if step % config.log_every == 0 or position == steps_per_epoch - 1:
+            last_of_epoch = position == steps_per_epoch - 1
+            at_max = config.max_steps is not None and step >= config.max_steps
+            if step % config.log_every == 0 or last_of_epoch or at_max:
+                sigterm, not_finite = _agree(accelerator, sigterm=preemption.requested, loss_sum=loss_sum)
+                if not_finite:
+                    newest = list_checkpoints(checkpoint_root)
+                    where = f"the last good checkpoint is {newest[-1]}" if newest else "no checkpoint was written yet"
+                    raise UserError(f"the loss became {loss_sum.item()} by step {step} (epoch {epoch}); {where}; "
+                                    "try a lower --lr or --mixed-precision bf16")
                 now = time.perf_counter()
+                loss_value = loss.item()
                 row = {"step": step, "epoch": epoch + (position + 1) / steps_per_epoch, "loss": loss_value,
                        "lr": schedule[step - 1], "images_per_s": images_since_log / max(now - last_log, 1e-9),
-                       "data_wait": wait_time / max(busy_time, 1e-9)}
+                       "data_wait": min(1.0, wait_time / max(now - last_log, 1e-9))}
                 if main:
                     tracker.log(row)
                     bar.set_postfix(loss=f"{loss_value:.3f}")
-                last_log, wait_time, busy_time, images_since_log = now, 0.0, 0.0, 0
-            if config.max_steps is not None and step >= config.max_steps:
+                bar.update(step - bar.n)
+                last_log, wait_time, images_since_log = now, 0.0, 0
+                loss_sum.zero_()
+                if sigterm:
+                    save_checkpoint(accelerator, checkpoint_root, step=step, epoch=epoch, keep=config.keep_checkpoints)
+                    accelerator.print(f"stopped by SIGTERM at step {step}; checkpoint saved, continue with --resume")
+                    stopped = "preempted"
+                    break
+            if at_max:
                 stopped = "max_steps"
                 break
         if stopped == "preempted":
             break
-        # drain what is left of the epoch so the loader starts the next one cleanly
-        for _ in batches:
-            pass
         finished_epoch = epoch + 1
         last = finished_epoch == config.epochs or stopped == "max_steps"
         if finished_epoch % config.eval_every == 0 or last:
@@ -398,19 +412,22 @@ def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
 def fill_memory_bank(model: MaskConModel, loader, channels_last: bool) -> None:
     """Fill the K slots of the bank with keys of training images before the first step (official code).
 
-    Reads as many epochs as K needs; every epoch is read to its end so the loader starts afresh after.
+    The keys come from loader epochs of their own (BANK_FILL_EPOCH, then the one before it, as K needs), so
+    the training epochs see the same data whether or not a run filled its bank (a resumed run does not).
     """
-    slots, filled = model.queue.shape[0], 0
+    slots, filled, epoch = model.queue.shape[0], 0, BANK_FILL_EPOCH
     while filled < slots:
+        loader.set_epoch(epoch)
         for batch in loader:
-            if filled >= slots:
-                continue
             key = batch["key"]
             if channels_last:
                 key = key.contiguous(memory_format=torch.channels_last)
             keys = model.encode_keys(key).float()
             model.enqueue(keys, batch["coarse"], batch["fine"])
             filled += keys.shape[0] * model_world_size()
+            if filled >= slots:
+                break
+        epoch -= 1
 
 
 def _log_pictures(tracker, step: int, table: dict, folder: Path, final: bool) -> None:

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from maskcon.config import FIELDS, PRESETS, parse_config
+from maskcon.config import FIELDS, build_parser, parse_config
+from maskcon.datasets import DATASETS, readme_table
 from maskcon.errors import UserError
+from maskcon.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +23,30 @@ def test_presets_follow_the_supplement():
     assert (parse_config(["--dataset", "sop_split2"]).w, parse_config(["--dataset", "sop_split2"]).t) == (0.5, 0.05)
     assert (parse_config(["--dataset", "cars196"]).w, parse_config(["--dataset", "cars196"]).t) == (1.0, 0.1)
     assert parse_config(["--dataset", "sop_split2", "--method", "coins"]).w == 0.2
-    assert set(PRESETS) == set(parse_config.__globals__["DATASETS"])
+    assert parse_config(["--dataset", "cars196", "--method", "grafit", "--w", "0.3"]).w == 0.3   # the CLI wins
+
+
+def test_paper_datasets_start_from_imagenet_weights_and_digits_from_random():
+    for name in DATASETS:
+        expected = None if name == "digits" else "imagenet"
+        assert parse_config(["--dataset", name]).pretrained == expected
+    assert parse_config(["--dataset", "cifar100", "--pretrained", "none"]).pretrained is None
+    assert parse_config(["--dataset", "cifar100", "--pretrained", "w.pth"]).pretrained == "w.pth"
+
+
+def test_datasets_and_methods_each_come_from_their_one_description():
+    """The CLI's choices, the presets, the recipes and README's table all read maskcon.datasets.DATASETS."""
+    from maskcon.recipes import recipe_for
+
+    for name, description in DATASETS.items():
+        config = parse_config(["--dataset", name])
+        assert config.image_size == description.image_size
+        for option, value in description.preset.items():
+            assert getattr(config, option) == value
+        recipe_for(name)
+    assert readme_table() in (ROOT / "README.md").read_text()
+    help_text = build_parser().format_help()
+    assert all(name in help_text for name in [*DATASETS, *METHODS])
 
 
 def test_command_line_wins_in_both_spellings(tmp_path):

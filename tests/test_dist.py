@@ -1,4 +1,4 @@
-"""Cross-process operations: the one-process paths, and a real 2-process gloo run of the training steps."""
+"""Cross-process operations: the one-process paths, and a real 2-process gloo run of the training step."""
 
 import os
 import socket
@@ -8,8 +8,10 @@ import torch.distributed
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from maskcon import dist, losses
+from maskcon import dist
+from maskcon.methods import method_for
 from maskcon.model import MaskConModel
+from maskcon.step import StepParts, train_step
 
 WORLD_SIZE = 2
 BATCH = 4          # per process; global batch 8
@@ -43,7 +45,7 @@ def batch(step: int, rank: int) -> dict[str, torch.Tensor]:
 
 
 def train_steps(rank: int, port: int, out_dir: str) -> None:
-    """One process of the 2-process run: the training loop's order of operations, then its state to disk."""
+    """One process of the 2-process run: the training step of the loop, then its state to disk."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=WORLD_SIZE)
@@ -60,22 +62,16 @@ def train_steps(rank: int, port: int, out_dir: str) -> None:
         # from the gathered enqueue alone
         wrapped = DistributedDataParallel(model, broadcast_buffers=False)
         optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.5, momentum=0.9)
-        keys = []
+        parts = StepParts(model=wrapped, learner=model, optimizer=optimizer, method=method_for("maskcon"),
+                          t0=0.1, t=0.05, w=0.5)
+        slot_labels = []      # per step, the bank labels in the slots where each rank's keys went
         for step in range(STEPS):
-            data = batch(step, rank)
-            q = wrapped(data["query"])["q"]
-            k = model.encode_keys(data["key"])
-            loss = losses.maskcon_loss(q=q, k=k, queue=model.queue, queue_coarse=model.queue_coarse,
-                                       coarse=data["coarse"], t0=0.1, t=0.05, w=0.5)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            model.momentum_update()
-            model.enqueue(k, data["coarse"], data["fine"])
-            keys.append(k)
+            train_step(parts, batch(step, rank))
+            written = (int(model.queue_ptr) - WORLD_SIZE * BATCH + torch.arange(WORLD_SIZE * BATCH)) % QUEUE_SIZE
+            slot_labels.append(torch.stack([model.queue_coarse[written], model.queue_fine[written]]))
         key_state = {**{f"encoder.{n}": p for n, p in model.key_encoder.named_parameters()},
                      **{f"projector.{n}": p for n, p in model.key_projector.named_parameters()}}
-        torch.save({"samples": samples, "shuffled": shuffled, "restored": restored, "keys": keys,
+        torch.save({"samples": samples, "shuffled": shuffled, "restored": restored, "slot_labels": slot_labels,
                     "queue": model.queue, "queue_coarse": model.queue_coarse, "queue_fine": model.queue_fine,
                     "queue_ptr": model.queue_ptr, "key_parameters": key_state},
                    os.path.join(out_dir, f"rank{rank}.pt"))
@@ -99,11 +95,8 @@ def test_two_processes_keep_identical_banks_and_key_encoders(tmp_path):
     torch.testing.assert_close(ranks[0]["key_parameters"], ranks[1]["key_parameters"], rtol=0, atol=0)
     assert ranks[0]["queue_ptr"].item() == (STEPS * WORLD_SIZE * BATCH) % QUEUE_SIZE
 
-    # the gathered enqueue equals a one-process run on the concatenated batches
-    reference = MaskConModel(arch="resnet18", image_size=IMAGE_SIZE, queue_size=QUEUE_SIZE)
+    # the gathered enqueue writes every process's keys, in rank order, after the pointer
     for step in range(STEPS):
         data = [batch(step, rank) for rank in range(WORLD_SIZE)]
-        reference.enqueue(torch.cat([r["keys"][step] for r in ranks]),
-                          torch.cat([d["coarse"] for d in data]), torch.cat([d["fine"] for d in data]))
-    for name in ("queue", "queue_coarse", "queue_fine", "queue_ptr"):
-        torch.testing.assert_close(ranks[0][name], getattr(reference, name), rtol=0, atol=0)
+        expected = torch.stack([torch.cat([d["coarse"] for d in data]), torch.cat([d["fine"] for d in data])])
+        torch.testing.assert_close(ranks[0]["slot_labels"][step], expected, rtol=0, atol=0)

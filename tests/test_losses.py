@@ -57,6 +57,16 @@ def dense_reference(q, k, queue, target, t0=0.1):
     return loss.detach(), q.grad
 
 
+def compiled(loss_fn):
+    """The objective as torch.compile traces it as one graph (fullgraph: a graph break is an error); it then
+    takes the whole-batch N x K form that CUDA uses."""
+    torch._dynamo.reset()
+    return torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+
+
+FORMS = {"grouped": lambda loss_fn: loss_fn, "dense": compiled}
+
+
 def test_hand_computed_values():
     t, w = 0.5, 0.5
     # same-class similarities k.queue / t = [0.6, 0.8] / 0.5; softmax rescaled to max 1: [e^-0.4, 1]
@@ -96,8 +106,9 @@ def test_matches_official_formulation():
     torch.testing.assert_close(grad, reference_grad)
 
 
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("classes", [2, 7, 50])
-def test_grafit_and_supfine_match_the_dense_target(classes):
+def test_grafit_and_supfine_match_the_dense_target(classes, form):
     """Equal weights on the own key and every bank entry of the sample's class, built densely; empty bank
     entries (-1) and classes absent from the bank included."""
     q, k, queue, labels_bank, labels = random_inputs(n=12, bank=60, classes=classes, seed=classes)
@@ -106,16 +117,33 @@ def test_grafit_and_supfine_match_the_dense_target(classes):
     one_hot = F.one_hot(torch.zeros(len(q), dtype=torch.long), 61).float()
     for w in (0.3, 1.0):
         target = w * positives / positives.sum(dim=1, keepdim=True) + (1 - w) * one_hot
-        grafit = value_and_grad(losses.grafit_loss, q, k=k, queue=queue, queue_coarse=labels_bank,
+        grafit = value_and_grad(FORMS[form](losses.grafit_loss), q, k=k, queue=queue, queue_coarse=labels_bank,
                                 coarse=labels, t0=0.1, w=w)
         torch.testing.assert_close(grafit, dense_reference(q, k, queue, target))
-    supfine = value_and_grad(losses.supfine_loss, q, k=k, queue=queue, queue_fine=labels_bank, fine=labels, t0=0.1)
+    supfine = value_and_grad(FORMS[form](losses.supfine_loss), q, k=k, queue=queue, queue_fine=labels_bank,
+                             fine=labels, t0=0.1)
     torch.testing.assert_close(supfine, dense_reference(q, k, queue, positives / positives.sum(dim=1, keepdim=True)))
 
 
+@pytest.mark.parametrize("name", ["selfcon", "maskcon", "grafit", "supfine", "coins"])
+def test_every_objective_compiles_as_one_graph_with_the_same_value_and_gradient(name):
+    q, k, queue, queue_coarse, coarse = random_inputs(n=10, bank=48, classes=4, seed=3)
+    extra = {"selfcon": {}, "maskcon": dict(queue_coarse=queue_coarse, coarse=coarse, t=0.05, w=0.6),
+             "grafit": dict(queue_coarse=queue_coarse, coarse=coarse, w=0.6),
+             "supfine": dict(queue_fine=queue_coarse, fine=coarse),
+             "coins": dict(logits_coarse=torch.randn(len(q), 4, generator=torch.Generator().manual_seed(4)),
+                           coarse=coarse, w=0.6)}[name]
+    loss_fn = getattr(losses, f"{name}_loss")
+    eager = value_and_grad(loss_fn, q, k=k, queue=queue, t0=0.1, **extra)
+    graph = value_and_grad(compiled(loss_fn), q, k=k, queue=queue, t0=0.1, **extra)
+    torch.testing.assert_close(graph, eager)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("classes", [1, 5, 30])
-def test_maskcon_matches_the_dense_masked_target(classes):
-    """The grouped computation equals the masked N x K target built densely, for few and many classes."""
+def test_maskcon_matches_the_dense_masked_target(classes, form):
+    """Both computations (grouped by class on the CPU, whole-batch N x K on a GPU and under compile) equal
+    the masked N x K target built densely, for few and many classes."""
     q, k, queue, queue_coarse, coarse = random_inputs(n=16, bank=50, classes=classes, seed=classes)
     t, w = 0.05, 0.8
     same = coarse[:, None] == queue_coarse[None, :]
@@ -124,8 +152,8 @@ def test_maskcon_matches_the_dense_masked_target(classes):
     bank_target = torch.cat([torch.ones(len(q), 1), weights], dim=1)
     one_hot = F.one_hot(torch.zeros(len(q), dtype=torch.long), 51).float()
     target = w * bank_target / bank_target.sum(dim=1, keepdim=True) + (1 - w) * one_hot
-    maskcon = value_and_grad(losses.maskcon_loss, q, k=k, queue=queue, queue_coarse=queue_coarse, coarse=coarse,
-                             t0=0.1, t=t, w=w)
+    maskcon = value_and_grad(FORMS[form](losses.maskcon_loss), q, k=k, queue=queue, queue_coarse=queue_coarse,
+                             coarse=coarse, t0=0.1, t=t, w=w)
     torch.testing.assert_close(maskcon, dense_reference(q, k, queue, target))
 
 

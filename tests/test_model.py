@@ -112,11 +112,18 @@ def test_a_batch_larger_than_the_bank_keeps_its_last_entries():
     torch.testing.assert_close(model.queue[6], keys[3])
 
 
-def test_keys_on_one_process_are_the_key_encoder_output():
+def test_keys_come_from_the_momentum_encoder_not_the_query_encoder():
     model = tiny_model()
+    with torch.no_grad():                               # the two encoders no longer agree
+        for parameter in [*model.encoder.parameters(), *model.projector.parameters()]:
+            parameter.add_(torch.randn_like(parameter))
+    model.eval()
     key = torch.randn(4, 3, 8, 8)
     expected = torch.nn.functional.normalize(model.key_projector(model.key_encoder(key)), dim=1)
-    torch.testing.assert_close(model.encode_keys(key), expected)
+    from_query_encoder = torch.nn.functional.normalize(model.projector(model.encoder(key)), dim=1)
+    keys = model.encode_keys(key)
+    torch.testing.assert_close(keys, expected)
+    assert (keys - from_query_encoder).abs().max() > 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +168,4 @@ def test_unusable_pretrained_weights_are_user_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot download") as error:
         MaskConModel(image_size=8, pretrained="imagenet")
     assert "\n" not in str(error.value)
+    assert "--pretrained PATH" in str(error.value) and "--pretrained none" in str(error.value)

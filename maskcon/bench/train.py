@@ -7,9 +7,9 @@ Images per second of the MaskCon training step, in one run on the same shards, m
                image per sample decoded from its shard tar member, torchvision transforms on PIL images
                (AutoAugment CIFAR-10 policy for the strong view of the 32x32 sets), a shuffling torch
                DataLoader with worker processes; batches are copied to the device as part of fetching them
-The step is the training loop's (maskcon/train.py), in its order: momentum update of the key encoder, keys
-(shuffle-BN), query forward, the MaskCon objective, backward, SGD step, enqueue; `loss.item()` ends it, as
-in the loop, so the device has finished when the clock stops. Hyperparameters are the dataset's preset.
+The step is the training loop's own (maskcon.step.train_step), with the loop's defaults: bf16, channels-last
+and fused SGD on CUDA. As in the loop, the loss is read only at the end of a window, which waits for the
+device, so the device has finished when the clock stops. Hyperparameters are the dataset's preset.
     data wait = time spent in next(batches) / (fetch + step time)
 Each mode runs `--warmup` untimed steps (pipeline start, worker start-up, allocator warm-up), then
 `--repeats` windows of `--steps` steps; figures are the median window with the range over windows.
@@ -35,7 +35,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from maskcon import shards
-from maskcon.config import ARCHS, PRESETS, parse_config
+from maskcon.config import ARCHS, parse_config
+from maskcon.datasets import DATASETS
 from maskcon.bench import machine
 from maskcon.errors import UserError
 from maskcon.loaders.torch import worker_context
@@ -64,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     cpus = os.cpu_count() or 1
     parser = _Parser(prog="python launch/bench.py train", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="digits", choices=sorted(PRESETS), metavar="DATASET",
+    parser.add_argument("--dataset", default="digits", choices=sorted(DATASETS), metavar="DATASET",
                         help="recipe, preset and default shard folder (default: digits, written on first use)")
     parser.add_argument("--shards", default=None, metavar="DIR", help="shard folder (default: shards/DATASET)")
     parser.add_argument("--synthetic", type=int, default=None, metavar="N",
@@ -81,7 +82,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="untimed steps per mode before the first window (default: 5)")
     parser.add_argument("--mixed-precision", choices=("bf16", "no"), default=None,
                         help="autocast to bf16 or not (default: bf16 on cuda, no on cpu)")
-    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels-last memory format (default: on for cuda, off on cpu)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoders, as train.py --compile")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode with --compile (default: default)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where the step and the real loader run (default: cuda when available)")
     parser.add_argument("--workers", type=int, default=min(8, cpus), metavar="N",
@@ -126,7 +130,7 @@ def main(argv: list[str]) -> int:
             raise UserError(f"{folder} holds shards of {manifest['dataset']!r}, not {dataset!r}; pass the matching "
                             f"--dataset or --shards")
 
-        config = parse_config(["--dataset", dataset, "--method", "maskcon", "--arch", args.arch]
+        config = parse_config(["--dataset", dataset, "--method", "maskcon", "--arch", args.arch, "--pretrained", "none"]
                               + (["--image-size", str(args.image_size)] if args.image_size else [])
                               + (["--batch-size", str(args.batch_size)] if args.batch_size else []))
         if config.batch_size > manifest["splits"]["train"]["num_samples"]:
@@ -154,43 +158,40 @@ class _Bench:
     """The learner, its optimiser and the step of the training loop, shared by every mode."""
 
     def __init__(self, config, manifest: dict, folder: Path, device: torch.device, precision: str, args):
+        from maskcon.methods import method_for
         from maskcon.model import MaskConModel
-        from maskcon.train import objective
+        from maskcon.step import StepParts, make_optimizer
 
         torch.manual_seed(args.seed)
         self.config, self.manifest, self.folder, self.device, self.args = config, manifest, folder, device, args
-        self.dtype = torch.bfloat16 if precision == "bf16" else None
-        self.model = MaskConModel(arch=config.arch, image_size=config.image_size, proj_hidden=config.proj_hidden,
-                                  proj_dim=config.proj_dim, queue_size=config.queue_size,
-                                  momentum=config.key_momentum).to(device)
-        if args.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+        model = MaskConModel(arch=config.arch, image_size=config.image_size, proj_hidden=config.proj_hidden,
+                             proj_dim=config.proj_dim, queue_size=config.queue_size,
+                             momentum=config.key_momentum).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if args.compile:
+            model.compile_encoders(mode=args.compile_mode)
         num_coarse = len(manifest["coarse_classes"])
         with torch.no_grad():  # a full bank of labelled entries, as after the first epoch
-            self.model.queue_coarse.copy_(torch.randint(num_coarse, self.model.queue_coarse.shape))
-        self.model.train()
-        self.objective = objective
-        self.optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad],
-                                         lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+            model.queue_coarse.copy_(torch.randint(num_coarse, model.queue_coarse.shape))
+        model.train()
+        optimizer = make_optimizer(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                                   device=device)
+        dtype = torch.bfloat16 if precision == "bf16" else None
 
-    def step(self, batch: dict) -> float:
-        """One training step in the order of maskcon/train.py; returns the loss (synchronises)."""
-        model = self.model
-        query, key = batch["query"], batch["key"]
-        if self.args.channels_last:
-            query = query.contiguous(memory_format=torch.channels_last)
-            key = key.contiguous(memory_format=torch.channels_last)
-        model.momentum_update()
-        with torch.autocast(device_type=self.device.type, dtype=self.dtype or torch.float32,
-                            enabled=self.dtype is not None):
-            k = model.encode_keys(key)
-            out = model(query)
-            loss = self.objective("maskcon", out=out, k=k.float(), model=model, batch=batch, config=self.config)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        model.enqueue(k.float(), batch["coarse"], batch["fine"])
-        return loss.item()
+        def autocast():
+            return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+        self.parts = StepParts(model=model, learner=model, optimizer=optimizer, method=method_for("maskcon"),
+                               t0=config.t0, t=config.t, w=config.w, autocast=autocast, channels_last=channels_last)
+        self.model = model
+
+    def step(self, batch: dict) -> torch.Tensor:
+        """One training step, the loop's own; returns the loss tensor without reading it."""
+        from maskcon.step import train_step
+
+        return train_step(self.parts, batch)
 
     # ------------------------------------------------------------------------------------ the modes
 
@@ -222,7 +223,7 @@ class _Bench:
                                        batch_size=config.batch_size, workers=self.args.workers, seed=self.args.seed,
                                        query_view=config.query_view, key_view=config.key_view,
                                        pin_memory=self.device.type == "cuda")
-        stream = _to_device(_epochs(loader), self.device)
+        stream = _to_device(_repeat(loader), self.device)
         return stream, lambda: stream.close()
 
     def measure(self, mode: str) -> Measurement:
@@ -230,7 +231,9 @@ class _Bench:
         batch_size = self.config.batch_size
         try:
             for _ in range(self.args.warmup):
-                self.step(next(stream))
+                loss = self.step(next(stream))
+            if self.args.warmup:
+                loss.item()
             rates, waits = [], []
             for _ in range(self.args.repeats):
                 waited = 0.0
@@ -239,7 +242,8 @@ class _Bench:
                     fetch_start = time.perf_counter()
                     batch = next(stream)
                     waited += time.perf_counter() - fetch_start
-                    self.step(batch)
+                    loss = self.step(batch)
+                loss.item()  # waits for the device: the window's work is done
                 elapsed = time.perf_counter() - start
                 rates.append(self.args.steps * batch_size / elapsed)
                 waits.append(waited / elapsed)
@@ -282,10 +286,15 @@ def _epochs(loader: Iterable[dict]) -> Iterator[dict]:
     """The loader's epochs one after another (a new shuffle each epoch)."""
     epoch = 0
     while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
+        loader.set_epoch(epoch)
         yield from loader
         epoch += 1
+
+
+def _repeat(loader: Iterable) -> Iterator:
+    """A DataLoader's epochs one after another (it reshuffles on every pass)."""
+    while True:
+        yield from loader
 
 
 def _to_device(batches: Iterator, device: torch.device) -> Iterator[dict]:
@@ -337,7 +346,8 @@ def _report(results: list[Measurement], config, args, device, precision, folder:
         "batch_size": config.batch_size,
         "queue_size": config.queue_size,
         "mixed_precision": precision,
-        "channels_last": args.channels_last,
+        "channels_last": device.type == "cuda" if args.channels_last is None else args.channels_last,
+        "compile": args.compile,
         "workers": args.workers,
         "steps": args.steps,
         "repeats": args.repeats,

@@ -1,26 +1,87 @@
-"""One reader per original dataset format; each returns a `DatasetSource` (see source.py).
+"""The datasets, one description each: reader, training preset, augmentation recipe, size, initial weights.
 
-DATASETS maps a dataset name to its reader: `DATASETS[name](src) -> DatasetSource`, where `src` is the
-folder the user downloaded (None for the bundled digits). Readers check the source and raise UserError
-(one line: what is missing and where to get it); pixels are read lazily, when shards are written.
+`DATASETS[name]` is what the configuration (choices and presets), the loaders (recipe), the converters
+(reader) and README's table read; adding a dataset means its reader module and one `Dataset` here.
+A reader is `read(src) -> DatasetSource` (see source.py), where `src` is the folder the user downloaded
+(None for the bundled digits); it checks the source and raises UserError (one line: what is missing and
+where to get it); pixels are read lazily, when shards are written.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 from maskcon.datasets import cars196, cifar100, cifartoy, digits, folder, imagenet32, sop
 from maskcon.datasets.source import ArraySplit, DatasetSource, FileSplit, Sample, Split
+from maskcon.errors import UserError
 
-DATASETS: dict[str, Callable] = {
-    "digits": digits.read,
-    "cifar100": cifar100.read,
-    "cifartoy_good": cifartoy.read_good,
-    "cifartoy_bad": cifartoy.read_bad,
-    "imagenet32": imagenet32.read,
-    "sop_split1": sop.read_split1,
-    "sop_split2": sop.read_split2,
-    "cars196": cars196.read,
-    "folder": folder.read,
-}
 
-__all__ = ["DATASETS", "ArraySplit", "DatasetSource", "FileSplit", "Sample", "Split"]
+@dataclass(frozen=True)
+class Dataset:
+    """name: the --dataset value and the shard folder's name; read: the reader of the original files;
+    recipe: the name of its augmentation recipe (maskcon/recipes.py); image_size: the network input side
+    (px); pretrained: the initial weights ("imagenet": torchvision's, as the official code starts every
+    paper dataset; None: random); preset: the options that differ from `Config`'s defaults (supplement,
+    section A and Tables 1, 4, 6); source, coarse: what SRC is and where the coarse labels come from
+    (README's table)."""
+
+    name: str
+    read: Callable[..., DatasetSource]
+    recipe: str
+    image_size: int
+    pretrained: str | None
+    source: str
+    coarse: str
+    preset: dict = field(default_factory=dict)
+
+    def __call__(self, src) -> DatasetSource:
+        return self.read(src)
+
+
+DATASETS: dict[str, Dataset] = {d.name: d for d in (
+    # The bundled demo, sized to finish in minutes on two CPU cores at the digits' own 8 px: both views weak
+    # (the digits' own mild crop), a bank of 4 batches, so that it never holds an older key of a query's own
+    # image (1,437 training images).
+    Dataset("digits", digits.read, "digits", 8, None,
+            "nothing: scikit-learn's bundled digits (written automatically on first use)", "{0–4} vs {5–9}",
+            dict(epochs=12, batch_size=64, lr=0.04, queue_size=256, query_view="weak", warmup_epochs=1,
+                 eval_every=6, checkpoint_every=6, log_every=5, eval_untrained=True, w=1.0, t=0.05)),
+    Dataset("cifar100", cifar100.read, "cifar100", 32, "imagenet", "the `cifar-100-python` folder",
+            "the 20 official superclasses", dict(w=1.0, t=0.05)),
+    Dataset("cifartoy_good", cifartoy.read_good, "cifartoy_good", 32, "imagenet",
+            "the `cifar-10-batches-py` folder", "8 classes in 2 groups (deer, frog left out)", dict(w=1.0, t=0.05)),
+    Dataset("cifartoy_bad", cifartoy.read_bad, "cifartoy_bad", 32, "imagenet",
+            "the `cifar-10-batches-py` folder", "8 classes in 2 groups (deer, frog left out)", dict(w=1.0, t=0.05)),
+    Dataset("imagenet32", imagenet32.read, "imagenet32", 32, "imagenet",
+            "downsampled ImageNet 32×32 (pickled or `.npz` batches, flat or in `Imagenet32_train/`, "
+            "`Imagenet32_val/`) plus the official MaskCon files `imagenet32_to_fine.json` and "
+            "`imagenet_fine_to_coarse.json` copied into it", "12 WordNet groups",
+            dict(epochs=100, batch_size=256, lr_reference_batch=256, queue_size=16384, w=1.0, t=0.05)),
+    Dataset("sop_split1", sop.read_split1, "sop_split1", 224, "imagenet",
+            "the `Stanford_Online_Products` folder with the official `sop_split1/`, `sop_split2/` label folders "
+            "copied into it", "12 super-classes", dict(w=0.8, t=0.1, query_view="weak")),
+    Dataset("sop_split2", sop.read_split2, "sop_split2", 224, "imagenet",
+            "the `Stanford_Online_Products` folder with the official `sop_split1/`, `sop_split2/` label folders "
+            "copied into it", "12 super-classes", dict(w=0.5, t=0.05, query_view="weak")),
+    Dataset("cars196", cars196.read, "cars196", 224, "imagenet",
+            "Stanford Cars as torchvision's `StanfordCars` reads it (`devkit/`, `cars_train/`, `cars_test/`, "
+            "`cars_test_annos_withlabels.mat`)", "8 body types", dict(w=1.0, t=0.1)),
+    Dataset("folder", folder.read, "folder", 224, "imagenet",
+            "a class-per-folder image tree plus a CSV of `fine,coarse` class names (`--coarse-map`)", "your own"),
+)}
+
+
+def readme_table() -> str:
+    """README's table of datasets, rendered from the descriptions (a test keeps README equal to it)."""
+    rows = ["| DATASET | SRC (what you downloaded) | coarse labels |", "|---|---|---|"]
+    rows += [f"| `{d.name}` | {d.source} | {d.coarse} |" for d in DATASETS.values()]
+    return "\n".join(rows) + "\n"
+
+
+def dataset_for(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+__all__ = ["DATASETS", "Dataset", "dataset_for", "readme_table", "ArraySplit", "DatasetSource", "FileSplit", "Sample", "Split"]

@@ -1,0 +1,120 @@
+"""The training step, on a hand-made batch: which labels each method reads, the bank as it was before the
+batch, and the order of momentum update, loss, optimizer step and enqueue."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from maskcon import losses
+from maskcon.methods import METHODS, method_for
+from maskcon.model import MaskConModel
+from maskcon.step import StepParts, make_optimizer, train_step
+from maskcon.train import lr_schedule
+
+BATCH, QUEUE, SIZE = 6, 16, 8
+
+
+def learner(num_coarse=None) -> MaskConModel:
+    torch.manual_seed(0)
+    model = MaskConModel(arch="resnet18", image_size=SIZE, queue_size=QUEUE, momentum=0.9, num_coarse=num_coarse)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():       # a labelled bank; fine labels 0..5 split into coarse classes {0,1,2} / {3,4,5}
+        model.queue_fine.copy_(torch.randint(0, 6, (QUEUE,), generator=generator))
+        model.queue_coarse.copy_(model.queue_fine // 3)
+        for parameter in [*model.encoder.parameters(), *model.projector.parameters()]:
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))   # key encoder differs
+    return model
+
+
+def hand_made_batch() -> dict:
+    generator = torch.Generator().manual_seed(2)
+    fine = torch.tensor([0, 1, 2, 3, 4, 5])
+    return {"query": torch.randn(BATCH, 3, SIZE, SIZE, generator=generator),
+            "key": torch.randn(BATCH, 3, SIZE, SIZE, generator=generator),
+            "fine": fine, "coarse": fine // 3}
+
+
+def parts_for(model, method="maskcon", lr=0.1):
+    optimizer = make_optimizer(model, lr=lr, momentum=0.9, weight_decay=5e-4, device=torch.device("cpu"))
+    return StepParts(model=model, learner=model, optimizer=optimizer, method=method_for(method), t0=0.1, t=0.05, w=0.7)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_loss_reads_the_methods_labels_and_the_bank_before_this_batch(method):
+    model = learner(num_coarse=2 if METHODS[method].classifier else None)
+    reference = copy.deepcopy(model)
+    batch = hand_made_batch()
+    loss = train_step(parts_for(model, method), batch)
+
+    # by hand, in the order of the step: momentum update, keys, query, objective on the old bank
+    reference.momentum_update()
+    k = reference.encode_keys(batch["key"]).float()
+    out = reference(batch["query"])
+    common = dict(q=out["q"], k=k, queue=reference.queue, t0=0.1)
+    coarse, fine = batch["coarse"], batch["fine"]
+    expected = {
+        "selfcon": lambda: losses.selfcon_loss(**common),
+        "maskcon": lambda: losses.maskcon_loss(**common, queue_coarse=reference.queue_coarse, coarse=coarse,
+                                               t=0.05, w=0.7),
+        "grafit": lambda: losses.grafit_loss(**common, queue_coarse=reference.queue_coarse, coarse=coarse, w=0.7),
+        "supfine": lambda: losses.supfine_loss(**common, queue_fine=reference.queue_fine, fine=fine),
+        "coins": lambda: losses.coins_loss(**common, logits_coarse=out["logits_coarse"], coarse=coarse, w=0.7),
+    }[method]()
+    torch.testing.assert_close(loss, expected.detach())
+    assert loss.ndim == 0 and not loss.requires_grad
+
+    # the labels matter: the other label set (or a bank that already holds this batch) gives another loss
+    if method in ("maskcon", "grafit"):
+        wrong = getattr(losses, f"{method}_loss")(**{**common, "queue_coarse": reference.queue_fine}, coarse=fine,
+                                                   w=0.7, **({"t": 0.05} if method == "maskcon" else {}))
+        assert abs(wrong.item() - loss.item()) > 1e-3
+    if method != "selfcon":
+        after = copy.deepcopy(reference)
+        after.enqueue(k, coarse, fine)
+        late = METHODS[method].loss(q=out["q"], k=k, logits_coarse=out["logits_coarse"], bank=after,
+                                    coarse=coarse, fine=fine, t0=0.1, t=0.05, w=0.7)
+        assert abs(late.item() - loss.item()) > 1e-3
+
+
+def test_momentum_update_precedes_the_optimizer_step_and_the_keys_enter_the_bank_last():
+    model = learner()
+    before = copy.deepcopy(model)
+    batch = hand_made_batch()
+    train_step(parts_for(model), batch)
+
+    # the key encoder moved towards the query encoder as it was BEFORE this step's update
+    for key, old_key, old_query in zip(model.key_encoder.parameters(), before.key_encoder.parameters(),
+                                       before.encoder.parameters()):
+        torch.testing.assert_close(key, 0.9 * old_key + 0.1 * old_query)
+    changed = [not torch.equal(new, old) for new, old in zip(model.encoder.parameters(), before.encoder.parameters())]
+    assert all(changed)                                                   # the optimizer stepped
+    # the batch's keys (from the updated key encoder) and labels now sit at the old pointer
+    before.momentum_update()
+    keys = before.encode_keys(batch["key"])
+    slots = (torch.arange(BATCH) + int(before.queue_ptr)) % QUEUE
+    torch.testing.assert_close(model.queue[slots], keys)
+    assert model.queue_coarse[slots].tolist() == batch["coarse"].tolist()
+    assert model.queue_fine[slots].tolist() == batch["fine"].tolist()
+    assert int(model.queue_ptr) == (int(before.queue_ptr) + BATCH) % QUEUE
+
+
+def test_learning_rate_schedule_warms_up_then_follows_a_per_step_cosine():
+    rates = lr_schedule(base_lr=0.4, total_steps=10, warmup_steps=4)
+    assert rates[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    # cosine over the 6 steps after warm-up: 0.2 * (1 + cos(pi * i / 6))
+    half_sqrt3 = math.sqrt(3) / 2                     # cos(pi / 6)
+    assert rates[4:] == pytest.approx([0.4, 0.2 * (1 + half_sqrt3), 0.3, 0.2, 0.1, 0.2 * (1 - half_sqrt3)])
+    assert lr_schedule(base_lr=1.0, total_steps=3, warmup_steps=0) == pytest.approx([1.0, 0.75, 0.25])
+
+
+def test_learning_rate_scales_with_the_global_batch():
+    from maskcon.config import parse_config
+    from maskcon.train import base_learning_rate
+
+    config = parse_config(["--dataset", "cifar100", "--lr", "0.02", "--batch-size", "64"])
+    assert base_learning_rate(config, num_processes=4) == pytest.approx(0.02 * 256 / 128)
+    assert base_learning_rate(config, num_processes=1) == pytest.approx(0.01)
+    fixed = parse_config(["--dataset", "cifar100", "--lr", "0.02", "--batch-size", "64", "--no-scale-lr"])
+    assert base_learning_rate(fixed, num_processes=4) == pytest.approx(0.02)
