@@ -7,8 +7,18 @@
 # Every argument goes to launch/train.py unchanged. The node count comes from sbatch (--nodes); GPUs per
 # node from SLURM's allocation (--gpus-per-node), or GPUS_PER_NODE=N to say it. The rendezvous is the first
 # node of the job on port MAIN_PROCESS_PORT (default 29500 + job id mod 1000, so jobs sharing a node differ).
-# SLURM sends SIGTERM 120 s before the time limit (--signal below); the trainer then writes a checkpoint, and
-# a resubmission with the same --output-dir and --resume continues from it.
+#
+# A shared file system is assumed: the repository, the environment, the shards and --output-dir must be
+# visible at the same path on every node (all processes read the shards; checkpoints are written by every
+# process into one folder and read back by all of them on --resume).
+#
+# CPUs: srun has not inherited sbatch's --cpus-per-task since Slurm 22.05, so it is passed on explicitly;
+# otherwise the one task per node, with all its processes and loader threads, gets a single CPU.
+#
+# Preemption: SLURM sends SIGTERM 120 s before the time limit (--signal below) to `accelerate launch`, whose
+# elastic agent forwards it to the processes and SIGKILLs them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
+# (torch's default: 30). It is raised here to the whole 120 s, so the trainer has the grace to agree on
+# stopping and write a checkpoint; a resubmission with the same --output-dir and --resume continues from it.
 #
 #SBATCH --job-name=maskcon
 #SBATCH --nodes=2
@@ -32,11 +42,20 @@ fi
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 main_node=${hosts[0]:?no host names in SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST}
 main_port=${MAIN_PROCESS_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}
+# CPUs of the task: sbatch's --cpus-per-task, else every CPU of the node's allocation.
+cpus_per_task=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-}}
+cpu_option=()
+if [[ -n "$cpus_per_task" ]]; then
+    cpu_option=(--cpus-per-task "$cpus_per_task")
+fi
+grace_s=120   # the TERM@ lead time of --signal above: change both together
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-$grace_s}
 
-echo "nodes $nodes x $gpus_per_node GPUs, rendezvous $main_node:$main_port" >&2
+echo "nodes $nodes x $gpus_per_node GPUs, ${cpus_per_task:-?} CPUs per node, rendezvous $main_node:$main_port," \
+     "shutdown timeout ${TORCH_ELASTIC_SHUTDOWN_TIMEOUT} s" >&2
 
 # One task per node; SLURM_NODEID (0 .. nodes-1) is read on each node, so the single quotes are deliberate.
-srun --nodes "$nodes" --ntasks-per-node 1 --kill-on-bad-exit=1 bash -c '
+srun --nodes "$nodes" --ntasks-per-node 1 "${cpu_option[@]}" --kill-on-bad-exit=1 bash -c '
     exec accelerate launch \
         --config_file launch/accelerate/multinode.yaml \
         --num_machines "$0" \

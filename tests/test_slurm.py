@@ -1,0 +1,142 @@
+"""launch/slurm.sh under a fake SLURM, and the shutdown grace of a real `accelerate launch`.
+
+The fake `srun` behaves as SLURM >= 22.05 does: a step's CPUs per task come from its own --cpus-per-task
+(or SRUN_CPUS_PER_TASK), never from sbatch's; each task's environment carries the step's count in
+SLURM_CPUS_PER_TASK. The fake `accelerate` records its arguments and environment, one JSON line per node.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "launch" / "slurm.sh"
+NODELIST = "gpu-b[07-08]"
+HOSTS = ["gpu-b07", "gpu-b08"]
+
+FAKE_SRUN = '''
+import json, os, subprocess, sys
+args, options = sys.argv[1:], {}
+while args[0].startswith("-"):
+    option = args.pop(0)
+    name, value = option.split("=", 1) if "=" in option else (option, args.pop(0))
+    options[name] = value
+with open(os.environ["RECORD"], "a") as record:
+    record.write(json.dumps({"program": "srun", "options": options}) + "\\n")
+cpus = options.get("--cpus-per-task") or os.environ.get("SRUN_CPUS_PER_TASK") or "1"
+for node in range(int(options["--nodes"])):
+    subprocess.run(args, env=dict(os.environ, SLURM_NODEID=str(node), SLURM_CPUS_PER_TASK=cpus), check=True)
+'''
+FAKE_SCONTROL = f'''
+import sys
+assert sys.argv[1:] == ["show", "hostnames", {NODELIST!r}], sys.argv
+print("\\n".join({HOSTS!r}))
+'''
+FAKE_ACCELERATE = '''
+import json, os, sys
+names = ("SLURM_NODEID", "SLURM_CPUS_PER_TASK", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+with open(os.environ["RECORD"], "a") as record:
+    record.write(json.dumps({"program": "accelerate", "argv": sys.argv[1:],
+                             "env": {name: os.environ.get(name) for name in names}}) + "\\n")
+'''
+
+
+def signal_grace_s() -> int:
+    """The TERM@ lead time of the script's `#SBATCH --signal` line."""
+    return int(re.search(r"^#SBATCH --signal=TERM@(\d+)$", SCRIPT.read_text(), re.MULTILINE).group(1))
+
+
+def run_under_fake_slurm(tmp_path: Path, **environment: str) -> tuple[list[dict], list[dict]]:
+    """Run launch/slurm.sh as sbatch would on 2 nodes; returns (srun records, accelerate records by node)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("accelerate", FAKE_ACCELERATE)):
+        (bin_dir / name).write_text(f"#!{sys.executable}\n{body}")
+        (bin_dir / name).chmod(0o755)
+    record = tmp_path / "record.jsonl"
+    record.unlink(missing_ok=True)
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("SLURM_", "SRUN_")) and name not in (
+               "GPUS_PER_NODE", "MAIN_PROCESS_PORT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", RECORD=str(record), SLURM_SUBMIT_DIR=str(ROOT),
+               SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST=NODELIST, SLURM_GPUS_PER_NODE="h100:4",
+               SLURM_JOB_ID="4242", **environment)
+    subprocess.run(["bash", str(SCRIPT), "--dataset", "imagenet32", "--run-name", "two words"], cwd=tmp_path,
+                   env=env, check=True, capture_output=True, timeout=60)
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    sruns = [line for line in lines if line["program"] == "srun"]
+    launches = sorted((line for line in lines if line["program"] == "accelerate"),
+                      key=lambda line: line["env"]["SLURM_NODEID"])
+    return sruns, launches
+
+
+def test_cpus_shutdown_timeout_and_process_layout_reach_accelerate_launch(tmp_path):
+    # as sbatch sets them for --cpus-per-task=32 on nodes of 64 CPUs
+    sruns, launches = run_under_fake_slurm(tmp_path, SLURM_CPUS_PER_TASK="32", SLURM_CPUS_ON_NODE="64")
+    assert len(sruns) == 1 and sruns[0]["options"]["--nodes"] == "2"
+    assert sruns[0]["options"]["--ntasks-per-node"] == "1"
+    assert [launch["env"]["SLURM_NODEID"] for launch in launches] == ["0", "1"]
+    for node, launch in enumerate(launches):
+        assert launch["env"]["SLURM_CPUS_PER_TASK"] == "32"
+        assert int(launch["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= signal_grace_s()
+        assert launch["argv"] == [
+            "launch", "--config_file", "launch/accelerate/multinode.yaml", "--num_machines", "2",
+            "--num_processes", "8", "--machine_rank", str(node), "--main_process_ip", HOSTS[0],
+            "--main_process_port", str(29500 + 4242 % 1000), "launch/train.py", "--dataset", "imagenet32",
+            "--run-name", "two words"]
+
+
+def test_without_cpus_per_task_the_task_gets_the_node_allocation(tmp_path):
+    _, launches = run_under_fake_slurm(tmp_path, SLURM_CPUS_ON_NODE="64")
+    assert [launch["env"]["SLURM_CPUS_PER_TASK"] for launch in launches] == ["64", "64"]
+
+
+def test_a_longer_shutdown_timeout_is_kept(tmp_path):
+    _, launches = run_under_fake_slurm(tmp_path, SLURM_CPUS_PER_TASK="8", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="300")
+    assert [launch["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] for launch in launches] == ["300", "300"]
+
+
+WORKER = '''
+import os, signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *_: (out / f"sigterm-{os.environ['RANK']}").touch())
+(out / f"ready-{os.environ['RANK']}").touch()
+while not (out / f"sigterm-{os.environ['RANK']}").exists():
+    time.sleep(0.05)
+time.sleep(float(sys.argv[2]))        # the work of the grace: agree to stop, write a checkpoint
+(out / f"checkpoint-{os.environ['RANK']}").touch()
+'''
+WORK_S = 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shutdown_timeout, finishes", [(1, False), (60, True)])
+def test_accelerate_launch_gives_workers_the_shutdown_timeout_after_sigterm(tmp_path, shutdown_timeout, finishes):
+    """A real `accelerate launch` of 2 processes receives SIGTERM, as SLURM's --signal sends it: its elastic
+    agent forwards it, and kills the workers only after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = dict(os.environ, TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(shutdown_timeout))
+    launcher = subprocess.Popen(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", "0", str(tmp_path / "worker.py"), str(tmp_path), str(WORK_S)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready-{rank}").exists() for rank in range(2)):
+            assert launcher.poll() is None and time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.1)
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=shutdown_timeout + 60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert all((tmp_path / f"sigterm-{rank}").exists() for rank in range(2))
+    assert [(tmp_path / f"checkpoint-{rank}").exists() for rank in range(2)] == [finishes, finishes]
