@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import struct
 import tarfile
 from pathlib import Path
@@ -211,13 +212,12 @@ def shard_record(tar: str, index: str, num_samples: int, sha256: str, tar_bytes:
 
 def remedy(folder: Path | str, manifest: dict | None = None) -> str:
     """What to run about damaged shards under `folder`: the verify command, then the one that re-creates them."""
-    dataset, src = "DATASET", " --src SRC"
-    if manifest is not None:
-        dataset = manifest["dataset"]
-        if "src" in manifest:  # the source folder, or None for a bundled dataset (older manifests lack it)
-            src = f" --src {manifest['src']}" if manifest["src"] else ""
+    if manifest is not None and manifest.get("create_args"):  # recorded by `create`; older manifests lack it
+        made_by = shlex.join(manifest["create_args"])
+    else:
+        made_by = f"{manifest['dataset'] if manifest is not None else 'DATASET'} --src SRC"
     return (f"list every damaged shard with python launch/make_shards.py verify {folder} and re-create them with "
-            f"python launch/make_shards.py create {dataset}{src} --out {folder} --overwrite")
+            f"python launch/make_shards.py create {made_by} --out {folder} --overwrite")
 
 
 def read_manifest(folder: Path | str) -> dict:
@@ -273,7 +273,7 @@ def shard_problem(folder: Path | str, record: dict) -> str | None:
         return "is missing"
     tar_bytes = tar.stat().st_size
     if "tar_bytes" in record and tar_bytes != record["tar_bytes"]:
-        return f"holds {tar_bytes} bytes, the manifest says {record['tar_bytes']}"
+        return f"is {tar_bytes} bytes long, the manifest says {record['tar_bytes']} (cut short or replaced)"
     if not index.is_file():
         return f"has lost its index {record['index']}"
     if "index_bytes" in record and index.stat().st_size != record["index_bytes"]:

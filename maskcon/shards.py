@@ -307,10 +307,16 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     _check_options(compress_level, samples_per_shard)
     source = DATASETS[dataset](Path(src) if src is not None else None)
-    return write_shards(source, out, src=str(Path(src).resolve()) if src is not None else None, seed=seed,
-                        samples_per_shard=samples_per_shard, min_shards=min_shards,
-                        max_samples_per_shard=max_samples_per_shard, compress_level=compress_level,
-                        workers=workers, overwrite=overwrite, log=log)
+    create_args = [dataset] + (["--src", str(Path(src).resolve())] if src is not None else [])
+    for flag, value, default in (("--seed", seed, 0), ("--samples-per-shard", samples_per_shard, None),
+                                 ("--min-shards", min_shards, MIN_SHARDS),
+                                 ("--max-samples-per-shard", max_samples_per_shard, MAX_SAMPLES_PER_SHARD),
+                                 ("--compress-level", compress_level, PNG_COMPRESS_LEVEL)):
+        if value != default:
+            create_args += [flag, str(value)]
+    return write_shards(source, out, create_args=create_args, seed=seed, samples_per_shard=samples_per_shard,
+                        min_shards=min_shards, max_samples_per_shard=max_samples_per_shard,
+                        compress_level=compress_level, workers=workers, overwrite=overwrite, log=log)
 
 
 def _check_options(compress_level: int, samples_per_shard: int | None) -> None:
@@ -320,7 +326,8 @@ def _check_options(compress_level: int, samples_per_shard: int | None) -> None:
         raise UserError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
 
 
-def write_shards(source: DatasetSource, out: Path | str, *, src: str | None = None, seed: int | None = 0,
+def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[str] | None = None,
+                 seed: int | None = 0,
                  samples_per_shard: int | None = None, min_shards: int = MIN_SHARDS,
                  max_samples_per_shard: int = MAX_SAMPLES_PER_SHARD, compress_level: int = PNG_COMPRESS_LEVEL,
                  workers: int | None = None, overwrite: bool = False,
@@ -330,9 +337,9 @@ def write_shards(source: DatasetSource, out: Path | str, *, src: str | None = No
     Resumes an interrupted run with the same options (finished shards are kept); returns at once when OUT
     already holds the complete, undamaged result, and re-creates it when the shard files no longer match
     their manifest. OUT holding complete shards made otherwise is an error unless `overwrite`. `seed`
-    fixes the shuffled write order (None: the source's order); `src`, the folder the source was read from,
-    goes into the manifest so that error messages can say how to re-create the shards. `workers` > 1
-    pickles the splits into a process pool. Raises UserError for a bad source or bad options.
+    fixes the shuffled write order (None: the source's order); `create_args`, the arguments of
+    `make_shards.py create` that give the same shards (but --out), go into the manifest so that error
+    messages can say how to re-create them. `workers` > 1 pickles the splits into a process pool. Raises UserError for a bad source or bad options.
     """
     log = log or (lambda message: None)
     _check_options(compress_level, samples_per_shard)
@@ -412,7 +419,7 @@ def write_shards(source: DatasetSource, out: Path | str, *, src: str | None = No
         "coarse_classes": list(source.coarse_classes),
         "fine_to_coarse": [int(c) for c in source.fine_to_coarse],
         "options": options,
-        "src": src,
+        "create_args": create_args,
         "source": dict(source.notes),
         "splits": {name: {"num_samples": plan["splits"][name]["num_samples"],
                           "samples_per_shard": plan["splits"][name]["samples_per_shard"],

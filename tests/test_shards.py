@@ -220,6 +220,7 @@ def test_every_dataset_converts_exactly(tmp_path, dataset):
     out = tmp_path / "out"
     manifest = shards.create(dataset, src, out, samples_per_shard=7, workers=1)
     assert manifest["image_format"] == image_format and manifest["dataset"] == dataset
+    assert manifest["create_args"] == [dataset, "--src", str(src.resolve()), "--samples-per-shard", "7"]
     assert manifest == json.loads((out / "manifest.json").read_text())
     assert_shards_match(out, expected, image_format)
     assert shards.verify(out, workers=1) == []
@@ -303,6 +304,12 @@ def _truncate_tar(out: Path) -> str:
     return "train-000002.tar"
 
 
+def _cut_tar_end(out: Path) -> str:
+    tar = out / "train" / "train-000003.tar"
+    tar.write_bytes(tar.read_bytes()[:-1024])  # every sample whole, the end-of-archive blocks gone
+    return "train-000003.tar"
+
+
 def _remove_index(out: Path) -> str:
     (out / "test" / "test-000001.idx").unlink()
     return "test-000001.tar"
@@ -320,8 +327,8 @@ def _remove_tar(out: Path) -> str:
     return "train-000000.tar"
 
 
-DAMAGES = {"truncated tar": _truncate_tar, "missing index": _remove_index, "index count": _miscount_index,
-           "missing tar": _remove_tar}
+DAMAGES = {"truncated tar": _truncate_tar, "tar end cut": _cut_tar_end, "missing index": _remove_index,
+           "index count": _miscount_index, "missing tar": _remove_tar}
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +356,7 @@ def test_a_damaged_shard_stops_every_loader_with_one_line(small_digits, tmp_path
     message = str(caught.value)
     assert "\n" not in message and named in message, message
     assert f"python launch/make_shards.py verify {out} " in message
-    assert f"python launch/make_shards.py create digits --out {out} --overwrite" in message
+    assert f"python launch/make_shards.py create digits --samples-per-shard 40 --out {out} --overwrite" in message
     if split == "train":
         with pytest.raises(UserError, match=named):
             build_train_loader(out, recipe="digits", image_size=8, batch_size=16, rank=0, world_size=1, seed=0,
@@ -381,7 +388,7 @@ def test_the_check_names_the_first_shard_and_counts_the_others(small_digits, tmp
 def test_manifests_without_file_sizes_get_the_other_checks(small_digits, tmp_path):
     out = _copy(small_digits, tmp_path / "digits")
     manifest = json.loads((out / "manifest.json").read_text())
-    del manifest["src"]
+    del manifest["create_args"]
     for split in manifest["splits"].values():
         for record in split["shards"]:
             del record["tar_bytes"], record["index_bytes"]
@@ -394,6 +401,10 @@ def test_manifests_without_file_sizes_get_the_other_checks(small_digits, tmp_pat
     _remove_index(out)
     with pytest.raises(UserError, match="test-000001.tar has lost its index"):
         shard_format.check_split(out, "test")
+    (out / "train" / "train-000002.tar").write_bytes((small_digits / "train" / "train-000002.tar").read_bytes())
+    _miscount_index(out)
+    with pytest.raises(UserError, match="train-000005.tar has an index .* of 39 samples, the manifest says 40"):
+        shard_format.check_split(out, "train")
 
 
 # ------------------------------------------------------------------------------------- format module
