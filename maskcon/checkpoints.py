@@ -1,0 +1,403 @@
+"""Checkpoints: written atomically with a record of their files, found intact, loaded in any number of
+processes, and a resumed run's options compared with those of the run that wrote them.
+
+A checkpoint is a folder ROOT/step-XXXXXXXX holding Accelerate's state (model.safetensors, optimizer.bin,
+random_states_R.pkl, ...), trainer_state.json (what the loop wants back: step, epoch, the run's options,
+the loaders' state) and files.json (bytes and sha256 of every other file, written last). It is written
+as ROOT/.partial-step-XXXXXXXX and renamed when complete, so a folder without the partial prefix was
+finished; files.json then tells whether its files are still whole.
+
+Every function that takes an accelerator is called by all processes; a failure on any process raises
+on all of them (one UserError line), so no process is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import safetensors.torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+from safetensors import SafetensorError
+
+from maskcon.config import Config, to_dict
+from maskcon.errors import UserError
+
+CHECKPOINT_PREFIX = "step-"
+PARTIAL_PREFIX = ".partial-"
+STATE_FILE = "trainer_state.json"
+FILES_RECORD = "files.json"
+MODEL_FILE = "model.safetensors"  # Accelerate's name of the first prepared model's weights
+_CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+# Options that define the run: a resumed run must match the checkpoint's in each, unless the user accepts
+# the change by name (--accept-changes). "world_size" (number of processes) and "shards_fingerprint" (the
+# shards' identity) are not options; run_record() adds them.
+MUST_MATCH_ON_RESUME = frozenset({
+    "dataset", "shards_fingerprint", "method", "arch", "image_size", "batch_size", "world_size", "queue_size",
+    "w", "t", "t0", "lr", "lr_reference_batch", "scale_lr", "warmup_epochs", "epochs", "momentum",
+    "weight_decay", "seed", "query_view", "key_view", "key_momentum", "proj_hidden", "proj_dim", "pretrained",
+    "loader", "mixed_precision",
+})
+
+# Options that leave the trained weights unchanged (where and how often the run logs, evaluates and writes,
+# how fast it runs, where the same shards lie): a resumed run may change them silently.
+MAY_DIFFER_ON_RESUME = frozenset({
+    "shards", "loader_threads", "channels_last", "compile", "compile_mode", "dist_timeout", "eval_every",
+    "eval_untrained", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "resume",
+    "output_dir", "wandb", "wandb_project", "run_name", "max_steps", "config", "accept_changes",
+})
+
+
+# ------------------------------------------------------------------------------------------ the run's identity
+
+
+def shards_fingerprint(manifest: dict) -> str:
+    """16 hex digits of a sha256 over the dataset name and every shard's recorded sha256, split by split:
+    the same for the same shards wherever they lie, different when any shard was re-made differently."""
+    digest = hashlib.sha256(str(manifest["dataset"]).encode())
+    for split in sorted(manifest["splits"]):
+        for record in manifest["splits"][split]["shards"]:
+            digest.update(f"\n{split} {record['sha256']}".encode())
+    return digest.hexdigest()[:16]
+
+
+def run_record(config: Config, *, world_size: int, manifest: dict, mixed_precision: str) -> dict:
+    """The options of a run as check_resume() compares them: every Config field, the number of processes,
+    the shards' fingerprint, and the precision Accelerate resolved (`accelerator.mixed_precision`)."""
+    return {**to_dict(config), "mixed_precision": mixed_precision, "world_size": world_size,
+            "shards_fingerprint": shards_fingerprint(manifest)}
+
+
+def parse_accept(text: str | None) -> set[str]:
+    """The option names of --accept-changes ("batch_size,epochs"; dashes or underscores)."""
+    names = {name.strip().replace("-", "_") for name in (text or "").split(",") if name.strip()}
+    _check_known(names)
+    return names
+
+
+def compare_configs(saved: dict, new: dict, accept: set[str]) -> list[str]:
+    """"name (old -> new)" for each option that defines the run and differs, not counting accepted ones;
+    in the order of `new` (Config's field order), then any names only the checkpoint has."""
+    names = [name for name in dict.fromkeys([*new, *saved])
+             if name in MUST_MATCH_ON_RESUME and name not in accept]
+    return [f"{name} ({_shown(saved, name)} -> {_shown(new, name)})" for name in names
+            if saved.get(name, _ABSENT) != new.get(name, _ABSENT)]
+
+
+def check_resume(saved: dict, new: dict, accept: set[str]) -> list[str]:
+    """Refuse to continue a run whose defining options changed; return the accepted differences (to log).
+
+    saved: run_record() of the run that wrote the checkpoint; new: that of this run; accept: option names
+    the user lets change (parse_accept(config.accept_changes)).
+    """
+    _check_known(accept)
+    differences = compare_configs(saved, new, accept)
+    if differences:
+        names = ",".join(item.split(" ", 1)[0] for item in differences)
+        raise UserError(f"--resume: this run differs from the checkpoint's in {', '.join(differences)}; pass "
+                        f"--accept-changes {names} to continue anyway, or start afresh in a new --output-dir")
+    return [item for item in compare_configs(saved, new, set()) if item.split(" ", 1)[0] in accept]
+
+
+_ABSENT = object()
+
+
+def _shown(values: dict, name: str) -> str:
+    value = values.get(name, _ABSENT)
+    if value is _ABSENT:
+        return "unset"
+    return "none" if value is None else str(value)
+
+
+def _check_known(names: set[str]) -> None:
+    unknown = sorted(names - MUST_MATCH_ON_RESUME - MAY_DIFFER_ON_RESUME)
+    if unknown:
+        raise UserError(f"--accept-changes: unknown option {', '.join(unknown)}; name options that define the "
+                        f"run, e.g. --accept-changes epochs,batch_size")
+
+
+# ------------------------------------------------------------------------------------------ finding them
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def list_checkpoints(root: Path | str) -> list[Path]:
+    """Every finished checkpoint folder under ROOT (intact or not), oldest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in root.iterdir()
+             if path.is_dir() and (match := _CHECKPOINT_NAME.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def damage(path: Path | str) -> str | None:
+    """What is wrong with the checkpoint at PATH, in a few words, or None when every recorded file is
+    present with its recorded size and sha256."""
+    path = Path(path)
+    try:
+        record = json.loads((path / FILES_RECORD).read_text())["files"]
+    except FileNotFoundError:
+        return f"{FILES_RECORD} missing, so its files cannot be checked"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{FILES_RECORD} unreadable"
+    problems = []
+    for name, expected in record.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} missing")
+        elif file.stat().st_size != expected["bytes"]:
+            problems.append(f"{name}: {file.stat().st_size} bytes, expected {expected['bytes']}")
+    if not problems:
+        problems = [f"{name}: sha256 differs from the recorded one" for name, expected in record.items()
+                    if _sha256(path / name) != expected["sha256"]]
+    if not problems:
+        return None
+    more = f" and {len(problems) - 2} more" if len(problems) > 2 else ""
+    return ", ".join(problems[:2]) + more
+
+
+def newest_intact(root: Path | str, log: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint under ROOT whose files are whole; None when ROOT holds no checkpoint.
+
+    Each damaged newer checkpoint is reported with one line through `log` and skipped; when every
+    checkpoint is damaged, UserError (one line naming each).
+    """
+    damaged = []
+    for path in reversed(list_checkpoints(root)):
+        problem = damage(path)
+        if problem is None:
+            for bad, what in damaged:
+                log(f"checkpoint {bad} is damaged ({what}); skipped, resuming from {path}")
+            return path
+        damaged.append((path, problem))
+    if not damaged:
+        return None
+    listed = "; ".join(f"{path.name}: {what}" for path, what in damaged)
+    raise UserError(f"--resume: no intact checkpoint in {root} ({listed}); start afresh in a new --output-dir")
+
+
+def resume_point(accelerator: Accelerator, root: Path | str, log: Callable[[str], None]) -> Path | None:
+    """newest_intact() decided on the main process (which alone logs) and shared with all processes."""
+    return _on_main(accelerator, lambda: newest_intact(root, log), "choosing a checkpoint to resume from")
+
+
+def read_state(path: Path | str) -> dict:
+    """The trainer state saved with the checkpoint at PATH: step, epoch and the save() call's extra_state."""
+    file = Path(path) / STATE_FILE
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {file} ({_one_line(error)}); the checkpoint is damaged: remove "
+                        f"{path} to resume from an older one") from None
+
+
+# ------------------------------------------------------------------------------------------ save and load
+
+
+def save(accelerator: Accelerator, root: Path | str, *, step: int, epoch: int, extra_state: dict,
+         keep: int) -> Path:
+    """Write a checkpoint of everything Accelerate prepared, plus `extra_state`, and keep the newest `keep`.
+
+    extra_state: JSON the trainer wants back from load() (the run's options, the loaders' state, ...); step
+    and epoch are added to it. Model weights are stored under the unwrapped model's names (no DDP
+    `module.`, no torch.compile `_orig_mod.`), so any number of processes can load them. Returns the
+    checkpoint's folder on every process.
+    """
+    root = Path(root)
+    final = root / checkpoint_name(step)
+    partial = root / f"{PARTIAL_PREFIX}{final.name}"
+    what = f"writing checkpoint {final}"
+
+    def make_room() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{PARTIAL_PREFIX}*"):  # left by a run stopped while writing: never complete
+            shutil.rmtree(stale)
+        partial.mkdir()
+
+    def finish() -> None:
+        state = {**extra_state, "step": step, "epoch": epoch}
+        (partial / STATE_FILE).write_text(json.dumps(state, indent=1))
+        files = {}
+        for file in sorted(p for p in partial.rglob("*") if p.is_file()):
+            files[file.relative_to(partial).as_posix()] = {"bytes": file.stat().st_size,
+                                                            "sha256": _sha256(file, sync=True)}
+        _write_synced(partial / FILES_RECORD, json.dumps({"files": files}, indent=1))
+        _sync_folder(partial)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _sync_folder(root)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    try:
+        _on_main(accelerator, make_room, what)
+        _on_all(accelerator, lambda: _save_state(accelerator, partial), what)
+        _on_main(accelerator, finish, what)
+    except UserError:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return final
+
+
+def load(accelerator: Accelerator, path: Path | str) -> dict:
+    """Load a checkpoint into what Accelerate prepared (weights, optimizer, scaler, RNG states) and return
+    its trainer state (step, epoch and save()'s extra_state).
+
+    Works for any number of processes: the weights are matched by the unwrapped model's names. (The RNG
+    state of a process the saving run did not have is left as it is.)
+    """
+    path = Path(path)
+
+    def restore() -> dict:
+        state = read_state(path)
+        handle = accelerator.register_load_state_pre_hook(_portable_load(accelerator))
+        try:
+            accelerator.load_state(str(path))
+        except _LOAD_ERRORS as error:
+            raise UserError(f"cannot load checkpoint {path} ({type(error).__name__}: {_one_line(error)}); it is "
+                            f"damaged or was written for another model; remove it to resume from an older "
+                            f"one, or start afresh in a new --output-dir") from None
+        finally:
+            handle.remove()
+        return state
+
+    return _on_all(accelerator, restore, f"loading checkpoint {path}")
+
+
+# what reading a damaged or unfitting checkpoint raises: safetensors, torch.load, load_state_dict, json
+_LOAD_ERRORS = (SafetensorError, RuntimeError, ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError)
+
+
+def portable_name(name: str) -> str:
+    """A state-dict key without DDP's `module.` prefix and torch.compile's `_orig_mod.` segments."""
+    return name.removeprefix("module.").replace("_orig_mod.", "")
+
+
+def _save_state(accelerator: Accelerator, folder: Path) -> None:
+    def portable_weights(models, weights, output_dir) -> None:
+        # OrderedDict: Accelerate then makes every tensor contiguous (channels-last weights) before safetensors
+        for i, state in enumerate(weights):
+            weights[i] = OrderedDict((portable_name(name), tensor) for name, tensor in state.items())
+
+    handle = accelerator.register_save_state_pre_hook(portable_weights)
+    try:
+        accelerator.save_state(str(folder))
+    finally:
+        handle.remove()
+
+
+def _portable_load(accelerator: Accelerator):
+    """A load_state pre-hook that loads each model's weights by portable names and leaves the rest
+    (optimizer, scaler, RNG) to Accelerate."""
+
+    def hook(models, input_dir) -> None:
+        for i, model in enumerate(models):
+            file = Path(input_dir) / (MODEL_FILE if i == 0 else MODEL_FILE.replace(".", f"_{i}."))
+            saved = safetensors.torch.load_file(str(file))
+            target = accelerator.unwrap_model(model)
+            names = {portable_name(name): name for name in target.state_dict()}
+            missing, unexpected = sorted(names.keys() - saved.keys()), sorted(saved.keys() - names.keys())
+            if missing or unexpected:
+                raise ValueError(f"{file.name} lacks {len(missing)} and has {len(unexpected)} unknown tensors "
+                               f"of this model, e.g. {(missing or unexpected)[0]}")
+            target.load_state_dict({names[name]: tensor for name, tensor in saved.items()}, strict=True)
+        models.clear()  # loaded here; Accelerate would look for the wrapped names
+
+    return hook
+
+
+# ------------------------------------------------------------------------------------------ across processes
+
+
+def _on_all(accelerator: Accelerator, work: Callable, what: str):
+    """Run `work` on every process; when it fails on any, every process raises (the failing one its own
+    error, the others one UserError line saying which process failed)."""
+    failure = None
+    try:
+        result = work()
+    except Exception as error:  # shared with the other processes first, then raised unchanged below
+        failure = error
+    _agree(accelerator, failure, what)
+    return result
+
+
+def _on_main(accelerator: Accelerator, work: Callable, what: str):
+    """Run `work` on the main process only and give its result to every process; a failure there raises on
+    every process."""
+    failure, result = None, None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except Exception as error:  # shared with the other processes first, then raised unchanged below
+            failure = error
+    _agree(accelerator, failure, what)
+    if accelerator.num_processes > 1:
+        shared = [result]
+        broadcast_object_list(shared)
+        result = shared[0]
+    return result
+
+
+def _agree(accelerator: Accelerator, failure: Exception | None, what: str) -> None:
+    if isinstance(failure, OSError):
+        failure = UserError(f"{what} failed ({_one_line(failure)}); free space or fix permissions there; "
+                            f"older checkpoints are intact")
+    if accelerator.num_processes > 1:
+        report = None
+        if failure is not None:
+            report = (str(failure), True) if isinstance(failure, UserError) else (_one_line(failure), False)
+        reports = gather_object([report])
+        if failure is None:
+            first = next(((rank, found) for rank, found in enumerate(reports) if found is not None), None)
+            if first is not None:
+                rank, (message, is_user_error) = first
+                raise UserError(message if is_user_error else f"process {rank} failed while {what}: {message}")
+    if failure is not None:
+        raise failure
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def _sha256(file: Path, sync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+        if sync:
+            os.fsync(handle.fileno())
+    return digest.hexdigest()
+
+
+def _write_synced(file: Path, text: str) -> None:
+    with open(file, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _sync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
