@@ -241,16 +241,6 @@ def validate(config: Config) -> None:
         raise UserError(f"--max-steps must be at least 1, got {config.max_steps}")
 
 
-def accepted_changes(config: Config) -> set[str]:
-    """The option names of --accept-changes (either spelling), checked against the known options."""
-    names = {name.strip().lstrip("-").replace("-", "_") for name in (config.accept_changes or "").split(",")}
-    names.discard("")
-    unknown = sorted(names - set(FIELDS))
-    if unknown:
-        raise UserError(f"--accept-changes: unknown options {', '.join(unknown)} (see --help)")
-    return names
-
-
 def shards_dir(config: Config) -> Path:
     return Path(config.shards) if config.shards else Path("shards") / config.dataset
 

@@ -1,8 +1,15 @@
 """The training loop: schedule, steps, evaluation, logging, checkpoints.
 
 The step itself is `maskcon.step.train_step`. The loop reads nothing from the device between logging
-points: every --log-every steps it reads the loss and agrees with the other processes (one small
-all-reduce) on whether to stop (SIGTERM seen, loss not finite).
+points: every --log-every steps it reads the loss and all processes agree, in one small all-reduce
+(`dist.agree_to_stop`), on whether to stop (SIGTERM seen, loss not finite), so they stop together.
+Sections that run on the main process alone (W&B, metrics, pictures, results) tell the others whether
+they succeeded (`dist.run_on_main`).
+
+Exact resume: a loader epoch's batches depend only on (seed, rank, processes, epoch) (`set_epoch`), the
+memory bank is filled from epochs of its own, and a checkpoint holds the learner, the bank, the optimizer,
+the RNG states and the step, so a run stopped anywhere and resumed ends with the weights of a run that was
+never stopped.
 """
 
 from __future__ import annotations
@@ -11,7 +18,6 @@ import gc
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -24,19 +30,17 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from maskcon import shards
+from maskcon import checkpoints, dist, shards
 from maskcon.config import Config, shards_dir, to_dict
 from maskcon.errors import UserError
 from maskcon.loaders import build_test_loader, build_train_loader
-from maskcon.dist import broadcast_buffers
-from maskcon.dist import world_size as model_world_size
 from maskcon.methods import method_for
-from maskcon.model import MaskConModel
+from maskcon.model import MaskConModel, fetch_pretrained
 from maskcon.retrieval import RECALL_KS, recall_at_k
+from maskcon.shard_format import read_manifest
 from maskcon.step import StepParts, make_optimizer, set_lr, train_step
 
-CHECKPOINT_PREFIX = "step-"
-BANK_FILL_EPOCH = -1  # the loader epoch whose keys fill the memory bank before the first step
+BANK_FILL_EPOCH = -1  # the loader epoch whose keys fill the memory bank before the first step (then -2, ...)
 
 
 @dataclass
@@ -67,129 +71,6 @@ def base_learning_rate(config: Config, num_processes: int) -> float:
     return config.lr * (global_batch / config.lr_reference_batch if config.scale_lr else 1.0)
 
 
-def default_output_dir(config: Config) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{config.dataset}-{config.method}-{stamp}"
-    path, n = base, 1
-    while path.exists():
-        path, n = Path(f"{base}-{n}"), n + 1
-    return path
-
-
-def prepare_shards(config: Config, accelerator: Accelerator) -> tuple[Path, dict]:
-    """The shard folder and its manifest; the bundled digits are written on first use."""
-    folder = shards_dir(config)
-    if not (folder / "manifest.json").exists():
-        if config.dataset != "digits":
-            raise UserError(f"no shards in {folder}; make them with: python launch/make_shards.py create "
-                            f"{config.dataset} --src SRC --out {folder}")
-        with accelerator.main_process_first():
-            if accelerator.is_main_process and not (folder / "manifest.json").exists():
-                shards.create("digits", None, folder)
-    manifest = shards.read_manifest(folder)
-    if manifest["dataset"] != config.dataset and not (config.dataset == "folder"):
-        raise UserError(f"{folder} holds shards of {manifest['dataset']!r}, not {config.dataset!r}; "
-                        f"pass --shards for the right folder")
-    num_train = manifest["splits"]["train"]["num_samples"]
-    per_process = num_train // accelerator.num_processes
-    if config.batch_size > per_process:
-        raise UserError(f"--batch-size {config.batch_size} is larger than the {per_process} training images "
-                        f"each of the {accelerator.num_processes} processes reads; use at most {per_process}")
-    return folder, manifest
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    if not root.exists():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and (p / "trainer_state.json").exists()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def save_checkpoint(accelerator: Accelerator, root: Path, *, step: int, epoch: int, keep: int) -> Path:
-    """Everything needed to continue exactly, written under a temporary name and renamed when complete."""
-    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
-    partial = root / f".partial-{CHECKPOINT_PREFIX}{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": epoch}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-
-
-@torch.no_grad()
-def extract_features(model: MaskConModel, loader, accelerator: Accelerator, channels_last: bool) -> dict:
-    """Backbone features of every test image, gathered from all processes, ordered by index."""
-    broadcast_buffers(model.encoder)
-    was_training = model.training
-    model.eval()
-    parts = {"features": [], "fine": [], "coarse": [], "index": []}
-    for batch in loader:
-        images = batch["image"]
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with accelerator.autocast():
-            features = model.features(images)
-        parts["features"].append(features.float())
-        for name in ("fine", "coarse", "index"):
-            parts[name].append(batch[name].long())
-    model.train(was_training)
-    local = {name: torch.cat(values) for name, values in parts.items()}
-    count = torch.tensor([local["index"].numel()], device=accelerator.device)
-    gathered = {}
-    for name, values in local.items():
-        padded = accelerator.pad_across_processes(values, dim=0)
-        gathered[name] = accelerator.gather(padded)
-    counts = accelerator.gather(count).tolist()
-    longest = gathered["index"].numel() // accelerator.num_processes
-    keep = torch.cat([torch.arange(c, device=accelerator.device) + r * longest for r, c in enumerate(counts)])
-    result = {name: values[keep] for name, values in gathered.items()}
-    order = result["index"].argsort()
-    return {name: values[order] for name, values in result.items()}
-
-
-# ------------------------------------------------------------------------------------------------ loop
-
-
-class _Preemption:
-    """Remembers a SIGTERM so the loop can checkpoint at the next logging point."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-
-def _agree(accelerator: Accelerator, *, sigterm: bool, loss_sum: torch.Tensor) -> tuple[bool, bool]:
-    """(stop for SIGTERM, loss not finite), the same on every process: one all-reduce of two flags."""
-    flags = torch.stack([torch.tensor(float(sigterm), device=loss_sum.device),
-                         (~torch.isfinite(loss_sum)).float()])
-    if accelerator.num_processes > 1:
-        flags = accelerator.reduce(flags, reduction="sum")
-    sigterm_seen, not_finite = (flags > 0).tolist()
-    return sigterm_seen, not_finite
-
-
 def resolve_precision(requested: str | None, device: torch.device) -> str:
     """--mixed-precision when given; else what `accelerate launch --mixed_precision` asked for (fp16, bf16);
     else bf16 on a GPU (fp16 where bf16 is not supported) and fp32 on the CPU."""
@@ -203,14 +84,97 @@ def resolve_precision(requested: str | None, device: torch.device) -> str:
     return "no"
 
 
+def default_output_dir(config: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{config.dataset}-{config.method}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        path, n = Path(f"{base}-{n}"), n + 1
+    return path
+
+
+def prepare_shards(config: Config) -> tuple[Path, dict]:
+    """The shard folder and its manifest; the bundled digits are written on first use, by the main process
+    (a shared file system is assumed), while the others wait for its verdict."""
+    folder = shards_dir(config)
+
+    def make_if_missing() -> None:
+        if (folder / "manifest.json").exists():
+            return
+        if config.dataset != "digits":
+            raise UserError(f"no shards in {folder}; make them with: python launch/make_shards.py create "
+                            f"{config.dataset} --src SRC --out {folder}")
+        shards.create("digits", None, folder)
+
+    dist.run_on_main(make_if_missing)
+    manifest = read_manifest(folder)
+    if manifest["dataset"] != config.dataset and config.dataset != "folder":
+        raise UserError(f"{folder} holds shards of {manifest['dataset']!r}, not {config.dataset!r}; "
+                        f"pass --shards for the right folder")
+    return folder, manifest
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def extract_features(model: MaskConModel, loader, accelerator: Accelerator, channels_last: bool) -> dict | None:
+    """Backbone features of every test image, ordered by index, on the main process (None elsewhere)."""
+    was_training = model.training
+    model.eval()
+    parts = {"features": [], "fine": [], "coarse": [], "index": []}
+    for batch in loader:
+        images = batch["image"]
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            features = model.features(images)
+        parts["features"].append(features.float())
+        for name in ("fine", "coarse", "index"):
+            parts[name].append(batch[name].long())
+    model.train(was_training)
+    gathered = {name: dist.gather_to_main(torch.cat(values)) for name, values in parts.items()}
+    if not accelerator.is_main_process:
+        return None
+    order = gathered["index"].argsort()
+    return {name: values[order] for name, values in gathered.items()}
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can checkpoint at the next point where the processes agree."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
 def _accelerator(config: Config) -> Accelerator:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # Buffers are not re-sent every step: the gathered enqueue keeps the banks identical, and batch-norm
-    # statistics are made equal before evaluation and checkpoints.
+    # No buffer broadcast every step: the gathered enqueue keeps the banks identical, and the batch-norm
+    # statistics are averaged over processes before evaluation and checkpoints.
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False),
                 InitProcessGroupKwargs(timeout=timedelta(minutes=config.dist_timeout))]
     return Accelerator(cpu=device.type == "cpu", mixed_precision=resolve_precision(config.mixed_precision, device),
                        kwargs_handlers=handlers)
+
+
+def _resume_position(state: dict, steps_per_epoch: int, run: dict) -> int:
+    """The step to continue from. With the same processes and batch (the default) it is the checkpoint's
+    step; an accepted change of either continues at the same fraction of the same epoch."""
+    if state["run"]["world_size"] == run["world_size"] and state["run"]["batch_size"] == run["batch_size"]:
+        return state["step"]
+    old_steps_per_epoch = state["steps_per_epoch"]
+    epoch, position = divmod(state["step"], old_steps_per_epoch)
+    return epoch * steps_per_epoch + position * steps_per_epoch // old_steps_per_epoch
 
 
 def train(config: Config) -> RunResult:
@@ -233,14 +197,21 @@ def train(config: Config) -> RunResult:
     broadcast_object_list(chosen)
     output_dir = Path(chosen[0])
     checkpoint_root = output_dir / "checkpoints"
-    if config.resume and not list_checkpoints(checkpoint_root):
-        raise UserError(f"--resume: no checkpoint in {checkpoint_root}; start without --resume")
+    resume_from = None
+    if config.resume:
+        resume_from = checkpoints.resume_point(accelerator, checkpoint_root, accelerator.print)
+        if resume_from is None:
+            raise UserError(f"--resume: no checkpoint in {checkpoint_root}; start without --resume")
 
     # --- data ---
-    folder, manifest = prepare_shards(config, accelerator)
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    folder, manifest = prepare_shards(config)
+    run = checkpoints.run_record(config, world_size=accelerator.num_processes, manifest=manifest,
+                                 mixed_precision=accelerator.mixed_precision)
+    saved = checkpoints.read_state(resume_from) if resume_from else None
+    if saved:
+        for change in checkpoints.check_resume(saved["run"], run, checkpoints.parse_accept(config.accept_changes)):
+            accelerator.print(f"--resume: continuing with a changed {change}; the learning-rate schedule is "
+                              f"recomputed for this run")
     loader_args = dict(image_size=config.image_size, rank=accelerator.process_index,
                        world_size=accelerator.num_processes, device=accelerator.device, backend=config.loader)
     train_loader = build_train_loader(folder, recipe=config.dataset, batch_size=config.batch_size,
@@ -251,12 +222,19 @@ def train(config: Config) -> RunResult:
     total_steps = steps_per_epoch * config.epochs
     global_batch = config.batch_size * accelerator.num_processes
 
+    def write_config() -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    dist.run_on_main(write_config)
+
     # --- learner ---
-    num_coarse = len(manifest["coarse_classes"]) if method.classifier else None
-    with accelerator.local_main_process_first():  # pretrained weights are downloaded once per node
-        model = MaskConModel(arch=config.arch, image_size=config.image_size, proj_hidden=config.proj_hidden,
-                             proj_dim=config.proj_dim, num_coarse=num_coarse, queue_size=config.queue_size,
-                             momentum=config.key_momentum, pretrained=config.pretrained)
+    if config.pretrained is not None:
+        dist.run_on_main(fetch_pretrained, config.arch, config.pretrained)   # downloaded once, then read by all
+    model = MaskConModel(arch=config.arch, image_size=config.image_size, proj_hidden=config.proj_hidden,
+                         proj_dim=config.proj_dim, num_coarse=len(manifest["coarse_classes"]) if method.classifier
+                         else None, queue_size=config.queue_size, momentum=config.key_momentum,
+                         pretrained=config.pretrained)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(accelerator.device)
@@ -274,45 +252,62 @@ def train(config: Config) -> RunResult:
                       channels_last=channels_last)
 
     step = 0
-    if config.resume:
-        newest = list_checkpoints(checkpoint_root)[-1]
-        accelerator.load_state(str(newest))
-        step = json.loads((newest / "trainer_state.json").read_text())["step"]
-        accelerator.print(f"resumed from {newest} at step {step}")
+    if resume_from is not None:
+        state = checkpoints.load(accelerator, resume_from)
+        step = _resume_position(state, steps_per_epoch, run)
+        accelerator.print(f"resumed from {resume_from} at step {step}")
 
-    tracker = None
-    if main:
+    def start_tracker():
         from maskcon.tracking import Tracker
 
-        name = config.run_name or output_dir.name
         tracker = Tracker(output_dir, config={**resolved, "base_lr": base_lr, "global_batch": global_batch,
                                               "world_size": accelerator.num_processes},
-                          wandb_mode=config.wandb, project=config.wandb_project, name=name, resume=config.resume,
-                          resume_step=step)
-        accelerator.print(f"training {config.method} on {config.dataset}: {manifest['splits']['train']['num_samples']}"
-                          f" images, {accelerator.num_processes} process(es) x batch {config.batch_size}, "
-                          f"{steps_per_epoch} steps/epoch, {config.epochs} epochs, lr {base_lr:g}, "
-                          f"precision {accelerator.mixed_precision}; writing to {output_dir}")
+                          wandb_mode=config.wandb, project=config.wandb_project,
+                          name=config.run_name or output_dir.name, resume=resume_from is not None, resume_step=step)
+        print(f"training {config.method} on {config.dataset}: {manifest['splits']['train']['num_samples']} images, "
+              f"{accelerator.num_processes} process(es) x batch {config.batch_size}, {steps_per_epoch} steps/epoch, "
+              f"{config.epochs} epochs, lr {base_lr:g}, precision {accelerator.mixed_precision}; writing to "
+              f"{output_dir}", flush=True)
+        return tracker
 
+    tracker = dist.run_on_main(start_tracker)
     stopped = "finished"
+    preemption = _Preemption()
 
     def evaluate(epoch: int) -> dict:
+        dist.average_buffers(learner)
         table = extract_features(learner, test_loader, accelerator, channels_last)
-        metrics = {}
-        if main:
+
+        def report() -> dict:
             metrics = recall_at_k(table["features"], table["fine"], RECALL_KS)
             tracker.log({"step": step, "epoch": epoch, **metrics})
             _log_pictures(tracker, step, table, folder, final=epoch >= config.epochs or stopped == "max_steps")
             label = "untrained network" if step == 0 else f"epoch {epoch} step {step}"
-            accelerator.print(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-        return metrics
+            print(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+            return metrics
 
-    preemption = _Preemption()
+        return dist.run_on_main(report) or {}
+
+    def save(epoch: int) -> None:
+        dist.average_buffers(learner)
+        checkpoints.save(accelerator, checkpoint_root, step=step, epoch=epoch, keep=config.keep_checkpoints,
+                         extra_state={"run": run, "steps_per_epoch": steps_per_epoch})
+
+    def preempted(epoch: int) -> bool:
+        """At a point where the processes agree: checkpoint and stop when any of them saw SIGTERM."""
+        if not dist.agree_to_stop(sigterm=preemption.requested).sigterm:
+            return False
+        save(epoch)
+        accelerator.print(f"stopped by SIGTERM at step {step}; checkpoint saved, continue with --resume")
+        return True
+
     untrained: dict = {}
     if step == 0:
         if config.eval_untrained:
             untrained = {f"untrained_{k}": v for k, v in evaluate(0).items()}
         fill_memory_bank(learner, train_loader, channels_last)
+        if preempted(0):
+            stopped = "preempted"
 
     metrics: dict = {}
     model.train()
@@ -321,9 +316,9 @@ def train(config: Config) -> RunResult:
     wait_time = 0.0
     images_since_log = 0
     loss_sum = torch.zeros((), device=accelerator.device)    # losses since the last logging point
-    start_epoch = step // steps_per_epoch
+    start_epoch = step // steps_per_epoch if stopped == "finished" else config.epochs
     for epoch in range(start_epoch, config.epochs):
-        skip = step - epoch * steps_per_epoch  # batches of this epoch already trained before a resume
+        skip = step - epoch * steps_per_epoch  # batches of this epoch trained before a resume
         train_loader.set_epoch(epoch)
         batches = iter(train_loader)
         for position in range(steps_per_epoch):
@@ -337,15 +332,12 @@ def train(config: Config) -> RunResult:
             loss_sum += loss
             images_since_log += global_batch
             step += 1
-            last_of_epoch = position == steps_per_epoch - 1
             at_max = config.max_steps is not None and step >= config.max_steps
-            if step % config.log_every == 0 or last_of_epoch or at_max:
-                sigterm, not_finite = _agree(accelerator, sigterm=preemption.requested, loss_sum=loss_sum)
-                if not_finite:
-                    newest = list_checkpoints(checkpoint_root)
-                    where = f"the last good checkpoint is {newest[-1]}" if newest else "no checkpoint was written yet"
-                    raise UserError(f"the loss became {loss_sum.item()} by step {step} (epoch {epoch}); {where}; "
-                                    "try a lower --lr or --mixed-precision bf16")
+            if step % config.log_every == 0 or position == steps_per_epoch - 1 or at_max:
+                agreement = dist.agree_to_stop(sigterm=preemption.requested, loss=loss_sum)
+                if agreement.loss_not_finite:
+                    raise UserError(f"the loss stopped being finite by step {step} (epoch {epoch}); "
+                                    f"{_last_good(checkpoint_root)}; try a lower --lr or --mixed-precision bf16")
                 now = time.perf_counter()
                 loss_value = loss.item()
                 row = {"step": step, "epoch": epoch + (position + 1) / steps_per_epoch, "loss": loss_value,
@@ -357,8 +349,8 @@ def train(config: Config) -> RunResult:
                 bar.update(step - bar.n)
                 last_log, wait_time, images_since_log = now, 0.0, 0
                 loss_sum.zero_()
-                if sigterm:
-                    save_checkpoint(accelerator, checkpoint_root, step=step, epoch=epoch, keep=config.keep_checkpoints)
+                if agreement.sigterm:
+                    save(epoch)
                     accelerator.print(f"stopped by SIGTERM at step {step}; checkpoint saved, continue with --resume")
                     stopped = "preempted"
                     break
@@ -372,14 +364,18 @@ def train(config: Config) -> RunResult:
         if finished_epoch % config.eval_every == 0 or last:
             metrics = evaluate(finished_epoch)
         if config.checkpoint_every and (finished_epoch % config.checkpoint_every == 0 or last):
-            save_checkpoint(accelerator, checkpoint_root, step=step, epoch=finished_epoch, keep=config.keep_checkpoints)
+            save(finished_epoch)
+        elif preempted(finished_epoch):  # SIGTERM during the evaluation
+            stopped = "preempted"
+            break
         if stopped == "max_steps":
             break
     bar.close()
     preemption.restore()
 
     fingerprints = accelerator.gather(weights_fingerprint(learner)[None]).tolist()
-    if main:
+
+    def finish() -> None:
         if stopped != "preempted":
             torch.save(learner.encoder.state_dict(), output_dir / "backbone.pt")
             results = {"step": step, "stopped": stopped, **metrics, **untrained,
@@ -387,11 +383,17 @@ def train(config: Config) -> RunResult:
             (output_dir / "results.json").write_text(json.dumps(results, indent=1))
         tracker.summary(metrics)
         tracker.close()
-    accelerator.wait_for_everyone()
+
+    dist.run_on_main(finish)
     accelerator.free_memory()
-    del model, learner, optimizer, train_loader, test_loader
+    del model, learner, optimizer, train_loader, test_loader, parts
     gc.collect()
     return RunResult(output_dir=output_dir, step=step, metrics=metrics, stopped=stopped, untrained=untrained)
+
+
+def _last_good(checkpoint_root: Path) -> str:
+    found = checkpoints.list_checkpoints(checkpoint_root)
+    return f"the last checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
 
 
 @torch.no_grad()
@@ -424,7 +426,7 @@ def fill_memory_bank(model: MaskConModel, loader, channels_last: bool) -> None:
                 key = key.contiguous(memory_format=torch.channels_last)
             keys = model.encode_keys(key).float()
             model.enqueue(keys, batch["coarse"], batch["fine"])
-            filled += keys.shape[0] * model_world_size()
+            filled += keys.shape[0] * dist.world_size()
             if filled >= slots:
                 break
         epoch -= 1
