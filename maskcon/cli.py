@@ -12,6 +12,7 @@ BENCHMARKS = {
     "loader": "two-view loading speed: DALI (CPU) against torchvision and an official-style PIL loader",
     "objectives": "time and memory of the MaskCon loss against SelfCon",
     "train": "training images/s: real loader, synthetic batches, official-style loader",
+    "collectives": "bytes per training step moved by the collectives: MoCo's scheme against ours",
 }
 
 

@@ -68,7 +68,7 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     tensor = tensor.contiguous()
     gathered = tensor.new_empty((processes * tensor.shape[0], *tensor.shape[1:]))
-    torch_dist.all_gather_into_tensor(gathered, tensor)
+    torch_dist.all_gather_single(gathered, tensor)
     return gathered
 
 

@@ -1,0 +1,316 @@
+"""Bytes moved by the collectives of a training step: `python launch/bench.py collectives [options]`.
+
+P gloo processes on this machine make the cross-process calls of one training step, for every image size
+S and batch N (per process), in two schemes:
+    old  MoCo's (`moco/builder.py`) under DDP's defaults: the per-step broadcast of every buffer from rank 0
+         (memory bank, labels, both encoders' batch-norm statistics); shuffle-BN by all-gathering every key
+         image in fp32, a broadcast permutation and an all-gather of the keys; an enqueue of three
+         all-gathers (keys, coarse, fine); a SIGTERM vote (all-reduce of one float) every step
+    new  the calls of maskcon.dist and MaskConModel.enqueue as the training step makes them: shuffle-BN by
+         all-to-all of the key images in --precision and of the keys back; one all-gather per enqueue; the
+         stop vote (`agree_to_stop`) every --log-every steps; no buffer broadcast
+The gradient all-reduce of DDP is the same in both and shown apart. Every torch.distributed call is counted
+as the bytes this process receives from the others:
+    all_gather(_single)       (P - 1) x input bytes     broadcast  tensor bytes (none on the source)
+    all_to_all_single         rows from other processes gather     (P - 1) x input bytes on the destination
+    all_reduce                2 (P - 1) / P x tensor bytes (ring algorithm, as NCCL and gloo use for large tensors)
+Figures are per step for the busiest process (the largest count); with random shuffles they vary, so each
+is the median over --repeats steps with the range. Evaluation (not per step): the feature table of
+--eval-rows test images split over the processes, all-gathered to every process (old, with the padded
+labels and indices) or gathered to the main process (new, `gather_to_main`), received by the busiest
+process and by all processes together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+
+from maskcon import dist
+from maskcon.config import ARCHS
+from maskcon.errors import UserError
+from maskcon.model import FEATURE_DIMS, MaskConModel
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SECTIONS = ("buffer broadcast", "shuffle-BN", "enqueue", "stop vote")
+GRADIENTS = "gradient all-reduce"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise UserError(f"{message} (see python launch/bench.py collectives --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python launch/bench.py collectives", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", type=int, default=2, metavar="P", help="gloo processes (default: 2)")
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[32, 224], metavar="S",
+                        help="key image sides, px (default: 32 224)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[128, 256], metavar="N",
+                        help="images per process per step (default: 128 256)")
+    parser.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone (default: resnet18)")
+    parser.add_argument("--queue-size", type=int, default=8192, metavar="K", help="bank entries (default: 8192)")
+    parser.add_argument("--dim", type=int, default=128, metavar="D", help="key width (default: 128)")
+    parser.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS),
+                        help="training precision: the dtype of the key images in the new scheme (default: bf16)")
+    parser.add_argument("--log-every", type=int, default=10, metavar="L",
+                        help="steps between stop votes in the new scheme (default: 10, the trainer's)")
+    parser.add_argument("--eval-rows", type=int, default=10000, metavar="R",
+                        help="test images of the evaluation gather (default: 10000, CIFAR-100's test set)")
+    parser.add_argument("--repeats", type=int, default=5, metavar="R", help="steps measured per case (default: 5)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    return parser
+
+
+class TrafficMeter:
+    """Counts the bytes this process receives in each torch.distributed call, by section of the step."""
+
+    def __init__(self):
+        self.received: Counter[str] = Counter()
+        self.section = "other"
+
+    @contextlib.contextmanager
+    def counting(self, section: str):
+        self.section = section
+        try:
+            yield
+        finally:
+            self.section = "other"
+
+    def install(self) -> None:
+        processes, this = torch_dist.get_world_size(), torch_dist.get_rank()
+        rules = {
+            "all_gather": lambda outputs, tensor, *a, **k: (processes - 1) * tensor.nbytes,
+            "all_gather_single": lambda output, tensor, *a, **k: output.nbytes - tensor.nbytes,
+            "broadcast": lambda tensor, src, *a, **k: 0 if this == src else tensor.nbytes,
+            "all_reduce": lambda tensor, *a, **k: 2 * (processes - 1) * tensor.nbytes // processes,
+            "gather": lambda tensor, gather_list=None, dst=0, *a, **k: (
+                (processes - 1) * tensor.nbytes if this == dst else 0),
+            "all_to_all_single": lambda output, tensor, output_split_sizes=None, *a, **k: (
+                output.nbytes - output.nbytes * (output_split_sizes[this] if output_split_sizes
+                                                 else output.shape[0] // processes) // max(output.shape[0], 1)),
+        }
+        for name, rule in rules.items():
+            setattr(torch_dist, name, self._counted(getattr(torch_dist, name), rule))
+
+    def _counted(self, call, rule):
+        def counted(*args, **kwargs):
+            self.received[self.section] += rule(*args, **kwargs)
+            return call(*args, **kwargs)
+        return counted
+
+
+def _old_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """The all-gather of MoCo's `concat_all_gather`: a list of P tensors, concatenated."""
+    gathered = [torch.empty_like(tensor) for _ in range(torch_dist.get_world_size())]
+    torch_dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered)
+
+
+def _old_step(meter: TrafficMeter, model: MaskConModel, images: torch.Tensor, k: torch.Tensor,
+              coarse: torch.Tensor, fine: torch.Tensor) -> None:
+    with meter.counting("buffer broadcast"):
+        for buffer in model.buffers():
+            torch_dist.broadcast(buffer, src=0)
+    with meter.counting("shuffle-BN"):
+        images_all = _old_gather(images.float())                                # P*N x 3 x S x S
+        idx_shuffle = torch.randperm(images_all.shape[0])
+        torch_dist.broadcast(idx_shuffle, src=0)
+        _old_gather(k)                                                          # P*N x D
+    with meter.counting("enqueue"):
+        for values in (k, coarse, fine):
+            _old_gather(values)
+    with meter.counting("stop vote"):
+        torch_dist.all_reduce(torch.zeros(1))
+
+
+def _new_step(meter: TrafficMeter, model: MaskConModel, images: torch.Tensor, k: torch.Tensor,
+              coarse: torch.Tensor, fine: torch.Tensor, vote: bool) -> None:
+    with meter.counting("shuffle-BN"):
+        shuffled, idx_unshuffle = dist.batch_shuffle(images)
+        dist.batch_unshuffle(k, idx_unshuffle)
+    with meter.counting("enqueue"):
+        model.enqueue(k, coarse, fine)
+    if vote:
+        with meter.counting("stop vote"):
+            dist.agree_to_stop(sigterm=False, loss=torch.ones(()))
+
+
+def _worker(rank: int, port: int, options: argparse.Namespace, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                  world_size=options.processes)
+    meter = TrafficMeter()
+    meter.install()
+    rows = []
+    try:
+        dist.batch_shuffle(torch.zeros(1))        # seeds the shared shuffle generator (once per process group)
+        for size in options.image_sizes:
+            model = MaskConModel(arch=options.arch, image_size=size, proj_dim=options.dim,
+                                 queue_size=options.queue_size)
+            gradients = torch.zeros(sum(p.numel() for p in model.parameters() if p.requires_grad))
+            with meter.counting(GRADIENTS):
+                torch_dist.all_reduce(gradients)
+            gradient_bytes = meter.received.pop(GRADIENTS)
+            for batch in options.batches:
+                generator = torch.Generator().manual_seed(rank)
+                images = torch.randn(batch, 3, size, size, generator=generator)
+                k = torch.nn.functional.normalize(torch.randn(batch, options.dim, generator=generator), dim=1)
+                coarse, fine = torch.randint(0, 20, (batch,)), torch.randint(0, 100, (batch,))
+                low = images.to(PRECISIONS[options.precision])
+                for repeat in range(options.repeats):
+                    meter.received.clear()
+                    _old_step(meter, model, images, k, coarse, fine)
+                    old = dict(meter.received)
+                    meter.received.clear()
+                    _new_step(meter, model, low, k, coarse, fine, vote=True)
+                    new = dict(meter.received)
+                    new["stop vote"] = new.get("stop vote", 0) / options.log_every     # amortised per step
+                    rows.append({"image_size": size, "batch": batch, "repeat": repeat, "old": old, "new": new,
+                                 "gradients": gradient_bytes})
+            del model
+        rows.append({"evaluation": _evaluation_bytes(meter, options)})
+    finally:
+        torch_dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(rows))
+
+
+def _evaluation_bytes(meter: TrafficMeter, options: argparse.Namespace) -> dict:
+    processes, this = torch_dist.get_world_size(), torch_dist.get_rank()
+    share = options.eval_rows // processes + (1 if this < options.eval_rows % processes else 0)
+    longest = -(-options.eval_rows // processes)
+    features = torch.zeros(share, FEATURE_DIMS[options.arch])
+    labels = [torch.zeros(share, dtype=torch.long) for _ in ("fine", "coarse", "index")]
+    meter.received.clear()
+    with meter.counting("old"):            # the trainer's former extract_features: pad, then gather everywhere
+        for values in (features, *labels):
+            _old_gather(torch.tensor([share]))                                  # pad_across_processes' sizes
+            padded = values.new_zeros((longest, *values.shape[1:]))
+            _old_gather(padded)
+        _old_gather(torch.tensor([share]))                                      # the row counts
+    with meter.counting("new"):
+        for values in (features, *labels):
+            dist.gather_to_main(values)
+    return dict(meter.received)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        return listener.getsockname()[1]
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _summary(per_rank: list[list[dict]], options: argparse.Namespace) -> dict:
+    cases = {}
+    for rows in zip(*per_rank):
+        if "evaluation" in rows[0]:
+            continue
+        first = rows[0]
+        case = cases.setdefault((first["image_size"], first["batch"]), {"old": [], "new": [], "gradients": 0})
+        case["gradients"] = max(row["gradients"] for row in rows)
+        for scheme in ("old", "new"):
+            busiest = {section: max(row[scheme].get(section, 0) for row in rows) for section in SECTIONS}
+            busiest["total"] = max(sum(row[scheme].values()) for row in rows)
+            case[scheme].append(busiest)
+    table = []
+    for (size, batch), case in sorted(cases.items()):
+        entry = {"image_size": size, "batch": batch, "gradients_bytes": case["gradients"]}
+        for scheme in ("old", "new"):
+            for section in (*SECTIONS, "total"):
+                values = [repeat[section] for repeat in case[scheme]]
+                entry[f"{scheme}_{section}"] = {"median": statistics.median(values), "min": min(values),
+                                                "max": max(values)}
+        table.append(entry)
+    evaluation = [rows[-1]["evaluation"] for rows in per_rank]
+    return {"command": "python launch/bench.py collectives " + shlex.join(sys.argv[2:]),
+            "machine": f"{_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, gloo",
+            "processes": options.processes, "arch": options.arch, "precision": options.precision,
+            "queue_size": options.queue_size, "dim": options.dim, "log_every": options.log_every,
+            "repeats": options.repeats, "steps": table,
+            "evaluation": {"rows": options.eval_rows,
+                           "old_bytes": max(e["old"] for e in evaluation),
+                           "new_bytes": max(e["new"] for e in evaluation),
+                           "old_bytes_all": sum(e["old"] for e in evaluation),
+                           "new_bytes_all": sum(e["new"] for e in evaluation)}}
+
+
+def _amount(value: float) -> str:
+    """Bytes in B, kB or MB, three significant digits."""
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.3g} B"
+
+
+def _cell(value: dict | float) -> str:
+    """A figure, with its range over repeats when that differs."""
+    if not isinstance(value, dict):
+        return _amount(value)
+    if _amount(value["min"]) == _amount(value["max"]):
+        return _amount(value["median"])
+    return f"{_amount(value['median'])} ({_amount(value['min'])}-{_amount(value['max'])})"
+
+
+def _print_tables(summary: dict) -> None:
+    print(f"{summary['command']}\n{summary['machine']}; P = {summary['processes']} processes, {summary['arch']}, "
+          f"K = {summary['queue_size']}, D = {summary['dim']}, key images in {summary['precision']} (new), "
+          f"stop vote every {summary['log_every']} steps (new)\nreceived per step by the busiest process, "
+          f"median (range) over {summary['repeats']} steps")
+    columns = (*SECTIONS, "total")
+    print(f"{'S px':>5} {'N':>4}  {'scheme':<6}" + "".join(f"{name:>28}" for name in columns)
+          + f"{'old/new':>9}{GRADIENTS:>21}")
+    for entry in summary["steps"]:
+        for scheme in ("old", "new"):
+            cells = "".join(f"{_cell(entry[f'{scheme}_{section}']):>28}" for section in columns)
+            ratio = entry["old_total"]["median"] / max(entry["new_total"]["median"], 1)
+            extra = f"{ratio:>8.1f}x{_cell(entry['gradients_bytes']):>21}" if scheme == "old" else ""
+            print(f"{entry['image_size']:>5} {entry['batch']:>4}  {scheme:<6}{cells}{extra}")
+    evaluation = summary["evaluation"]
+    print(f"evaluation ({evaluation['rows']} test images), received by the busiest process: old "
+          f"{_cell(evaluation['old_bytes'])}, new {_cell(evaluation['new_bytes'])}; by all processes: "
+          f"old {_cell(evaluation['old_bytes_all'])}, new {_cell(evaluation['new_bytes_all'])}")
+
+
+def main(argv: list[str]) -> int:
+    options = _parser().parse_args(argv)
+    if options.processes < 2:
+        raise UserError(f"--processes must be at least 2, got {options.processes}")
+    for name in ("repeats", "log_every", "queue_size", "dim", "eval_rows"):
+        if getattr(options, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(options, name)}")
+    if min(options.image_sizes + options.batches) < 1:
+        raise UserError("--image-sizes and --batches take positive integers")
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_worker, args=(_free_port(), options, out_dir), nprocs=options.processes,
+                           start_method="spawn")
+        per_rank = [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(options.processes)]
+    summary = _summary(per_rank, options)
+    if options.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        _print_tables(summary)
+    return 0
