@@ -316,8 +316,7 @@ def gather_to_main(tensor: torch.Tensor) -> torch.Tensor | None:
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Copy every buffer of `module` from process `src` to all processes (one broadcast per buffer).
 
-    Superseded by `average_buffers`, which syncs the batch-norm statistics in one all-reduce.
-    No-op on one process.
+    For the batch-norm statistics `average_buffers` does it in one all-reduce. No-op on one process.
     """
     if world_size() == 1:
         return
