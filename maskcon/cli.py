@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
-from maskcon.errors import UserError
+from maskcon.errors import AgreedError, UserError
 
 BENCHMARKS = {
     "shards": "conversion speed: our converter against a plain webdataset.ShardWriter loop",
@@ -29,6 +30,8 @@ def run_train(argv: list[str]) -> int:
         from maskcon.train import train
 
         result = train(config)
+    except AgreedError as err:  # raised by every process alike: the main process speaks for all
+        return fail(err) if int(os.environ.get("RANK", "0")) == 0 else 2
     except UserError as err:
         return fail(err)
     if result.untrained:

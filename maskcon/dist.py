@@ -24,7 +24,7 @@ from typing import NamedTuple, TypeVar
 import torch
 import torch.distributed as torch_dist
 
-from maskcon.errors import UserError
+from maskcon.errors import AgreedError
 
 Result = TypeVar("Result")
 
@@ -242,7 +242,7 @@ def agree_to_stop(*, sigterm: bool, loss: torch.Tensor | None = None, failed: bo
                      mean_loss=mean_loss)
 
 
-class MainProcessFailed(UserError):
+class MainProcessFailed(AgreedError):
     """Raised on every other process when a section that runs on the main process alone failed there.
 
     The main process raises its own error (with its traceback, or its one line for a UserError); this one
@@ -310,15 +310,3 @@ def gather_to_main(tensor: torch.Tensor) -> torch.Tensor | None:
     parts = [torch.empty_like(padded) for _ in range(processes)]
     torch_dist.gather(padded, parts, dst=0)
     return torch.cat([part[:count] for part, count in zip(parts, counts)])
-
-
-@torch.no_grad()
-def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
-    """Copy every buffer of `module` from process `src` to all processes (one broadcast per buffer).
-
-    For the batch-norm statistics `average_buffers` does it in one all-reduce. No-op on one process.
-    """
-    if world_size() == 1:
-        return
-    for buffer in module.buffers():
-        torch_dist.broadcast(buffer, src=src)

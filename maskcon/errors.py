@@ -7,3 +7,8 @@ class UserError(Exception):
     The message is ONE line that says what is wrong and how to fix it; entry points in `launch/` catch
     this, print `error: <message>` to stderr and exit 2, with no traceback.
     """
+
+
+class AgreedError(UserError):
+    """A UserError that every process of a run raises alike (all processes agreed on it, or learnt it from
+    the main process): only the main process prints it, so a run of N processes reports it once."""

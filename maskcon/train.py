@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from maskcon import checkpoints, dist, shards
 from maskcon.config import Config, shards_dir, to_dict
-from maskcon.errors import UserError
+from maskcon.errors import AgreedError, UserError
 from maskcon.loaders import build_test_loader, build_train_loader
 from maskcon.methods import method_for
 from maskcon.model import MaskConModel, fetch_pretrained
@@ -209,7 +209,11 @@ def train(config: Config) -> RunResult:
                                  mixed_precision=accelerator.mixed_precision)
     saved = checkpoints.read_state(resume_from) if resume_from else None
     if saved:
-        for change in checkpoints.check_resume(saved["run"], run, checkpoints.parse_accept(config.accept_changes)):
+        try:
+            accepted = checkpoints.check_resume(saved["run"], run, checkpoints.parse_accept(config.accept_changes))
+        except UserError as error:  # every process compares the same two records
+            raise AgreedError(str(error)) from None
+        for change in accepted:
             accelerator.print(f"--resume: continuing with a changed {change}; the learning-rate schedule is "
                               f"recomputed for this run")
     loader_args = dict(image_size=config.image_size, rank=accelerator.process_index,
@@ -323,7 +327,10 @@ def train(config: Config) -> RunResult:
         batches = iter(train_loader)
         for position in range(steps_per_epoch):
             fetch_start = time.perf_counter()
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except UserError as error:   # a sample that does not decode: name the checkpoint to resume from
+                raise UserError(f"{error}; {_last_good(checkpoint_root)}") from None
             wait_time += time.perf_counter() - fetch_start
             if position < skip:
                 continue
@@ -336,7 +343,7 @@ def train(config: Config) -> RunResult:
             if step % config.log_every == 0 or position == steps_per_epoch - 1 or at_max:
                 agreement = dist.agree_to_stop(sigterm=preemption.requested, loss=loss_sum)
                 if agreement.loss_not_finite:
-                    raise UserError(f"the loss stopped being finite by step {step} (epoch {epoch}); "
+                    raise AgreedError(f"the loss stopped being finite by step {step} (epoch {epoch}); "
                                     f"{_last_good(checkpoint_root)}; try a lower --lr or --mixed-precision bf16")
                 now = time.perf_counter()
                 loss_value = loss.item()
@@ -386,14 +393,14 @@ def train(config: Config) -> RunResult:
 
     dist.run_on_main(finish)
     accelerator.free_memory()
-    del model, learner, optimizer, train_loader, test_loader, parts
+    del model, optimizer, train_loader, parts   # the rest goes with this frame, before the process group ends
     gc.collect()
     return RunResult(output_dir=output_dir, step=step, metrics=metrics, stopped=stopped, untrained=untrained)
 
 
 def _last_good(checkpoint_root: Path) -> str:
     found = checkpoints.list_checkpoints(checkpoint_root)
-    return f"the last checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+    return f"the last checkpoint, {found[-1]}, is intact" if found else "no checkpoint was written yet"
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
-"""End-to-end runs of launch/train.py on the bundled digits, as users start it."""
+"""End-to-end runs of launch/train.py on the bundled digits, as users start it: outputs, every method,
+exact resume, faults (damaged shards and checkpoints, changed options), and several gloo processes."""
 
 import json
 import math
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -13,10 +15,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# small and quick: 8-pixel inputs, 32 images per step, a bank of 64 keys
-FAST = ["--image-size", "8", "--batch-size", "32", "--queue-size", "64", "--eval-batch-size", "128",
+# small and quick: 8-pixel inputs, 64 images per step, a bank of 128 keys
+FAST = ["--image-size", "8", "--batch-size", "64", "--queue-size", "128", "--eval-batch-size", "128",
         "--warmup-epochs", "0.5", "--log-every", "2", "--loader-threads", "1", "--eval-untrained", "false"]
-STEPS_PER_EPOCH = 1437 // 32  # digits' train split, 1 process
+STEPS_PER_EPOCH = 1437 // 64  # digits' train split, 1 process: 22
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
@@ -100,28 +104,139 @@ def _wait_for(condition, process, timeout=300):
         time.sleep(0.2)
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(digits_shards, tmp_path):
-    args = ["--shards", str(digits_shards), "--epochs", "2", *FAST, "--eval-every", "2",
-            "--checkpoint-every", "1", "--wandb", "disabled"]
-    whole = tmp_path / "whole"
-    assert train([*args, "--output-dir", str(whole)]).returncode == 0
+RUN = ["--epochs", "2", *FAST, "--eval-every", "2", "--checkpoint-every", "1", "--wandb", "disabled"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits_shards, tmp_path_factory):
+    """Two epochs that were never stopped: the reference of every resume test."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    result = train(["--shards", str(digits_shards), *RUN, "--output-dir", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def losses_by_step(output_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_metrics(output_dir)[0]}
+
+
+def assert_same_run(resumed: Path, whole: Path, after_step: int) -> None:
+    """The resumed run logged the same losses after its resume point and ended with the same weights."""
+    ours, reference = losses_by_step(resumed), losses_by_step(whole)
+    later = [step for step in reference if step > after_step]
+    assert later and [ours[step] for step in later] == [reference[step] for step in later]
+    fingerprint = json.loads((resumed / "results.json").read_text())["weights_fingerprint_per_process"]
+    assert fingerprint == json.loads((whole / "results.json").read_text())["weights_fingerprint_per_process"]
+
+
+def test_resume_after_sigkill_at_an_epoch_checkpoint_ends_with_the_same_weights(digits_shards, uninterrupted,
+                                                                               tmp_path):
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "launch/train.py", *args, "--output-dir", str(killed)], cwd=ROOT,
-                               env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "launch/train.py", "--shards", str(digits_shards), *RUN,
+                                "--output-dir", str(killed)], cwd=ROOT, env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = killed / "checkpoints" / f"step-{STEPS_PER_EPOCH:08d}"
-    _wait_for(lambda: (first / "trainer_state.json").exists(), process)
+    _wait_for(lambda: (first / "files.json").exists(), process)
     _wait_for(lambda: read_metrics(killed)[0][-1]["step"] > STEPS_PER_EPOCH, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "results.json").exists()
-    resumed = train([*args, "--output-dir", str(killed), "--resume"])
+    resumed = train(["--shards", str(digits_shards), *RUN, "--output-dir", str(killed), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {STEPS_PER_EPOCH}" in resumed.stdout
-    whole_steps, _ = read_metrics(whole)
-    resumed_steps, resumed_evals = read_metrics(killed)
-    assert [r["step"] for r in resumed_steps] == [r["step"] for r in whole_steps]  # none repeated or lost
-    assert json.loads((killed / "results.json").read_text())["step"] == 2 * STEPS_PER_EPOCH
-    assert len(resumed_evals) == 1
+    assert [r["step"] for r in read_metrics(killed)[0]] == [r["step"] for r in read_metrics(uninterrupted)[0]]
+    assert_same_run(killed, uninterrupted, STEPS_PER_EPOCH)
+
+
+def test_resume_in_the_middle_of_an_epoch_ends_with_the_same_weights(digits_shards, uninterrupted, tmp_path):
+    out = tmp_path / "mid"
+    middle = STEPS_PER_EPOCH + 7
+    first = train(["--shards", str(digits_shards), *RUN, "--output-dir", str(out), "--max-steps", str(middle),
+                   "--log-every", "3"])                   # logging may differ between the two parts
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (out / "checkpoints" / f"step-{middle:08d}").is_dir()
+    resumed = train(["--shards", str(digits_shards), *RUN, "--output-dir", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {middle}" in resumed.stdout
+    assert_same_run(out, uninterrupted, middle)
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(digits_shards, uninterrupted, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted, out)
+    (out / "results.json").unlink()
+    newest = out / "checkpoints" / f"step-{2 * STEPS_PER_EPOCH:08d}"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])                  # a copy that stopped half way
+    resumed = train(["--shards", str(digits_shards), *RUN, "--output-dir", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    notice = [line for line in resumed.stdout.splitlines() if "is damaged" in line]
+    assert len(notice) == 1 and str(newest) in notice[0] and "model.safetensors" in notice[0]
+    assert f"at step {STEPS_PER_EPOCH}" in resumed.stdout
+    assert_same_run(out, uninterrupted, STEPS_PER_EPOCH)
+
+
+@pytest.mark.parametrize("change, names", [
+    (["--batch-size", "32"], ["batch_size (64 -> 32)"]),
+    (["--method", "grafit", "--t", "0.1"], ["method (maskcon -> grafit)", "t (0.05 -> 0.1)"]),
+])
+def test_resume_refuses_changed_options_and_leaves_the_run_untouched(digits_shards, uninterrupted, tmp_path,
+                                                                    change, names):
+    out = tmp_path / "changed"
+    shutil.copytree(uninterrupted, out)
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")}
+    result = train(["--shards", str(digits_shards), *RUN, "--output-dir", str(out), "--resume", *change])
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert line.startswith("error: --resume:") and "\n" not in line and "Traceback" not in result.stderr
+    assert all(name in line for name in names) and "--accept-changes" in line
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")} == before
+
+
+def test_more_epochs_can_be_accepted_on_resume(digits_shards, uninterrupted, tmp_path):
+    out = tmp_path / "longer"
+    shutil.copytree(uninterrupted, out)
+    result = train(["--shards", str(digits_shards), *RUN, "--output-dir", str(out), "--resume", "--epochs", "3",
+                    "--accept-changes", "epochs"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epochs (2 -> 3)" in result.stdout and "recomputed" in result.stdout
+    assert json.loads((out / "results.json").read_text())["step"] == 3 * STEPS_PER_EPOCH
+
+
+def damaged_copy(shards: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    return copy
+
+
+def test_a_shard_cut_short_stops_before_training_with_one_line(digits_shards, tmp_path):
+    shards_copy = damaged_copy(digits_shards, tmp_path)
+    tar = sorted((shards_copy / "train").glob("*.tar"))[1]
+    tar.write_bytes(tar.read_bytes()[:5000])
+    result = train(["--shards", str(shards_copy), *RUN, "--output-dir", str(tmp_path / "run")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line
+    assert str(tar) in line and "make_shards.py verify" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_undecodable_image_names_its_shard_and_key(digits_shards, tmp_path):
+    from maskcon.shard_format import read_index
+
+    shards_copy = damaged_copy(digits_shards, tmp_path)
+    tar = sorted((shards_copy / "train").glob("*.tar"))[2]
+    entry = read_index(tar.with_suffix(".idx"))[5]
+    image = entry.members["png"]
+    data = bytearray(tar.read_bytes())
+    data[image.offset + 16:image.offset + image.size] = bytes(image.size - 16)   # same size, pixels gone
+    tar.write_bytes(bytes(data))
+    out = tmp_path / "run"
+    result = train(["--shards", str(shards_copy), *RUN, "--output-dir", str(out)])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line
+    assert str(tar) in line and entry.key in line and "make_shards.py verify" in line
 
 
 def test_sigterm_leaves_a_checkpoint_to_resume_from(digits_shards, tmp_path):
@@ -144,18 +259,93 @@ def test_sigterm_leaves_a_checkpoint_to_resume_from(digits_shards, tmp_path):
     assert json.loads((out / "results.json").read_text())["step"] == state["step"] + 1
 
 
-def test_two_gloo_processes_end_with_the_same_weights(digits_shards, tmp_path):
-    out = tmp_path / "two"
+def launch_two(args, *, timeout=600, env=None, **popen):
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "launch/train.py", "--shards", str(digits_shards), "--epochs", "1", "--max-steps", "6", *FAST,
-               "--wandb", "disabled", "--output-dir", str(out)]
-    result = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout
-    results = json.loads((out / "results.json").read_text())
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "launch/train.py", *args]
+    return subprocess.run(command, cwd=ROOT, env=env or environment(), capture_output=True, text=True,
+                          timeout=timeout, **popen)
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory):
+    """A test split of 201 images, so two processes evaluate parts of different sizes."""
+    from maskcon.bench.loader import cifar_like_image, write_synthetic_shards
+
+    return write_synthetic_shards(tmp_path_factory.mktemp("uneven") / "shards", num_train=256, num_test=201,
+                                  image=cifar_like_image, labels=lambda i: (i % 10, i % 10 // 5), num_fine=10,
+                                  num_coarse=2, samples_per_shard=40)
+
+
+def test_two_gloo_processes_train_one_learner_and_evaluate_like_one_process(uneven_shards, tmp_path):
+    args = ["--dataset", "cifar100", "--shards", str(uneven_shards), "--pretrained", "none", "--epochs", "1",
+            "--max-steps", "3", *FAST, "--batch-size", "32", "--eval-untrained", "--wandb", "disabled"]
+    two = launch_two([*args, "--output-dir", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
     first, second = results["weights_fingerprint_per_process"]
-    assert first == second and results["step"] == 6
+    assert first == second and results["step"] == 3
+    one = train([*args, "--output-dir", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    untrained = {name: value for name, value in json.loads((tmp_path / "one" / "results.json").read_text()).items()
+                 if name.startswith("untrained_R@")}
+    assert untrained and untrained == {name: results[name] for name in untrained}
+
+
+def test_two_processes_stop_together_on_sigterm_outside_the_steps_with_a_checkpoint(digits_shards, tmp_path):
+    out = tmp_path / "preempted"
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "launch/train.py",
+               "--shards", str(digits_shards), "--epochs", "3", *FAST, "--eval-untrained", "--wandb", "disabled",
+               "--output-dir", str(out)]
+    # as SLURM does: every process of the job gets SIGTERM; the launcher waits for its workers meanwhile
+    process = subprocess.Popen(command, cwd=ROOT, env=environment(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(lambda: (out / "config.yaml").exists(), process)   # next: the untrained evaluation, the bank fill
+    os.killpg(process.pid, signal.SIGTERM)
+    started = time.time()
+    stdout, stderr = process.communicate(timeout=300)
+    assert time.time() - started < 60
+    assert "stopped by SIGTERM at step 0" in stdout, stderr[-3000:]
+    saved = list((out / "checkpoints").glob("step-*"))
+    assert [p.name for p in saved] == ["step-00000000"] and (saved[0] / "files.json").exists()
+
+
+def test_a_failure_on_the_main_process_alone_ends_both_with_one_line(digits_shards, tmp_path):
+    # W&B online without a login fails on the main process only, which alone talks to W&B
+    env = environment(HOME=str(tmp_path), WANDB_MODE="", NETRC=str(tmp_path / "netrc"))
+    env.pop("WANDB_API_KEY", None)
+    started = time.time()
+    result = launch_two(["--shards", str(digits_shards), "--epochs", "1", *FAST, "--wandb", "online",
+                         "--output-dir", str(tmp_path / "run")], env=env, timeout=300)
+    assert time.time() - started < 120
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "W&B could not start" in errors[0], result.stderr[-3000:]
+
+
+def test_a_loss_that_is_no_longer_finite_stops_both_processes_with_one_line(digits_shards, tmp_path):
+    result = launch_two(["--shards", str(digits_shards), "--epochs", "1", *FAST, "--lr", "1e30",
+                         "--wandb", "disabled", "--output-dir", str(tmp_path / "run")], timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "the loss stopped being finite" in errors[0], result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_resume_with_another_number_of_processes_is_refused_or_accepted(digits_shards, tmp_path, first, then):
+    out = tmp_path / "run"
+    args = ["--shards", str(digits_shards), "--epochs", "2", *FAST, "--checkpoint-every", "1", "--wandb",
+            "disabled", "--output-dir", str(out)]
+    start = (launch_two if first == 2 else train)([*args, "--max-steps", "4"])
+    assert start.returncode == 0, start.stderr[-3000:]
+    again = launch_two if then == 2 else train
+    refused = again([*args, "--resume"])
+    assert refused.returncode != 0 and f"world_size ({first} -> {then})" in refused.stderr
+    accepted = again([*args, "--resume", "--accept-changes", "world_size"])
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["step"] == 2 * (1437 // then // 64) and len(set(results["weights_fingerprint_per_process"])) == 1
 
 
 def test_wandb_offline_files_hold_metrics_and_images(digits_shards, tmp_path):
@@ -198,6 +388,18 @@ def read_wandb_history(path: Path) -> list[dict]:
     return rows
 
 
+def test_the_main_job_learns_beyond_the_untrained_network(tmp_path):
+    """README's first command trains the bundled digits with their preset; the trained network must retrieve
+    better than the same network untrained."""
+    out = tmp_path / "main-job"
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "launch/train.py", "--output-dir", str(out),
+               "--wandb", "disabled"]
+    result = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["R@1"] > results["untrained_R@1"] + 1.0, results
+
+
 def test_missing_shards_name_the_command_to_run(tmp_path):
     result = train(["--dataset", "cifar100", "--shards", str(tmp_path / "nowhere"), "--wandb", "disabled",
                     "--output-dir", str(tmp_path / "run")])
@@ -210,5 +412,6 @@ def test_batch_larger_than_the_dataset_is_refused(digits_shards, tmp_path):
     result = train(["--shards", str(digits_shards), "--batch-size", "5000", "--wandb", "disabled",
                     "--output-dir", str(tmp_path / "run")])
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: --batch-size 5000 is larger than the 1437 training images")
+    assert result.stderr.strip().startswith("error: the train split has 1437 samples: too few for 1 process(es) "
+                                            "of batch 5000")
     assert "Traceback" not in result.stderr
