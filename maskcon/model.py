@@ -156,6 +156,12 @@ def _backbone(arch: str, image_size: int, pretrained: str | None) -> nn.Module:
     return net
 
 
+def fetch_pretrained(arch: str, pretrained: str) -> None:
+    """Make `pretrained` available before the learner is built: download torchvision's weights into the torch
+    hub cache ("imagenet"), or check a local weights file; UserError (one line) when neither works."""
+    _pretrained_state(arch, pretrained)
+
+
 def _pretrained_state(arch: str, pretrained: str) -> dict[str, torch.Tensor]:
     """State dict of torchvision's ImageNet weights ("imagenet", downloaded once to the torch hub cache) or
     of a local weights file (a torchvision ResNet state dict saved with torch.save)."""

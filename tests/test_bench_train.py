@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from maskcon import shards
@@ -30,6 +31,7 @@ def test_official_style_loader_gives_two_views_with_their_labels(tmp_path):
     assert len(set(seen.tolist())) == 64  # synthetic fine label = position: every sample once per epoch
 
 
+@pytest.mark.slow
 def test_bench_reports_every_mode(tmp_path):
     folder = tmp_path / "digits"
     shards.create("digits", None, folder)

@@ -3,6 +3,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed
 import torch.multiprocessing as mp
@@ -79,6 +80,7 @@ def train_steps(rank: int, port: int, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_keep_identical_banks_and_key_encoders(tmp_path):
     mp.spawn(train_steps, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
