@@ -30,7 +30,6 @@ def test_recipes_follow_the_supplement():
         recipe = RECIPES[name]
         assert ops(recipe.strong) == ["random_resized_crop", "horizontal_flip", "auto_augment"]
         assert ops(recipe.weak) == ["random_resized_crop", "horizontal_flip"]
-        assert recipe.image_size == 32
     # the bundled digits (not in the paper): milder crops, no mirror images
     digits = RECIPES["digits"]
     assert ops(digits.strong) == ["random_resized_crop", "auto_augment"]
@@ -47,7 +46,6 @@ def test_recipes_follow_the_supplement():
     for name in ["cars196", "sop_split1", "sop_split2"]:
         recipe = RECIPES[name]
         assert ops(recipe.weak) == ["random_resized_crop", "random_perspective", "horizontal_flip"]
-        assert recipe.image_size == 224
         assert recipe.mean == recipes.IMAGENET_MEAN
     for recipe in RECIPES.values():
         assert ops(recipe.test) == ["resize"]
@@ -101,11 +99,62 @@ def test_unknown_recipe_names_the_known_ones():
         RECIPES["cifar100"].view("medium")
 
 
-def test_dali_policy_is_the_table():
-    pytest.importorskip("nvidia.dali")
-    from maskcon.loaders.dali import cifar10_policy
+def test_recipes_are_module_constants():
+    for name, recipe in RECIPES.items():
+        assert getattr(recipes, name.upper()) is recipe
 
-    policy = cifar10_policy(32)
-    assert policy.num_magnitude_bins == recipes.AUTO_AUGMENT_BINS
-    table = [[(aug.name.split("__")[-1], p, magnitude) for aug, p, magnitude in sub] for sub in policy.sub_policies]
-    assert table == [[tuple(op) for op in sub] for sub in recipes.AUTO_AUGMENT_CIFAR10]
+
+def test_every_op_has_every_back_end():
+    """Each op implements DALI, torchvision and PIL (the base class raises for a missing one)."""
+    for op in recipes.OPS.values():
+        for backend in ("dali", "torchvision", "pil"):
+            assert getattr(type(op), backend) is not getattr(recipes.Op, backend), (op.name, backend)
+
+
+def test_an_op_without_a_back_end_fails_loudly():
+    class Sepia(recipes.Op):
+        name = "sepia"
+
+        def torchvision(self, p, size):
+            return lambda image: image
+
+    with pytest.raises(UserError, match="PIL loader has no implementation of the sepia op"):
+        Sepia().pil({}, 32)
+    with pytest.raises(UserError, match="DALI loader has no implementation of the sepia op"):
+        Sepia().dali(None, {}, {}, 32, False)
+    with pytest.raises(UserError, match="unknown augmentation op 'sepia'"):
+        Step("sepia").kind
+
+
+def test_auto_augment_draw_follows_torchvision_policy():
+    """Sub-policies uniform; each op kind applied at the rate torchvision's own policy table implies;
+    magnitudes from torchvision's bins with a random sign where torchvision draws one (1-in-1,000 bounds)."""
+    import numpy as np
+
+    policy = AutoAugment(AutoAugmentPolicy.CIFAR10)
+    space = policy._augmentation_space(recipes.AUTO_AUGMENT_BINS, (32, 32))
+    n = 200_000
+    drawn = recipes.auto_augment_draw(np.random.default_rng(1), n, 32)
+    counts = np.bincount(drawn["sub_policy"], minlength=25)
+    expected = n / 25
+    assert np.abs(counts - expected).max() < 3.9 * np.sqrt(expected * (1 - 1 / 25))  # 25 tests, 1e-3 overall
+    for slot in range(2):
+        names = np.array(recipes.AUTO_AUGMENT_OPS)[drawn[f"op_{slot}"]]
+        for sub, sub_policy in enumerate(policy.policies):
+            name, p, magnitude_bin = sub_policy[slot]
+            chosen = drawn["sub_policy"] == sub
+            assert (names[chosen] == name).all()
+            applied = drawn[f"applied_{slot}"][chosen]
+            assert abs(applied.mean() - p) <= 3.9 * np.sqrt(p * (1 - p) / chosen.sum()) + 1e-9, (sub, slot)
+            magnitudes, signed = space[name]
+            values = drawn[f"magnitude_{slot}"][chosen]
+            if magnitude_bin is None or magnitudes.ndim == 0:
+                assert (values == 0).all()
+                continue
+            value = float(magnitudes[magnitude_bin])
+            value = float(int(value)) if name.startswith("Translate") else value
+            assert np.allclose(np.abs(values), abs(value), atol=1e-6), (sub, slot)
+            if signed and value != 0:
+                assert abs((values < 0).mean() - 0.5) <= 3.9 * np.sqrt(0.25 / chosen.sum()), (sub, slot)
+            else:
+                assert (values >= 0).all()

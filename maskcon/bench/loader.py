@@ -17,7 +17,6 @@ import gc
 import io
 import json
 import os
-import random
 import statistics
 import time
 from pathlib import Path
@@ -93,41 +92,11 @@ def cifar_like_image(position: int) -> np.ndarray:
 # --------------------------------------------------------------------------------- official-style loader
 
 
-class _PilGaussianBlur:
-    """MoCo v2's GaussianBlur, as the official code uses it: PIL's filter with sigma uniform in a range."""
-
-    def __init__(self, sigma: tuple[float, float]):
-        self.sigma = sigma
-
-    def __call__(self, image):
-        from PIL import ImageFilter
-
-        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-
 def _pil_transform(steps, recipe, size: int):
+    """The steps' PIL implementations (recipes.Op.pil), then ToTensor and Normalize."""
     import torchvision.transforms as T
 
-    parts = []
-    for step in steps:
-        p = step.params
-        if step.op == "random_resized_crop":
-            parts.append(T.RandomResizedCrop(size, scale=p["scale"], ratio=p["ratio"]))
-        elif step.op == "resize":
-            parts.append(T.Resize((size, size)))
-        elif step.op == "horizontal_flip":
-            parts.append(T.RandomHorizontalFlip(p["p"]))
-        elif step.op == "auto_augment":  # PIL ops, the CIFAR-10 policy
-            parts.append(T.AutoAugment(T.AutoAugmentPolicy.CIFAR10))
-        elif step.op == "random_perspective":
-            parts.append(T.RandomPerspective(p["distortion"], p["p"]))
-        elif step.op == "color_jitter":
-            parts.append(T.RandomApply([T.ColorJitter(p["brightness"], p["contrast"], p["saturation"], p["hue"])],
-                                       p=p["p"]))
-        elif step.op == "random_grayscale":
-            parts.append(T.RandomGrayscale(p["p"]))
-        elif step.op == "gaussian_blur":
-            parts.append(T.RandomApply([_PilGaussianBlur(p["sigma"])], p=p["p"]))
+    parts = [step.kind.pil(step.params, size) for step in steps]
     return T.Compose([*parts, T.ToTensor(), T.Normalize(recipe.mean, recipe.std)])
 
 
@@ -199,6 +168,27 @@ def _measure(loader, *, batches: int, warmup: int, repeats: int) -> tuple[list[f
     return rates, costs
 
 
+def _dataset_image_size(dataset: str) -> int:
+    from maskcon.config import preset
+
+    return int(preset(dataset, "maskcon")["image_size"])
+
+
+def first_batch_seconds(shards: Path, *, dataset: str, image_size: int, batch_size: int, workers: int) -> float:
+    """Seconds from building a torch-backend train loader with `workers` DataLoader workers to its first batch
+    (worker start-up included)."""
+    from maskcon.loaders import build_train_loader
+
+    start = time.perf_counter()
+    loader = build_train_loader(shards, recipe=dataset, image_size=image_size, batch_size=batch_size, rank=0,
+                                world_size=1, seed=0, device="cpu", backend="torch", num_threads=workers)
+    next(iter(loader))
+    seconds = time.perf_counter() - start
+    del loader
+    gc.collect()
+    return seconds
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python launch/bench.py loader", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="recipe to run (a dataset name, e.g. cifar100)")
@@ -213,6 +203,8 @@ def main(argv: list[str]) -> int:
                         "(default: the CPUs this process may use)")
     parser.add_argument("--loaders", default="dali_cpu,torch,reference_pil",
                         help="comma-separated subset of dali_cpu,torch,reference_pil,dali_gpu")
+    parser.add_argument("--first-batch-workers", type=int, default=0, metavar="W",
+                        help="also time a torch loader with W workers from construction to its first batch")
     parser.add_argument("--synthetic", type=int, default=0, metavar="N",
                         help="first write N synthetic 32x32 PNG train samples (cifar100 format) to --shards")
     args = parser.parse_args(argv)
@@ -221,7 +213,7 @@ def main(argv: list[str]) -> int:
     from maskcon.loaders import build_train_loader
 
     recipe = recipes.recipe_for(args.dataset)
-    size = args.image_size or recipe.image_size
+    size = args.image_size or _dataset_image_size(args.dataset)
     threads = args.threads or len(os.sched_getaffinity(0))
     if args.synthetic:
         if (args.shards / "manifest.json").exists():
@@ -236,7 +228,12 @@ def main(argv: list[str]) -> int:
 
     common = dict(recipe=args.dataset, image_size=size, batch_size=args.batch_size, rank=0, world_size=1, seed=0,
                   device="cpu", num_threads=threads)
-    results, spread, cpu_ms = {}, {}, {}
+    results, spread, cpu_ms, first_batch = {}, {}, {}, {}
+    if args.first_batch_workers:  # before the other loaders, so that the fork server starts cold
+        first_batch["torch_first_batch_s"] = round(first_batch_seconds(
+            args.shards, dataset=args.dataset, image_size=size, batch_size=args.batch_size,
+            workers=args.first_batch_workers), 2)
+        first_batch["first_batch_workers"] = args.first_batch_workers
     for name in chosen:
         if name == "reference_pil":
             loader = reference_pil_loader(args.shards, recipe, image_size=size, batch_size=args.batch_size,
@@ -256,7 +253,7 @@ def main(argv: list[str]) -> int:
     report = {"dataset": args.dataset, **results, "unit": "source images/s, both views",
               "spread_min_max": spread, "cpu_ms_per_image": cpu_ms, "repeats": args.repeats,
               "batch_size": args.batch_size, "image_size": size,
-              "threads": threads, "cpus": os.cpu_count(), "shards": str(args.shards)}
+              "threads": threads, "cpus": os.cpu_count(), "shards": str(args.shards), **first_batch}
     if "dali_cpu" in results and "torch" in results:
         report["dali_cpu_over_torch"] = round(results["dali_cpu"] / results["torch"], 2)
         report["cpu_cost_torch_over_dali"] = round(cpu_ms["torch"] / cpu_ms["dali_cpu"], 2)

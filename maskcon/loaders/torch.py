@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import multiprocessing
 import os
 
 import numpy as np
@@ -21,51 +22,109 @@ from PIL import Image
 from maskcon.errors import UserError
 from maskcon.loaders import SplitFiles
 from maskcon.recipes import Recipe, Step
+from maskcon.shard_format import LABEL_BYTES, decode_label, key_at, read_index
+
+
+# Imported once by the fork server, so that each worker forked from it starts without importing them.
+FORKSERVER_PRELOAD = ["torch", "torchvision.transforms", "PIL.Image", "numpy", "maskcon.loaders.torch"]
 
 
 def worker_context(workers: int):
     """Start DataLoader workers from a fork server: forking a process that holds a DALI pipeline (tens of
-    GB of address space) can fail with ENOMEM, and a fork server never holds one."""
-    return "forkserver" if workers > 0 else None
+    GB of address space) can fail with ENOMEM, and a fork server never holds one. The fork server preloads
+    torch, torchvision, PIL and this module (effective when it has not started yet), and workers receive
+    only the shard file names, so all workers start at once instead of one after another."""
+    if workers <= 0:
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return context
 
 
 class TarSamples:
     """Random access to the samples of one split: (image bytes, fine, coarse) by position in the split.
 
-    Holds only paths and offsets, so it pickles cheaply into DataLoader workers; files open lazily per process.
+    Pickles as the split's file names only (a few hundred bytes, not the sample rows), so DataLoader workers
+    start at once; each process reads the index files on first use and opens the tars lazily.
     """
 
     def __init__(self, split: SplitFiles):
+        self.split = split
         self.tars = list(split.tars)
-        rows = []  # per sample: tar number, then (offset, size) of image, fine, coarse
-        for number, index in enumerate(split.indexes):
-            with open(index) as handle:
-                header = handle.readline().split()
-                for line in handle:
-                    fields = line.split()
-                    members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
-                    image = members.get("png") or members.get("jpg")
-                    if image is None or "fine" not in members or "coarse" not in members:
-                        raise UserError(f"a sample in {index} lacks an image, fine or coarse member; "
-                                        "recreate the shards")
-                    rows.append((number, *image, *members["fine"], *members["coarse"]))
-            if header[:1] != ["v1.2"]:
-                raise UserError(f"{index} is not a DALI v1.2 index; recreate the shards")
+        self._rows: np.ndarray | None = None
+        self._files: dict[int, int] = {}
+        self._maps: dict[int, np.ndarray] = {}
+        self._pid = None
+
+    @property
+    def rows(self) -> np.ndarray:
+        """num_samples x 7 int64: tar number, then (offset, size) of the image, fine and coarse members."""
+        if self._rows is None:
+            self._rows = self._index_rows(self.split)
+        return self._rows
+
+    @staticmethod
+    def _index_rows(split: SplitFiles) -> np.ndarray:
+        # rows: per sample, tar number, then (offset, size) of image, fine, coarse
+        rows = [(number, entry.image.offset, entry.image.size, entry.members["fine"].offset,
+                 entry.members["fine"].size, entry.members["coarse"].offset, entry.members["coarse"].size)
+                for number, index in enumerate(split.indexes) for entry in read_index(index)]
         if len(rows) != split.num_samples:
             raise UserError(f"the index files list {len(rows)} samples but the manifest says {split.num_samples}; "
                             "recreate the shards")
-        self.rows = np.array(rows, dtype=np.int64)
-        self._files: dict[int, int] = {}
-        self._pid = None
+        return np.array(rows, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.split.num_samples
 
     def __getstate__(self):
-        return {"tars": self.tars, "rows": self.rows}
+        return {"split": self.split, "tars": self.tars}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _files={}, _pid=None)
+        self.__dict__.update(state, _rows=None, _files={}, _maps={}, _pid=None)
+
+    def _map(self, tar: int) -> np.ndarray:
+        """The whole tar file as read-only uint8 memory (shared with every process that maps it)."""
+        if self._pid != os.getpid():
+            self._files, self._maps, self._pid = {}, {}, os.getpid()
+        if tar not in self._maps:
+            self._maps[tar] = np.memmap(self.tars[tar], dtype=np.uint8, mode="r")
+        return self._maps[tar]
+
+    def image(self, position: int) -> np.ndarray:
+        """The encoded image of a sample as a uint8 view of the mapped tar (no copy)."""
+        tar, offset, size = self.rows[position, :3]
+        return self._map(int(tar))[offset:offset + size]
+
+    def labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """(fine, coarse) of every sample, int64 arrays in split order."""
+        fine = np.empty(len(self), dtype=np.int64)
+        coarse = np.empty(len(self), dtype=np.int64)
+        for tar in np.unique(self.rows[:, 0]):
+            rows = self.rows[self.rows[:, 0] == tar]
+            data = self._map(int(tar))
+            selected = self.rows[:, 0] == tar
+            for column, out in ((3, fine), (5, coarse)):
+                if (rows[:, column + 1] != LABEL_BYTES).any():
+                    raise UserError(f"a label member in {self.tars[tar]} is not {LABEL_BYTES} bytes; "
+                                    "recreate the shards")
+                gathered = data[rows[:, column, None] + np.arange(LABEL_BYTES)]
+                out[selected] = gathered.copy().view("<i8")[:, 0]
+        return fine, coarse
+
+    def describe(self, position: int) -> str:
+        """'shard <tar>, sample <key>' of a sample, for messages."""
+        tar, offset = int(self.rows[position, 0]), int(self.rows[position, 1])
+        try:
+            key = key_at(self.split.indexes[tar], offset)
+        except UserError:
+            key = None
+        return f"shard {self.tars[tar]}, sample {key if key is not None else f'at byte {offset}'}"
+
+    def decode_error(self, position: int, error: Exception) -> UserError:
+        folder = os.path.dirname(os.path.dirname(os.path.abspath(self.tars[0])))
+        return UserError(f"the image of {self.describe(position)} does not decode ({str(error).splitlines()[0]}); "
+                         f"run `python launch/make_shards.py verify {folder}` and re-create the shards")
 
     def _read(self, tar: int, offset: int, size: int) -> bytes:
         if self._pid != os.getpid():  # descriptors are not shared across fork
@@ -77,41 +136,14 @@ class TarSamples:
     def read(self, position: int) -> tuple[bytes, int, int]:
         tar, image_offset, image_size, fine_offset, fine_size, coarse_offset, coarse_size = self.rows[position]
         image = self._read(tar, image_offset, image_size)
-        fine = int.from_bytes(self._read(tar, fine_offset, fine_size), "little", signed=True)
-        coarse = int.from_bytes(self._read(tar, coarse_offset, coarse_size), "little", signed=True)
+        fine = decode_label(self._read(tar, fine_offset, fine_size))
+        coarse = decode_label(self._read(tar, coarse_offset, coarse_size))
         return image, fine, coarse
-
-
-def _blur_kernel(sigma_high: float, size: int) -> int:
-    kernel = 2 * math.ceil(3 * sigma_high) + 1  # +-3 sigma of the widest blur
-    return max(1, min(kernel, size if size % 2 else size - 1))
-
-
-def _step_transform(step: Step, size: int):
-    p = step.params
-    if step.op == "random_resized_crop":
-        return T.RandomResizedCrop(size, scale=p["scale"], ratio=p["ratio"], antialias=True)
-    if step.op == "resize":
-        return T.Resize((size, size), antialias=True)
-    if step.op == "horizontal_flip":
-        return T.RandomHorizontalFlip(p["p"])
-    if step.op == "auto_augment":
-        return T.AutoAugment(T.AutoAugmentPolicy.CIFAR10)
-    if step.op == "random_perspective":
-        return T.RandomPerspective(distortion_scale=p["distortion"], p=p["p"])
-    if step.op == "color_jitter":
-        jitter = T.ColorJitter(p["brightness"], p["contrast"], p["saturation"], p["hue"])
-        return T.RandomApply([jitter], p=p["p"])
-    if step.op == "random_grayscale":
-        return T.RandomGrayscale(p["p"])
-    if step.op == "gaussian_blur":
-        return T.RandomApply([T.GaussianBlur(_blur_kernel(p["sigma"][1], size), sigma=p["sigma"])], p=p["p"])
-    raise UserError(f"the torchvision loader has no implementation of recipe step {step.op!r}")
 
 
 def view_transform(steps: tuple[Step, ...], recipe: Recipe, size: int) -> T.Compose:
     """uint8 3 x H x W tensor -> normalised float32 3 x size x size, following the recipe's steps."""
-    return T.Compose([*(_step_transform(step, size) for step in steps), T.ConvertImageDtype(torch.float32),
+    return T.Compose([*(step.kind.torchvision(step.params, size) for step in steps), T.ConvertImageDtype(torch.float32),
                       T.Normalize(recipe.mean, recipe.std)])
 
 
@@ -120,6 +152,14 @@ def decode(data: bytes) -> torch.Tensor:
     with Image.open(io.BytesIO(data)) as image:
         pixels = np.asarray(image.convert("RGB"))
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+def decode_sample(samples: TarSamples, position: int, data: bytes) -> torch.Tensor:
+    """decode(), with a UserError naming the shard and the sample when the bytes are not an image."""
+    try:
+        return decode(data)
+    except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for damaged or truncated files
+        raise samples.decode_error(position, error) from None
 
 
 class TwoViewDataset(Dataset):
@@ -135,7 +175,7 @@ class TwoViewDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict:
         position, seed = item
         data, fine, coarse = self.samples.read(position)
-        image = decode(data)  # one decode, two views
+        image = decode_sample(self.samples, position, data)  # one decode, two views
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # the CPU generator only (transforms draw from it)
             query, key = self.query(image), self.key(image)
@@ -151,13 +191,26 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, position: int) -> dict:
         data, fine, coarse = self.samples.read(position)
-        return {"image": self.transform(decode(data)), "fine": fine, "coarse": coarse, "index": position}
+        image = decode_sample(self.samples, position, data)
+        return {"image": self.transform(image), "fine": fine, "coarse": coarse, "index": position}
+
+
+def epoch_seed(seed: int, epoch: int, *parts: int) -> int:
+    """A 63-bit seed that depends only on (seed, epoch, *parts); any int epoch (negative ones too)."""
+    words = [w % 2**32 for value in (seed, epoch, *parts) for w in (value, value >> 32)]
+    return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint32).astype(np.uint64) @ [1, 2**32]) >> 1
+
+
+def epoch_positions(num_samples: int, *, per_rank: int, rank: int, seed: int, epoch: int) -> np.ndarray:
+    """Sample positions of one rank for one epoch: a permutation of the whole split drawn from (seed, epoch),
+    the same on every rank, of which rank r takes the r-th slice of per_rank positions (disjoint slices)."""
+    permutation = np.random.default_rng(epoch_seed(seed, epoch)).permutation(num_samples)
+    return permutation[rank * per_rank:(rank + 1) * per_rank]
 
 
 class EpochSampler(Sampler):
-    """A new permutation of the whole split each epoch (seeded by seed and epoch, the same on every rank);
-    rank r takes the r-th of world_size equal slices of steps * batch_size positions. Yields
-    (position, augmentation seed), the seed drawn from (seed, rank, epoch)."""
+    """The positions of epoch_positions for `epoch`, each with an augmentation seed from
+    (seed, epoch, rank, step in the epoch): batches depend on nothing but those."""
 
     def __init__(self, num_samples: int, *, per_rank: int, rank: int, seed: int):
         self.num_samples, self.per_rank, self.rank, self.seed = num_samples, per_rank, rank, seed
@@ -167,11 +220,10 @@ class EpochSampler(Sampler):
         return self.per_rank
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        permutation = torch.randperm(self.num_samples, generator=generator)
-        positions = permutation[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].tolist()
-        augmentation = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank + 1)
-        seeds = torch.randint(0, 2**62, (len(positions),), generator=augmentation).tolist()
+        positions = epoch_positions(self.num_samples, per_rank=self.per_rank, rank=self.rank, seed=self.seed,
+                                    epoch=self.epoch).tolist()
+        rng = np.random.default_rng(epoch_seed(self.seed, self.epoch, self.rank, 1))
+        seeds = rng.integers(0, 2**62, len(positions)).tolist()
         return iter(zip(positions, seeds))
 
 
@@ -184,8 +236,24 @@ def _workers(num_threads: int) -> int:
     return max(0, int(num_threads))
 
 
+def _batches(loader: DataLoader):
+    """The loader's batches; a UserError raised in a worker comes back as the same one-line UserError
+    (the DataLoader would wrap it in a multi-line traceback)."""
+    try:
+        yield from loader
+    except UserError as error:
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        prefix = "maskcon.errors.UserError: "
+        raise UserError(last[len(prefix):] if last.startswith(prefix) else last) from None
+
+
 class TorchTrainLoader:
-    """`for batch in loader` yields one epoch of {"query", "key", "fine", "coarse"} on `device`."""
+    """`for batch in loader` yields one epoch of {"query", "key", "fine", "coarse"} on `device`.
+
+    The batches of epoch e depend only on (seed, rank, world_size, e): `set_epoch(e)` picks the epoch the
+    next `iter()` yields; without it each `iter()` yields the epoch after the previous one, from 0.
+    """
 
     def __init__(self, split: SplitFiles, recipe: Recipe, *, image_size: int, batch_size: int, rank: int,
                  world_size: int, seed: int, device: torch.device, query_view: str, key_view: str,
@@ -205,10 +273,13 @@ class TorchTrainLoader:
     def __len__(self) -> int:
         return self.steps
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
     def __iter__(self):
         self.sampler.epoch = self.epoch
         self.epoch += 1
-        for batch in self.loader:
+        for batch in _batches(self.loader):
             yield _to_device(batch, self.device)
 
 
@@ -225,15 +296,17 @@ class TorchTestLoader:
         self.batches = math.ceil(math.ceil(split.num_samples / world_size) / batch_size)
         dataset = EvalDataset(TarSamples(split), view_transform(recipe.test, recipe, image_size))
         workers = _workers(num_threads)
+        # workers persist between evaluations
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=range(start, stop), num_workers=workers,
-                                 pin_memory=device.type == "cuda", multiprocessing_context=worker_context(workers))
+                                 persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                                 multiprocessing_context=worker_context(workers))
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self):
         yielded = 0
-        for batch in self.loader:
+        for batch in _batches(self.loader):
             yielded += 1
             yield _to_device(batch, self.device)
         size = self.image_size
