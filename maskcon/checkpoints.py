@@ -25,9 +25,10 @@ from pathlib import Path
 
 import safetensors.torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 
+from maskcon import dist
 from maskcon.config import Config, to_dict
 from maskcon.errors import UserError
 
@@ -324,27 +325,14 @@ def _portable_load(accelerator: Accelerator):
 
 
 def _on_all(accelerator: Accelerator, work: Callable, what: str):
-    """Run `work` on every process; when it fails on any, every process raises (the failing one its own
-    error, the others one UserError line saying which process failed)."""
-    failure = None
-    try:
-        result = work()
-    except Exception as error:  # shared with the other processes first, then raised unchanged below
-        failure = error
-    _agree(accelerator, failure, what)
-    return result
+    """Run `work` on every process; when it fails on any, every process stops (dist.run_everywhere)."""
+    return dist.run_everywhere(_disk_errors_explained, work, what)
 
 
 def _on_main(accelerator: Accelerator, work: Callable, what: str):
-    """Run `work` on the main process only and give its result to every process; a failure there raises on
-    every process."""
-    failure, result = None, None
-    if accelerator.is_main_process:
-        try:
-            result = work()
-        except Exception as error:  # shared with the other processes first, then raised unchanged below
-            failure = error
-    _agree(accelerator, failure, what)
+    """Run `work` on the main process only and give its result to every process; a failure there stops
+    every process (dist.run_on_main)."""
+    result = dist.run_on_main(_disk_errors_explained, work, what)
     if accelerator.num_processes > 1:
         shared = [result]
         broadcast_object_list(shared)
@@ -352,22 +340,12 @@ def _on_main(accelerator: Accelerator, work: Callable, what: str):
     return result
 
 
-def _agree(accelerator: Accelerator, failure: Exception | None, what: str) -> None:
-    if isinstance(failure, OSError):
-        failure = UserError(f"{what} failed ({_one_line(failure)}); free space or fix permissions there; "
-                            f"older checkpoints are intact")
-    if accelerator.num_processes > 1:
-        report = None
-        if failure is not None:
-            report = (str(failure), True) if isinstance(failure, UserError) else (_one_line(failure), False)
-        reports = gather_object([report])
-        if failure is None:
-            first = next(((rank, found) for rank, found in enumerate(reports) if found is not None), None)
-            if first is not None:
-                rank, (message, is_user_error) = first
-                raise UserError(message if is_user_error else f"process {rank} failed while {what}: {message}")
-    if failure is not None:
-        raise failure
+def _disk_errors_explained(work: Callable, what: str):
+    try:
+        return work()
+    except OSError as error:
+        raise UserError(f"{what} failed ({_one_line(error)}); free space or fix permissions there; "
+                        f"older checkpoints are intact") from None
 
 
 def _one_line(error: BaseException) -> str:

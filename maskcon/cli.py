@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 
-from maskcon.errors import AgreedError, UserError
+from maskcon.errors import AgreedError, FailedElsewhere, UserError
 
 BENCHMARKS = {
     "shards": "conversion speed: our converter against a plain webdataset.ShardWriter loop",
@@ -30,6 +30,8 @@ def run_train(argv: list[str]) -> int:
         from maskcon.train import train
 
         result = train(config)
+    except FailedElsewhere:  # the process that failed prints its own error
+        return 2
     except AgreedError as err:  # raised by every process alike: the main process speaks for all
         return fail(err) if int(os.environ.get("RANK", "0")) == 0 else 2
     except UserError as err:

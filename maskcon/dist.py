@@ -24,7 +24,7 @@ from typing import NamedTuple, TypeVar
 import torch
 import torch.distributed as torch_dist
 
-from maskcon.errors import AgreedError
+from maskcon.errors import FailedElsewhere
 
 Result = TypeVar("Result")
 
@@ -242,7 +242,11 @@ def agree_to_stop(*, sigterm: bool, loss: torch.Tensor | None = None, failed: bo
                      mean_loss=mean_loss)
 
 
-class MainProcessFailed(AgreedError):
+class ProcessFailed(FailedElsewhere):
+    """Raised on every other process when a section that every process runs failed on one of them."""
+
+
+class MainProcessFailed(FailedElsewhere):
     """Raised on every other process when a section that runs on the main process alone failed there.
 
     The main process raises its own error (with its traceback, or its one line for a UserError); this one
@@ -253,6 +257,27 @@ class MainProcessFailed(AgreedError):
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _status(error: BaseException | None) -> torch.Tensor:
+    """STATUS_BYTES uint8: [failed, the error's first line in UTF-8, 0 padding]."""
+    status = torch.zeros(STATUS_BYTES, dtype=torch.uint8)
+    if error is not None:
+        message = _first_line(error).encode()[:STATUS_BYTES - 1]
+        status[0] = 1
+        status[1:1 + len(message)] = torch.frombuffer(bytearray(message), dtype=torch.uint8)
+    return status.to(_collective_device())
+
+
+def _message(status: torch.Tensor) -> str:
+    return bytes(status.cpu()[1:].tolist()).rstrip(b"\0").decode(errors="replace")
+
+
+def _attempt(fn: Callable[..., Result], *args, **kwargs) -> tuple[Result | None, BaseException | None]:
+    try:
+        return fn(*args, **kwargs), None
+    except BaseException as caught:   # every failure, even SystemExit, is reported before it propagates
+        return None, caught
 
 
 def run_on_main(fn: Callable[..., Result], *args, **kwargs) -> Result | None:
@@ -266,25 +291,34 @@ def run_on_main(fn: Callable[..., Result], *args, **kwargs) -> Result | None:
     """
     if world_size() == 1:
         return fn(*args, **kwargs)
-    status = torch.zeros(STATUS_BYTES, dtype=torch.uint8)          # [failed, UTF-8 message, 0 padding]
-    result, error = None, None
-    if rank() == 0:
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as caught:   # every failure, even SystemExit, is reported before it propagates
-            error = caught
-            message = _first_line(caught).encode()[:STATUS_BYTES - 1]
-            status[0] = 1
-            status[1:1 + len(message)] = torch.frombuffer(bytearray(message), dtype=torch.uint8)
-    status = status.to(_collective_device())
+    result, error = _attempt(fn, *args, **kwargs) if rank() == 0 else (None, None)
+    status = _status(error)
     torch_dist.broadcast(status, src=0)
     if error is not None:
         raise error
-    if rank() != 0:
-        status = status.cpu()
-        if status[0]:
-            message = bytes(status[1:].tolist()).rstrip(b"\0").decode(errors="replace")
-            raise MainProcessFailed(f"the main process failed: {message}")
+    if status[0]:
+        raise MainProcessFailed(f"the main process failed: {_message(status)}")
+    return result
+
+
+def run_everywhere(fn: Callable[..., Result], *args, **kwargs) -> Result:
+    """Run fn(*args, **kwargs) on every process, then tell every process whether it failed anywhere.
+
+    A process where fn raised re-raises its error; the others raise `ProcessFailed` naming the first such
+    process and its error's first line. One all-gather of STATUS_BYTES per process. On one process:
+    fn(*args, **kwargs).
+    """
+    if world_size() == 1:
+        return fn(*args, **kwargs)
+    result, error = _attempt(fn, *args, **kwargs)
+    statuses = torch.empty(world_size() * STATUS_BYTES, dtype=torch.uint8, device=_collective_device())
+    torch_dist.all_gather_single(statuses, _status(error))
+    statuses = statuses.view(world_size(), STATUS_BYTES)
+    if error is not None:
+        raise error
+    failed = [position for position in range(world_size()) if statuses[position, 0]]
+    if failed:
+        raise ProcessFailed(f"process {failed[0]} failed: {_message(statuses[failed[0]])}")
     return result
 
 

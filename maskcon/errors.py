@@ -12,3 +12,8 @@ class UserError(Exception):
 class AgreedError(UserError):
     """A UserError that every process of a run raises alike (all processes agreed on it, or learnt it from
     the main process): only the main process prints it, so a run of N processes reports it once."""
+
+
+class FailedElsewhere(UserError):
+    """Raised on a process because another process of the run failed, which reports the failure itself:
+    this one exits with status 2 and prints nothing, so the failure is reported once."""

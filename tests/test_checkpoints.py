@@ -327,10 +327,10 @@ def process(rank: int, world_size: int, port: int, task: str, folder: str) -> No
     else:
         path = checkpoints.resume_point(accelerator, root, log=print)
         checkpoints.load(accelerator, path)
-        try:  # decided on the main process only: the other process must raise the same line, not wait
+        try:  # decided on the main process only: the other process must raise too, not wait
             checkpoints.resume_point(accelerator, Path(folder) / "damaged", log=print)
         except UserError as error:
-            (Path(folder) / f"refused-rank{rank}.txt").write_text(str(error))
+            (Path(folder) / f"refused-rank{rank}.txt").write_text(f"{type(error).__name__}: {error}")
     torch.save(snapshot(accelerator, model, optimizer), Path(folder) / f"{task}-rank{rank}.pt")
     accelerator.end_training()
 
@@ -363,4 +363,6 @@ def test_one_process_saves_and_two_processes_load_the_same_weights_and_refuse_to
     for loaded in run_processes(2, "load", tmp_path):
         assert_same(loaded, saved)
     refusals = [(tmp_path / f"refused-rank{rank}.txt").read_text() for rank in range(2)]
-    assert refusals[0] == refusals[1] and refusals[0].startswith("--resume: no intact checkpoint in ")
+    # the main process reports the refusal; the other one learns it and exits without printing it again
+    assert refusals[0].startswith("UserError: --resume: no intact checkpoint in ")
+    assert refusals[1] == "MainProcessFailed: the main process failed: " + refusals[0].removeprefix("UserError: ")

@@ -68,6 +68,12 @@ def _main_only_bug() -> None:
     raise ValueError("unexpected shape 3\nsecond line of the message")
 
 
+def _fails_on(failing_rank: int, rank: int) -> int:
+    if rank == failing_rank:
+        raise UserError(f"shard 7 of rank {rank} does not decode")
+    return rank
+
+
 def _outcome(fn, *args) -> tuple[str, str]:
     try:
         return "returned", repr(fn(*args))
@@ -98,6 +104,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         result["main_ok"] = _outcome(dist.run_on_main, _main_only_record, record, 42)
         result["main_user_error"] = _outcome(dist.run_on_main, _main_only_user_error)
         result["main_bug"] = _outcome(dist.run_on_main, _main_only_bug)
+        # run_everywhere: success, then a failure on rank 1 only
+        result["everywhere_ok"] = _outcome(dist.run_everywhere, _fails_on, -1, rank)
+        result["everywhere_one_failed"] = _outcome(dist.run_everywhere, _fails_on, 1, rank)
         torch.distributed.barrier()
         result["after_failures"] = dist.concat_all_gather(torch.tensor([rank])).tolist()
 
@@ -191,6 +200,15 @@ def test_run_on_main_runs_once_and_every_process_raises_when_it_fails(ranks):
     assert results[1]["main_bug"] == ("MainProcessFailed", "the main process failed: unexpected shape 3")
     for result in results:
         assert result["after_failures"] == [0, 1]     # the group still works after a failed main section
+
+
+@pytest.mark.slow
+def test_run_everywhere_stops_every_process_when_one_fails(ranks):
+    results, _ = ranks
+    assert [r["everywhere_ok"] for r in results] == [("returned", "0"), ("returned", "1")]
+    assert results[1]["everywhere_one_failed"] == ("UserError", "shard 7 of rank 1 does not decode")
+    assert results[0]["everywhere_one_failed"] == ("ProcessFailed",
+                                                   "process 1 failed: shard 7 of rank 1 does not decode")
 
 
 @pytest.mark.slow
