@@ -118,3 +118,34 @@ def test_learning_rate_scales_with_the_global_batch():
     assert base_learning_rate(config, num_processes=1) == pytest.approx(0.01)
     fixed = parse_config(["--dataset", "cifar100", "--lr", "0.02", "--batch-size", "64", "--no-scale-lr"])
     assert base_learning_rate(fixed, num_processes=4) == pytest.approx(0.02)
+
+
+def test_precision_is_bf16_on_a_gpu_unless_asked_and_fp32_on_the_cpu(monkeypatch):
+    from maskcon.train import resolve_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert resolve_precision(None, torch.device("cpu")) == "no"
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")          # what accelerate launch sets by default
+    assert resolve_precision(None, torch.device("cpu")) == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")        # accelerate launch --mixed_precision fp16
+    assert resolve_precision(None, torch.device("cpu")) == "fp16"
+    assert resolve_precision("no", torch.device("cpu")) == "no"     # the trainer's own option wins
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_defaults_to_bf16_even_when_accelerate_launch_says_no(monkeypatch):
+    from maskcon.train import resolve_precision
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert resolve_precision(None, torch.device("cuda")) in ("bf16", "fp16")
+    assert resolve_precision("no", torch.device("cuda")) == "no"
+
+
+def test_sgd_is_fused_on_cuda_and_multi_tensor_on_the_cpu():
+    model = learner()
+    optimizer = make_optimizer(model, lr=0.1, momentum=0.9, weight_decay=0.0, device=torch.device("cpu"))
+    assert optimizer.defaults["foreach"] and not optimizer.defaults.get("fused")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert optimizer.param_groups[0]["params"] == trainable

@@ -234,9 +234,10 @@ def test_an_undecodable_image_names_its_shard_and_key(digits_shards, tmp_path):
     out = tmp_path / "run"
     result = train(["--shards", str(shards_copy), *RUN, "--output-dir", str(out)])
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    line = result.stderr.strip()
-    assert line.startswith("error: ") and "\n" not in line
-    assert str(tar) in line and entry.key in line and "make_shards.py verify" in line
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert str(tar) in errors[0] and entry.key in errors[0] and "make_shards.py verify" in errors[0]
+    assert "checkpoint" in errors[0]
 
 
 def test_sigterm_leaves_a_checkpoint_to_resume_from(digits_shards, tmp_path):
