@@ -298,6 +298,8 @@ class _Feeder:
         self.device = device
         self.views = views
         self.image_size = image_size
+        self.image_format = split.image_format
+        self._shapes = np.full((split.num_samples, 2), -1, dtype=np.int64)
         self.seed = seed
         self._plan: list[np.ndarray] = []
         self._seed_parts: tuple = ()
@@ -317,12 +319,24 @@ class _Feeder:
         if self._cancelled or info.iteration >= len(self._plan):
             raise StopIteration
         positions = self._plan[info.iteration]
-        encoded = [self.samples.image(int(p)) for p in positions]
+        encoded = self.samples.images(positions)
         rng = np.random.default_rng(epoch_seed(self.seed, *self._seed_parts, int(info.iteration)))
-        shapes = image_shapes(encoded)
+        shapes = self._image_shapes(positions, encoded)
         drawn = [draw_view(steps, rng, shapes, self.image_size) for steps in self.views]
         self._fed.append(positions)
         return (encoded, *(drawn[view][step][key] for view, step, key in self._names))
+
+    def _image_shapes(self, positions: np.ndarray, encoded: list[np.ndarray]) -> np.ndarray:
+        """N x 2 (height, width) of the samples, read from their headers once and kept."""
+        unknown = self._shapes[positions, 0] < 0
+        if unknown.any():
+            if self.image_format == "png":  # IHDR: width, height as big-endian uint32 at bytes 16..23
+                header = self.samples.gather(positions[unknown], 1, 16, 8).astype(np.int64)
+                size = header.reshape(-1, 2, 4) @ (256 ** np.arange(3, -1, -1))
+                self._shapes[positions[unknown]] = size[:, ::-1]
+            else:
+                self._shapes[positions[unknown]] = image_shapes([encoded[i] for i in np.flatnonzero(unknown)])
+        return self._shapes[positions]
 
     def _begin(self, plan: list[np.ndarray], seed_parts: tuple) -> None:
         if self._running:  # a pass left half way: cancel what DALI has queued, then start afresh

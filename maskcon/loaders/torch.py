@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import mmap
 import multiprocessing
 import os
 
@@ -88,29 +89,37 @@ class TarSamples:
         if self._pid != os.getpid():
             self._files, self._maps, self._pid = {}, {}, os.getpid()
         if tar not in self._maps:
-            self._maps[tar] = np.memmap(self.tars[tar], dtype=np.uint8, mode="r")
+            with open(self.tars[tar], "rb") as handle:
+                self._maps[tar] = np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ),
+                                                dtype=np.uint8)
         return self._maps[tar]
 
     def image(self, position: int) -> np.ndarray:
         """The encoded image of a sample as a uint8 view of the mapped tar (no copy)."""
-        tar, offset, size = self.rows[position, :3]
-        return self._map(int(tar))[offset:offset + size]
+        tar, offset, size = self.rows[position, :3].tolist()
+        return self._map(tar)[offset:offset + size]
+
+    def images(self, positions: np.ndarray) -> list[np.ndarray]:
+        """image() of several samples."""
+        return [self._map(tar)[offset:offset + size] for tar, offset, size in self.rows[positions, :3].tolist()]
+
+    def gather(self, positions: np.ndarray, column: int, start: int, length: int) -> np.ndarray:
+        """len(positions) x length bytes at member offset + start of each sample's member whose offset is
+        in rows[:, column] (1: image, 3: fine, 5: coarse)."""
+        rows = self.rows[positions]
+        out = np.empty((len(positions), length), dtype=np.uint8)
+        for tar in np.unique(rows[:, 0]):
+            selected = rows[:, 0] == tar
+            out[selected] = self._map(int(tar))[rows[selected, column, None] + start + np.arange(length)]
+        return out
 
     def labels(self) -> tuple[np.ndarray, np.ndarray]:
         """(fine, coarse) of every sample, int64 arrays in split order."""
-        fine = np.empty(len(self), dtype=np.int64)
-        coarse = np.empty(len(self), dtype=np.int64)
-        for tar in np.unique(self.rows[:, 0]):
-            rows = self.rows[self.rows[:, 0] == tar]
-            data = self._map(int(tar))
-            selected = self.rows[:, 0] == tar
-            for column, out in ((3, fine), (5, coarse)):
-                if (rows[:, column + 1] != LABEL_BYTES).any():
-                    raise UserError(f"a label member in {self.tars[tar]} is not {LABEL_BYTES} bytes; "
-                                    "recreate the shards")
-                gathered = data[rows[:, column, None] + np.arange(LABEL_BYTES)]
-                out[selected] = gathered.copy().view("<i8")[:, 0]
-        return fine, coarse
+        if (self.rows[:, [4, 6]] != LABEL_BYTES).any():
+            raise UserError(f"a label member in {self.split.tars[0]}'s split is not {LABEL_BYTES} bytes; "
+                            "recreate the shards")
+        everything = np.arange(len(self))
+        return tuple(self.gather(everything, column, 0, LABEL_BYTES).view("<i8")[:, 0].copy() for column in (3, 5))
 
     def describe(self, position: int) -> str:
         """'shard <tar>, sample <key>' of a sample, for messages."""
