@@ -31,8 +31,10 @@ BACKENDS = ("dali", "torch")
 # torchvision transforms run in the test process (no DataLoader workers to fork next to DALI's pipelines);
 # test_torch_workers_change_nothing checks that workers give the same batches.
 THREADS = {"dali": 2, "torch": 0}
+# Each test makes at most 10 KS checks and at most 5 rate checks: with these levels its false alarms stay
+# below 1 in 1,000.
 P_MIN = 1e-4  # KS tests: p-values below this mean the two distributions differ
-Z = 3.29      # two-sided normal quantile of a 1-in-1,000 false alarm
+Z = 3.72      # rate checks: the two-sided normal quantile of a 1-in-5,000 false alarm
 IDENTITY_CROP = Step("random_resized_crop", {"scale": (1.0, 1.0), "ratio": (1.0, 1.0)})
 MANY = 32     # epochs of 256 samples for the rate checks: 8,192 samples per back end
 
@@ -154,14 +156,14 @@ def assert_same_distribution(ours: dict, reference: dict, names, what: str):
 
 
 def assert_rate(flags: np.ndarray, p: float, what: str, slack: float = 0.0):
-    """The rate of `flags` is p (binomial, 1-in-1,000 false alarm; `slack` for a known measurement error)."""
+    """The rate of `flags` is p (binomial, 1-in-5,000 false alarm; `slack` for a known measurement error)."""
     n = len(flags)
     tolerance = Z * np.sqrt(p * (1 - p) / n) + slack + 1e-9
     assert abs(flags.mean() - p) <= tolerance, f"{what}: rate {flags.mean():.4f}, expected {p} +- {tolerance:.4f}"
 
 
 def assert_same_rate(ours: np.ndarray, reference: np.ndarray, what: str):
-    """Two-proportion z-test between the back ends (1-in-1,000 false alarm)."""
+    """Two-proportion z-test between the back ends (1-in-5,000 false alarm)."""
     pooled = np.concatenate([ours, reference]).mean()
     sigma = np.sqrt(pooled * (1 - pooled) * (1 / len(ours) + 1 / len(reference))) + 1e-9
     assert abs(ours.mean() - reference.mean()) <= Z * sigma, \
@@ -256,7 +258,7 @@ def test_crop_area_distribution(weak_ramp_runs):
     for backend, run in weak_ramp_runs.items():
         stat = ramp_statistics(pixels(run["query"], RECIPES["cifar100"]))
         areas[backend] = stat["area"]
-        for threshold in (0.3, 0.6, 0.85):
+        for threshold in (0.3, 0.6):
             # slack: the ramp measures areas to about +-0.005, around 1 % of the samples near a threshold
             assert_rate(stat["area"] < threshold, float((expected < threshold).mean()),
                         f"{backend} crop area below {threshold:.3f}", slack=0.01)
@@ -632,7 +634,7 @@ def test_an_image_that_does_not_decode_names_its_shard_and_key(tmp_path, backend
     message = str(raised.value)
     assert "\n" not in message
     assert "train-000001.tar" in message and "00000037" in message
-    assert f"python launch/make_shards.py verify {folder}" in message and "re-create" in message
+    assert f"python launch/make_shards.py verify {folder.resolve()} " in message and "re-create" in message
 
 
 def test_bad_requests_are_user_errors(shards, tmp_path):

@@ -54,6 +54,10 @@ def test_recipes_follow_the_supplement():
                 assert step.params["scale"] == (0.2, 1.0)
             if step.op == "random_perspective":
                 assert step.params == {"distortion": 0.5, "p": 0.5}
+            if step.op == "horizontal_flip":  # RandomHorizontalFlip()
+                assert step.params == {"p": 0.5}
+            if step.op == "random_resized_crop":  # torchvision's default ratio
+                assert step.params["ratio"] == (3.0 / 4.0, 4.0 / 3.0)
 
 
 def test_auto_augment_table_is_torchvision_cifar10():

@@ -13,6 +13,7 @@ import math
 import mmap
 import multiprocessing
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from PIL import Image
 from maskcon.errors import UserError
 from maskcon.loaders import SplitFiles
 from maskcon.recipes import Recipe, Step
-from maskcon.shard_format import LABEL_BYTES, decode_label, key_at, read_index
+from maskcon.shard_format import LABEL_BYTES, decode_label, key_at, read_index, read_manifest, remedy
 
 
 # Imported once by the fork server, so that each worker forked from it starts without importing them.
@@ -131,9 +132,15 @@ class TarSamples:
         return f"shard {self.tars[tar]}, sample {key if key is not None else f'at byte {offset}'}"
 
     def decode_error(self, position: int, error: Exception) -> UserError:
-        folder = os.path.dirname(os.path.dirname(os.path.abspath(self.tars[0])))
-        return UserError(f"the image of {self.describe(position)} does not decode ({str(error).splitlines()[0]}); "
-                         f"run `python launch/make_shards.py verify {folder}` and re-create the shards")
+        """One line: the sample whose image does not decode, and how to find and re-create damaged shards."""
+        folder = Path(self.tars[0]).resolve().parent.parent
+        try:
+            manifest = read_manifest(folder)
+        except UserError:
+            manifest = None
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        return UserError(f"the image of {self.describe(position)} does not decode ({reason}); "
+                         f"{remedy(folder, manifest)}")
 
     def _read(self, tar: int, offset: int, size: int) -> bytes:
         if self._pid != os.getpid():  # descriptors are not shared across fork
