@@ -179,6 +179,14 @@ def _resume_position(state: dict, steps_per_epoch: int, run: dict) -> int:
 
 def train(config: Config) -> RunResult:
     accelerator = _accelerator(config)
+    preemption = _Preemption()   # from the start: a SIGTERM during set-up, evaluation or the bank fill counts too
+    try:
+        return _train(config, accelerator, preemption)
+    finally:
+        preemption.restore()
+
+
+def _train(config: Config, accelerator: Accelerator, preemption: _Preemption) -> RunResult:
     set_seed(config.seed, device_specific=True)
     on_gpu = accelerator.device.type == "cuda"
     channels_last = on_gpu if config.channels_last is None else config.channels_last
@@ -276,7 +284,6 @@ def train(config: Config) -> RunResult:
 
     tracker = dist.run_on_main(start_tracker)
     stopped = "finished"
-    preemption = _Preemption()
 
     def evaluate(epoch: int) -> dict:
         dist.average_buffers(learner)
@@ -321,64 +328,65 @@ def train(config: Config) -> RunResult:
     images_since_log = 0
     loss_sum = torch.zeros((), device=accelerator.device)    # losses since the last logging point
     start_epoch = step // steps_per_epoch if stopped == "finished" else config.epochs
-    for epoch in range(start_epoch, config.epochs):
-        skip = step - epoch * steps_per_epoch  # batches of this epoch trained before a resume
-        train_loader.set_epoch(epoch)
-        batches = iter(train_loader)
-        for position in range(steps_per_epoch):
-            fetch_start = time.perf_counter()
-            try:
-                batch = next(batches)
-            except UserError as error:   # a sample that does not decode: name the checkpoint to resume from
-                raise UserError(f"{error}; {_last_good(checkpoint_root)}") from None
-            wait_time += time.perf_counter() - fetch_start
-            if position < skip:
-                continue
-            set_lr(optimizer, schedule[step])
-            loss = train_step(parts, batch)
-            loss_sum += loss
-            images_since_log += global_batch
-            step += 1
-            at_max = config.max_steps is not None and step >= config.max_steps
-            if step % config.log_every == 0 or position == steps_per_epoch - 1 or at_max:
-                agreement = dist.agree_to_stop(sigterm=preemption.requested, loss=loss_sum)
-                if agreement.loss_not_finite:
-                    raise AgreedError(f"the loss stopped being finite by step {step} (epoch {epoch}); "
-                                    f"{_last_good(checkpoint_root)}; try a lower --lr or --mixed-precision bf16")
-                now = time.perf_counter()
-                loss_value = loss.item()
-                row = {"step": step, "epoch": epoch + (position + 1) / steps_per_epoch, "loss": loss_value,
-                       "lr": schedule[step - 1], "images_per_s": images_since_log / max(now - last_log, 1e-9),
-                       "data_wait": min(1.0, wait_time / max(now - last_log, 1e-9))}
-                if main:
-                    tracker.log(row)
-                    bar.set_postfix(loss=f"{loss_value:.3f}")
-                bar.update(step - bar.n)
-                last_log, wait_time, images_since_log = now, 0.0, 0
-                loss_sum.zero_()
-                if agreement.sigterm:
-                    save(epoch)
-                    accelerator.print(f"stopped by SIGTERM at step {step}; checkpoint saved, continue with --resume")
-                    stopped = "preempted"
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            skip = step - epoch * steps_per_epoch  # batches of this epoch trained before a resume
+            train_loader.set_epoch(epoch)
+            batches = iter(train_loader)
+            for position in range(steps_per_epoch):
+                fetch_start = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except UserError as error:   # a sample that does not decode: name the checkpoint to resume from
+                    raise UserError(f"{error}; {_last_good(checkpoint_root)}") from None
+                wait_time += time.perf_counter() - fetch_start
+                if position < skip:
+                    continue
+                set_lr(optimizer, schedule[step])
+                loss = train_step(parts, batch)
+                loss_sum += loss
+                images_since_log += global_batch
+                step += 1
+                at_max = config.max_steps is not None and step >= config.max_steps
+                if step % config.log_every == 0 or position == steps_per_epoch - 1 or at_max:
+                    agreement = dist.agree_to_stop(sigterm=preemption.requested, loss=loss_sum)
+                    if agreement.loss_not_finite:
+                        raise AgreedError(f"the loss stopped being finite by step {step} (epoch {epoch}); "
+                                        f"{_last_good(checkpoint_root)}; try a lower --lr or --mixed-precision bf16")
+                    now = time.perf_counter()
+                    loss_value = loss.item()
+                    row = {"step": step, "epoch": epoch + (position + 1) / steps_per_epoch, "loss": loss_value,
+                           "lr": schedule[step - 1], "images_per_s": images_since_log / max(now - last_log, 1e-9),
+                           "data_wait": min(1.0, wait_time / max(now - last_log, 1e-9))}
+                    if main:
+                        tracker.log(row)
+                        bar.set_postfix(loss=f"{loss_value:.3f}")
+                    bar.update(step - bar.n)
+                    last_log, wait_time, images_since_log = now, 0.0, 0
+                    loss_sum.zero_()
+                    if agreement.sigterm:
+                        save(epoch)
+                        accelerator.print(f"stopped by SIGTERM at step {step}; checkpoint saved, continue with --resume")
+                        stopped = "preempted"
+                        break
+                if at_max:
+                    stopped = "max_steps"
                     break
-            if at_max:
-                stopped = "max_steps"
+            if stopped == "preempted":
                 break
-        if stopped == "preempted":
-            break
-        finished_epoch = epoch + 1
-        last = finished_epoch == config.epochs or stopped == "max_steps"
-        if finished_epoch % config.eval_every == 0 or last:
-            metrics = evaluate(finished_epoch)
-        if config.checkpoint_every and (finished_epoch % config.checkpoint_every == 0 or last):
-            save(finished_epoch)
-        elif preempted(finished_epoch):  # SIGTERM during the evaluation
-            stopped = "preempted"
-            break
-        if stopped == "max_steps":
-            break
-    bar.close()
-    preemption.restore()
+            finished_epoch = epoch + 1
+            last = finished_epoch == config.epochs or stopped == "max_steps"
+            if finished_epoch % config.eval_every == 0 or last:
+                metrics = evaluate(finished_epoch)
+            if config.checkpoint_every and (finished_epoch % config.checkpoint_every == 0 or last):
+                save(finished_epoch)
+            elif preempted(finished_epoch):  # SIGTERM during the evaluation
+                stopped = "preempted"
+                break
+            if stopped == "max_steps":
+                break
+    finally:
+        bar.close()
 
     fingerprints = accelerator.gather(weights_fingerprint(learner)[None]).tolist()
 
