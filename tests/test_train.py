@@ -229,7 +229,8 @@ def test_an_undecodable_image_names_its_shard_and_key(digits_shards, tmp_path):
     entry = read_index(tar.with_suffix(".idx"))[5]
     image = entry.members["png"]
     data = bytearray(tar.read_bytes())
-    data[image.offset + 16:image.offset + image.size] = bytes(image.size - 16)   # same size, pixels gone
+    header = 8 + 25 + 8                                  # PNG signature, IHDR chunk, IDAT length and type
+    data[image.offset + header:image.offset + image.size] = bytes(image.size - header)   # same size, pixels gone
     tar.write_bytes(bytes(data))
     out = tmp_path / "run"
     result = train(["--shards", str(shards_copy), *RUN, "--output-dir", str(out)])
