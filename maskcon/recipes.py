@@ -494,25 +494,28 @@ class AutoAugment(Op):
     does not apply, in this order:
         warp_affine  flip (the preceding horizontal_flip), shear, translate, rotate composed into one
                      matrix; nearest neighbour, fill 0
-        colour       brightness, colour (saturation) and contrast composed into one linear map
-                     a x + b grey(x) + c mean(grey(x))
-        sharpness    one per-sample 5x5 kernel
+        affine       sharpness (one per-sample 5x5 kernel), then brightness, colour (saturation),
+                     contrast and autocontrast as one map per channel, A x + b grey(x) + c mean(grey(x)) + D,
+                     truncated once (no sub-policy holds AutoContrast with a colour op or Sharpness)
         posterize    x & mask
-        equalize / autocontrast   the one that applies is selected per sample
+        equalize     selected per sample (computed for all)
         solarize     x >= threshold -> 255 - x; Invert is solarize at threshold 0
     Differences from torchvision's AutoAugment, all inside one sub-policy's pair of ops:
     - The order is the fixed one above, not the sub-policy's. This changes the result only in sub-policy
       20 (Solarize then AutoContrast runs as AutoContrast then Solarize); elsewhere the reordered ops
       commute (Invert/Contrast, Sharpness/Brightness, Color/TranslateX: colour maps fill 0 to 0) or
-      both orders give the same image up to rounding (Equalize with AutoContrast, sub-policies 4, 11, 15:
+      both orders give the same image up to rounding (Equalize then AutoContrast, sub-policies 11 and 15:
       equalize's output already spans 0..255, and equalize ignores a monotonic stretch before it).
     - Two ops of one kind in one sub-policy are composed: the two translations (21) exactly; the two
       sharpness blends (2) as one 5x5 kernel, without the uint8 rounding in between; Equalize twice
       (8, 16) runs once (equalize is nearly idempotent).
     - Colour ops compose in float and round once (torchvision rounds to uint8 after each) and use
       grey = 0.299 R + 0.587 G + 0.114 B rounded (torchvision: 0.2989, 0.587, 0.114, truncated).
-    - Sharpness smooths the 1-pixel border too (PIL keeps the border); Equalize is DALI's (OpenCV's
-      formula), which differs from PIL's lookup table by about one level.
+    - Sharpness smooths the 1-pixel border too (PIL keeps the border) and is truncated with the colour
+      map (torchvision rounds the smoothed image first).
+    - Equalize is DALI's (OpenCV's formula) on the inverted image, inverted back: it counts the pixels
+      below a level as PIL does, but scales by 255 / (pixels - pixels at the top level) where PIL divides
+      by that count // 255; about half a level lower on CIFAR-like 32 x 32 images.
     - Sub-policy 14's Invert has probability 0 and never runs (torchvision's table keeps it).
     """
 
@@ -594,18 +597,16 @@ def auto_augment_parameters(chosen: dict[str, np.ndarray], sizes: np.ndarray, fl
         threshold[k] = m[k]
         threshold[on & (op == "Invert")] = 0.0
     kernels = np.einsum("nk,kyx->nyx", sharp, _sharpness_bases())
-    autocontrast &= ~equalize  # both: equalize (see the class docstring)
-    keep = ~(equalize | autocontrast)
     def per_sample(values, dtype):  # N x 1 x 1 x 1: broadcasts against H x W x C
         return np.asarray(values, dtype=dtype).reshape(n, 1, 1, 1)
 
     return {"matrix": matrix[:, :2].astype(np.float32), "colour_a": per_sample(linear[:, 0], np.float32),
             "colour_b": per_sample(linear[:, 1], np.float32), "colour_c": per_sample(linear[:, 2], np.float32),
-            # DALI's grey levels are rounded, torchvision's truncated: half a level lower on average
-            "colour_d": per_sample(-0.5 * (linear[:, 1] + linear[:, 2]), np.float32),
+            # DALI's grey levels are rounded, torchvision's truncated: half a level lower on average;
+            # -0.499 turns the rounding of DALI's cast into torchvision's truncation
+            "colour_d": per_sample(-0.5 * (linear[:, 1] + linear[:, 2]) - 0.499, np.float32),
             "kernel": kernels.astype(np.float32), "posterize": per_sample(mask, np.uint8),
-            "keep": per_sample(keep * 255, np.uint8), "equalize": per_sample(equalize * 255, np.uint8),
-            "autocontrast": per_sample(autocontrast * 255, np.uint8),
+            "equalize": per_sample(equalize * 255, np.uint8), "autocontrast": per_sample(autocontrast, np.float32),
             "threshold": per_sample(threshold, np.float32)}
 
 

@@ -162,27 +162,31 @@ def flat_auto_augment(images, drawn):
     """AutoAugment as one pass through each op kind with per-sample parameters (recipes.AutoAugment)."""
     images = fn.warp_affine(images, matrix=drawn["matrix"], fill_value=0, interp_type=types.INTERP_NN,
                             inverse_map=False)
-    # sharpness (one 5x5 kernel), then colour: a x + b grey(x) + c mean(grey(x)) + d, truncated once as
-    # torchvision truncates. Grey and mean are taken before sharpening: no sub-policy holds Color and
-    # Sharpness, and sharpening keeps the mean.
+    # sharpness (one 5x5 kernel), then per channel A x + b grey(x) + c mean(grey(x)) + D, truncated once as
+    # torchvision truncates: brightness, colour and contrast in (a, b, c, d) and autocontrast's stretch
+    # (x - lo) * 255 / (hi - lo) in A and D where it applies (no sub-policy holds AutoContrast with a colour
+    # op or Sharpness). Grey and mean are taken before sharpening: no sub-policy holds Color with Sharpness,
+    # and sharpening keeps the mean.
     sharpened = fn.filter(images, _like(drawn["kernel"], images), dtype=types.FLOAT)
     grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
     mean = fn.reductions.mean(grey, axis_names="HWC", keep_dims=True)
-    mixed = (sharpened * _like(drawn["colour_a"], images) + grey * _like(drawn["colour_b"], images)
-             + (mean * _like(drawn["colour_c"], images) + _like(drawn["colour_d"], images)))
-    images = fn.cast(dmath.floor(mixed), dtype=types.UINT8)
+    lo = fn.reductions.min(images, axis_names="HW", keep_dims=True)      # 1 x 1 x C
+    hi = fn.reductions.max(images, axis_names="HW", keep_dims=True)
+    spread = hi - lo
+    stretch = _like(drawn["autocontrast"], images) * (spread > 0)       # a constant channel stays as it is
+    scale = 255.0 / dmath.max(spread, 1)
+    a = _like(drawn["colour_a"], images)
+    gain = a + stretch * (scale - a)
+    offset = _like(drawn["colour_d"], images) - stretch * (lo * scale)
+    mixed = (sharpened * gain + grey * _like(drawn["colour_b"], images)
+             + (mean * _like(drawn["colour_c"], images) + offset))
+    images = fn.cast(mixed, dtype=types.UINT8)  # rounds; `offset` holds -0.499, so this truncates
     images = images & _like(drawn["posterize"], images)
     # DALI's equalize counts pixels up to a level (OpenCV), PIL's those below it: equalizing the inverted
     # image and inverting back counts those below
     white = types.Constant(255, dtype=types.UINT8)
     equalized = white - fn.equalize(white - images)
-    lo = fn.reductions.min(images, axis_names="HW", keep_dims=True)
-    hi = fn.reductions.max(images, axis_names="HW", keep_dims=True)
-    spread = hi - lo
-    flat = spread == 0  # a constant channel stays as it is
-    stretched = fn.cast(dmath.floor((images - lo) * (255.0 / dmath.max(spread, 1)) + lo * flat), dtype=types.UINT8)
-    images = ((images & _like(drawn["keep"], images)) | (equalized & _like(drawn["equalize"], images))
-              | (stretched & _like(drawn["autocontrast"], images)))
+    images = images ^ ((images ^ equalized) & _like(drawn["equalize"], images))
     inverted = (images >= _like(drawn["threshold"], images)) * types.Constant(255, dtype=types.UINT8)
     return images ^ inverted  # 255 - x where x >= threshold
 
@@ -272,6 +276,8 @@ def _image_shape(data: np.ndarray) -> tuple[int, int]:
 
 def _to_torch(output, device: torch.device) -> torch.Tensor:
     tensor = output.as_tensor()
+    if device.type == "cpu":  # a view of DALI's buffer (reused by the next run), copied by torch
+        return torch.from_numpy(np.asarray(tensor)).clone()
     result = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     feed_ndarray(tensor, result, cuda_stream=stream)  # ordered on the current stream: no host wait
@@ -324,7 +330,12 @@ class _Feeder:
         shapes = self._image_shapes(positions, encoded)
         drawn = [draw_view(steps, rng, shapes, self.image_size) for steps in self.views]
         self._fed.append(positions)
-        return (encoded, *(drawn[view][step][key] for view, step, key in self._names))
+        # one N x longest array (zeros after each image's end, which decoders ignore): a single copy into
+        # DALI instead of one per sample
+        padded = np.zeros((len(encoded), max(len(data) for data in encoded)), dtype=np.uint8)
+        for row, data in zip(padded, encoded):
+            row[:len(data)] = data
+        return (padded, *(drawn[view][step][key] for view, step, key in self._names))
 
     def _image_shapes(self, positions: np.ndarray, encoded: list[np.ndarray]) -> np.ndarray:
         """N x 2 (height, width) of the samples, read from their headers once and kept."""
