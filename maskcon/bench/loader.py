@@ -6,8 +6,10 @@ Prints source images per second (both views made, labels included) for
     torch          maskcon.loaders, backend "torch": torchvision transforms in a DataLoader
     reference_pil  a loader in the style of the official MaskCon code: PIL images, a PIL AutoAugment
                    CIFAR10Policy-like transform, torchvision PIL transforms and a torch DataLoader
-all on the same shards and cores. `--synthetic N` first writes N synthetic cifar100-format 32x32 PNG
-training samples to OUT (see write_synthetic_shards), for machines without the real data.
+all on the same shards and cores, and the operator count of each DALI pipeline. `--synthetic N` first
+writes N synthetic cifar100-format 32x32 PNG training samples to OUT (see write_synthetic_shards), for
+machines without the real data. `--first-batch-workers W` also times a torch loader with W DataLoader
+workers from construction to its first batch.
 """
 
 from __future__ import annotations
@@ -228,7 +230,7 @@ def main(argv: list[str]) -> int:
 
     common = dict(recipe=args.dataset, image_size=size, batch_size=args.batch_size, rank=0, world_size=1, seed=0,
                   device="cpu", num_threads=threads)
-    results, spread, cpu_ms, first_batch = {}, {}, {}, {}
+    results, spread, cpu_ms, first_batch, operators = {}, {}, {}, {}, {}
     if args.first_batch_workers:  # before the other loaders, so that the fork server starts cold
         first_batch["torch_first_batch_s"] = round(first_batch_seconds(
             args.shards, dataset=args.dataset, image_size=size, batch_size=args.batch_size,
@@ -244,6 +246,10 @@ def main(argv: list[str]) -> int:
             loader = build_train_loader(args.shards, backend="dali", **{**common, "device": "cuda"})
         else:
             loader = build_train_loader(args.shards, backend="dali" if name == "dali_cpu" else "torch", **common)
+        if name.startswith("dali"):
+            from maskcon.loaders.dali import operator_count
+
+            operators[name] = operator_count(loader.pipeline)
         rates, costs = _measure(loader, batches=args.batches, warmup=args.warmup, repeats=args.repeats)
         results[name] = round(statistics.median(rates), 1)
         spread[name] = [round(min(rates), 1), round(max(rates), 1)]
@@ -253,7 +259,8 @@ def main(argv: list[str]) -> int:
     report = {"dataset": args.dataset, **results, "unit": "source images/s, both views",
               "spread_min_max": spread, "cpu_ms_per_image": cpu_ms, "repeats": args.repeats,
               "batch_size": args.batch_size, "image_size": size,
-              "threads": threads, "cpus": os.cpu_count(), "shards": str(args.shards), **first_batch}
+              "threads": threads, "cpus": os.cpu_count(), "shards": str(args.shards), **first_batch,
+              "dali_operators": operators}
     if "dali_cpu" in results and "torch" in results:
         report["dali_cpu_over_torch"] = round(results["dali_cpu"] / results["torch"], 2)
         report["cpu_cost_torch_over_dali"] = round(cpu_ms["torch"] / cpu_ms["dali_cpu"], 2)
