@@ -95,6 +95,16 @@ class _ShuffleState:
         return torch.randperm(size, generator=cls.generator)
 
 
+def reseed_shuffle(seed: int) -> None:
+    """Make the next shuffle-BN permutations a function of `seed` alone, which every process passes alike
+    (the training loop passes one derived from the run's seed and the step): a resumed run then shuffles as
+    the uninterrupted one did. No collective; a no-op on one process."""
+    if world_size() == 1:
+        return
+    _ShuffleState.generator = torch.Generator().manual_seed(seed)
+    _ShuffleState.group = torch_dist.group.WORLD
+
+
 def _shuffle_plan(idx_shuffle: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
     """This process's all-to-all plan for the global permutation idx_shuffle ((P*N,) int64 on the CPU).
 

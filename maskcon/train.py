@@ -343,6 +343,7 @@ def _train(config: Config, accelerator: Accelerator, preemption: _Preemption) ->
                 if position < skip:
                     continue
                 set_lr(optimizer, schedule[step])
+                dist.reseed_shuffle(config.seed * 2**32 + step)   # shuffle-BN as a function of the step
                 loss = train_step(parts, batch)
                 loss_sum += loss
                 images_since_log += global_batch

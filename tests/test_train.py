@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # small and quick: 8-pixel inputs, 64 images per step, a bank of 128 keys
@@ -417,3 +418,30 @@ def test_batch_larger_than_the_dataset_is_refused(digits_shards, tmp_path):
     assert result.stderr.strip().startswith("error: the train split has 1437 samples: too few for 1 process(es) "
                                             "of batch 5000")
     assert "Traceback" not in result.stderr
+
+
+def test_two_processes_resumed_mid_epoch_end_with_the_weights_of_an_uninterrupted_run(digits_shards, tmp_path):
+    args = ["--shards", str(digits_shards), "--epochs", "2", *FAST, "--checkpoint-every", "1", "--eval-every", "2",
+            "--wandb", "disabled"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert launch_two([*args, "--output-dir", str(whole)]).returncode == 0
+    steps_per_epoch = 1437 // 2 // 64
+    first = launch_two([*args, "--output-dir", str(stopped), "--max-steps", str(steps_per_epoch + 4)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = launch_two([*args, "--output-dir", str(stopped), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ours, reference = losses_by_step(stopped), losses_by_step(whole)
+    later = [step for step in reference if step > steps_per_epoch + 4]
+    assert later and [ours[step] for step in later] == [reference[step] for step in later]
+    # parameters and bank bit for bit; the batch-norm running statistics, averaged over the processes at
+    # every checkpoint (one more in the stopped run), to float rounding
+    from safetensors.torch import load_file
+
+    final = f"checkpoints/step-{2 * steps_per_epoch:08d}/model.safetensors"
+    resumed_state, whole_state = load_file(stopped / final), load_file(whole / final)
+    assert resumed_state.keys() == whole_state.keys()
+    for name, value in whole_state.items():
+        if name.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(resumed_state[name], value, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(resumed_state[name], value), name
