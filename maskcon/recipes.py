@@ -344,7 +344,8 @@ class GaussianBlur(Op):
 
     def draw(self, p, rng, sizes, state):
         n = len(sizes)
-        return {"apply": _coins(rng, p["p"], n), "sigma": rng.uniform(p["sigma"][0], p["sigma"][1], n).astype(np.float32)}
+        sigma = rng.uniform(p["sigma"][0], p["sigma"][1], n).astype(np.float32)
+        return {"apply": _coins(rng, p["p"], n), "sigma": sigma}
 
     def dali(self, images, p, drawn, size, absorbs_next):
         window = blur_kernel_size(p["sigma"][1], size)
