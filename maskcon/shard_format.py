@@ -17,6 +17,7 @@ import os
 import shlex
 import struct
 import tarfile
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -61,6 +62,29 @@ def split_member(name: str) -> tuple[str, str] | None:
     if not key or key.endswith("/"):
         return None
     return key, name[dot + 1:]
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_problem(data: bytes) -> str | None:
+    """What is wrong with a PNG file, in a few words, or None when its chunks are whole: every chunk within
+    the data, every chunk's CRC-32 right, and the file ending in IEND. A few microseconds per 32-px image
+    (no decoding), so loaders can check each sample once before a decoder that does not survive damage."""
+    if data[:8] != PNG_SIGNATURE:
+        return "not a PNG file: its signature is wrong"
+    position = 8
+    while position + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        end = position + 12 + length
+        if end > len(data):
+            return f"its {kind.decode(errors='replace')} chunk runs past the end of the file"
+        if zlib.crc32(data[position + 4:end - 4]) != struct.unpack(">I", data[end - 4:end])[0]:
+            return f"its {kind.decode(errors='replace')} chunk fails its CRC check"
+        if kind == b"IEND":
+            return None
+        position = end
+    return "it ends before its IEND chunk"
 
 
 def encode_label(value: int) -> bytes:

@@ -575,3 +575,18 @@ def test_a_file_that_is_not_the_announced_format_stops_the_run(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: sample test_poodle_img_1_jpg of test is not a JPG file; the source must hold the original JPG images")
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_png_problems_are_found_without_decoding():
+    from maskcon.shard_format import png_problem
+
+    good = shards.encode_png(np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3))
+    assert png_problem(good) is None
+    pixels_gone = good[:41] + bytes(len(good) - 41)                  # header kept, image data zeroed
+    assert "CRC" in png_problem(pixels_gone)
+    flipped = bytearray(good)
+    flipped[45] ^= 1                                                  # one bit of the image data
+    assert "IDAT chunk fails its CRC" in png_problem(bytes(flipped))
+    assert "ends before" in png_problem(good[:-12])                  # cut before IEND
+    assert "runs past the end" in png_problem(good[:-20])
+    assert "signature" in png_problem(b"\xff\xd8\xff" + good[3:])

@@ -32,6 +32,7 @@ from maskcon.errors import UserError
 from maskcon.loaders import SplitFiles
 from maskcon.loaders.torch import TarSamples, epoch_positions, epoch_seed
 from maskcon.recipes import Recipe, Step, absorbed_by_next, draw_view
+from maskcon.shard_format import png_problem
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -312,6 +313,7 @@ class _Feeder:
         self._cancelled = False
         self._running = False
         self._fed: collections.deque = collections.deque()  # positions of batches handed to DALI, not yet out
+        self._damaged: UserError | None = None  # a sample found damaged before DALI decoded it
         probe = [draw_view(steps, np.random.default_rng(0), np.full((1, 2), image_size), image_size)
                  for steps in views]
         self._names = _flatten(probe)
@@ -342,6 +344,11 @@ class _Feeder:
         unknown = self._shapes[positions, 0] < 0
         if unknown.any():
             if self.image_format == "png":  # IHDR: width, height as big-endian uint32 at bytes 16..23
+                for index in np.flatnonzero(unknown):   # DALI's PNG decoder may crash on a damaged file
+                    problem = png_problem(encoded[index].tobytes())
+                    if problem is not None:
+                        self._damaged = self.samples.decode_error(int(positions[index]), ValueError(problem))
+                        raise self._damaged
                 header = self.samples.gather(positions[unknown], 1, 16, 8).astype(np.int64)
                 size = header.reshape(-1, 2, 4) @ (256 ** np.arange(3, -1, -1))
                 self._shapes[positions[unknown]] = size[:, ::-1]
@@ -375,8 +382,12 @@ class _Feeder:
             outputs = self.pipeline.run()
         except StopIteration:
             raise
-        except RuntimeError as error:
-            raise self._bad_sample(error) from None
+        except Exception as error:
+            if self._damaged is not None:   # found before decoding, by the external source
+                raise self._damaged from None
+            if isinstance(error, RuntimeError):
+                raise self._bad_sample(error) from None
+            raise
         return outputs, self._fed.popleft()
 
     def _bad_sample(self, error: RuntimeError) -> Exception:
