@@ -18,8 +18,9 @@ loader's `image_size` (the dataset's, not the recipe's):
     resize               (to S x S; test view only)
 after which every view is scaled to [0, 1] and normalised with the recipe's mean and std.
 
-The recipes are the module constants CIFAR100 ... FOLDER; RECIPES maps a dataset name to its recipe and
-`recipe_for(name)` returns it validated.
+The recipes are the module constants CIFAR, DIGITS, IMAGENET32, CARS and PHOTOS (RECIPES maps their names to
+them); each dataset's description (maskcon/datasets) names the one it uses, and `maskcon.datasets.recipe_for`
+returns it validated.
 """
 
 from __future__ import annotations
@@ -692,20 +693,16 @@ _CARS_STRONG = (
 _SOP_STRONG = (_CROP, _FLIP, _PERSPECTIVE)
 _LARGE_WEAK = (_CROP, _PERSPECTIVE, _FLIP)
 
-CIFAR100 = Recipe("cifar100", CIFAR100_MEAN, CIFAR100_STD, _SMALL_STRONG, _SMALL_WEAK, _TEST)
-CIFARTOY_GOOD = Recipe("cifartoy_good", CIFAR100_MEAN, CIFAR100_STD, _SMALL_STRONG, _SMALL_WEAK, _TEST)
-CIFARTOY_BAD = Recipe("cifartoy_bad", CIFAR100_MEAN, CIFAR100_STD, _SMALL_STRONG, _SMALL_WEAK, _TEST)
+# CIFAR-100 and the CIFAR-toy splits (supplement, section A), with CIFAR-100's statistics.
+CIFAR = Recipe("cifar", CIFAR100_MEAN, CIFAR100_STD, _SMALL_STRONG, _SMALL_WEAK, _TEST)
 # 8x8 grey digits decoded to RGB; CIFAR statistics are good enough here.
 DIGITS = Recipe("digits", CIFAR100_MEAN, CIFAR100_STD, (_DIGITS_CROP, _AUTO_AUGMENT), (_DIGITS_CROP,), _TEST)
 IMAGENET32 = Recipe("imagenet32", IMAGENET_MEAN, IMAGENET_STD, _SMALL_STRONG, _SMALL_WEAK, _TEST)
-CARS196 = Recipe("cars196", IMAGENET_MEAN, IMAGENET_STD, _CARS_STRONG, _LARGE_WEAK, _TEST)
-SOP_SPLIT1 = Recipe("sop_split1", IMAGENET_MEAN, IMAGENET_STD, _SOP_STRONG, _LARGE_WEAK, _TEST)
-SOP_SPLIT2 = Recipe("sop_split2", IMAGENET_MEAN, IMAGENET_STD, _SOP_STRONG, _LARGE_WEAK, _TEST)
-# An image folder of the user's: photographs, so the SOP recipe and ImageNet statistics.
-FOLDER = Recipe("folder", IMAGENET_MEAN, IMAGENET_STD, _SOP_STRONG, _LARGE_WEAK, _TEST)
+CARS = Recipe("cars", IMAGENET_MEAN, IMAGENET_STD, _CARS_STRONG, _LARGE_WEAK, _TEST)
+# Stanford Online Products, and an image folder of the user's: photographs, with ImageNet statistics.
+PHOTOS = Recipe("photos", IMAGENET_MEAN, IMAGENET_STD, _SOP_STRONG, _LARGE_WEAK, _TEST)
 
-RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
-    CIFAR100, CIFARTOY_GOOD, CIFARTOY_BAD, DIGITS, IMAGENET32, CARS196, SOP_SPLIT1, SOP_SPLIT2, FOLDER)}
+RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (CIFAR, DIGITS, IMAGENET32, CARS, PHOTOS)}
 
 
 def validate(recipes: dict[str, Recipe] | None = None) -> None:
@@ -731,11 +728,3 @@ def validate(recipes: dict[str, Recipe] | None = None) -> None:
                 raise UserError(f"AutoAugment sub-policy {i}: bad entry {(op, p, magnitude_bin)}")
             if magnitude_bin is not None and not 0 <= magnitude_bin < AUTO_AUGMENT_BINS:
                 raise UserError(f"AutoAugment sub-policy {i}: magnitude bin {magnitude_bin} out of range")
-
-
-def recipe_for(name: str) -> Recipe:
-    """The validated recipe of a dataset (raises UserError naming the known datasets)."""
-    validate()
-    if name not in RECIPES:
-        raise UserError(f"no augmentation recipe for dataset {name!r}; known: {', '.join(sorted(RECIPES))}")
-    return RECIPES[name]

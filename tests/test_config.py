@@ -36,7 +36,7 @@ def test_paper_datasets_start_from_imagenet_weights_and_digits_from_random():
 
 def test_datasets_and_methods_each_come_from_their_one_description():
     """The CLI's choices, the presets, the recipes and README's table all read maskcon.datasets.DATASETS."""
-    from maskcon.recipes import recipe_for
+    from maskcon.datasets import recipe_for
 
     for name, description in DATASETS.items():
         config = parse_config(["--dataset", name])

@@ -25,7 +25,8 @@ from scipy.stats import ks_2samp
 from maskcon.bench.loader import cifar_like_image, write_synthetic_shards
 from maskcon.errors import UserError
 from maskcon.loaders import build_test_loader, build_train_loader
-from maskcon.recipes import RECIPES, Recipe, Step
+from maskcon.datasets import DATASETS
+from maskcon.recipes import Recipe, Step
 
 BACKENDS = ("dali", "torch")
 # torchvision transforms run in the test process (no DataLoader workers to fork next to DALI's pipelines);
@@ -181,7 +182,7 @@ def one_step_recipe(step: Step) -> Recipe:
 @pytest.mark.parametrize("dataset, source, size", [("cifar100", "ramp", 32), ("digits", "ramp", 32),
                                                    ("sop_split1", "photo", 48), ("cars196", "photo", 48)])
 def test_named_recipes_agree(shards, dataset, source, size):
-    recipe = RECIPES[dataset]
+    recipe = DATASETS[dataset].recipe
     runs = {backend: collect(shards[source], dataset, backend, image_size=size) for backend in BACKENDS}
     for view, steps in (("query", recipe.strong), ("key", recipe.weak)):
         stats = {backend: ramp_statistics(pixels(run[view], recipe)) for backend, run in runs.items()}
@@ -207,10 +208,10 @@ def test_named_recipes_agree(shards, dataset, source, size):
 
 def test_recipe_groups_cover_every_dataset():
     """The datasets not run above share their steps with one that is."""
-    tested = {name: (RECIPES[name].strong, RECIPES[name].weak)
+    tested = {name: (DATASETS[name].recipe.strong, DATASETS[name].recipe.weak)
               for name in ("cifar100", "digits", "sop_split1", "cars196")}
-    for name, recipe in RECIPES.items():
-        assert (recipe.strong, recipe.weak) in tested.values(), name
+    for name, description in DATASETS.items():
+        assert (description.recipe.strong, description.recipe.weak) in tested.values(), name
 
 
 # ------------------------------------------------------------------------ crop, flip, view independence
@@ -241,7 +242,7 @@ def weak_ramp_runs(shards):
 def test_flip_rate(weak_ramp_runs):
     flips = {}
     for backend, run in weak_ramp_runs.items():
-        flips[backend] = ramp_statistics(pixels(run["query"], RECIPES["cifar100"]))["flipped"]
+        flips[backend] = ramp_statistics(pixels(run["query"], DATASETS["cifar100"].recipe))["flipped"]
         assert_rate(flips[backend], 0.5, f"{backend} flip")  # the supplement's RandomHorizontalFlip()
     assert_same_rate(flips["dali"], flips["torch"], "flip")
 
@@ -256,7 +257,7 @@ def test_crop_area_distribution(weak_ramp_runs):
     expected = sizes.prod(axis=1) / 63**2
     areas = {}
     for backend, run in weak_ramp_runs.items():
-        stat = ramp_statistics(pixels(run["query"], RECIPES["cifar100"]))
+        stat = ramp_statistics(pixels(run["query"], DATASETS["cifar100"].recipe))
         areas[backend] = stat["area"]
         for threshold in (0.3, 0.6):
             # slack: the ramp measures areas to about +-0.005, around 1 % of the samples near a threshold
@@ -270,7 +271,7 @@ def test_crop_area_distribution(weak_ramp_runs):
 def test_views_are_augmented_independently(weak_ramp_runs):
     """The query and key views of one image get their own crop and flip: identical crops are rare."""
     for backend, run in weak_ramp_runs.items():
-        query, key = (ramp_statistics(pixels(run[view], RECIPES["cifar100"])) for view in ("query", "key"))
+        query, key = (ramp_statistics(pixels(run[view], DATASETS["cifar100"].recipe)) for view in ("query", "key"))
         same = ((np.abs(query["width"] - key["width"]) < 0.02) & (np.abs(query["height"] - key["height"]) < 0.02)
                 & (query["flipped"] == key["flipped"]))
         # independent draws: a width and height within 0.02 of each other about 1 % of the time
@@ -296,7 +297,7 @@ def test_perspective_rate_and_shape(shards):
 
 
 def test_color_jitter_rate_and_factors(shards):
-    recipe = one_step_recipe(RECIPES["cars196"].strong[3])
+    recipe = one_step_recipe(DATASETS["cars196"].recipe.strong[3])
     centre = {}
     for backend in BACKENDS:
         px = pixels(collect(shards["solid"], recipe, backend, image_size=64)["query"], recipe)[:, :, 32, 32]
@@ -308,7 +309,7 @@ def test_color_jitter_rate_and_factors(shards):
 
 
 def test_grayscale_rate(shards):
-    recipe = one_step_recipe(RECIPES["cars196"].strong[4])
+    recipe = one_step_recipe(DATASETS["cars196"].recipe.strong[4])
     grey = {}
     for backend in BACKENDS:
         px = pixels(collect(shards["solid"], recipe, backend, image_size=32, epochs=MANY, batch_size=256)["query"],
@@ -337,7 +338,7 @@ def test_gaussian_blur_rate_and_sigma(shards):
     come from torchvision's gaussian_blur itself, applied to the edge at sigmas spread over [0.1, 2]."""
     import torchvision.transforms.functional as F
 
-    recipe = one_step_recipe(RECIPES["cars196"].strong[5])
+    recipe = one_step_recipe(DATASETS["cars196"].recipe.strong[5])
     edge = torch.from_numpy(np.repeat(np.where(np.arange(64) < 32, 60, 200)[None, :], 64, 0)).expand(3, 64, 64)
     grid = np.linspace(0.1, 2.0, 381)
     measured_at = edge_sigma(np.stack([F.gaussian_blur(edge.to(torch.uint8), 13, float(s)).numpy() for s in grid])
@@ -463,13 +464,13 @@ def test_operator_count_does_not_grow_with_the_policy(shards):
 @pytest.mark.parametrize("dataset, views", [("sop_split1", ("strong", "weak")), ("cifar100", ("weak", "weak")),
                                             ("cifar100", ("weak", "strong"))])
 def test_views_and_labels_stay_with_their_image(shards, backend, dataset, views):
-    recipe = RECIPES[dataset]
+    recipe = DATASETS[dataset].recipe
     run = collect(shards["ident"], dataset, backend, image_size=32, epochs=1, batch_size=32,
                   query_view=views[0], key_view=views[1])
     fine = run["fine"].numpy()
     assert (run["coarse"].numpy() == fine % 7).all()
     for view, name in zip(("query", "key"), views):
-        if RECIPES[dataset].view(name)[-1].op == "auto_augment":
+        if DATASETS[dataset].recipe.view(name)[-1].op == "auto_augment":
             continue  # AutoAugment changes colours: no colour code survives it
         centre = pixels(run[view], recipe)[:, :, 16, 16]
         assert (ident_of(centre) == fine).all(), (backend, view)
@@ -556,7 +557,7 @@ def test_torch_workers_change_nothing(shards):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_test_loader_gives_every_sample_once(shards, backend):
-    recipe = RECIPES["cifar100"]
+    recipe = DATASETS["cifar100"].recipe
     world, seen = 2, []
     lengths = []
     for rank in range(world):
@@ -580,7 +581,7 @@ def test_test_loader_gives_every_sample_once(shards, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_output_is_normalised(shards, backend):
-    recipe = RECIPES["cars196"]
+    recipe = DATASETS["cars196"].recipe
     run = collect(shards["photo"], "cars196", backend, image_size=48, epochs=1)
     mean = torch.tensor(recipe.mean).view(1, 3, 1, 1)
     std = torch.tensor(recipe.std).view(1, 3, 1, 1)
@@ -603,7 +604,7 @@ def test_digits_shards(tmp_path, backend):
                                 world_size=1, seed=0, device="cpu", backend=backend, num_threads=THREADS[backend])
     batch = next(iter(loader))
     assert batch["query"].shape == (64, 3, 32, 32) and batch["key"].shape == (64, 3, 32, 32)
-    grey = pixels(batch["key"], RECIPES["digits"])  # 8x8 grey digits decoded to RGB: R = G = B
+    grey = pixels(batch["key"], DATASETS["digits"].recipe)  # 8x8 grey digits decoded to RGB: R = G = B
     assert (grey[:, 0] == grey[:, 1]).all() and (grey[:, 1] == grey[:, 2]).all()
     assert batch["fine"].max() <= 9 and (batch["coarse"] == (batch["fine"] >= 5).long()).all()
     test = build_test_loader(tmp_path / "digits", image_size=32, batch_size=100, rank=0, world_size=1, device="cpu",
@@ -650,7 +651,7 @@ def test_bad_requests_are_user_errors(shards, tmp_path):
 
 
 def test_a_recipe_of_ones_own_is_validated(shards):
-    bad = dataclasses.replace(RECIPES["cifar100"], name="mine", strong=(Step("horizontal_flip", {"p": 0.5}),))
+    bad = dataclasses.replace(DATASETS["cifar100"].recipe, name="mine", strong=(Step("horizontal_flip", {"p": 0.5}),))
     with pytest.raises(UserError):
         build_train_loader(shards["ident"], recipe=bad, image_size=32, batch_size=16, rank=0, world_size=1, seed=0,
                            device="cpu", backend="dali")
@@ -662,7 +663,7 @@ def test_dali_on_the_gpu(shards):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     for source, dataset, size in (("ramp", "cifar100", 32), ("photo", "cars196", 48)):
-        recipe = RECIPES[dataset]
+        recipe = DATASETS[dataset].recipe
         loader = build_train_loader(shards[source], recipe=dataset, image_size=size, batch_size=64, rank=0,
                                     world_size=1, seed=0, device="cuda", backend="dali")
         batches = [batch for _ in range(4) for batch in loader]

@@ -211,10 +211,10 @@ def main(argv: list[str]) -> int:
                         help="first write N synthetic 32x32 PNG train samples (cifar100 format) to --shards")
     args = parser.parse_args(argv)
 
-    from maskcon import recipes
+    from maskcon.datasets import recipe_for
     from maskcon.loaders import build_train_loader
 
-    recipe = recipes.recipe_for(args.dataset)
+    recipe = recipe_for(args.dataset)
     size = args.image_size or _dataset_image_size(args.dataset)
     threads = args.threads or len(os.sched_getaffinity(0))
     if args.synthetic:

@@ -270,10 +270,10 @@ def official_style_loader(folder: Path, *, recipe: str, image_size: int, batch_s
     Workers persist across epochs (the official code restarts them every epoch; keeping them is kinder to
     this baseline on small sets).
     """
-    from maskcon import recipes
+    from maskcon.datasets import recipe_for
     from maskcon.bench.loader import reference_pil_loader
 
-    chosen = recipes.recipe_for(recipe)
+    chosen = recipe_for(recipe)
     views = dataclasses.replace(chosen, strong=chosen.view(query_view), weak=chosen.view(key_view))
     dataset = reference_pil_loader(folder, views, image_size=image_size, batch_size=batch_size, workers=0).dataset
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,

@@ -60,7 +60,9 @@ def _recipe(recipe: str | recipes.Recipe) -> recipes.Recipe:
     if isinstance(recipe, recipes.Recipe):  # a recipe of one's own (tests, experiments): validated the same way
         recipes.validate({recipe.name: recipe})
         return recipe
-    return recipes.recipe_for(recipe)
+    from maskcon.datasets import recipe_for
+
+    return recipe_for(recipe)
 
 
 def build_train_loader(shards: Path | str, *, recipe: str | recipes.Recipe, image_size: int, batch_size: int,
@@ -69,8 +71,11 @@ def build_train_loader(shards: Path | str, *, recipe: str | recipes.Recipe, imag
     """One epoch per `for batch in loader`: {"query", "key": float32 N x 3 x S x S, "fine", "coarse": int64 N}.
 
     len(loader) is the number of steps per epoch, (num_samples // world_size) // batch_size on every rank;
-    each rank reads its own part of the shards, a new one each epoch; reproducible under `seed`.
-    `recipe` names a dataset's recipe (maskcon/recipes.py) or is a Recipe of one's own; `num_threads` is
+    each rank reads its own part of the shards, a new one each epoch. `loader.set_epoch(e)` (any int, negative
+    ones included) picks the epoch the next `for` yields: its data order and augmentations depend only on
+    (seed, rank, world_size, e), whatever was read before, so a resumed run can start at any epoch and skip
+    to any batch of it; without `set_epoch` each `for` yields the epoch after the previous one, from 0.
+    `recipe` names a dataset (its recipe, maskcon/datasets) or is a Recipe of one's own; `num_threads` is
     DALI's CPU threads or the number of DataLoader workers (0: transforms in this process).
     """
     device = _torch.device(device)
