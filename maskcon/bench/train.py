@@ -39,6 +39,7 @@ from maskcon.config import ARCHS, parse_config
 from maskcon.datasets import DATASETS
 from maskcon.bench import machine
 from maskcon.errors import UserError
+from maskcon.loaders import check_batch_fits
 from maskcon.loaders.torch import worker_context
 
 MODES = ("real", "synthetic", "official")
@@ -133,9 +134,7 @@ def main(argv: list[str]) -> int:
         config = parse_config(["--dataset", dataset, "--method", "maskcon", "--arch", args.arch, "--pretrained", "none"]
                               + (["--image-size", str(args.image_size)] if args.image_size else [])
                               + (["--batch-size", str(args.batch_size)] if args.batch_size else []))
-        if config.batch_size > manifest["splits"]["train"]["num_samples"]:
-            raise UserError(f"--batch-size {config.batch_size} is larger than the "
-                            f"{manifest['splits']['train']['num_samples']} training images of {folder}")
+        check_batch_fits(manifest["splits"]["train"]["num_samples"], 1, config.batch_size)
         bench = _Bench(config, manifest, folder, device, precision, args)
         results = []
         for mode in modes:

@@ -51,7 +51,13 @@ def _check(backend: str, batch_size: int, rank: int, world_size: int, image_size
         raise UserError(f"batch size and image size must be positive, got {batch_size} and {image_size}")
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside 0..{world_size - 1}")
-    if what == "train" and num_samples // world_size < batch_size:
+    if what == "train":
+        check_batch_fits(num_samples, world_size, batch_size)
+
+
+def check_batch_fits(num_samples: int, world_size: int, batch_size: int) -> None:
+    """UserError unless each of `world_size` processes gets at least one batch of the train split."""
+    if num_samples // world_size < batch_size:
         raise UserError(f"the train split has {num_samples} samples: too few for {world_size} process(es) of "
                         f"batch {batch_size}; lower the batch size")
 
