@@ -149,3 +149,20 @@ def test_sgd_is_fused_on_cuda_and_multi_tensor_on_the_cpu():
     assert optimizer.defaults["foreach"] and not optimizer.defaults.get("fused")
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert optimizer.param_groups[0]["params"] == trainable
+
+
+def test_the_bank_fill_leaves_no_empty_entry(tmp_path):
+    from maskcon import shards
+    from maskcon.loaders import build_train_loader
+    from maskcon.train import fill_memory_bank
+
+    shards.create("digits", None, tmp_path / "digits")
+    loader = build_train_loader(tmp_path / "digits", recipe="digits", image_size=SIZE, batch_size=64, rank=0,
+                                world_size=1, seed=0, device="cpu", backend="dali", query_view="weak",
+                                num_threads=1)
+    torch.manual_seed(0)
+    model = MaskConModel(arch="resnet18", image_size=SIZE, queue_size=1500)   # more keys than one epoch has
+    fill_memory_bank(model, loader, channels_last=False)
+    assert (model.queue_coarse >= 0).all() and (model.queue_fine >= 0).all()
+    assert set(model.queue_coarse.tolist()) == {0, 1} and set(model.queue_fine.tolist()) == set(range(10))
+    torch.testing.assert_close(model.queue.norm(dim=1), torch.ones(1500))
