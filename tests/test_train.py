@@ -321,15 +321,17 @@ def test_a_failure_on_the_main_process_alone_ends_both_with_one_line(digits_shar
     started = time.time()
     result = launch_two(["--shards", str(digits_shards), "--epochs", "1", *FAST, "--wandb", "online",
                          "--output-dir", str(tmp_path / "run")], env=env, timeout=300)
-    assert time.time() - started < 120
+    assert time.time() - started < 60
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "W&B could not start" in errors[0], result.stderr[-3000:]
 
 
 def test_a_loss_that_is_no_longer_finite_stops_both_processes_with_one_line(digits_shards, tmp_path):
+    started = time.time()
     result = launch_two(["--shards", str(digits_shards), "--epochs", "1", *FAST, "--lr", "1e30",
                          "--wandb", "disabled", "--output-dir", str(tmp_path / "run")], timeout=300)
+    assert time.time() - started < 60
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "the loss stopped being finite" in errors[0], result.stderr[-3000:]
