@@ -7,7 +7,7 @@ peak memory above the inputs:
     cuda  torch.cuda.max_memory_allocated
     cpu   the peak of the bytes held by tensors created during forward + backward, counted per storage by a
           TorchDispatchMode (the CPU counterpart of max_memory_allocated; allocator overhead not included)
-Goal (issue 5): MaskCon within 1.5x SelfCon's time.
+Goal: MaskCon within 1.5x SelfCon's time.
 """
 
 import argparse
@@ -28,7 +28,7 @@ from maskcon import losses
 from maskcon.bench import machine
 from maskcon.errors import UserError
 
-TIME_GOAL = 1.5   # MaskCon time / SelfCon time, issue 5
+TIME_GOAL = 1.5   # MaskCon time / SelfCon time
 COARSE_CLASSES = 20                   # CIFAR-100's coarse split
 T0, T, W = 0.1, 0.05, 0.5             # logit temperature, MaskCon temperature and weight (supplement Table 1)
 WARMUPS = 3
