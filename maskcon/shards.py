@@ -306,7 +306,7 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     _check_options(compress_level, samples_per_shard)
-    source = DATASETS[dataset](Path(src) if src is not None else None)
+    source = DATASETS[dataset].read(Path(src) if src is not None else None)
     create_args = [dataset] + (["--src", str(Path(src).resolve())] if src is not None else [])
     for flag, value, default in (("--seed", seed, 0), ("--samples-per-shard", samples_per_shard, None),
                                  ("--min-shards", min_shards, MIN_SHARDS),

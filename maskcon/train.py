@@ -241,7 +241,7 @@ def _train(config: Config, accelerator: Accelerator, preemption: _Preemption) ->
     dist.run_on_main(write_config)
 
     # --- learner ---
-    if config.pretrained is not None:
+    if config.pretrained is not None and accelerator.num_processes > 1:
         dist.run_on_main(fetch_pretrained, config.arch, config.pretrained)   # downloaded once, then read by all
     model = MaskConModel(arch=config.arch, image_size=config.image_size, proj_hidden=config.proj_hidden,
                          proj_dim=config.proj_dim, num_coarse=len(manifest["coarse_classes"]) if method.classifier
@@ -265,8 +265,8 @@ def _train(config: Config, accelerator: Accelerator, preemption: _Preemption) ->
 
     step = 0
     if resume_from is not None:
-        state = checkpoints.load(accelerator, resume_from)
-        step = _resume_position(state, steps_per_epoch, run)
+        checkpoints.load(accelerator, resume_from)
+        step = _resume_position(saved, steps_per_epoch, run)
         accelerator.print(f"resumed from {resume_from} at step {step}")
 
     def start_tracker():

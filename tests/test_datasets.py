@@ -52,7 +52,7 @@ def test_digits_is_a_fixed_stratified_split_of_load_digits():
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    source = DATASETS["digits"](None)
+    source = DATASETS["digits"].read(None)
     train, test = samples_of(source.splits["train"]), samples_of(source.splits["test"])
     assert (len(train), len(test)) == (1437, 360)
     assert not set(train) & set(test) and len(set(train) | set(test)) == 1797
@@ -64,14 +64,14 @@ def test_digits_is_a_fixed_stratified_split_of_load_digits():
     test_counts = collections.Counter(s.fine for s in test.values())
     assert all(35 <= test_counts[d] <= 37 for d in range(10))  # stratified: 20 % of each digit
     assert source.fine_to_coarse == [0] * 5 + [1] * 5 and source.image_size == (8, 8) and source.channels == 1
-    again = DATASETS["digits"](None).splits["test"]
+    again = DATASETS["digits"].read(None).splits["test"]
     assert [again.item(i).key for i in range(len(again))] == sorted(test)  # the same split every time
 
 
 def test_cifar100_reads_pickles_with_official_superclasses(tmp_path):
     expected = sources.write_cifar100(tmp_path)
     for src in (tmp_path, tmp_path / "cifar-100-python"):  # the folder or the folder holding it
-        source = DATASETS["cifar100"](src)
+        source = DATASETS["cifar100"].read(src)
         assert source.fine_classes == [f"fine{i}" for i in range(100)] and len(source.coarse_classes) == 20
         assert source.fine_to_coarse == [f // 5 for f in range(100)]
         for split in ("train", "test"):
@@ -81,7 +81,7 @@ def test_cifar100_reads_pickles_with_official_superclasses(tmp_path):
 @pytest.mark.parametrize("variant", ["good", "bad"])
 def test_cifartoy_keeps_eight_classes_in_two_coarse(tmp_path, variant):
     cifar10 = sources.write_cifar10(tmp_path)
-    source = DATASETS[f"cifartoy_{variant}"](tmp_path / "cifar-10-batches-py")
+    source = DATASETS[f"cifartoy_{variant}"].read(tmp_path / "cifar-10-batches-py")
     groups = {"good": [{"airplane", "automobile", "ship", "truck"}, {"bird", "cat", "dog", "horse"}],
               "bad": [{"airplane", "automobile", "dog", "cat"}, {"ship", "truck", "bird", "horse"}]}[variant]
     # the fine numbering of the official cifartoy.py (_cifar10_to_cifartoy)
@@ -100,7 +100,7 @@ def test_cifartoy_keeps_eight_classes_in_two_coarse(tmp_path, variant):
 @pytest.mark.parametrize("file_format", ["pickle", "npz"])
 def test_imagenet32_reads_every_layout(tmp_path, layout, file_format):
     expected = sources.write_imagenet32(tmp_path, layout=layout, file_format=file_format)
-    source = DATASETS["imagenet32"](tmp_path)
+    source = DATASETS["imagenet32"].read(tmp_path)
     assert len(source.fine_classes) == 1000 and source.coarse_classes == IMAGENET_COARSE
     assert source.fine_to_coarse == [i % 12 for i in range(1000)]
     for split in ("train", "test"):
@@ -112,7 +112,7 @@ def test_imagenet32_official_maps_give_table_3_counts(tmp_path):
     maps = tuple(json.loads((OFFICIAL / "imagenet32" / name).read_text())
                  for name in ("imagenet32_to_fine.json", "imagenet_fine_to_coarse.json"))
     expected = sources.write_imagenet32(tmp_path, maps=maps, per_batch=3, n_val=10)
-    source = DATASETS["imagenet32"](tmp_path)
+    source = DATASETS["imagenet32"].read(tmp_path)
     counts = collections.Counter(source.fine_to_coarse)
     assert [counts[c] for c in range(12)] == [61, 123, 59, 95, 60, 130, 70, 53, 105, 71, 93, 80]  # Table 3
     assert_arrays_match(source.splits["test"], expected["test"])
@@ -121,7 +121,7 @@ def test_imagenet32_official_maps_give_table_3_counts(tmp_path):
 @pytest.mark.parametrize("variant", ["split1", "split2"])
 def test_sop_passes_jpegs_through_with_split_labels(tmp_path, variant):
     expected = sources.write_sop(tmp_path)[variant]
-    source = DATASETS[f"sop_{variant}"](tmp_path / "Stanford_Online_Products")
+    source = DATASETS[f"sop_{variant}"].read(tmp_path / "Stanford_Online_Products")
     assert source.image_format == "jpg" and source.coarse_classes[0] == "bicycle" and len(source.coarse_classes) == 12
     for split in ("train", "test"):
         assert_files_match(source.splits[split], expected[split])
@@ -147,7 +147,7 @@ def test_sop_official_lists_keep_official_fine_labels():
 
 def test_cars196_reads_torchvision_layout(tmp_path):
     expected = sources.write_cars(tmp_path)
-    source = DATASETS["cars196"](tmp_path)
+    source = DATASETS["cars196"].read(tmp_path)
     assert source.fine_classes == sources.CAR_NAMES and source.fine_to_coarse == sources.CAR_COARSE
     for split in ("train", "test"):
         assert_files_match(source.splits[split], expected[split])
@@ -171,7 +171,7 @@ def test_cars196_body_types_match_table_2_and_official_grouping():
 @pytest.mark.parametrize("file_format", ["jpg", "png"])
 def test_folder_reads_class_folders_and_csv(tmp_path, file_format):
     expected = sources.write_folder(tmp_path, file_format=file_format)
-    source = DATASETS["folder"](tmp_path)
+    source = DATASETS["folder"].read(tmp_path)
     assert source.fine_classes == ["beagle", "persian", "poodle", "siamese", "boxer"]
     assert source.coarse_classes == ["dog", "cat"] and source.fine_to_coarse == [0, 1, 0, 1, 0]
     assert source.image_format == file_format
@@ -184,7 +184,7 @@ def test_folder_reads_class_folders_and_csv(tmp_path, file_format):
 
 def _one_line_error(dataset: str, src, *must_mention: str) -> str:
     with pytest.raises(UserError) as raised:
-        source = DATASETS[dataset](src)
+        source = DATASETS[dataset].read(src)
         for split in source.splits.values():  # array readers load pixels lazily
             len(split), split.item(0)
     message = str(raised.value)

@@ -199,7 +199,7 @@ def _fixture(dataset: str, root: Path):
         from maskcon.datasets import DATASETS
 
         cifar10 = sources.write_cifar10(root)
-        source = DATASETS[dataset](root)
+        source = DATASETS[dataset].read(root)
         to_fine = {sources.CIFAR10_CLASSES.index(name): i for i, name in enumerate(source.fine_classes)}
         return root, {split: {key: (image, to_fine[c], source.fine_to_coarse[to_fine[c]])
                               for key, (image, c) in samples.items() if c in to_fine}

@@ -40,6 +40,7 @@ from maskcon.datasets import DATASETS
 from maskcon.bench import machine
 from maskcon.errors import UserError
 from maskcon.loaders import check_batch_fits
+from maskcon.train import resolve_precision
 from maskcon.loaders.torch import worker_context
 
 MODES = ("real", "synthetic", "official")
@@ -82,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=5, metavar="N",
                         help="untimed steps per mode before the first window (default: 5)")
     parser.add_argument("--mixed-precision", choices=("bf16", "no"), default=None,
-                        help="autocast to bf16 or not (default: bf16 on cuda, no on cpu)")
+                        help="autocast to bf16 or not (default: as train.py, bf16 on cuda and no on cpu)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels-last memory format (default: on for cuda, off on cpu)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoders, as train.py --compile")
@@ -113,7 +114,7 @@ def main(argv: list[str]) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
-    precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
+    precision = resolve_precision(args.mixed_precision, device)
 
     with tempfile.TemporaryDirectory(prefix="maskcon-bench-") as scratch:
         dataset = "imagenet32" if args.synthetic is not None else args.dataset
@@ -177,7 +178,7 @@ class _Bench:
         model.train()
         optimizer = make_optimizer(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
                                    device=device)
-        dtype = torch.bfloat16 if precision == "bf16" else None
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
         def autocast():
             return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

@@ -35,9 +35,6 @@ class Dataset:
     coarse: str
     preset: dict = field(default_factory=dict)
 
-    def __call__(self, src) -> DatasetSource:
-        return self.read(src)
-
 
 DATASETS: dict[str, Dataset] = {d.name: d for d in (
     # The bundled demo, sized to finish in minutes on two CPU cores at the digits' own 8 px: both views weak
