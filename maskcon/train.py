@@ -1,6 +1,8 @@
 """The training loop: schedule, steps, evaluation, logging, checkpoints.
 
-The step itself is `maskcon.step.train_step`. The loop reads nothing from the device between logging
+The run (learner, optimizer, loaders, tracker, resume point) is built by `maskcon.run.build_run`; the step
+itself is `maskcon.step.train_step`. One loop indexed by the step, as nanoGPT's: logging with the stop vote,
+evaluation and checkpoints are gated at the top of each step. The loop reads nothing from the device between logging
 points: every --log-every steps it reads the loss and all processes agree, in one small all-reduce
 (`dist.agree_to_stop`), on whether to stop (SIGTERM seen, loss not finite), so they stop together.
 Sections that run on the main process alone (W&B, metrics, pictures, results) tell the others whether
@@ -9,7 +11,8 @@ they succeeded (`dist.run_on_main`).
 Exact resume: a loader epoch's batches depend only on (seed, rank, processes, epoch) (`set_epoch`), the
 memory bank is filled from epochs of its own, and a checkpoint holds the learner, the bank, the optimizer,
 the RNG states and the step, so a run stopped anywhere and resumed ends with the weights of a run that was
-never stopped.
+never stopped. A resume starts the loader at its batch by index (`set_epoch(epoch, start=position)`): the
+batches before it are neither read nor augmented.
 """
 
 from __future__ import annotations
@@ -17,28 +20,22 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from maskcon import checkpoints, dist, shards
-from maskcon.config import Config, shards_dir, to_dict
+from maskcon import checkpoints, dist
+from maskcon.config import Config
 from maskcon.errors import AgreedError, UserError
-from maskcon.loaders import build_test_loader, build_train_loader
-from maskcon.methods import method_for
-from maskcon.model import MaskConModel, fetch_pretrained
+from maskcon.model import MaskConModel
 from maskcon.retrieval import RECALL_KS, recall_at_k
-from maskcon.shard_format import read_manifest
-from maskcon.step import StepParts, make_optimizer, set_lr, train_step
+from maskcon.run import Run, build_run, make_accelerator
+from maskcon.step import set_lr, train_step
 
 BANK_FILL_EPOCH = -1  # the loader epoch whose keys fill the memory bank before the first step (then -2, ...)
 
@@ -52,66 +49,39 @@ class RunResult:
     untrained: dict  # R@K of the network before training, when --eval-untrained
 
 
-def lr_schedule(*, base_lr: float, total_steps: int, warmup_steps: int) -> list[float]:
-    """Per-step learning rates: linear warm-up to base_lr, then cosine annealing to 0."""
-    rates = []
-    for step in range(total_steps):
-        if step < warmup_steps:
-            rates.append(base_lr * (step + 1) / warmup_steps)
-        else:
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            rates.append(base_lr * 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return rates
+class DataClock:
+    """What the training thread spends getting batches between two readings: the figures the loop logs in
+    metrics.jsonl and `python launch/bench.py train` reports, under the same names (see `figures`)."""
 
+    def __init__(self, loader, images_per_batch: int):
+        self.loader, self.images_per_batch = loader, images_per_batch
+        self.reset()
 
-def base_learning_rate(config: Config, num_processes: int) -> float:
-    """--lr for a global batch of --lr-reference-batch, scaled linearly to the real global batch
-    (batch x processes) unless --no-scale-lr."""
-    global_batch = config.batch_size * num_processes
-    return config.lr * (global_batch / config.lr_reference_batch if config.scale_lr else 1.0)
+    def reset(self) -> None:
+        self.started = time.perf_counter()
+        self.waited = 0.0        # s of wall time inside next(batches)
+        self.batches = 0
+        self.feed_start = getattr(self.loader, "feed_cpu_seconds", None)
 
+    def next(self, batches):
+        start = time.perf_counter()
+        batch = next(batches)
+        self.waited += time.perf_counter() - start
+        self.batches += 1
+        return batch
 
-def resolve_precision(requested: str | None, device: torch.device) -> str:
-    """--mixed-precision when given; else what `accelerate launch --mixed_precision` asked for (fp16, bf16);
-    else bf16 on a GPU (fp16 where bf16 is not supported) and fp32 on the CPU."""
-    if requested is not None:
-        return requested
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher in ("bf16", "fp16"):
-        return launcher
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
-def default_output_dir(config: Config) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{config.dataset}-{config.method}-{stamp}"
-    path, n = base, 1
-    while path.exists():
-        path, n = Path(f"{base}-{n}"), n + 1
-    return path
-
-
-def prepare_shards(config: Config) -> tuple[Path, dict]:
-    """The shard folder and its manifest; the bundled digits are written on first use, by the main process
-    (a shared file system is assumed), while the others wait for its verdict."""
-    folder = shards_dir(config)
-
-    def make_if_missing() -> None:
-        if (folder / "manifest.json").exists():
-            return
-        if config.dataset != "digits":
-            raise UserError(f"no shards in {folder}; make them with: python launch/make_shards.py create "
-                            f"{config.dataset} --src SRC --out {folder}")
-        shards.create("digits", None, folder)
-
-    dist.run_on_main(make_if_missing)
-    manifest = read_manifest(folder)
-    if manifest["dataset"] != config.dataset and config.dataset != "folder":
-        raise UserError(f"{folder} holds shards of {manifest['dataset']!r}, not {config.dataset!r}; "
-                        f"pass --shards for the right folder")
-    return folder, manifest
+    def figures(self) -> dict:
+        """images_per_s: images of the batches taken since `reset` over the wall time since then;
+        data_wait: the fraction of that time spent in next(batches); data_ms_per_batch: ms in next() per
+        batch; feed_cpu_ms_per_batch: CPU ms of the loader's host feeding work per batch, wherever it runs
+        (only for loaders that count it in `feed_cpu_seconds`)."""
+        elapsed, batches = max(time.perf_counter() - self.started, 1e-9), max(self.batches, 1)
+        row = {"images_per_s": self.batches * self.images_per_batch / elapsed,
+               "data_wait": min(1.0, self.waited / elapsed), "data_ms_per_batch": 1000 * self.waited / batches}
+        feed = getattr(self.loader, "feed_cpu_seconds", None)
+        if feed is not None and self.feed_start is not None:
+            row["feed_cpu_ms_per_batch"] = 1000 * (feed - self.feed_start) / batches
+        return row
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -140,6 +110,23 @@ def extract_features(model: MaskConModel, loader, accelerator: Accelerator, chan
     return {name: values[order] for name, values in gathered.items()}
 
 
+def evaluate(run: Run, step: int, epoch: int, final: bool) -> dict:
+    """R@K of the learner's query encoder on the test split (on the main process; {} elsewhere); logged,
+    with the retrieval pictures (and the embedding plot when `final`)."""
+    dist.average_buffers(run.learner)
+    table = extract_features(run.learner, run.test_loader, run.accelerator, run.channels_last)
+    return dist.run_on_main(_report, run, step, epoch, table, final) or {}
+
+
+def _report(run: Run, step: int, epoch: int, table: dict, final: bool) -> dict:
+    metrics = recall_at_k(table["features"], table["fine"], RECALL_KS)
+    run.tracker.log({"step": step, "epoch": epoch, **metrics})
+    _log_pictures(run.tracker, step, table, run.folder, final=final)
+    label = "untrained network" if step == 0 else f"epoch {epoch} step {step}"
+    print(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+    return metrics
+
+
 # ------------------------------------------------------------------------------------------------ loop
 
 
@@ -157,254 +144,151 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _accelerator(config: Config) -> Accelerator:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # No buffer broadcast every step: the gathered enqueue keeps the banks identical, and the batch-norm
-    # statistics are averaged over processes before evaluation and checkpoints.
-    handlers = [DistributedDataParallelKwargs(broadcast_buffers=False),
-                InitProcessGroupKwargs(timeout=timedelta(minutes=config.dist_timeout))]
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=resolve_precision(config.mixed_precision, device),
-                       kwargs_handlers=handlers)
-
-
-def _resume_position(state: dict, steps_per_epoch: int, run: dict) -> int:
-    """The step to continue from. With the same processes and batch (the default) it is the checkpoint's
-    step; an accepted change of either continues at the same fraction of the same epoch."""
-    if state["run"]["world_size"] == run["world_size"] and state["run"]["batch_size"] == run["batch_size"]:
-        return state["step"]
-    old_steps_per_epoch = state["steps_per_epoch"]
-    epoch, position = divmod(state["step"], old_steps_per_epoch)
-    return epoch * steps_per_epoch + position * steps_per_epoch // old_steps_per_epoch
-
-
 def train(config: Config) -> RunResult:
-    accelerator = _accelerator(config)
+    accelerator = make_accelerator(config)
     preemption = _Preemption()   # from the start: a SIGTERM during set-up, evaluation or the bank fill counts too
     try:
-        return _train(config, accelerator, preemption)
+        run = build_run(config, accelerator)
+        result = train_loop(run, preemption)
+        del run   # the learner, optimizer and loaders go before the process group ends
+        gc.collect()
+        return result
     finally:
         preemption.restore()
 
 
-def _train(config: Config, accelerator: Accelerator, preemption: _Preemption) -> RunResult:
-    set_seed(config.seed, device_specific=True)
-    on_gpu = accelerator.device.type == "cuda"
-    channels_last = on_gpu if config.channels_last is None else config.channels_last
-    if on_gpu:
-        torch.backends.cudnn.benchmark = True
-    else:
-        # processes on one CPU share its cores; more threads than cores makes every process wait
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
-    main = accelerator.is_main_process
-    method = method_for(config.method)
-    resolved = {**to_dict(config), "mixed_precision": accelerator.mixed_precision, "channels_last": channels_last}
-
-    # --- where the run writes (decided once, on the main process) ---
-    chosen = [str(Path(config.output_dir)) if config.output_dir else str(default_output_dir(config))]
-    broadcast_object_list(chosen)
-    output_dir = Path(chosen[0])
-    checkpoint_root = output_dir / "checkpoints"
-    resume_from = None
-    if config.resume:
-        resume_from = checkpoints.resume_point(accelerator, checkpoint_root, accelerator.print)
-        if resume_from is None:
-            raise UserError(f"--resume: no checkpoint in {checkpoint_root}; start without --resume")
-
-    # --- data ---
-    folder, manifest = prepare_shards(config)
-    run = checkpoints.run_record(config, world_size=accelerator.num_processes, manifest=manifest,
-                                 mixed_precision=accelerator.mixed_precision)
-    saved = checkpoints.read_state(resume_from) if resume_from else None
-    if saved:
-        try:
-            accepted = checkpoints.check_resume(saved["run"], run, checkpoints.parse_accept(config.accept_changes))
-        except UserError as error:  # every process compares the same two records
-            raise AgreedError(str(error)) from None
-        for change in accepted:
-            accelerator.print(f"--resume: continuing with a changed {change}; the learning-rate schedule is "
-                              f"recomputed for this run")
-    loader_args = dict(image_size=config.image_size, rank=accelerator.process_index,
-                       world_size=accelerator.num_processes, device=accelerator.device, backend=config.loader)
-    train_loader = build_train_loader(folder, recipe=config.dataset, batch_size=config.batch_size,
-                                      seed=config.seed, query_view=config.query_view, key_view=config.key_view,
-                                      num_threads=config.loader_threads, **loader_args)
-    test_loader = build_test_loader(folder, batch_size=config.eval_batch_size, **loader_args)
-    steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * config.epochs
-    global_batch = config.batch_size * accelerator.num_processes
-
-    def write_config() -> None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-
-    dist.run_on_main(write_config)
-
-    # --- learner ---
-    if config.pretrained is not None and accelerator.num_processes > 1:
-        dist.run_on_main(fetch_pretrained, config.arch, config.pretrained)   # downloaded once, then read by all
-    model = MaskConModel(arch=config.arch, image_size=config.image_size, proj_hidden=config.proj_hidden,
-                         proj_dim=config.proj_dim, num_coarse=len(manifest["coarse_classes"]) if method.classifier
-                         else None, queue_size=config.queue_size, momentum=config.key_momentum,
-                         pretrained=config.pretrained)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = model.to(accelerator.device)
-    if config.compile:
-        model.compile_encoders(mode=config.compile_mode)
-    base_lr = base_learning_rate(config, accelerator.num_processes)
-    optimizer = make_optimizer(model, lr=base_lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                               device=accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    learner: MaskConModel = accelerator.unwrap_model(model)
-    schedule = lr_schedule(base_lr=base_lr, total_steps=total_steps,
-                           warmup_steps=round(config.warmup_epochs * steps_per_epoch))
-    parts = StepParts(model=model, learner=learner, optimizer=optimizer, method=method, t0=config.t0, t=config.t,
-                      w=config.w, autocast=accelerator.autocast, backward=accelerator.backward,
-                      channels_last=channels_last)
-
-    step = 0
-    if resume_from is not None:
-        checkpoints.load(accelerator, resume_from)
-        step = _resume_position(saved, steps_per_epoch, run)
-        accelerator.print(f"resumed from {resume_from} at step {step}")
-
-    def start_tracker():
-        from maskcon.tracking import Tracker
-
-        tracker = Tracker(output_dir, config={**resolved, "base_lr": base_lr, "global_batch": global_batch,
-                                              "world_size": accelerator.num_processes},
-                          wandb_mode=config.wandb, project=config.wandb_project,
-                          name=config.run_name or output_dir.name, resume=resume_from is not None, resume_step=step)
-        print(f"training {config.method} on {config.dataset}: {manifest['splits']['train']['num_samples']} images, "
-              f"{accelerator.num_processes} process(es) x batch {config.batch_size}, {steps_per_epoch} steps/epoch, "
-              f"{config.epochs} epochs, lr {base_lr:g}, precision {accelerator.mixed_precision}; writing to "
-              f"{output_dir}", flush=True)
-        return tracker
-
-    tracker = dist.run_on_main(start_tracker)
-    stopped = "finished"
-
-    def evaluate(epoch: int) -> dict:
-        dist.average_buffers(learner)
-        table = extract_features(learner, test_loader, accelerator, channels_last)
-
-        def report() -> dict:
-            metrics = recall_at_k(table["features"], table["fine"], RECALL_KS)
-            tracker.log({"step": step, "epoch": epoch, **metrics})
-            _log_pictures(tracker, step, table, folder, final=epoch >= config.epochs or stopped == "max_steps")
-            label = "untrained network" if step == 0 else f"epoch {epoch} step {step}"
-            print(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
-            return metrics
-
-        return dist.run_on_main(report) or {}
-
-    def save(epoch: int) -> None:
-        dist.average_buffers(learner)
-        checkpoints.save(accelerator, checkpoint_root, step=step, epoch=epoch, keep=config.keep_checkpoints,
-                         extra_state={"run": run, "steps_per_epoch": steps_per_epoch})
-
-    def preempted(epoch: int) -> bool:
-        """At a point where the processes agree: checkpoint and stop when any of them saw SIGTERM."""
-        if not dist.agree_to_stop(sigterm=preemption.requested).sigterm:
-            return False
-        save(epoch)
-        accelerator.print(f"stopped by SIGTERM at step {step}; checkpoint saved, continue with --resume")
-        return True
-
-    untrained: dict = {}
+def train_loop(run: Run, preemption: _Preemption) -> RunResult:
+    """From run.step to the end (the last epoch's end, or --max-steps). At the top of each step, in order:
+    the logging point (stop vote, one metrics row), the end of an epoch (evaluation, checkpoint), the end."""
+    config, steps_per_epoch = run.config, run.steps_per_epoch
+    first = step = run.step
+    end = run.total_steps if config.max_steps is None else min(run.total_steps, config.max_steps)
+    _announce(run)
+    untrained, metrics, stopped = {}, {}, "finished"
     if step == 0:
-        if config.eval_untrained:
-            untrained = {f"untrained_{k}": v for k, v in evaluate(0).items()}
-        fill_memory_bank(learner, train_loader, channels_last)
-        if preempted(0):
-            stopped = "preempted"
-
-    metrics: dict = {}
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
-    last_log = time.perf_counter()
-    wait_time = 0.0
-    images_since_log = 0
-    loss_sum = torch.zeros((), device=accelerator.device)    # losses since the last logging point
-    start_epoch = step // steps_per_epoch if stopped == "finished" else config.epochs
+        untrained = _before_training(run)
+    clock = DataClock(run.train_loader, run.global_batch)
+    loss_sum = torch.zeros((), device=run.accelerator.device)    # losses since the last logging point
+    loss = torch.zeros((), device=run.accelerator.device)        # the last step's
+    batches = None
+    bar = tqdm(total=run.total_steps, initial=step, disable=not run.accelerator.is_main_process, desc="train",
+               dynamic_ncols=True)
     try:
-        for epoch in range(start_epoch, config.epochs):
-            skip = step - epoch * steps_per_epoch  # batches of this epoch trained before a resume
-            train_loader.set_epoch(epoch)
-            batches = iter(train_loader)
-            for position in range(steps_per_epoch):
-                fetch_start = time.perf_counter()
-                try:
-                    batch = next(batches)
-                except UserError as error:   # a sample that does not decode: name the checkpoint to resume from
-                    raise UserError(f"{error}; {_last_good(checkpoint_root)}") from None
-                wait_time += time.perf_counter() - fetch_start
-                if position < skip:
-                    continue
-                set_lr(optimizer, schedule[step])
-                dist.reseed_shuffle(config.seed * 2**32 + step)   # shuffle-BN as a function of the step
-                loss = train_step(parts, batch)
-                loss_sum += loss
-                images_since_log += global_batch
-                step += 1
-                at_max = config.max_steps is not None and step >= config.max_steps
-                if step % config.log_every == 0 or position == steps_per_epoch - 1 or at_max:
-                    agreement = dist.agree_to_stop(sigterm=preemption.requested, loss=loss_sum)
-                    if agreement.loss_not_finite:
-                        raise AgreedError(f"the loss stopped being finite by step {step} (epoch {epoch}); "
-                                        f"{_last_good(checkpoint_root)}; try a lower --lr or --mixed-precision bf16")
-                    now = time.perf_counter()
-                    loss_value = loss.item()
-                    row = {"step": step, "epoch": epoch + (position + 1) / steps_per_epoch, "loss": loss_value,
-                           "lr": schedule[step - 1], "images_per_s": images_since_log / max(now - last_log, 1e-9),
-                           "data_wait": min(1.0, wait_time / max(now - last_log, 1e-9))}
-                    if main:
-                        tracker.log(row)
-                        bar.set_postfix(loss=f"{loss_value:.3f}")
-                    bar.update(step - bar.n)
-                    last_log, wait_time, images_since_log = now, 0.0, 0
-                    loss_sum.zero_()
-                    if agreement.sigterm:
-                        save(epoch)
-                        accelerator.print(f"stopped by SIGTERM at step {step}; checkpoint saved, continue with --resume")
-                        stopped = "preempted"
-                        break
-                if at_max:
-                    stopped = "max_steps"
+        while True:
+            epoch, position = divmod(step, steps_per_epoch)
+            boundary = step > first and (position == 0 or step == end)   # an epoch, or the run, has ended
+            if step == 0 and _sigterm_agreed(preemption):
+                stopped = _preempted(run, step)
+                break
+            if step > first and (step % config.log_every == 0 or boundary):
+                if _log(run, step, loss, loss_sum, clock, preemption, bar):
+                    stopped = _preempted(run, step)
                     break
-            if stopped == "preempted":
+            if boundary:
+                ended = math.ceil(step / steps_per_epoch)   # epochs begun; the last one may be cut by --max-steps
+                if ended % config.eval_every == 0 or step == end:
+                    metrics = evaluate(run, step, ended, final=step == end)
+                if step == end or (config.checkpoint_every and ended % config.checkpoint_every == 0):
+                    save(run, step)
+                elif _sigterm_agreed(preemption):   # SIGTERM during the evaluation
+                    stopped = _preempted(run, step)
+                    break
+            if step >= end:
+                stopped = "max_steps" if config.max_steps is not None and step >= config.max_steps else "finished"
                 break
-            finished_epoch = epoch + 1
-            last = finished_epoch == config.epochs or stopped == "max_steps"
-            if finished_epoch % config.eval_every == 0 or last:
-                metrics = evaluate(finished_epoch)
-            if config.checkpoint_every and (finished_epoch % config.checkpoint_every == 0 or last):
-                save(finished_epoch)
-            elif preempted(finished_epoch):  # SIGTERM during the evaluation
-                stopped = "preempted"
-                break
-            if stopped == "max_steps":
-                break
+            if batches is None or position == 0:
+                run.train_loader.set_epoch(epoch, start=position)   # a resume skips to its batch by index
+                batches = iter(run.train_loader)
+            batch = _next_batch(clock, batches, run)
+            set_lr(run.optimizer, run.schedule[step])
+            dist.reseed_shuffle(config.seed * 2**32 + step)   # shuffle-BN as a function of the step
+            loss = train_step(run.parts, batch)
+            loss_sum += loss
+            step += 1
     finally:
         bar.close()
+    return _finish(run, step, stopped, metrics, untrained)
 
-    fingerprints = accelerator.gather(weights_fingerprint(learner)[None]).tolist()
 
-    def finish() -> None:
-        if stopped != "preempted":
-            torch.save(learner.encoder.state_dict(), output_dir / "backbone.pt")
-            results = {"step": step, "stopped": stopped, **metrics, **untrained,
-                       "weights_fingerprint_per_process": fingerprints}
-            (output_dir / "results.json").write_text(json.dumps(results, indent=1))
-        tracker.summary(metrics)
-        tracker.close()
+def _announce(run: Run) -> None:
+    if not run.accelerator.is_main_process:
+        return
+    config = run.config
+    print(f"training {config.method} on {config.dataset}: {run.manifest['splits']['train']['num_samples']} images, "
+          f"{run.accelerator.num_processes} process(es) x batch {config.batch_size}, {run.steps_per_epoch} "
+          f"steps/epoch, {config.epochs} epochs, lr {run.base_lr:g}, precision {run.accelerator.mixed_precision}; "
+          f"writing to {run.output_dir}", flush=True)
 
-    dist.run_on_main(finish)
-    accelerator.free_memory()
-    del model, optimizer, train_loader, parts   # the rest goes with this frame, before the process group ends
-    gc.collect()
-    return RunResult(output_dir=output_dir, step=step, metrics=metrics, stopped=stopped, untrained=untrained)
+
+def _before_training(run: Run) -> dict:
+    """The untrained network's R@K (with --eval-untrained, as untrained_R@K), then the bank fill."""
+    untrained = {}
+    if run.config.eval_untrained:
+        untrained = {f"untrained_{k}": v for k, v in evaluate(run, 0, 0, final=False).items()}
+    fill_memory_bank(run.learner, run.train_loader, run.channels_last)
+    return untrained
+
+
+def _next_batch(clock: DataClock, batches, run: Run) -> dict:
+    try:
+        return clock.next(batches)
+    except UserError as error:   # a sample that does not decode: name the checkpoint to resume from
+        raise UserError(f"{error}; {_last_good(run.checkpoint_root)}") from None
+
+
+def _log(run: Run, step: int, loss: torch.Tensor, loss_sum: torch.Tensor, clock: DataClock, preemption: _Preemption,
+         bar) -> bool:
+    """The stop vote and one metrics row (the lr is read back from the optimizer: the one the last step used).
+    Returns whether some process saw SIGTERM; raises when some process's loss is not finite."""
+    agreement = dist.agree_to_stop(sigterm=preemption.requested, loss=loss_sum)
+    if agreement.loss_not_finite:
+        raise AgreedError(f"the loss stopped being finite by step {step} (epoch {step // run.steps_per_epoch}); "
+                          f"{_last_good(run.checkpoint_root)}; try a lower --lr or --mixed-precision bf16")
+    loss_value = loss.item()
+    row = {"step": step, "epoch": step / run.steps_per_epoch, "loss": loss_value,
+           "lr": float(run.optimizer.param_groups[0]["lr"]), **clock.figures()}
+    if run.tracker is not None:
+        run.tracker.log(row)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+    bar.update(step - bar.n)
+    clock.reset()
+    loss_sum.zero_()
+    return agreement.sigterm
+
+
+def _sigterm_agreed(preemption: _Preemption) -> bool:
+    """At a point where the processes agree: whether any of them saw SIGTERM."""
+    return dist.agree_to_stop(sigterm=preemption.requested).sigterm
+
+
+def save(run: Run, step: int) -> None:
+    dist.average_buffers(run.learner)
+    checkpoints.save(run.accelerator, run.checkpoint_root, step=step, epoch=step // run.steps_per_epoch,
+                     keep=run.config.keep_checkpoints,
+                     extra_state={"run": run.record, "steps_per_epoch": run.steps_per_epoch})
+
+
+def _preempted(run: Run, step: int) -> str:
+    save(run, step)
+    run.accelerator.print(f"stopped by SIGTERM at step {step}; checkpoint saved, continue with --resume")
+    return "preempted"
+
+
+def _finish(run: Run, step: int, stopped: str, metrics: dict, untrained: dict) -> RunResult:
+    fingerprints = run.accelerator.gather(weights_fingerprint(run.learner)[None]).tolist()
+    dist.run_on_main(_write_results, run, {"step": step, "stopped": stopped, **metrics, **untrained,
+                                           "weights_fingerprint_per_process": fingerprints})
+    run.accelerator.free_memory()
+    return RunResult(output_dir=run.output_dir, step=step, metrics=metrics, stopped=stopped, untrained=untrained)
+
+
+def _write_results(run: Run, results: dict) -> None:
+    """backbone.pt and results.json unless the run was preempted; the tracker's summary; closes it."""
+    if results["stopped"] != "preempted":
+        torch.save(run.learner.encoder.state_dict(), run.output_dir / "backbone.pt")
+        (run.output_dir / "results.json").write_text(json.dumps(results, indent=1))
+    run.tracker.summary({name: value for name, value in results.items() if name.startswith("R@")})
+    run.tracker.close()
 
 
 def _last_good(checkpoint_root: Path) -> str:

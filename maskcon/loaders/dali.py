@@ -309,6 +309,7 @@ class _Feeder:
         self._shapes = np.full((split.num_samples, 2), -1, dtype=np.int64)
         self.seed = seed
         self._plan: list[np.ndarray] = []
+        self._first = 0   # index in its epoch of the plan's first batch
         self._seed_parts: tuple = ()
         self._cancelled = False
         self._running = False
@@ -328,7 +329,7 @@ class _Feeder:
             raise StopIteration
         positions = self._plan[info.iteration]
         encoded = self.samples.images(positions)
-        rng = np.random.default_rng(epoch_seed(self.seed, *self._seed_parts, int(info.iteration)))
+        rng = np.random.default_rng(epoch_seed(self.seed, *self._seed_parts, self._first + int(info.iteration)))
         shapes = self._image_shapes(positions, encoded)
         drawn = [draw_view(steps, rng, shapes, self.image_size) for steps in self.views]
         self._fed.append(positions)
@@ -418,20 +419,22 @@ class DaliTrainLoader(_Feeder):
                          batch_size=batch_size, device=device, num_threads=num_threads, seed=seed)
         self.num_samples, self.batch_size, self.rank = split.num_samples, batch_size, rank
         self.steps = (split.num_samples // world_size) // batch_size
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The next iter() yields batches start.. of epoch `epoch`, without reading the ones before."""
+        self.epoch, self.start = int(epoch), int(start)
 
     def __iter__(self):
-        epoch, self.epoch = self.epoch, self.epoch + 1
+        epoch, self.epoch, start, self.start = self.epoch, self.epoch + 1, self.start, 0
         positions = epoch_positions(self.num_samples, per_rank=self.steps * self.batch_size, rank=self.rank,
                                     seed=self.seed, epoch=epoch)
-        self._begin(np.split(positions, self.steps), (epoch, self.rank))
-        for _ in range(self.steps):
+        self._first = start
+        self._begin(np.split(positions, self.steps)[start:], (epoch, self.rank))
+        for _ in range(start, self.steps):
             (query, key), taken = self._run()
             index = torch.from_numpy(taken)
             yield {"query": _to_torch(query, self.device), "key": _to_torch(key, self.device),

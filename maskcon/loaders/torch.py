@@ -230,17 +230,17 @@ class EpochSampler(Sampler):
 
     def __init__(self, num_samples: int, *, per_rank: int, rank: int, seed: int):
         self.num_samples, self.per_rank, self.rank, self.seed = num_samples, per_rank, rank, seed
-        self.epoch = 0
+        self.epoch, self.start = 0, 0   # start: samples of the epoch to leave out
 
     def __len__(self) -> int:
-        return self.per_rank
+        return self.per_rank - self.start
 
     def __iter__(self):
         positions = epoch_positions(self.num_samples, per_rank=self.per_rank, rank=self.rank, seed=self.seed,
                                     epoch=self.epoch).tolist()
         rng = np.random.default_rng(epoch_seed(self.seed, self.epoch, self.rank, 1))
         seeds = rng.integers(0, 2**62, len(positions)).tolist()
-        return iter(zip(positions, seeds))
+        return iter(zip(positions[self.start:], seeds[self.start:]))
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -274,7 +274,7 @@ class TorchTrainLoader:
     def __init__(self, split: SplitFiles, recipe: Recipe, *, image_size: int, batch_size: int, rank: int,
                  world_size: int, seed: int, device: torch.device, query_view: str, key_view: str,
                  num_threads: int):
-        self.device = device
+        self.device, self.batch_size = device, batch_size
         self.steps = (split.num_samples // world_size) // batch_size
         dataset = TwoViewDataset(TarSamples(split), view_transform(recipe.view(query_view), recipe, image_size),
                                  view_transform(recipe.view(key_view), recipe, image_size))
@@ -284,17 +284,18 @@ class TorchTrainLoader:
                                  num_workers=workers, persistent_workers=workers > 0,
                                  pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
                                  multiprocessing_context=worker_context(workers))
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The next iter() yields batches start.. of epoch `epoch`, without reading the ones before."""
+        self.epoch, self.start = int(epoch), int(start)
 
     def __iter__(self):
-        self.sampler.epoch = self.epoch
-        self.epoch += 1
+        self.sampler.epoch, self.sampler.start = self.epoch, self.start * self.batch_size
+        self.epoch, self.start = self.epoch + 1, 0
         for batch in _batches(self.loader):
             yield _to_device(batch, self.device)
 
