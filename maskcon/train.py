@@ -34,7 +34,10 @@ from maskcon.config import Config
 from maskcon.errors import AgreedError, UserError
 from maskcon.model import MaskConModel
 from maskcon.retrieval import RECALL_KS, recall_at_k
-from maskcon.run import Run, build_run, make_accelerator
+from maskcon.run import Run, base_learning_rate, build_run, lr_schedule, make_accelerator, resolve_precision
+
+__all__ = ["DataClock", "RunResult", "base_learning_rate", "evaluate", "extract_features", "fill_memory_bank",
+           "lr_schedule", "resolve_precision", "save", "train", "train_loop", "weights_fingerprint"]
 from maskcon.step import set_lr, train_step
 
 BANK_FILL_EPOCH = -1  # the loader epoch whose keys fill the memory bank before the first step (then -2, ...)
@@ -89,7 +92,19 @@ class DataClock:
 
 @torch.no_grad()
 def extract_features(model: MaskConModel, loader, accelerator: Accelerator, channels_last: bool) -> dict | None:
-    """Backbone features of every test image, ordered by index, on the main process (None elsewhere)."""
+    """Backbone features of every test image, ordered by index, on the main process (None elsewhere).
+
+    A failure on one process (its test loader raising) reaches every process (`dist.run_everywhere`)."""
+    parts = dist.run_everywhere(_local_features, model, loader, accelerator, channels_last)
+    gathered = {name: dist.gather_to_main(values) for name, values in parts.items()}
+    if not accelerator.is_main_process:
+        return None
+    order = gathered["index"].argsort()
+    return {name: values[order] for name, values in gathered.items()}
+
+
+def _local_features(model: MaskConModel, loader, accelerator: Accelerator, channels_last: bool) -> dict:
+    """This process's part: {"features": R x F fp32, "fine", "coarse", "index": (R,) int64}."""
     was_training = model.training
     model.eval()
     parts = {"features": [], "fine": [], "coarse": [], "index": []}
@@ -103,18 +118,23 @@ def extract_features(model: MaskConModel, loader, accelerator: Accelerator, chan
         for name in ("fine", "coarse", "index"):
             parts[name].append(batch[name].long())
     model.train(was_training)
-    gathered = {name: dist.gather_to_main(torch.cat(values)) for name, values in parts.items()}
-    if not accelerator.is_main_process:
-        return None
-    order = gathered["index"].argsort()
-    return {name: values[order] for name, values in gathered.items()}
+    return {name: torch.cat(values) for name, values in parts.items()}
 
 
 def evaluate(run: Run, step: int, epoch: int, final: bool) -> dict:
     """R@K of the learner's query encoder on the test split (on the main process; {} elsewhere); logged,
-    with the retrieval pictures (and the embedding plot when `final`)."""
+    with the retrieval pictures (and the embedding plot when `final`). When the features fail on some
+    process, every process leaves; after training steps, with a checkpoint of the intact learner first."""
     dist.average_buffers(run.learner)
-    table = extract_features(run.learner, run.test_loader, run.accelerator, run.channels_last)
+    try:
+        table = extract_features(run.learner, run.test_loader, run.accelerator, run.channels_last)
+    except Exception as error:
+        if step == 0:
+            raise
+        save(run, step)
+        if isinstance(error, UserError) and not isinstance(error, dist.ProcessFailed):
+            raise UserError(f"{error}; checkpoint saved at step {step}, continue with --resume") from None
+        raise
     return dist.run_on_main(_report, run, step, epoch, table, final) or {}
 
 
@@ -128,6 +148,44 @@ def _report(run: Run, step: int, epoch: int, table: dict, final: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ loop
+
+
+class Feed:
+    """Batches of a section that every process runs in step (the steps, the bank fill).
+
+    When this process's loader fails, it keeps pace with the others on blank batches (zeros of the batch's
+    shapes), so the collectives of every step stay matched, and keeps the error for the next stop vote,
+    where every process learns of it (`vote`). The learner has then seen blank batches: no checkpoint is
+    written after such a failure; the error names the last one."""
+
+    def __init__(self, batch_size: int, image_size: int, device: torch.device):
+        images = torch.zeros(batch_size, 3, image_size, image_size, device=device)
+        labels = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.blank = {"query": images, "key": images, "fine": labels, "coarse": labels}
+        self.error: Exception | None = None
+
+    def take(self, batches, clock: DataClock | None = None) -> dict:
+        if self.error is None:
+            try:
+                return next(batches) if clock is None else clock.next(batches)
+            except StopIteration:
+                raise
+            except Exception as error:   # noqa: BLE001 (every failure of a loader is reported at the vote)
+                self.error = error
+        return self.blank
+
+
+def vote(preemption: _Preemption, feed: Feed, run: Run, loss: torch.Tensor | None = None) -> dist.Agreement:
+    """The stop vote (`dist.agree_to_stop`); when some process's loader failed, every process leaves: that
+    one with its error and the last intact checkpoint, the others with `dist.ProcessFailed` (silent)."""
+    agreement = dist.agree_to_stop(sigterm=preemption.requested, loss=loss, failed=feed.error is not None)
+    if not agreement.failed:
+        return agreement
+    if feed.error is None:
+        raise dist.ProcessFailed("another process failed; it reports its error")
+    if isinstance(feed.error, UserError):
+        raise UserError(f"{feed.error}; {_last_good(run.checkpoint_root)}") from None
+    raise feed.error
 
 
 class _Preemption:
@@ -165,8 +223,9 @@ def train_loop(run: Run, preemption: _Preemption) -> RunResult:
     end = run.total_steps if config.max_steps is None else min(run.total_steps, config.max_steps)
     _announce(run)
     untrained, metrics, stopped = {}, {}, "finished"
+    feed = Feed(config.batch_size, config.image_size, run.accelerator.device)
     if step == 0:
-        untrained = _before_training(run)
+        untrained = _before_training(run, feed)
     clock = DataClock(run.train_loader, run.global_batch)
     loss_sum = torch.zeros((), device=run.accelerator.device)    # losses since the last logging point
     loss = torch.zeros((), device=run.accelerator.device)        # the last step's
@@ -177,11 +236,13 @@ def train_loop(run: Run, preemption: _Preemption) -> RunResult:
         while True:
             epoch, position = divmod(step, steps_per_epoch)
             boundary = step > first and (position == 0 or step == end)   # an epoch, or the run, has ended
-            if step == 0 and _sigterm_agreed(preemption):
+            if step == 0 and vote(preemption, feed, run).sigterm:   # after the bank fill
                 stopped = _preempted(run, step)
                 break
             if step > first and (step % config.log_every == 0 or boundary):
-                if _log(run, step, loss, loss_sum, clock, preemption, bar):
+                sigterm = _log(run, step, loss, vote(preemption, feed, run, loss_sum), clock, bar)
+                loss_sum.zero_()
+                if sigterm:
                     stopped = _preempted(run, step)
                     break
             if boundary:
@@ -190,7 +251,7 @@ def train_loop(run: Run, preemption: _Preemption) -> RunResult:
                     metrics = evaluate(run, step, ended, final=step == end)
                 if step == end or (config.checkpoint_every and ended % config.checkpoint_every == 0):
                     save(run, step)
-                elif _sigterm_agreed(preemption):   # SIGTERM during the evaluation
+                elif vote(preemption, feed, run).sigterm:   # SIGTERM during the evaluation
                     stopped = _preempted(run, step)
                     break
             if step >= end:
@@ -199,7 +260,7 @@ def train_loop(run: Run, preemption: _Preemption) -> RunResult:
             if batches is None or position == 0:
                 run.train_loader.set_epoch(epoch, start=position)   # a resume skips to its batch by index
                 batches = iter(run.train_loader)
-            batch = _next_batch(clock, batches, run)
+            batch = feed.take(batches, clock)
             set_lr(run.optimizer, run.schedule[step])
             dist.reseed_shuffle(config.seed * 2**32 + step)   # shuffle-BN as a function of the step
             loss = train_step(run.parts, batch)
@@ -220,27 +281,19 @@ def _announce(run: Run) -> None:
           f"writing to {run.output_dir}", flush=True)
 
 
-def _before_training(run: Run) -> dict:
+def _before_training(run: Run, feed: Feed) -> dict:
     """The untrained network's R@K (with --eval-untrained, as untrained_R@K), then the bank fill."""
     untrained = {}
     if run.config.eval_untrained:
         untrained = {f"untrained_{k}": v for k, v in evaluate(run, 0, 0, final=False).items()}
-    fill_memory_bank(run.learner, run.train_loader, run.channels_last)
+    fill_memory_bank(run.learner, run.train_loader, run.channels_last, feed)
     return untrained
 
 
-def _next_batch(clock: DataClock, batches, run: Run) -> dict:
-    try:
-        return clock.next(batches)
-    except UserError as error:   # a sample that does not decode: name the checkpoint to resume from
-        raise UserError(f"{error}; {_last_good(run.checkpoint_root)}") from None
-
-
-def _log(run: Run, step: int, loss: torch.Tensor, loss_sum: torch.Tensor, clock: DataClock, preemption: _Preemption,
-         bar) -> bool:
-    """The stop vote and one metrics row (the lr is read back from the optimizer: the one the last step used).
-    Returns whether some process saw SIGTERM; raises when some process's loss is not finite."""
-    agreement = dist.agree_to_stop(sigterm=preemption.requested, loss=loss_sum)
+def _log(run: Run, step: int, loss: torch.Tensor, agreement: dist.Agreement, clock: DataClock, bar) -> bool:
+    """One metrics row after the stop vote `agreement` (the lr is read back from the optimizer: the one the
+    last step used). Returns whether some process saw SIGTERM; raises when some process's loss is not
+    finite. Resets the clock and the loss sum."""
     if agreement.loss_not_finite:
         raise AgreedError(f"the loss stopped being finite by step {step} (epoch {step // run.steps_per_epoch}); "
                           f"{_last_good(run.checkpoint_root)}; try a lower --lr or --mixed-precision bf16")
@@ -252,13 +305,7 @@ def _log(run: Run, step: int, loss: torch.Tensor, loss_sum: torch.Tensor, clock:
         bar.set_postfix(loss=f"{loss_value:.3f}")
     bar.update(step - bar.n)
     clock.reset()
-    loss_sum.zero_()
     return agreement.sigterm
-
-
-def _sigterm_agreed(preemption: _Preemption) -> bool:
-    """At a point where the processes agree: whether any of them saw SIGTERM."""
-    return dist.agree_to_stop(sigterm=preemption.requested).sigterm
 
 
 def save(run: Run, step: int) -> None:
@@ -311,24 +358,31 @@ def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fill_memory_bank(model: MaskConModel, loader, channels_last: bool) -> None:
+def fill_memory_bank(model: MaskConModel, loader, channels_last: bool, feed: Feed | None = None) -> None:
     """Fill the K slots of the bank with keys of training images before the first step (official code).
 
     The keys come from loader epochs of their own (BANK_FILL_EPOCH, then the one before it, as K needs), so
     the training epochs see the same data whether or not a run filled its bank (a resumed run does not).
+    With a `feed`, a failure of the loader is kept for the next stop vote (see `Feed`).
     """
-    slots, filled, epoch = model.queue.shape[0], 0, BANK_FILL_EPOCH
+    slots, filled = model.queue.shape[0], 0
+    batches = _bank_epochs(loader)
     while filled < slots:
+        batch = next(batches) if feed is None else feed.take(batches)
+        key = batch["key"]
+        if channels_last:
+            key = key.contiguous(memory_format=torch.channels_last)
+        keys = model.encode_keys(key).float()
+        model.enqueue(keys, batch["coarse"], batch["fine"])
+        filled += keys.shape[0] * dist.world_size()
+
+
+def _bank_epochs(loader):
+    """The batches of epochs BANK_FILL_EPOCH, BANK_FILL_EPOCH - 1, ... one after another."""
+    epoch = BANK_FILL_EPOCH
+    while True:
         loader.set_epoch(epoch)
-        for batch in loader:
-            key = batch["key"]
-            if channels_last:
-                key = key.contiguous(memory_format=torch.channels_last)
-            keys = model.encode_keys(key).float()
-            model.enqueue(keys, batch["coarse"], batch["fine"])
-            filled += keys.shape[0] * dist.world_size()
-            if filled >= slots:
-                break
+        yield from loader
         epoch -= 1
 
 

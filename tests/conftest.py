@@ -7,6 +7,7 @@ plain functions of this module (`tiny_learner`, `free_port`) from `tests.conftes
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import time
@@ -64,7 +65,7 @@ def _gloo_process(rank: int, fn, world_size: int, port: int, init: str, args: tu
         fn(rank, *args)
         return
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world_size)
+                                         world_size=world_size, timeout=datetime.timedelta(seconds=30))
     try:
         fn(rank, *args)
     finally:

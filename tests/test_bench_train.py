@@ -40,10 +40,14 @@ def test_bench_reports_every_mode(tmp_path):
                           "--device", "cpu", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert set(report["modes"]) == {"real", "synthetic", "official"}
+    assert set(report["modes"]) == {"real", "synthetic", "official", "resume"}
     for mode in report["modes"].values():
         assert mode["images_per_s_min"] <= mode["images_per_s"] <= mode["images_per_s_max"]
-        assert len(mode["windows"]) == 2 and 0 <= mode["data_wait"] < 1
+        assert len(mode["windows"]) == 2 and 0 <= mode["data_wait"] < 1 and mode["data_ms_per_batch"] >= 0
+    assert report["steps_per_epoch"] == 1437 // 8
+    assert report["resume_first_step_s"] > 0 and report["epoch_first_step_s"] > 0
+    assert report["skip_by_reading_s"] > 0 and report["real_step_s"] > 0
+    assert report["mixed_precision"] == "no" and report["channels_last"] is False
     ratio = report["modes"]["real"]["images_per_s"] / report["modes"]["official"]["images_per_s"]
     assert abs(report["real_over_official"] - ratio) < 1e-9
     assert report["command"].startswith("python launch/bench.py train --shards")

@@ -4,20 +4,19 @@ any number of processes (real 2-process gloo), and the resume check of the run's
 import dataclasses
 import hashlib
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
-import torch.multiprocessing as mp
 from accelerate import Accelerator
 
-from maskcon import checkpoints, losses
+from maskcon import checkpoints
 from maskcon.config import Config
 from maskcon.errors import UserError
-from maskcon.model import MaskConModel
+from maskcon.methods import method_for
+from maskcon.step import StepParts, train_step
+from tests.conftest import run_gloo, tiny_learner
 
 IMAGE_SIZE = 8
 QUEUE_SIZE = 64
@@ -27,8 +26,7 @@ BATCH = 4  # per process
 def build(seed: int, *, channels_last: bool = False, compiled: bool = False):
     """A fresh Accelerator, a small learner and its SGD optimizer, prepared (DDP when several processes)."""
     accelerator = Accelerator(cpu=True)
-    torch.manual_seed(seed)
-    model = MaskConModel(arch="resnet18", image_size=IMAGE_SIZE, queue_size=QUEUE_SIZE)
+    model = tiny_learner("--queue-size", str(QUEUE_SIZE), seed=seed)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compiled:
@@ -42,19 +40,14 @@ def build(seed: int, *, channels_last: bool = False, compiled: bool = False):
 def train_steps(accelerator, model, optimizer, steps: int, seed: int) -> None:
     """Real steps (keys, objective, backward, SGD, enqueue), so weights, momentum buffers, batch-norm
     statistics and the bank all change."""
-    learner = accelerator.unwrap_model(model)
+    parts = StepParts(model=model, learner=accelerator.unwrap_model(model), optimizer=optimizer,
+                      method=method_for("selfcon"), t0=0.1, t=0.05, w=0.5, backward=accelerator.backward)
     generator = torch.Generator().manual_seed(seed * 100 + accelerator.process_index)
     for _ in range(steps):
         query = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
         key = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
         coarse = torch.randint(0, 3, (BATCH,), generator=generator)
-        learner.momentum_update()
-        k = learner.encode_keys(key)
-        loss = losses.selfcon_loss(q=model(query)["q"], k=k, queue=learner.queue, t0=0.1)
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        learner.enqueue(k, coarse, coarse)
+        train_step(parts, {"query": query, "key": key, "coarse": coarse, "fine": coarse})
 
 
 def snapshot(accelerator, model, optimizer) -> dict:
@@ -183,7 +176,7 @@ def test_a_checkpoint_of_another_model_is_one_user_error(tmp_path):
     accelerator, model, optimizer = build(seed=0)
     path = checkpoints.save(accelerator, tmp_path, step=1, epoch=0, extra_state={}, keep=1)
     accelerator = Accelerator(cpu=True)
-    other = MaskConModel(arch="resnet18", image_size=IMAGE_SIZE, queue_size=QUEUE_SIZE, num_coarse=3)
+    other = tiny_learner("--queue-size", str(QUEUE_SIZE), num_coarse=3)
     other, other_optimizer = accelerator.prepare(other, torch.optim.SGD(other.parameters(), lr=0.1))
     with pytest.raises(UserError, match=r"lacks 2 and has 0 unknown tensors of this model, e\.g\. classifier"):
         checkpoints.load(accelerator, path)
@@ -307,17 +300,8 @@ def test_a_failed_resume_leaves_the_output_folder_as_it_was(tmp_path):
 # ------------------------------------------------------------------------------------------ several processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def process(rank: int, world_size: int, port: int, task: str, folder: str) -> None:
-    """One of WORLD_SIZE gloo processes, set up as `accelerate launch` sets up its workers."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
+def process(rank: int, world_size: int, task: str, folder: str) -> None:
+    """One of world_size gloo processes, set up as `accelerate launch` sets up its workers."""
     accelerator, model, optimizer = build(seed=0)
     assert accelerator.num_processes == world_size
     root = Path(folder) / "checkpoints"
@@ -336,7 +320,7 @@ def process(rank: int, world_size: int, port: int, task: str, folder: str) -> No
 
 
 def run_processes(world_size: int, task: str, folder: Path) -> list[dict]:
-    mp.spawn(process, args=(world_size, free_port(), task, str(folder)), nprocs=world_size, join=True)
+    run_gloo(process, world_size, task, str(folder), world_size=world_size, init="env")
     return [torch.load(folder / f"{task}-rank{rank}.pt", weights_only=True) for rank in range(world_size)]
 
 

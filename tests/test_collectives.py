@@ -4,20 +4,16 @@ One 2-process run (module fixture) exercises every helper and writes what each p
 below compare the processes with each other and with the one-process result computed here.
 """
 
-import datetime
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from maskcon import dist
 from maskcon.errors import UserError
-from maskcon.model import MaskConModel
+from tests.conftest import run_gloo, tiny_learner
 
 WORLD_SIZE = 2
 BATCH = 4            # per process; global batch 8
@@ -26,13 +22,6 @@ ENQUEUES = 5
 IMAGE_SIZE = 8
 SHUFFLES = 5
 ROWS = {0: 3, 1: 5}  # uneven row counts for gather_to_main
-HANG_GUARD_S = 60    # both processes must have ended by then (a hang fails the test instead of blocking it)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        return listener.getsockname()[1]
 
 
 def keys_and_labels(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,87 +70,72 @@ def _outcome(fn, *args) -> tuple[str, str]:
         return type(error).__name__, str(error)
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=30))
+def worker(rank: int, out_dir: str) -> None:
     result = {}
-    try:
-        torch.manual_seed(rank)     # different global RNG streams: only shared decisions may agree
+    torch.manual_seed(rank)     # different global RNG streams: only shared decisions may agree
 
-        # agree_to_stop
-        finite = torch.tensor(1.0 + 2.0 * rank)                               # losses 1 and 3
-        result["vote_calm"] = tuple(dist.agree_to_stop(sigterm=False, loss=finite))
-        nan_on_one = torch.tensor(float("nan")) if rank == 1 else finite
-        result["vote_nan"] = tuple(dist.agree_to_stop(sigterm=False, loss=nan_on_one))
-        inf_in_sum = torch.tensor([1.0, float("inf") if rank == 0 else 2.0])
-        result["vote_inf"] = tuple(dist.agree_to_stop(sigterm=False, loss=inf_in_sum))
-        result["vote_sigterm"] = tuple(dist.agree_to_stop(sigterm=rank == 1, loss=None))
-        result["vote_failed"] = tuple(dist.agree_to_stop(sigterm=False, loss=finite, failed=rank == 0))
+    # agree_to_stop
+    finite = torch.tensor(1.0 + 2.0 * rank)                               # losses 1 and 3
+    result["vote_calm"] = tuple(dist.agree_to_stop(sigterm=False, loss=finite))
+    nan_on_one = torch.tensor(float("nan")) if rank == 1 else finite
+    result["vote_nan"] = tuple(dist.agree_to_stop(sigterm=False, loss=nan_on_one))
+    inf_in_sum = torch.tensor([1.0, float("inf") if rank == 0 else 2.0])
+    result["vote_inf"] = tuple(dist.agree_to_stop(sigterm=False, loss=inf_in_sum))
+    result["vote_sigterm"] = tuple(dist.agree_to_stop(sigterm=rank == 1, loss=None))
+    result["vote_failed"] = tuple(dist.agree_to_stop(sigterm=False, loss=finite, failed=rank == 0))
 
-        # run_on_main: success, a user error and a bug on the main process; afterwards the group still works
-        record = os.path.join(out_dir, "main_only.txt")
-        result["main_ok"] = _outcome(dist.run_on_main, _main_only_record, record, 42)
-        result["main_user_error"] = _outcome(dist.run_on_main, _main_only_user_error)
-        result["main_bug"] = _outcome(dist.run_on_main, _main_only_bug)
-        # run_everywhere: success, then a failure on rank 1 only
-        result["everywhere_ok"] = _outcome(dist.run_everywhere, _fails_on, -1, rank)
-        result["everywhere_one_failed"] = _outcome(dist.run_everywhere, _fails_on, 1, rank)
-        torch.distributed.barrier()
-        result["after_failures"] = dist.concat_all_gather(torch.tensor([rank])).tolist()
+    # run_on_main: success, a user error and a bug on the main process; afterwards the group still works
+    record = os.path.join(out_dir, "main_only.txt")
+    result["main_ok"] = _outcome(dist.run_on_main, _main_only_record, record, 42)
+    result["main_user_error"] = _outcome(dist.run_on_main, _main_only_user_error)
+    result["main_bug"] = _outcome(dist.run_on_main, _main_only_bug)
+    # run_everywhere: success, then a failure on rank 1 only
+    result["everywhere_ok"] = _outcome(dist.run_everywhere, _fails_on, -1, rank)
+    result["everywhere_one_failed"] = _outcome(dist.run_everywhere, _fails_on, 1, rank)
+    torch.distributed.barrier()
+    result["after_failures"] = dist.concat_all_gather(torch.tensor([rank])).tolist()
 
-        # gather_to_main with uneven and empty row counts
-        rows = torch.arange(ROWS[rank] * 3, dtype=torch.float32).view(-1, 3) + 100 * rank
-        result["gathered"] = dist.gather_to_main(rows)
-        result["gathered_empty"] = dist.gather_to_main(torch.zeros(0 if rank == 0 else 2, dtype=torch.long) + 5)
+    # gather_to_main with uneven and empty row counts
+    rows = torch.arange(ROWS[rank] * 3, dtype=torch.float32).view(-1, 3) + 100 * rank
+    result["gathered"] = dist.gather_to_main(rows)
+    result["gathered_empty"] = dist.gather_to_main(torch.zeros(0 if rank == 0 else 2, dtype=torch.long) + 5)
 
-        # shuffle-BN: global sample ids through shuffle and unshuffle
-        result["shuffles"] = []
-        for _ in range(SHUFFLES):
-            ids = torch.arange(BATCH, dtype=torch.float32) + BATCH * rank                 # N
-            shuffled, idx_unshuffle = dist.batch_shuffle(ids)
-            restored = dist.batch_unshuffle(shuffled * 10, idx_unshuffle)
-            result["shuffles"].append({"shuffled": shuffled, "restored": restored})
-        images = key_images(rank).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        shuffled, idx_unshuffle = dist.batch_shuffle(images)
-        result["image_shuffle"] = {"dtype": str(shuffled.dtype), "shape": tuple(shuffled.shape),
-                                   "channels_last": shuffled.is_contiguous(memory_format=torch.channels_last),
-                                   "restored": dist.batch_unshuffle(shuffled, idx_unshuffle)}
+    # shuffle-BN: global sample ids through shuffle and unshuffle
+    result["shuffles"] = []
+    for _ in range(SHUFFLES):
+        ids = torch.arange(BATCH, dtype=torch.float32) + BATCH * rank                 # N
+        shuffled, idx_unshuffle = dist.batch_shuffle(ids)
+        restored = dist.batch_unshuffle(shuffled * 10, idx_unshuffle)
+        result["shuffles"].append({"shuffled": shuffled, "restored": restored})
+    images = key_images(rank).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    shuffled, idx_unshuffle = dist.batch_shuffle(images)
+    result["image_shuffle"] = {"dtype": str(shuffled.dtype), "shape": tuple(shuffled.shape),
+                               "channels_last": shuffled.is_contiguous(memory_format=torch.channels_last),
+                               "restored": dist.batch_unshuffle(shuffled, idx_unshuffle)}
 
-        # the learner: keys through shuffle-BN come back to their own samples; gathered enqueue
-        torch.manual_seed(0)                                                  # the same model everywhere
-        model = MaskConModel(arch="resnet18", image_size=IMAGE_SIZE, queue_size=QUEUE_SIZE)
-        model.key_encoder.eval()             # per-sample key encoder: the result must not depend on the shuffle
-        result["keys_eval"] = model.encode_keys(key_images(rank))
-        for step in range(ENQUEUES):
-            model.enqueue(*keys_and_labels(step, rank))
-        result["bank"] = {name: getattr(model, name).clone()
-                          for name in ("queue", "queue_coarse", "queue_fine", "queue_ptr")}
+    # the learner: keys through shuffle-BN come back to their own samples; gathered enqueue
+    model = tiny_learner("--queue-size", str(QUEUE_SIZE))                 # the same model everywhere (seed 0)
+    model.key_encoder.eval()             # per-sample key encoder: the result must not depend on the shuffle
+    result["keys_eval"] = model.encode_keys(key_images(rank))
+    for step in range(ENQUEUES):
+        model.enqueue(*keys_and_labels(step, rank))
+    result["bank"] = {name: getattr(model, name).clone()
+                      for name in ("queue", "queue_coarse", "queue_fine", "queue_ptr")}
 
-        # average_buffers: batch-norm statistics averaged, other buffers untouched
-        net = norm_net()
-        for buffer_name, buffer in net.named_buffers():
-            buffer.fill_(1.0 + rank * 2.0 if buffer_name.endswith(("running_mean", "running_var")) else 10 + rank)
-        dist.average_buffers(net)
-        result["buffers"] = {name: buffer.clone() for name, buffer in net.named_buffers()}
+    # average_buffers: batch-norm statistics averaged, other buffers untouched
+    net = norm_net()
+    for buffer_name, buffer in net.named_buffers():
+        buffer.fill_(1.0 + rank * 2.0 if buffer_name.endswith(("running_mean", "running_var")) else 10 + rank)
+    dist.average_buffers(net)
+    result["buffers"] = {name: buffer.clone() for name, buffer in net.named_buffers()}
 
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        del model, net
-    finally:
-        torch.distributed.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("collectives")
-    context = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the 2-process run did not end within {HANG_GUARD_S} s (a collective hangs)")
+    run_gloo(worker, str(out_dir))
     results = [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
     return results, out_dir
 
@@ -249,8 +223,7 @@ def test_batch_shuffle_keeps_dtype_and_layout_of_images(ranks):
 @pytest.mark.slow
 def test_keys_through_shuffle_bn_belong_to_their_own_samples(ranks):
     results, _ = ranks
-    torch.manual_seed(0)
-    model = MaskConModel(arch="resnet18", image_size=IMAGE_SIZE, queue_size=QUEUE_SIZE)
+    model = tiny_learner("--queue-size", str(QUEUE_SIZE))
     model.key_encoder.eval()
     for rank, result in enumerate(results):
         torch.testing.assert_close(result["keys_eval"], model.encode_keys(key_images(rank)))

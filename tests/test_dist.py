@@ -1,18 +1,15 @@
 """Cross-process operations: the one-process paths, and a real 2-process gloo run of the training step."""
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from maskcon import dist
 from maskcon.methods import method_for
-from maskcon.model import MaskConModel
 from maskcon.step import StepParts, train_step
+from tests.conftest import run_gloo, tiny_learner
 
 WORLD_SIZE = 2
 BATCH = 4          # per process; global batch 8
@@ -30,12 +27,6 @@ def test_one_process_paths_are_identities():
     assert dist.batch_unshuffle(shuffled, idx_unshuffle) is x
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        return listener.getsockname()[1]
-
-
 def batch(step: int, rank: int) -> dict[str, torch.Tensor]:
     """This process's part of the global batch of a step (differs across processes)."""
     generator = torch.Generator().manual_seed(1000 * step + rank)
@@ -45,44 +36,37 @@ def batch(step: int, rank: int) -> dict[str, torch.Tensor]:
             "fine": torch.randint(0, 9, (BATCH,), generator=generator)}
 
 
-def train_steps(rank: int, port: int, out_dir: str) -> None:
+def train_steps(rank: int, out_dir: str) -> None:
     """One process of the 2-process run: the training step of the loop, then its state to disk."""
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=WORLD_SIZE)
-    try:
-        # batch shuffle across processes, then unshuffle, gives each process its own samples back in order
-        torch.manual_seed(rank)                            # only rank 0's permutation may count
-        samples = torch.arange(BATCH, dtype=torch.float32)[:, None] + BATCH * rank
-        shuffled, idx_unshuffle = dist.batch_shuffle(samples)
-        restored = dist.batch_unshuffle(shuffled * 10, idx_unshuffle)
+    # batch shuffle across processes, then unshuffle, gives each process its own samples back in order
+    torch.manual_seed(rank)                            # only rank 0's permutation may count
+    samples = torch.arange(BATCH, dtype=torch.float32)[:, None] + BATCH * rank
+    shuffled, idx_unshuffle = dist.batch_shuffle(samples)
+    restored = dist.batch_unshuffle(shuffled * 10, idx_unshuffle)
 
-        torch.manual_seed(0)                               # the same initial model on every process
-        model = MaskConModel(arch="resnet18", image_size=IMAGE_SIZE, queue_size=QUEUE_SIZE)
-        # broadcast_buffers=False: DDP must not copy rank 0's bank over the others, so equal banks come
-        # from the gathered enqueue alone
-        wrapped = DistributedDataParallel(model, broadcast_buffers=False)
-        optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.5, momentum=0.9)
-        parts = StepParts(model=wrapped, learner=model, optimizer=optimizer, method=method_for("maskcon"),
-                          t0=0.1, t=0.05, w=0.5)
-        slot_labels = []      # per step, the bank labels in the slots where each rank's keys went
-        for step in range(STEPS):
-            train_step(parts, batch(step, rank))
-            written = (int(model.queue_ptr) - WORLD_SIZE * BATCH + torch.arange(WORLD_SIZE * BATCH)) % QUEUE_SIZE
-            slot_labels.append(torch.stack([model.queue_coarse[written], model.queue_fine[written]]))
-        key_state = {**{f"encoder.{n}": p for n, p in model.key_encoder.named_parameters()},
-                     **{f"projector.{n}": p for n, p in model.key_projector.named_parameters()}}
-        torch.save({"samples": samples, "shuffled": shuffled, "restored": restored, "slot_labels": slot_labels,
-                    "queue": model.queue, "queue_coarse": model.queue_coarse, "queue_fine": model.queue_fine,
-                    "queue_ptr": model.queue_ptr, "key_parameters": key_state},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+    model = tiny_learner("--queue-size", str(QUEUE_SIZE))   # the same initial model on every process (seed 0)
+    # broadcast_buffers=False: DDP must not copy rank 0's bank over the others, so equal banks come
+    # from the gathered enqueue alone
+    wrapped = DistributedDataParallel(model, broadcast_buffers=False)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.5, momentum=0.9)
+    parts = StepParts(model=wrapped, learner=model, optimizer=optimizer, method=method_for("maskcon"),
+                      t0=0.1, t=0.05, w=0.5)
+    slot_labels = []      # per step, the bank labels in the slots where each rank's keys went
+    for step in range(STEPS):
+        train_step(parts, batch(step, rank))
+        written = (int(model.queue_ptr) - WORLD_SIZE * BATCH + torch.arange(WORLD_SIZE * BATCH)) % QUEUE_SIZE
+        slot_labels.append(torch.stack([model.queue_coarse[written], model.queue_fine[written]]))
+    key_state = {**{f"encoder.{n}": p for n, p in model.key_encoder.named_parameters()},
+                 **{f"projector.{n}": p for n, p in model.key_projector.named_parameters()}}
+    torch.save({"samples": samples, "shuffled": shuffled, "restored": restored, "slot_labels": slot_labels,
+                "queue": model.queue, "queue_coarse": model.queue_coarse, "queue_fine": model.queue_fine,
+                "queue_ptr": model.queue_ptr, "key_parameters": key_state},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.slow
 def test_two_processes_keep_identical_banks_and_key_encoders(tmp_path):
-    mp.spawn(train_steps, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    run_gloo(train_steps, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
 
     # batch shuffle: the samples really moved across processes, and came back in order

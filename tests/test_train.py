@@ -24,15 +24,6 @@ STEPS_PER_EPOCH = 1437 // 64  # digits' train split, 1 process: 22
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def digits_shards(tmp_path_factory):
-    from maskcon import shards
-
-    folder = tmp_path_factory.mktemp("shards") / "digits"
-    shards.create("digits", None, folder)
-    return folder
-
-
 def environment(**extra):
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
     env.update(extra)
@@ -59,9 +50,9 @@ def test_short_run_writes_metrics_results_and_exports(digits_shards, tmp_path):
     assert [r["step"] for r in steps] == sorted({r["step"] for r in steps})
     assert steps[-1]["step"] == 2 * STEPS_PER_EPOCH
     for row in steps:
-        assert set(row) == {"step", "epoch", "loss", "lr", "images_per_s", "data_wait"}
+        assert set(row) == {"step", "epoch", "loss", "lr", "images_per_s", "data_wait", "data_ms_per_batch"}
         assert math.isfinite(row["loss"]) and row["lr"] > 0 and row["images_per_s"] > 0
-        assert 0 <= row["data_wait"] <= 1
+        assert 0 <= row["data_wait"] <= 1 and row["data_ms_per_batch"] >= 0
     assert [r["epoch"] for r in evals] == [0, 1, 2]  # the untrained network first
     assert evals[0]["step"] == 0
     for row in evals:
@@ -222,24 +213,68 @@ def test_a_shard_cut_short_stops_before_training_with_one_line(digits_shards, tm
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_an_undecodable_image_names_its_shard_and_key(digits_shards, tmp_path):
+def damage_image(shards: Path, split: str, position: int) -> tuple[Path, str]:
+    """Zero the pixel data of the PNG at `position` of `split` in place (same size, header kept); returns its
+    tar and key."""
+    from maskcon.loaders import read_split
     from maskcon.shard_format import read_index
 
-    shards_copy = damaged_copy(digits_shards, tmp_path)
-    tar = sorted((shards_copy / "train").glob("*.tar"))[2]
-    entry = read_index(tar.with_suffix(".idx"))[5]
+    _, files = read_split(shards, split)
+    entries = [(Path(tar), entry) for tar, index in zip(files.tars, files.indexes) for entry in read_index(index)]
+    tar, entry = entries[position]
     image = entry.members["png"]
     data = bytearray(tar.read_bytes())
     header = 8 + 25 + 8                                  # PNG signature, IHDR chunk, IDAT length and type
-    data[image.offset + header:image.offset + image.size] = bytes(image.size - header)   # same size, pixels gone
+    data[image.offset + header:image.offset + image.size] = bytes(image.size - header)
     tar.write_bytes(bytes(data))
+    return tar, entry.key
+
+
+def test_an_undecodable_image_names_its_shard_and_key(digits_shards, tmp_path):
+    shards_copy = damaged_copy(digits_shards, tmp_path)
+    tar, key = damage_image(shards_copy, "train", 40)
     out = tmp_path / "run"
     result = train(["--shards", str(shards_copy), *RUN, "--output-dir", str(out)])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr[-3000:]
-    assert str(tar) in errors[0] and entry.key in errors[0] and "make_shards.py verify" in errors[0]
+    assert str(tar) in errors[0] and key in errors[0] and "make_shards.py verify" in errors[0]
     assert "checkpoint" in errors[0]
+
+
+def read_by_rank_1_in_the_loop_only() -> int:
+    """A training sample that only process 1 of 2 reads, in epoch 0 after its 4th batch (seed 0, batch 64):
+    the bank fill's epoch -1 leaves it out on both processes."""
+    from maskcon.loaders.torch import epoch_positions
+
+    per_rank = 1437 // 2 // 64 * 64
+    bank = {int(p) for rank in (0, 1) for p in epoch_positions(1437, per_rank=per_rank, rank=rank, seed=0, epoch=-1)}
+    late = epoch_positions(1437, per_rank=per_rank, rank=1, seed=0, epoch=0)[4 * 64:]
+    return next(int(p) for p in late if int(p) not in bank)
+
+
+@pytest.mark.parametrize("where", ["loop", "evaluation"])
+def test_a_loader_failing_on_one_process_ends_both_with_one_line(where, digits_shards, tmp_path):
+    shards_copy = damaged_copy(digits_shards, tmp_path)
+    if where == "loop":
+        tar, key = damage_image(shards_copy, "train", read_by_rank_1_in_the_loop_only())
+    else:
+        tar, key = damage_image(shards_copy, "test", 300)    # process 1 evaluates test samples 180..359
+    out = tmp_path / "run"
+    started = time.time()
+    result = launch_two(["--shards", str(shards_copy), "--epochs", "1", "--max-steps", "8", *FAST,
+                         "--wandb", "disabled", "--output-dir", str(out)], timeout=300)
+    assert time.time() - started < 60
+    assert result.returncode != 0     # the launcher reports the exit status of the failed process
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(tar) in errors[0] and key in errors[0], result.stderr[-3000:]
+    saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    if where == "loop":     # the learner has seen blank batches since the failure: nothing to keep
+        assert "no checkpoint was written yet" in errors[0] and saved == []
+    else:                   # evaluation leaves the learner intact: it is kept
+        assert "checkpoint saved at step 8" in errors[0] and saved == ["step-00000008"]
+        assert (out / "checkpoints" / "step-00000008" / "files.json").exists()
+    assert not (out / "results.json").exists()
 
 
 def test_sigterm_leaves_a_checkpoint_to_resume_from(digits_shards, tmp_path):
@@ -262,25 +297,19 @@ def test_sigterm_leaves_a_checkpoint_to_resume_from(digits_shards, tmp_path):
     assert json.loads((out / "results.json").read_text())["step"] == state["step"] + 1
 
 
+def two_processes(args) -> list[str]:
+    """`accelerate launch` of launch/train.py in two CPU processes (gloo)."""
+    return [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "launch/train.py", *args]
+
+
 def launch_two(args, *, timeout=600, env=None, **popen):
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "launch/train.py", *args]
-    return subprocess.run(command, cwd=ROOT, env=env or environment(), capture_output=True, text=True,
+    return subprocess.run(two_processes(args), cwd=ROOT, env=env or environment(), capture_output=True, text=True,
                           timeout=timeout, **popen)
 
 
-@pytest.fixture(scope="module")
-def uneven_shards(tmp_path_factory):
-    """A test split of 201 images, so two processes evaluate parts of different sizes."""
-    from maskcon.bench.loader import cifar_like_image, write_synthetic_shards
-
-    return write_synthetic_shards(tmp_path_factory.mktemp("uneven") / "shards", num_train=256, num_test=201,
-                                  image=cifar_like_image, labels=lambda i: (i % 10, i % 10 // 5), num_fine=10,
-                                  num_coarse=2, samples_per_shard=40)
-
-
-def test_two_gloo_processes_train_one_learner_and_evaluate_like_one_process(uneven_shards, tmp_path):
-    args = ["--dataset", "cifar100", "--shards", str(uneven_shards), "--pretrained", "none", "--epochs", "1",
+def test_two_gloo_processes_train_one_learner_and_evaluate_like_one_process(synthetic_shards, tmp_path):
+    args = ["--dataset", "cifar100", "--shards", str(synthetic_shards), "--pretrained", "none", "--epochs", "1",
             "--max-steps", "3", *FAST, "--batch-size", "32", "--eval-untrained", "--wandb", "disabled"]
     two = launch_two([*args, "--output-dir", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
@@ -297,10 +326,8 @@ def test_two_gloo_processes_train_one_learner_and_evaluate_like_one_process(unev
 
 def test_two_processes_stop_together_on_sigterm_outside_the_steps_with_a_checkpoint(digits_shards, tmp_path):
     out = tmp_path / "preempted"
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "launch/train.py",
-               "--shards", str(digits_shards), "--epochs", "3", *FAST, "--eval-untrained", "--wandb", "disabled",
-               "--output-dir", str(out)]
+    command = two_processes(["--shards", str(digits_shards), "--epochs", "3", *FAST, "--eval-untrained",
+                             "--wandb", "disabled", "--output-dir", str(out)])
     # as SLURM does: every process of the job gets SIGTERM; the launcher waits for its workers meanwhile
     process = subprocess.Popen(command, cwd=ROOT, env=environment(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -1,20 +1,27 @@
 """Training speed: `python launch/bench.py train [--dataset D] [--shards DIR] [--device cpu|cuda] [--json]`.
 
 Images per second of the MaskCon training step, in one run on the same shards, model and settings, fed by
-    real       maskcon.loaders.build_train_loader, DALI back end (GPU pipeline with --device cuda)
+    real       the trainer's own loader (maskcon.loaders.build_train_loader, DALI back end; GPU pipeline on cuda)
     synthetic  one batch of random tensors already on the device, reused every step: the ceiling
     official   the official MaskCon code's way (maskcon.bench.loader.reference_pil_loader's dataset): a PIL
                image per sample decoded from its shard tar member, torchvision transforms on PIL images
                (AutoAugment CIFAR-10 policy for the strong view of the 32x32 sets), a shuffling torch
                DataLoader with worker processes; batches are copied to the device as part of fetching them
-The step is the training loop's own (maskcon.step.train_step), with the loop's defaults: bf16, channels-last
-and fused SGD on CUDA. As in the loop, the loss is read only at the end of a window, which waits for the
-device, so the device has finished when the clock stops. Hyperparameters are the dataset's preset.
-    data wait = time spent in next(batches) / (fetch + step time)
-Each mode runs `--warmup` untimed steps (pipeline start, worker start-up, allocator warm-up), then
-`--repeats` windows of `--steps` steps; figures are the median window with the range over windows.
-`--synthetic N` first writes N synthetic 32x32 training images as ImageNet32-format shards (1,000 fine
-classes in 12 coarse) and benchmarks on them.
+    resume     the first step of a resumed run: the real loader started at the middle batch of an epoch
+               (`set_epoch(epoch, start=...)`, as the loop resumes), against the first step of an epoch
+               started at its first batch, each timed from `set_epoch` to the end of the step
+The run is built by the trainer's builder (maskcon.run.build_run: learner, optimizer, loader, precision,
+cudnn and thread settings, the step's parts) and stepped by the loop's step (maskcon.step.train_step). As in
+the loop, the loss is read only at the end of a window, which waits for the device. The figures per mode are
+the loop's own (maskcon.train.DataClock), logged by the trainer in metrics.jsonl under the same names:
+    images_per_s           images / wall time of the window
+    data_wait              fraction of the window's time the training thread spent in next(batches)
+    data_ms_per_batch      ms the training thread spent in next(batches), per batch
+    feed_cpu_ms_per_batch  CPU ms of the loader's host feeding work per batch (loaders that count it)
+Each mode runs `--warmup` untimed steps, then `--repeats` windows of `--steps` steps; figures are the median
+window with the range over windows. Hyperparameters are the dataset's preset. `--synthetic N` first writes N
+synthetic 32x32 training images as ImageNet32-format shards (1,000 fine classes in 12 coarse) and
+benchmarks on them.
 """
 
 from __future__ import annotations
@@ -34,16 +41,16 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from maskcon import shards
+from maskcon.bench import machine
 from maskcon.config import ARCHS, parse_config
 from maskcon.datasets import DATASETS
-from maskcon.bench import machine
 from maskcon.errors import UserError
-from maskcon.loaders import check_batch_fits
-from maskcon.train import resolve_precision
 from maskcon.loaders.torch import worker_context
+from maskcon.run import Run, build_run, make_accelerator
+from maskcon.step import train_step
+from maskcon.train import DataClock
 
-MODES = ("real", "synthetic", "official")
+MODES = ("real", "synthetic", "official", "resume")
 
 
 @dataclass
@@ -55,7 +62,11 @@ class Measurement:
     data_wait: float             # fraction of step time spent waiting for the next batch, median window
     data_wait_min: float
     data_wait_max: float
+    data_ms_per_batch: float     # median window
+    feed_cpu_ms_per_batch: float | None   # median window; None when the loader does not count it
     windows: list[float]         # images/s of every window
+    epoch_start_images_per_s: float | None = None   # resume: the first step of an epoch started at batch 0
+    skip_by_reading_s: float | None = None          # resume: reaching the middle batch by reading the ones before
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,12 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, metavar="R", help="timed windows per mode (default: 3)")
     parser.add_argument("--warmup", type=int, default=5, metavar="N",
                         help="untimed steps per mode before the first window (default: 5)")
-    parser.add_argument("--mixed-precision", choices=("bf16", "no"), default=None,
-                        help="autocast to bf16 or not (default: as train.py, bf16 on cuda and no on cpu)")
+    parser.add_argument("--mixed-precision", choices=("bf16", "fp16", "no"), default=None,
+                        help="as train.py (default: bf16 on cuda and no on cpu)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels-last memory format (default: on for cuda, off on cpu)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the encoders, as train.py --compile")
-    parser.add_argument("--compile-mode", default=None, help="torch.compile mode with --compile (default: default)")
+    parser.add_argument("--compile", action="store_true", help="as train.py --compile")
+    parser.add_argument("--compile-mode", default=None, help="as train.py --compile-mode")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where the step and the real loader run (default: cuda when available)")
     parser.add_argument("--workers", type=int, default=min(8, cpus), metavar="N",
@@ -100,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str]) -> int:
+def _checked(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args = _parser().parse_args(argv)
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     unknown = sorted(set(modes) - set(MODES))
@@ -111,151 +122,146 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
-    precision = resolve_precision(args.mixed_precision, device)
+    return args, modes
 
+
+def _train_options(args: argparse.Namespace, dataset: str, folder: Path, output_dir: Path) -> list[str]:
+    """The train.py options of the benchmarked run."""
+    given = {"--arch": args.arch, "--image-size": args.image_size, "--batch-size": args.batch_size,
+             "--mixed-precision": args.mixed_precision, "--compile-mode": args.compile_mode,
+             "--channels-last": None if args.channels_last is None else str(args.channels_last).lower()}
+    options = ["--dataset", dataset, "--shards", str(folder), "--output-dir", str(output_dir), "--method", "maskcon",
+               "--pretrained", "none", "--loader", "dali", "--loader-threads", str(args.workers), "--seed",
+               str(args.seed), "--wandb", "disabled", "--compile", str(args.compile).lower()]
+    return options + [word for name, value in given.items() if value is not None for word in (name, str(value))]
+
+
+def main(argv: list[str]) -> int:
+    args, modes = _checked(argv)
     with tempfile.TemporaryDirectory(prefix="maskcon-bench-") as scratch:
         dataset = "imagenet32" if args.synthetic is not None else args.dataset
         folder = Path(args.shards) if args.shards else (Path(scratch) / "shards" if args.synthetic is not None
                                                           else Path("shards") / dataset)
         if args.synthetic is not None:
             write_synthetic_imagenet32(folder, num_train=args.synthetic, num_test=max(100, args.synthetic // 50))
-        elif not (folder / "manifest.json").exists():
-            if dataset != "digits":
-                raise UserError(f"no shards in {folder}; make them with: python launch/make_shards.py create "
-                                f"{dataset} --src SRC --out {folder} (or pass --synthetic N)")
-            shards.create("digits", None, folder)
-        manifest = shards.read_manifest(folder)
-        if manifest["dataset"] != dataset:
-            raise UserError(f"{folder} holds shards of {manifest['dataset']!r}, not {dataset!r}; pass the matching "
-                            f"--dataset or --shards")
-
-        config = parse_config(["--dataset", dataset, "--method", "maskcon", "--arch", args.arch, "--pretrained", "none"]
-                              + (["--image-size", str(args.image_size)] if args.image_size else [])
-                              + (["--batch-size", str(args.batch_size)] if args.batch_size else []))
-        check_batch_fits(manifest["splits"]["train"]["num_samples"], 1, config.batch_size)
-        bench = _Bench(config, manifest, folder, device, precision, args)
+        config = parse_config(_train_options(args, dataset, folder, Path(scratch) / "run"))
+        run = build_run(config, make_accelerator(config, args.device))
+        bench = _Bench(run, args)
         results = []
         for mode in modes:
             results.append(bench.measure(mode))
             print(f"{mode}: {results[-1].images_per_s:.1f} images/s", file=sys.stderr)
-
-    report = _report(results, config, args, device, precision, folder, manifest)
+        report = _report(results, run, args)
+        del bench, run
+        gc.collect()
     report["command"] = shlex.join(["python", "launch/bench.py", "train", *argv])
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        print(_table(report))
+    print(json.dumps(report, indent=1) if args.json else _table(report))
     return 0
 
 
-# ---------------------------------------------------------------------------------------- the step
+# ---------------------------------------------------------------------------------------- the modes
 
 
 class _Bench:
-    """The learner, its optimiser and the step of the training loop, shared by every mode."""
+    """The trainer's run (built by maskcon.run.build_run), stepped with the loop's step in every mode."""
 
-    def __init__(self, config, manifest: dict, folder: Path, device: torch.device, precision: str, args):
-        from maskcon.methods import method_for
-        from maskcon.model import MaskConModel
-        from maskcon.step import StepParts, make_optimizer
-
-        torch.manual_seed(args.seed)
-        self.config, self.manifest, self.folder, self.device, self.args = config, manifest, folder, device, args
-        channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-        model = MaskConModel(arch=config.arch, image_size=config.image_size, proj_hidden=config.proj_hidden,
-                             proj_dim=config.proj_dim, queue_size=config.queue_size,
-                             momentum=config.key_momentum).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if args.compile:
-            model.compile_encoders(mode=args.compile_mode)
-        num_coarse = len(manifest["coarse_classes"])
+    def __init__(self, run: Run, args: argparse.Namespace):
+        self.run, self.args = run, args
+        num_coarse = len(run.manifest["coarse_classes"])
         with torch.no_grad():  # a full bank of labelled entries, as after the first epoch
-            model.queue_coarse.copy_(torch.randint(num_coarse, model.queue_coarse.shape))
-        model.train()
-        optimizer = make_optimizer(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                                   device=device)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+            run.learner.queue_coarse.copy_(torch.randint(num_coarse, run.learner.queue_coarse.shape))
+        run.model.train()
 
-        def autocast():
-            return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-        self.parts = StepParts(model=model, learner=model, optimizer=optimizer, method=method_for("maskcon"),
-                               t0=config.t0, t=config.t, w=config.w, autocast=autocast, channels_last=channels_last)
-        self.model = model
-
-    def step(self, batch: dict) -> torch.Tensor:
-        """One training step, the loop's own; returns the loss tensor without reading it."""
-        from maskcon.step import train_step
-
-        return train_step(self.parts, batch)
-
-    # ------------------------------------------------------------------------------------ the modes
-
-    def batches(self, mode: str) -> tuple[Iterator[dict], Callable[[], None]]:
-        """An endless stream of batches on the device for `mode`, and a function that releases it."""
-        config, size = self.config, self.config.image_size
+    def batches(self, mode: str) -> tuple[Iterator[dict], Callable[[], None], object]:
+        """An endless stream of batches on the device for `mode`, a function that releases it, and the loader
+        whose feeding work it counts."""
+        run, config, device = self.run, self.run.config, self.run.accelerator.device
         if mode == "synthetic":
             generator = torch.Generator().manual_seed(self.args.seed)
-            num_fine, num_coarse = len(self.manifest["fine_classes"]), len(self.manifest["coarse_classes"])
-            shape = (config.batch_size, 3, size, size)
-            batch = {"query": torch.randn(shape, generator=generator).to(self.device),
-                     "key": torch.randn(shape, generator=generator).to(self.device),
-                     "fine": torch.randint(num_fine, (config.batch_size,), generator=generator).to(self.device),
-                     "coarse": torch.randint(num_coarse, (config.batch_size,), generator=generator).to(self.device)}
+            num_fine, num_coarse = len(run.manifest["fine_classes"]), len(run.manifest["coarse_classes"])
+            shape = (config.batch_size, 3, config.image_size, config.image_size)
+            batch = {"query": torch.randn(shape, generator=generator).to(device),
+                     "key": torch.randn(shape, generator=generator).to(device),
+                     "fine": torch.randint(num_fine, (config.batch_size,), generator=generator).to(device),
+                     "coarse": torch.randint(num_coarse, (config.batch_size,), generator=generator).to(device)}
 
             def repeat():
                 while True:
                     yield batch
-            return repeat(), lambda: None
+            return repeat(), lambda: None, None
         if mode == "real":
-            from maskcon.loaders import build_train_loader
-
-            loader = build_train_loader(self.folder, recipe=config.dataset, image_size=size,
-                                        batch_size=config.batch_size, rank=0, world_size=1, seed=self.args.seed,
-                                        device=self.device, backend="dali", query_view=config.query_view,
-                                        key_view=config.key_view, num_threads=self.args.workers)
-            return _epochs(loader), lambda: None
-        loader = official_style_loader(self.folder, recipe=config.dataset, image_size=size,
+            return _epochs(run.train_loader), lambda: None, run.train_loader
+        loader = official_style_loader(run.folder, recipe=config.dataset, image_size=config.image_size,
                                        batch_size=config.batch_size, workers=self.args.workers, seed=self.args.seed,
                                        query_view=config.query_view, key_view=config.key_view,
-                                       pin_memory=self.device.type == "cuda")
-        stream = _to_device(_repeat(loader), self.device)
-        return stream, lambda: stream.close()
+                                       pin_memory=device.type == "cuda")
+        stream = _to_device(_repeat(loader), device)
+        return stream, lambda: stream.close(), None
 
     def measure(self, mode: str) -> Measurement:
-        stream, release = self.batches(mode)
-        batch_size = self.config.batch_size
+        if mode == "resume":
+            return self.measure_resume()
+        stream, release, loader = self.batches(mode)
+        args = self.args
         try:
-            for _ in range(self.args.warmup):
-                loss = self.step(next(stream))
-            if self.args.warmup:
+            for _ in range(args.warmup):
+                loss = train_step(self.run.parts, next(stream))
+            if args.warmup:
                 loss.item()
-            rates, waits = [], []
-            for _ in range(self.args.repeats):
-                waited = 0.0
-                start = time.perf_counter()
-                for _ in range(self.args.steps):
-                    fetch_start = time.perf_counter()
-                    batch = next(stream)
-                    waited += time.perf_counter() - fetch_start
-                    loss = self.step(batch)
+            windows = []
+            for _ in range(args.repeats):
+                clock = DataClock(loader, self.run.config.batch_size)
+                for _ in range(args.steps):
+                    loss = train_step(self.run.parts, clock.next(stream))
                 loss.item()  # waits for the device: the window's work is done
-                elapsed = time.perf_counter() - start
-                rates.append(self.args.steps * batch_size / elapsed)
-                waits.append(waited / elapsed)
+                windows.append(clock.figures())
         finally:
             release()
             del stream
             gc.collect()  # the loader's threads or worker processes end before the next mode starts
-        order = sorted(range(len(rates)), key=rates.__getitem__)
-        middle = order[len(order) // 2]
-        return Measurement(mode=mode, images_per_s=rates[middle], images_per_s_min=min(rates),
-                           images_per_s_max=max(rates), data_wait=waits[middle], data_wait_min=min(waits),
-                           data_wait_max=max(waits), windows=rates)
+        return _summary(mode, windows)
+
+    def measure_resume(self) -> Measurement:
+        """Windows of one step each: the first step of an epoch started at its middle batch, as a resumed run
+        starts it, and (`epoch_start_images_per_s`) of an epoch started at batch 0; then, once, the time to
+        reach the middle batch by reading the batches before it (`skip_by_reading_s`)."""
+        loader, windows = self.run.train_loader, []
+        middle = len(loader) // 2
+        for repeat in range(self.args.repeats):
+            for start in (0, middle):
+                clock = DataClock(loader, self.run.config.batch_size)
+                loader.set_epoch(1000 + repeat, start=start)
+                loss = train_step(self.run.parts, clock.next(iter(loader)))
+                loss.item()
+                windows.append({**clock.figures(), "start": start})
+        began = time.perf_counter()
+        loader.set_epoch(1000)
+        batches = iter(loader)
+        for _ in range(middle + 1):
+            next(batches)
+        skip_by_reading_s = time.perf_counter() - began
+        del batches
+        gc.collect()
+        measurement = _summary("resume", [w for w in windows if w["start"] == middle],
+                               from_start=[w for w in windows if w["start"] == 0])
+        measurement.skip_by_reading_s = skip_by_reading_s
+        return measurement
+
+
+def _summary(mode: str, windows: list[dict], from_start: list[dict] | None = None) -> Measurement:
+    """The median window (by images/s) and the ranges over windows."""
+    rates = [w["images_per_s"] for w in windows]
+    middle = windows[sorted(range(len(rates)), key=rates.__getitem__)[len(rates) // 2]]
+    waits = [w["data_wait"] for w in windows]
+    measurement = Measurement(mode=mode, images_per_s=middle["images_per_s"], images_per_s_min=min(rates),
+                              images_per_s_max=max(rates), data_wait=middle["data_wait"], data_wait_min=min(waits),
+                              data_wait_max=max(waits), data_ms_per_batch=middle["data_ms_per_batch"],
+                              feed_cpu_ms_per_batch=middle.get("feed_cpu_ms_per_batch"), windows=rates)
+    if from_start:
+        measurement.epoch_start_images_per_s = sorted(w["images_per_s"] for w in from_start)[len(from_start) // 2]
+    return measurement
 
 
 # ----------------------------------------------------------------------- the official-style loader
@@ -331,23 +337,25 @@ def write_synthetic_imagenet32(folder: Path, *, num_train: int, num_test: int) -
 # ----------------------------------------------------------------------------------------- report
 
 
-def _report(results: list[Measurement], config, args, device, precision, folder: Path, manifest: dict) -> dict:
-    by_mode = {m.mode: m for m in results}
+def _report(results: list[Measurement], run: Run, args: argparse.Namespace) -> dict:
+    by_mode, config, device = {m.mode: m for m in results}, run.config, run.accelerator.device
     report = {
         "benchmark": "train",
         "machine": machine(device),
         "torch": torch.__version__,
         "device": str(device),
         "dataset": config.dataset,
-        "shards": str(folder),
-        "train_images": manifest["splits"]["train"]["num_samples"],
+        "shards": str(run.folder),
+        "train_images": run.manifest["splits"]["train"]["num_samples"],
+        "steps_per_epoch": run.steps_per_epoch,
         "arch": config.arch,
         "image_size": config.image_size,
         "batch_size": config.batch_size,
         "queue_size": config.queue_size,
-        "mixed_precision": precision,
-        "channels_last": device.type == "cuda" if args.channels_last is None else args.channels_last,
-        "compile": args.compile,
+        "mixed_precision": run.accelerator.mixed_precision,
+        "channels_last": run.channels_last,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "compile": config.compile,
         "workers": args.workers,
         "steps": args.steps,
         "repeats": args.repeats,
@@ -358,6 +366,13 @@ def _report(results: list[Measurement], config, args, device, precision, folder:
         report["real_over_official"] = by_mode["real"].images_per_s / by_mode["official"].images_per_s
     if "real" in by_mode and "synthetic" in by_mode:
         report["real_over_synthetic"] = by_mode["real"].images_per_s / by_mode["synthetic"].images_per_s
+    if "resume" in by_mode:
+        resume = by_mode["resume"]
+        report["resume_first_step_s"] = config.batch_size / resume.images_per_s
+        report["epoch_first_step_s"] = config.batch_size / resume.epoch_start_images_per_s
+        report["skip_by_reading_s"] = resume.skip_by_reading_s
+        if "real" in by_mode:
+            report["real_step_s"] = config.batch_size / by_mode["real"].images_per_s
     return report
 
 
@@ -367,14 +382,22 @@ def _table(report: dict) -> str:
              f"{report['mixed_precision']}, {report['device']}: {report['machine']}, torch {report['torch']}",
              f"{report['repeats']} windows of {report['steps']} steps after {report['warmup']} warm-up steps; "
              "median (min-max)",
-             f"{'mode':<10} {'images/s':>24} {'data wait':>22}"]
+             f"{'mode':<10} {'images/s':>24} {'data wait':>22} {'data ms/batch':>14} {'feed CPU ms/batch':>18}"]
     for mode, m in report["modes"].items():
         wait = "-" if mode == "synthetic" else \
             f"{m['data_wait']:.1%} ({m['data_wait_min']:.1%}-{m['data_wait_max']:.1%})"
+        feed = "-" if m["feed_cpu_ms_per_batch"] is None else f"{m['feed_cpu_ms_per_batch']:.2f}"
         lines.append(f"{mode:<10} {m['images_per_s']:>9.1f} ({m['images_per_s_min']:.1f}-"
-                     f"{m['images_per_s_max']:.1f}){'':>2} {wait:>22}")
+                     f"{m['images_per_s_max']:.1f}){'':>2} {wait:>22} {m['data_ms_per_batch']:>14.2f} {feed:>18}")
     if "real_over_official" in report:
         lines.append(f"real / official images/s: {report['real_over_official']:.2f}")
     if "real_over_synthetic" in report:
         lines.append(f"real / synthetic (ceiling): {report['real_over_synthetic']:.2f}")
+    if "resume_first_step_s" in report:
+        lines.append(f"first step of an epoch started at batch {report['steps_per_epoch'] // 2} (a resume): "
+                     f"{report['resume_first_step_s'] * 1000:.1f} ms; at batch 0: "
+                     f"{report['epoch_first_step_s'] * 1000:.1f} ms; reaching that batch by reading the ones before "
+                     f"it: {report['skip_by_reading_s'] * 1000:.1f} ms"
+                     + (f"; a step of the real mode: {report['real_step_s'] * 1000:.1f} ms"
+                        if "real_step_s" in report else ""))
     return "\n".join(lines)
