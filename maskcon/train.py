@@ -15,7 +15,6 @@ never stopped.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import signal
@@ -27,10 +26,10 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
-from maskcon import checkpoints, dist, shards
+from maskcon import checkpoints, dist, rundir, shards
 from maskcon.config import Config, shards_dir, to_dict
 from maskcon.errors import AgreedError, UserError
 from maskcon.loaders import build_test_loader, build_train_loader
@@ -82,15 +81,6 @@ def resolve_precision(requested: str | None, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
-
-
-def default_output_dir(config: Config) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{config.dataset}-{config.method}-{stamp}"
-    path, n = base, 1
-    while path.exists():
-        path, n = Path(f"{base}-{n}"), n + 1
-    return path
 
 
 def prepare_shards(config: Config) -> tuple[Path, dict]:
@@ -201,15 +191,10 @@ def _train(config: Config, accelerator: Accelerator, preemption: _Preemption) ->
     resolved = {**to_dict(config), "mixed_precision": accelerator.mixed_precision, "channels_last": channels_last}
 
     # --- where the run writes (decided once, on the main process) ---
-    chosen = [str(Path(config.output_dir)) if config.output_dir else str(default_output_dir(config))]
-    broadcast_object_list(chosen)
-    output_dir = Path(chosen[0])
+    claimed = rundir.claim_everywhere(config.output_dir, config.resume, dataset=config.dataset,  # rundir: folder
+                                      method=config.method, log=accelerator.print)  # and resume point
+    output_dir, resume_from = claimed.path, claimed.resume_from
     checkpoint_root = output_dir / "checkpoints"
-    resume_from = None
-    if config.resume:
-        resume_from = checkpoints.resume_point(accelerator, checkpoint_root, accelerator.print)
-        if resume_from is None:
-            raise UserError(f"--resume: no checkpoint in {checkpoint_root}; start without --resume")
 
     # --- data ---
     folder, manifest = prepare_shards(config)
@@ -396,7 +381,7 @@ def _train(config: Config, accelerator: Accelerator, preemption: _Preemption) ->
             torch.save(learner.encoder.state_dict(), output_dir / "backbone.pt")
             results = {"step": step, "stopped": stopped, **metrics, **untrained,
                        "weights_fingerprint_per_process": fingerprints}
-            (output_dir / "results.json").write_text(json.dumps(results, indent=1))
+            rundir.write_results(output_dir, results, resumed=resume_from is not None)  # rundir: keeps earlier R@K
         tracker.summary(metrics)
         tracker.close()
 

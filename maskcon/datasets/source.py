@@ -220,13 +220,39 @@ def load_json(path: Path, where_to_get: str):
         raise UserError(f"{path} is not a readable JSON file; {where_to_get}") from None
 
 
+# What the pickled CIFAR and downsampled-ImageNet batches hold: dicts, lists, strings, bytes and numbers (no
+# global needed) and numpy arrays, rebuilt from these functions; `_codecs.encode` is how Python 3 pickles
+# bytes at protocol 2. Nothing else is looked up, so a crafted file cannot call os.system or open().
+PICKLE_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),
+})
+
+
+class ForbiddenPickle(pickle.UnpicklingError):
+    """A pickle asked for a global outside PICKLE_GLOBALS."""
+
+
+class _SourceUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PICKLE_GLOBALS:
+            raise ForbiddenPickle(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def load_pickle(path: Path, where_to_get: str) -> dict:
-    """A pickled dict from the CIFAR / downsampled-ImageNet releases, with str keys."""
+    """A pickled dict from the CIFAR / downsampled-ImageNet releases, with str keys, read by an unpickler
+    that admits only PICKLE_GLOBALS."""
     try:
         with open(path, "rb") as handle:
-            content = pickle.load(handle, encoding="latin1")
+            content = _SourceUnpickler(handle, encoding="latin1").load()
     except FileNotFoundError:
         raise UserError(f"missing {path}; {where_to_get}") from None
+    except ForbiddenPickle as error:
+        raise UserError(f"{path} holds a pickled {error}, which the official files never hold (such a file can "
+                        f"run code; it was not run); {where_to_get}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError):
         raise UserError(f"{path} is not a pickled batch of the expected format; {where_to_get}") from None
     if not isinstance(content, dict):
