@@ -5,7 +5,11 @@ A checkpoint is a folder ROOT/step-XXXXXXXX holding Accelerate's state (model.sa
 random_states_R.pkl, ...), trainer_state.json (what the loop wants back: step, epoch, the run's options,
 the loaders' state) and files.json (bytes and sha256 of every other file, written last). It is written
 as ROOT/.partial-step-XXXXXXXX and renamed when complete, so a folder without the partial prefix was
-finished; files.json then tells whether its files are still whole.
+finished; files.json then tells whether its files are still whole. files.json also holds the checkpoint's
+sequence number (1 + the highest one under ROOT when it was written): checkpoints are ordered, kept and
+resumed from in the order they were written, not by step (a run resumed from an older checkpoint, or with
+--accept-changes batch_size, numbers its steps anew). A checkpoint that replaces one of the same name moves
+the old one aside to ROOT/.replaced-step-XXXXXXXX first, so one of the two is always complete on disk.
 
 Every function that takes an accelerator is called by all processes; a failure on any process raises
 on all of them (one UserError line), so no process is left waiting in a collective.
@@ -34,6 +38,7 @@ from maskcon.errors import UserError
 
 CHECKPOINT_PREFIX = "step-"
 PARTIAL_PREFIX = ".partial-"
+REPLACED_PREFIX = ".replaced-"  # a checkpoint moved aside while another of its name takes its place
 STATE_FILE = "trainer_state.json"
 FILES_RECORD = "files.json"
 MODEL_FILE = "model.safetensors"  # Accelerate's name of the first prepared model's weights
@@ -134,13 +139,39 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(root: Path | str) -> list[Path]:
-    """Every finished checkpoint folder under ROOT (intact or not), oldest step first."""
+    """Every finished checkpoint folder under ROOT (intact or not), in the order they were written, oldest
+    first: by the sequence number in files.json (0 when unreadable or absent), then by step."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(match.group(1)), path) for path in root.iterdir()
+    found = [(sequence_number(path), int(match.group(1)), path) for path in root.iterdir()
              if path.is_dir() and (match := _CHECKPOINT_NAME.match(path.name))]
-    return [path for _, path in sorted(found)]
+    return [path for _, _, path in sorted(found)]
+
+
+def sequence_number(path: Path | str) -> int:
+    """The position in which the checkpoint at PATH was written under its root (1, 2, ...); 0 when its
+    files.json is unreadable or holds none."""
+    try:
+        sequence = json.loads((Path(path) / FILES_RECORD).read_text()).get("sequence", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return sequence if isinstance(sequence, int) else 0
+
+
+def restore_replaced(root: Path | str) -> None:
+    """Finish or undo a replacement that a stopped run left half done: a checkpoint moved aside
+    (REPLACED_PREFIX) goes back to its name when nothing took its place, and is removed when its
+    successor is there."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for aside in root.glob(f"{REPLACED_PREFIX}{CHECKPOINT_PREFIX}*"):
+        final = root / aside.name.removeprefix(REPLACED_PREFIX)
+        if final.exists():
+            shutil.rmtree(aside)
+        else:
+            os.replace(aside, final)
 
 
 def damage(path: Path | str) -> str | None:
@@ -170,7 +201,7 @@ def damage(path: Path | str) -> str | None:
 
 
 def newest_intact(root: Path | str, log: Callable[[str], None]) -> Path | None:
-    """The newest checkpoint under ROOT whose files are whole; None when ROOT holds no checkpoint.
+    """The checkpoint under ROOT written last whose files are whole; None when ROOT holds no checkpoint.
 
     Each damaged newer checkpoint is reported with one line through `log` and skipped; when every
     checkpoint is damaged, UserError (one line naming each).
@@ -191,7 +222,12 @@ def newest_intact(root: Path | str, log: Callable[[str], None]) -> Path | None:
 
 def resume_point(accelerator: Accelerator, root: Path | str, log: Callable[[str], None]) -> Path | None:
     """newest_intact() decided on the main process (which alone logs) and shared with all processes."""
-    return _on_main(accelerator, lambda: newest_intact(root, log), "choosing a checkpoint to resume from")
+
+    def choose() -> Path | None:
+        restore_replaced(root)
+        return newest_intact(root, log)
+
+    return _on_main(accelerator, choose, "choosing a checkpoint to resume from")
 
 
 def read_state(path: Path | str) -> dict:
@@ -209,7 +245,8 @@ def read_state(path: Path | str) -> dict:
 
 def save(accelerator: Accelerator, root: Path | str, *, step: int, epoch: int, extra_state: dict,
          keep: int) -> Path:
-    """Write a checkpoint of everything Accelerate prepared, plus `extra_state`, and keep the newest `keep`.
+    """Write a checkpoint of everything Accelerate prepared, plus `extra_state`, and keep the `keep` intact
+    ones written last (this one included; see rotate()).
 
     extra_state: JSON the trainer wants back from load() (the run's options, the loaders' state, ...); step
     and epoch are added to it. Model weights are stored under the unwrapped model's names (no DDP
@@ -223,6 +260,7 @@ def save(accelerator: Accelerator, root: Path | str, *, step: int, epoch: int, e
 
     def make_room() -> None:
         root.mkdir(parents=True, exist_ok=True)
+        restore_replaced(root)
         for stale in root.glob(f"{PARTIAL_PREFIX}*"):  # left by a run stopped while writing: never complete
             shutil.rmtree(stale)
         partial.mkdir()
@@ -234,14 +272,11 @@ def save(accelerator: Accelerator, root: Path | str, *, step: int, epoch: int, e
         for file in sorted(p for p in partial.rglob("*") if p.is_file()):
             files[file.relative_to(partial).as_posix()] = {"bytes": file.stat().st_size,
                                                             "sha256": _sha256(file, sync=True)}
-        _write_synced(partial / FILES_RECORD, json.dumps({"files": files}, indent=1))
+        sequence = 1 + max((sequence_number(path) for path in list_checkpoints(root)), default=0)
+        _write_synced(partial / FILES_RECORD, json.dumps({"files": files, "sequence": sequence}, indent=1))
         _sync_folder(partial)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _sync_folder(root)
-        for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _replace(partial, final)
+        rotate(root, keep, newest=final)
 
     try:
         _on_main(accelerator, make_room, what)
@@ -252,6 +287,41 @@ def save(accelerator: Accelerator, root: Path | str, *, step: int, epoch: int, e
             shutil.rmtree(partial, ignore_errors=True)
         raise
     return final
+
+
+def _replace(partial: Path, final: Path) -> None:
+    """Rename PARTIAL to FINAL; a checkpoint already named FINAL stays complete on disk until then (moved
+    aside, removed after the rename; restore_replaced() finishes the job after a stop in between)."""
+    aside = final.with_name(f"{REPLACED_PREFIX}{final.name}")
+    if final.exists():
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+    os.replace(partial, final)
+    _sync_folder(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def rotate(root: Path | str, keep: int, *, newest: Path | None = None) -> list[Path]:
+    """Remove the checkpoints under ROOT written before the `keep` newest intact ones; return them.
+
+    Order is the order of writing (list_checkpoints), not the step. Damaged checkpoints count for nothing:
+    they are removed only when written before the keep-th intact one, so when fewer than `keep` are intact
+    nothing is removed, and the last intact checkpoint is never removed. `newest`, the checkpoint just
+    written, is known intact without reading it again.
+    """
+    written = list_checkpoints(root)
+    intact = 0
+    for position in range(len(written) - 1, -1, -1):
+        path = written[position]
+        if path == newest or damage(path) is None:
+            intact += 1
+            if intact == keep:
+                removed = written[:position]
+                for old in removed:
+                    shutil.rmtree(old, ignore_errors=True)
+                return removed
+    return []
 
 
 def load(accelerator: Accelerator, path: Path | str) -> dict:

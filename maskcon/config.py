@@ -67,7 +67,7 @@ class Config:
     log_every: int = field(default=10, metadata={"help": "write a metrics row every N steps"})
     checkpoint_every: int = field(default=10, metadata={"help": "checkpoint every N epochs (0: only on SIGTERM and at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest intact checkpoint in OUTPUT_DIR/checkpoints"})
+    resume: str | None = field(default=None, metadata={"help": "continue a run. Bare --resume: from the newest intact checkpoint in OUTPUT_DIR/checkpoints (an error when there is none); --resume auto: the same when there is one, else start afresh (for requeued jobs); --resume PATH: from a run folder or one checkpoint folder. Without it, an OUTPUT_DIR that holds another run's files is refused", "const": "newest"})
     accept_changes: str | None = field(default=None, metadata={"help": "with --resume: comma-separated options allowed to differ from the checkpoint's run (e.g. epochs)"})
     dist_timeout: float = field(default=10.0, metadata={"help": "minutes a process waits in a collective operation before the run fails"})
     output_dir: str | None = field(default=None, metadata={"help": "where the run writes (default: a new folder under runs/)"})
@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 help=f"turn off --{name.replace('_', '-')}")
         else:
             kind = _optional(base) if optional else base
+            bare = {"nargs": "?", "const": f.metadata["const"]} if "const" in f.metadata else {}  # e.g. --resume
             parser.add_argument(*flags, dest=name, type=kind, metavar=name.upper(),
-                                help=f"{help_text} (default: {f.default})")
+                                help=f"{help_text} (default: {f.default})", **bare)
     return parser
 
 
@@ -237,6 +238,9 @@ def validate(config: Config) -> None:
                         f"max-autotune-no-cudagraphs, got {config.compile_mode!r}")
     if not config.dist_timeout > 0:
         raise UserError(f"--dist-timeout must be > 0 minutes, got {config.dist_timeout}")
+    if isinstance(config.resume, bool) or str(config.resume).lower() in ("true", "false", ""):
+        # YAML's `resume: true` (and sweeps' --resume=true) mean a bare --resume; false and empty, none
+        config.resume = "newest" if str(config.resume).lower() == "true" else None
     if config.max_steps is not None and config.max_steps < 1:
         raise UserError(f"--max-steps must be at least 1, got {config.max_steps}")
 

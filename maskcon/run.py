@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -19,9 +18,9 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
-from maskcon import checkpoints, dist, shards
+from maskcon import checkpoints, dist, rundir, shards
 from maskcon.config import Config, shards_dir, to_dict
 from maskcon.errors import AgreedError, UserError
 from maskcon.loaders import build_test_loader, build_train_loader
@@ -128,15 +127,6 @@ def settle_device(config: Config, accelerator: Accelerator) -> bool:
     return on_gpu if config.channels_last is None else config.channels_last
 
 
-def default_output_dir(config: Config) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{config.dataset}-{config.method}-{stamp}"
-    path, n = base, 1
-    while path.exists():
-        path, n = Path(f"{base}-{n}"), n + 1
-    return path
-
-
 def prepare_shards(config: Config) -> tuple[Path, dict]:
     """The shard folder and its manifest; the bundled digits are written on first use, by the main process
     (a shared file system is assumed), while the others wait for its verdict."""
@@ -193,22 +183,13 @@ def build_loaders(config: Config, accelerator: Accelerator, folder: Path):
     return train_loader, build_test_loader(folder, batch_size=config.eval_batch_size, **common)
 
 
-def _output_dir(config: Config) -> Path:
-    """Where the run writes, decided once on the main process."""
-    chosen = [str(Path(config.output_dir)) if config.output_dir else str(default_output_dir(config))]
-    broadcast_object_list(chosen)
-    return Path(chosen[0])
-
-
-def _saved_state(config: Config, accelerator: Accelerator, root: Path, record: dict) -> tuple[Path | None, dict]:
-    """(checkpoint to resume from, its state) with --resume, after checking the run's options against it;
-    (None, {}) without --resume."""
-    if not config.resume:
-        return None, {}
-    path = checkpoints.resume_point(accelerator, root, accelerator.print)
-    if path is None:
-        raise UserError(f"--resume: no checkpoint in {root}; start without --resume")
-    saved = checkpoints.read_state(path)
+def _saved_state(config: Config, accelerator: Accelerator, resumed_from: Path | None,
+                 record: dict) -> dict:
+    """The state of the checkpoint to resume from, after checking the run's options against it; {} for a
+    fresh start."""
+    if resumed_from is None:
+        return {}
+    saved = checkpoints.read_state(resumed_from)
     try:
         accepted = checkpoints.check_resume(saved["run"], record, checkpoints.parse_accept(config.accept_changes))
     except UserError as error:  # every process compares the same two records
@@ -216,7 +197,7 @@ def _saved_state(config: Config, accelerator: Accelerator, root: Path, record: d
     for change in accepted:
         accelerator.print(f"--resume: continuing with a changed {change}; the learning-rate schedule is "
                           f"recomputed for this run")
-    return path, saved
+    return saved
 
 
 def resume_position(state: dict, steps_per_epoch: int, record: dict) -> int:
@@ -242,11 +223,13 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
     """The run of `config` on `accelerator`: every process calls it at the same point."""
     channels_last = settle_device(config, accelerator)
     resolved = {**to_dict(config), "mixed_precision": accelerator.mixed_precision, "channels_last": channels_last}
-    output_dir = _output_dir(config)
+    claimed = rundir.claim_everywhere(config.output_dir, config.resume, dataset=config.dataset,
+                                      method=config.method, log=accelerator.print)
+    output_dir, resumed_from = claimed.path, claimed.resume_from
     folder, manifest = prepare_shards(config)
     record = checkpoints.run_record(config, world_size=accelerator.num_processes, manifest=manifest,
                                     mixed_precision=accelerator.mixed_precision)
-    resumed_from, saved = _saved_state(config, accelerator, output_dir / "checkpoints", record)
+    saved = _saved_state(config, accelerator, resumed_from, record)
     train_loader, test_loader = build_loaders(config, accelerator, folder)
     steps_per_epoch = len(train_loader)
 

@@ -307,6 +307,9 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     _check_options(compress_level, samples_per_shard)
     source = DATASETS[dataset].read(Path(src) if src is not None else None)
+    from maskcon.datasets.source import describe_files
+
+    source_files = describe_files(Path(src)) if src is not None else None
     create_args = [dataset] + (["--src", str(Path(src).resolve())] if src is not None else [])
     for flag, value, default in (("--seed", seed, 0), ("--samples-per-shard", samples_per_shard, None),
                                  ("--min-shards", min_shards, MIN_SHARDS),
@@ -314,7 +317,8 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
                                  ("--compress-level", compress_level, PNG_COMPRESS_LEVEL)):
         if value != default:
             create_args += [flag, str(value)]
-    return write_shards(source, out, create_args=create_args, seed=seed, samples_per_shard=samples_per_shard,
+    return write_shards(source, out, create_args=create_args, source_files=source_files, seed=seed,
+                        samples_per_shard=samples_per_shard,
                         min_shards=min_shards, max_samples_per_shard=max_samples_per_shard,
                         compress_level=compress_level, workers=workers, overwrite=overwrite, log=log)
 
@@ -327,16 +331,19 @@ def _check_options(compress_level: int, samples_per_shard: int | None) -> None:
 
 
 def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[str] | None = None,
-                 seed: int | None = 0,
+                 source_files: dict | None = None, seed: int | None = 0,
                  samples_per_shard: int | None = None, min_shards: int = MIN_SHARDS,
                  max_samples_per_shard: int = MAX_SAMPLES_PER_SHARD, compress_level: int = PNG_COMPRESS_LEVEL,
                  workers: int | None = None, overwrite: bool = False,
                  log: Callable[[str], None] | None = None) -> dict:
     """Write the samples of `source` (a dataset reader's result) as shards under OUT; return the manifest.
 
-    Resumes an interrupted run with the same options (finished shards are kept); returns at once when OUT
+    Resumes an interrupted run with the same inputs (finished shards are kept); returns at once when OUT
     already holds the complete, undamaged result, and re-creates it when the shard files no longer match
-    their manifest. OUT holding complete shards made otherwise is an error unless `overwrite`. `seed`
+    their manifest. The inputs are the plan: dataset, options, split sizes, class names and coarse map, and
+    `source_files` (describe_files() of --src: what identifies the source). OUT holding shards, complete or
+    interrupted, made from other inputs is an error naming what changed, unless `overwrite`. Every source
+    file is checked (Split.check) before the first shard is written. `seed`
     fixes the shuffled write order (None: the source's order); `create_args`, the arguments of
     `make_shards.py create` that give the same shards (but --out), go into the manifest so that error
     messages can say how to re-create them. `workers` > 1 pickles the splits into a process pool. Raises UserError for a bad source or bad options.
@@ -347,7 +354,9 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
     out = Path(out)
     options = {"seed": seed, "samples_per_shard": samples_per_shard, "min_shards": min_shards,
                "max_samples_per_shard": max_samples_per_shard, "png_compress_level": compress_level}
-    plan = {"dataset": dataset, "version": _version(), "options": options,
+    plan = {"dataset": dataset, "version": _version(), "options": options, "source_files": source_files,
+            "classes": {"fine": list(source.fine_classes), "coarse": list(source.coarse_classes),
+                        "fine_to_coarse": [int(c) for c in source.fine_to_coarse]},
             "splits": {name: {"num_samples": len(split),
                               "samples_per_shard": shard_size(len(split), samples_per_shard=samples_per_shard,
                                                               min_shards=min_shards,
@@ -357,10 +366,12 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
         if split_plan["num_samples"] == 0:
             raise UserError(f"the {name} split of {dataset} is empty; check --src")
 
-    manifest_path = out / MANIFEST
-    if manifest_path.exists():
+    manifest_path, plan_path, progress_path = out / MANIFEST, out / PLAN, out / _PROGRESS
+    replaces_manifest = manifest_path.exists()
+    if replaces_manifest:
         existing = _load_json(manifest_path)
-        if existing is not None and _same_plan(existing, plan) and not overwrite:
+        changes = _changes(_plan_of(existing), plan) if isinstance(existing, dict) else [f"{MANIFEST} unreadable"]
+        if not changes and not overwrite:
             damaged = [record["tar"] for split in existing["splits"].values() for record in split["shards"]
                        if shard_problem(out, record) is not None]
             if not damaged:
@@ -368,15 +379,21 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
                 return existing
             log(f"{out}: {len(damaged)} shards no longer match the manifest (first {damaged[0]}); re-creating")
             overwrite = True
-        if not overwrite:
-            raise UserError(f"{out} already holds shards made from other data or options; pass --overwrite "
-                            "to replace them or choose another --out")
+        if changes and not overwrite:
+            raise UserError(f"{out} holds shards made from other inputs ({'; '.join(changes)}); pass --overwrite "
+                            "to rebuild them from these, or choose another --out")
+    previous = _load_json(plan_path) if plan_path.exists() else None
+    changes = _changes(previous, plan) + _version_change(previous, plan) if isinstance(previous, dict) else []
+    resumable = isinstance(previous, dict) and not changes and not overwrite
+    if changes and not overwrite:
+        raise UserError(f"{out} holds an interrupted conversion of other inputs ({'; '.join(changes)}); pass "
+                        "--overwrite to start afresh from these, or choose another --out")
+    _check_source(source, log)
+    if replaces_manifest:
         manifest_path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    plan_path, progress_path = out / PLAN, out / _PROGRESS
-    previous = _load_json(plan_path) if plan_path.exists() else None
-    if previous != plan or overwrite:
-        _remove_shards(out)  # shards of an unfinished run with other options, or --overwrite
+    if not resumable:
+        _remove_shards(out)  # shards of an unfinished run with other inputs, or --overwrite
         progress_path.unlink(missing_ok=True)
     _write_json_atomic(plan_path, plan)
     recorded = _read_progress(progress_path)  # tar -> sha256 of the shards an earlier run finished
@@ -421,6 +438,7 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
         "options": options,
         "create_args": create_args,
         "source": dict(source.notes),
+        "source_files": source_files,
         "splits": {name: {"num_samples": plan["splits"][name]["num_samples"],
                           "samples_per_shard": plan["splits"][name]["samples_per_shard"],
                           "shards": [records[j] for j in split_jobs[name]]}
@@ -433,13 +451,64 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
     return manifest
 
 
-def _same_plan(manifest: dict, plan: dict) -> bool:
+def _plan_of(manifest: dict) -> dict | None:
+    """The plan a complete folder was made by, read back from its manifest (None when malformed)."""
     try:
-        return (manifest["dataset"] == plan["dataset"] and manifest["options"] == plan["options"]
-                and {name: {"num_samples": s["num_samples"], "samples_per_shard": s["samples_per_shard"]}
-                     for name, s in manifest["splits"].items()} == plan["splits"])
+        return {"dataset": manifest["dataset"], "options": manifest["options"],
+                "source_files": manifest.get("source_files"),
+                "classes": {"fine": manifest["fine_classes"], "coarse": manifest["coarse_classes"],
+                            "fine_to_coarse": manifest["fine_to_coarse"]},
+                "splits": {name: {"num_samples": split["num_samples"], "samples_per_shard": split["samples_per_shard"]}
+                           for name, split in manifest["splits"].items()}}
     except (KeyError, TypeError, AttributeError):
-        return False
+        return None
+
+
+def _changes(recorded: dict | None, plan: dict) -> list[str]:
+    """What differs between the inputs a folder was made from and those of this run, in a few words each."""
+    if recorded is None:
+        return [f"{MANIFEST} malformed"]
+    changes = []
+    if recorded.get("dataset") != plan["dataset"]:
+        changes.append(f"dataset {recorded.get('dataset')} -> {plan['dataset']}")
+    old_options = recorded.get("options") or {}
+    changes += [f"--{name.replace('_', '-')} {old_options.get(name)} -> {value}"
+                for name, value in plan["options"].items() if old_options.get(name) != value]
+    old_files, new_files = recorded.get("source_files") or {}, plan["source_files"] or {}
+    if old_files.get("sha256") != new_files.get("sha256"):
+        changes.append(f"the source files ({_files_text(old_files)} -> {_files_text(new_files)})")
+    old_classes = recorded.get("classes") or {}
+    if old_classes.get("fine") != plan["classes"]["fine"] or old_classes.get("coarse") != plan["classes"]["coarse"]:
+        changes.append("the class names")
+    elif old_classes.get("fine_to_coarse") != plan["classes"]["fine_to_coarse"]:
+        changes.append("the coarse map (fine -> coarse)")
+    if recorded.get("splits") != plan["splits"]:
+        changes.append("the split sizes")
+    return changes
+
+
+def _files_text(files: dict) -> str:
+    if not files:
+        return "not recorded"
+    return f"{files['files']} files, {files['bytes']} bytes in {files['folder']}"
+
+
+def _version_change(recorded: dict, plan: dict) -> list[str]:
+    if recorded.get("version") == plan["version"]:
+        return []
+    return [f"maskcon version {recorded.get('version')} -> {plan['version']}"]
+
+
+def _check_source(source: DatasetSource, log: Callable[[str], None]) -> None:
+    """Every source file checked before the first shard is written: each bad one named in a log line, then
+    one UserError."""
+    problems = [problem for split in source.splits.values() for problem in split.check()]
+    for problem in problems:
+        log(f"bad source file: {problem}")
+    if problems:
+        more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
+        raise UserError(f"{len(problems)} source file(s) cannot be converted: {problems[0]}{more}; replace or "
+                        "remove them in SRC; nothing was written")
 
 
 def _remove_shards(out: Path) -> None:

@@ -43,10 +43,9 @@ class Tracker:
         self.metrics_path = self.output_dir / "metrics.jsonl"
         if resume and self.metrics_path.exists():
             # rows written after the checkpoint we resume from are logged again by the resumed run
-            rows = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.metrics_path.write_text("".join(row + "\n" for row in rows))
-        self._file = self.metrics_path.open("a" if resume else "w")
+            _keep_rows_until(self.metrics_path, resume_step)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resume else os.O_TRUNC)
+        self._file = _failed_write_explained(self.metrics_path, lambda: os.open(self.metrics_path, flags, 0o644))
         self.mode = resolve_wandb_mode(wandb_mode)
         self.run = None
         if self.mode != "disabled":
@@ -67,15 +66,14 @@ class Tracker:
                       file=sys.stderr)
 
     def log(self, row: dict) -> None:
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        _append(self._file, self.metrics_path, (json.dumps(row) + "\n").encode())
         if self.run is not None:
             self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def log_images(self, step: int, images: dict) -> None:
         """images: name -> PIL image. Saved next to the metrics, and to W&B as wandb.Image."""
         for name, image in images.items():
-            image.save(self.output_dir / f"{name}-{step:07d}.png")
+            _save_picture(image, self.output_dir / f"{name}-{step:07d}.png")
         if self.run is not None:
             import wandb
 
@@ -86,6 +84,76 @@ class Tracker:
             self.run.summary.update(values)
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._file)
         if self.run is not None:
             self.run.finish()
+
+
+# ------------------------------------------------------------------------------------------ metrics files
+
+
+def _failed_write_explained(path: Path, write):
+    """write(), with an OSError (no space, no permission) turned into one line naming PATH."""
+    try:
+        return write()
+    except OSError as error:
+        raise UserError(f"writing {path} failed ({error.strerror or error}); free space or fix permissions "
+                        f"there; what was written before is intact") from None
+
+
+def _append(descriptor: int, path: Path, data: bytes) -> None:
+    """Append DATA (one row) to the open file; a row that fails is cut off again, so the file ends with
+    whole rows."""
+    start = os.lseek(descriptor, 0, os.SEEK_END)
+
+    def write() -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(descriptor, view):]
+        except OSError:
+            os.ftruncate(descriptor, start)
+            raise
+
+    _failed_write_explained(path, write)
+
+
+def _keep_rows_until(path: Path, last_step: int) -> None:
+    """Rewrite PATH (metrics.jsonl) atomically with the rows up to `last_step`; rows that are not whole
+    JSON (cut short when the run was stopped or the disk filled) are dropped with one warning line."""
+    kept, cut = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            cut.append(number)
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= last_step:
+            kept.append(line)
+    if cut:
+        print(f"warning: {path}: dropped {len(cut)} row(s) cut short (line {', '.join(map(str, cut[:3]))}), "
+              f"written when the run was stopped", file=sys.stderr)
+    partial = path.with_name(f".{path.name}.partial")
+
+    def rewrite() -> None:
+        try:
+            partial.write_text("".join(line + "\n" for line in kept))
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    _failed_write_explained(path, rewrite)
+
+
+def _save_picture(image, path: Path) -> None:
+    """Save a PIL image as PNG at PATH atomically (under a temporary name, then renamed)."""
+    partial = path.with_name(f".{path.name}.partial")
+
+    def save() -> None:
+        try:
+            image.save(partial, format="PNG")
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    _failed_write_explained(path, save)

@@ -18,7 +18,6 @@ batches before it are neither read nor augmented.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import signal
 import time
@@ -29,7 +28,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from maskcon import checkpoints, dist
+from maskcon import checkpoints, dist, rundir
 from maskcon.config import Config
 from maskcon.errors import AgreedError, UserError
 from maskcon.model import MaskConModel
@@ -333,7 +332,7 @@ def _write_results(run: Run, results: dict) -> None:
     """backbone.pt and results.json unless the run was preempted; the tracker's summary; closes it."""
     if results["stopped"] != "preempted":
         torch.save(run.learner.encoder.state_dict(), run.output_dir / "backbone.pt")
-        (run.output_dir / "results.json").write_text(json.dumps(results, indent=1))
+        rundir.write_results(run.output_dir, results, resumed=run.resumed_from is not None)
     run.tracker.summary({name: value for name, value in results.items() if name.startswith("R@")})
     run.tracker.close()
 

@@ -126,6 +126,57 @@ def test_truncated_newest_is_skipped_in_one_line_and_the_older_loads_exactly(tmp
     assert_same(snapshot(accelerator, model, optimizer), at_older)
 
 
+def test_a_damaged_newest_then_a_resume_from_the_older_and_a_save_keeping_one_stays_resumable(tmp_path):
+    accelerator, model, optimizer = build(seed=0)
+    root = tmp_path / "checkpoints"
+    older = checkpoints.save(accelerator, root, step=2, epoch=0, extra_state={"note": "older"}, keep=1)
+    newer = checkpoints.save(accelerator, root, step=4, epoch=0, extra_state={"note": "newer"}, keep=2)
+    truncate(newer / "model.safetensors")
+    assert checkpoints.newest_intact(root, lambda line: None) == older
+    checkpoints.load(accelerator, older)
+    train_steps(accelerator, model, optimizer, 1, seed=3)
+    stopped = checkpoints.save(accelerator, root, step=3, epoch=0, extra_state={"note": "resumed"}, keep=1)
+    assert [p.name for p in root.iterdir()] == ["step-00000003"]
+    assert checkpoints.newest_intact(root, lambda line: None) == stopped
+    assert checkpoints.read_state(stopped)["note"] == "resumed"
+
+
+def test_steps_numbered_anew_are_kept_and_resumed_in_the_order_they_were_written(tmp_path):
+    """A run resumed with --accept-changes batch_size (or world_size) numbers its steps anew, lower."""
+    accelerator, model, optimizer = build(seed=0)
+    root = tmp_path / "checkpoints"
+    for step in (10, 20):
+        checkpoints.save(accelerator, root, step=step, epoch=0, extra_state={}, keep=2)
+    for step in (6, 8):
+        train_steps(accelerator, model, optimizer, 1, seed=step)
+        last = checkpoints.save(accelerator, root, step=step, epoch=0, extra_state={"after": "resume"}, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000006", "step-00000008"]
+    assert checkpoints.newest_intact(root, lambda line: None) == last
+    assert [p.name for p in checkpoints.list_checkpoints(root)] == ["step-00000006", "step-00000008"]
+
+
+def test_a_save_that_fails_while_replacing_a_checkpoint_of_its_name_leaves_the_old_one(tmp_path, monkeypatch):
+    accelerator, model, optimizer = build(seed=0)
+    root = tmp_path / "checkpoints"
+    checkpoints.save(accelerator, root, step=2, epoch=0, extra_state={"note": "first"}, keep=3)
+    same = checkpoints.save(accelerator, root, step=4, epoch=0, extra_state={"note": "first"}, keep=3)
+    real_replace = os.replace
+
+    def replace_failing_for_the_new_one(source, target):
+        if Path(source).name.startswith(".partial-"):
+            raise OSError(28, "No space left on device", str(target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_failing_for_the_new_one)
+    train_steps(accelerator, model, optimizer, 1, seed=1)
+    with pytest.raises(UserError, match="No space left on device"):
+        checkpoints.save(accelerator, root, step=4, epoch=0, extra_state={"note": "second"}, keep=3)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert checkpoints.resume_point(accelerator, root, lambda line: None) == same
+    assert checkpoints.read_state(same)["note"] == "first"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000004"]
+
+
 def test_a_changed_byte_of_the_same_size_is_found_by_its_checksum(tmp_path):
     accelerator, model, optimizer = build(seed=0)
     root = tmp_path / "checkpoints"

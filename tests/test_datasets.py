@@ -248,3 +248,38 @@ def test_bad_sop_cars_and_folder_sources(tmp_path):
     _one_line_error("folder", tmp_path / "folder", "x.gif", "neither JPEG")
     (tmp_path / "folder" / "fine_to_coarse.csv").write_text("class;group\n")
     _one_line_error("folder", tmp_path / "folder", "header fine,coarse")
+
+
+class _CreatesAFile:
+    """What a crafted pickle can hold: unpickling it calls `how` with arguments that create TARGET."""
+
+    def __init__(self, how: str, target: Path):
+        self.how, self.target = how, target
+
+    def __reduce__(self):
+        import os
+
+        if self.how == "open":
+            return open, (str(self.target), "w")
+        return os.system, (f"touch {self.target}",)
+
+
+@pytest.mark.parametrize("how", ["open", "os.system"])
+@pytest.mark.parametrize("dataset, write, relative", [
+    ("cifar100", sources.write_cifar100, "cifar-100-python/train"),
+    ("cifar100", sources.write_cifar100, "cifar-100-python/meta"),
+    ("cifartoy_good", sources.write_cifar10, "cifar-10-batches-py/data_batch_2"),
+    ("imagenet32", sources.write_imagenet32, "val_data"),
+])
+def test_a_crafted_source_pickle_creates_no_file(tmp_path, dataset, write, relative, how):
+    src = tmp_path / "src"
+    write(src)
+    target = tmp_path / "created-by-the-pickle"
+    with open(src / relative, "rb") as handle:
+        content = pickle.load(handle, encoding="latin1")  # the test's own file, written just above
+    content["extra"] = _CreatesAFile(how, target)
+    with open(src / relative, "wb") as handle:
+        pickle.dump(content, handle, protocol=2)
+    message = _one_line_error(dataset, src, str(src / relative), "holds a pickled", "not run")
+    assert ("open" in message) if how == "open" else ("system" in message)
+    assert not target.exists()

@@ -7,9 +7,13 @@ loads what it needs once and keeps it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import pickle
 import re
+import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,6 +39,11 @@ class Split:
 
     def item(self, i: int) -> Sample:
         raise NotImplementedError
+
+    def check(self) -> list[str]:
+        """One line per source file that cannot become a sample, read before any is converted (default:
+        none; array sources are checked as they load)."""
+        return []
 
     def staged(self, work_dir: Path) -> "Split":
         """A split with the same samples that worker processes can open cheaply (default: itself)."""
@@ -174,7 +183,83 @@ class FileSplit(Split):
             data = path.read_bytes()
         except OSError as error:
             raise UserError(f"cannot read image {path}: {error.strerror}; is the dataset folder complete?") from None
-        return Sample(key=key_from_path(self.paths[i]), image=data, fine=self.fine[i], coarse=self.coarse[i])
+        return Sample(key=key_from_path(self.paths[i]), image=decoded_alike(data, path), fine=self.fine[i],
+                      coarse=self.coarse[i])
+
+    def check(self) -> list[str]:
+        return [f"{self.root / path}: {problem}" for path in self.paths
+                if (problem := file_problem(self.root / path)) is not None]
+
+
+# The most pixels (width x height) a source image may have: 8192 x 8192. Larger ones are refused before
+# any shard is written (a decoder would need gigabytes for each; a file that declares 60000 x 60000 in a
+# few bytes of header is a "decompression bomb").
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def file_problem(path: Path) -> str | None:
+    """What makes the image file at PATH unusable, in a few words (empty, unreadable header, more pixels
+    than MAX_IMAGE_PIXELS), or None. Reads the header only."""
+    from PIL import Image
+
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:
+        return f"declares more than {MAX_IMAGE_PIXELS} pixels (the limit)"
+    except OSError as error:  # PIL's UnidentifiedImageError included
+        return f"unreadable image header ({error.strerror or error})"
+    except (ValueError, SyntaxError, struct.error) as error:
+        return f"unreadable image header ({error})"
+    if width * height > MAX_IMAGE_PIXELS:
+        return f"{width} x {height} pixels, more than the limit of {MAX_IMAGE_PIXELS} (8192 x 8192)"
+    return None
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_QUALITY = 95  # of a JPEG re-encoded because the loaders would decode its colours differently
+
+
+def decoded_alike(data: bytes, path: Path) -> bytes:
+    """The image file DATA as it goes into the shards: unchanged when every loader back end decodes it to
+    the same 8-bit pixels, else converted to 8-bit RGB.
+
+    Unchanged: 8-bit grey or RGB PNGs; JPEGs that PIL reads as grey or RGB. Converted: PNGs of 16 bits per
+    channel (grey: v / 257 rounded; colour: the high byte, as PIL reads it), with alpha, or with a palette,
+    to an 8-bit RGB PNG; CMYK and YCCK JPEGs
+    to an RGB JPEG (quality JPEG_QUALITY, no chroma subsampling). Alpha is dropped, never composited: the
+    colour channels are kept as stored, as both decoders do for 8-bit RGBA.
+    """
+    if data.startswith(_PNG_SIGNATURE) and len(data) > 25 and data[24] == 8 and data[25] in (0, 2):
+        return data  # IHDR: bit depth 8, colour type grey (0) or RGB (2)
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format == "JPEG" and image.mode in ("L", "RGB"):
+                return data
+            pixels = _rgb8(image)
+            kind = image.format
+    except (OSError, ValueError, SyntaxError) as error:
+        raise UserError(f"cannot decode image {path} ({error}); replace the file or remove it from SRC") from None
+    buffer = io.BytesIO()
+    if kind == "JPEG":
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    else:
+        Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _rgb8(image) -> np.ndarray:
+    """H x W x 3 uint8 pixels of a PIL image of any mode (16-bit values / 257, rounded; alpha dropped)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.round(np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -189,6 +274,25 @@ def key_from_path(relative_path: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def describe_files(folder: Path) -> dict:
+    """What identifies the files under FOLDER (recursively, links followed, hidden names skipped): their
+    count, total bytes and a sha256 over every relative path, size and modification time (ns). Equal for
+    the same files wherever the folder lies; different when a file is added, removed, resized or rewritten."""
+    lines, total = [], 0
+    for directory, subfolders, names in os.walk(folder, followlinks=True):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = Path(directory) / name
+            stat = path.stat()
+            lines.append(f"{path.relative_to(folder).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}\n")
+            total += stat.st_size
+    digest = hashlib.sha256("".join(sorted(lines)).encode())
+    count = len(lines)
+    return {"folder": str(Path(folder).resolve()), "files": count, "bytes": total, "sha256": digest.hexdigest()}
 
 
 def source_folder(src: Path | str | None, dataset: str, where_to_get: str) -> Path:
@@ -220,13 +324,39 @@ def load_json(path: Path, where_to_get: str):
         raise UserError(f"{path} is not a readable JSON file; {where_to_get}") from None
 
 
+# What the pickled CIFAR and downsampled-ImageNet batches hold: dicts, lists, strings, bytes and numbers (no
+# global needed) and numpy arrays, rebuilt from these functions; `_codecs.encode` is how Python 3 pickles
+# bytes at protocol 2. Nothing else is looked up, so a crafted file cannot call os.system or open().
+PICKLE_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),
+})
+
+
+class ForbiddenPickle(pickle.UnpicklingError):
+    """A pickle asked for a global outside PICKLE_GLOBALS."""
+
+
+class _SourceUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PICKLE_GLOBALS:
+            raise ForbiddenPickle(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def load_pickle(path: Path, where_to_get: str) -> dict:
-    """A pickled dict from the CIFAR / downsampled-ImageNet releases, with str keys."""
+    """A pickled dict from the CIFAR / downsampled-ImageNet releases, with str keys, read by an unpickler
+    that admits only PICKLE_GLOBALS."""
     try:
         with open(path, "rb") as handle:
-            content = pickle.load(handle, encoding="latin1")
+            content = _SourceUnpickler(handle, encoding="latin1").load()
     except FileNotFoundError:
         raise UserError(f"missing {path}; {where_to_get}") from None
+    except ForbiddenPickle as error:
+        raise UserError(f"{path} holds a pickled {error}, which the official files never hold (such a file can "
+                        f"run code; it was not run); {where_to_get}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError):
         raise UserError(f"{path} is not a pickled batch of the expected format; {where_to_get}") from None
     if not isinstance(content, dict):

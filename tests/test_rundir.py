@@ -1,0 +1,242 @@
+"""Run folders: a folder belongs to one run, --resume auto / PATH choose where to continue, runs started
+together get folders of their own, and metrics.jsonl survives a cut row and a full disk. Real folders,
+real checkpoints, real processes; end-to-end runs of launch/train.py are marked slow."""
+
+import errno
+import hashlib
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from maskcon import checkpoints, rundir
+from maskcon.errors import UserError
+from maskcon.tracking import Tracker
+from tests.test_checkpoints import build, truncate
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--image-size", "8", "--batch-size", "64", "--queue-size", "128", "--eval-batch-size", "128",
+        "--warmup-epochs", "0.5", "--log-every", "2", "--loader-threads", "1", "--eval-untrained", "false",
+        "--wandb", "disabled"]
+STEPS_PER_EPOCH = 1437 // 64  # digits' train split, 1 process
+
+
+def contents(folder: Path) -> dict:
+    return {path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def quiet(line: str) -> None:
+    pass
+
+
+def an_earlier_run(folder: Path, steps: tuple[int, ...] = (5,)) -> list[Path]:
+    """A run folder as the trainer leaves it: options, metrics, results and real checkpoints."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("dataset: digits\n")
+    (folder / "metrics.jsonl").write_text('{"step": 5, "loss": 1.5}\n')
+    (folder / "results.json").write_text('{"step": 5, "R@1": 80.0}\n')
+    accelerator, model, optimizer = build(seed=0)
+    return [checkpoints.save(accelerator, folder / "checkpoints", step=step, epoch=0, extra_state={}, keep=3)
+            for step in steps]
+
+
+# ------------------------------------------------------------------------------------------ claiming
+
+
+def test_a_fresh_run_refuses_a_folder_of_another_run_and_leaves_it_byte_for_byte(tmp_path):
+    folder = tmp_path / "run"
+    an_earlier_run(folder)
+    before = contents(folder)
+    with pytest.raises(UserError) as caught:
+        rundir.claim(folder, None, default=tmp_path / "unused", log=quiet)
+    message = str(caught.value)
+    assert "\n" not in message and str(folder) in message and "config.yaml" in message
+    assert "--resume" in message and "new --output-dir" in message  # both ways out
+    assert contents(folder) == before
+
+
+def test_a_folder_without_run_files_is_taken(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "slurm-7.out").write_text("a scheduler's log beside the run\n")
+    assert rundir.claim(folder, None, default=tmp_path / "unused", log=quiet) == rundir.RunFolder(folder, None)
+
+
+def test_resume_auto_starts_afresh_in_an_empty_folder_and_resumes_an_interrupted_one(tmp_path):
+    empty = tmp_path / "empty"
+    lines = []
+    assert rundir.claim(empty, "auto", default=tmp_path / "unused", log=lines.append) == rundir.RunFolder(empty, None)
+    assert empty.is_dir() and len(lines) == 1 and "starting afresh" in lines[0]
+
+    interrupted = tmp_path / "interrupted"
+    older, newer = an_earlier_run(interrupted, steps=(5, 9))
+    (interrupted / "results.json").unlink()
+    truncate(newer / "model.safetensors")
+    before = contents(interrupted)
+    claimed = rundir.claim(interrupted, "auto", default=tmp_path / "unused", log=quiet)
+    assert claimed == rundir.RunFolder(interrupted, older)
+    assert contents(interrupted) == before
+
+
+def test_resume_auto_refuses_a_finished_run_without_checkpoints(tmp_path):
+    folder = tmp_path / "finished"
+    folder.mkdir()
+    (folder / "results.json").write_text('{"R@1": 80.0}\n')
+    with pytest.raises(UserError, match="holds a finished run .*results.json.* new --output-dir"):
+        rundir.claim(folder, "auto", default=tmp_path / "unused", log=quiet)
+    assert json.loads((folder / "results.json").read_text()) == {"R@1": 80.0}
+
+
+def test_a_bare_resume_without_a_checkpoint_names_auto(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint in .*--resume auto"):
+        rundir.claim(tmp_path / "new", "newest", default=tmp_path / "unused", log=quiet)
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_path_takes_a_run_folder_or_one_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    first, second = an_earlier_run(run, steps=(5, 9))
+    assert rundir.claim(None, str(run), default=tmp_path / "unused", log=quiet) == rundir.RunFolder(run, second)
+    assert rundir.claim(None, str(first), default=tmp_path / "unused", log=quiet) == rundir.RunFolder(run, first)
+    elsewhere = tmp_path / "branch"
+    assert rundir.claim(elsewhere, str(first), default=tmp_path / "unused", log=quiet) == \
+        rundir.RunFolder(elsewhere, first)
+    truncate(second / "optimizer.bin")
+    with pytest.raises(UserError, match="checkpoint is damaged .*optimizer.bin"):
+        rundir.claim(None, str(second), default=tmp_path / "unused", log=quiet)
+    with pytest.raises(UserError, match="no such folder"):
+        rundir.claim(None, str(tmp_path / "missing"), default=tmp_path / "unused", log=quiet)
+
+
+def _claim_at_once(barrier, base: str, queue) -> None:
+    barrier.wait()
+    queue.put(str(rundir.claim(None, None, default=Path(base), log=quiet).path))
+
+
+def test_runs_started_together_get_folders_of_their_own(tmp_path):
+    context = multiprocessing.get_context("fork")
+    count = 6
+    barrier, queue = context.Barrier(count), context.Queue()
+    base = tmp_path / "runs" / "digits-maskcon-20260101-000000"
+    workers = [context.Process(target=_claim_at_once, args=(barrier, str(base), queue)) for _ in range(count)]
+    for worker in workers:
+        worker.start()
+    folders = [queue.get(timeout=60) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert len(set(folders)) == count
+    assert sorted(p.name for p in base.parent.iterdir()) == sorted(Path(f).name for f in folders)
+
+
+# ------------------------------------------------------------------------------------------ metrics file
+
+
+def tracker(folder: Path, **resume) -> Tracker:
+    return Tracker(folder, config={}, wandb_mode="disabled", project="p", name="n", **resume)
+
+
+def test_a_row_cut_short_is_dropped_with_one_warning_and_the_rest_kept(tmp_path, capsys):
+    rows = [{"step": step, "loss": 1.0 / step} for step in (2, 4, 6)]
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    (tmp_path / "metrics.jsonl").write_text(text + '{"step": 8, "lo')  # killed while writing
+    logger = tracker(tmp_path, resume=True, resume_step=4)
+    logger.log({"step": 5, "loss": 0.1})
+    logger.close()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "metrics.jsonl" in warnings[0] and "line 4" in warnings[0]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [rows[0], rows[1], {"step": 5, "loss": 0.1}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no partial file left
+
+
+def test_a_full_disk_while_logging_is_one_line_and_leaves_whole_rows(tmp_path, monkeypatch):
+    logger = tracker(tmp_path)
+    logger.log({"step": 1, "loss": 2.0})
+    real_write = os.write
+
+    def half_then_full(descriptor, data):
+        if len(data) > 10:
+            return real_write(descriptor, bytes(data[:10]))  # the disk takes part of the row, then fills
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(UserError) as caught:
+        logger.log({"step": 2, "loss": 1.0})
+    monkeypatch.setattr(os, "write", real_write)
+    assert "\n" not in str(caught.value) and str(tmp_path / "metrics.jsonl") in str(caught.value)
+    assert "No space left" in str(caught.value)
+    assert (tmp_path / "metrics.jsonl").read_text() == json.dumps({"step": 1, "loss": 2.0}) + "\n"
+    logger.close()
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def train(args, cwd=ROOT, **popen):
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900, **popen)
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory):
+    from maskcon import shards
+
+    folder = tmp_path_factory.mktemp("shards") / "digits"
+    shards.create("digits", None, folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_reusing_a_run_folder_is_refused_and_resume_auto_continues_and_keeps_recall(digits_shards, tmp_path):
+    out = tmp_path / "run"
+    common = ["--shards", str(digits_shards), *FAST, "--epochs", "2", "--eval-every", "1",
+              "--checkpoint-every", "1", "--output-dir", str(out)]
+    first = train([*common, "--max-steps", str(STEPS_PER_EPOCH + 3)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = contents(out)
+
+    again = train(common)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "Traceback" not in again.stderr
+    assert again.stderr.startswith(f"error: {out} holds another run's files") and "--resume" in again.stderr
+    assert contents(out) == before
+
+    resumed = train([*common, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {STEPS_PER_EPOCH + 3}" in resumed.stdout
+    finished = json.loads((out / "results.json").read_text())
+    assert finished["step"] == 2 * STEPS_PER_EPOCH and "R@1" in finished
+
+    again = train([*common, "--resume"])  # a finished run resumed: nothing left to train
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["R@1"] == finished["R@1"]
+
+
+@pytest.mark.slow
+def test_resume_auto_on_an_empty_folder_starts_afresh(digits_shards, tmp_path):
+    out = tmp_path / "new"
+    result = train(["--shards", str(digits_shards), *FAST, "--epochs", "1", "--max-steps", "4",
+                    "--output-dir", str(out), "--resume", "auto"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "starting afresh" in result.stdout and json.loads((out / "results.json").read_text())["step"] == 4
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_write_into_two_folders(digits_shards, tmp_path):
+    args = ["--shards", str(digits_shards), *FAST, "--epochs", "1", "--max-steps", "2", "--checkpoint-every", "1"]
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    runs = [subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [run.communicate(timeout=900)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert len(folders) == 2
+    for folder in folders:
+        assert json.loads((folder / "results.json").read_text())["step"] == 2
+        assert [p.name for p in (folder / "checkpoints").iterdir()] == ["step-00000002"]

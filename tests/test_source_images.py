@@ -1,0 +1,162 @@
+"""Source images as users have them: other modes (16-bit, grey+alpha, palette, CMYK) decode alike in both
+loader back ends; empty, unreadable and oversized files are refused before any shard is written; shards
+know the inputs they were made from. Real image files, real shards, real DALI (CPU) and torch loaders."""
+
+import io
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maskcon import shards
+from maskcon.datasets import DATASETS
+from maskcon.datasets.source import MAX_IMAGE_PIXELS
+from maskcon.errors import UserError
+from maskcon.loaders import build_test_loader
+from tests import sources
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def folder_source(src: Path, test_images: dict[str, bytes], extension: str) -> None:
+    """One fine class per test image (so a batch's fine label names the image), plain RGB training images."""
+    rng = np.random.default_rng(1)
+    plain = png if extension == "png" else jpg
+    (src / "test").mkdir(parents=True)
+    (src / "fine_to_coarse.csv").write_text("fine,coarse\n" + "".join(f"{name},group{i % 2}\n"
+                                                                      for i, name in enumerate(test_images)))
+    for name, data in test_images.items():
+        for split in ("train", "test"):
+            (src / split / name).mkdir(parents=True, exist_ok=True)
+        (src / "test" / name / f"a.{extension}").write_bytes(data)
+        (src / "train" / name / f"a.{extension}").write_bytes(
+            plain(Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))))
+
+
+def decoded(out: Path, names: list[str], backend: str) -> dict[str, np.ndarray]:
+    """name -> 3 x 32 x 32 pixel levels (0..255) of each test image as the back end's test loader gives it."""
+    recipe = DATASETS["cifar100"].recipe  # no resize at 32 px: the pixels as decoded
+    mean, std = np.array(recipe.mean).reshape(1, 3, 1, 1), np.array(recipe.std).reshape(1, 3, 1, 1)
+    loader = build_test_loader(out, image_size=32, batch_size=8, rank=0, world_size=1, device="cpu",
+                               backend=backend, recipe="cifar100", num_threads=1 if backend == "dali" else 0)
+    found = {}
+    for batch in loader:
+        levels = np.round((batch["image"].numpy() * std + mean) * 255)  # float noise of the normalisation
+        for fine, image in zip(batch["fine"].tolist(), levels):
+            found[names[fine]] = image
+    return found
+
+
+def test_png_modes_decode_alike_in_both_back_ends(tmp_path):
+    rng = np.random.default_rng(0)
+    grey16 = (np.arange(32 * 32).reshape(32, 32) * 64 + 17).astype(np.uint16)  # 17 .. 65489
+    grey_alpha = rng.integers(0, 256, (32, 32, 2), dtype=np.uint8)
+    palette = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).quantize(16)
+    images = {"grey16": png(Image.fromarray(grey16)), "grey_alpha": png(Image.fromarray(grey_alpha, "LA")),
+              "palette": png(palette)}
+    folder_source(tmp_path / "src", images, "png")
+    shards.create("folder", tmp_path / "src", tmp_path / "out", workers=1)
+    names = list(images)
+    dali, torch_path = decoded(tmp_path / "out", names, "dali"), decoded(tmp_path / "out", names, "torch")
+    for name in names:
+        assert np.abs(dali[name] - torch_path[name]).max() <= 1, name
+    expected = {"grey16": np.round(grey16 / 257.0),       # 16 bits to 8, rounded
+                "grey_alpha": grey_alpha[:, :, 0],        # alpha dropped, grey to three equal channels
+                "palette": np.asarray(palette.convert("RGB")).transpose(2, 0, 1)}
+    for name, pixels in expected.items():
+        assert np.abs(torch_path[name] - pixels).max() <= 1, name
+
+
+def test_cmyk_and_grey_jpegs_decode_alike_in_both_back_ends(tmp_path):
+    rng = np.random.default_rng(0)
+    cmyk = Image.fromarray(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8), "CMYK")
+    images = {"cmyk": jpg(cmyk), "grey": jpg(Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)))}
+    folder_source(tmp_path / "src", images, "jpg")
+    shards.create("folder", tmp_path / "src", tmp_path / "out", workers=1)
+    names = list(images)
+    dali, torch_path = decoded(tmp_path / "out", names, "dali"), decoded(tmp_path / "out", names, "torch")
+    for name in names:
+        assert np.array_equal(dali[name], torch_path[name]), name
+    as_pil_reads_it = np.asarray(Image.open(io.BytesIO(images["cmyk"])).convert("RGB")).transpose(2, 0, 1)
+    # re-encoded at quality 95, 4:4:4 (random pixels: JPEG's worst case); inverted colours would differ by ~128
+    assert np.abs(torch_path["cmyk"] - as_pil_reads_it).mean() < 6
+
+
+def bomb_jpeg() -> bytes:
+    """A valid 16 x 16 JPEG whose frame header declares 60000 x 60000 pixels."""
+    data = bytearray(jpg(Image.new("RGB", (16, 16), (200, 30, 30))))
+    frame = data.index(b"\xff\xc0")  # baseline frame: marker, length, precision, height, width
+    data[frame + 5:frame + 9] = struct.pack(">HH", 60000, 60000)
+    return bytes(data)
+
+
+def test_bad_source_files_are_named_before_any_shard_is_written(tmp_path):
+    src = tmp_path / "src"
+    sources.write_folder(src)
+    bomb = src / "train" / "beagle" / "bomb.jpg"
+    bomb.write_bytes(bomb_jpeg())
+    empty = src / "test" / "boxer" / "empty.jpg"
+    empty.write_bytes(b"")
+    cut = src / "train" / "poodle" / "cut.jpg"
+    cut.write_bytes(b"\xff\xd8\xff\xe0\x00")  # a JPEG that ends inside its first header
+    lines = []
+    with pytest.raises(UserError) as caught:
+        shards.create("folder", src, tmp_path / "out", workers=1, log=lines.append)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("3 source file(s) cannot be converted")
+    named = [line for line in lines if line.startswith("bad source file:")]
+    assert len(named) == 3
+    assert any(str(bomb) in line and str(MAX_IMAGE_PIXELS) in line for line in named)
+    assert any(str(empty) in line and "empty" in line for line in named)
+    assert any(str(cut) in line and "header" in line for line in named)
+    assert not (tmp_path / "out").exists()
+
+
+def test_create_after_a_changed_coarse_map_is_refused_naming_it(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources.write_folder(src, file_format="png")
+    shards.create("folder", src, out, workers=1)
+    manifest = (out / "manifest.json").read_bytes()
+    csv = src / "fine_to_coarse.csv"
+    csv.write_text(csv.read_text().replace("poodle,dog", "poodle,cat"))
+    with pytest.raises(UserError) as caught:
+        shards.create("folder", src, out, workers=1)
+    message = str(caught.value)
+    assert "\n" not in message and "the coarse map" in message and "--overwrite" in message
+    assert (out / "manifest.json").read_bytes() == manifest
+    rebuilt = shards.create("folder", src, out, workers=1, overwrite=True)
+    assert rebuilt["coarse_classes"][rebuilt["fine_to_coarse"][rebuilt["fine_classes"].index("poodle")]] == "cat"
+
+
+def test_an_interrupted_create_is_not_finished_from_another_source(tmp_path):
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "out"
+    sources.write_folder(first, seed=0, file_format="png")
+    sources.write_folder(second, seed=1, file_format="png")  # the same names and counts, other pixels
+
+    def stop_after_the_first_shards(line: str) -> None:
+        if line.startswith("folder: ") and "/" in line and not line.endswith("0/0 shards"):
+            raise KeyboardInterrupt  # as a user's Ctrl-C between two shards
+
+    with pytest.raises(KeyboardInterrupt):
+        shards.create("folder", first, out, samples_per_shard=2, workers=1, log=stop_after_the_first_shards)
+    written = sorted(p.name for p in (out / "train").glob("*.tar"))
+    assert written and not (out / "manifest.json").exists()
+    with pytest.raises(UserError, match="interrupted conversion of other inputs .*the source files.*--overwrite"):
+        shards.create("folder", second, out, samples_per_shard=2, workers=1)
+    manifest = shards.create("folder", first, out, samples_per_shard=2, workers=1)  # the same inputs resume
+    assert manifest["source_files"]["folder"] == str(first.resolve())
+    assert shards.verify(out, workers=1) == []
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["num_samples"] == 20
