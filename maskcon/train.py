@@ -31,11 +31,13 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from tqdm.auto import tqdm
 
 from maskcon import checkpoints, dist, shards
+from maskcon.backbone import backbone_metadata, save_backbone
 from maskcon.config import Config, shards_dir, to_dict
 from maskcon.errors import AgreedError, UserError
 from maskcon.loaders import build_test_loader, build_train_loader
 from maskcon.methods import method_for
 from maskcon.model import MaskConModel, fetch_pretrained
+from maskcon.provenance import provenance
 from maskcon.retrieval import RECALL_KS, recall_at_k
 from maskcon.shard_format import read_manifest
 from maskcon.step import StepParts, make_optimizer, set_lr, train_step
@@ -198,7 +200,9 @@ def _train(config: Config, accelerator: Accelerator, preemption: _Preemption) ->
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
     main = accelerator.is_main_process
     method = method_for(config.method)
-    resolved = {**to_dict(config), "mixed_precision": accelerator.mixed_precision, "channels_last": channels_last}
+    resolved = {**to_dict(config), "mixed_precision": accelerator.mixed_precision, "channels_last": channels_last,
+                "num_processes": accelerator.num_processes, "base_lr": base_learning_rate(config, accelerator.num_processes),
+                "provenance": provenance()}
 
     # --- where the run writes (decided once, on the main process) ---
     chosen = [str(Path(config.output_dir)) if config.output_dir else str(default_output_dir(config))]
@@ -393,7 +397,7 @@ def _train(config: Config, accelerator: Accelerator, preemption: _Preemption) ->
 
     def finish() -> None:
         if stopped != "preempted":
-            torch.save(learner.encoder.state_dict(), output_dir / "backbone.pt")
+            save_backbone(output_dir, learner.encoder, backbone_metadata(resolved, metrics, step))
             results = {"step": step, "stopped": stopped, **metrics, **untrained,
                        "weights_fingerprint_per_process": fingerprints}
             (output_dir / "results.json").write_text(json.dumps(results, indent=1))
