@@ -87,7 +87,7 @@ def _check_resume(config: Config, processes: int, manifest: dict | None) -> str:
 
 def launcher_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python launch/run.py", add_help=False,
+        prog="python launch/run.py", add_help=False, allow_abbrev=False,
         usage="%(prog)s [--processes N | --accelerate-config FILE] [trainer options, see launch/train.py --help]")
     parser.add_argument("--processes", default="auto",
                         help="processes of this machine: a number, or auto (one per visible GPU, 1 without one)")
