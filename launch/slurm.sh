@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Train on several nodes under SLURM: one `accelerate launch` per node, one process per GPU.
 #
-#   sbatch --nodes 2 launch/slurm.sh --dataset imagenet32 --mixed-precision bf16
+#   sbatch --nodes 2 launch/slurm.sh --dataset imagenet32 --global-batch 256 --mixed-precision bf16
 #
 # Submit from the repository root with the Python environment active (sbatch passes the environment on).
-# Every argument goes to launch/train.py unchanged. The node count comes from sbatch (--nodes); GPUs per
+# Every argument goes to launch/train.py unchanged. The run is checked once first, here, for all its processes
+# (`launch/train.py --check`: options, the global batch over all GPUs, shards, --resume checkpoint, W&B); a
+# mistake is one line and exit 2 before any node starts. `accelerate launch -q` keeps its own traceback out. The node count comes from sbatch (--nodes); GPUs per
 # node from SLURM's allocation (--gpus-per-node), or GPUS_PER_NODE=N to say it. The rendezvous is the first
 # node of the job on port MAIN_PROCESS_PORT (default 29500 + job id mod 1000, so jobs sharing a node differ).
 #
@@ -51,12 +53,14 @@ fi
 grace_s=120   # the TERM@ lead time of --signal above: change both together
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-$grace_s}
 
+WORLD_SIZE=$((nodes * gpus_per_node)) python launch/train.py --check "$@" >&2 || exit $?
+
 echo "nodes $nodes x $gpus_per_node GPUs, ${cpus_per_task:-?} CPUs per node, rendezvous $main_node:$main_port," \
      "shutdown timeout ${TORCH_ELASTIC_SHUTDOWN_TIMEOUT} s" >&2
 
 # One task per node; SLURM_NODEID (0 .. nodes-1) is read on each node, so the single quotes are deliberate.
 srun --nodes "$nodes" --ntasks-per-node 1 "${cpu_option[@]}" --kill-on-bad-exit=1 bash -c '
-    exec accelerate launch \
+    exec accelerate launch -q \
         --config_file launch/accelerate/multinode.yaml \
         --num_machines "$0" \
         --num_processes "$1" \

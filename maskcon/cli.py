@@ -18,24 +18,35 @@ BENCHMARKS = {
 
 
 def fail(err: UserError) -> int:
-    print(f"error: {err}", file=sys.stderr)
+    """Print the one line of a user error (once per run: only the process of rank 0 speaks) and return 2."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {err}", file=sys.stderr)
     return 2
 
 
 def run_train(argv: list[str]) -> int:
-    from maskcon.config import parse_config
+    """One process of a run (launch/train.py). --print-config and --check answer without training."""
+    from maskcon.config import parse_config, world_size
 
     try:
         config = parse_config(argv)
+    except UserError as err:   # every process reads the same options: rank 0 speaks for all
+        return fail(err)
+    try:
+        if config.print_config or config.check:
+            from maskcon.launcher import report_or_check
+
+            return report_or_check(config, world_size()) if int(os.environ.get("RANK", "0")) == 0 else 0
         from maskcon.train import train
 
         result = train(config)
     except FailedElsewhere:  # the process that failed prints its own error
         return 2
     except AgreedError as err:  # raised by every process alike: the main process speaks for all
-        return fail(err) if int(os.environ.get("RANK", "0")) == 0 else 2
-    except UserError as err:
         return fail(err)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if result.untrained:
         print("untrained " + "  ".join(f"{k[len('untrained_'):]} {v:.2f}" for k, v in result.untrained.items()))
     if result.metrics:

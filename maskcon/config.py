@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +30,8 @@ VIEWS = ("strong", "weak")
 class Config:
     # --- data ---
     dataset: str = field(default="digits", metadata={"help": f"dataset of the shards: {', '.join(DATASETS)}"})
-    shards: str | None = field(default=None, metadata={"help": "shard folder (default: shards/DATASET)"})
-    image_size: int = field(default=32, metadata={"help": "side of the square network input, pixels (default: the dataset's)"})
+    shards: str | None = field(default=None, metadata={"help": "shard folder (none: shards/DATASET under the current folder, where make_shards writes)"})
+    image_size: int = field(default=32, metadata={"help": "side of the square network input, pixels"})
     query_view: str = field(default="strong", metadata={"help": "augmentation of the query view: strong|weak"})
     key_view: str = field(default="weak", metadata={"help": "augmentation of the key view: strong|weak"})
     loader: str = field(default="dali", metadata={"help": "data loader back end: dali|torch"})
@@ -48,7 +50,8 @@ class Config:
     proj_dim: int = field(default=128, metadata={"help": "projector output dimension"})
     # --- optimisation (supplement, section A) ---
     epochs: int = field(default=200, metadata={"help": "training epochs"})
-    batch_size: int = field(default=128, metadata={"help": "images per process per step"})
+    batch_size: int = field(default=128, metadata={"help": "images per process per step (set by --global-batch when given)"})
+    global_batch: int | None = field(default=None, metadata={"help": "images per step summed over all processes, split evenly over them; the sweeps pin it to the recipe's batch (recorded in config.yaml either way)"})
     lr: float = field(default=0.02, metadata={"help": "SGD learning rate for the reference batch"})
     lr_reference_batch: int = field(default=128, metadata={"help": "global batch that --lr is given for"})
     scale_lr: bool = field(default=True, metadata={"help": "scale lr linearly by global batch / reference batch"})
@@ -76,6 +79,8 @@ class Config:
     run_name: str | None = field(default=None, metadata={"help": "run name (default: DATASET-METHOD-TIME)"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps in all (smoke tests)"})
     config: str | None = field(default=None, metadata={"help": "YAML file of options (command line wins)"})
+    print_config: bool = field(default=False, metadata={"help": "print the resolved configuration as YAML and exit"})
+    check: bool = field(default=False, metadata={"help": "check the run without training (options, shards, --resume checkpoint, W&B), print what it would do and exit"})
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -115,12 +120,19 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The trainer's options. defaults: the values --help shows (the dataset's preset: `resolved_defaults`);
+    the parser itself sets nothing it was not given (argument_default=SUPPRESS), so precedence stays in
+    `parse_config`."""
+    shown = {name: f.default for name, f in FIELDS.items()} | (defaults or {})
     parser = _Parser(
-        prog="accelerate launch launch/train.py",
+        prog="python launch/train.py",
+        usage="%(prog)s [--dataset NAME] [--method NAME] [--OPTION VALUE ...]",
         description="Train MaskCon or a baseline on WebDataset shards. Options override the dataset's "
-                    "preset and a --config YAML file. Both --some-option and --some_option=value work.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "preset and a --config YAML file; the defaults shown are those of --dataset (and --method) "
+                    "when given with --help. Both --some-option and --some_option=value work; a true/false option "
+                    "also takes --no-NAME. Several processes: "
+                    "python launch/run.py --processes N [options].",
         argument_default=argparse.SUPPRESS,
     )
     for name, f in FIELDS.items():
@@ -128,18 +140,30 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [f"--{name.replace('_', '-')}"]
         if "_" in name:
             flags.append(f"--{name}")
-        help_text = f.metadata.get("help", "")
+        help_text = f"{f.metadata.get('help', '')} (default: {shown[name]})"
         if base is bool:
             parser.add_argument(*flags, dest=name, nargs="?", const=True, type=_parse_bool,
-                                metavar="BOOL", help=f"{help_text} (default: {f.default})")
+                                metavar="BOOL", help=help_text)
             parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false",
-                                help=f"turn off --{name.replace('_', '-')}")
+                                help=argparse.SUPPRESS)
         else:
             kind = _optional(base) if optional else base
             bare = {"nargs": "?", "const": f.metadata["const"]} if "const" in f.metadata else {}  # e.g. --resume
-            parser.add_argument(*flags, dest=name, type=kind, metavar=name.upper(),
-                                help=f"{help_text} (default: {f.default})", **bare)
+            parser.add_argument(*flags, dest=name, type=kind, metavar=name.upper(), help=help_text, **bare)
     return parser
+
+
+def resolved_defaults(argv: list[str]) -> dict:
+    """The values a run of `argv` starts from before its own options: the dataclass defaults with the preset
+    of the --dataset and --method found in argv (or in its --config file)."""
+    scout = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    for name in ("dataset", "method", "config"):
+        scout.add_argument(f"--{name}", dest=name)
+    found = vars(scout.parse_known_args(argv)[0])
+    from_yaml = load_yaml(found["config"]) if found.get("config") else {}
+    dataset = found.get("dataset", from_yaml.get("dataset", Config.dataset))
+    method = found.get("method", from_yaml.get("method", Config.method))
+    return {**{name: f.default for name, f in FIELDS.items()}, **preset(dataset, method), **from_yaml}
 
 
 def _coerce(name: str, value):
@@ -173,9 +197,20 @@ def load_yaml(path: str) -> dict:
     return {k: _coerce(k, v) for k, v in values.items()}
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Resolve defaults < dataset preset < YAML < command line into one validated Config."""
-    cli = vars(build_parser().parse_args(argv))
+def world_size() -> int:
+    """Processes of this run: WORLD_SIZE, which `accelerate launch` (torchrun) sets in each process; 1 alone."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
+
+
+def parse_config(argv: list[str] | None = None, *, processes: int | None = None) -> Config:
+    """Resolve defaults < dataset preset < YAML < command line into one validated Config, with the batch
+    settled for `processes` (default: `world_size()`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(resolved_defaults(argv) if {"-h", "--help"} & set(argv) else None)
+    cli = vars(parser.parse_args(argv))
     from_yaml = load_yaml(cli["config"]) if cli.get("config") else {}
     dataset = cli.get("dataset", from_yaml.get("dataset", Config.dataset))
     method = cli.get("method", from_yaml.get("method", Config.method))
@@ -184,7 +219,41 @@ def parse_config(argv: list[str] | None = None) -> Config:
     values.update(cli)
     config = Config(**values)
     validate(config)
+    given = {**from_yaml, **cli}
+    refuse_conflicts(config, given)
+    settle_batch(config, world_size() if processes is None else processes, batch_given="batch_size" in given)
     return config
+
+
+def refuse_conflicts(config: Config, given: dict) -> None:
+    """One line for options that contradict each other; `given`: the options set by YAML or command line."""
+    if config.accept_changes and not config.resume:
+        raise UserError("--accept-changes only applies with --resume; add --resume or drop --accept-changes")
+    if config.compile_mode is not None and not config.compile:
+        raise UserError("--compile-mode only applies with --compile; add --compile or drop --compile-mode")
+    if "global_batch" in given and "batch_size" in given and config.global_batch is not None:
+        raise UserError("--global-batch and --batch-size both set the batch; give one of them")
+    if config.check and config.print_config:
+        raise UserError("--check and --print-config both end the run before training; give one of them")
+
+
+def settle_batch(config: Config, processes: int, *, batch_given: bool) -> None:
+    """Fill in --batch-size (per process) and --global-batch (all processes) for `processes` processes.
+
+    --global-batch given: it is split evenly (refused when it does not divide). Otherwise the global batch is
+    --batch-size x processes. Under a W&B sweep agent (WANDB_SWEEP_ID) on several processes without
+    --global-batch the run is refused: it would train another batch, and lr, than the recipe's."""
+    if config.global_batch is not None:
+        if config.global_batch < 1 or config.global_batch % processes:
+            raise UserError(f"--global-batch {config.global_batch} does not split evenly over {processes} "
+                            f"process(es); pass a multiple of {processes} or start another number of processes")
+        config.batch_size = config.global_batch // processes
+        return
+    if processes > 1 and os.environ.get("WANDB_SWEEP_ID") and not batch_given:
+        raise UserError(f"this sweep run on {processes} processes would train a global batch of "
+                        f"{config.batch_size * processes}, not the recipe's {config.batch_size}; add "
+                        f"global_batch to the sweep's parameters")
+    config.global_batch = config.batch_size * processes
 
 
 def preset(dataset: str, method: str) -> dict:
@@ -245,8 +314,13 @@ def validate(config: Config) -> None:
         raise UserError(f"--max-steps must be at least 1, got {config.max_steps}")
 
 
+def default_shards_dir(dataset: str) -> Path:
+    """Where shards are written and read unless told otherwise: shards/DATASET under the current folder."""
+    return Path("shards") / dataset
+
+
 def shards_dir(config: Config) -> Path:
-    return Path(config.shards) if config.shards else Path("shards") / config.dataset
+    return Path(config.shards) if config.shards else default_shards_dir(config.dataset)
 
 
 def to_dict(config: Config) -> dict:

@@ -26,6 +26,7 @@ from maskcon.errors import AgreedError, UserError
 from maskcon.loaders import build_test_loader, build_train_loader
 from maskcon.methods import method_for
 from maskcon.model import MaskConModel, fetch_pretrained
+from maskcon.provenance import provenance
 from maskcon.shard_format import read_manifest
 from maskcon.step import StepParts, make_optimizer
 
@@ -222,7 +223,9 @@ def _start_tracker(config: Config, run: Run):
 def build_run(config: Config, accelerator: Accelerator) -> Run:
     """The run of `config` on `accelerator`: every process calls it at the same point."""
     channels_last = settle_device(config, accelerator)
-    resolved = {**to_dict(config), "mixed_precision": accelerator.mixed_precision, "channels_last": channels_last}
+    resolved = {**to_dict(config), "mixed_precision": accelerator.mixed_precision, "channels_last": channels_last,
+                "num_processes": accelerator.num_processes,
+                "base_lr": base_learning_rate(config, accelerator.num_processes), "provenance": provenance()}
     claimed = rundir.claim_everywhere(config.output_dir, config.resume, dataset=config.dataset,
                                       method=config.method, log=accelerator.print)
     output_dir, resumed_from = claimed.path, claimed.resume_from

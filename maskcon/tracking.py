@@ -1,4 +1,5 @@
-"""Where a run's numbers go: OUTPUT_DIR/metrics.jsonl always, Weights & Biases when enabled.
+"""Where a run's numbers go: OUTPUT_DIR/metrics.jsonl always, Weights & Biases when enabled; the main
+process's console output goes to OUTPUT_DIR/console.log (and to W&B as a file of the run).
 
 Used on the main process only. wandb is imported only when the mode is not 'disabled'.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,14 +16,63 @@ from maskcon.errors import UserError
 
 
 def wandb_logged_in() -> bool:
-    """True when an API key is configured (environment or ~/.netrc), without touching the network."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return "api.wandb.ai" in netrc.read_text()
-    except OSError:
-        return False
+    """True when W&B's own credential lookup finds credentials for its configured host (WANDB_BASE_URL or
+    settings): WANDB_API_KEY, an api_key in a settings file, a netrc entry (NETRC, ~/.netrc) for that host,
+    or an identity token file. Neither prompts nor touches the network; W&B's messages are not shown."""
+    import contextlib
+    import io
+
+    import wandb
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return bool(wandb.login(prompt=False, verify=False))
+        except Exception:  # wandb raises many types for unreadable settings; no credentials then
+            return False
+
+
+class ConsoleLog:
+    """Copies what this process writes to stdout and stderr into a file (appended to on --resume), line by
+    line per stream, keeping of a progress-bar line only its last state (the text after its last \\r)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = self.path.open("a")
+        self._streams = {"stdout": sys.stdout, "stderr": sys.stderr}
+        sys.stdout = _Tee(sys.stdout, self)
+        sys.stderr = _Tee(sys.stderr, self)
+
+    def close(self) -> None:
+        for name, stream in self._streams.items():
+            if isinstance(getattr(sys, name), _Tee):
+                getattr(sys, name).finish()
+                setattr(sys, name, stream)
+        self._file.close()
+
+
+class _Tee:
+    """A text stream that writes to `stream` and, by whole lines, to a ConsoleLog's file."""
+
+    def __init__(self, stream, log: ConsoleLog):
+        self._stream, self._log, self._line = stream, log, ""
+
+    def write(self, text: str) -> int:
+        if not self._log._file.closed:
+            for piece in text.splitlines(keepends=True):
+                self._line = self._line + piece if "\r" not in piece else piece.rsplit("\r", 1)[1]
+                if self._line.endswith("\n"):
+                    self._log._file.write(self._line)
+                    self._line = ""
+            self._log._file.flush()
+        return self._stream.write(text)
+
+    def finish(self) -> None:
+        if self._line.strip():
+            self._log._file.write(self._line + "\n")
+        self._line = ""
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -40,6 +91,7 @@ class Tracker:
     def __init__(self, output_dir: Path, *, config: dict, wandb_mode: str, project: str, name: str,
                  resume: bool = False, resume_step: int = 0):
         self.output_dir = Path(output_dir)
+        self.console = ConsoleLog(self.output_dir / "console.log")
         self.metrics_path = self.output_dir / "metrics.jsonl"
         if resume and self.metrics_path.exists():
             # rows written after the checkpoint we resume from are logged again by the resumed run
@@ -85,6 +137,9 @@ class Tracker:
 
     def close(self) -> None:
         os.close(self._file)
+        self.console.close()
+        if self.run is not None:   # files in the run's folder are uploaded with it
+            shutil.copyfile(self.console.path, Path(self.run.dir) / self.console.path.name)
         if self.run is not None:
             self.run.finish()
 

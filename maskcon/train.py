@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from maskcon import checkpoints, dist, rundir
+from maskcon.backbone import backbone_metadata, save_backbone
 from maskcon.config import Config
 from maskcon.errors import AgreedError, UserError
 from maskcon.model import MaskConModel
@@ -331,7 +332,8 @@ def _finish(run: Run, step: int, stopped: str, metrics: dict, untrained: dict) -
 def _write_results(run: Run, results: dict) -> None:
     """backbone.pt and results.json unless the run was preempted; the tracker's summary; closes it."""
     if results["stopped"] != "preempted":
-        torch.save(run.learner.encoder.state_dict(), run.output_dir / "backbone.pt")
+        recall = {name: value for name, value in results.items() if name.startswith("R@")}
+        save_backbone(run.output_dir, run.learner.encoder, backbone_metadata(run.resolved, recall, results["step"]))
         rundir.write_results(run.output_dir, results, resumed=run.resumed_from is not None)
     run.tracker.summary({name: value for name, value in results.items() if name.startswith("R@")})
     run.tracker.close()

@@ -1,8 +1,10 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from maskcon.config import FIELDS, build_parser, parse_config
 from maskcon.datasets import DATASETS, readme_table
@@ -66,6 +68,10 @@ def test_command_line_wins_in_both_spellings(tmp_path):
     (["--t0=-1"], "temperature"),
     (["--batch-size", "0"], "at least 1"),
     (["--epochs", "many"], "invalid"),
+    (["--accept-changes", "epochs"], "only applies with --resume"),
+    (["--compile-mode", "default"], "only applies with --compile"),
+    (["--global-batch", "64", "--batch-size", "32"], "give one of them"),
+    (["--check", "--print-config"], "give one of them"),
 ])
 def test_impossible_options_are_one_line_errors(argv, words):
     with pytest.raises(UserError) as err:
@@ -86,3 +92,59 @@ def test_bad_option_from_the_door_is_one_line_without_traceback():
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]
     assert out.stderr.startswith("error: unknown dataset 'mnist'")
+
+
+def test_help_shows_the_preset_of_the_dataset_and_method_asked_for():
+    def shown(argv, flag):
+        out = subprocess.run([sys.executable, "launch/train.py", *argv, "--help"], cwd=ROOT, capture_output=True,
+                             text=True)
+        assert out.returncode == 0, out.stderr
+        entry = out.stdout.split(f"  {flag} ", 1)[1].split("\n  --", 1)[0]
+        assert entry.count("(default:") == 1, entry            # printed once
+        return " ".join(entry.split()).rsplit("(default: ", 1)[1].rstrip(")")
+
+    assert shown([], "--epochs") == "12"                       # the bundled digits' preset
+    assert shown(["--dataset", "imagenet32"], "--epochs") == "100"
+    assert shown(["--dataset=imagenet32"], "--batch-size") == "256"
+    assert shown(["--dataset", "sop_split2", "--method", "coins"], "--w") == "0.2"    # supplement Table 1
+    assert shown(["--dataset", "cars196"], "--image-size") == "224"
+
+
+@pytest.mark.parametrize("processes, per_process", [(1, 128), (2, 64), (4, 32), (8, 16)])
+def test_global_batch_is_split_over_the_processes(processes, per_process):
+    config = parse_config(["--dataset", "cifar100", "--global-batch", "128"], processes=processes)
+    assert (config.batch_size, config.global_batch) == (per_process, 128)
+
+
+def test_without_global_batch_the_batch_is_per_process():
+    config = parse_config(["--dataset", "cifar100"], processes=4)
+    assert (config.batch_size, config.global_batch) == (128, 512)
+
+
+def test_a_global_batch_that_does_not_split_is_refused():
+    with pytest.raises(UserError, match="does not split evenly over 3"):
+        parse_config(["--dataset", "cifar100", "--global-batch", "128"], processes=3)
+
+
+def test_a_sweep_run_that_would_change_the_recipes_batch_is_refused(monkeypatch):
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
+    assert parse_config(["--dataset", "cifar100"], processes=1).global_batch == 128
+    with pytest.raises(UserError, match="not the recipe's 128"):
+        parse_config(["--dataset", "cifar100"], processes=2)
+    assert parse_config(["--dataset", "cifar100", "--global_batch=128"], processes=2).batch_size == 64
+
+
+def test_print_config_resolves_the_batch_and_lr_for_the_processes_of_the_launch():
+    out = subprocess.run([sys.executable, "launch/train.py", "--dataset", "cifar100", "--global-batch", "128",
+                          "--print-config"], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "4"})
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert (resolved["num_processes"], resolved["batch_size"], resolved["global_batch"]) == (4, 32, 128)
+    assert resolved["base_lr"] == pytest.approx(0.02) and resolved["dataset"] == "cifar100"
+
+
+def test_check_names_missing_shards_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "launch/train.py", "--dataset", "cifar100", "--shards", str(tmp_path),
+                          "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "make_shards.py create" in out.stderr

@@ -39,6 +39,11 @@ import sys
 assert sys.argv[1:] == ["show", "hostnames", {NODELIST!r}], sys.argv
 print("\\n".join({HOSTS!r}))
 '''
+FAKE_PYTHON = '''
+import json, os, sys
+with open(os.environ["RECORD"], "a") as record:
+    record.write(json.dumps({"program": "python", "argv": sys.argv[1:], "world_size": os.environ.get("WORLD_SIZE")}) + "\\n")
+'''
 FAKE_ACCELERATE = '''
 import json, os, sys
 names = ("SLURM_NODEID", "SLURM_CPUS_PER_TASK", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
@@ -57,7 +62,8 @@ def run_under_fake_slurm(tmp_path: Path, **environment: str) -> tuple[list[dict]
     """Run launch/slurm.sh as sbatch would on 2 nodes; returns (srun records, accelerate records by node)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("accelerate", FAKE_ACCELERATE)):
+    for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("accelerate", FAKE_ACCELERATE),
+                       ("python", FAKE_PYTHON)):
         (bin_dir / name).write_text(f"#!{sys.executable}\n{body}")
         (bin_dir / name).chmod(0o755)
     record = tmp_path / "record.jsonl"
@@ -87,10 +93,41 @@ def test_cpus_shutdown_timeout_and_process_layout_reach_accelerate_launch(tmp_pa
         assert launch["env"]["SLURM_CPUS_PER_TASK"] == "32"
         assert int(launch["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= signal_grace_s()
         assert launch["argv"] == [
-            "launch", "--config_file", "launch/accelerate/multinode.yaml", "--num_machines", "2",
+            "launch", "-q", "--config_file", "launch/accelerate/multinode.yaml", "--num_machines", "2",
             "--num_processes", "8", "--machine_rank", str(node), "--main_process_ip", HOSTS[0],
             "--main_process_port", str(29500 + 4242 % 1000), "launch/train.py", "--dataset", "imagenet32",
             "--run-name", "two words"]
+
+
+def test_the_run_is_checked_once_for_all_its_processes_before_the_nodes_start(tmp_path):
+    run_under_fake_slurm(tmp_path, SLURM_CPUS_PER_TASK="32")
+    lines = [json.loads(line) for line in (tmp_path / "record.jsonl").read_text().splitlines()]
+    assert lines[0] == {"program": "python", "world_size": "8",
+                        "argv": ["launch/train.py", "--check", "--dataset", "imagenet32", "--run-name", "two words"]}
+    assert [line["program"] for line in lines].count("python") == 1
+
+
+@pytest.mark.slow
+def test_a_bad_option_is_one_line_and_no_node_starts(tmp_path):
+    """The real check (the environment's python): one line, exit 2, srun never called."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("accelerate", FAKE_ACCELERATE)):
+        (bin_dir / name).write_text(f"#!{sys.executable}\n{body}")
+        (bin_dir / name).chmod(0o755)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("SLURM_", "SRUN_"))}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", RECORD=str(tmp_path / "record.jsonl"),
+               SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST=NODELIST,
+               SLURM_GPUS_PER_NODE="4", SLURM_JOB_ID="4242", PYTHONPATH=str(ROOT))
+    for argv, words in ((["--dataset", "mnist"], "unknown dataset 'mnist'"),
+                        (["--global-batch", "100"], "does not split evenly over 8")):
+        out = subprocess.run(["bash", str(SCRIPT), *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and words in out.stderr
+        assert not (tmp_path / "record.jsonl").exists()
 
 
 def test_without_cpus_per_task_the_task_gets_the_node_allocation(tmp_path):

@@ -1,4 +1,4 @@
-"""The W&B sweeps of launch/sweeps/ (supplement Tables 4-8)."""
+"""The W&B sweeps of launch/sweeps/: supplement Tables 4-8 and the main comparison per dataset."""
 
 import itertools
 from pathlib import Path
@@ -8,11 +8,17 @@ import yaml
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 from maskcon.config import FIELDS, parse_config
+from maskcon.datasets import DATASETS
 from maskcon.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEPS = sorted((ROOT / "launch" / "sweeps").glob("*.yaml"))
-COMMAND = ["accelerate", "launch", "${program}", "${args}"]
+ALL_SWEEPS = sorted((ROOT / "launch" / "sweeps").glob("*.yaml"))
+MAIN_SWEEPS = [path for path in ALL_SWEEPS if path.stem.endswith("-main")]
+SWEEPS = [path for path in ALL_SWEEPS if path not in MAIN_SWEEPS]   # the supplement's tables
+COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
+# supplement section A: batch 128, ImageNet-1K (ImageNet32) 256
+RECIPE_BATCH = {"imagenet32": 256}
+PAPER_DATASETS = ["cifar100", "cifartoy_good", "cifartoy_bad", "imagenet32", "sop_split1", "sop_split2", "cars196"]
 
 # The rows of the supplement's Tables 4-8 as (method, w, tau); None where the table shows "/".
 GRAFIT_COINS = [(method, w, None) for method in ("grafit", "coins") for w in (0.2, 0.5, 0.8, 1.0)]
@@ -56,7 +62,7 @@ def grid(sweep: dict) -> list[dict]:
 def agent_command(sweep: dict, run: dict) -> list[str]:
     """The command a W&B agent runs for one grid point (wandb_agent.Agent._command_run)."""
     sweep_vars = create_sweep_command_args({"args": {name: {"value": value} for name, value in run.items()}})
-    sweep_vars["program"] = [sweep["program"]]
+    sweep_vars.update(program=[sweep["program"]], env=["/usr/bin/env"], interpreter=["python"])
     tokens = []
     for chunk in map(str, sweep["command"]):
         if chunk.startswith("${") and chunk.endswith("}"):
@@ -72,11 +78,11 @@ def test_there_is_a_sweep_per_table():
     assert prefixes == set(TABLES)
 
 
-@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", ALL_SWEEPS, ids=lambda p: p.name)
 def test_sweep_file_is_a_grid_over_options_of_the_trainer(path):
     sweep = load(path)
     assert {"program", "method", "metric", "command", "parameters"} <= set(sweep)
-    assert sweep["program"] == "launch/train.py" and (ROOT / sweep["program"]).is_file()
+    assert sweep["program"] == "launch/run.py" and (ROOT / sweep["program"]).is_file()
     assert sweep["method"] == "grid"
     assert sweep["metric"] == {"name": "R@1", "goal": "maximize"}
     assert sweep["command"] == COMMAND
@@ -85,16 +91,41 @@ def test_sweep_file_is_a_grid_over_options_of_the_trainer(path):
         assert len(spec) == 1 and ("value" in spec or isinstance(spec.get("values"), list)), name
 
 
-@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", ALL_SWEEPS, ids=lambda p: p.name)
 def test_trainer_accepts_every_run_of_the_grid(path):
     sweep = load(path)
     for run in grid(sweep):
         tokens = agent_command(sweep, run)
-        assert tokens[:3] == ["accelerate", "launch", "launch/train.py"]
+        assert tokens[:3] == ["/usr/bin/env", "python", "launch/run.py"]
         assert tokens[3:] == [f"--{name}={value}" for name, value in run.items()]
         config = parse_config(tokens[3:])
         for name, value in run.items():
             assert getattr(config, name) == value, (path.name, name)
+
+
+@pytest.mark.parametrize("path", ALL_SWEEPS, ids=lambda p: p.name)
+@pytest.mark.parametrize("processes", [1, 2, 4, 8])
+def test_every_sweep_run_trains_the_recipes_global_batch_and_lr_on_any_number_of_gpus(path, processes):
+    """The global batch is pinned to the supplement's (section A) and split over the processes, so the
+    learning rate the run trains with is the recipe's 0.02 whatever the machine."""
+    from maskcon.launcher import resolved_config
+
+    for run in grid(load(path)):
+        config = parse_config(agent_command(load(path), run)[3:], processes=processes)
+        resolved = resolved_config(config, processes)
+        assert resolved["global_batch"] == RECIPE_BATCH.get(run["dataset"], 128)
+        assert resolved["batch_size"] * processes == resolved["global_batch"]
+        assert resolved["base_lr"] == pytest.approx(0.02)
+
+
+def test_main_comparison_runs_every_method_on_every_paper_dataset_at_its_preset():
+    runs = [run for path in MAIN_SWEEPS for run in grid(load(path))]
+    for dataset in PAPER_DATASETS:
+        for method in METHODS:
+            seeds = [run["seed"] for run in runs if run["dataset"] == dataset and run["method"] == method]
+            assert len(seeds) >= 3 and len(set(seeds)) == len(seeds), (dataset, method)
+    assert all("w" not in run and "t" not in run for run in runs)   # w and tau: the dataset's preset
+    assert set(PAPER_DATASETS) <= set(DATASETS)
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)

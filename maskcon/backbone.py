@@ -1,0 +1,123 @@
+"""The trained encoder as others use it: `backbone.pt` with its metadata, a model card, `load_backbone`.
+
+backbone.pt holds {"state_dict": the query encoder's weights (a torchvision ResNet without its fc layer, with
+the small-image stem at or below 64 px), "metadata": what is needed to use and cite it}. For retrieval on
+your own images:
+
+    import torch, maskcon
+    from PIL import Image
+    encoder = maskcon.load_backbone("runs/cifar100-maskcon-20260101-120000")   # or .../backbone.pt
+    batch = maskcon.backbone.images_to_batch([Image.open(p) for p in paths], encoder.metadata)  # N x 3 x S x S
+    features = torch.nn.functional.normalize(encoder(batch), dim=1)            # N x F, cosine = dot product
+    nearest = (features @ features.T).topk(6, dim=1).indices[:, 1:]            # 5 nearest of each image
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from maskcon.errors import UserError
+
+BACKBONE_FILE = "backbone.pt"
+MODEL_CARD_FILE = "MODEL_CARD.md"
+
+
+def backbone_metadata(resolved: dict, metrics: dict, step: int) -> dict:
+    """What load_backbone returns beside the weights. resolved: the run's config.yaml content (with its
+    `provenance`); metrics: the final evaluation's Recall@K (percent); step: optimizer steps trained."""
+    from maskcon.datasets import recipe_for
+    from maskcon.model import FEATURE_DIMS, SMALL_IMAGE_SIZE
+
+    recipe = recipe_for(resolved["dataset"])
+    small = resolved["image_size"] <= SMALL_IMAGE_SIZE
+    code = resolved.get("provenance", {}).get("code", {})
+    return {
+        "arch": resolved["arch"],
+        "stem": "conv3x3 stride 1, no max-pool" if small else "conv7x7 stride 2 + max-pool (torchvision)",
+        "image_size": resolved["image_size"],
+        "feature_dim": FEATURE_DIMS[resolved["arch"]],
+        "normalisation": {"mean": list(recipe.mean), "std": list(recipe.std),
+                          "input": "RGB in [0, 1], whole image resized to image_size x image_size"},
+        "dataset": resolved["dataset"], "method": resolved["method"], "w": resolved.get("w"), "t": resolved.get("t"),
+        "recall_at_k": dict(metrics), "step": step, "commit": code.get("commit"), "clean": code.get("clean"),
+        "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def save_backbone(output_dir: Path | str, encoder: nn.Module, metadata: dict) -> Path:
+    """Write OUTPUT_DIR/backbone.pt (weights on the CPU + metadata) and MODEL_CARD.md, each atomically."""
+    output_dir = Path(output_dir)
+    state = {name: tensor.detach().cpu() for name, tensor in encoder.state_dict().items()}
+    path = output_dir / BACKBONE_FILE
+    partial = path.with_name(path.name + ".partial")
+    torch.save({"state_dict": state, "metadata": metadata}, partial)
+    os.replace(partial, path)
+    card = output_dir / MODEL_CARD_FILE
+    partial = card.with_name(card.name + ".partial")
+    partial.write_text(model_card(metadata))
+    os.replace(partial, card)
+    return path
+
+
+def model_card(metadata: dict) -> str:
+    """A short Markdown model card of the backbone."""
+    recall = "  ".join(f"{name} {value:.2f}" for name, value in metadata["recall_at_k"].items()) or "not evaluated"
+    norm = metadata["normalisation"]
+    hyper = ", ".join(f"{name} {metadata[name]}" for name in ("w", "t") if metadata.get(name) is not None)
+    return (f"# {metadata['arch']} backbone: {metadata['method']} on {metadata['dataset']}\n\n"
+            f"- Trained with maskcon ({metadata['method']}{', ' + hyper if hyper else ''}) for {metadata['step']} "
+            f"steps on the coarse labels of `{metadata['dataset']}`; commit {metadata['commit']}"
+            f"{'' if metadata['clean'] in (True, None) else ' (with uncommitted changes)'}.\n"
+            f"- Fine-label Recall@K on the test split: {recall}.\n"
+            f"- Input: {norm['input']} ({metadata['image_size']} px), normalised with mean {norm['mean']} and std "
+            f"{norm['std']}.\n"
+            f"- Network: torchvision {metadata['arch']} without its fc layer, stem {metadata['stem']}; output "
+            f"N x {metadata['feature_dim']} pooled features (compare them by cosine similarity).\n\n"
+            "```python\nimport maskcon\nencoder = maskcon.load_backbone(\"THIS_FOLDER\")   # nn.Module in eval mode, "
+            ".metadata\n```\n\nMethod: Feng & Patras, Masked Contrastive Learning for Coarse-Labelled Dataset, "
+            "CVPR 2023.\n")
+
+
+def build_encoder(arch: str, image_size: int) -> nn.Module:
+    """The untrained encoder a run of `arch` at `image_size` px trains (the learner's own constructor)."""
+    from maskcon.model import _backbone
+
+    return _backbone(arch, image_size, None)
+
+
+def load_backbone(path: Path | str, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The trained encoder of a run folder (or of its backbone.pt) as an nn.Module in eval mode:
+    N x 3 x S x S normalised images -> N x F features, with the run's metadata as `.metadata` (a dict:
+    arch, stem, image_size, feature_dim, normalisation, dataset, method, w, t, recall_at_k, step, commit)."""
+    file = Path(path) / BACKBONE_FILE if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise UserError(f"no backbone at {file}; pass a finished run folder or its {BACKBONE_FILE}")
+    try:
+        saved = torch.load(file, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError) as error:
+        raise UserError(f"cannot read {file} ({type(error).__name__}); it is not a maskcon backbone") from None
+    if not isinstance(saved, dict) or not {"state_dict", "metadata"} <= set(saved):
+        raise UserError(f"{file} holds no maskcon metadata (weights only); rebuild the encoder with "
+                        f"maskcon.backbone.build_encoder(arch, image_size) and load it")
+    metadata = saved["metadata"]
+    encoder = build_encoder(metadata["arch"], metadata["image_size"])
+    encoder.load_state_dict(saved["state_dict"])
+    encoder.metadata = metadata
+    return encoder.eval()
+
+
+def images_to_batch(images: list, metadata: dict) -> torch.Tensor:
+    """PIL images -> N x 3 x S x S float32 batch as the run's test view made it: RGB, the whole image resized
+    to S x S (bilinear, antialiased), scaled to [0, 1] and normalised with the run's mean and std."""
+    from torchvision.transforms import functional as TF
+
+    size = metadata["image_size"]
+    norm = metadata["normalisation"]
+    tensors = [TF.normalize(TF.to_tensor(TF.resize(image.convert("RGB"), [size, size], antialias=True)),
+                            norm["mean"], norm["std"]) for image in images]
+    return torch.stack(tensors)

@@ -1,0 +1,159 @@
+"""Starting a run: check it without training (`--check`), print its configuration (`--print-config`), and
+launch several processes so that a mistake prints the project's one line alone.
+
+`accelerate launch` adds a defaults warning unless it is given a configuration file, and, when a process
+fails, a traceback (one process) or torchrun's failure table (several). `launch/run.py` therefore checks
+the run in one process first (the same checks as `--check`: options, the batch for the number of processes,
+shards, the --resume checkpoint, W&B) and only then starts `accelerate launch -q --config_file ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from maskcon.config import Config, parse_config, shards_dir, to_dict
+from maskcon.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIGS = ROOT / "launch" / "accelerate"
+ONE_PROCESS = ACCELERATE_CONFIGS / "one_process.yaml"      # one process, GPU when there is one, else CPU
+ONE_NODE = ACCELERATE_CONFIGS / "one_node.yaml"            # N processes of one node (GPUs, or gloo on CPUs)
+
+
+def resolved_config(config: Config, processes: int) -> dict:
+    """What config.yaml records before training: every option, the processes and the base learning rate."""
+    from maskcon.train import base_learning_rate
+
+    return {**to_dict(config), "num_processes": processes, "base_lr": base_learning_rate(config, processes)}
+
+
+def check_run(config: Config, processes: int) -> list[str]:
+    """The checks a run makes before training, without training; one line per finding, UserError (one line)
+    for the first problem."""
+    from maskcon.shard_format import check_split, read_manifest
+    from maskcon.tracking import resolve_wandb_mode, wandb_logged_in
+
+    lines = [f"{config.method} on {config.dataset}: {processes} process(es) x batch {config.batch_size} = "
+             f"global batch {config.global_batch}, lr {resolved_config(config, processes)['base_lr']:g}, "
+             f"{config.epochs} epochs"]
+    folder = shards_dir(config)
+    if config.dataset == "digits" and not (folder / "manifest.json").exists():
+        lines.append(f"shards: {folder} is written on first use (bundled digits)")
+        manifest = None
+    else:
+        manifest = read_manifest(folder)
+        if manifest["dataset"] != config.dataset and config.dataset != "folder":
+            raise UserError(f"{folder} holds shards of {manifest['dataset']!r}, not {config.dataset!r}; "
+                            f"pass --shards for the right folder")
+        for split in ("train", "test"):
+            check_split(folder, split, manifest)
+        sizes = ", ".join(f"{name} {split['num_samples']}" for name, split in manifest["splits"].items())
+        lines.append(f"shards: {folder} intact by size and index ({sizes} images)")
+    if config.resume:
+        lines.append(_check_resume(config, processes, manifest))
+    mode = resolve_wandb_mode(config.wandb)
+    if mode == "online" and not wandb_logged_in():
+        raise UserError("--wandb online but W&B finds no API key (WANDB_API_KEY, netrc or `wandb login`); "
+                        "log in, or use --wandb offline")
+    lines.append(f"W&B: {mode}" + (f", project {config.wandb_project}" if mode != "disabled" else ""))
+    if config.pretrained not in (None, "imagenet") and not Path(config.pretrained).expanduser().is_file():
+        raise UserError(f"pretrained weights file {config.pretrained!r} not found; pass 'imagenet', a torchvision "
+                        f"weights file or none")
+    return lines
+
+
+def _check_resume(config: Config, processes: int, manifest: dict | None) -> str:
+    from maskcon import checkpoints
+
+    if config.output_dir is None:
+        raise UserError("--resume needs the --output-dir of the run to continue")
+    root = Path(config.output_dir) / "checkpoints"
+    found = checkpoints.newest_intact(root, lambda line: None)
+    if found is None:
+        raise UserError(f"--resume: no checkpoint in {root}; start without --resume")
+    saved = checkpoints.read_state(found)
+    if manifest is not None:
+        run = checkpoints.run_record(config, world_size=processes, manifest=manifest,
+                                     mixed_precision=saved["run"].get("mixed_precision"))
+        checkpoints.check_resume(saved["run"], run, checkpoints.parse_accept(config.accept_changes))
+    return f"resume: from {found} (step {saved['step']})"
+
+
+def launcher_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python launch/run.py", add_help=False, allow_abbrev=False,
+        usage="%(prog)s [--processes N | --accelerate-config FILE] [trainer options, see launch/train.py --help]")
+    parser.add_argument("--processes", default="auto",
+                        help="processes of this machine: a number, or auto (one per visible GPU, 1 without one)")
+    parser.add_argument("--accelerate-config", type=Path, default=None,
+                        help="an accelerate configuration file instead (e.g. launch/accelerate/gpu_8.yaml)")
+    return parser
+
+
+def _processes(text: str, accelerate_config: Path | None) -> int:
+    if accelerate_config is not None:
+        if not accelerate_config.is_file():
+            raise UserError(f"accelerate configuration {accelerate_config} not found; see launch/accelerate/")
+        values = yaml.safe_load(accelerate_config.read_text()) or {}
+        return int(values.get("num_processes", 1))
+    if text == "auto":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"--processes must be a positive number or auto, got {text!r}")
+    return int(text)
+
+
+def launch_command(argv: list[str], processes: int, accelerate_config: Path | None) -> list[str]:
+    """The `accelerate launch` command that runs launch/train.py ARGV on `processes` processes."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "-q"]
+    if accelerate_config is not None:
+        command += ["--config_file", str(accelerate_config)]
+    elif processes == 1:
+        command += ["--config_file", str(ONE_PROCESS)]
+    else:
+        command += ["--config_file", str(ONE_NODE), "--num_processes", str(processes)]
+    return [*command, str(ROOT / "launch" / "train.py"), *argv]
+
+
+def main(argv: list[str]) -> int:
+    """launch/run.py: check the run in this process, then start its processes; a mistake is one line, 2."""
+    from maskcon.cli import fail
+
+    try:
+        return run(argv)
+    except UserError as err:
+        return fail(err)
+
+
+def run(argv: list[str]) -> int:
+    """Check, then launch. 2 (one line) for a mistake found before launching, else the launcher's status."""
+    if argv and argv[0] in ("-h", "--help"):
+        launcher_parser().print_help()
+        return 0
+    own, rest = launcher_parser().parse_known_args(argv)
+    processes = _processes(own.processes, own.accelerate_config)
+    config = parse_config(rest, processes=processes)
+    if config.print_config or config.check:   # answered here, in one process, as the trainer would
+        return report_or_check(config, processes)
+    check_run(config, processes)
+    environment = {**os.environ, "LOGLEVEL": os.environ.get("LOGLEVEL", "ERROR")}   # torchrun's own log lines
+    return subprocess.run(launch_command(rest, processes, own.accelerate_config), env=environment).returncode
+
+
+def report_or_check(config: Config, processes: int) -> int:
+    """--print-config: the resolved configuration as YAML on stdout; --check: one line per check. 0."""
+    if config.print_config:
+        print(yaml.safe_dump(resolved_config(config, processes), sort_keys=False), end="")
+    else:
+        for line in check_run(config, processes):
+            print(line)
+        print("check passed: nothing was trained")
+    return 0

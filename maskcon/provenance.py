@@ -1,0 +1,54 @@
+"""Where a run came from: the code's commit, the libraries and the machine, recorded in config.yaml and W&B."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARIES = ("torch", "torchvision", "accelerate", "nvidia-dali-cuda130", "wandb", "webdataset", "numpy")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def code_state() -> dict:
+    """commit: the checkout's HEAD (None outside a git checkout); clean: False when tracked files differ
+    from it (None when unknown)."""
+    commit = _git("rev-parse", "HEAD")
+    changes = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "clean": None if changes is None else changes == ""}
+
+
+def library_versions() -> dict:
+    """Installed version of each library the run depends on (None when not installed), and Python's."""
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def machine() -> dict:
+    """The CUDA and cuDNN versions torch was built with, the first GPU's name (None on the CPU), the host."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+            "gpu": gpu, "gpus_visible": torch.cuda.device_count(), "host": platform.node(),
+            "platform": platform.platform()}
+
+
+def provenance() -> dict:
+    """{"code": code_state(), "libraries": library_versions(), "machine": machine()}: the `provenance`
+    entry of config.yaml and of W&B's config."""
+    return {"code": code_state(), "libraries": library_versions(), "machine": machine()}

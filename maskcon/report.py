@@ -1,0 +1,356 @@
+"""Finished runs -> the paper's table layout: Markdown and CSV (mean and spread over seeds), a Recall@K plot,
+with the supplement's published figures beside ours where its tables have the row.
+
+A run is read from its folder (config.yaml, results.json) or from W&B (config, summary); runs that differ
+only in --seed form one row. Rows are (dataset, method, w, tau), with w and tau shown only for the methods
+that read them ("/" as in the supplement).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from maskcon.errors import UserError
+from maskcon.methods import METHODS
+
+PAPER_KS = (1, 2, 5, 10)   # the Recall@K columns of the supplement's tables
+METHOD_ORDER = ("supfine", "grafit", "coins", "maskcon", "selfcon")   # the tables' row order
+METHOD_NAMES = {"supfine": "SupFINE", "grafit": "Grafit", "coins": "CoIns", "maskcon": "MaskCon", "selfcon": "SelfCon"}
+
+
+def _rows(table: int, dataset: str, text: str) -> dict:
+    """Parse lines "method w tau R@1 R@2 R@5 R@10" ('/' for no w or tau) as typed from a table."""
+    rows = {}
+    for line in text.strip().splitlines():
+        method, w, t, *recall = line.split()
+        key = (dataset, method, None if w == "/" else float(w), None if t == "/" else float(t))
+        rows[key] = (table, tuple(float(value) for value in recall))
+    return rows
+
+
+# The supplement's Tables 4-8, Recall@1, 2, 5, 10 in percent, typed from the paper as published (Table 6's
+# CoIns w 1.0 good-split R@2 reads 8.26 there).
+PUBLISHED: dict[tuple, tuple[int, tuple[float, ...]]] = {
+    **_rows(4, "cifar100", """
+supfine / / 71.13 80.03 87.61 91.59
+grafit 0.2 / 47.80 59.41 73.29 82.17
+grafit 0.5 / 57.78 68.24 80.01 87.05
+grafit 0.8 / 60.57 71.13 82.32 89.21
+grafit 1.0 / 58.65 70.04 82.18 89.09
+coins 0.2 / 56.93 68.51 80.90 87.88
+coins 0.5 / 60.10 70.89 83.14 89.52
+coins 0.8 / 59.35 70.40 83.19 89.82
+coins 1.0 / 47.25 61.24 77.78 87.00
+maskcon 0.5 0.01 54.22 65.31 77.45 85.12
+maskcon 0.5 0.05 58.89 68.91 80.02 86.89
+maskcon 0.5 0.1 60.18 70.41 81.81 88.25
+maskcon 0.5 0.5 57.46 68.27 79.86 87.05
+maskcon 1.0 0.01 61.41 71.22 81.44 87.70
+maskcon 1.0 0.05 65.52 74.46 83.64 89.25
+maskcon 1.0 0.1 62.52 72.51 83.27 89.18
+maskcon 1.0 0.5 59.76 70.28 81.97 88.58
+selfcon / / 40.50 51.83 66.23 76.66"""),
+    **_rows(5, "sop_split1", """
+supfine / / 83.94 88.04 91.95 94.00
+grafit 0.2 / 71.04 76.17 81.85 85.51
+grafit 0.5 / 72.66 77.43 82.89 86.40
+grafit 0.8 / 74.02 78.82 84.13 87.91
+grafit 1.0 / 53.69 59.55 67.12 72.78
+coins 0.2 / 70.75 76.32 82.24 86.16
+coins 0.5 / 70.84 76.01 82.20 86.08
+coins 0.8 / 67.68 73.26 80.04 84.18
+coins 1.0 / 36.35 42.39 50.30 56.52
+maskcon 0.2 0.1 72.35 77.34 82.92 86.46
+maskcon 0.5 0.05 70.87 76.17 82.11 85.92
+maskcon 0.5 0.1 73.22 78.34 83.98 87.35
+maskcon 0.8 0.05 68.53 73.72 79.86 84.22
+maskcon 0.8 0.1 74.05 78.97 84.48 87.96
+selfcon / / 70.36 75.57 81.53 85.13"""),
+    **_rows(6, "cifartoy_good", """
+supfine / / 94.14 96.61 98.03 98.65
+grafit 0.2 / 85.34 91.38 96.05 97.85
+grafit 0.5 / 86.61 92.33 97.01 98.38
+grafit 0.8 / 86.23 92.56 96.69 98.50
+grafit 1.0 / 73.84 84.25 92.14 95.46
+coins 0.2 / 85.74 91.88 96.41 98.60
+coins 0.5 / 86.00 92.25 96.91 98.60
+coins 0.8 / 86.15 92.76 97.21 98.76
+coins 1.0 / 76.30 8.26 94.65 97.46
+maskcon 0.5 0.01 87.44 93.01 96.95 98.38
+maskcon 0.5 0.05 88.09 93.18 96.99 98.51
+maskcon 0.5 0.1 87.13 92.95 96.93 98.44
+maskcon 0.5 0.5 86.31 92.49 96.74 98.53
+maskcon 1.0 0.01 88.24 93.44 97.01 98.26
+maskcon 1.0 0.05 90.28 94.04 97.33 98.53
+maskcon 1.0 0.1 78.25 87.10 94.26 96.85
+maskcon 1.0 0.5 79.58 88.10 94.58 96.99
+selfcon / / 84.84 91.73 96.14 97.94"""),
+    **_rows(6, "cifartoy_bad", """
+supfine / / 94.11 96.53 98.45 98.96
+grafit 0.2 / 86.33 92.31 96.63 98.18
+grafit 0.5 / 87.94 93.63 97.59 98.76
+grafit 0.8 / 89.96 94.36 97.71 98.90
+grafit 1.0 / 84.66 90.93 95.15 96.71
+coins 0.2 / 89.80 94.13 97.18 98.30
+coins 0.5 / 90.14 94.11 97.78 98.70
+coins 0.8 / 90.55 94.94 97.73 98.71
+coins 1.0 / 87.15 92.85 96.78 98.34
+maskcon 0.5 0.01 88.89 93.84 97.20 98.38
+maskcon 0.5 0.05 90.21 94.41 97.41 98.56
+maskcon 0.5 0.1 88.29 93.61 97.25 98.54
+maskcon 0.5 0.5 88.46 93.43 97.63 98.70
+maskcon 1.0 0.01 90.53 94.23 97.51 98.55
+maskcon 1.0 0.05 91.56 95.23 97.70 98.70
+maskcon 1.0 0.1 88.44 93.65 97.10 98.34
+maskcon 1.0 0.5 88.25 93.33 96.99 98.19
+selfcon / / 84.83 91.55 96.35 98.16"""),
+    **_rows(7, "sop_split2", """
+supfine / / 69.56 75.70 83.24 87.88
+grafit 0.2 / 36.85 42.52 50.23 57.04
+grafit 0.5 / 37.98 43.69 51.67 57.98
+grafit 0.8 / 39.12 44.66 53.10 59.65
+grafit 1.0 / 25.07 29.24 35.85 41.59
+coins 0.2 / 38.22 45.19 54.37 61.18
+coins 0.5 / 38.18 45.06 54.17 61.28
+coins 0.8 / 36.72 42.49 51.23 58.61
+coins 1.0 / 22.56 26.34 33.28 38.95
+maskcon 0.2 0.05 39.69 45.69 53.70 60.05
+maskcon 0.5 0.05 45.36 51.07 58.91 65.52
+maskcon 0.8 0.05 43.84 50.03 58.18 64.19
+maskcon 1.0 0.05 41.05 46.70 54.74 60.98
+selfcon / / 35.85 41.46 49.77 56.11"""),
+    **_rows(8, "cars196", """
+supfine / / 78.09 82.97 86.51 88.04
+grafit 0.2 / 23.64 32.69 46.35 57.98
+grafit 0.5 / 28.83 38.96 53.99 65.08
+grafit 0.8 / 35.58 47.97 64.47 75.28
+grafit 1.0 / 42.30 54.79 71.10 81.74
+coins 0.2 / 32.30 43.19 59.11 71.10
+coins 0.5 / 36.71 48.80 65.33 76.16
+coins 0.8 / 38.71 49.04 67.28 79.23
+coins 1.0 / 42.77 55.60 72.29 82.53
+maskcon 1.0 0.01 27.87 38.19 52.80 64.13
+maskcon 1.0 0.05 33.04 43.69 59.10 70.59
+maskcon 1.0 0.1 45.53 58.56 74.36 84.36
+maskcon 1.0 0.5 42.84 55.23 71.57 81.72
+selfcon / / 20.97 28.75 41.44 52.61"""),
+}
+
+
+@dataclass
+class Row:
+    """One line of a table: the runs of one (dataset, method, w, tau) over seeds."""
+
+    dataset: str
+    method: str
+    w: float | None
+    t: float | None
+    recalls: dict[int, list[float]] = field(default_factory=dict)   # K -> R@K of each seed, percent
+    seeds: list[int] = field(default_factory=list)
+
+    def mean(self, k: int) -> float | None:
+        values = self.recalls.get(k, [])
+        return sum(values) / len(values) if values else None
+
+    def spread(self, k: int) -> float | None:
+        """Sample standard deviation over seeds (None with fewer than two)."""
+        values = self.recalls.get(k, [])
+        if len(values) < 2:
+            return None
+        mean = sum(values) / len(values)
+        return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+    def published(self) -> tuple[int, tuple[float, ...]] | None:
+        return PUBLISHED.get((self.dataset, self.method, self.w, self.t))
+
+
+def run_record(config: dict, results: dict, where: str) -> dict:
+    """(dataset, method, w, t, seed, {K: R@K}) of one finished run; w, t None when its method ignores them."""
+    missing = [name for name in ("dataset", "method", "seed") if name not in config]
+    if missing or config["method"] not in METHODS:
+        raise UserError(f"{where} is not a maskcon run (its configuration lacks {', '.join(missing) or 'a method'})")
+    method = METHODS[config["method"]]
+    recalls = {int(name[2:]): float(value) for name, value in results.items()
+               if name.startswith("R@") and name[2:].isdigit() and isinstance(value, (int, float))}
+    return {"dataset": config["dataset"], "method": config["method"], "seed": config["seed"],
+            "w": float(config["w"]) if method.uses_w else None, "t": float(config["t"]) if method.uses_t else None,
+            "recalls": recalls, "where": where}
+
+
+def read_run_folders(paths: list[Path], log=lambda line: print(line, file=sys.stderr)) -> list[dict]:
+    """Records of the finished runs under `paths` (run folders, or folders of run folders); an unfinished run
+    (no results.json) is named through `log` and left out."""
+    records = []
+    for path in paths:
+        if not path.is_dir():
+            raise UserError(f"{path} is not a folder; pass run folders (runs/NAME) or the folder that holds them")
+        folders = [path] if (path / "config.yaml").exists() else sorted(p for p in path.iterdir() if (p / "config.yaml").exists())
+        if not folders:
+            raise UserError(f"{path} holds no run (no config.yaml in it or its subfolders)")
+        for folder in folders:
+            if not (folder / "results.json").exists():
+                log(f"{folder}: no results.json (unfinished); left out")
+                continue
+            import json
+
+            config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+            records.append(run_record(config, json.loads((folder / "results.json").read_text()), str(folder)))
+    return records
+
+
+def read_wandb(path: str) -> list[dict]:
+    """Records of the finished runs of a W&B project ENTITY/PROJECT or sweep ENTITY/PROJECT/SWEEP_ID."""
+    import wandb
+
+    parts = path.strip("/").split("/")
+    if len(parts) not in (2, 3):
+        raise UserError(f"--wandb {path!r}: give ENTITY/PROJECT or ENTITY/PROJECT/SWEEP_ID")
+    api = wandb.Api()
+    runs = api.sweep("/".join(parts)).runs if len(parts) == 3 else api.runs("/".join(parts))
+    return [run_record(dict(run.config), dict(run.summary), run.url) for run in runs
+            if run.state == "finished" and "R@1" in run.summary]
+
+
+def group(records: list[dict]) -> list[Row]:
+    """Rows over seeds, ordered by dataset (first seen), then the tables' method order, w, tau."""
+    rows: dict[tuple, Row] = {}
+    for record in records:
+        key = (record["dataset"], record["method"], record["w"], record["t"])
+        row = rows.setdefault(key, Row(*key))
+        if record["seed"] in row.seeds:
+            raise UserError(f"two runs of {_label(row)} with seed {record['seed']} (one is {record['where']}); "
+                            f"pass each run once")
+        row.seeds.append(record["seed"])
+        for k, value in record["recalls"].items():
+            row.recalls.setdefault(k, []).append(value)
+    datasets = list(dict.fromkeys(key[0] for key in rows))
+    order = lambda key: (datasets.index(key[0]), METHOD_ORDER.index(key[1]) if key[1] in METHOD_ORDER else 99,
+                         key[2] if key[2] is not None else -1, key[3] if key[3] is not None else -1)  # noqa: E731
+    return [rows[key] for key in sorted(rows, key=order)]
+
+
+def _label(row: Row) -> str:
+    return f"{row.dataset} {row.method} w {_shown(row.w)} tau {_shown(row.t)}"
+
+
+def _shown(value: float | None) -> str:
+    return "/" if value is None else f"{value:g}"
+
+
+def _cell(row: Row, k: int) -> str:
+    mean, spread = row.mean(k), row.spread(k)
+    if mean is None:
+        return ""
+    return f"{mean:.2f}" if spread is None else f"{mean:.2f} ± {spread:.2f}"
+
+
+def markdown(rows: list[Row], ks=PAPER_KS) -> str:
+    """One Markdown table per dataset: ours (mean ± sample std over seeds) and the supplement's figures."""
+    blocks = []
+    for dataset in dict.fromkeys(row.dataset for row in rows):
+        chosen = [row for row in rows if row.dataset == dataset]
+        tables = sorted({row.published()[0] for row in chosen if row.published()})
+        title = f"### {dataset}" + (f" (supplement Table {', '.join(map(str, tables))})" if tables else "")
+        head = ["Method", "w", "τ", "seeds", *[f"R@{k}" for k in ks], *[f"paper R@{k}" for k in ks]]
+        lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in chosen:
+            paper = row.published()
+            figures = [f"{value:.2f}" for value in paper[1]] if paper else ["–"] * len(ks)
+            cells = [METHOD_NAMES.get(row.method, row.method), _shown(row.w), _shown(row.t), str(len(row.seeds)),
+                     *[_cell(row, k) for k in ks], *figures[:len(ks)]]
+            lines.append("| " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def write_csv(rows: list[Row], path: Path, ks=PAPER_KS) -> None:
+    """One line per row: keys, seeds, mean and std of every R@K we have, the paper's table and figures."""
+    all_ks = sorted({k for row in rows for k in row.recalls} | set(ks))
+    header = ["dataset", "method", "w", "t", "seeds", *[f"R@{k}_{part}" for k in all_ks for part in ("mean", "std")],
+              "paper_table", *[f"paper_R@{k}" for k in ks]]
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        for row in rows:
+            paper = row.published()
+            writer.writerow([row.dataset, row.method, "" if row.w is None else row.w, "" if row.t is None else row.t,
+                             len(row.seeds), *[_number(value) for k in all_ks for value in (row.mean(k), row.spread(k))],
+                             paper[0] if paper else "", *(paper[1] if paper else [""] * len(ks))])
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """Recall@K against K, one panel per dataset: ours (error bars: std over seeds), the paper's dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(row.dataset for row in rows))
+    figure, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
+        for index, row in enumerate(row for row in rows if row.dataset == dataset):
+            colour = f"C{index % 10}"
+            ks = sorted(row.recalls)
+            axis.errorbar(ks, [row.mean(k) for k in ks], yerr=[row.spread(k) or 0.0 for k in ks], color=colour,
+                          marker="o", capsize=3, label=f"{METHOD_NAMES.get(row.method, row.method)} w {_shown(row.w)} "
+                                                       f"τ {_shown(row.t)} (n={len(row.seeds)})")
+            if row.published():
+                axis.plot(PAPER_KS, row.published()[1], color=colour, linestyle="--", marker="x")
+        axis.set_xscale("log")
+        axis.set_xlabel("K (dashed: supplement)")
+        axis.set_ylabel("Recall@K, %")
+        axis.set_title(dataset)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def build_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python launch/report.py",
+        description="Turn finished runs into the supplement's table layout: Markdown on stdout, and "
+                    "OUT/report.md, OUT/report.csv, OUT/recall.png. Runs differing only in --seed form one row.")
+    parser.add_argument("runs", nargs="*", type=Path, help="run folders, or folders that hold run folders (runs/)")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT[/SWEEP_ID]", default=None,
+                        help="also read the finished runs of a W&B project or sweep (needs the network and a login)")
+    parser.add_argument("--out", type=Path, default=Path("report"), help="folder for report.md, report.csv and "
+                                                                         "recall.png (default: report)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """launch/report.py: 0 when the report is written; a user error is one line, 2."""
+    from maskcon.cli import fail
+
+    args = build_parser().parse_args(argv)
+    try:
+        if not args.runs and args.wandb is None:
+            raise UserError("name the runs: run folders (or runs/), and/or --wandb ENTITY/PROJECT[/SWEEP_ID]")
+        records = read_run_folders(args.runs) + (read_wandb(args.wandb) if args.wandb else [])
+        if not records:
+            raise UserError("no finished run among those named (a finished run has results.json)")
+        rows = group(records)
+    except UserError as err:
+        return fail(err)
+    text = markdown(rows)
+    print(text, end="")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.md").write_text(text)
+    write_csv(rows, args.out / "report.csv")
+    plot(rows, args.out / "recall.png")
+    print(f"wrote {args.out / 'report.md'}, {args.out / 'report.csv'}, {args.out / 'recall.png'} "
+          f"({len(records)} runs in {len(rows)} rows)", file=sys.stderr)
+    return 0

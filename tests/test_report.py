@@ -1,0 +1,73 @@
+"""launch/report.py's table: rows over seeds, the supplement's published figures beside ours."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from maskcon.errors import UserError
+from maskcon.report import PUBLISHED, group, markdown, read_run_folders
+from tests.test_sweeps import SWEEPS, grid, load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_run(folder: Path, dataset: str, method: str, seed: int, recall: dict | None, w=1.0, t=0.05) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"dataset": dataset, "method": method, "seed": seed,
+                                                        "w": w, "t": t}))
+    if recall is not None:
+        (folder / "results.json").write_text(json.dumps({"step": 10, **recall}))
+    return folder
+
+
+def test_published_figures_are_the_supplements_tables():
+    counts = {}
+    for (dataset, *_), (table, figures) in PUBLISHED.items():
+        counts[dataset] = counts.get(dataset, 0) + 1
+        assert len(figures) == 4
+    assert counts == {"cifar100": 18, "sop_split1": 15, "cifartoy_good": 18, "cifartoy_bad": 18,
+                      "sop_split2": 14, "cars196": 14}
+    assert PUBLISHED[("cifar100", "maskcon", 1.0, 0.05)] == (4, (65.52, 74.46, 83.64, 89.25))
+    assert PUBLISHED[("sop_split1", "grafit", 0.8, None)] == (5, (74.02, 78.82, 84.13, 87.91))
+    assert PUBLISHED[("cifartoy_bad", "coins", 0.8, None)] == (6, (90.55, 94.94, 97.73, 98.71))
+    assert PUBLISHED[("sop_split2", "selfcon", None, None)] == (7, (35.85, 41.46, 49.77, 56.11))
+    assert PUBLISHED[("cars196", "maskcon", 1.0, 0.1)] == (8, (45.53, 58.56, 74.36, 84.36))
+
+
+def test_every_grid_point_of_the_table_sweeps_has_its_published_row():
+    for path in SWEEPS:
+        for run in grid(load(path)):
+            key = (run["dataset"], run["method"], run.get("w"), run.get("t"))
+            assert key in PUBLISHED, (path.name, key)
+
+
+def test_seeds_form_one_row_with_mean_and_spread_and_the_papers_figures(tmp_path):
+    for seed, r1 in ((0, 64.0), (1, 66.0)):
+        write_run(tmp_path / f"maskcon-{seed}", "cifar100", "maskcon", seed, {"R@1": r1, "R@2": 70.0, "R@5": 80.0,
+                                                                               "R@10": 90.0})
+    write_run(tmp_path / "selfcon-0", "cifar100", "selfcon", 0, {"R@1": 40.0, "R@2": 50.0, "R@5": 60.0, "R@10": 70.0},
+              w=0.3, t=0.2)   # w and tau do not enter SelfCon's row
+    write_run(tmp_path / "unfinished", "cifar100", "maskcon", 2, None)
+    skipped = []
+    rows = group(read_run_folders([tmp_path], log=skipped.append))
+    assert len(skipped) == 1 and "unfinished" in skipped[0]
+    text = markdown(rows)
+    assert "| MaskCon | 1 | 0.05 | 2 | 65.00 ± 1.41 | 70.00 ± 0.00 | 80.00 ± 0.00 | 90.00 ± 0.00 | 65.52 | 74.46 |" in text
+    assert "| SelfCon | / | / | 1 | 40.00 | 50.00 | 60.00 | 70.00 | 40.50 |" in text
+    assert "(supplement Table 4)" in text
+
+
+def test_a_seed_given_twice_is_refused(tmp_path):
+    for name in ("a", "b"):
+        write_run(tmp_path / name, "cifar100", "maskcon", 0, {"R@1": 1.0})
+    with pytest.raises(UserError, match="seed 0"):
+        group(read_run_folders([tmp_path]))
+
+
+def test_the_door_reports_a_folder_without_runs_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "launch/report.py", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "holds no run" in out.stderr

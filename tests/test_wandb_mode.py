@@ -1,0 +1,46 @@
+"""--wandb auto follows W&B's own credential lookup: environment, netrc for the configured host, none."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "k" * 40
+
+
+def mode(home: Path, **environment) -> str:
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("WANDB_") and name not in ("NETRC", "HOME")}
+    env.update(HOME=str(home), PYTHONPATH=str(ROOT), **environment)
+    out = subprocess.run([sys.executable, "-c", "from maskcon.tracking import resolve_wandb_mode as r; print(r('auto'))"],
+                         env=env, capture_output=True, text=True, cwd=home)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    (tmp_path / "home").mkdir()
+    return tmp_path / "home"
+
+
+def test_no_credentials_is_offline(home):
+    assert mode(home) == "offline"
+
+
+def test_an_api_key_in_the_environment_is_online(home):
+    assert mode(home, WANDB_API_KEY=KEY) == "online"
+
+
+def test_a_netrc_entry_for_a_self_hosted_server_is_online(home):
+    (home / ".netrc").write_text(f"machine wandb.example.org\n  login user\n  password {KEY}\n")
+    (home / ".netrc").chmod(0o600)
+    assert mode(home, WANDB_BASE_URL="https://wandb.example.org") == "online"
+    assert mode(home) == "offline"      # the entry is for another host than W&B's default one
+
+
+def test_wandb_mode_in_the_environment_wins(home):
+    assert mode(home, WANDB_API_KEY=KEY, WANDB_MODE="offline") == "offline"
