@@ -12,7 +12,7 @@ BENCHMARKS = {
     "shards": "conversion speed: our converter against a plain webdataset.ShardWriter loop",
     "loader": "two-view loading speed: DALI (CPU) against torchvision and an official-style PIL loader",
     "objectives": "time and memory of the MaskCon loss against SelfCon",
-    "train": "training images/s: real loader, synthetic batches, official-style loader",
+    "train": "training images/s and data time: real loader, synthetic batches, official-style loader, a resume",
     "collectives": "bytes per training step moved by the collectives: MoCo's scheme against ours",
 }
 
