@@ -36,6 +36,7 @@ MAX_SAMPLES_PER_SHARD = 10_000  # ImageNet32 train: 129 shards of ~25 MB
 PNG_COMPRESS_LEVEL = 6  # zlib level of PNG image data (lossless at every level)
 _PARTIAL = ".partial"  # suffix of files being written; never read as shards
 _PROGRESS = ".progress.jsonl"  # one line per finished shard (its checksum) of an unfinished run
+_STAGING = ".staging"  # arrays written once for the worker processes to memory-map
 
 
 def _version() -> str:
@@ -317,10 +318,15 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
                                  ("--compress-level", compress_level, PNG_COMPRESS_LEVEL)):
         if value != default:
             create_args += [flag, str(value)]
-    return write_shards(source, out, create_args=create_args, source_files=source_files, seed=seed,
-                        samples_per_shard=samples_per_shard,
-                        min_shards=min_shards, max_samples_per_shard=max_samples_per_shard,
-                        compress_level=compress_level, workers=workers, overwrite=overwrite, log=log)
+    try:
+        return write_shards(source, out, create_args=create_args, source_files=source_files, seed=seed,
+                            samples_per_shard=samples_per_shard, min_shards=min_shards,
+                            max_samples_per_shard=max_samples_per_shard, compress_level=compress_level,
+                            workers=workers, overwrite=overwrite, log=log)
+    except OSError as error:  # no space, no permission: in this process or in a worker
+        shutil.rmtree(Path(out) / _STAGING, ignore_errors=True)
+        raise UserError(f"create failed at {error.filename or out} ({error.strerror or error}); free space or fix "
+                        f"permissions there, then rerun the same command: finished shards are kept") from None
 
 
 def _check_options(compress_level: int, samples_per_shard: int | None) -> None:
@@ -399,7 +405,7 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
     recorded = _read_progress(progress_path)  # tar -> sha256 of the shards an earlier run finished
 
     workers = available_cpus() if workers is None else max(1, workers)
-    staging = out / ".staging"
+    staging = out / _STAGING
     jobs, split_jobs = [], {}
     for name, split in source.splits.items():
         (out / name).mkdir(exist_ok=True)
@@ -538,8 +544,11 @@ def _load_json(path: Path):
 
 def _write_json_atomic(path: Path, content: dict) -> None:
     partial = path.with_name(path.name + _PARTIAL)
-    partial.write_text(json.dumps(content, indent=1) + "\n")
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(content, indent=1) + "\n")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 # -------------------------------------------------------------------------------------------- verify
