@@ -230,7 +230,8 @@ def test_resume_auto_on_an_empty_folder_starts_afresh(digits_shards, tmp_path):
 @pytest.mark.slow
 def test_two_runs_started_together_write_into_two_folders(digits_shards, tmp_path):
     args = ["--shards", str(digits_shards), *FAST, "--epochs", "1", "--max-steps", "2", "--checkpoint-every", "1"]
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, WANDB_MODE="disabled",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     runs = [subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), *args], cwd=tmp_path, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     errors = [run.communicate(timeout=900)[1] for run in runs]
