@@ -133,6 +133,18 @@ def test_runs_started_together_get_folders_of_their_own(tmp_path):
     assert sorted(p.name for p in base.parent.iterdir()) == sorted(Path(f).name for f in folders)
 
 
+def test_a_resumed_run_keeps_the_results_it_does_not_measure_again(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"step": 44, "stopped": "finished", "R@1": 81.5,
+                                                       "untrained_R@1": 20.0}))
+    rundir.write_results(tmp_path, {"step": 44, "stopped": "finished", "weights_fingerprint_per_process": [1.5]},
+                         resumed=True)
+    assert json.loads((tmp_path / "results.json").read_text()) == {
+        "step": 44, "stopped": "finished", "R@1": 81.5, "untrained_R@1": 20.0, "weights_fingerprint_per_process": [1.5]}
+    rundir.write_results(tmp_path, {"step": 3, "stopped": "max_steps"}, resumed=False)  # a fresh run: its own
+    assert json.loads((tmp_path / "results.json").read_text()) == {"step": 3, "stopped": "max_steps"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
 # ------------------------------------------------------------------------------------------ metrics file
 
 
