@@ -113,6 +113,20 @@ def test_resume_path_takes_a_run_folder_or_one_checkpoint(tmp_path):
         rundir.claim(None, str(tmp_path / "missing"), default=tmp_path / "unused", log=quiet)
 
 
+def test_the_resume_option_reads_bare_auto_a_path_and_yaml_booleans(tmp_path):
+    from maskcon.config import parse_config
+
+    assert parse_config([]).resume is None
+    assert parse_config(["--resume"]).resume == rundir.RESUME_NEWEST
+    assert parse_config(["--resume", "--epochs", "3"]).resume == rundir.RESUME_NEWEST
+    assert parse_config(["--resume", "auto"]).resume == rundir.RESUME_AUTO
+    assert parse_config(["--resume=runs/a/checkpoints/step-00000010"]).resume == "runs/a/checkpoints/step-00000010"
+    (tmp_path / "on.yaml").write_text("resume: true\n")
+    (tmp_path / "off.yaml").write_text("resume: false\n")
+    assert parse_config(["--config", str(tmp_path / "on.yaml")]).resume == rundir.RESUME_NEWEST
+    assert parse_config(["--config", str(tmp_path / "off.yaml")]).resume is None
+
+
 def _claim_at_once(barrier, base: str, queue) -> None:
     barrier.wait()
     queue.put(str(rundir.claim(None, None, default=Path(base), log=quiet).path))
