@@ -2,6 +2,9 @@
 
     python launch/make_shards.py create DATASET --src SRC --out OUT
     python launch/make_shards.py verify OUT
+
+Exit status: 0 done; 1 problems found (verify: one line per damaged shard); 2 failed (bad arguments or
+source, OUT made from other inputs, no space or no permission to write: one line, earlier files intact).
 """
 
 import sys

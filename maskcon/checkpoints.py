@@ -367,6 +367,8 @@ def _save_state(accelerator: Accelerator, folder: Path) -> None:
     handle = accelerator.register_save_state_pre_hook(portable_weights)
     try:
         accelerator.save_state(str(folder))
+    except (SafetensorError, RuntimeError) as error:  # how safetensors and torch.save report a failed write
+        raise OSError(f"{type(error).__name__}: {_one_line(error)}") from None
     finally:
         handle.remove()
 

@@ -12,7 +12,7 @@ BENCHMARKS = {
     "shards": "conversion speed: our converter against a plain webdataset.ShardWriter loop",
     "loader": "two-view loading speed: DALI (CPU) against torchvision and an official-style PIL loader",
     "objectives": "time and memory of the MaskCon loss against SelfCon",
-    "train": "training images/s: real loader, synthetic batches, official-style loader",
+    "train": "training images/s and data time: real loader, synthetic batches, official-style loader, a resume",
     "collectives": "bytes per training step moved by the collectives: MoCo's scheme against ours",
 }
 
@@ -62,7 +62,8 @@ def _make_shards_parser():
     from maskcon.datasets import DATASETS
 
     parser = argparse.ArgumentParser(prog="python launch/make_shards.py",
-                                     description="Convert a dataset to WebDataset shards, or verify shards.")
+                                     description="Convert a dataset to WebDataset shards, or verify shards.",
+                                     epilog=MAKE_SHARDS_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     create = commands.add_parser("create", help="convert DATASET read from SRC into shards under OUT")
     create.add_argument("dataset", choices=list(DATASETS))
@@ -77,16 +78,24 @@ def _make_shards_parser():
     create.add_argument("--compress-level", type=int, default=shards.PNG_COMPRESS_LEVEL,
                         help="zlib level 0..9 of PNG images (lossless at every level)")
     create.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    create.add_argument("--overwrite", action="store_true", help="replace complete shards made otherwise")
+    create.add_argument("--overwrite", action="store_true",
+                        help="rebuild OUT when it holds shards, complete or interrupted, made from other inputs "
+                             "(another source, coarse map or options)")
     verify = commands.add_parser("verify", help="check every shard under OUT against its manifest")
     verify.add_argument("out", type=Path)
     verify.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     return parser
 
 
+MAKE_SHARDS_EXIT_CODES = """exit status:
+  0  done: the shards are written (create), every shard is intact (verify)
+  1  problems found (verify): one line per damaged or missing shard on stdout
+  2  failed: bad arguments or source, OUT made from other inputs, no space or no permission to write
+     (one line on stderr; files written before are intact)"""
+
+
 def run_make_shards(argv: list[str]) -> int:
-    """create: 0 when the shards are written; verify: 0 when every shard is intact, 1 (one line per damaged
-    shard on stdout) when not; 2 for a user error."""
+    """The exit status of MAKE_SHARDS_EXIT_CODES: 0 done, 1 problems found (verify), 2 failed."""
     from pathlib import Path
 
     from maskcon import shards

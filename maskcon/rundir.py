@@ -77,8 +77,9 @@ def claim(output_dir: str | Path | None, resume: str | None, *, default: Path,
     """The folder a run writes into and the checkpoint it continues from (see the module's text).
 
     output_dir: --output-dir (None: a new folder named after `default`); resume: --resume (None, RESUME_NEWEST,
-    RESUME_AUTO or a path). Creates the folder when the run starts afresh; reads, never writes, a folder it
-    resumes. UserError (one line) when the folder holds another run or there is nothing to resume.
+    RESUME_AUTO or a path). Creates the folder when the run starts afresh; in a folder it resumes it only
+    finishes a checkpoint replacement that a stopped run left half done (checkpoints.restore_replaced).
+    UserError (one line) when the folder holds another run or there is nothing to resume.
     """
     if resume is None:
         if output_dir is None:

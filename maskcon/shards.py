@@ -36,6 +36,7 @@ MAX_SAMPLES_PER_SHARD = 10_000  # ImageNet32 train: 129 shards of ~25 MB
 PNG_COMPRESS_LEVEL = 6  # zlib level of PNG image data (lossless at every level)
 _PARTIAL = ".partial"  # suffix of files being written; never read as shards
 _PROGRESS = ".progress.jsonl"  # one line per finished shard (its checksum) of an unfinished run
+_STAGING = ".staging"  # arrays written once for the worker processes to memory-map
 
 
 def _version() -> str:
@@ -317,10 +318,15 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
                                  ("--compress-level", compress_level, PNG_COMPRESS_LEVEL)):
         if value != default:
             create_args += [flag, str(value)]
-    return write_shards(source, out, create_args=create_args, source_files=source_files, seed=seed,
-                        samples_per_shard=samples_per_shard,
-                        min_shards=min_shards, max_samples_per_shard=max_samples_per_shard,
-                        compress_level=compress_level, workers=workers, overwrite=overwrite, log=log)
+    try:
+        return write_shards(source, out, create_args=create_args, source_files=source_files, seed=seed,
+                            samples_per_shard=samples_per_shard, min_shards=min_shards,
+                            max_samples_per_shard=max_samples_per_shard, compress_level=compress_level,
+                            workers=workers, overwrite=overwrite, log=log)
+    except OSError as error:  # no space, no permission: in this process or in a worker
+        shutil.rmtree(Path(out) / _STAGING, ignore_errors=True)
+        raise UserError(f"create failed at {error.filename or out} ({error.strerror or error}); free space or fix "
+                        f"permissions there, then rerun the same command: finished shards are kept") from None
 
 
 def _check_options(compress_level: int, samples_per_shard: int | None) -> None:
@@ -343,10 +349,10 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
     their manifest. The inputs are the plan: dataset, options, split sizes, class names and coarse map, and
     `source_files` (describe_files() of --src: what identifies the source). OUT holding shards, complete or
     interrupted, made from other inputs is an error naming what changed, unless `overwrite`. Every source
-    file is checked (Split.check) before the first shard is written. `seed`
-    fixes the shuffled write order (None: the source's order); `create_args`, the arguments of
-    `make_shards.py create` that give the same shards (but --out), go into the manifest so that error
-    messages can say how to re-create them. `workers` > 1 pickles the splits into a process pool. Raises UserError for a bad source or bad options.
+    file is checked (Split.check) before the first shard is written. `seed` fixes the shuffled write order
+    (None: the source's order); `create_args`, the arguments of `make_shards.py create` that give the same
+    shards (but --out), go into the manifest so that error messages can say how to re-create them.
+    `workers` > 1 pickles the splits into a process pool. Raises UserError for a bad source or bad options.
     """
     log = log or (lambda message: None)
     _check_options(compress_level, samples_per_shard)
@@ -366,40 +372,14 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
         if split_plan["num_samples"] == 0:
             raise UserError(f"the {name} split of {dataset} is empty; check --src")
 
+    complete = _prepare_out(out, plan, source, overwrite, log)
+    if complete is not None:
+        return complete
     manifest_path, plan_path, progress_path = out / MANIFEST, out / PLAN, out / _PROGRESS
-    replaces_manifest = manifest_path.exists()
-    if replaces_manifest:
-        existing = _load_json(manifest_path)
-        changes = _changes(_plan_of(existing), plan) if isinstance(existing, dict) else [f"{MANIFEST} unreadable"]
-        if not changes and not overwrite:
-            damaged = [record["tar"] for split in existing["splits"].values() for record in split["shards"]
-                       if shard_problem(out, record) is not None]
-            if not damaged:
-                log(f"{out} already holds complete {dataset} shards")
-                return existing
-            log(f"{out}: {len(damaged)} shards no longer match the manifest (first {damaged[0]}); re-creating")
-            overwrite = True
-        if changes and not overwrite:
-            raise UserError(f"{out} holds shards made from other inputs ({'; '.join(changes)}); pass --overwrite "
-                            "to rebuild them from these, or choose another --out")
-    previous = _load_json(plan_path) if plan_path.exists() else None
-    changes = _changes(previous, plan) + _version_change(previous, plan) if isinstance(previous, dict) else []
-    resumable = isinstance(previous, dict) and not changes and not overwrite
-    if changes and not overwrite:
-        raise UserError(f"{out} holds an interrupted conversion of other inputs ({'; '.join(changes)}); pass "
-                        "--overwrite to start afresh from these, or choose another --out")
-    _check_source(source, log)
-    if replaces_manifest:
-        manifest_path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    if not resumable:
-        _remove_shards(out)  # shards of an unfinished run with other inputs, or --overwrite
-        progress_path.unlink(missing_ok=True)
-    _write_json_atomic(plan_path, plan)
     recorded = _read_progress(progress_path)  # tar -> sha256 of the shards an earlier run finished
 
     workers = available_cpus() if workers is None else max(1, workers)
-    staging = out / ".staging"
+    staging = out / _STAGING
     jobs, split_jobs = [], {}
     for name, split in source.splits.items():
         (out / name).mkdir(exist_ok=True)
@@ -425,8 +405,57 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
         records = _run_all(executor, jobs, log, dataset, on_result=record)
     shutil.rmtree(staging, ignore_errors=True)
 
-    manifest = {
-        "dataset": dataset,
+    manifest = _manifest(source, plan, create_args, {name: [records[j] for j in jobs_of_split]
+                                                      for name, jobs_of_split in split_jobs.items()})
+    _write_json_atomic(manifest_path, manifest)  # last: from now on OUT counts as complete
+    plan_path.unlink(missing_ok=True)
+    progress_path.unlink(missing_ok=True)
+    log(f"wrote {manifest_path}")
+    return manifest
+
+
+def _prepare_out(out: Path, plan: dict, source: DatasetSource, overwrite: bool,
+                 log: Callable[[str], None]) -> dict | None:
+    """Make OUT ready for writing by `plan`, or return its manifest when it already holds the complete,
+    undamaged result. Refuses (UserError naming what changed) a folder made, or being made, from other
+    inputs unless `overwrite`; checks the source's files before anything is removed or written."""
+    manifest_path, plan_path, progress_path = out / MANIFEST, out / PLAN, out / _PROGRESS
+    replaces_manifest = manifest_path.exists()
+    if replaces_manifest:
+        existing = _load_json(manifest_path)
+        changes = _changes(_plan_of(existing), plan) if isinstance(existing, dict) else [f"{MANIFEST} unreadable"]
+        if not changes and not overwrite:
+            damaged = [record["tar"] for split in existing["splits"].values() for record in split["shards"]
+                       if shard_problem(out, record) is not None]
+            if not damaged:
+                log(f"{out} already holds complete {plan['dataset']} shards")
+                return existing
+            log(f"{out}: {len(damaged)} shards no longer match the manifest (first {damaged[0]}); re-creating")
+            overwrite = True
+        if changes and not overwrite:
+            raise UserError(f"{out} holds shards made from other inputs ({'; '.join(changes)}); pass --overwrite "
+                            "to rebuild them from these, or choose another --out")
+    previous = _load_json(plan_path) if plan_path.exists() else None
+    changes = _changes(previous, plan) + _version_change(previous, plan) if isinstance(previous, dict) else []
+    resumable = isinstance(previous, dict) and not changes and not overwrite
+    if changes and not overwrite:
+        raise UserError(f"{out} holds an interrupted conversion of other inputs ({'; '.join(changes)}); pass "
+                        "--overwrite to start afresh from these, or choose another --out")
+    _check_source(source, log)
+    if replaces_manifest:
+        manifest_path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    if not resumable:
+        _remove_shards(out)  # shards of an unfinished run with other inputs, or --overwrite
+        progress_path.unlink(missing_ok=True)
+    _write_json_atomic(plan_path, plan)
+    return None
+
+
+def _manifest(source: DatasetSource, plan: dict, create_args: list[str] | None, records: dict[str, list]) -> dict:
+    """The manifest of finished shards: the plan's inputs, what readers need, and each shard's record."""
+    return {
+        "dataset": plan["dataset"],
         "version": plan["version"],
         "image_format": source.image_format,
         "image_size": list(source.image_size) if source.image_size is not None else None,
@@ -435,20 +464,15 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
         "fine_classes": list(source.fine_classes),
         "coarse_classes": list(source.coarse_classes),
         "fine_to_coarse": [int(c) for c in source.fine_to_coarse],
-        "options": options,
+        "options": plan["options"],
         "create_args": create_args,
         "source": dict(source.notes),
-        "source_files": source_files,
+        "source_files": plan["source_files"],
         "splits": {name: {"num_samples": plan["splits"][name]["num_samples"],
                           "samples_per_shard": plan["splits"][name]["samples_per_shard"],
-                          "shards": [records[j] for j in split_jobs[name]]}
+                          "shards": records[name]}
                    for name in source.splits},
     }
-    _write_json_atomic(manifest_path, manifest)  # last: from now on OUT counts as complete
-    plan_path.unlink(missing_ok=True)
-    progress_path.unlink(missing_ok=True)
-    log(f"wrote {manifest_path}")
-    return manifest
 
 
 def _plan_of(manifest: dict) -> dict | None:
@@ -538,8 +562,11 @@ def _load_json(path: Path):
 
 def _write_json_atomic(path: Path, content: dict) -> None:
     partial = path.with_name(path.name + _PARTIAL)
-    partial.write_text(json.dumps(content, indent=1) + "\n")
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(content, indent=1) + "\n")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 # -------------------------------------------------------------------------------------------- verify

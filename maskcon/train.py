@@ -293,7 +293,7 @@ def _before_training(run: Run, feed: Feed) -> dict:
 def _log(run: Run, step: int, loss: torch.Tensor, agreement: dist.Agreement, clock: DataClock, bar) -> bool:
     """One metrics row after the stop vote `agreement` (the lr is read back from the optimizer: the one the
     last step used). Returns whether some process saw SIGTERM; raises when some process's loss is not
-    finite. Resets the clock and the loss sum."""
+    finite. Resets the clock."""
     if agreement.loss_not_finite:
         raise AgreedError(f"the loss stopped being finite by step {step} (epoch {step // run.steps_per_epoch}); "
                           f"{_last_good(run.checkpoint_root)}; try a lower --lr or --mixed-precision bf16")

@@ -113,6 +113,20 @@ def test_resume_path_takes_a_run_folder_or_one_checkpoint(tmp_path):
         rundir.claim(None, str(tmp_path / "missing"), default=tmp_path / "unused", log=quiet)
 
 
+def test_the_resume_option_reads_bare_auto_a_path_and_yaml_booleans(tmp_path):
+    from maskcon.config import parse_config
+
+    assert parse_config([]).resume is None
+    assert parse_config(["--resume"]).resume == rundir.RESUME_NEWEST
+    assert parse_config(["--resume", "--epochs", "3"]).resume == rundir.RESUME_NEWEST
+    assert parse_config(["--resume", "auto"]).resume == rundir.RESUME_AUTO
+    assert parse_config(["--resume=runs/a/checkpoints/step-00000010"]).resume == "runs/a/checkpoints/step-00000010"
+    (tmp_path / "on.yaml").write_text("resume: true\n")
+    (tmp_path / "off.yaml").write_text("resume: false\n")
+    assert parse_config(["--config", str(tmp_path / "on.yaml")]).resume == rundir.RESUME_NEWEST
+    assert parse_config(["--config", str(tmp_path / "off.yaml")]).resume is None
+
+
 def _claim_at_once(barrier, base: str, queue) -> None:
     barrier.wait()
     queue.put(str(rundir.claim(None, None, default=Path(base), log=quiet).path))
@@ -131,6 +145,18 @@ def test_runs_started_together_get_folders_of_their_own(tmp_path):
         worker.join(timeout=60)
     assert len(set(folders)) == count
     assert sorted(p.name for p in base.parent.iterdir()) == sorted(Path(f).name for f in folders)
+
+
+def test_a_resumed_run_keeps_the_results_it_does_not_measure_again(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"step": 44, "stopped": "finished", "R@1": 81.5,
+                                                       "untrained_R@1": 20.0}))
+    rundir.write_results(tmp_path, {"step": 44, "stopped": "finished", "weights_fingerprint_per_process": [1.5]},
+                         resumed=True)
+    assert json.loads((tmp_path / "results.json").read_text()) == {
+        "step": 44, "stopped": "finished", "R@1": 81.5, "untrained_R@1": 20.0, "weights_fingerprint_per_process": [1.5]}
+    rundir.write_results(tmp_path, {"step": 3, "stopped": "max_steps"}, resumed=False)  # a fresh run: its own
+    assert json.loads((tmp_path / "results.json").read_text()) == {"step": 3, "stopped": "max_steps"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
 # ------------------------------------------------------------------------------------------ metrics file
@@ -230,7 +256,8 @@ def test_resume_auto_on_an_empty_folder_starts_afresh(digits_shards, tmp_path):
 @pytest.mark.slow
 def test_two_runs_started_together_write_into_two_folders(digits_shards, tmp_path):
     args = ["--shards", str(digits_shards), *FAST, "--epochs", "1", "--max-steps", "2", "--checkpoint-every", "1"]
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, WANDB_MODE="disabled",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     runs = [subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), *args], cwd=tmp_path, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     errors = [run.communicate(timeout=900)[1] for run in runs]
