@@ -376,7 +376,7 @@ def test_auto_augment_statistics(shards):
         assert 0.2232 - Z * np.sqrt(0.2232 * 0.7768 / 4096) < unchanged < 0.2232 + 0.05, (backend, unchanged)
     assert_same_rate(stats["dali"]["unchanged"], stats["torch"]["unchanged"], "AutoAugment unchanged")
     for name in ("mean_change", "mean_abs_change", "changed_fraction"):
-        # the DALI ops round differently and reorder some pairs (recipes.AutoAugment): their per-image change
+        # the DALI ops round differently and reorder some pairs (maskcon/loaders/DESIGN.md): their per-image change
         # statistics may differ by rounding (KS distance about 0.06), not by whole ops or magnitudes
         distance = ks_2samp(stats["dali"][name], stats["torch"][name]).statistic
         assert distance < 0.1, f"AutoAugment {name}: KS distance {distance:.3f} between DALI and torchvision"
@@ -396,13 +396,13 @@ def _auto_augment_cases(size: int):
 
 def test_auto_augment_ops_follow_torchvision():
     """Each op of the flat DALI AutoAugment, at every magnitude and sign, against torchvision's _apply_op:
-    the same geometry and the same colours, within the differences the AutoAugment docstring lists."""
+    the same geometry and the same colours, within the differences maskcon/loaders/DESIGN.md lists."""
     from nvidia.dali import fn, pipeline_def
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.autoaugment import _apply_op
 
-    from maskcon.loaders.dali import flat_auto_augment
-    from maskcon.recipes import AUTO_AUGMENT_OPS, auto_augment_parameters
+    from maskcon.loaders.dali_ops import auto_augment_parameters, flat_auto_augment
+    from maskcon.recipes import AUTO_AUGMENT_OPS
 
     size = 32
     plain = [cifar_like_image(i) for i in range(4)]
@@ -616,7 +616,7 @@ def test_digits_shards(tmp_path, backend):
 def test_an_image_that_does_not_decode_names_its_shard_and_key(tmp_path, backend):
     """PNG bytes damaged inside a real shard: a one-line UserError naming the tar, the key and the remedy."""
     from maskcon.loaders import read_split
-    from maskcon.loaders.torch import TarSamples
+    from maskcon.loaders.split import TarSamples
 
     folder = write_synthetic_shards(tmp_path / "broken", num_train=64, num_test=8, image=cifar_like_image,
                                     labels=lambda i: (i % 10, i % 2), num_fine=10, num_coarse=2, samples_per_shard=32)
@@ -677,3 +677,57 @@ def test_dali_on_the_gpu(shards):
         test = build_test_loader(shards[source], image_size=size, batch_size=4, rank=0, world_size=1, device="cuda",
                                  backend="dali")
         assert sum(len(b["index"]) for b in test) == 8
+
+
+# ------------------------------------------------------------------------------------- the house
+
+
+def package_imports() -> dict[str, set[str]]:
+    """module -> the maskcon modules it imports (at module level or inside functions), read from the sources."""
+    import ast
+    from pathlib import Path
+
+    import maskcon
+
+    root = Path(maskcon.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = ("maskcon",) + path.relative_to(root).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+        graph[name] = {module for module in found if module in modules and module != name}
+    return graph
+
+
+def test_no_import_circle_in_the_package():
+    """Imports run one way (specs <- back ends <- loaders <- run <- doors): no module reaches itself."""
+    graph = package_imports()
+    assert graph["maskcon.loaders.dali"] >= {"maskcon.loaders.split", "maskcon.loaders.dali_ops"}  # the walk works
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module, path):
+        state[module] = 1
+        for imported in sorted(graph[module]):
+            if state.get(imported) == 1:
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(imported):] + [imported]))
+            if imported not in state:
+                visit(imported, path + [imported])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    # the recipes are specs: no back end, no loader
+    assert graph["maskcon.recipes"] <= {"maskcon.errors"}, graph["maskcon.recipes"]

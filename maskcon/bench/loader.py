@@ -4,8 +4,8 @@ Prints source images per second (both views made, labels included) for
     dali_cpu       maskcon.loaders, backend "dali" on the CPU (device_id=None)
     dali_gpu       the same on the GPU (only with --loaders ...,dali_gpu, on a machine with one)
     torch          maskcon.loaders, backend "torch": torchvision transforms in a DataLoader
-    reference_pil  a loader in the style of the official MaskCon code: PIL images, a PIL AutoAugment
-                   CIFAR10Policy-like transform, torchvision PIL transforms and a torch DataLoader
+    reference_pil  the official-style loader (maskcon/bench/reference.py): PIL images, torchvision's
+                   transforms on them (AutoAugment CIFAR-10 policy) and a shuffling torch DataLoader
 all on the same shards and cores, and the operator count of each DALI pipeline. `--synthetic N` first
 writes N synthetic cifar100-format 32x32 PNG training samples to OUT (see write_synthetic_shards), for
 machines without the real data. `--first-batch-workers W` also times a torch loader with W DataLoader
@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from maskcon.errors import UserError
-from maskcon.loaders.torch import worker_context
 
 # ----------------------------------------------------------------------------------- synthetic shards
 
@@ -91,46 +90,6 @@ def cifar_like_image(position: int) -> np.ndarray:
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-# --------------------------------------------------------------------------------- official-style loader
-
-
-def _pil_transform(steps, recipe, size: int):
-    """The steps' PIL implementations (recipes.Op.pil), then ToTensor and Normalize."""
-    import torchvision.transforms as T
-
-    parts = [step.kind.pil(step.params, size) for step in steps]
-    return T.Compose([*parts, T.ToTensor(), T.Normalize(recipe.mean, recipe.std)])
-
-
-class _PilTwoViews(torch.utils.data.Dataset):
-    def __init__(self, samples, query, key):
-        self.samples, self.query, self.key = samples, query, key
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, position):
-        from PIL import Image
-
-        data, fine, coarse = self.samples.read(position)
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-        return self.query(image), self.key(image), fine, coarse
-
-
-def reference_pil_loader(shards: Path, recipe, *, image_size: int, batch_size: int, workers: int):
-    """The official code's way: PIL images, PIL transforms (AutoAugment on PIL), a shuffling DataLoader."""
-    from maskcon.loaders import read_split
-    from maskcon.loaders.torch import TarSamples
-
-    _, split = read_split(shards, "train")
-    dataset = _PilTwoViews(TarSamples(split), _pil_transform(recipe.strong, recipe, image_size),
-                           _pil_transform(recipe.weak, recipe, image_size))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                       num_workers=workers, persistent_workers=workers > 0,
-                                       prefetch_factor=4 if workers else None,
-                                       multiprocessing_context=worker_context(workers))
-
-
 # ------------------------------------------------------------------------------------------ measuring
 
 
@@ -191,6 +150,22 @@ def first_batch_seconds(shards: Path, *, dataset: str, image_size: int, batch_si
     return seconds
 
 
+def _build(name: str, shards: Path, common: dict):
+    """The loader `name` of --loaders on `shards`; `common`: build_train_loader's arguments."""
+    from maskcon.loaders import build_train_loader
+
+    if name == "reference_pil":
+        from maskcon.bench.reference import official_style_loader
+
+        return official_style_loader(shards, recipe=common["recipe"], image_size=common["image_size"],
+                                     batch_size=common["batch_size"], workers=common["num_threads"])
+    if name == "dali_gpu":
+        if not torch.cuda.is_available():
+            raise UserError("--loaders dali_gpu needs a CUDA GPU; this machine has none")
+        return build_train_loader(shards, backend="dali", **{**common, "device": "cuda"})
+    return build_train_loader(shards, backend="dali" if name == "dali_cpu" else "torch", **common)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python launch/bench.py loader", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="recipe to run (a dataset name, e.g. cifar100)")
@@ -212,9 +187,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from maskcon.datasets import recipe_for
-    from maskcon.loaders import build_train_loader
 
-    recipe = recipe_for(args.dataset)
+    recipe_for(args.dataset)
     size = args.image_size or _dataset_image_size(args.dataset)
     threads = args.threads or len(os.sched_getaffinity(0))
     if args.synthetic:
@@ -237,15 +211,7 @@ def main(argv: list[str]) -> int:
             workers=args.first_batch_workers), 2)
         first_batch["first_batch_workers"] = args.first_batch_workers
     for name in chosen:
-        if name == "reference_pil":
-            loader = reference_pil_loader(args.shards, recipe, image_size=size, batch_size=args.batch_size,
-                                          workers=threads)
-        elif name == "dali_gpu":
-            if not torch.cuda.is_available():
-                raise UserError("--loaders dali_gpu needs a CUDA GPU; this machine has none")
-            loader = build_train_loader(args.shards, backend="dali", **{**common, "device": "cuda"})
-        else:
-            loader = build_train_loader(args.shards, backend="dali" if name == "dali_cpu" else "torch", **common)
+        loader = _build(name, args.shards, common)
         if name.startswith("dali"):
             from maskcon.loaders.dali import operator_count
 

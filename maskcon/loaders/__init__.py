@@ -2,45 +2,26 @@
 
 Two back ends read the same shards with the same recipes (maskcon/recipes.py):
     "dali"   maskcon/loaders/dali.py: DALI pipelines, on the GPU or (device CPU) on the CPU
-    "torch"  maskcon/loaders/torch.py: torchvision transforms in a torch DataLoader; the reference
+    "torch"  maskcon/loaders/torch_backend.py: torchvision transforms in a torch DataLoader; the reference
+What both share (reading samples, epoch plans, test parts) is maskcon/loaders/split.py; design notes are in
+maskcon/loaders/DESIGN.md.
 What each loader yields is in the docstrings of build_train_loader and build_test_loader below; the shards
 they read are described in maskcon/shard_format.py (and shards/README.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch as _torch  # the name `torch` is this package's torchvision back end
+import torch
 
 from maskcon import recipes
 from maskcon.errors import UserError
+from maskcon.loaders.split import SplitFiles, read_split
+
+__all__ = ["BACKENDS", "SplitFiles", "build_test_loader", "build_train_loader", "check_batch_fits", "read_split"]
 
 BACKENDS = ("dali", "torch")
-
-
-@dataclass(frozen=True)
-class SplitFiles:
-    """One split of a shard folder: tar paths, DALI index paths (same order), samples, "png" or "jpg"."""
-
-    tars: list[str]
-    indexes: list[str]
-    num_samples: int
-    image_format: str
-
-
-def read_split(shards: Path | str, split: str) -> tuple[dict, SplitFiles]:
-    """(manifest, SplitFiles) of one split of a shard folder, after a check of every shard of the split
-    against the manifest (sizes and index files; the tars are not read): UserError naming the first
-    missing or damaged shard and how to re-create it."""
-    from maskcon.shard_format import check_split, read_manifest, split_files
-
-    manifest = read_manifest(shards)
-    check_split(shards, split, manifest)
-    tars, indexes = split_files(shards, split, manifest)
-    num_samples = int(manifest["splits"][split]["num_samples"])
-    return manifest, SplitFiles(tars, indexes, num_samples, manifest["image_format"])
 
 
 def _check(backend: str, batch_size: int, rank: int, world_size: int, image_size: int, num_samples: int,
@@ -72,7 +53,7 @@ def _recipe(recipe: str | recipes.Recipe) -> recipes.Recipe:
 
 
 def build_train_loader(shards: Path | str, *, recipe: str | recipes.Recipe, image_size: int, batch_size: int,
-                       rank: int, world_size: int, seed: int, device: _torch.device | str, backend: str,
+                       rank: int, world_size: int, seed: int, device: torch.device | str, backend: str,
                        query_view: str = "strong", key_view: str = "weak", num_threads: int = 2):
     """One epoch per `for batch in loader`: {"query", "key": float32 N x 3 x S x S, "fine", "coarse": int64 N}.
 
@@ -84,7 +65,7 @@ def build_train_loader(shards: Path | str, *, recipe: str | recipes.Recipe, imag
     `recipe` names a dataset (its recipe, maskcon/datasets) or is a Recipe of one's own; `num_threads` is
     DALI's CPU threads or the number of DataLoader workers (0: transforms in this process).
     """
-    device = _torch.device(device)
+    device = torch.device(device)
     chosen = _recipe(recipe)
     for view in (query_view, key_view):
         chosen.view(view)
@@ -97,20 +78,20 @@ def build_train_loader(shards: Path | str, *, recipe: str | recipes.Recipe, imag
 
         dali.require_dali()
         return dali.DaliTrainLoader(split, chosen, **options)
-    import maskcon.loaders.torch as torch_loader
+    from maskcon.loaders import torch_backend
 
-    return torch_loader.TorchTrainLoader(split, chosen, **options)
+    return torch_backend.TorchTrainLoader(split, chosen, **options)
 
 
 def build_test_loader(shards: Path | str, *, image_size: int, batch_size: int, rank: int, world_size: int,
-                      device: _torch.device | str, backend: str, recipe: str | recipes.Recipe | None = None,
+                      device: torch.device | str, backend: str, recipe: str | recipes.Recipe | None = None,
                       num_threads: int = 2):
     """{"image", "fine", "coarse", "index"} batches; over all ranks every test sample exactly once.
 
     `index` is the sample's position in the test split. All ranks yield len(loader) batches; a rank whose
     part is shorter may end with a shorter (possibly empty) batch. `recipe` defaults to the manifest's dataset.
     """
-    device = _torch.device(device)
+    device = torch.device(device)
     manifest, split = read_split(shards, "test")
     chosen = _recipe(recipe or manifest["dataset"])
     _check(backend, batch_size, rank, world_size, image_size, split.num_samples, "test")
@@ -121,6 +102,6 @@ def build_test_loader(shards: Path | str, *, image_size: int, batch_size: int, r
 
         dali.require_dali()
         return dali.DaliTestLoader(split, chosen, **options)
-    import maskcon.loaders.torch as torch_loader
+    from maskcon.loaders import torch_backend
 
-    return torch_loader.TorchTestLoader(split, chosen, **options)
+    return torch_backend.TorchTestLoader(split, chosen, **options)

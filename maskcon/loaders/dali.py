@@ -5,13 +5,14 @@ The same graph runs on the GPU (device_id = the CUDA device; JPEG decoded by `mi
 
 Feeding. One external source hands DALI, per batch, the encoded images (read-only views of the memory-
 mapped tars, at the offsets of the index files) and every random parameter of both views, drawn in numpy
-by the recipe's ops (`Op.draw`). The graph itself holds no random operator, and each op kind appears once
+by the DALI back end's ops (maskcon/loaders/dali_ops.py). The graph itself holds no random operator, and each
+op kind appears once
 per view with per-sample parameters (no branches over AutoAugment's sub-policies): a two-view cifar100
 batch costs about 40 operators (`operator_count`). Labels never enter DALI: they are read once from the
 shards and indexed in Python.
 
 Epochs. Epoch e's batches depend only on (seed, rank, world_size, e): positions come from
-torch.epoch_positions (a permutation of the split drawn from (seed, e), sliced per rank: disjoint parts,
+split.epoch_positions (a permutation of the split drawn from (seed, e), sliced per rank: disjoint parts,
 each sample at most once per epoch, the same count on every rank) and batch i's parameters from a numpy
 generator seeded with (seed, e, rank, i). `set_epoch(e)` picks the next epoch; an epoch left half way is
 cancelled (at most the prefetched batches are computed and dropped), so nothing iterated before changes
@@ -22,21 +23,20 @@ from __future__ import annotations
 
 import collections
 import io
-import math
 import struct
 
 import numpy as np
 import torch
 
 from maskcon.errors import UserError
-from maskcon.loaders import SplitFiles
-from maskcon.loaders.torch import TarSamples, epoch_positions, epoch_seed
-from maskcon.recipes import Recipe, Step, absorbed_by_next, draw_view
+from maskcon.loaders.dali_ops import draw_view, view_graph
+from maskcon.loaders.split import (SplitFiles, TarSamples, empty_test_batch, epoch_positions, epoch_seed,
+                                   test_batches, test_part)
+from maskcon.recipes import Recipe
 from maskcon.shard_format import png_problem
 
 try:
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali import math as dmath
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 except ImportError:  # reported by the loader builders, so the torch back end works without DALI
     fn = None
@@ -50,162 +50,7 @@ def require_dali() -> None:
                         "or pick the torchvision loader (backend 'torch')")
 
 
-# ------------------------------------------------------------------------------------ op graph code
-# Called by the ops of maskcon/recipes.py (Op.dali); `drawn` holds the op's per-sample parameters.
-
-
-def _like(node, images):
-    """A per-sample parameter where the images are: arithmetic needs both on one device."""
-    return node.gpu() if images.device == "gpu" else node
-
-
-def resized_crop(images, roi_start, roi_end, size: int):
-    """The crop [roi_start, roi_end) ((y, x) pixels, per sample) resized to size x size, bilinear, antialiased."""
-    return fn.resize(images, size=[size, size], roi_start=roi_start, roi_end=roi_end, roi_relative=False,
-                     interp_type=types.INTERP_LINEAR, antialias=True)
-
-
-def resize(images, size: int):
-    return fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
-
-
-def perspective(images, matrix):
-    return fn.experimental.warp_perspective(images, matrix=matrix, fill_value=0, interp_type=types.INTERP_LINEAR,
-                                            inverse_map=False, border_mode="constant")
-
-
-def _truncate(x):
-    return fn.reshape(fn.cast(dmath.floor(x), dtype=types.UINT8), layout="HWC")
-
-
-_LUMA = np.array([0.2989, 0.587, 0.114], dtype=np.float32)
-
-
-def _constant(value: np.ndarray, like):
-    return types.Constant(value, device="gpu" if like.device == "gpu" else "cpu")
-
-
-def _grey(data):
-    """H x W x 1 float grey levels of HWC uint8 RGB images (torchvision's rgb_to_grayscale)."""
-    return dmath.floor(fn.reductions.sum(data * _constant(_LUMA, data), axis_names="C", keep_dims=True))
-
-
-def _brightness(data, factor):
-    return _truncate(data * factor)
-
-
-def _saturation(data, factor):  # adjust_saturation: blend with the grey image
-    return _truncate(data * factor + _grey(data) * (1.0 - factor))
-
-
-def _contrast(data, factor):  # adjust_contrast: blend with the mean grey level of the image
-    mean = fn.reductions.mean(_grey(data), axis_names="HWC", keep_dims=True)
-    return _truncate(data * factor + mean * (1.0 - factor))
-
-
-def _hue_shift(images, shift):
-    """torchvision's adjust_hue: rotate the HSV hue of every pixel by `shift` turns, keeping V and S.
-
-    In RGB terms a pixel keeps its max M and min m (chroma C = M - m); channel n (R 5, G 3, B 1) becomes
-    M - C * clamp(min(K, 4 - K), 0, 1) with K = (n + 6 * hue) mod 6, the standard HSV -> RGB formula.
-    """
-    x = fn.cast(images, dtype=types.FLOAT)
-    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
-    top = dmath.max(dmath.max(r, g), b)
-    chroma = top - dmath.min(dmath.min(r, g), b)
-    divisor = chroma + (chroma == 0)  # grey pixels: any hue, the output is M on every channel
-    is_r = top == r
-    is_g = (top == g) & (is_r ^ True)
-    is_b = (is_r | is_g) ^ True
-    sextant = (is_r * ((g - b) / divisor) + is_g * ((b - r) / divisor + 2.0) + is_b * ((r - g) / divisor + 4.0)
-               + shift * 6.0)
-    channels = []
-    for n in (5.0, 3.0, 1.0):
-        k = n + sextant
-        k = k - 6.0 * dmath.floor(k / 6.0)
-        # torchvision converts back from [0, 1] floats by multiplying by 255.999 and truncating
-        channels.append((top - chroma * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)) * (255.999 / 255.0))
-    return _truncate(fn.stack(*channels, axis=2))
-
-
-def color_jitter(images, drawn):
-    """ColorJitter where `apply` is set: the four adjustments in the drawn order (DALI conditionals)."""
-    if drawn["apply"]:
-        order = drawn["order"]
-        for stage in range(4):
-            adjustment = order[stage]
-            if adjustment == 0:
-                images = _brightness(images, _like(drawn["brightness"], images))
-            elif adjustment == 1:
-                images = _contrast(images, _like(drawn["contrast"], images))
-            elif adjustment == 2:
-                images = _saturation(images, _like(drawn["saturation"], images))
-            else:
-                images = _hue_shift(images, _like(drawn["hue"], images))
-    return images
-
-
-def grayscale(images, apply):
-    """rgb_to_grayscale(num_output_channels=3) where `apply` is set."""
-    if apply:
-        grey = _grey(images)
-        images = _truncate(fn.cat(grey, grey, grey, axis=2))
-    return images
-
-
-def gaussian_blur(images, apply, sigma, window: int):
-    if apply:
-        images = fn.gaussian_blur(images, sigma=sigma, window_size=window)
-    return images
-
-
-def flat_auto_augment(images, drawn):
-    """AutoAugment as one pass through each op kind with per-sample parameters (recipes.AutoAugment)."""
-    images = fn.warp_affine(images, matrix=drawn["matrix"], fill_value=0, interp_type=types.INTERP_NN,
-                            inverse_map=False)
-    # sharpness (one 5x5 kernel), then per channel A x + b grey(x) + c mean(grey(x)) + D, truncated once as
-    # torchvision truncates: brightness, colour and contrast in (a, b, c, d) and autocontrast's stretch
-    # (x - lo) * 255 / (hi - lo) in A and D where it applies (no sub-policy holds AutoContrast with a colour
-    # op or Sharpness). Grey and mean are taken before sharpening: no sub-policy holds Color with Sharpness,
-    # and sharpening keeps the mean.
-    sharpened = fn.filter(images, _like(drawn["kernel"], images), dtype=types.FLOAT)
-    grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
-    mean = fn.reductions.mean(grey, axis_names="HWC", keep_dims=True)
-    lo = fn.reductions.min(images, axis_names="HW", keep_dims=True)      # 1 x 1 x C
-    hi = fn.reductions.max(images, axis_names="HW", keep_dims=True)
-    spread = hi - lo
-    stretch = _like(drawn["autocontrast"], images) * (spread > 0)       # a constant channel stays as it is
-    scale = 255.0 / dmath.max(spread, 1)
-    a = _like(drawn["colour_a"], images)
-    gain = a + stretch * (scale - a)
-    offset = _like(drawn["colour_d"], images) - stretch * (lo * scale)
-    mixed = (sharpened * gain + grey * _like(drawn["colour_b"], images)
-             + (mean * _like(drawn["colour_c"], images) + offset))
-    images = fn.cast(mixed, dtype=types.UINT8)  # rounds; `offset` holds -0.499, so this truncates
-    images = images & _like(drawn["posterize"], images)
-    # DALI's equalize counts pixels up to a level (OpenCV), PIL's those below it: equalizing the inverted
-    # image and inverting back counts those below
-    white = types.Constant(255, dtype=types.UINT8)
-    equalized = white - fn.equalize(white - images)
-    images = images ^ ((images ^ equalized) & _like(drawn["equalize"], images))
-    inverted = (images >= _like(drawn["threshold"], images)) * types.Constant(255, dtype=types.UINT8)
-    return images ^ inverted  # 255 - x where x >= threshold
-
-
 # ------------------------------------------------------------------------------------ pipelines
-
-
-def _view(images, steps: tuple[Step, ...], drawn: list[dict], size: int):
-    """Apply one view's steps to HWC uint8 images; returns (images, per-sample mirror flag or None)."""
-    mirror = None
-    for index, step in enumerate(steps):
-        images, flip = step.kind.dali(images, step.params, drawn[index], size, absorbed_by_next(steps, index))
-        if flip is not None:
-            if all(later.kind.flip_equivariant for later in steps[index + 1:]):
-                mirror = flip  # flip while normalising
-            else:
-                images = fn.flip(images, horizontal=flip)
-    return images, mirror
 
 
 def _normalise(images, recipe: Recipe, mirror):
@@ -236,7 +81,7 @@ def _views_pipeline(source, names, image_format: str, recipe: Recipe, views: tup
         drawn[view][step][key] = value
     outputs = []
     for steps, parameters in zip(views, drawn):  # every view from the one decoded image
-        augmented, mirror = _view(images, steps, parameters, size)
+        augmented, mirror = view_graph(images, steps, parameters, size)
         outputs.append(_normalise(augmented, recipe, mirror))
     return tuple(outputs)
 
@@ -451,11 +296,9 @@ class DaliTestLoader(_Feeder):
                  world_size: int, device: torch.device, num_threads: int):
         super().__init__(split, recipe, (recipe.test,), image_size=image_size, batch_size=batch_size,
                          device=device, num_threads=num_threads, seed=0)
-        start = split.num_samples * rank // world_size
-        stop = split.num_samples * (rank + 1) // world_size
-        self.part = np.arange(start, stop)
+        self.part = test_part(split.num_samples, rank, world_size)
         self.batch_size = batch_size
-        self.batches = math.ceil(math.ceil(split.num_samples / world_size) / batch_size)
+        self.batches = test_batches(split.num_samples, world_size, batch_size)
 
     def __len__(self) -> int:
         return self.batches
@@ -470,10 +313,7 @@ class DaliTestLoader(_Feeder):
         size = self.image_size
         for batch in range(self.batches):
             if batch >= len(plan):
-                yield {"image": torch.empty(0, 3, size, size, device=self.device),
-                       "fine": torch.empty(0, dtype=torch.int64, device=self.device),
-                       "coarse": torch.empty(0, dtype=torch.int64, device=self.device),
-                       "index": torch.empty(0, dtype=torch.int64, device=self.device)}
+                yield empty_test_batch(size, self.device)
                 continue
             (image,), taken = self._run()
             valid = self.batch_size if batch < full else rest

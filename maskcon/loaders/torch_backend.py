@@ -1,5 +1,6 @@
 """The torchvision back end: the reference the DALI pipelines are tested against.
 
+TORCHVISION_OPS maps every op of maskcon/recipes.py to its torchvision transform (checked at import).
 Samples are read from the WebDataset tars at the offsets their DALI index files give, so a map-style
 Dataset can draw a new global permutation every epoch; each rank takes its own slice of it, of the same
 length on every rank. Images are decoded once per sample (PIL) and both views are made from the decoded
@@ -9,11 +10,7 @@ uint8 tensor with torchvision transforms built from the recipe table, the RNG se
 from __future__ import annotations
 
 import io
-import math
-import mmap
 import multiprocessing
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,13 +19,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from PIL import Image
 
 from maskcon.errors import UserError
-from maskcon.loaders import SplitFiles
-from maskcon.recipes import Recipe, Step
-from maskcon.shard_format import LABEL_BYTES, decode_label, key_at, read_index, read_manifest, remedy
+from maskcon.loaders.split import (SplitFiles, TarSamples, empty_test_batch, epoch_positions, epoch_seed,
+                                   test_batches, test_part)
+from maskcon.recipes import Recipe, Step, blur_kernel_size, check_implementations
 
 
 # Imported once by the fork server, so that each worker forked from it starts without importing them.
-FORKSERVER_PRELOAD = ["torch", "torchvision.transforms", "PIL.Image", "numpy", "maskcon.loaders.torch"]
+FORKSERVER_PRELOAD = ["torch", "torchvision.transforms", "PIL.Image", "numpy", "maskcon.loaders.torch_backend"]
 
 
 def worker_context(workers: int):
@@ -43,123 +40,26 @@ def worker_context(workers: int):
     return context
 
 
-class TarSamples:
-    """Random access to the samples of one split: (image bytes, fine, coarse) by position in the split.
-
-    Pickles as the split's file names only (a few hundred bytes, not the sample rows), so DataLoader workers
-    start at once; each process reads the index files on first use and opens the tars lazily.
-    """
-
-    def __init__(self, split: SplitFiles):
-        self.split = split
-        self.tars = list(split.tars)
-        self._rows: np.ndarray | None = None
-        self._files: dict[int, int] = {}
-        self._maps: dict[int, np.ndarray] = {}
-        self._pid = None
-
-    @property
-    def rows(self) -> np.ndarray:
-        """num_samples x 7 int64: tar number, then (offset, size) of the image, fine and coarse members."""
-        if self._rows is None:
-            self._rows = self._index_rows(self.split)
-        return self._rows
-
-    @staticmethod
-    def _index_rows(split: SplitFiles) -> np.ndarray:
-        # rows: per sample, tar number, then (offset, size) of image, fine, coarse
-        rows = [(number, entry.image.offset, entry.image.size, entry.members["fine"].offset,
-                 entry.members["fine"].size, entry.members["coarse"].offset, entry.members["coarse"].size)
-                for number, index in enumerate(split.indexes) for entry in read_index(index)]
-        if len(rows) != split.num_samples:
-            raise UserError(f"the index files list {len(rows)} samples but the manifest says {split.num_samples}; "
-                            "recreate the shards")
-        return np.array(rows, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return self.split.num_samples
-
-    def __getstate__(self):
-        return {"split": self.split, "tars": self.tars}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _rows=None, _files={}, _maps={}, _pid=None)
-
-    def _map(self, tar: int) -> np.ndarray:
-        """The whole tar file as read-only uint8 memory (shared with every process that maps it)."""
-        if self._pid != os.getpid():
-            self._files, self._maps, self._pid = {}, {}, os.getpid()
-        if tar not in self._maps:
-            with open(self.tars[tar], "rb") as handle:
-                self._maps[tar] = np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ),
-                                                dtype=np.uint8)
-        return self._maps[tar]
-
-    def image(self, position: int) -> np.ndarray:
-        """The encoded image of a sample as a uint8 view of the mapped tar (no copy)."""
-        tar, offset, size = self.rows[position, :3].tolist()
-        return self._map(tar)[offset:offset + size]
-
-    def images(self, positions: np.ndarray) -> list[np.ndarray]:
-        """image() of several samples."""
-        return [self._map(tar)[offset:offset + size] for tar, offset, size in self.rows[positions, :3].tolist()]
-
-    def gather(self, positions: np.ndarray, column: int, start: int, length: int) -> np.ndarray:
-        """len(positions) x length bytes at member offset + start of each sample's member whose offset is
-        in rows[:, column] (1: image, 3: fine, 5: coarse)."""
-        rows = self.rows[positions]
-        out = np.empty((len(positions), length), dtype=np.uint8)
-        for tar in np.unique(rows[:, 0]):
-            selected = rows[:, 0] == tar
-            out[selected] = self._map(int(tar))[rows[selected, column, None] + start + np.arange(length)]
-        return out
-
-    def labels(self) -> tuple[np.ndarray, np.ndarray]:
-        """(fine, coarse) of every sample, int64 arrays in split order."""
-        if (self.rows[:, [4, 6]] != LABEL_BYTES).any():
-            raise UserError(f"a label member in {self.split.tars[0]}'s split is not {LABEL_BYTES} bytes; "
-                            "recreate the shards")
-        everything = np.arange(len(self))
-        return tuple(self.gather(everything, column, 0, LABEL_BYTES).view("<i8")[:, 0].copy() for column in (3, 5))
-
-    def describe(self, position: int) -> str:
-        """'shard <tar>, sample <key>' of a sample, for messages."""
-        tar, offset = int(self.rows[position, 0]), int(self.rows[position, 1])
-        try:
-            key = key_at(self.split.indexes[tar], offset)
-        except UserError:
-            key = None
-        return f"shard {self.tars[tar]}, sample {key if key is not None else f'at byte {offset}'}"
-
-    def decode_error(self, position: int, error: Exception) -> UserError:
-        """One line: the sample whose image does not decode, and how to find and re-create damaged shards."""
-        folder = Path(self.tars[0]).resolve().parent.parent
-        try:
-            manifest = read_manifest(folder)
-        except UserError:
-            manifest = None
-        reason = (str(error).splitlines() or [type(error).__name__])[0]
-        return UserError(f"the image of {self.describe(position)} does not decode ({reason}); "
-                         f"{remedy(folder, manifest)}")
-
-    def _read(self, tar: int, offset: int, size: int) -> bytes:
-        if self._pid != os.getpid():  # descriptors are not shared across fork
-            self._files, self._pid = {}, os.getpid()
-        if tar not in self._files:
-            self._files[tar] = os.open(self.tars[tar], os.O_RDONLY)
-        return os.pread(self._files[tar], size, offset)
-
-    def read(self, position: int) -> tuple[bytes, int, int]:
-        tar, image_offset, image_size, fine_offset, fine_size, coarse_offset, coarse_size = self.rows[position]
-        image = self._read(tar, image_offset, image_size)
-        fine = decode_label(self._read(tar, fine_offset, fine_size))
-        coarse = decode_label(self._read(tar, coarse_offset, coarse_size))
-        return image, fine, coarse
+# op name -> (params, output side S) -> a transform of uint8 3 x H x W tensors (semantics: maskcon/recipes.py)
+TORCHVISION_OPS = {
+    "random_resized_crop": lambda p, size: T.RandomResizedCrop(size, scale=p["scale"], ratio=p["ratio"],
+                                                               antialias=True),
+    "resize": lambda p, size: T.Resize((size, size), antialias=True),
+    "horizontal_flip": lambda p, size: T.RandomHorizontalFlip(p["p"]),
+    "auto_augment": lambda p, size: T.AutoAugment(T.AutoAugmentPolicy.CIFAR10),
+    "random_perspective": lambda p, size: T.RandomPerspective(distortion_scale=p["distortion"], p=p["p"]),
+    "color_jitter": lambda p, size: T.RandomApply([T.ColorJitter(p["brightness"], p["contrast"], p["saturation"],
+                                                                 p["hue"])], p=p["p"]),
+    "random_grayscale": lambda p, size: T.RandomGrayscale(p["p"]),
+    "gaussian_blur": lambda p, size: T.RandomApply([T.GaussianBlur(blur_kernel_size(p["sigma"][1], size),
+                                                                   sigma=p["sigma"])], p=p["p"]),
+}
+check_implementations(TORCHVISION_OPS, "torchvision")
 
 
 def view_transform(steps: tuple[Step, ...], recipe: Recipe, size: int) -> T.Compose:
     """uint8 3 x H x W tensor -> normalised float32 3 x size x size, following the recipe's steps."""
-    return T.Compose([*(step.kind.torchvision(step.params, size) for step in steps), T.ConvertImageDtype(torch.float32),
+    return T.Compose([*(TORCHVISION_OPS[step.op](step.params, size) for step in steps), T.ConvertImageDtype(torch.float32),
                       T.Normalize(recipe.mean, recipe.std)])
 
 
@@ -209,19 +109,6 @@ class EvalDataset(Dataset):
         data, fine, coarse = self.samples.read(position)
         image = decode_sample(self.samples, position, data)
         return {"image": self.transform(image), "fine": fine, "coarse": coarse, "index": position}
-
-
-def epoch_seed(seed: int, epoch: int, *parts: int) -> int:
-    """A 63-bit seed that depends only on (seed, epoch, *parts); any int epoch (negative ones too)."""
-    words = [w % 2**32 for value in (seed, epoch, *parts) for w in (value, value >> 32)]
-    return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint32).astype(np.uint64) @ [1, 2**32]) >> 1
-
-
-def epoch_positions(num_samples: int, *, per_rank: int, rank: int, seed: int, epoch: int) -> np.ndarray:
-    """Sample positions of one rank for one epoch: a permutation of the whole split drawn from (seed, epoch),
-    the same on every rank, of which rank r takes the r-th slice of per_rank positions (disjoint slices)."""
-    permutation = np.random.default_rng(epoch_seed(seed, epoch)).permutation(num_samples)
-    return permutation[rank * per_rank:(rank + 1) * per_rank]
 
 
 class EpochSampler(Sampler):
@@ -307,13 +194,12 @@ class TorchTestLoader:
                  world_size: int, device: torch.device, num_threads: int):
         self.device = device
         self.image_size = image_size
-        start = split.num_samples * rank // world_size
-        stop = split.num_samples * (rank + 1) // world_size
-        self.batches = math.ceil(math.ceil(split.num_samples / world_size) / batch_size)
+        self.batches = test_batches(split.num_samples, world_size, batch_size)
         dataset = EvalDataset(TarSamples(split), view_transform(recipe.test, recipe, image_size))
         workers = _workers(num_threads)
         # workers persist between evaluations
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=range(start, stop), num_workers=workers,
+        part = test_part(split.num_samples, rank, world_size).tolist()
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=part, num_workers=workers,
                                  persistent_workers=workers > 0, pin_memory=device.type == "cuda",
                                  multiprocessing_context=worker_context(workers))
 
@@ -325,9 +211,5 @@ class TorchTestLoader:
         for batch in _batches(self.loader):
             yielded += 1
             yield _to_device(batch, self.device)
-        size = self.image_size
         for _ in range(self.batches - yielded):
-            yield {"image": torch.empty(0, 3, size, size, device=self.device),
-                   "fine": torch.empty(0, dtype=torch.int64, device=self.device),
-                   "coarse": torch.empty(0, dtype=torch.int64, device=self.device),
-                   "index": torch.empty(0, dtype=torch.int64, device=self.device)}
+            yield empty_test_batch(self.image_size, self.device)
