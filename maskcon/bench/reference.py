@@ -1,7 +1,7 @@
 """The official-style reference loader the benchmarks compare with: the official MaskCon code's way of loading.
 
 A PIL image decoded per sample from its shard tar member, the recipe's steps as PIL transforms (PIL_OPS:
-torchvision's transforms on PIL images without antialias settings, MoCo v2's PIL Gaussian blur), ToTensor and Normalize, in a
+torchvision's transforms on PIL images, MoCo v2's PIL Gaussian blur), ToTensor and Normalize, in a
 shuffling torch DataLoader with worker processes. Batches are tuples (query, key: float32 N x 3 x S x S,
 fine, coarse: int64 N) on the host. `python launch/bench.py loader` and `python launch/bench.py train`
 both use `official_style_loader`.

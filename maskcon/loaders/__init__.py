@@ -11,6 +11,7 @@ they read are described in maskcon/shard_format.py (and shards/README.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,9 +20,29 @@ from maskcon import recipes
 from maskcon.errors import UserError
 from maskcon.loaders.split import SplitFiles, read_split
 
-__all__ = ["BACKENDS", "SplitFiles", "build_test_loader", "build_train_loader", "check_batch_fits", "read_split"]
+__all__ = ["BACKENDS", "LOADER_DEFAULTS", "LoaderDefaults", "SplitFiles", "build_test_loader", "build_train_loader",
+           "check_batch_fits", "loader_defaults", "read_split"]
 
 BACKENDS = ("dali", "torch")
+
+
+@dataclass(frozen=True)
+class LoaderDefaults:
+    """threads: DALI's CPU threads (they also decode a resident dataset once) or DataLoader workers;
+    prefetch: prepared batches the DALI feeding thread keeps queued, or batches per DataLoader worker."""
+
+    threads: int
+    prefetch: int
+
+
+# By the largest image side of a dataset: the 32-px sets (pixels resident, a few cheap operators per image)
+# and the photographs (JPEG decoding dominates). Measured on the CPU: BENCHMARKS.md, "Two-view loading".
+LOADER_DEFAULTS = {64: LoaderDefaults(threads=2, prefetch=2), 10**9: LoaderDefaults(threads=8, prefetch=3)}
+
+
+def loader_defaults(image_size: int) -> LoaderDefaults:
+    """The LOADER_DEFAULTS row for images of side `image_size`."""
+    return LOADER_DEFAULTS[min(side for side in LOADER_DEFAULTS if image_size <= side)]
 
 
 def _check(backend: str, batch_size: int, rank: int, world_size: int, image_size: int, num_samples: int,
@@ -43,6 +64,14 @@ def check_batch_fits(num_samples: int, world_size: int, batch_size: int) -> None
                         f"batch {batch_size}; lower the batch size")
 
 
+def _threads(image_size: int, num_threads: int | None, prefetch: int | None) -> dict:
+    defaults = loader_defaults(image_size)
+    if (num_threads is not None and num_threads < 0) or (prefetch is not None and prefetch < 1):
+        raise UserError(f"loader threads must be >= 0 and prefetch >= 1, got {num_threads} and {prefetch}")
+    return {"num_threads": defaults.threads if num_threads is None else num_threads,
+            "prefetch": defaults.prefetch if prefetch is None else prefetch}
+
+
 def _recipe(recipe: str | recipes.Recipe) -> recipes.Recipe:
     if isinstance(recipe, recipes.Recipe):  # a recipe of one's own (tests, experiments): validated the same way
         recipes.validate({recipe.name: recipe})
@@ -54,16 +83,21 @@ def _recipe(recipe: str | recipes.Recipe) -> recipes.Recipe:
 
 def build_train_loader(shards: Path | str, *, recipe: str | recipes.Recipe, image_size: int, batch_size: int,
                        rank: int, world_size: int, seed: int, device: torch.device | str, backend: str,
-                       query_view: str = "strong", key_view: str = "weak", num_threads: int = 2):
-    """One epoch per `for batch in loader`: {"query", "key": float32 N x 3 x S x S, "fine", "coarse": int64 N}.
+                       query_view: str = "strong", key_view: str = "weak", num_threads: int | None = None,
+                       prefetch: int | None = None, channels_last: bool = False):
+    """One epoch per `for batch in loader`: {"query", "key": float32 N x 3 x S x S, "fine", "coarse": int64 N},
+    the views in channels-last memory format with `channels_last` (the layout a channels-last model wants).
 
     len(loader) is the number of steps per epoch, (num_samples // world_size) // batch_size on every rank;
-    each rank reads its own part of the shards, a new one each epoch. `loader.set_epoch(e)` (any int, negative
-    ones included) picks the epoch the next `for` yields: its data order and augmentations depend only on
-    (seed, rank, world_size, e), whatever was read before, so a resumed run can start at any epoch and skip
-    to any batch of it; without `set_epoch` each `for` yields the epoch after the previous one, from 0.
+    each rank reads its own part of the shards, a new one each epoch. `loader.set_epoch(e, start=0)` (any int
+    e, negative ones included) makes the next `for` yield batches start..len(loader)-1 of epoch e, identical to
+    those of a full pass, without reading or augmenting the skipped ones: its data order and augmentations
+    depend only on (seed, rank, world_size, e), whatever was read before; without `set_epoch` each `for` yields
+    the epoch after the previous one, from 0. `loader.feed_cpu_seconds` (float) is the CPU time of all the
+    loader's host feeding work so far, wherever it ran (feeding thread, decoding threads, workers).
     `recipe` names a dataset (its recipe, maskcon/datasets) or is a Recipe of one's own; `num_threads` is
-    DALI's CPU threads or the number of DataLoader workers (0: transforms in this process).
+    DALI's CPU threads or the number of DataLoader workers (0: transforms in this process) and `prefetch` the
+    batches prepared ahead (loader_defaults(image_size) where None).
     """
     device = torch.device(device)
     chosen = _recipe(recipe)
@@ -72,7 +106,8 @@ def build_train_loader(shards: Path | str, *, recipe: str | recipes.Recipe, imag
     manifest, split = read_split(shards, "train")
     _check(backend, batch_size, rank, world_size, image_size, split.num_samples, "train")
     options = dict(image_size=image_size, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                   device=device, query_view=query_view, key_view=key_view, num_threads=num_threads)
+                   device=device, query_view=query_view, key_view=key_view, channels_last=channels_last,
+                   **_threads(image_size, num_threads, prefetch))
     if backend == "dali":
         from maskcon.loaders import dali
 
@@ -85,7 +120,7 @@ def build_train_loader(shards: Path | str, *, recipe: str | recipes.Recipe, imag
 
 def build_test_loader(shards: Path | str, *, image_size: int, batch_size: int, rank: int, world_size: int,
                       device: torch.device | str, backend: str, recipe: str | recipes.Recipe | None = None,
-                      num_threads: int = 2):
+                      num_threads: int | None = None, prefetch: int | None = None, channels_last: bool = False):
     """{"image", "fine", "coarse", "index"} batches; over all ranks every test sample exactly once.
 
     `index` is the sample's position in the test split. All ranks yield len(loader) batches; a rank whose
@@ -96,7 +131,7 @@ def build_test_loader(shards: Path | str, *, image_size: int, batch_size: int, r
     chosen = _recipe(recipe or manifest["dataset"])
     _check(backend, batch_size, rank, world_size, image_size, split.num_samples, "test")
     options = dict(image_size=image_size, batch_size=batch_size, rank=rank, world_size=world_size, device=device,
-                   num_threads=num_threads)
+                   channels_last=channels_last, **_threads(image_size, num_threads, prefetch))
     if backend == "dali":
         from maskcon.loaders import dali
 

@@ -10,9 +10,11 @@ into contiguous parts (`test_part`) and every rank yields `test_batches` batches
 
 from __future__ import annotations
 
+import io
 import math
 import mmap
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +22,8 @@ import numpy as np
 import torch
 
 from maskcon.errors import UserError
-from maskcon.shard_format import (LABEL_BYTES, check_split, decode_label, key_at, read_index, read_manifest,
-                                  remedy, split_files)
+from maskcon.shard_format import (LABEL_BYTES, check_split, decode_label, image_shape, key_at, read_index,
+                                  read_manifest, remedy, split_files, too_many_pixels)
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,26 @@ class TarSamples:
         return image, fine, coarse
 
 
+def decode_image(samples: TarSamples, position: int, data: bytes | None = None) -> np.ndarray:
+    """H x W x 3 uint8 RGB pixels of a sample's PNG or JPEG (grey sources become RGB), decoded by PIL from
+    `data` (default: read from its tar). UserError naming the shard and the key when the bytes are not an
+    image or its header declares more than MAX_IMAGE_PIXELS pixels (checked before decoding)."""
+    from PIL import Image
+
+    if data is None:
+        data = samples.image(position).tobytes()
+    try:
+        problem = too_many_pixels(*image_shape(data))
+        if problem is not None:
+            raise ValueError(problem)
+        with warnings.catch_warnings():  # PIL's own limit: a warning, then an error, both one line here
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise samples.decode_error(position, error) from None  # what PIL raises for damaged or truncated files
+
+
 def epoch_seed(seed: int, epoch: int, *parts: int) -> int:
     """A 63-bit seed that depends only on (seed, epoch, *parts); any int epoch (negative ones too)."""
     words = [w % 2**32 for value in (seed, epoch, *parts) for w in (value, value >> 32)]
@@ -170,6 +192,30 @@ def epoch_positions(num_samples: int, *, per_rank: int, rank: int, seed: int, ep
     the same on every rank, of which rank r takes the r-th slice of per_rank positions (disjoint slices)."""
     permutation = np.random.default_rng(epoch_seed(seed, epoch)).permutation(num_samples)
     return permutation[rank * per_rank:(rank + 1) * per_rank]
+
+
+class EpochCursor:
+    """Which pass a train loader yields next, for both back ends: `set_epoch(e, start)` names batches
+    start..len(loader)-1 of epoch e; without it each pass is the epoch after the previous one, from 0.
+    A subclass sets `steps` (batches per epoch) and calls `_next_pass()` when a pass begins."""
+
+    steps = 0
+    epoch = 0
+    start = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.steps:
+            raise ValueError(f"start {start} is outside 0..{self.steps}")
+        self.epoch, self.start = int(epoch), int(start)
+
+    def _next_pass(self) -> tuple[int, int]:
+        """(epoch, first batch) of the pass that begins, and the default for the one after it."""
+        epoch, start = self.epoch, self.start
+        self.epoch, self.start = epoch + 1, 0
+        return epoch, start
 
 
 def test_part(num_samples: int, rank: int, world_size: int) -> np.ndarray:

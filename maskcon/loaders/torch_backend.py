@@ -9,18 +9,17 @@ uint8 tensor with torchvision transforms built from the recipe table, the RNG se
 
 from __future__ import annotations
 
-import io
 import multiprocessing
+import time
 
 import numpy as np
 import torch
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset, Sampler
-from PIL import Image
 
 from maskcon.errors import UserError
-from maskcon.loaders.split import (SplitFiles, TarSamples, empty_test_batch, epoch_positions, epoch_seed,
-                                   test_batches, test_part)
+from maskcon.loaders.split import (EpochCursor, SplitFiles, TarSamples, decode_image, empty_test_batch,
+                                   epoch_positions, epoch_seed, test_batches, test_part)
 from maskcon.recipes import Recipe, Step, blur_kernel_size, check_implementations
 
 
@@ -59,23 +58,14 @@ check_implementations(TORCHVISION_OPS, "torchvision")
 
 def view_transform(steps: tuple[Step, ...], recipe: Recipe, size: int) -> T.Compose:
     """uint8 3 x H x W tensor -> normalised float32 3 x size x size, following the recipe's steps."""
-    return T.Compose([*(TORCHVISION_OPS[step.op](step.params, size) for step in steps), T.ConvertImageDtype(torch.float32),
-                      T.Normalize(recipe.mean, recipe.std)])
-
-
-def decode(data: bytes) -> torch.Tensor:
-    """PNG or JPEG bytes -> uint8 3 x H x W (grey sources become RGB), decoded by PIL."""
-    with Image.open(io.BytesIO(data)) as image:
-        pixels = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    return T.Compose([*(TORCHVISION_OPS[step.op](step.params, size) for step in steps),
+                      T.ConvertImageDtype(torch.float32), T.Normalize(recipe.mean, recipe.std)])
 
 
 def decode_sample(samples: TarSamples, position: int, data: bytes) -> torch.Tensor:
-    """decode(), with a UserError naming the shard and the sample when the bytes are not an image."""
-    try:
-        return decode(data)
-    except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for damaged or truncated files
-        raise samples.decode_error(position, error) from None
+    """uint8 3 x H x W pixels of a sample (split.decode_image: a UserError naming the shard and the sample when
+    the bytes are not an image or declare too many pixels)."""
+    return torch.from_numpy(decode_image(samples, position, data).copy()).permute(2, 0, 1)
 
 
 class TwoViewDataset(Dataset):
@@ -89,13 +79,15 @@ class TwoViewDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
+        started = time.thread_time()
         position, seed = item
         data, fine, coarse = self.samples.read(position)
         image = decode_sample(self.samples, position, data)  # one decode, two views
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # the CPU generator only (transforms draw from it)
             query, key = self.query(image), self.key(image)
-        return {"query": query, "key": key, "fine": fine, "coarse": coarse}
+        return {"query": query, "key": key, "fine": fine, "coarse": coarse,
+                FEED_CPU: time.thread_time() - started}
 
 
 class EvalDataset(Dataset):
@@ -106,32 +98,65 @@ class EvalDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, position: int) -> dict:
+        started = time.thread_time()
         data, fine, coarse = self.samples.read(position)
         image = decode_sample(self.samples, position, data)
-        return {"image": self.transform(image), "fine": fine, "coarse": coarse, "index": position}
+        return {"image": self.transform(image), "fine": fine, "coarse": coarse, "index": position,
+                FEED_CPU: time.thread_time() - started}
 
 
 class EpochSampler(Sampler):
-    """The positions of epoch_positions for `epoch`, each with an augmentation seed from
-    (seed, epoch, rank, step in the epoch): batches depend on nothing but those."""
+    """The positions of epoch_positions for `epoch` from position `start` on, each with an augmentation seed
+    from (seed, epoch, rank, place in the epoch): batches depend on nothing but those."""
 
     def __init__(self, num_samples: int, *, per_rank: int, rank: int, seed: int):
         self.num_samples, self.per_rank, self.rank, self.seed = num_samples, per_rank, rank, seed
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
-        return self.per_rank
+        return self.per_rank - self.start
 
     def __iter__(self):
         positions = epoch_positions(self.num_samples, per_rank=self.per_rank, rank=self.rank, seed=self.seed,
-                                    epoch=self.epoch).tolist()
+                                    epoch=self.epoch)
         rng = np.random.default_rng(epoch_seed(self.seed, self.epoch, self.rank, 1))
-        seeds = rng.integers(0, 2**62, len(positions)).tolist()
-        return iter(zip(positions, seeds))
+        seeds = rng.integers(0, 2**62, len(positions))
+        return iter(zip(positions[self.start:].tolist(), seeds[self.start:].tolist()))
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    """The batch on `device`; 4-d images in channels-last memory format with `channels_last`."""
+    moved = {}
+    for name, value in batch.items():
+        value = value.to(device, non_blocking=True)
+        if channels_last and value.dim() == 4:
+            value = value.contiguous(memory_format=torch.channels_last)
+        moved[name] = value
+    return moved
+
+
+FEED_CPU = "feed_cpu_seconds"  # per sample: CPU seconds of the thread that read, decoded and augmented it
+
+
+class _FeedClock:
+    """Counts a DataLoader's host feeding work: the CPU time (time.thread_time) its workers report per sample,
+    plus that of the consuming thread inside next() (collation, copies; all the work without workers)."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.seconds = 0.0
+
+    def batches(self, loader: DataLoader):
+        stream = _batches(loader)
+        while True:
+            started = time.thread_time()
+            try:
+                batch = next(stream)
+            except StopIteration:
+                return
+            reported = batch.pop(FEED_CPU)
+            self.seconds += time.thread_time() - started + (float(reported.sum()) if self.workers else 0.0)
+            yield batch
 
 
 def _workers(num_threads: int) -> int:
@@ -151,39 +176,40 @@ def _batches(loader: DataLoader):
         raise UserError(last[len(prefix):] if last.startswith(prefix) else last) from None
 
 
-class TorchTrainLoader:
-    """`for batch in loader` yields one epoch of {"query", "key", "fine", "coarse"} on `device`.
+class TorchTrainLoader(EpochCursor):
+    """`for batch in loader` yields one epoch of {"query", "key": float32 N x 3 x S x S, "fine", "coarse": int64
+    N} on `device` (channels-last strides with `channels_last`).
 
-    The batches of epoch e depend only on (seed, rank, world_size, e): `set_epoch(e)` picks the epoch the
-    next `iter()` yields; without it each `iter()` yields the epoch after the previous one, from 0.
+    The batches of epoch e depend only on (seed, rank, world_size, e): `set_epoch(e, start)` makes the next
+    `iter()` yield batches start..len(loader)-1 of epoch e (the skipped samples neither read nor augmented);
+    without it each `iter()` yields the epoch after the previous one, from 0. `feed_cpu_seconds`: see
+    _FeedClock.
     """
 
     def __init__(self, split: SplitFiles, recipe: Recipe, *, image_size: int, batch_size: int, rank: int,
                  world_size: int, seed: int, device: torch.device, query_view: str, key_view: str,
-                 num_threads: int):
-        self.device = device
+                 num_threads: int, prefetch: int, channels_last: bool = False):
+        self.device, self.channels_last, self.batch_size = device, channels_last, batch_size
         self.steps = (split.num_samples // world_size) // batch_size
         dataset = TwoViewDataset(TarSamples(split), view_transform(recipe.view(query_view), recipe, image_size),
                                  view_transform(recipe.view(key_view), recipe, image_size))
         self.sampler = EpochSampler(split.num_samples, per_rank=self.steps * batch_size, rank=rank, seed=seed)
         workers = _workers(num_threads)  # 0: transforms run in this process
+        self.clock = _FeedClock(workers)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
                                  num_workers=workers, persistent_workers=workers > 0,
-                                 pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                                 pin_memory=device.type == "cuda", prefetch_factor=prefetch if workers else None,
                                  multiprocessing_context=worker_context(workers))
-        self.epoch = 0
 
-    def __len__(self) -> int:
-        return self.steps
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    @property
+    def feed_cpu_seconds(self) -> float:
+        return self.clock.seconds
 
     def __iter__(self):
-        self.sampler.epoch = self.epoch
-        self.epoch += 1
-        for batch in _batches(self.loader):
-            yield _to_device(batch, self.device)
+        epoch, start = self._next_pass()
+        self.sampler.epoch, self.sampler.start = epoch, start * self.batch_size
+        for batch in self.clock.batches(self.loader):
+            yield _to_device(batch, self.device, self.channels_last)
 
 
 class TorchTestLoader:
@@ -191,25 +217,32 @@ class TorchTestLoader:
     Every rank yields the same number of batches; a rank with a shorter part may end with an empty batch."""
 
     def __init__(self, split: SplitFiles, recipe: Recipe, *, image_size: int, batch_size: int, rank: int,
-                 world_size: int, device: torch.device, num_threads: int):
-        self.device = device
+                 world_size: int, device: torch.device, num_threads: int, prefetch: int,
+                 channels_last: bool = False):
+        self.device, self.channels_last = device, channels_last
         self.image_size = image_size
         self.batches = test_batches(split.num_samples, world_size, batch_size)
         dataset = EvalDataset(TarSamples(split), view_transform(recipe.test, recipe, image_size))
         workers = _workers(num_threads)
+        self.clock = _FeedClock(workers)
         # workers persist between evaluations
         part = test_part(split.num_samples, rank, world_size).tolist()
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=part, num_workers=workers,
                                  persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                                 prefetch_factor=prefetch if workers else None,
                                  multiprocessing_context=worker_context(workers))
+
+    @property
+    def feed_cpu_seconds(self) -> float:
+        return self.clock.seconds
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self):
         yielded = 0
-        for batch in _batches(self.loader):
+        for batch in self.clock.batches(self.loader):
             yielded += 1
-            yield _to_device(batch, self.device)
+            yield _to_device(batch, self.device, self.channels_last)
         for _ in range(self.batches - yielded):
-            yield empty_test_batch(self.image_size, self.device)
+            yield empty_test_batch(self.image_size, self.device, self.channels_last)
