@@ -204,6 +204,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="DALI threads = DataLoader workers "
                         "(default: the CPUs this process may use)")
+    parser.add_argument("--prefetch", type=int, default=None,
+                        help="batches prepared ahead by our loaders (default: maskcon.loaders.LOADER_DEFAULTS)")
     parser.add_argument("--loaders", default="dali_cpu,torch,reference_pil",
                         help="comma-separated subset of dali_cpu,torch,reference_pil,dali_gpu")
     parser.add_argument("--first-batch-workers", type=int, default=0, metavar="W",
@@ -229,7 +231,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--loaders takes a comma-separated subset of {', '.join(known)}")
 
     common = dict(recipe=args.dataset, image_size=size, batch_size=args.batch_size, rank=0, world_size=1, seed=0,
-                  device="cpu", num_threads=threads)
+                  device="cpu", num_threads=threads, prefetch=args.prefetch)
     report = {"dataset": args.dataset, "unit": "source images/s, both views"}
     if args.first_batch_workers:  # before the other loaders, so that the fork server starts cold
         report["torch_first_batch_s"] = round(first_batch_seconds(

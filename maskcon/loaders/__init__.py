@@ -35,9 +35,11 @@ class LoaderDefaults:
     prefetch: int
 
 
-# By the largest image side of a dataset: the 32-px sets (pixels resident, a few cheap operators per image)
-# and the photographs (JPEG decoding dominates). Measured on the CPU: BENCHMARKS.md, "Two-view loading".
-LOADER_DEFAULTS = {64: LoaderDefaults(threads=2, prefetch=2), 10**9: LoaderDefaults(threads=8, prefetch=3)}
+# By the largest image side of a dataset. 32-px sets (pixels resident, a few cheap operators per image): 2
+# threads and 4 prepared batches (6 MB each) measured best on the CPU (BENCHMARKS.md, "Two-view loading": 1
+# thread 1,914 images/s, prefetch 1 / 2 / 4 with 2 threads 3,509 / 2,568 / 5,074, on a shared machine). The
+# photographs (JPEG decoding dominates): 8 threads and 3 batches, not yet measured (no GPU was at hand).
+LOADER_DEFAULTS = {64: LoaderDefaults(threads=2, prefetch=4), 10**9: LoaderDefaults(threads=8, prefetch=3)}
 
 
 def loader_defaults(image_size: int) -> LoaderDefaults:

@@ -4,7 +4,7 @@ The same graph runs on the GPU (device_id = the CUDA device; JPEG decoded by `mi
 (device_id=None), which is how CI tests it and how CPU-only users train. Design notes: DESIGN.md.
 
 Images. Small PNG datasets (every image of one size of at most RESIDENT_MAX_PIXELS pixels: the 32-px sets)
-are decoded once, by PIL in `num_threads` threads when the loader's first pass starts, into one resident
+are decoded once, by PIL in as many threads as the process may use CPUs, when the loader's first pass starts, into one resident
 uint8 array (num_samples x H x W x 3: 150 MB for CIFAR's 50,000 images, 3.9 GB for ImageNet32's 1.28M), from
 which each batch is gathered and fed to DALI as HWC pixels: no image is decoded while training, and no
 integrity check runs per batch (PIL checks every file as it decodes it once; `verify` reads every sample).
@@ -35,7 +35,7 @@ batches start.. of epoch e, the skipped ones neither read nor augmented; a pass 
 from __future__ import annotations
 
 import collections
-import io
+import os
 import queue
 import threading
 import time
@@ -125,6 +125,11 @@ def _to_torch(output, device: torch.device, channels_last: bool, stream) -> torc
     return result.permute(0, 3, 1, 2) if channels_last else result
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _device_id(device: torch.device) -> int | None:
     if device.type == "cuda":
         return device.index if device.index is not None else torch.cuda.current_device()
@@ -185,6 +190,7 @@ class _Feeder:
         self.channels_last, self.seed, self.num_threads = channels_last, seed, num_threads
         self.feed_cpu_seconds_done = 0.0  # CPU seconds of finished work (the running pass adds its own)
         self.copy_cpu_seconds = 0.0  # of which: copying DALI's CPU outputs into torch tensors
+        self.source_cpu_seconds = 0.0  # of which: the external source's callback (reading, parameter draws)
         self._live = 0.0
         self._shapes = np.full((split.num_samples, 2), -1, dtype=np.int64)
         resident = _image_rows(self.samples, positions, self.image_format)
@@ -218,6 +224,14 @@ class _Feeder:
     # --------------------------------------------------------------------- in the feeding thread
 
     def _source(self, info):
+        started = time.thread_time()
+        try:
+            return self._batch_inputs(info)
+        finally:
+            self.source_cpu_seconds += time.thread_time() - started
+
+    def _batch_inputs(self, info) -> tuple:
+        """The external source's outputs for one batch: images, then every drawn parameter (self._names)."""
         if self._cancelled.is_set() or info.iteration >= len(self._plan):
             raise StopIteration
         positions = self._plan[info.iteration]
@@ -258,7 +272,7 @@ class _Feeder:
         try:
             if self._resident_shape is not None and self._pixels is None:
                 self._pixels, seconds = decode_resident(self.samples, self._positions, self._resident_shape,
-                                                        self.num_threads)
+                                                        _usable_cpus())
                 self.feed_cpu_seconds_done += seconds
             index = torch.from_numpy(np.concatenate(self._plan)).to(self.device) if self._plan else None
             for batch in range(len(self._plan)):

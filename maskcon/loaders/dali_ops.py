@@ -15,12 +15,13 @@ Coordinates fed to DALI's warps are edge coordinates: pixel i spans [i, i + 1).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from maskcon.recipes import (AUTO_AUGMENT_BINS, AUTO_AUGMENT_CIFAR10, AUTO_AUGMENT_OPS, Step,
+from maskcon.recipes import (AUTO_AUGMENT_CIFAR10, AUTO_AUGMENT_OPS, Step,
                              auto_augment_magnitudes, blur_kernel_size, check_implementations)
 
 try:
@@ -138,24 +139,35 @@ def auto_augment_draw(rng: np.random.Generator, n: int, image_size: int) -> dict
     Returns sub_policy (N,), and per slot k in (0, 1): op_k (index into AUTO_AUGMENT_OPS, N), applied_k
     (bool, N) and magnitude_k (signed value from auto_augment_magnitudes, 0 for parameter-free ops).
     """
-    table = AUTO_AUGMENT_CIFAR10
-    sub_policy = rng.integers(0, len(table), n)
+    op, probability, value, signed = _policy_table(image_size)  # each 2 x 25: per slot, per sub-policy
+    sub_policy = rng.integers(0, len(AUTO_AUGMENT_CIFAR10), n)
     drawn = {"sub_policy": sub_policy}
     for slot in range(2):
-        names = [sub[slot][0] for sub in table]
-        op = np.array([AUTO_AUGMENT_OPS.index(name) for name in names])[sub_policy]
-        probability = np.array([sub[slot][1] for sub in table])[sub_policy]
-        value = np.zeros(len(table))
-        signed = np.zeros(len(table), dtype=bool)
-        for i, (name, _, magnitude_bin) in enumerate(sub[slot] for sub in table):
-            magnitudes, signed[i] = auto_augment_magnitudes(name, image_size)
-            value[i] = magnitudes[magnitude_bin] if magnitudes else 0.0
-        applied = rng.random(n) < probability
-        negate = signed[sub_policy] & (rng.random(n) < 0.5)
-        drawn[f"op_{slot}"] = op
+        applied = rng.random(n) < probability[slot, sub_policy]
+        negate = signed[slot, sub_policy] & (rng.random(n) < 0.5)
+        drawn[f"op_{slot}"] = op[slot, sub_policy]
         drawn[f"applied_{slot}"] = applied
-        drawn[f"magnitude_{slot}"] = np.where(negate, -1.0, 1.0) * value[sub_policy]
+        drawn[f"magnitude_{slot}"] = np.where(negate, -1.0, 1.0) * value[slot, sub_policy]
     return drawn
+
+
+@functools.lru_cache(maxsize=16)
+def _policy_table(image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """AUTO_AUGMENT_CIFAR10 as arrays, 2 slots x 25 sub-policies: op index (into AUTO_AUGMENT_OPS),
+    probability, magnitude (torchvision's bin value at this image size) and whether its sign is drawn."""
+    table = AUTO_AUGMENT_CIFAR10
+    op = np.array([[AUTO_AUGMENT_OPS.index(sub[slot][0]) for sub in table] for slot in range(2)])
+    probability = np.array([[sub[slot][1] for sub in table] for slot in range(2)])
+    value = np.zeros((2, len(table)))
+    signed = np.zeros((2, len(table)), dtype=bool)
+    for slot in range(2):
+        for i, (name, _, magnitude_bin) in enumerate(sub[slot] for sub in table):
+            magnitudes, signed[slot, i] = auto_augment_magnitudes(name, image_size)
+            value[slot, i] = magnitudes[magnitude_bin] if magnitudes else 0.0
+    return op, probability, value, signed
+
+
+_CODE = {name: code for code, name in enumerate(AUTO_AUGMENT_OPS)}
 
 
 # 3x3 smoothing kernel of PIL's (and torchvision's) sharpness; sharpness(f) blends f x + (1 - f) smooth(x).
@@ -173,6 +185,9 @@ def _sharpness_bases() -> np.ndarray:
         for dx in range(3):
             twice[dy:dy + 3, dx:dx + 3] += SHARPNESS_SMOOTH[dy, dx] * SHARPNESS_SMOOTH
     return np.stack([identity, smooth, twice])
+
+
+_SHARPNESS_BASES = _sharpness_bases()
 
 
 def auto_augment_parameters(chosen: dict[str, np.ndarray], sizes: np.ndarray, flip: np.ndarray | None) -> dict:
@@ -193,15 +208,15 @@ def auto_augment_parameters(chosen: dict[str, np.ndarray], sizes: np.ndarray, fl
     autocontrast = np.zeros(n, dtype=bool)
     threshold = np.full(n, 256.0)                                   # solarize; 256: no pixel changes
     for slot in range(2):
-        op = np.array(AUTO_AUGMENT_OPS)[chosen[f"op_{slot}"]]
+        op = chosen[f"op_{slot}"]  # indices into AUTO_AUGMENT_OPS
         on = chosen[f"applied_{slot}"]
         m = chosen[f"magnitude_{slot}"]
         step = eye.copy()
-        step[on & (op == "ShearX"), 0, 1] = -m[on & (op == "ShearX")]   # x -> x - m y, about the corner
-        step[on & (op == "ShearY"), 1, 0] = -m[on & (op == "ShearY")]   # y -> y - m x
-        step[on & (op == "TranslateX"), 0, 2] = m[on & (op == "TranslateX")]
-        step[on & (op == "TranslateY"), 1, 2] = m[on & (op == "TranslateY")]
-        rotate = on & (op == "Rotate")  # counter-clockwise on screen about the image centre
+        for name, row, column, sign in (("ShearX", 0, 1, -1), ("ShearY", 1, 0, -1), ("TranslateX", 0, 2, 1),
+                                        ("TranslateY", 1, 2, 1)):  # shear x -> x - m y about the corner, ...
+            k = on & (op == _CODE[name])
+            step[k, row, column] = sign * m[k]
+        rotate = on & (op == _CODE["Rotate"])  # counter-clockwise on screen about the image centre
         angle = np.radians(m[rotate])
         cos, sin = np.cos(angle), np.sin(angle)
         cx, cy = width[rotate] / 2, height[rotate] / 2
@@ -211,7 +226,7 @@ def auto_augment_parameters(chosen: dict[str, np.ndarray], sizes: np.ndarray, fl
         factor = 1.0 + m
         a, b, c = linear.T.copy()
         for name in ("Brightness", "Color", "Contrast"):
-            k = on & (op == name)
+            k = on & (op == _CODE[name])
             f = factor[k]
             if name == "Brightness":
                 linear[k] = np.stack([f * a[k], f * b[k], f * c[k]], 1)
@@ -219,17 +234,17 @@ def auto_augment_parameters(chosen: dict[str, np.ndarray], sizes: np.ndarray, fl
                 linear[k] = np.stack([f * a[k], f * b[k] + (1 - f) * (a[k] + b[k]), c[k]], 1)
             else:  # blend with the mean grey level, (a + b + c) m
                 linear[k] = np.stack([f * a[k], f * b[k], f * c[k] + (1 - f) * (a[k] + b[k] + c[k])], 1)
-        k = on & (op == "Sharpness")
+        k = on & (op == _CODE["Sharpness"])
         f = factor[k][:, None]
         sharp[k] = f * sharp[k] + (1 - f) * np.concatenate([np.zeros((k.sum(), 1)), sharp[k][:, :2]], 1)
-        k = on & (op == "Posterize")
+        k = on & (op == _CODE["Posterize"])
         mask[k] = 255 ^ (2 ** (8 - m[k].astype(np.int64)) - 1)
-        equalize |= on & (op == "Equalize")
-        autocontrast |= on & (op == "AutoContrast")
-        k = on & (op == "Solarize")
+        equalize |= on & (op == _CODE["Equalize"])
+        autocontrast |= on & (op == _CODE["AutoContrast"])
+        k = on & (op == _CODE["Solarize"])
         threshold[k] = m[k]
-        threshold[on & (op == "Invert")] = 0.0
-    kernels = np.einsum("nk,kyx->nyx", sharp, _sharpness_bases())
+        threshold[on & (op == _CODE["Invert"])] = 0.0
+    kernels = np.einsum("nk,kyx->nyx", sharp, _SHARPNESS_BASES)
     def per_sample(values, dtype):  # N x 1 x 1 x 1: broadcasts against H x W x C
         return np.asarray(values, dtype=dtype).reshape(n, 1, 1, 1)
 
