@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from maskcon.retrieval import nearest_neighbours
-from maskcon.shard_format import read_index, read_manifest, split_files
+from maskcon.loaders.split import TarSamples, read_split
 
 GRID_QUERIES = 8  # fixed test queries shown at every evaluation
 GRID_NEIGHBOURS = 10
@@ -26,22 +26,10 @@ def grid_queries(num_test: int, count: int = GRID_QUERIES) -> list[int]:
 
 def read_test_images(folder: Path, indices: list[int]) -> dict[int, Image.Image]:
     """Images of the test split at the given positions (the order of the shards), read from the tars."""
-    manifest = read_manifest(folder)
-    wanted = sorted(set(indices))
-    found: dict[int, Image.Image] = {}
-    start = 0
-    for tar, index, shard in zip(*split_files(folder, "test", manifest), manifest["splits"]["test"]["shards"]):
-        stop = start + shard["num_samples"]
-        positions = [i for i in wanted if start <= i < stop]
-        if positions:
-            entries = read_index(index)
-            with open(tar, "rb") as handle:
-                for position in positions:
-                    image = entries[position - start].image
-                    handle.seek(image.offset)
-                    found[position] = Image.open(io.BytesIO(handle.read(image.size))).convert("RGB")
-        start = stop
-    return found
+    _, split = read_split(folder, "test")
+    samples = TarSamples(split)
+    return {position: Image.open(io.BytesIO(samples.image(position).tobytes())).convert("RGB")
+            for position in sorted(set(indices))}
 
 
 def retrieval_grid(table: dict, folder: Path) -> Image.Image:

@@ -34,6 +34,9 @@ INDEX_VERSION = "v1.2"  # DALI wds2idx: "v1.2 <samples>", then per sample "<ext>
 MANIFEST_KEYS = ("dataset", "version", "image_format", "image_size", "channels", "label_encoding",
                  "fine_classes", "coarse_classes", "fine_to_coarse", "options", "splits")
 SHARD_KEYS = ("tar", "index", "num_samples", "sha256")  # in every shard record; see shard_record for the rest
+# The most pixels (height x width) an image of a shard may declare: a larger header is a damaged file or a
+# decompression bomb, and every reader refuses it before decoding (8192 x 8192, a 201 MB RGB image).
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 # --------------------------------------------------------------------------------------------- names
@@ -85,6 +88,39 @@ def png_problem(data: bytes) -> str | None:
             return None
         position = end
     return "it ends before its IEND chunk"
+
+
+def image_shape(data) -> tuple[int, int]:
+    """(height, width) a PNG or JPEG file declares in its header (bytes or a uint8 array); (0, 0) when the
+    data is neither or its header is missing."""
+    head = bytes(data[:24])
+    if head[:8] == PNG_SIGNATURE and len(head) == 24:  # IHDR: width, height as big-endian uint32
+        width, height = struct.unpack(">II", head[16:24])
+        return height, width
+    if head[:2] == b"\xff\xd8":
+        offset, end = 2, len(data)
+        while offset + 9 < end:  # JPEG markers up to the first start-of-frame
+            if data[offset] != 0xFF:
+                offset += 1
+                continue
+            marker = int(data[offset + 1])
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                offset += 1 if marker == 0xFF else 2
+                continue
+            length = int(data[offset + 2]) << 8 | int(data[offset + 3])
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                height = int(data[offset + 5]) << 8 | int(data[offset + 6])
+                width = int(data[offset + 7]) << 8 | int(data[offset + 8])
+                return height, width
+            offset += 2 + length
+    return 0, 0
+
+
+def too_many_pixels(height: int, width: int) -> str | None:
+    """Why an image that declares height x width pixels is refused (MAX_IMAGE_PIXELS), or None."""
+    if height * width > MAX_IMAGE_PIXELS:
+        return f"its header declares {width} x {height} pixels, more than the {MAX_IMAGE_PIXELS} allowed"
+    return None
 
 
 def encode_label(value: int) -> bytes:

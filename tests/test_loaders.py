@@ -376,7 +376,7 @@ def test_auto_augment_statistics(shards):
         assert 0.2232 - Z * np.sqrt(0.2232 * 0.7768 / 4096) < unchanged < 0.2232 + 0.05, (backend, unchanged)
     assert_same_rate(stats["dali"]["unchanged"], stats["torch"]["unchanged"], "AutoAugment unchanged")
     for name in ("mean_change", "mean_abs_change", "changed_fraction"):
-        # the DALI ops round differently and reorder some pairs (recipes.AutoAugment): their per-image change
+        # the DALI ops round differently and reorder some pairs (maskcon/loaders/DESIGN.md): their per-image change
         # statistics may differ by rounding (KS distance about 0.06), not by whole ops or magnitudes
         distance = ks_2samp(stats["dali"][name], stats["torch"][name]).statistic
         assert distance < 0.1, f"AutoAugment {name}: KS distance {distance:.3f} between DALI and torchvision"
@@ -396,13 +396,13 @@ def _auto_augment_cases(size: int):
 
 def test_auto_augment_ops_follow_torchvision():
     """Each op of the flat DALI AutoAugment, at every magnitude and sign, against torchvision's _apply_op:
-    the same geometry and the same colours, within the differences the AutoAugment docstring lists."""
+    the same geometry and the same colours, within the differences maskcon/loaders/DESIGN.md lists."""
     from nvidia.dali import fn, pipeline_def
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.autoaugment import _apply_op
 
-    from maskcon.loaders.dali import flat_auto_augment
-    from maskcon.recipes import AUTO_AUGMENT_OPS, auto_augment_parameters
+    from maskcon.loaders.dali_ops import auto_augment_parameters, flat_auto_augment
+    from maskcon.recipes import AUTO_AUGMENT_OPS
 
     size = 32
     plain = [cifar_like_image(i) for i in range(4)]
@@ -616,7 +616,7 @@ def test_digits_shards(tmp_path, backend):
 def test_an_image_that_does_not_decode_names_its_shard_and_key(tmp_path, backend):
     """PNG bytes damaged inside a real shard: a one-line UserError naming the tar, the key and the remedy."""
     from maskcon.loaders import read_split
-    from maskcon.loaders.torch import TarSamples
+    from maskcon.loaders.split import TarSamples
 
     folder = write_synthetic_shards(tmp_path / "broken", num_train=64, num_test=8, image=cifar_like_image,
                                     labels=lambda i: (i % 10, i % 2), num_fine=10, num_coarse=2, samples_per_shard=32)
@@ -677,3 +677,181 @@ def test_dali_on_the_gpu(shards):
         test = build_test_loader(shards[source], image_size=size, batch_size=4, rank=0, world_size=1, device="cuda",
                                  backend="dali")
         assert sum(len(b["index"]) for b in test) == 8
+
+
+# ------------------------------------------------------------------------------------- the house
+
+
+def package_imports() -> dict[str, set[str]]:
+    """module -> the maskcon modules it imports (at module level or inside functions), read from the sources."""
+    import ast
+    from pathlib import Path
+
+    import maskcon
+
+    root = Path(maskcon.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = ("maskcon",) + path.relative_to(root).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+        graph[name] = {module for module in found if module in modules and module != name}
+    return graph
+
+
+def test_no_import_circle_in_the_package():
+    """Imports run one way (specs <- back ends <- loaders <- run <- doors): no module reaches itself."""
+    graph = package_imports()
+    assert graph["maskcon.loaders.dali"] >= {"maskcon.loaders.split", "maskcon.loaders.dali_ops"}  # the walk works
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module, path):
+        state[module] = 1
+        for imported in sorted(graph[module]):
+            if state.get(imported) == 1:
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(imported):] + [imported]))
+            if imported not in state:
+                visit(imported, path + [imported])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    # the recipes are specs: no back end, no loader
+    assert graph["maskcon.recipes"] <= {"maskcon.errors"}, graph["maskcon.recipes"]
+
+
+# --------------------------------------------------------------------- resuming, layout, feeding cost
+
+
+def _declare_jpeg_size(samples, position: int, width: int, height: int) -> None:
+    """Rewrite one baseline JPEG's start-of-frame to declare width x height pixels."""
+    import struct
+
+    tar, offset, size = (int(v) for v in samples.rows[position, :3])
+    frame = samples.image(position).tobytes().index(b"\xff\xc0")
+    with open(samples.tars[tar], "r+b") as handle:
+        handle.seek(offset + frame + 5)
+        handle.write(struct.pack(">HH", height, width))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_set_epoch_start_yields_the_tail_of_the_epoch(shards, backend):
+    """set_epoch(e, start): batches start.. of epoch e, equal to a full pass's, and the skipped ones are not
+    read: a sample in the first batch whose header is refused (too many pixels) stops the full pass, not the
+    one that starts after it."""
+    import shutil
+
+    from maskcon.loaders import read_split
+    from maskcon.loaders.split import TarSamples, epoch_positions
+
+    def loader(folder):
+        return build_train_loader(folder, recipe="cars196", image_size=32, batch_size=32, rank=1, world_size=2,
+                                  seed=7, device="cpu", backend=backend, num_threads=THREADS[backend])
+
+    full = loader(shards["photo"])
+    full.set_epoch(3)
+    everything = list(full)
+    tail = loader(shards["photo"])
+    tail.set_epoch(3, start=2)
+    resumed = list(tail)
+    assert len(resumed) == len(everything) - 2 == len(tail) - 2
+    for ours, theirs in zip(resumed, everything[2:]):
+        for name in ("query", "key", "fine", "coarse"):
+            assert torch.equal(ours[name], theirs[name]), name
+    assert len(list(tail)) == len(tail)  # the next pass is whole again (epoch 4)
+    folder = shards["photo"].parent / f"photo_damaged_{backend}"
+    shutil.copytree(shards["photo"], folder)
+    _, split = read_split(folder, "train")
+    first = epoch_positions(split.num_samples, per_rank=len(full) * 32, rank=1, seed=7, epoch=3)[0]
+    _declare_jpeg_size(TarSamples(split), int(first), 20000, 20000)
+    skipping = loader(folder)
+    skipping.set_epoch(3, start=1)
+    assert len(list(skipping)) == len(full) - 1
+    whole = loader(folder)
+    whole.set_epoch(3)
+    with pytest.raises(UserError):
+        list(whole)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_views(shards, backend):
+    """channels_last=True: the same views, in channels-last memory format (train and test loaders)."""
+    plain = _collect(shards["cifar"], "cifar100", backend, image_size=32, epochs=1, batch_size=64)
+    last = _collect(shards["cifar"], "cifar100", backend, image_size=32, epochs=1, batch_size=64,
+                    channels_last=True)
+    for name in ("query", "key"):
+        assert torch.equal(plain[name], last[name]), name
+    one = build_train_loader(shards["cifar"], recipe="cifar100", image_size=32, batch_size=64, rank=0, world_size=1,
+                             seed=0, device="cpu", backend=backend, num_threads=THREADS[backend], channels_last=True)
+    batch = next(iter(one))
+    for name in ("query", "key"):
+        assert batch[name].shape == (64, 3, 32, 32)
+        assert batch[name].is_contiguous(memory_format=torch.channels_last) and not batch[name].is_contiguous()
+    test = build_test_loader(shards["ident"], image_size=32, batch_size=8, rank=0, world_size=2, device="cpu",
+                             backend=backend, recipe="cifar100", num_threads=THREADS[backend], channels_last=True)
+    images = [b["image"] for b in test]
+    assert all(image.is_contiguous(memory_format=torch.channels_last) for image in images)
+    assert [len(image) for image in images] == [8, 8, 0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feeding_cost_is_counted(shards, backend):
+    """feed_cpu_seconds grows with every batch prepared, wherever the feeding runs."""
+    loader = build_train_loader(shards["cifar"], recipe="cifar100", image_size=32, batch_size=64, rank=0,
+                                world_size=1, seed=0, device="cpu", backend=backend, num_threads=THREADS[backend])
+    assert loader.feed_cpu_seconds == 0.0
+    list(loader)
+    first = loader.feed_cpu_seconds
+    list(loader)
+    # 256 two-view 32-px samples cost well over a millisecond of CPU to read, draw for and copy
+    assert first > 1e-3 and loader.feed_cpu_seconds > first + 1e-3
+
+
+def _declare_size(samples, position: int, width: int, height: int) -> None:
+    """Rewrite one PNG's IHDR to declare width x height pixels, with a correct CRC."""
+    import struct
+    import zlib
+
+    tar, offset, _ = (int(v) for v in samples.rows[position, :3])
+    with open(samples.tars[tar], "r+b") as handle:
+        handle.seek(offset + 12)
+        chunk = bytearray(handle.read(17))  # b"IHDR" + 13 bytes of fields
+        chunk[4:12] = struct.pack(">II", width, height)
+        handle.seek(offset + 12)
+        handle.write(bytes(chunk) + struct.pack(">I", zlib.crc32(bytes(chunk))))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("side", [9000, 20000])  # above MAX_IMAGE_PIXELS; the second above PIL's own limit too
+def test_a_decompression_bomb_names_its_shard_and_key(tmp_path, backend, side):
+    from maskcon.loaders import read_split
+    from maskcon.loaders.split import TarSamples
+    from maskcon.shard_format import MAX_IMAGE_PIXELS
+
+    assert side * side > MAX_IMAGE_PIXELS
+    folder = write_synthetic_shards(tmp_path / "bomb", num_train=64, num_test=8, image=cifar_like_image,
+                                    labels=lambda i: (i % 10, i % 2), num_fine=10, num_coarse=2, samples_per_shard=32)
+    _, split = read_split(folder, "train")
+    _declare_size(TarSamples(split), 37, side, side)
+    with pytest.raises(UserError) as raised:
+        loader = build_train_loader(folder, recipe="cifar100", image_size=32, batch_size=16, rank=0, world_size=1,
+                                    seed=0, device="cpu", backend=backend, num_threads=THREADS[backend])
+        for _ in range(2):
+            for _ in loader:
+                pass
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "train-000001.tar" in message and "00000037" in message and f"{side} x {side}" in message

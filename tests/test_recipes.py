@@ -108,26 +108,47 @@ def test_recipes_are_module_constants():
         assert getattr(recipes, name.upper()) is recipe
 
 
+def _back_end_tables():
+    from maskcon.bench.reference import PIL_OPS
+    from maskcon.loaders.dali_ops import DALI_OPS
+    from maskcon.loaders.torch_backend import TORCHVISION_OPS
+
+    return {"DALI": DALI_OPS, "torchvision": TORCHVISION_OPS, "PIL": PIL_OPS}
+
+
 def test_every_op_has_every_back_end():
-    """Each op implements DALI, torchvision and PIL (the base class raises for a missing one)."""
-    for op in recipes.OPS.values():
-        for backend in ("dali", "torchvision", "pil"):
-            assert getattr(type(op), backend) is not getattr(recipes.Op, backend), (op.name, backend)
+    """Each back end's op table implements every op of the recipes, and nothing else."""
+    for backend, table in _back_end_tables().items():
+        assert set(table) == set(recipes.OPS), backend
 
 
 def test_an_op_without_a_back_end_fails_loudly():
-    class Sepia(recipes.Op):
-        name = "sepia"
-
-        def torchvision(self, p, size):
-            return lambda image: image
-
-    with pytest.raises(UserError, match="PIL loader has no implementation of the sepia op"):
-        Sepia().pil({}, 32)
-    with pytest.raises(UserError, match="DALI loader has no implementation of the sepia op"):
-        Sepia().dali(None, {}, {}, 32, False)
+    for backend, table in _back_end_tables().items():
+        without = {name: value for name, value in table.items() if name != "gaussian_blur"}
+        with pytest.raises(UserError, match=f"{backend} loader has no implementation of the gaussian_blur op"):
+            recipes.check_implementations(without, backend)
     with pytest.raises(UserError, match="unknown augmentation op 'sepia'"):
         Step("sepia").kind
+
+
+@pytest.mark.parametrize("module, backend", [("maskcon.loaders.dali_ops", "DALI"),
+                                             ("maskcon.loaders.torch_backend", "torchvision"),
+                                             ("maskcon.bench.reference", "PIL")])
+def test_a_new_op_fails_at_the_import_of_a_back_end_that_lacks_it(module, backend):
+    # the modules a back end imports are imported first (the reference loader imports the torch back end)
+    """An op added to the recipes but not to a back end's table stops that back end at import, in one line."""
+    import subprocess
+    import sys
+
+    code = "import maskcon.loaders.torch_backend\n" if backend == "PIL" else ""
+    code += "import maskcon.recipes as r\n"
+    code += ("r.OPS['sepia'] = r.Op('sepia', {})\n"
+            "from maskcon.errors import UserError\n"
+            f"try:\n    import {module}\nexcept UserError as error:\n    print(error); raise SystemExit(3)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.strip() == (f"the {backend} loader has no implementation of the sepia op; add it to that "
+                                   "back end's op table, or pick another loader backend or recipe")
 
 
 def test_auto_augment_draw_follows_torchvision_policy():
@@ -138,7 +159,9 @@ def test_auto_augment_draw_follows_torchvision_policy():
     policy = AutoAugment(AutoAugmentPolicy.CIFAR10)
     space = policy._augmentation_space(recipes.AUTO_AUGMENT_BINS, (32, 32))
     n = 200_000
-    drawn = recipes.auto_augment_draw(np.random.default_rng(1), n, 32)
+    from maskcon.loaders.dali_ops import auto_augment_draw
+
+    drawn = auto_augment_draw(np.random.default_rng(1), n, 32)
     counts = np.bincount(drawn["sub_policy"], minlength=25)
     expected = n / 25
     assert np.abs(counts - expected).max() < 3.9 * np.sqrt(expected * (1 - 1 / 25))  # 25 tests, 1e-3 overall

@@ -245,7 +245,7 @@ def test_an_undecodable_image_names_its_shard_and_key(digits_shards, tmp_path):
 def read_by_rank_1_in_the_loop_only() -> int:
     """A training sample that only process 1 of 2 reads, in epoch 0 after its 4th batch (seed 0, batch 64):
     the bank fill's epoch -1 leaves it out on both processes."""
-    from maskcon.loaders.torch import epoch_positions
+    from maskcon.loaders.split import epoch_positions
 
     per_rank = 1437 // 2 // 64 * 64
     bank = {int(p) for rank in (0, 1) for p in epoch_positions(1437, per_rank=per_rank, rank=rank, seed=0, epoch=-1)}

@@ -4,9 +4,18 @@ Prints source images per second (both views made, labels included) for
     dali_cpu       maskcon.loaders, backend "dali" on the CPU (device_id=None)
     dali_gpu       the same on the GPU (only with --loaders ...,dali_gpu, on a machine with one)
     torch          maskcon.loaders, backend "torch": torchvision transforms in a DataLoader
-    reference_pil  a loader in the style of the official MaskCon code: PIL images, a PIL AutoAugment
-                   CIFAR10Policy-like transform, torchvision PIL transforms and a torch DataLoader
-all on the same shards and cores, and the operator count of each DALI pipeline. `--synthetic N` first
+    reference_pil  the official-style loader (maskcon/bench/reference.py): PIL images, torchvision's
+                   transforms on them (AutoAugment CIFAR-10 policy) and a shuffling torch DataLoader
+all on the same shards and cores, timed after a first full epoch (`--warmup-epochs`), and per loader
+    cpu_ms_per_image                the process's CPU time (all threads and DataLoader workers) per image
+    thread_cpu_ms_per_batch         the training thread's CPU time (time.thread_time) inside next() per batch
+    feed_cpu_us_per_image           the loader's own count of its host feeding work (`feed_cpu_seconds`)
+    gpu_pipeline_host_us_per_image  the host part of the DALI pipeline, measured on dali_cpu: the feeding
+                                    thread's reading, parameter draws, DALI feeding and scheduling, labels,
+                                    less the copy of CPU outputs into torch (a GPU pipeline orders that copy on
+                                    the device); what the same pipeline costs the host when its operators run
+                                    on a GPU
+and the operator count of each DALI pipeline. `--synthetic N` first
 writes N synthetic cifar100-format 32x32 PNG training samples to OUT (see write_synthetic_shards), for
 machines without the real data. `--first-batch-workers W` also times a torch loader with W DataLoader
 workers from construction to its first batch.
@@ -28,7 +37,6 @@ import numpy as np
 import torch
 
 from maskcon.errors import UserError
-from maskcon.loaders.torch import worker_context
 
 # ----------------------------------------------------------------------------------- synthetic shards
 
@@ -91,46 +99,6 @@ def cifar_like_image(position: int) -> np.ndarray:
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-# --------------------------------------------------------------------------------- official-style loader
-
-
-def _pil_transform(steps, recipe, size: int):
-    """The steps' PIL implementations (recipes.Op.pil), then ToTensor and Normalize."""
-    import torchvision.transforms as T
-
-    parts = [step.kind.pil(step.params, size) for step in steps]
-    return T.Compose([*parts, T.ToTensor(), T.Normalize(recipe.mean, recipe.std)])
-
-
-class _PilTwoViews(torch.utils.data.Dataset):
-    def __init__(self, samples, query, key):
-        self.samples, self.query, self.key = samples, query, key
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, position):
-        from PIL import Image
-
-        data, fine, coarse = self.samples.read(position)
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-        return self.query(image), self.key(image), fine, coarse
-
-
-def reference_pil_loader(shards: Path, recipe, *, image_size: int, batch_size: int, workers: int):
-    """The official code's way: PIL images, PIL transforms (AutoAugment on PIL), a shuffling DataLoader."""
-    from maskcon.loaders import read_split
-    from maskcon.loaders.torch import TarSamples
-
-    _, split = read_split(shards, "train")
-    dataset = _PilTwoViews(TarSamples(split), _pil_transform(recipe.strong, recipe, image_size),
-                           _pil_transform(recipe.weak, recipe, image_size))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                       num_workers=workers, persistent_workers=workers > 0,
-                                       prefetch_factor=4 if workers else None,
-                                       multiprocessing_context=worker_context(workers))
-
-
 # ------------------------------------------------------------------------------------------ measuring
 
 
@@ -148,26 +116,42 @@ def _cpu_seconds() -> float:
     return total
 
 
-def _measure(loader, *, batches: int, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
-    """(images/s, CPU ms per image) of each repeat of `batches` batches, after `warmup` untimed ones."""
+def _feeding(loader) -> tuple[float, float]:
+    """(CPU seconds of all host feeding work so far, of which copies of DALI's CPU outputs into torch) of one
+    of our loaders; (0, 0) for the reference loader, which does not count them."""
+    return getattr(loader, "feed_cpu_seconds", 0.0), getattr(loader, "copy_cpu_seconds", 0.0)
+
+
+def _measure(loader, *, batches: int, warmup_epochs: int, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Per repeat of `batches` batches, after `warmup_epochs` full epochs and `warmup` more batches, untimed:
+    images/s, the process's CPU ms per image, the training thread's CPU ms per batch (time.thread_time inside
+    next()), the loader's feeding CPU us per image, and the host part of the pipeline (feeding less the copy of
+    CPU outputs, which a GPU pipeline does not make) in us per image."""
 
     def endless():
         while True:
             yield from loader
 
     stream = endless()
-    for _ in range(warmup):
+    for _ in range(warmup_epochs * len(loader) + warmup):
         next(stream)
-    rates, costs = [], []
+    figures: dict[str, list[float]] = {name: [] for name in ("rate", "cpu_ms", "thread_ms", "feed_us", "host_us")}
     for _ in range(repeats):
-        images, cpu, start = 0, _cpu_seconds(), time.perf_counter()
+        images, thread, cpu, start = 0, 0.0, _cpu_seconds(), time.perf_counter()
+        feed, copy = _feeding(loader)
         for _ in range(batches):
+            started = time.thread_time()
             batch = next(stream)
+            thread += time.thread_time() - started
             images += (batch["query"] if isinstance(batch, dict) else batch[0]).shape[0]
-        rates.append(images / (time.perf_counter() - start))
-        costs.append(1000 * (_cpu_seconds() - cpu) / images)
+        figures["rate"].append(images / (time.perf_counter() - start))
+        figures["cpu_ms"].append(1000 * (_cpu_seconds() - cpu) / images)
+        figures["thread_ms"].append(1000 * thread / batches)
+        feed_after, copy_after = _feeding(loader)
+        figures["feed_us"].append(1e6 * (feed_after - feed) / images)
+        figures["host_us"].append(1e6 * (feed_after - feed - (copy_after - copy)) / images)
     stream.close()
-    return rates, costs
+    return figures
 
 
 def _dataset_image_size(dataset: str) -> int:
@@ -191,6 +175,22 @@ def first_batch_seconds(shards: Path, *, dataset: str, image_size: int, batch_si
     return seconds
 
 
+def _build(name: str, shards: Path, common: dict):
+    """The loader `name` of --loaders on `shards`; `common`: build_train_loader's arguments."""
+    from maskcon.loaders import build_train_loader
+
+    if name == "reference_pil":
+        from maskcon.bench.reference import official_style_loader
+
+        return official_style_loader(shards, recipe=common["recipe"], image_size=common["image_size"],
+                                     batch_size=common["batch_size"], workers=common["num_threads"])
+    if name == "dali_gpu":
+        if not torch.cuda.is_available():
+            raise UserError("--loaders dali_gpu needs a CUDA GPU; this machine has none")
+        return build_train_loader(shards, backend="dali", **{**common, "device": "cuda"})
+    return build_train_loader(shards, backend="dali" if name == "dali_cpu" else "torch", **common)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python launch/bench.py loader", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="recipe to run (a dataset name, e.g. cifar100)")
@@ -199,10 +199,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--image-size", type=int, default=None, help="output side (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, default=12, help="timed batches per repeat")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed batches before the first repeat")
+    parser.add_argument("--warmup-epochs", type=int, default=1, help="untimed full epochs before the first repeat")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches after those epochs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="DALI threads = DataLoader workers "
                         "(default: the CPUs this process may use)")
+    parser.add_argument("--prefetch", type=int, default=None,
+                        help="batches prepared ahead by our loaders (default: maskcon.loaders.LOADER_DEFAULTS)")
     parser.add_argument("--loaders", default="dali_cpu,torch,reference_pil",
                         help="comma-separated subset of dali_cpu,torch,reference_pil,dali_gpu")
     parser.add_argument("--first-batch-workers", type=int, default=0, metavar="W",
@@ -212,9 +215,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from maskcon.datasets import recipe_for
-    from maskcon.loaders import build_train_loader
 
-    recipe = recipe_for(args.dataset)
+    recipe_for(args.dataset)
     size = args.image_size or _dataset_image_size(args.dataset)
     threads = args.threads or len(os.sched_getaffinity(0))
     if args.synthetic:
@@ -229,46 +231,54 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--loaders takes a comma-separated subset of {', '.join(known)}")
 
     common = dict(recipe=args.dataset, image_size=size, batch_size=args.batch_size, rank=0, world_size=1, seed=0,
-                  device="cpu", num_threads=threads)
-    results, spread, cpu_ms, first_batch, operators = {}, {}, {}, {}, {}
+                  device="cpu", num_threads=threads, prefetch=args.prefetch)
+    report = {"dataset": args.dataset, "unit": "source images/s, both views"}
     if args.first_batch_workers:  # before the other loaders, so that the fork server starts cold
-        first_batch["torch_first_batch_s"] = round(first_batch_seconds(
+        report["torch_first_batch_s"] = round(first_batch_seconds(
             args.shards, dataset=args.dataset, image_size=size, batch_size=args.batch_size,
             workers=args.first_batch_workers), 2)
-        first_batch["first_batch_workers"] = args.first_batch_workers
+        report["first_batch_workers"] = args.first_batch_workers
+    measured = {}
     for name in chosen:
-        if name == "reference_pil":
-            loader = reference_pil_loader(args.shards, recipe, image_size=size, batch_size=args.batch_size,
-                                          workers=threads)
-        elif name == "dali_gpu":
-            if not torch.cuda.is_available():
-                raise UserError("--loaders dali_gpu needs a CUDA GPU; this machine has none")
-            loader = build_train_loader(args.shards, backend="dali", **{**common, "device": "cuda"})
-        else:
-            loader = build_train_loader(args.shards, backend="dali" if name == "dali_cpu" else "torch", **common)
+        loader = _build(name, args.shards, common)
         if name.startswith("dali"):
             from maskcon.loaders.dali import operator_count
 
-            operators[name] = operator_count(loader.pipeline)
-        rates, costs = _measure(loader, batches=args.batches, warmup=args.warmup, repeats=args.repeats)
-        results[name] = round(statistics.median(rates), 1)
-        spread[name] = [round(min(rates), 1), round(max(rates), 1)]
-        cpu_ms[name] = round(statistics.median(costs), 3)
+            report.setdefault("dali_operators", {})[name] = operator_count(loader.pipeline)
+        measured[name] = _measure(loader, batches=args.batches, warmup_epochs=args.warmup_epochs,
+                                  warmup=args.warmup, repeats=args.repeats)
         del loader
         gc.collect()  # a DALI pipeline reserves much address space: free it before forking DataLoader workers
-    report = {"dataset": args.dataset, **results, "unit": "source images/s, both views",
-              "spread_min_max": spread, "cpu_ms_per_image": cpu_ms, "repeats": args.repeats,
-              "batch_size": args.batch_size, "image_size": size,
-              "threads": threads, "cpus": os.cpu_count(), "shards": str(args.shards), **first_batch,
-              "dali_operators": operators}
-    if "dali_cpu" in results and "torch" in results:
-        report["dali_cpu_over_torch"] = round(results["dali_cpu"] / results["torch"], 2)
-        report["cpu_cost_torch_over_dali"] = round(cpu_ms["torch"] / cpu_ms["dali_cpu"], 2)
+    report.update(_summary(measured), repeats=args.repeats, batch_size=args.batch_size, image_size=size,
+                  threads=threads, cpus=os.cpu_count(), shards=str(args.shards))
     report["load_average_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine while measuring
     if args.json:
         print(json.dumps(report))
     else:
         for name in chosen:
-            print(f"{name:<14} {results[name]:>9.1f} images/s  (min {spread[name][0]}, max {spread[name][1]}),"
-                  f" {cpu_ms[name]:.3f} CPU ms/image")
+            low, high = report["spread_min_max"][name]
+            print(f"{name:<14} {report[name]:>9.1f} images/s  (min {low}, max {high}), "
+                  f"{report['cpu_ms_per_image'][name]:.3f} CPU ms/image, training thread "
+                  f"{report['thread_cpu_ms_per_batch'][name]:.3f} CPU ms/batch")
     return 0
+
+
+def _summary(measured: dict[str, dict[str, list[float]]]) -> dict:
+    """The report's figures: medians over repeats (and the rate's range), ratios between loaders."""
+    def median(name: str, figure: str, digits: int) -> float:
+        return round(statistics.median(measured[name][figure]), digits)
+
+    report = {name: median(name, "rate", 1) for name in measured}
+    report["spread_min_max"] = {name: [round(min(figures["rate"]), 1), round(max(figures["rate"]), 1)]
+                                for name, figures in measured.items()}
+    report["cpu_ms_per_image"] = {name: median(name, "cpu_ms", 3) for name in measured}
+    report["thread_cpu_ms_per_batch"] = {name: median(name, "thread_ms", 3) for name in measured}
+    report["feed_cpu_us_per_image"] = {name: median(name, "feed_us", 2) for name in measured
+                                       if name != "reference_pil"}
+    if "dali_cpu" in measured:  # what the same pipeline does on the host when its operators run on a GPU
+        report["gpu_pipeline_host_us_per_image"] = median("dali_cpu", "host_us", 2)
+    if "dali_cpu" in measured and "torch" in measured:
+        report["dali_cpu_over_torch"] = round(report["dali_cpu"] / report["torch"], 2)
+        report["cpu_cost_torch_over_dali"] = round(report["cpu_ms_per_image"]["torch"] /
+                                                   report["cpu_ms_per_image"]["dali_cpu"], 2)
+    return report

@@ -3,7 +3,7 @@
 Images per second of the MaskCon training step, in one run on the same shards, model and settings, fed by
     real       the trainer's own loader (maskcon.loaders.build_train_loader, DALI back end; GPU pipeline on cuda)
     synthetic  one batch of random tensors already on the device, reused every step: the ceiling
-    official   the official MaskCon code's way (maskcon.bench.loader.reference_pil_loader's dataset): a PIL
+    official   the official MaskCon code's way (maskcon.bench.reference.official_style_loader): a PIL
                image per sample decoded from its shard tar member, torchvision transforms on PIL images
                (AutoAugment CIFAR-10 policy for the strong view of the 32x32 sets), a shuffling torch
                DataLoader with worker processes; batches are copied to the device as part of fetching them
@@ -27,7 +27,6 @@ benchmarks on them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -45,7 +44,7 @@ from maskcon.bench import machine
 from maskcon.config import ARCHS, parse_config
 from maskcon.datasets import DATASETS
 from maskcon.errors import UserError
-from maskcon.loaders.torch import worker_context
+from maskcon.bench.reference import official_style_loader
 from maskcon.run import Run, build_run, make_accelerator
 from maskcon.step import train_step
 from maskcon.train import DataClock
@@ -262,30 +261,6 @@ def _summary(mode: str, windows: list[dict], from_start: list[dict] | None = Non
     if from_start:
         measurement.epoch_start_images_per_s = sorted(w["images_per_s"] for w in from_start)[len(from_start) // 2]
     return measurement
-
-
-# ----------------------------------------------------------------------- the official-style loader
-
-
-def official_style_loader(folder: Path, *, recipe: str, image_size: int, batch_size: int, workers: int, seed: int,
-                          query_view: str, key_view: str, pin_memory: bool) -> torch.utils.data.DataLoader:
-    """The official code's loading: maskcon.bench.loader's reference PIL dataset (a PIL image decoded from its
-    shard tar member, torchvision transforms on PIL images, AutoAugment CIFAR-10 policy) with this run's
-    query and key views, in a DataLoader set up as the official code sets it up: shuffled, drop_last,
-    `workers` worker processes, pinned memory for a GPU. Batches: (query, key, fine, coarse).
-    Workers persist across epochs (the official code restarts them every epoch; keeping them is kinder to
-    this baseline on small sets).
-    """
-    from maskcon.datasets import recipe_for
-    from maskcon.bench.loader import reference_pil_loader
-
-    chosen = recipe_for(recipe)
-    views = dataclasses.replace(chosen, strong=chosen.view(query_view), weak=chosen.view(key_view))
-    dataset = reference_pil_loader(folder, views, image_size=image_size, batch_size=batch_size, workers=0).dataset
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                       num_workers=workers, pin_memory=pin_memory, persistent_workers=True,
-                                       prefetch_factor=4, generator=torch.Generator().manual_seed(seed),
-                                       multiprocessing_context=worker_context(workers))
 
 
 def _epochs(loader: Iterable[dict]) -> Iterator[dict]:

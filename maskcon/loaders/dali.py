@@ -1,47 +1,64 @@
-"""DALI pipelines: shard tars -> decode once -> two augmented views (or one test view) -> NCHW floats.
+"""DALI pipelines: shard tars -> images -> two augmented views (or one test view) -> N x 3 x S x S floats.
 
 The same graph runs on the GPU (device_id = the CUDA device; JPEG decoded by `mixed`) and on the CPU
-(device_id=None), which is how CI tests it and how CPU-only users train.
+(device_id=None), which is how CI tests it and how CPU-only users train. Design notes: DESIGN.md.
 
-Feeding. One external source hands DALI, per batch, the encoded images (read-only views of the memory-
-mapped tars, at the offsets of the index files) and every random parameter of both views, drawn in numpy
-by the recipe's ops (`Op.draw`). The graph itself holds no random operator, and each op kind appears once
-per view with per-sample parameters (no branches over AutoAugment's sub-policies): a two-view cifar100
-batch costs about 40 operators (`operator_count`). Labels never enter DALI: they are read once from the
-shards and indexed in Python.
+Images. Small PNG datasets (every image of one size of at most RESIDENT_MAX_PIXELS pixels: the 32-px sets)
+are decoded once, by PIL in as many threads as the process may use CPUs, when the loader's first pass starts, into one resident
+uint8 array (num_samples x H x W x 3: 150 MB for CIFAR's 50,000 images, 3.9 GB for ImageNet32's 1.28M), from
+which each batch is gathered and fed to DALI as HWC pixels: no image is decoded while training, and no
+integrity check runs per batch (PIL checks every file as it decodes it once; `verify` reads every sample).
+Measured on 20,000 synthetic 32-px PNGs (2-core CPU, shared, BENCHMARKS.md "Two-view loading"): decoding
+costs 43 us of CPU per image in DALI's CPU decoder (what the GPU pipeline paid per image and epoch, since
+DALI decodes PNG on the CPU even with `mixed`) and 85-90 us in PIL once at start; the gather 0.3 us per
+image. Raw pixels as a shard member would save only that one decode at start (4 s of CPU for CIFAR, 2 min
+for ImageNet32, spread over the threads) for 10 % more disk than these PNGs, and a second format to write and
+verify; so the shards keep PNG. Other datasets (JPEG, large PNG) are decoded by DALI from the encoded bytes
+(read-only views of the memory-mapped tars), JPEG on the GPU (`mixed`).
+
+Feeding. One external source hands DALI, per batch, the images and every random parameter of both views,
+drawn in numpy by the DALI back end's ops (maskcon/loaders/dali_ops.py); the graph holds no random operator
+and each op kind appears once per view with per-sample parameters (`operator_count`: about 50 for a two-view
+cifar100 batch). A feeding thread per pass runs the pipeline: the external source's callback (reading,
+parameter draws), DALI's scheduling, the outputs' copy into torch tensors (CPU) or the copy ordered on the
+consumer's CUDA stream without a host wait (GPU), and the labels, indexed on the device from labels uploaded
+once. It keeps up to `prefetch` prepared batches in a bounded queue; the training thread only takes them.
+`feed_cpu_seconds` is the CPU time (time.thread_time) of that thread and of the decoding threads.
 
 Epochs. Epoch e's batches depend only on (seed, rank, world_size, e): positions come from
-torch.epoch_positions (a permutation of the split drawn from (seed, e), sliced per rank: disjoint parts,
-each sample at most once per epoch, the same count on every rank) and batch i's parameters from a numpy
-generator seeded with (seed, e, rank, i). `set_epoch(e)` picks the next epoch; an epoch left half way is
-cancelled (at most the prefetched batches are computed and dropped), so nothing iterated before changes
-what comes next.
+split.epoch_positions (a permutation of the split drawn from (seed, e), sliced per rank) and batch i's
+parameters from a numpy generator seeded with (seed, e, rank, i). `set_epoch(e, start)` picks the next pass:
+batches start.. of epoch e, the skipped ones neither read nor augmented; a pass left half way is cancelled
+(at most the prefetched batches are computed and dropped), so nothing iterated before changes what comes next.
 """
 
 from __future__ import annotations
 
 import collections
-import io
-import math
-import struct
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from maskcon.errors import UserError
-from maskcon.loaders import SplitFiles
-from maskcon.loaders.torch import TarSamples, epoch_positions, epoch_seed
-from maskcon.recipes import Recipe, Step, absorbed_by_next, draw_view
-from maskcon.shard_format import png_problem
+from maskcon.loaders.dali_ops import draw_view, view_graph
+from maskcon.loaders.split import (EpochCursor, SplitFiles, TarSamples, decode_image, empty_test_batch,
+                                   epoch_positions, epoch_seed, test_batches, test_part)
+from maskcon.recipes import Recipe
+from maskcon.shard_format import MAX_IMAGE_PIXELS, image_shape, png_problem, too_many_pixels
 
 try:
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali import math as dmath
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 except ImportError:  # reported by the loader builders, so the torch back end works without DALI
     fn = None
 
-PREFETCH = 2  # batches DALI computes ahead
+PIPELINE_PREFETCH = 2  # batches DALI computes ahead, besides the feeding thread's queue
+RESIDENT_MAX_PIXELS = 64 * 64  # PNG images of at most this many pixels, all of one size: decoded once
 
 
 def require_dali() -> None:
@@ -50,166 +67,11 @@ def require_dali() -> None:
                         "or pick the torchvision loader (backend 'torch')")
 
 
-# ------------------------------------------------------------------------------------ op graph code
-# Called by the ops of maskcon/recipes.py (Op.dali); `drawn` holds the op's per-sample parameters.
-
-
-def _like(node, images):
-    """A per-sample parameter where the images are: arithmetic needs both on one device."""
-    return node.gpu() if images.device == "gpu" else node
-
-
-def resized_crop(images, roi_start, roi_end, size: int):
-    """The crop [roi_start, roi_end) ((y, x) pixels, per sample) resized to size x size, bilinear, antialiased."""
-    return fn.resize(images, size=[size, size], roi_start=roi_start, roi_end=roi_end, roi_relative=False,
-                     interp_type=types.INTERP_LINEAR, antialias=True)
-
-
-def resize(images, size: int):
-    return fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
-
-
-def perspective(images, matrix):
-    return fn.experimental.warp_perspective(images, matrix=matrix, fill_value=0, interp_type=types.INTERP_LINEAR,
-                                            inverse_map=False, border_mode="constant")
-
-
-def _truncate(x):
-    return fn.reshape(fn.cast(dmath.floor(x), dtype=types.UINT8), layout="HWC")
-
-
-_LUMA = np.array([0.2989, 0.587, 0.114], dtype=np.float32)
-
-
-def _constant(value: np.ndarray, like):
-    return types.Constant(value, device="gpu" if like.device == "gpu" else "cpu")
-
-
-def _grey(data):
-    """H x W x 1 float grey levels of HWC uint8 RGB images (torchvision's rgb_to_grayscale)."""
-    return dmath.floor(fn.reductions.sum(data * _constant(_LUMA, data), axis_names="C", keep_dims=True))
-
-
-def _brightness(data, factor):
-    return _truncate(data * factor)
-
-
-def _saturation(data, factor):  # adjust_saturation: blend with the grey image
-    return _truncate(data * factor + _grey(data) * (1.0 - factor))
-
-
-def _contrast(data, factor):  # adjust_contrast: blend with the mean grey level of the image
-    mean = fn.reductions.mean(_grey(data), axis_names="HWC", keep_dims=True)
-    return _truncate(data * factor + mean * (1.0 - factor))
-
-
-def _hue_shift(images, shift):
-    """torchvision's adjust_hue: rotate the HSV hue of every pixel by `shift` turns, keeping V and S.
-
-    In RGB terms a pixel keeps its max M and min m (chroma C = M - m); channel n (R 5, G 3, B 1) becomes
-    M - C * clamp(min(K, 4 - K), 0, 1) with K = (n + 6 * hue) mod 6, the standard HSV -> RGB formula.
-    """
-    x = fn.cast(images, dtype=types.FLOAT)
-    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
-    top = dmath.max(dmath.max(r, g), b)
-    chroma = top - dmath.min(dmath.min(r, g), b)
-    divisor = chroma + (chroma == 0)  # grey pixels: any hue, the output is M on every channel
-    is_r = top == r
-    is_g = (top == g) & (is_r ^ True)
-    is_b = (is_r | is_g) ^ True
-    sextant = (is_r * ((g - b) / divisor) + is_g * ((b - r) / divisor + 2.0) + is_b * ((r - g) / divisor + 4.0)
-               + shift * 6.0)
-    channels = []
-    for n in (5.0, 3.0, 1.0):
-        k = n + sextant
-        k = k - 6.0 * dmath.floor(k / 6.0)
-        # torchvision converts back from [0, 1] floats by multiplying by 255.999 and truncating
-        channels.append((top - chroma * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)) * (255.999 / 255.0))
-    return _truncate(fn.stack(*channels, axis=2))
-
-
-def color_jitter(images, drawn):
-    """ColorJitter where `apply` is set: the four adjustments in the drawn order (DALI conditionals)."""
-    if drawn["apply"]:
-        order = drawn["order"]
-        for stage in range(4):
-            adjustment = order[stage]
-            if adjustment == 0:
-                images = _brightness(images, _like(drawn["brightness"], images))
-            elif adjustment == 1:
-                images = _contrast(images, _like(drawn["contrast"], images))
-            elif adjustment == 2:
-                images = _saturation(images, _like(drawn["saturation"], images))
-            else:
-                images = _hue_shift(images, _like(drawn["hue"], images))
-    return images
-
-
-def grayscale(images, apply):
-    """rgb_to_grayscale(num_output_channels=3) where `apply` is set."""
-    if apply:
-        grey = _grey(images)
-        images = _truncate(fn.cat(grey, grey, grey, axis=2))
-    return images
-
-
-def gaussian_blur(images, apply, sigma, window: int):
-    if apply:
-        images = fn.gaussian_blur(images, sigma=sigma, window_size=window)
-    return images
-
-
-def flat_auto_augment(images, drawn):
-    """AutoAugment as one pass through each op kind with per-sample parameters (recipes.AutoAugment)."""
-    images = fn.warp_affine(images, matrix=drawn["matrix"], fill_value=0, interp_type=types.INTERP_NN,
-                            inverse_map=False)
-    # sharpness (one 5x5 kernel), then per channel A x + b grey(x) + c mean(grey(x)) + D, truncated once as
-    # torchvision truncates: brightness, colour and contrast in (a, b, c, d) and autocontrast's stretch
-    # (x - lo) * 255 / (hi - lo) in A and D where it applies (no sub-policy holds AutoContrast with a colour
-    # op or Sharpness). Grey and mean are taken before sharpening: no sub-policy holds Color with Sharpness,
-    # and sharpening keeps the mean.
-    sharpened = fn.filter(images, _like(drawn["kernel"], images), dtype=types.FLOAT)
-    grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
-    mean = fn.reductions.mean(grey, axis_names="HWC", keep_dims=True)
-    lo = fn.reductions.min(images, axis_names="HW", keep_dims=True)      # 1 x 1 x C
-    hi = fn.reductions.max(images, axis_names="HW", keep_dims=True)
-    spread = hi - lo
-    stretch = _like(drawn["autocontrast"], images) * (spread > 0)       # a constant channel stays as it is
-    scale = 255.0 / dmath.max(spread, 1)
-    a = _like(drawn["colour_a"], images)
-    gain = a + stretch * (scale - a)
-    offset = _like(drawn["colour_d"], images) - stretch * (lo * scale)
-    mixed = (sharpened * gain + grey * _like(drawn["colour_b"], images)
-             + (mean * _like(drawn["colour_c"], images) + offset))
-    images = fn.cast(mixed, dtype=types.UINT8)  # rounds; `offset` holds -0.499, so this truncates
-    images = images & _like(drawn["posterize"], images)
-    # DALI's equalize counts pixels up to a level (OpenCV), PIL's those below it: equalizing the inverted
-    # image and inverting back counts those below
-    white = types.Constant(255, dtype=types.UINT8)
-    equalized = white - fn.equalize(white - images)
-    images = images ^ ((images ^ equalized) & _like(drawn["equalize"], images))
-    inverted = (images >= _like(drawn["threshold"], images)) * types.Constant(255, dtype=types.UINT8)
-    return images ^ inverted  # 255 - x where x >= threshold
-
-
 # ------------------------------------------------------------------------------------ pipelines
 
 
-def _view(images, steps: tuple[Step, ...], drawn: list[dict], size: int):
-    """Apply one view's steps to HWC uint8 images; returns (images, per-sample mirror flag or None)."""
-    mirror = None
-    for index, step in enumerate(steps):
-        images, flip = step.kind.dali(images, step.params, drawn[index], size, absorbed_by_next(steps, index))
-        if flip is not None:
-            if all(later.kind.flip_equivariant for later in steps[index + 1:]):
-                mirror = flip  # flip while normalising
-            else:
-                images = fn.flip(images, horizontal=flip)
-    return images, mirror
-
-
-def _normalise(images, recipe: Recipe, mirror):
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+def _normalise(images, recipe: Recipe, mirror, channels_last: bool):
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW",
                                     mean=[255.0 * m for m in recipe.mean], std=[255.0 * s for s in recipe.std],
                                     mirror=0 if mirror is None else mirror)
 
@@ -227,17 +89,22 @@ def _flatten(drawn: list[list[dict]]) -> list[tuple[int, int, str]]:
 
 
 @pipeline_def(enable_conditionals=True)
-def _views_pipeline(source, names, image_format: str, recipe: Recipe, views: tuple, size: int, on_gpu: bool):
-    encoded, *values = fn.external_source(source=source, num_outputs=1 + len(names), batch=True,
-                                          batch_info=True)
-    images = _decode(encoded, image_format, on_gpu)
+def _views_pipeline(source, names, image_format: str, recipe: Recipe, views: tuple, size: int, on_gpu: bool,
+                    resident: bool, channels_last: bool):
+    """Outputs one N x 3 x S x S (or N x S x S x 3 with channels_last) float view per entry of `views`."""
+    fed, *values = fn.external_source(source=source, num_outputs=1 + len(names), batch=True, batch_info=True,
+                                      layout=["HWC" if resident else ""] + [""] * len(names))
+    if resident:  # uint8 pixels, gathered from the resident array
+        images = fed.gpu() if on_gpu else fed
+    else:
+        images = _decode(fed, image_format, on_gpu)
     drawn = [[{} for _ in steps] for steps in views]
     for (view, step, key), value in zip(names, values):
         drawn[view][step][key] = value
     outputs = []
-    for steps, parameters in zip(views, drawn):  # every view from the one decoded image
-        augmented, mirror = _view(images, steps, parameters, size)
-        outputs.append(_normalise(augmented, recipe, mirror))
+    for steps, parameters in zip(views, drawn):  # every view from the one image
+        augmented, mirror = view_graph(images, steps, parameters, size)
+        outputs.append(_normalise(augmented, recipe, mirror, channels_last))
     return tuple(outputs)
 
 
@@ -246,43 +113,21 @@ def operator_count(pipeline) -> int:
     return len(pipeline._ops)
 
 
-def image_shapes(encoded: list[np.ndarray]) -> np.ndarray:
-    """N x 2 (height, width) of PNG or JPEG bytes, read from their headers."""
-    return np.array([_image_shape(data) for data in encoded], dtype=np.int64).reshape(-1, 2)
-
-
-def _image_shape(data: np.ndarray) -> tuple[int, int]:
-    head = bytes(data[:24])
-    if head[:8] == b"\x89PNG\r\n\x1a\n":
-        width, height = struct.unpack(">II", head[16:24])
-        return height, width
-    if head[:2] == b"\xff\xd8":
-        offset, end = 2, len(data)
-        while offset + 9 < end:
-            if data[offset] != 0xFF:
-                offset += 1
-                continue
-            marker = int(data[offset + 1])
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
-                offset += 1 if marker == 0xFF else 2
-                continue
-            length = int(data[offset + 2]) << 8 | int(data[offset + 3])
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                height = int(data[offset + 5]) << 8 | int(data[offset + 6])
-                width = int(data[offset + 7]) << 8 | int(data[offset + 8])
-                return height, width
-            offset += 2 + length
-    return 0, 0  # not an image: DALI's decoder fails on it and _Feeder names the sample
-
-
-def _to_torch(output, device: torch.device) -> torch.Tensor:
+def _to_torch(output, device: torch.device, channels_last: bool, stream) -> torch.Tensor:
+    """One DALI output batch as an N x 3 x S x S tensor on `device` (channels-last strides when the pipeline
+    wrote HWC); on CUDA the copy is ordered on `stream`, without a host wait."""
     tensor = output.as_tensor()
     if device.type == "cpu":  # a view of DALI's buffer (reused by the next run), copied by torch
-        return torch.from_numpy(np.asarray(tensor)).clone()
-    result = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    feed_ndarray(tensor, result, cuda_stream=stream)  # ordered on the current stream: no host wait
-    return result
+        result = torch.from_numpy(np.asarray(tensor)).clone()
+    else:
+        result = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
+        feed_ndarray(tensor, result, cuda_stream=stream)
+    return result.permute(0, 3, 1, 2) if channels_last else result
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _device_id(device: torch.device) -> int | None:
@@ -291,174 +136,307 @@ def _device_id(device: torch.device) -> int | None:
     return None
 
 
+def _image_rows(samples: TarSamples, positions: np.ndarray, image_format: str) -> np.ndarray | None:
+    """(H, W) of the images at `positions` when they can live decoded in memory (PNG, one size, at most
+    RESIDENT_MAX_PIXELS pixels), read from their IHDR headers; None otherwise. UserError naming the sample
+    when a header declares more than MAX_IMAGE_PIXELS pixels."""
+    if image_format != "png" or not len(positions):
+        return None
+    header = samples.gather(positions, 1, 16, 8).astype(np.int64)  # IHDR: width, height, big-endian uint32
+    sizes = (header.reshape(-1, 2, 4) @ (256 ** np.arange(3, -1, -1)))[:, ::-1]  # N x (H, W)
+    too_large = np.flatnonzero(sizes.prod(axis=1) > MAX_IMAGE_PIXELS)
+    if len(too_large):
+        problem = too_many_pixels(*sizes[too_large[0]].tolist())
+        raise samples.decode_error(int(positions[too_large[0]]), ValueError(problem))
+    if (sizes != sizes[0]).any() or sizes[0].prod() > RESIDENT_MAX_PIXELS:
+        return None
+    return sizes[0]
+
+
+def decode_resident(samples: TarSamples, positions: np.ndarray, shape, threads: int) -> tuple[np.ndarray, float]:
+    """(len(positions) x H x W x 3 uint8 pixels of the samples, CPU seconds spent), decoded by PIL in
+    `threads` threads; UserError naming the first sample that does not decode."""
+    pixels = np.empty((len(positions), int(shape[0]), int(shape[1]), 3), dtype=np.uint8)
+
+    def decode_chunk(rows: np.ndarray) -> float:
+        start = time.thread_time()
+        for row in rows:
+            pixels[row] = decode_image(samples, int(positions[row]))
+        return time.thread_time() - start
+
+    chunks = np.array_split(np.arange(len(positions)), max(1, min(len(positions) // 256, 64 * threads)))
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        seconds = sum(pool.map(decode_chunk, chunks))
+    return pixels, seconds
+
+
+# ------------------------------------------------------------------------------------ feeding
+
+
 class _Feeder:
-    """Runs a views pipeline over planned batches of positions; shared by the train and test loaders.
+    """Runs a views pipeline over planned batches of positions in a feeding thread; shared by the train and
+    test loaders. `_start(plan, seed_parts, first)` begins a pass (a list of position arrays; batch i draws
+    from epoch_seed(seed, *seed_parts, first + i)); `_next()` returns its next prepared batch, as a dict of
+    the views' names (`view_names`) and "fine", "coarse", "index" (the positions), on the device."""
 
-    `_begin(batches, seed_parts)` plans one pass (a list of position arrays); the external source raises
-    StopIteration after the last one, or at once when a pass is cancelled.
-    """
-
-    def __init__(self, split: SplitFiles, recipe: Recipe, views: tuple, *, image_size: int, batch_size: int,
-                 device: torch.device, num_threads: int, seed: int):
+    def __init__(self, split: SplitFiles, recipe: Recipe, views: tuple, view_names: tuple, positions: np.ndarray,
+                 *, image_size: int, batch_size: int, device: torch.device, num_threads: int, prefetch: int,
+                 seed: int, channels_last: bool):
         self.samples = TarSamples(split)
-        self.fine, self.coarse = (torch.from_numpy(labels) for labels in self.samples.labels())
-        self.device = device
-        self.views = views
-        self.image_size = image_size
-        self.image_format = split.image_format
+        fine, coarse = self.samples.labels()
+        self.fine, self.coarse = torch.from_numpy(fine).to(device), torch.from_numpy(coarse).to(device)
+        self.device, self.views, self.view_names = device, views, view_names
+        self.image_size, self.image_format, self.batch_size = image_size, split.image_format, batch_size
+        self.channels_last, self.seed, self.num_threads = channels_last, seed, num_threads
+        self.feed_cpu_seconds_done = 0.0  # CPU seconds of finished work (the running pass adds its own)
+        self.copy_cpu_seconds = 0.0  # of which: copying DALI's CPU outputs into torch tensors
+        self.source_cpu_seconds = 0.0  # of which: the external source's callback (reading, parameter draws)
+        self._live = 0.0
         self._shapes = np.full((split.num_samples, 2), -1, dtype=np.int64)
-        self.seed = seed
+        resident = _image_rows(self.samples, positions, self.image_format)
+        self._resident_shape, self._pixels = resident, None
+        self._positions = positions  # those a pass may read (decoded once when resident)
+        self._rows = None if len(positions) == split.num_samples else np.full(split.num_samples, -1, np.int64)
+        if self._rows is not None:
+            self._rows[positions] = np.arange(len(positions))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._thread: threading.Thread | None = None
+        self._cancelled = threading.Event()
         self._plan: list[np.ndarray] = []
-        self._first = 0   # index in its epoch of the plan's first batch
-        self._seed_parts: tuple = ()
-        self._cancelled = False
-        self._running = False
-        self._fed: collections.deque = collections.deque()  # positions of batches handed to DALI, not yet out
+        self._fed: collections.deque = collections.deque()  # positions handed to DALI, not yet out
         self._damaged: UserError | None = None  # a sample found damaged before DALI decoded it
         probe = [draw_view(steps, np.random.default_rng(0), np.full((1, 2), image_size), image_size)
                  for steps in views]
         self._names = _flatten(probe)
         self.pipeline = _views_pipeline(
             self._source, self._names, split.image_format, recipe, views, image_size, device.type == "cuda",
-            batch_size=batch_size, num_threads=num_threads, device_id=_device_id(device), seed=seed % 2**31,
-            prefetch_queue_depth=PREFETCH, exec_dynamic=True)
+            resident is not None, channels_last, batch_size=batch_size, num_threads=num_threads,
+            device_id=_device_id(device), seed=seed % 2**31, prefetch_queue_depth=PIPELINE_PREFETCH,
+            exec_dynamic=True)
         self.pipeline.build()
 
+    @property
+    def feed_cpu_seconds(self) -> float:
+        """CPU seconds (time.thread_time) of all host feeding work so far: the feeding thread's (reading,
+        parameter draws, DALI's scheduling, output copies, labels) and the one-time decoding threads'."""
+        return self.feed_cpu_seconds_done + self._live
+
+    # --------------------------------------------------------------------- in the feeding thread
+
     def _source(self, info):
-        if self._cancelled or info.iteration >= len(self._plan):
+        started = time.thread_time()
+        try:
+            return self._batch_inputs(info)
+        finally:
+            self.source_cpu_seconds += time.thread_time() - started
+
+    def _batch_inputs(self, info) -> tuple:
+        """The external source's outputs for one batch: images, then every drawn parameter (self._names)."""
+        if self._cancelled.is_set() or info.iteration >= len(self._plan):
             raise StopIteration
         positions = self._plan[info.iteration]
-        encoded = self.samples.images(positions)
+        if self._pixels is not None:
+            images = self._pixels[positions if self._rows is None else self._rows[positions]]
+            shapes = np.broadcast_to(np.asarray(self._resident_shape), (len(positions), 2))
+        else:
+            images = self.samples.images(positions)
+            shapes = self._image_shapes(positions, images)
+            # one N x longest array (zeros after each image's end, which decoders ignore): one copy into DALI
+            padded = np.zeros((len(images), max(len(data) for data in images)), dtype=np.uint8)
+            for row, data in zip(padded, images):
+                row[:len(data)] = data
+            images = padded
         rng = np.random.default_rng(epoch_seed(self.seed, *self._seed_parts, self._first + int(info.iteration)))
-        shapes = self._image_shapes(positions, encoded)
         drawn = [draw_view(steps, rng, shapes, self.image_size) for steps in self.views]
         self._fed.append(positions)
-        # one N x longest array (zeros after each image's end, which decoders ignore): a single copy into
-        # DALI instead of one per sample
-        padded = np.zeros((len(encoded), max(len(data) for data in encoded)), dtype=np.uint8)
-        for row, data in zip(padded, encoded):
-            row[:len(data)] = data
-        return (padded, *(drawn[view][step][key] for view, step, key in self._names))
+        return (images, *(drawn[view][step][key] for view, step, key in self._names))
 
     def _image_shapes(self, positions: np.ndarray, encoded: list[np.ndarray]) -> np.ndarray:
-        """N x 2 (height, width) of the samples, read from their headers once and kept."""
-        unknown = self._shapes[positions, 0] < 0
-        if unknown.any():
-            if self.image_format == "png":  # IHDR: width, height as big-endian uint32 at bytes 16..23
-                for index in np.flatnonzero(unknown):   # DALI's PNG decoder may crash on a damaged file
-                    problem = png_problem(encoded[index].tobytes())
-                    if problem is not None:
-                        self._damaged = self.samples.decode_error(int(positions[index]), ValueError(problem))
-                        raise self._damaged
-                header = self.samples.gather(positions[unknown], 1, 16, 8).astype(np.int64)
-                size = header.reshape(-1, 2, 4) @ (256 ** np.arange(3, -1, -1))
-                self._shapes[positions[unknown]] = size[:, ::-1]
-            else:
-                self._shapes[positions[unknown]] = image_shapes([encoded[i] for i in np.flatnonzero(unknown)])
+        """N x 2 (height, width) of encoded samples, read from their headers once and kept; a damaged PNG
+        (DALI's decoder may not survive one) or an image declaring more than MAX_IMAGE_PIXELS pixels is a
+        UserError naming the sample."""
+        unknown = np.flatnonzero(self._shapes[positions, 0] < 0)
+        for index in unknown:
+            problem = png_problem(encoded[index].tobytes()) if self.image_format == "png" else None
+            shape = image_shape(encoded[index])
+            problem = problem or too_many_pixels(*shape)
+            if problem is not None:
+                self._damaged = self.samples.decode_error(int(positions[index]), ValueError(problem))
+                raise self._damaged
+            self._shapes[positions[index]] = shape
         return self._shapes[positions]
 
-    def _begin(self, plan: list[np.ndarray], seed_parts: tuple) -> None:
-        if self._running:  # a pass left half way: cancel what DALI has queued, then start afresh
-            self._cancelled = True
+    def _feed(self, stream) -> None:
+        """The feeding thread: one pass of the plan into the queue, then an end mark (or the error)."""
+        start = time.thread_time()
+        try:
+            if self._resident_shape is not None and self._pixels is None:
+                self._pixels, seconds = decode_resident(self.samples, self._positions, self._resident_shape,
+                                                        _usable_cpus())
+                self.feed_cpu_seconds_done += seconds
+            index = torch.from_numpy(np.concatenate(self._plan)).to(self.device) if self._plan else None
+            for batch in range(len(self._plan)):
+                if self._cancelled.is_set():
+                    break
+                item = self._prepare(self._run(stream), index[batch * self.batch_size:(batch + 1) * self.batch_size],
+                                     stream)
+                self._live = time.thread_time() - start
+                if not self._put(item):
+                    break
+            self._drain()
+        except BaseException as error:  # noqa: BLE001 (handed to the training thread, which raises it)
+            self._put(error)
+        finally:
+            self._live = 0.0
+            self.feed_cpu_seconds_done += time.thread_time() - start
+            self._put(StopIteration())
+
+    def _prepare(self, outputs: tuple, index: torch.Tensor, stream) -> dict:
+        batch = {}
+        copy_start = time.thread_time()
+        for name, output in zip(self.view_names, outputs):
+            batch[name] = _to_torch(output, self.device, self.channels_last, stream)
+        if self.device.type == "cpu":
+            self.copy_cpu_seconds += time.thread_time() - copy_start
+        batch.update(fine=self.fine[index], coarse=self.coarse[index], index=index)
+        return batch
+
+    def _put(self, item) -> bool:
+        """Queue `item` unless the pass is cancelled first; whether it was queued."""
+        while not self._cancelled.is_set():
             try:
-                while True:
-                    self._run()
-            except StopIteration:
-                pass
-            self.pipeline.reset()
-        self._fed.clear()
-        self._plan, self._seed_parts, self._cancelled, self._running = plan, seed_parts, False, True
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-    def _end(self) -> None:
+    def _run(self, stream) -> tuple:
+        """The next batch's outputs (StopIteration at the end of the pass); a sample that does not decode
+        becomes the UserError naming it."""
         try:
-            self._run()
-        except StopIteration:
-            pass
-        self.pipeline.reset()
-        self._running = False
-
-    def _run(self):
-        """(outputs, positions) of the next batch; StopIteration at the end of the pass."""
-        try:
-            outputs = self.pipeline.run()
+            outputs = self.pipeline.run(stream) if stream is not None else self.pipeline.run()
         except StopIteration:
             raise
         except Exception as error:
-            if self._damaged is not None:   # found before decoding, by the external source
+            if self._damaged is not None:  # found before decoding, by the external source
                 raise self._damaged from None
             if isinstance(error, RuntimeError):
                 raise self._bad_sample(error) from None
             raise
-        return outputs, self._fed.popleft()
+        self._fed.popleft()
+        return outputs
+
+    def _drain(self) -> None:
+        """End the pass in DALI: run out what it prefetched (the source says StopIteration from the plan's end
+        or the cancellation on), then reset."""
+        try:
+            while True:
+                self.pipeline.run()
+        except StopIteration:
+            pass
+        self.pipeline.reset()
+        self._fed.clear()
 
     def _bad_sample(self, error: RuntimeError) -> Exception:
         """The UserError naming a sample of the queued batches that does not decode, else the DALI error."""
-        from PIL import Image
-
         for positions in self._fed:
             for position in positions:
                 try:
-                    with Image.open(io.BytesIO(self.samples.image(int(position)).tobytes())) as image:
-                        image.load()
-                except Exception as decode_error:  # noqa: BLE001 (PIL raises many types for damaged files)
-                    return self.samples.decode_error(int(position), decode_error)
+                    decode_image(self.samples, int(position))
+                except UserError as decode_error:
+                    return decode_error
         return error
 
+    # --------------------------------------------------------------------- in the training thread
 
-class DaliTrainLoader(_Feeder):
-    """`for batch in loader` yields one epoch of {"query", "key", "fine", "coarse"} on `device`.
+    def _start(self, plan: list[np.ndarray], seed_parts: tuple, first: int) -> None:
+        self._stop()
+        self._plan, self._seed_parts, self._first = plan, seed_parts, first
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        self._cancelled.clear()
+        self._thread = threading.Thread(target=self._feed_on, args=(stream,), name="maskcon-dali-feeder",
+                                        daemon=True)
+        self._thread.start()
 
-    The batches of epoch e depend only on (seed, rank, world_size, e): `set_epoch(e)` (any int) picks the
-    epoch the next `iter()` yields; without it each `iter()` yields the epoch after the previous one, from 0.
+    def _feed_on(self, stream) -> None:
+        if stream is None:
+            return self._feed(None)
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            return self._feed(stream)
+
+    def _next(self) -> dict:
+        item = self._queue.get()
+        if isinstance(item, StopIteration):  # the pass's end mark, before the plan's last batch
+            raise RuntimeError("the DALI pipeline stopped before the end of the pass")
+        if isinstance(item, BaseException):
+            self._stop()
+            raise item
+        return item
+
+    def _stop(self) -> None:
+        """Cancel the running pass (if any) and wait for its thread: at most the prefetched batches are
+        computed and dropped."""
+        if self._thread is None:
+            return
+        self._cancelled.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread = None
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+
+class DaliTrainLoader(_Feeder, EpochCursor):
+    """`for batch in loader` yields one epoch of {"query", "key": float32 N x 3 x S x S, "fine", "coarse": int64
+    N} on `device` (channels-last strides with `channels_last`).
+
+    The batches of epoch e depend only on (seed, rank, world_size, e): `set_epoch(e, start)` (any int e) makes
+    the next `iter()` yield batches start..len(loader)-1 of epoch e; without it each `iter()` yields the epoch
+    after the previous one, from 0.
     """
 
     def __init__(self, split: SplitFiles, recipe: Recipe, *, image_size: int, batch_size: int, rank: int,
                  world_size: int, seed: int, device: torch.device, query_view: str, key_view: str,
-                 num_threads: int):
-        super().__init__(split, recipe, (recipe.view(query_view), recipe.view(key_view)), image_size=image_size,
-                         batch_size=batch_size, device=device, num_threads=num_threads, seed=seed)
-        self.num_samples, self.batch_size, self.rank = split.num_samples, batch_size, rank
+                 num_threads: int, prefetch: int, channels_last: bool = False):
+        super().__init__(split, recipe, (recipe.view(query_view), recipe.view(key_view)), ("query", "key"),
+                         np.arange(split.num_samples), image_size=image_size, batch_size=batch_size, device=device,
+                         num_threads=num_threads, prefetch=prefetch, seed=seed, channels_last=channels_last)
+        self.num_samples, self.rank = split.num_samples, rank
         self.steps = (split.num_samples // world_size) // batch_size
-        self.epoch, self.start = 0, 0
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """The next iter() yields batches start.. of epoch `epoch`, without reading the ones before."""
-        self.epoch, self.start = int(epoch), int(start)
 
     def __iter__(self):
-        epoch, self.epoch, start, self.start = self.epoch, self.epoch + 1, self.start, 0
+        epoch, start = self._next_pass()
         positions = epoch_positions(self.num_samples, per_rank=self.steps * self.batch_size, rank=self.rank,
                                     seed=self.seed, epoch=epoch)
-        self._first = start
-        self._begin(np.split(positions, self.steps)[start:], (epoch, self.rank))
-        for _ in range(start, self.steps):
-            (query, key), taken = self._run()
-            index = torch.from_numpy(taken)
-            yield {"query": _to_torch(query, self.device), "key": _to_torch(key, self.device),
-                   "fine": self.fine[index].to(self.device, non_blocking=True),
-                   "coarse": self.coarse[index].to(self.device, non_blocking=True)}
-        self._end()
+        plan = np.split(positions, self.steps)[start:]
+        self._start(plan, (epoch, self.rank), start)
+        try:
+            for _ in plan:
+                batch = self._next()
+                yield {"query": batch["query"], "key": batch["key"], "fine": batch["fine"], "coarse": batch["coarse"]}
+        except GeneratorExit:  # a pass left half way: its thread stops now
+            self._stop()
+            raise
 
 
 class DaliTestLoader(_Feeder):
-    """One view per sample; over all ranks every test sample exactly once, with its `index` in the split.
-
-    Every rank yields the same number of batches (so collective operations stay in step); a rank whose part
-    is one sample shorter may end with a shorter, even empty, batch.
+    """One view per sample, {"image", "fine", "coarse", "index"}; over all ranks every test sample exactly once,
+    with its `index` in the split. Every rank yields the same number of batches (so collective operations stay
+    in step); a rank whose part is one sample shorter may end with a shorter, even empty, batch.
     """
 
     def __init__(self, split: SplitFiles, recipe: Recipe, *, image_size: int, batch_size: int, rank: int,
-                 world_size: int, device: torch.device, num_threads: int):
-        super().__init__(split, recipe, (recipe.test,), image_size=image_size, batch_size=batch_size,
-                         device=device, num_threads=num_threads, seed=0)
-        start = split.num_samples * rank // world_size
-        stop = split.num_samples * (rank + 1) // world_size
-        self.part = np.arange(start, stop)
-        self.batch_size = batch_size
-        self.batches = math.ceil(math.ceil(split.num_samples / world_size) / batch_size)
+                 world_size: int, device: torch.device, num_threads: int, prefetch: int,
+                 channels_last: bool = False):
+        self.part = test_part(split.num_samples, rank, world_size)
+        super().__init__(split, recipe, (recipe.test,), ("image",), self.part, image_size=image_size,
+                         batch_size=batch_size, device=device, num_threads=num_threads, prefetch=prefetch, seed=0,
+                         channels_last=channels_last)
+        self.batches = test_batches(split.num_samples, world_size, batch_size)
 
     def __len__(self) -> int:
         return self.batches
@@ -469,18 +447,15 @@ class DaliTestLoader(_Feeder):
         if rest:  # the last short batch: padded with its last sample, trimmed below
             last = self.part[full * self.batch_size:]
             plan.append(np.concatenate([last, np.repeat(last[-1:], self.batch_size - rest)]))
-        self._begin(plan, (0,))
-        size = self.image_size
-        for batch in range(self.batches):
-            if batch >= len(plan):
-                yield {"image": torch.empty(0, 3, size, size, device=self.device),
-                       "fine": torch.empty(0, dtype=torch.int64, device=self.device),
-                       "coarse": torch.empty(0, dtype=torch.int64, device=self.device),
-                       "index": torch.empty(0, dtype=torch.int64, device=self.device)}
-                continue
-            (image,), taken = self._run()
-            valid = self.batch_size if batch < full else rest
-            index = torch.from_numpy(taken[:valid])
-            yield {"image": _to_torch(image, self.device)[:valid], "fine": self.fine[index].to(self.device),
-                   "coarse": self.coarse[index].to(self.device), "index": index.to(self.device)}
-        self._end()
+        self._start(plan, (0,), 0)
+        try:
+            for batch in range(self.batches):
+                if batch >= len(plan):
+                    yield empty_test_batch(self.image_size, self.device, self.channels_last)
+                    continue
+                prepared = self._next()
+                valid = self.batch_size if batch < full else rest
+                yield {name: value[:valid] for name, value in prepared.items()}
+        except GeneratorExit:
+            self._stop()
+            raise
