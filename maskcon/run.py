@@ -174,10 +174,11 @@ def build_learner(config: Config, accelerator: Accelerator, manifest: dict, chan
     return model, accelerator.unwrap_model(model), optimizer
 
 
-def build_loaders(config: Config, accelerator: Accelerator, folder: Path):
-    """(train loader, test loader) of this process."""
+def build_loaders(config: Config, accelerator: Accelerator, folder: Path, channels_last: bool = False):
+    """(train loader, test loader) of this process; views in the channels-last memory format when asked."""
     common = dict(image_size=config.image_size, rank=accelerator.process_index,
-                  world_size=accelerator.num_processes, device=accelerator.device, backend=config.loader)
+                  world_size=accelerator.num_processes, device=accelerator.device, backend=config.loader,
+                  channels_last=channels_last)
     train_loader = build_train_loader(folder, recipe=config.dataset, batch_size=config.batch_size, seed=config.seed,
                                       query_view=config.query_view, key_view=config.key_view,
                                       num_threads=config.loader_threads, **common)
@@ -233,7 +234,7 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
     record = checkpoints.run_record(config, world_size=accelerator.num_processes, manifest=manifest,
                                     mixed_precision=accelerator.mixed_precision)
     saved = _saved_state(config, accelerator, resumed_from, record)
-    train_loader, test_loader = build_loaders(config, accelerator, folder)
+    train_loader, test_loader = build_loaders(config, accelerator, folder, channels_last)
     steps_per_epoch = len(train_loader)
 
     def write_config() -> None:
