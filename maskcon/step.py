@@ -69,7 +69,7 @@ class StepParts:
     model: the learner as the optimizer sees it (possibly wrapped by DDP/Accelerate), whose forward is the
     query branch; learner: the same learner unwrapped (key encoder, bank); method: the objective;
     t0, t, w: temperatures and weight of the objective (maskcon/losses.py); autocast: the mixed-precision
-    context (`autocast_for`, or accelerator.autocast); backward: loss -> None (accelerator.backward);
+    context (accelerator.autocast, or a torch.autocast factory); backward: loss -> None (accelerator.backward);
     channels_last: convert the views to the channels-last memory format (the model must be in it too).
     """
 
@@ -110,14 +110,6 @@ def _update(parts: StepParts, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     parts.optimizer.step()
     learner.enqueue(k, batch["coarse"], batch["fine"])
     return loss.detach()
-
-
-def autocast_for(device: torch.device, precision: str) -> Callable[[], torch.autocast]:
-    """The step's mixed-precision context for `precision` ("no", "bf16", "fp16") on `device`: a plain
-    torch.autocast, which torch.compile traces without a graph break."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype or torch.float32,
-                             enabled=dtype is not None)
 
 
 def make_optimizer(learner: MaskConModel, *, lr: float, momentum: float, weight_decay: float,
