@@ -253,7 +253,7 @@ def _context(args, argv: list[str], sizes: Sizes) -> dict:
         context.update(card=properties.name, memory_gib=round(properties.total_memory / 2**30),
                        driver=_driver())
     else:
-        context.update(card="none (CPU try, --small)", memory_gib=None, driver=None)
+        context.update(card="no GPU (a try on the CPU)", memory_gib=None, driver="-")
     return context
 
 
@@ -336,10 +336,11 @@ def _summary(outcome: Outcome) -> str:
         results = report["results"]
         return (f"MaskCon {results['maskcon']['median_ms']:.2f} ms, SelfCon {results['selfcon']['median_ms']:.2f} ms "
                 f"({report['amp']})")
-    rates = [f"{name} {report[name]:,.0f} img/s" for name in ("dali_gpu", "dali_cpu", "torch", "reference_pil")
-             if name in report]
+    cpu_ms = report.get("cpu_ms_per_image", {})
+    rates = [f"{name} {report[name]:,.0f} img/s, {cpu_ms.get(name, '-')} ms CPU/img"
+             for name in ("dali_gpu", "dali_cpu", "torch", "reference_pil") if name in report]
     if rates:
-        return "; ".join(rates) + f" ({report.get('threads')} threads, CPU {report.get('cpu_ms_per_image')} ms/img)"
+        return "; ".join(rates) + f" ({report.get('threads')} threads)"
     return "done"
 
 
