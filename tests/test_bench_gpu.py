@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,10 +55,19 @@ def test_each_goal_is_judged_from_its_part_and_a_missing_figure_is_said():
 
 
 def test_a_part_that_hangs_or_fails_gives_one_line(tmp_path):
-    hangs = outcome("step")
-    hangs.command = [sys.executable, "-c", "import time; time.sleep(60)"]
-    gpu._run_one(hangs, timeout=2)
-    assert hangs.error == "timed out after 2 s" and hangs.seconds < 30
+    hangs = outcome("step")               # a part that hangs, with a worker process of its own
+    pid_file = tmp_path / "worker.pid"
+    hangs.command = [sys.executable, "-c", "import subprocess, sys, time; worker = subprocess.Popen([sys.executable, "
+                     "'-c', 'import time; time.sleep(120)']); open(sys.argv[1], 'w').write(str(worker.pid)); "
+                     "time.sleep(60)", str(pid_file)]
+    gpu._run_one(hangs, timeout=5)
+    assert hangs.error == "timed out after 5 s" and hangs.seconds < 30
+    worker = Path(f"/proc/{pid_file.read_text()}/status")
+    for _ in range(50):                                     # ended with the part (then reaped by init)
+        if not worker.exists() or "zombie" in worker.read_text():
+            break
+        time.sleep(0.1)
+    assert not worker.exists() or "zombie" in worker.read_text()
     fails = outcome("loader")
     fails.command = [sys.executable, "-c", "import sys; print('error: no DALI here', file=sys.stderr); sys.exit(2)"]
     gpu._run_one(fails, timeout=30)

@@ -269,3 +269,50 @@ def test_on_a_gpu_the_step_never_waits_for_the_device_and_cuda_graphs_match_eage
     for name, value in eager_model.state_dict().items():
         torch.testing.assert_close(captured_model.state_dict()[name], value, rtol=1e-2, atol=1e-3,
                                    msg=lambda message, name=name: f"{name}: {message}")
+
+
+def _two_process_steps(rank: int, port: int, out_dir: str) -> None:
+    """One process of a 2-process gloo run: an eager and a compiled learner, DDP-wrapped, take the same
+    steps (the same shuffle-BN permutations); their losses and states go to disk."""
+    import os
+
+    import torch.distributed
+    from torch.nn.parallel import DistributedDataParallel
+
+    from maskcon import dist
+    from maskcon.step import build_step
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        models = [learner(), learner()]
+        steps, losses = [], [[], []]
+        for model, mode in zip(models, (None, "default")):
+            parts = parts_for(model)
+            parts = dataclasses.replace(parts, model=DistributedDataParallel(model, broadcast_buffers=False))
+            steps.append(build_step(parts, compile_mode=mode, backend="aot_eager"))
+        batches = list(captured_batches(3))[rank:rank + 2]     # each process its own batches
+        for number, batch in enumerate(batches):
+            for step, record in zip(steps, losses):
+                dist.reseed_shuffle(number)                    # the same permutation for both learners
+                record.append(step(batch))
+        torch.save({"losses": losses, "states": [model.state_dict() for model in models]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_on_two_processes_the_compiled_step_gives_the_eager_losses_and_weights(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.test_dist import free_port
+
+    mp.spawn(_two_process_steps, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(result["losses"][1], result["losses"][0], **TOLERANCE)
+        eager, compiled = result["states"]
+        for name, value in eager.items():
+            torch.testing.assert_close(compiled[name], value, **TOLERANCE,
+                                       msg=lambda message, name=name: f"rank {rank} {name}: {message}")

@@ -23,10 +23,12 @@ Exit status: 0 when every part gave its figures, 1 when some did not, 2 for a us
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -185,14 +187,20 @@ def _run_one(outcome: Outcome, *, timeout: float) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
     start = time.monotonic()
+    # its own session: a part that runs out of time is ended with every process it started (loader workers)
+    process = subprocess.Popen(outcome.command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
-        done = subprocess.run(outcome.command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.communicate(timeout=30)
         outcome.seconds = time.monotonic() - start
         outcome.error = f"timed out after {timeout:.0f} s"
         return
     outcome.seconds = time.monotonic() - start
+    done = subprocess.CompletedProcess(outcome.command, process.returncode, stdout, stderr)
     if done.returncode != 0:
         lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error:") or "Error" in line]
