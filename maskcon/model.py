@@ -92,11 +92,12 @@ class MaskConModel(nn.Module):
         key_parameters = [*self.key_encoder.parameters(), *self.key_projector.parameters()]
         torch._foreach_lerp_(key_parameters, query_parameters, 1.0 - self.momentum)
 
-    def compile_encoders(self, mode: str | None = None) -> None:
+    def compile_encoders(self, mode: str | None = None, backend: str = "inductor") -> None:
         """torch.compile both encoders and projectors in place (parameter names unchanged, so checkpoints
-        and DDP see the same module)."""
+        and DDP see the same module); mode applies to the inductor backend only."""
+        options = {"mode": mode} if backend == "inductor" else {}
         for module in (self.encoder, self.projector, self.key_encoder, self.key_projector):
-            module.compile(mode=mode)
+            module.compile(backend=backend, **options)
 
     @torch.no_grad()
     def enqueue(self, k: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor) -> None:

@@ -2,6 +2,7 @@
 batch, and the order of momentum update, loss, optimizer step and enqueue."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -166,3 +167,152 @@ def test_the_bank_fill_leaves_no_empty_entry(tmp_path):
     assert (model.queue_coarse >= 0).all() and (model.queue_fine >= 0).all()
     assert set(model.queue_coarse.tolist()) == {0, 1} and set(model.queue_fine.tolist()) == set(range(10))
     torch.testing.assert_close(model.queue.norm(dim=1), torch.ones(1500))
+
+
+# ------------------------------------------------------------------------------------ the captured step
+# Dynamo traces the whole step and AOTAutograd its forward and backward graphs; backend "aot_eager" runs
+# those graphs without generating code (the inductor back end takes minutes to compile on two CPU cores;
+# `launch/bench.py train --compile` and the GPU command run it).
+#
+# Tolerance: the captured step computes in fp32 what eager computes, in another order in places (the SGD
+# update as grad * -lr then add, with lr a tensor; decomposed batch norm; MaskCon's whole-batch target).
+# Each reordering changes a result by a few fp32 ulps (1.2e-7 relative). Batches of 16 images of 16 px keep
+# batch norm well conditioned (over 6 samples at 1 x 1 px in the last stage, ulp differences grow 100x per
+# step); there, over three steps of SGD at lr up to 0.3, weights, bank and statistics agreed within 2.4e-6.
+# 1e-4 leaves 40x room for other machines and stays 10x below the smallest effect of the bugs these tests
+# look for (a skipped momentum update moves the key encoder by 0.1 x |query - key| ~ 5e-3; a learning rate
+# off by 0.1 for one step moves the weights by ~1e-2; a skipped enqueue leaves a bank of other keys).
+TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+CAPTURED_BATCH, CAPTURED_SIZE = 16, 16
+
+
+def captured_batches(count: int):
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(count):
+        fine = torch.randint(0, 6, (CAPTURED_BATCH,), generator=generator)
+        shape = (CAPTURED_BATCH, 3, CAPTURED_SIZE, CAPTURED_SIZE)
+        yield {"query": torch.randn(shape, generator=generator), "key": torch.randn(shape, generator=generator),
+               "fine": fine, "coarse": fine // 3}
+
+
+def test_the_captured_step_gives_the_eager_losses_weights_and_bank_as_the_learning_rate_changes():
+    from maskcon.step import build_step, set_lr
+
+    eager_model, captured_model = learner(), learner()
+    eager, captured = parts_for(eager_model), parts_for(captured_model)
+    step = build_step(captured, compile_mode="default", backend="aot_eager")
+    for lr, batch in zip((0.1, 0.3, 0.2), captured_batches(3)):   # a new learning rate every step
+        set_lr(eager.optimizer, lr)
+        set_lr(captured.optimizer, lr)
+        torch.testing.assert_close(step(batch), train_step(eager, batch), **TOLERANCE)
+    for name, value in eager_model.state_dict().items():     # weights, key encoder, bank, pointer, BN stats
+        torch.testing.assert_close(captured_model.state_dict()[name], value, **TOLERANCE,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+    for parameter, twin in zip(eager_model.parameters(), captured_model.parameters()):
+        assert twin.grad is None                              # released after the step, as eager
+        if parameter.requires_grad:
+            torch.testing.assert_close(captured.optimizer.state[twin]["momentum_buffer"],
+                                       eager.optimizer.state[parameter]["momentum_buffer"], **TOLERANCE)
+
+
+def test_the_captured_step_breaks_only_at_the_backward_pass_and_the_optimizer_step():
+    from maskcon.step import graph_breaks
+
+    model = learner()
+    before = copy.deepcopy(model.state_dict())
+    breaks = graph_breaks(parts_for(model), hand_made_batch())
+    assert len(breaks) == 2, breaks
+    assert breaks[0].startswith("step.py:") and "`parts.backward(loss)`" in breaks[0]
+    assert breaks[1].startswith("step.py:") and "`parts.optimizer.step()`" in breaks[1]
+    for name, value in model.state_dict().items():           # traced on a copy: the learner is untouched
+        assert torch.equal(value, before[name]), name
+
+
+def test_set_lr_writes_a_tensor_learning_rate_in_place_and_replaces_a_float():
+    from maskcon.step import prepare_optimizer, set_lr
+
+    optimizer = parts_for(learner()).optimizer
+    set_lr(optimizer, 0.25)
+    assert optimizer.param_groups[0]["lr"] == 0.25
+    prepare_optimizer(optimizer)
+    held = optimizer.param_groups[0]["lr"]
+    set_lr(optimizer, 0.125)
+    assert optimizer.param_groups[0]["lr"] is held and held.item() == 0.125
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile_mode", [None, "reduce-overhead"])
+def test_on_a_gpu_the_step_never_waits_for_the_device_and_cuda_graphs_match_eager(compile_mode):
+    from maskcon.step import build_step, set_lr
+
+    cuda = torch.device("cuda")
+    eager_model, captured_model = learner().to(cuda), learner().to(cuda)
+    sgd = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, device=cuda)      # fused SGD, as on every GPU
+    eager = dataclasses.replace(parts_for(eager_model), optimizer=make_optimizer(eager_model, **sgd))
+    captured = dataclasses.replace(parts_for(captured_model), optimizer=make_optimizer(captured_model, **sgd))
+    step = build_step(captured, compile_mode=compile_mode)
+    batches = [{name: value.to(cuda) for name, value in batch.items()} for batch in captured_batches(5)]
+    for number, (lr, batch) in enumerate(zip((0.1, 0.3, 0.2, 0.1, 0.05), batches)):
+        set_lr(eager.optimizer, lr)
+        set_lr(captured.optimizer, lr)
+        expected = train_step(eager, batch)
+        if number >= 2:                       # after compilation and CUDA-graph recording
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        # GPU kernels reorder more than the CPU's (TF32 off by default in fp32 convolutions: cuDNN picks
+        # algorithms per call), so the bound is looser than on the CPU
+        torch.testing.assert_close(loss, expected, rtol=1e-3, atol=1e-3)
+    for name, value in eager_model.state_dict().items():
+        torch.testing.assert_close(captured_model.state_dict()[name], value, rtol=1e-2, atol=1e-3,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+
+
+def _two_process_steps(rank: int, port: int, out_dir: str) -> None:
+    """One process of a 2-process gloo run: an eager and a compiled learner, DDP-wrapped, take the same
+    steps (the same shuffle-BN permutations); their losses and states go to disk."""
+    import os
+
+    import torch.distributed
+    from torch.nn.parallel import DistributedDataParallel
+
+    from maskcon import dist
+    from maskcon.step import build_step
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        models = [learner(), learner()]
+        steps, losses = [], [[], []]
+        for model, mode in zip(models, (None, "default")):
+            parts = parts_for(model)
+            parts = dataclasses.replace(parts, model=DistributedDataParallel(model, broadcast_buffers=False))
+            steps.append(build_step(parts, compile_mode=mode, backend="aot_eager"))
+        batches = list(captured_batches(3))[rank:rank + 2]     # each process its own batches
+        for number, batch in enumerate(batches):
+            for step, record in zip(steps, losses):
+                dist.reseed_shuffle(number)                    # the same permutation for both learners
+                record.append(step(batch))
+        torch.save({"losses": losses, "states": [model.state_dict() for model in models]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_on_two_processes_the_compiled_step_gives_the_eager_losses_and_weights(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.test_dist import free_port
+
+    mp.spawn(_two_process_steps, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(result["losses"][1], result["losses"][0], **TOLERANCE)
+        eager, compiled = result["states"]
+        for name, value in eager.items():
+            torch.testing.assert_close(compiled[name], value, **TOLERANCE,
+                                       msg=lambda message, name=name: f"rank {rank} {name}: {message}")

@@ -1,0 +1,358 @@
+"""The one GPU command: `python launch/bench.py gpu [--out FILE] [--budget S]` (BENCHMARKS.md, "GPU").
+
+On one GPU, within --budget seconds (default 470: under 8 minutes with the data), on the ImageNet32 preset
+with synthetic ImageNet32-format shards it writes itself (maskcon.bench.shards.write_source, then
+`launch/make_shards.py create imagenet32`):
+    loader      the 32-px loader alone: `bench.py loader --loaders dali_gpu --threads 8`
+    step        the training step on synthetic batches: `bench.py train --modes synthetic`, eager
+    compiled    the same with `--compile --compile-mode reduce-overhead` (the whole step, CUDA graphs)
+    real        real training against synthetic batches, with data wait: `--modes synthetic,real`
+    official    the official-style loader: `--modes official`
+    objectives  MaskCon's loss against SelfCon's: `bench.py objectives --device cuda --amp bf16`
+    jpeg        the 224-px JPEG path: a synthetic JPEG folder -> `make_shards.py create folder` ->
+                `bench.py train --dataset folder --modes synthetic,real`
+Each part is a subprocess of an existing door with its own time limit (the smaller of its own and what
+is left of the budget): a part that fails or hangs gives one line, and the others still run. Then the
+BENCHMARKS.md block (card, driver, torch/DALI versions, commit, command, each figure, each goal met or not)
+goes to --out (never into BENCHMARKS.md) and every part's JSON report to --out with `.json` added.
+Without CUDA the command stops at once with one line; `--device cpu --small` runs every part with tiny
+sizes on the CPU (dali_cpu for the loader), to try the command where no GPU is.
+Exit status: 0 when every part gave its figures, 1 when some did not, 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from maskcon.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+GOALS = {   # the figures a GPU must reach on the ImageNet32 preset (one H100/H200)
+    "loader": ("32-px loader alone, <= 8 threads", ">= 60,000 img/s"),
+    "step": ("training step, synthetic batches (best of eager and compiled)", ">= 30,000 pairs/s"),
+    "real": ("real training / synthetic", ">= 95 %"),
+    "objectives": ("MaskCon's loss time / SelfCon's", "<= 1.5x"),
+    "jpeg": ("224-px JPEG real training / synthetic", ">= 95 %"),
+}
+
+
+@dataclass
+class Sizes:
+    """How big each part runs: the GPU figures, or --small (a try on the CPU)."""
+
+    train_images: int = 100_000
+    val_images: int = 10_000
+    jpeg_train: int = 6000
+    jpeg_test: int = 500
+    jpeg_side: int = 256
+    loader: list[str] = field(default_factory=lambda: ["--loaders", "dali_gpu", "--threads", "8", "--batches", "50",
+                                                         "--warmup", "10", "--repeats", "3"])
+    train: list[str] = field(default_factory=lambda: ["--steps", "30", "--repeats", "3", "--warmup", "10"])
+    jpeg_train_args: list[str] = field(default_factory=lambda: ["--steps", "20", "--repeats", "3", "--warmup", "5"])
+    objectives: list[str] = field(default_factory=lambda: ["--amp", "bf16", "--repeats", "60"])
+    slower: float = 1.0          # each part's time limit is this many times its GPU limit
+
+
+SMALL = Sizes(train_images=600, val_images=100, jpeg_train=120, jpeg_test=20, jpeg_side=72,
+              loader=["--loaders", "dali_cpu", "--threads", "2", "--batches", "2", "--warmup", "1", "--repeats", "1",
+                      "--batch-size", "32"],
+              train=["--steps", "1", "--repeats", "1", "--warmup", "1", "--batch-size", "16", "--workers", "2"],
+              jpeg_train_args=["--steps", "1", "--repeats", "1", "--warmup", "1", "--batch-size", "8",
+                               "--image-size", "64", "--workers", "2"],
+              objectives=["--amp", "bf16", "--repeats", "2", "--batch", "32", "--queue-size", "512"], slower=6.0)
+
+
+@dataclass
+class Outcome:
+    """One part: its report (the door's JSON) or the one line that says why there is none."""
+
+    name: str
+    command: list[str]
+    seconds: float = 0.0
+    report: dict | None = None
+    error: str | None = None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python launch/bench.py gpu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="file for the BENCHMARKS.md block (default: $OUT/gpu-benchmarks.md when $OUT is "
+                             "set, else gpu-benchmarks.md here)")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder for shards (default: a temporary one)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for all parts together (default: 470 on a GPU, 3000 with --small)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where the parts run")
+    parser.add_argument("--small", action="store_true", help="tiny sizes: try the command on the CPU")
+    parser.add_argument("--commit", default=None, help="the commit measured (default: git's HEAD, when known)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.device == "cuda":
+        _require_cuda()
+    sizes = SMALL if args.small else Sizes()
+    budget = args.budget if args.budget is not None else (3000.0 if args.small else 470.0)
+    out = args.out or Path(os.environ.get("OUT", ".")) / "gpu-benchmarks.md"
+    if out.resolve() == (ROOT / "BENCHMARKS.md").resolve():
+        raise UserError("--out must not be BENCHMARKS.md: the block is written apart and copied in by hand")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="maskcon-gpu-") as scratch:
+        work = args.work or Path(scratch)
+        outcomes = _run_parts(work, sizes, args.device, deadline=started + budget)
+    context = _context(args, argv, sizes)
+    block = _block(outcomes, context)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out, block)
+    _write_atomic(out.with_name(out.name + ".json"),
+                  json.dumps({"context": context, "parts": [vars(outcome) for outcome in outcomes]}, indent=1))
+    print(block)
+    print(f"written to {out} in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return 0 if all(outcome.error is None for outcome in outcomes) else 1
+
+
+def _require_cuda() -> None:
+    """One line and exit 2 where no GPU or no DALI can be used: nothing would measure what this command is for."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("no CUDA GPU is visible to PyTorch; run this on the GPU machine, or try the command with "
+                        "--device cpu --small")
+
+
+# ------------------------------------------------------------------------------------------ the parts
+
+
+def _run_parts(work: Path, sizes: Sizes, device: str, *, deadline: float) -> list[Outcome]:
+    """Data first (ImageNet32-format shards, the JPEG folder and its shards), then every part in order."""
+    src32, shards32, jpeg_src, jpeg_shards = work / "src32", work / "s32", work / "jpeg", work / "sj"
+    python, bench = sys.executable, str(ROOT / "launch" / "bench.py")
+    make_shards = [python, str(ROOT / "launch" / "make_shards.py"), "create"]
+    train = [python, bench, "train", "--dataset", "imagenet32", "--shards", str(shards32), "--device", device,
+             *sizes.train, "--json"]
+    plan = [
+        ("source32", 150, [python, "-c", "import sys; from pathlib import Path; from maskcon.bench.shards import "
+                           "write_source; write_source(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))",
+                           str(src32), str(sizes.train_images), str(sizes.val_images)]),
+        ("shards32", 150, [*make_shards, "imagenet32", "--src", str(src32), "--out", str(shards32)]),
+        ("loader", 90, [python, bench, "loader", "--dataset", "imagenet32", "--shards", str(shards32),
+                        *sizes.loader, "--json"]),
+        ("step", 90, [*train, "--modes", "synthetic"]),
+        ("compiled", 240, [*train, "--modes", "synthetic", "--compile", "--compile-mode", "reduce-overhead"]),
+        ("real", 120, [*train, "--modes", "synthetic,real"]),
+        ("official", 90, [*train, "--modes", "official"]),
+        ("objectives", 60, [python, bench, "objectives", "--device", device, *sizes.objectives, "--json"]),
+        ("jpeg_source", 90, [python, "-c", "import sys; from maskcon.bench.gpu import write_jpeg_folder; "
+                             "write_jpeg_folder(sys.argv[1], *map(int, sys.argv[2:]))", str(jpeg_src),
+                             str(sizes.jpeg_train), str(sizes.jpeg_test), str(sizes.jpeg_side)]),
+        ("jpeg_shards", 90, [*make_shards, "folder", "--src", str(jpeg_src), "--out", str(jpeg_shards)]),
+        ("jpeg", 150, [python, bench, "train", "--dataset", "folder", "--shards", str(jpeg_shards), "--device", device,
+                       *sizes.jpeg_train_args, "--modes", "synthetic,real", "--json"]),
+    ]
+    outcomes: list[Outcome] = []
+    failed: set[str] = set()
+    needs = {"shards32": "source32", "jpeg_shards": "jpeg_source", "jpeg": "jpeg_shards"}
+    for name, limit, command in plan:
+        outcome = Outcome(name=name, command=command)
+        needed = needs.get(name, "shards32" if name not in ("source32", "objectives", "jpeg_source") else None)
+        left = deadline - time.monotonic()
+        if needed in failed:
+            outcome.error = f"not run: {needed} failed"
+        elif left < 5:
+            outcome.error = "not run: the time budget was spent"
+        else:
+            _run_one(outcome, timeout=min(limit * sizes.slower, left))
+        if outcome.error is not None:
+            failed.add(name)
+        print(f"{name}: {outcome.error or 'ok'} ({outcome.seconds:.0f} s)", file=sys.stderr, flush=True)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _run_one(outcome: Outcome, *, timeout: float) -> None:
+    """Run the part's command; its JSON report from stdout, or one line: the timeout, or its last error line."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    start = time.monotonic()
+    # its own session: a part that runs out of time is ended with every process it started (loader workers)
+    process = subprocess.Popen(outcome.command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.communicate(timeout=30)
+        outcome.seconds = time.monotonic() - start
+        outcome.error = f"timed out after {timeout:.0f} s"
+        return
+    outcome.seconds = time.monotonic() - start
+    done = subprocess.CompletedProcess(outcome.command, process.returncode, stdout, stderr)
+    if done.returncode != 0:
+        lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:") or "Error" in line]
+        outcome.error = f"exit {done.returncode}: {(errors or lines or ['no output'])[-1][:300]}"
+        return
+    text = done.stdout
+    if "{" in text:
+        try:
+            outcome.report = json.loads(text[text.index("{"):text.rindex("}") + 1])
+        except json.JSONDecodeError as error:
+            outcome.error = f"unreadable JSON report ({error})"
+
+
+def write_jpeg_folder(dest: str, train: int, test: int, side: int) -> None:
+    """A `folder`-format source of JPEG photos: crops of scikit-learn's two sample photos at random scales,
+    resized to side x side px, JPEG quality 90; 100 fine classes in 10 coarse ones. Written by every core."""
+    from multiprocessing import Pool
+
+    root = Path(dest)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "fine_to_coarse.csv").write_text("fine,coarse\n" + "".join(f"f{k:03d},c{k // 10}\n" for k in range(100)))
+    jobs = [(str(root), split, index, side) for split, count in (("train", train), ("test", test))
+            for index in range(count)]
+    for split in ("train", "test"):
+        for fine in range(100):
+            (root / split / f"f{fine:03d}").mkdir(parents=True, exist_ok=True)
+    with Pool(min(16, os.cpu_count() or 1)) as pool:
+        pool.map(_write_jpeg, jobs, chunksize=32)
+
+
+def _write_jpeg(job: tuple[str, str, int, int]) -> None:
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    root, split, index, side = job
+    photo = Image.fromarray(load_sample_images().images[index % 2])
+    rng = np.random.default_rng(index + (0 if split == "train" else 1_000_000))
+    crop = int(rng.integers(side // 2, min(photo.size)))
+    left, top = int(rng.integers(0, photo.width - crop)), int(rng.integers(0, photo.height - crop))
+    image = photo.crop((left, top, left + crop, top + crop)).resize((side, side), Image.BILINEAR)
+    image.save(Path(root) / split / f"f{index % 100:03d}" / f"{index:07d}.jpg", quality=90)
+
+
+# ------------------------------------------------------------------------------------------ the block
+
+
+def _context(args, argv: list[str], sizes: Sizes) -> dict:
+    """The machine and software the figures belong to."""
+    import torch
+
+    context = {"date": datetime.date.today().isoformat(), "command": shlex.join(["python", "launch/bench.py", "gpu", *argv]),
+               "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": os.cpu_count(),
+               "commit": args.commit or _git_head(), "dali": _version("nvidia.dali"), "device": args.device,
+               "train_images": sizes.train_images, "jpeg_images": sizes.jpeg_train, "jpeg_side": sizes.jpeg_side}
+    if args.device == "cuda":
+        properties = torch.cuda.get_device_properties(0)
+        context.update(card=properties.name, memory_gib=round(properties.total_memory / 2**30),
+                       driver=_driver())
+    else:
+        context.update(card="no GPU (a try on the CPU)", memory_gib=None, driver="-")
+    return context
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module, fromlist=["__version__"]).__version__
+    except ImportError:
+        return "not installed"
+
+
+def _git_head() -> str:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (no git)"
+    return done.stdout.strip() or "unknown (not a git checkout)"
+
+
+def _driver() -> str:
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip().splitlines()[0] if done.stdout.strip() else "unknown"
+
+
+def _figures(outcomes: list[Outcome]) -> dict[str, tuple[str, bool | None]]:
+    """goal name -> (the figure as text, met?) from the parts' reports; None where a part gave no figure."""
+    reports = {outcome.name: outcome.report or {} for outcome in outcomes}
+
+    def synthetic(name):
+        return reports[name].get("modes", {}).get("synthetic", {}).get("images_per_s")
+
+    figures: dict[str, tuple[str, bool | None]] = {}
+    loader = next((reports["loader"].get(name) for name in ("dali_gpu", "dali_cpu") if name in reports["loader"]),
+                  None)
+    figures["loader"] = (f"{loader:,.0f} img/s", loader >= 60_000) if loader else ("-", None)
+    steps = {mode: synthetic(mode) for mode in ("step", "compiled") if synthetic(mode)}
+    best = max(steps, key=steps.get) if steps else None
+    figures["step"] = ((f"{steps[best]:,.0f} pairs/s ({'compiled' if best == 'compiled' else 'eager'})",
+                        steps[best] >= 30_000) if best else ("-", None))
+    for goal, part in (("real", "real"), ("jpeg", "jpeg")):
+        ratio = reports[part].get("real_over_synthetic")
+        figures[goal] = (f"{ratio:.1%}", ratio >= 0.95) if ratio is not None else ("-", None)
+    ratio = reports["objectives"].get("maskcon_over_selfcon_time")
+    figures["objectives"] = (f"{ratio:.2f}x", ratio <= 1.5) if ratio is not None else ("-", None)
+    return figures
+
+
+def _block(outcomes: list[Outcome], context: dict) -> str:
+    """The BENCHMARKS.md block: where, what, each part's figures and each goal."""
+    card = context["card"] + (f" ({context['memory_gib']} GiB)" if context["memory_gib"] else "")
+    lines = [f"### {context['card']}, {context['date']}", "",
+             f"Command: `{context['command']}` at commit {context['commit']}.",
+             f"Machine: {card}, driver {context['driver']}, {context['cpus']} CPU cores; torch {context['torch']} "
+             f"(CUDA {context['cuda']}), DALI {context['dali']}.",
+             f"Data: synthetic ImageNet32-format shards ({context['train_images']:,} training images); a synthetic "
+             f"JPEG folder ({context['jpeg_images']:,} images of {context['jpeg_side']} px).", "",
+             "| part | result | seconds |", "|---|---|---|"]
+    for outcome in outcomes:
+        lines.append(f"| {outcome.name} | {outcome.error or _summary(outcome)} | {outcome.seconds:.0f} |")
+    lines += ["", "| goal | figure | wanted | met |", "|---|---|---|---|"]
+    for goal, (figure, met) in _figures(outcomes).items():
+        title, wanted = GOALS[goal]
+        verdict = "no figure" if met is None else ("met" if met else "NOT met")
+        lines.append(f"| {title} | {figure} | {wanted} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def _summary(outcome: Outcome) -> str:
+    """One cell of a part's own figures."""
+    report = outcome.report or {}
+    if "modes" in report:
+        cells = [f"{mode} {m['images_per_s']:,.0f} img/s" + (f", data wait {m['data_wait']:.0%}" if mode != "synthetic"
+                                                            else "") for mode, m in report["modes"].items()]
+        return "; ".join(cells)
+    if "maskcon_over_selfcon_time" in report:
+        results = report["results"]
+        return (f"MaskCon {results['maskcon']['median_ms']:.2f} ms, SelfCon {results['selfcon']['median_ms']:.2f} ms "
+                f"({report['amp']})")
+    cpu_ms = report.get("cpu_ms_per_image", {})
+    rates = [f"{name} {report[name]:,.0f} img/s, {cpu_ms.get(name, '-')} ms CPU/img"
+             for name in ("dali_gpu", "dali_cpu", "torch", "reference_pil") if name in report]
+    if rates:
+        return "; ".join(rates) + f" ({report.get('threads')} threads)"
+    return "done"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)

@@ -1,0 +1,114 @@
+"""The one GPU command (`python launch/bench.py gpu`): its parts, its one-line failures and its block."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskcon.bench import gpu
+from maskcon.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("source32", "shards32", "loader", "step", "compiled", "real", "official", "objectives", "jpeg_source",
+         "jpeg_shards", "jpeg")
+
+
+def outcome(name: str, report: dict | None = None, error: str | None = None) -> gpu.Outcome:
+    return gpu.Outcome(name=name, command=["python"], seconds=1.0, report=report, error=error)
+
+
+def train_report(synthetic: float, real: float | None = None) -> dict:
+    modes = {"synthetic": {"images_per_s": synthetic, "data_wait": 0.0}}
+    if real is not None:
+        modes["real"] = {"images_per_s": real, "data_wait": 0.1}
+        return {"modes": modes, "real_over_synthetic": real / synthetic}
+    return {"modes": modes}
+
+
+def test_each_goal_is_judged_from_its_part_and_a_missing_figure_is_said():
+    objectives = {"maskcon_over_selfcon_time": 1.6, "amp": "bf16",
+                  "results": {"maskcon": {"median_ms": 1.6}, "selfcon": {"median_ms": 1.0}}}
+    outcomes = [outcome("loader", {"dali_gpu": 61_000.0, "threads": 8}),
+                outcome("step", train_report(29_000.0)), outcome("compiled", train_report(31_000.0)),
+                outcome("real", train_report(30_000.0, 28_000.0)), outcome("official", error="timed out after 90 s"),
+                outcome("objectives", objectives), outcome("jpeg", error="exit 2: error: no DALI")]
+    figures = gpu._figures(outcomes)
+    assert figures["loader"] == ("61,000 img/s", True)
+    assert figures["step"] == ("31,000 pairs/s (compiled)", True)        # the better of eager and compiled
+    assert figures["real"] == ("93.3%", False)                           # 28,000 / 30,000 < 95 %
+    assert figures["objectives"] == ("1.60x", False)
+    assert figures["jpeg"] == ("-", None)
+    context = {"card": "NVIDIA H200", "memory_gib": 140, "date": "2026-12-03", "command": "python launch/bench.py gpu",
+               "commit": "abc1234", "driver": "580.1", "cpus": 16, "torch": "2.11.0", "cuda": "13.0",
+               "dali": "2.4.0", "train_images": 100_000, "jpeg_images": 6000, "jpeg_side": 256}
+    block = gpu._block(outcomes, context)
+    assert "| official | timed out after 90 s | 1 |" in block
+    assert "| 224-px JPEG real training / synthetic | - | >= 95 % | no figure |" in block
+    assert "| real training / synthetic | 93.3% | >= 95 % | NOT met |" in block
+    for text in ("NVIDIA H200 (140 GiB)", "driver 580.1", "torch 2.11.0", "DALI 2.4.0", "abc1234",
+                 "`python launch/bench.py gpu`"):
+        assert text in block
+
+
+def test_a_part_that_hangs_or_fails_gives_one_line(tmp_path):
+    hangs = outcome("step")               # a part that hangs, with a worker process of its own
+    pid_file = tmp_path / "worker.pid"
+    hangs.command = [sys.executable, "-c", "import subprocess, sys, time; worker = subprocess.Popen([sys.executable, "
+                     "'-c', 'import time; time.sleep(120)']); open(sys.argv[1], 'w').write(str(worker.pid)); "
+                     "time.sleep(60)", str(pid_file)]
+    gpu._run_one(hangs, timeout=5)
+    assert hangs.error == "timed out after 5 s" and hangs.seconds < 30
+    worker = Path(f"/proc/{pid_file.read_text()}/status")
+    for _ in range(50):                                     # ended with the part (then reaped by init)
+        if not worker.exists() or "zombie" in worker.read_text():
+            break
+        time.sleep(0.1)
+    assert not worker.exists() or "zombie" in worker.read_text()
+    fails = outcome("loader")
+    fails.command = [sys.executable, "-c", "import sys; print('error: no DALI here', file=sys.stderr); sys.exit(2)"]
+    gpu._run_one(fails, timeout=30)
+    assert fails.error == "exit 2: error: no DALI here" and fails.report is None
+    reports = outcome("objectives")
+    reports.command = [sys.executable, "-c", "print('objectives: warming up'); print('{\"x\": 1}')"]
+    gpu._run_one(reports, timeout=30)
+    assert reports.error is None and reports.report == {"x": 1}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_without_a_gpu_the_command_stops_with_one_line():
+    with pytest.raises(UserError, match="no CUDA GPU") as caught:
+        gpu.main([])
+    assert "\n" not in str(caught.value)
+
+
+def test_the_block_never_goes_into_benchmarks_md():
+    before = (ROOT / "BENCHMARKS.md").read_bytes()
+    with pytest.raises(UserError, match="BENCHMARKS.md"):
+        gpu.main(["--device", "cpu", "--small", "--budget", "0", "--out", str(ROOT / "BENCHMARKS.md")])
+    assert (ROOT / "BENCHMARKS.md").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_the_whole_command_runs_small_on_the_cpu_and_writes_every_part(tmp_path):
+    out = tmp_path / "block.md"
+    done = subprocess.run([sys.executable, "-c", "import sys; from maskcon.bench.gpu import main; "
+                           "sys.exit(main(sys.argv[1:]))", "--device", "cpu", "--small", "--out", str(out),
+                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=3300)
+    assert done.returncode in (0, 1), done.stderr[-2000:]
+    block = out.read_text()
+    for part in PARTS:
+        assert f"| {part} | " in block
+    for title, _ in gpu.GOALS.values():
+        assert f"| {title} | " in block
+    parts = {part["name"]: part for part in json.loads(Path(str(out) + ".json").read_text())["parts"]}
+    assert list(parts) == list(PARTS)
+    # everything but the compiled step (minutes of code generation on two cores) gives its figures here
+    for name in set(PARTS) - {"compiled"}:
+        assert parts[name]["error"] is None, (name, parts[name]["error"])
+    assert parts["real"]["report"]["modes"]["real"]["images_per_s"] > 0
+    assert parts["jpeg"]["report"]["real_over_synthetic"] > 0
+    assert parts["objectives"]["report"]["maskcon_over_selfcon_time"] > 0
