@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +29,7 @@ from maskcon.methods import method_for
 from maskcon.model import MaskConModel, fetch_pretrained
 from maskcon.provenance import provenance
 from maskcon.shard_format import read_manifest
-from maskcon.step import StepParts, make_optimizer
+from maskcon.step import StepParts, build_step, make_optimizer
 
 
 @dataclass
@@ -36,7 +37,8 @@ class Run:
     """Everything the loop works with; built by `build_run`.
 
     model: the learner as the optimizer sees it (DDP-wrapped on several processes); learner: the same learner
-    unwrapped; schedule: the learning rate of every step (total_steps floats); step: the step the loop starts
+    unwrapped; step_fn: batch -> loss, eager or the whole step compiled (--compile, maskcon.step.build_step);
+    schedule: the learning rate of every step (total_steps floats); step: the step the loop starts
     from (0, or the resume point); tracker: the metrics writer on the main process (None elsewhere).
     """
 
@@ -53,6 +55,7 @@ class Run:
     learner: MaskConModel
     optimizer: torch.optim.Optimizer
     parts: StepParts
+    step_fn: Callable[[dict], torch.Tensor]   # the step the loop calls (maskcon.step.build_step)
     base_lr: float
     schedule: list[float]
     channels_last: bool
@@ -166,8 +169,6 @@ def build_learner(config: Config, accelerator: Accelerator, manifest: dict, chan
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(accelerator.device)
-    if config.compile:
-        model.compile_encoders(mode=config.compile_mode)
     optimizer = make_optimizer(model, lr=base_lr, momentum=config.momentum, weight_decay=config.weight_decay,
                                device=accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -257,7 +258,9 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
         accelerator.print(f"resumed from {resumed_from} at step {step}")
     run = Run(config=config, accelerator=accelerator, output_dir=output_dir, folder=folder, manifest=manifest,
               record=record, resolved=resolved, train_loader=train_loader, test_loader=test_loader, model=model,
-              learner=learner, optimizer=optimizer, parts=parts, base_lr=base_lr, schedule=schedule,
+              learner=learner, optimizer=optimizer, parts=parts,
+              step_fn=build_step(parts, compile_mode=(config.compile_mode or "default") if config.compile else None),
+              base_lr=base_lr, schedule=schedule,
               channels_last=channels_last, steps_per_epoch=steps_per_epoch, total_steps=total_steps, step=step,
               resumed_from=resumed_from, tracker=None)
     run.tracker = dist.run_on_main(_start_tracker, config, run)

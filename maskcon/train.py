@@ -1,8 +1,9 @@
 """The training loop: schedule, steps, evaluation, logging, checkpoints.
 
 The run (learner, optimizer, loaders, tracker, resume point) is built by `maskcon.run.build_run`; the step
-itself is `maskcon.step.train_step`. One loop indexed by the step, as nanoGPT's: logging with the stop vote,
-evaluation and checkpoints are gated at the top of each step. The loop reads nothing from the device between logging
+itself is `maskcon.step.train_step`, eager or compiled whole (`run.step_fn`, `maskcon.step.build_step`).
+One loop indexed by the step, as nanoGPT's: logging with the stop vote, evaluation and checkpoints are
+gated at the top of each step. The loop reads nothing from the device between logging
 points: every --log-every steps it reads the loss and all processes agree, in one small all-reduce
 (`dist.agree_to_stop`), on whether to stop (SIGTERM seen, loss not finite), so they stop together.
 Sections that run on the main process alone (W&B, metrics, pictures, results) tell the others whether
@@ -38,7 +39,7 @@ from maskcon.run import Run, base_learning_rate, build_run, lr_schedule, make_ac
 
 __all__ = ["DataClock", "RunResult", "base_learning_rate", "evaluate", "extract_features", "fill_memory_bank",
            "lr_schedule", "resolve_precision", "save", "train", "train_loop", "weights_fingerprint"]
-from maskcon.step import set_lr, train_step
+from maskcon.step import set_lr
 
 BANK_FILL_EPOCH = -1  # the loader epoch whose keys fill the memory bank before the first step (then -2, ...)
 
@@ -263,7 +264,7 @@ def train_loop(run: Run, preemption: _Preemption) -> RunResult:
             batch = feed.take(batches, clock)
             set_lr(run.optimizer, run.schedule[step])
             dist.reseed_shuffle(config.seed * 2**32 + step)   # shuffle-BN as a function of the step
-            loss = train_step(run.parts, batch)
+            loss = run.step_fn(batch)
             loss_sum += loss
             step += 1
     finally:

@@ -11,7 +11,7 @@ Images per second of the MaskCon training step, in one run on the same shards, m
                (`set_epoch(epoch, start=...)`, as the loop resumes), against the first step of an epoch
                started at its first batch, each timed from `set_epoch` to the end of the step
 The run is built by the trainer's builder (maskcon.run.build_run: learner, optimizer, loader, precision,
-cudnn and thread settings, the step's parts) and stepped by the loop's step (maskcon.step.train_step). As in
+cudnn and thread settings, the step's parts) and stepped by the loop's step (`run.step_fn`, maskcon.step.build_step). As in
 the loop, the loss is read only at the end of a window, which waits for the device. The figures per mode are
 the loop's own (maskcon.train.DataClock), logged by the trainer in metrics.jsonl under the same names:
     images_per_s           images / wall time of the window
@@ -46,7 +46,6 @@ from maskcon.datasets import DATASETS
 from maskcon.errors import UserError
 from maskcon.bench.reference import official_style_loader
 from maskcon.run import Run, build_run, make_accelerator
-from maskcon.step import train_step
 from maskcon.train import DataClock
 
 MODES = ("real", "synthetic", "official", "resume")
@@ -206,14 +205,14 @@ class _Bench:
         args = self.args
         try:
             for _ in range(args.warmup):
-                loss = train_step(self.run.parts, next(stream))
+                loss = self.run.step_fn(next(stream))
             if args.warmup:
                 loss.item()
             windows = []
             for _ in range(args.repeats):
                 clock = DataClock(loader, self.run.config.batch_size)
                 for _ in range(args.steps):
-                    loss = train_step(self.run.parts, clock.next(stream))
+                    loss = self.run.step_fn(clock.next(stream))
                 loss.item()  # waits for the device: the window's work is done
                 windows.append(clock.figures())
         finally:
@@ -232,7 +231,7 @@ class _Bench:
             for start in (0, middle):
                 clock = DataClock(loader, self.run.config.batch_size)
                 loader.set_epoch(1000 + repeat, start=start)
-                loss = train_step(self.run.parts, clock.next(iter(loader)))
+                loss = self.run.step_fn(clock.next(iter(loader)))
                 loss.item()
                 windows.append({**clock.figures(), "start": start})
         began = time.perf_counter()
