@@ -14,6 +14,7 @@ BENCHMARKS = {
     "objectives": "time and memory of the MaskCon loss against SelfCon",
     "train": "training images/s and data time: real loader, synthetic batches, official-style loader, a resume",
     "collectives": "bytes per training step moved by the collectives: MoCo's scheme against ours",
+    "gpu": "every GPU figure in one command on the ImageNet32 preset, written as a BENCHMARKS.md block",
 }
 
 
