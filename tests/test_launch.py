@@ -133,9 +133,10 @@ def test_provenance_in_config_yaml_and_in_wandbs_config(runs):
         assert torch.__version__.split("+")[0] == provenance["libraries"]["torch"]
         assert {"accelerate", "nvidia-dali-cuda130", "wandb", "python"} <= set(provenance["libraries"])
         assert provenance["machine"]["cuda"] == torch.version.cuda and "gpu" in provenance["machine"]
-    wandb_config = next((runs["seed1"] / "wandb").glob("offline-run-*/files/config.yaml"))
-    assert yaml.safe_load(wandb_config.read_text())["provenance"]["value"]["code"]["commit"] == \
-        yaml.safe_load((runs["seed1"] / "config.yaml").read_text())["provenance"]["code"]["commit"]
+    # the offline run file holds the config record (protobuf) with the provenance as JSON text
+    run_file = next((runs["seed1"] / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    commit = yaml.safe_load((runs["seed1"] / "config.yaml").read_text())["provenance"]["code"]["commit"]
+    assert b"provenance" in run_file and f'"commit":"{commit}"'.encode() in run_file
     assert "training maskcon on digits" in next((runs["seed1"] / "wandb").glob("offline-run-*/files/console.log")).read_text()
 
 

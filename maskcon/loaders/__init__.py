@@ -123,10 +123,12 @@ def build_train_loader(shards: Path | str, *, recipe: str | recipes.Recipe, imag
 def build_test_loader(shards: Path | str, *, image_size: int, batch_size: int, rank: int, world_size: int,
                       device: torch.device | str, backend: str, recipe: str | recipes.Recipe | None = None,
                       num_threads: int | None = None, prefetch: int | None = None, channels_last: bool = False):
-    """{"image", "fine", "coarse", "index"} batches; over all ranks every test sample exactly once.
+    """{"image": float32 N x 3 x S x S, "fine", "coarse", "index": int64 N} batches; over all ranks every test
+    sample exactly once.
 
     `index` is the sample's position in the test split. All ranks yield len(loader) batches; a rank whose
-    part is shorter may end with a shorter (possibly empty) batch. `recipe` defaults to the manifest's dataset.
+    part is shorter may end with a shorter (possibly empty) batch. `recipe` defaults to the manifest's dataset;
+    `channels_last`, `num_threads`, `prefetch` and `feed_cpu_seconds` as for build_train_loader.
     """
     device = torch.device(device)
     manifest, split = read_split(shards, "test")
