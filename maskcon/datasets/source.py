@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from maskcon.errors import UserError
+from maskcon.shard_format import MAX_IMAGE_PIXELS  # refused before any shard is written
 
 
 @dataclass(frozen=True)
@@ -191,10 +192,6 @@ class FileSplit(Split):
                 if (problem := file_problem(self.root / path)) is not None]
 
 
-# The most pixels (width x height) a source image may have: 8192 x 8192. Larger ones are refused before
-# any shard is written (a decoder would need gigabytes for each; a file that declares 60000 x 60000 in a
-# few bytes of header is a "decompression bomb").
-MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 def file_problem(path: Path) -> str | None:
