@@ -192,8 +192,6 @@ class FileSplit(Split):
                 if (problem := file_problem(self.root / path)) is not None]
 
 
-
-
 def file_problem(path: Path) -> str | None:
     """What makes the image file at PATH unusable, in a few words (empty, unreadable header, more pixels
     than MAX_IMAGE_PIXELS), or None. Reads the header only."""
