@@ -59,7 +59,8 @@ MUST_MATCH_ON_RESUME = frozenset({
 MAY_DIFFER_ON_RESUME = frozenset({
     "shards", "loader_threads", "channels_last", "compile", "compile_mode", "dist_timeout", "eval_every",
     "eval_untrained", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "resume",
-    "output_dir", "wandb", "wandb_project", "run_name", "max_steps", "config", "accept_changes",
+    "output_dir", "wandb", "wandb_project", "run_name", "max_steps", "config", "accept_changes", "global_batch",
+    "print_config", "check",
 })
 
 

@@ -69,7 +69,7 @@ def _make_shards_parser():
     create = commands.add_parser("create", help="convert DATASET read from SRC into shards under OUT")
     create.add_argument("dataset", choices=list(DATASETS))
     create.add_argument("--src", type=Path, help="the folder you downloaded (not needed for digits)")
-    create.add_argument("--out", type=Path, help="output folder (default: shards/DATASET in the repository)")
+    create.add_argument("--out", type=Path, help="output folder (default: shards/DATASET under the current folder, where training reads)")
     create.add_argument("--seed", type=int, default=0, help="seed of the shuffled write order")
     create.add_argument("--samples-per-shard", type=int, default=None,
                         help="fixed shard size (default: the most that gives at least --min-shards shards)")
@@ -100,12 +100,13 @@ def run_make_shards(argv: list[str]) -> int:
     from pathlib import Path
 
     from maskcon import shards
+    from maskcon.config import default_shards_dir
 
     args = _make_shards_parser().parse_args(argv)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     try:
         if args.command == "create":
-            out = args.out if args.out is not None else Path(__file__).resolve().parents[1] / "shards" / args.dataset
+            out = args.out if args.out is not None else default_shards_dir(args.dataset)
             manifest = shards.create(args.dataset, args.src, out, seed=args.seed,
                                      samples_per_shard=args.samples_per_shard, min_shards=args.min_shards,
                                      max_samples_per_shard=args.max_samples_per_shard,

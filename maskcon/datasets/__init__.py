@@ -65,7 +65,7 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
             "Stanford Cars as torchvision's `StanfordCars` reads it (`devkit/`, `cars_train/`, `cars_test/`, "
             "`cars_test_annos_withlabels.mat`)", "8 body types", dict(w=1.0, t=0.1)),
     Dataset("folder", folder.read, recipes.PHOTOS, 224, "imagenet",
-            "a class-per-folder image tree plus a CSV of `fine,coarse` class names (`--coarse-map`)", "your own"),
+            "a class-per-folder image tree plus `fine_to_coarse.csv` (header `fine,coarse`, one row per class folder) in it", "your own"),
 )}
 
 
