@@ -20,7 +20,9 @@
 # Preemption: SLURM sends SIGTERM 120 s before the time limit (--signal below) to `accelerate launch`, whose
 # elastic agent forwards it to the processes and SIGKILLs them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
 # (torch's default: 30). It is raised here to the whole 120 s, so the trainer has the grace to agree on
-# stopping and write a checkpoint; a resubmission with the same --output-dir and --resume continues from it.
+# stopping and write a checkpoint. The job is requeue-safe: unless the arguments name them, the run writes to
+# runs/JOBNAME-JOBID (kept by a requeued job) with --resume auto, so the first start begins afresh and every
+# later start of the same job continues from its newest intact checkpoint.
 #
 #SBATCH --job-name=maskcon
 #SBATCH --nodes=2
@@ -29,6 +31,7 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --signal=TERM@120
 #SBATCH --output=slurm-%j.out
+#SBATCH --requeue
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-.}"
@@ -53,7 +56,11 @@ fi
 grace_s=120   # the TERM@ lead time of --signal above: change both together
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-$grace_s}
 
-WORLD_SIZE=$((nodes * gpus_per_node)) python launch/train.py --check "$@" >&2 || exit $?
+run_args=("$@")
+case " $* " in *" --output-dir"*|*" --output_dir"*) ;; *) run_args+=(--output-dir "runs/${SLURM_JOB_NAME:-maskcon}-${SLURM_JOB_ID:?}") ;; esac
+case " $* " in *" --resume"*) ;; *) run_args+=(--resume auto) ;; esac
+
+WORLD_SIZE=$((nodes * gpus_per_node)) python launch/train.py --check "${run_args[@]}" >&2 || exit $?
 
 echo "nodes $nodes x $gpus_per_node GPUs, ${cpus_per_task:-?} CPUs per node, rendezvous $main_node:$main_port," \
      "shutdown timeout ${TORCH_ELASTIC_SHUTDOWN_TIMEOUT} s" >&2
@@ -68,4 +75,4 @@ srun --nodes "$nodes" --ntasks-per-node 1 "${cpu_option[@]}" --kill-on-bad-exit=
         --main_process_ip "$2" \
         --main_process_port "$3" \
         launch/train.py "${@:4}"
-' "$nodes" "$((nodes * gpus_per_node))" "$main_node" "$main_port" "$@"
+' "$nodes" "$((nodes * gpus_per_node))" "$main_node" "$main_port" "${run_args[@]}"

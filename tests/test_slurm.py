@@ -58,7 +58,8 @@ def signal_grace_s() -> int:
     return int(re.search(r"^#SBATCH --signal=TERM@(\d+)$", SCRIPT.read_text(), re.MULTILINE).group(1))
 
 
-def run_under_fake_slurm(tmp_path: Path, **environment: str) -> tuple[list[dict], list[dict]]:
+def run_under_fake_slurm(tmp_path: Path, args: tuple[str, ...] = (), **environment: str
+                         ) -> tuple[list[dict], list[dict]]:
     """Run launch/slurm.sh as sbatch would on 2 nodes; returns (srun records, accelerate records by node)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -74,7 +75,7 @@ def run_under_fake_slurm(tmp_path: Path, **environment: str) -> tuple[list[dict]
     env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", RECORD=str(record), SLURM_SUBMIT_DIR=str(ROOT),
                SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST=NODELIST, SLURM_GPUS_PER_NODE="h100:4",
                SLURM_JOB_ID="4242", **environment)
-    subprocess.run(["bash", str(SCRIPT), "--dataset", "imagenet32", "--run-name", "two words"], cwd=tmp_path,
+    subprocess.run(["bash", str(SCRIPT), "--dataset", "imagenet32", "--run-name", "two words", *args], cwd=tmp_path,
                    env=env, check=True, capture_output=True, timeout=60)
     lines = [json.loads(line) for line in record.read_text().splitlines()]
     sruns = [line for line in lines if line["program"] == "srun"]
@@ -96,14 +97,15 @@ def test_cpus_shutdown_timeout_and_process_layout_reach_accelerate_launch(tmp_pa
             "launch", "-q", "--config_file", "launch/accelerate/multinode.yaml", "--num_machines", "2",
             "--num_processes", "8", "--machine_rank", str(node), "--main_process_ip", HOSTS[0],
             "--main_process_port", str(29500 + 4242 % 1000), "launch/train.py", "--dataset", "imagenet32",
-            "--run-name", "two words"]
+            "--run-name", "two words", "--output-dir", "runs/maskcon-4242", "--resume", "auto"]
 
 
 def test_the_run_is_checked_once_for_all_its_processes_before_the_nodes_start(tmp_path):
     run_under_fake_slurm(tmp_path, SLURM_CPUS_PER_TASK="32")
     lines = [json.loads(line) for line in (tmp_path / "record.jsonl").read_text().splitlines()]
     assert lines[0] == {"program": "python", "world_size": "8",
-                        "argv": ["launch/train.py", "--check", "--dataset", "imagenet32", "--run-name", "two words"]}
+                        "argv": ["launch/train.py", "--check", "--dataset", "imagenet32", "--run-name", "two words",
+                                 "--output-dir", "runs/maskcon-4242", "--resume", "auto"]}
     assert [line["program"] for line in lines].count("python") == 1
 
 
@@ -177,3 +179,14 @@ def test_accelerate_launch_gives_workers_the_shutdown_timeout_after_sigterm(tmp_
             os.killpg(launcher.pid, signal.SIGKILL)
     assert all((tmp_path / f"sigterm-{rank}").exists() for rank in range(2))
     assert [(tmp_path / f"checkpoint-{rank}").exists() for rank in range(2)] == [finishes, finishes]
+
+
+def test_a_requeued_job_continues_in_its_own_folder_and_given_options_are_kept(tmp_path):
+    """Without --output-dir and --resume the job writes to runs/JOBNAME-JOBID with --resume auto (the same
+    folder after a requeue); options given by the user are passed on as given, never doubled."""
+    _, launches = run_under_fake_slurm(tmp_path, SLURM_JOB_NAME="sweep")
+    assert launches[0]["argv"][-4:] == ["--output-dir", "runs/sweep-4242", "--resume", "auto"]
+    _, launches = run_under_fake_slurm(tmp_path, args=("--output-dir", "runs/mine", "--resume"))
+    argv = launches[0]["argv"]
+    assert argv.count("--output-dir") == 1 and argv.count("--resume") == 1
+    assert argv[argv.index("--output-dir") + 1] == "runs/mine"
