@@ -69,6 +69,9 @@ def _make_shards_parser():
     create = commands.add_parser("create", help="convert DATASET read from SRC into shards under OUT")
     create.add_argument("dataset", choices=list(DATASETS))
     create.add_argument("--src", type=Path, help="the folder you downloaded (not needed for digits)")
+    create.add_argument("--labels", type=Path, default=None,
+                        help="folder of the official label files when they are not in SRC (imagenet32: the two "
+                             "MaskCon maps; sop_split1/2: the folder holding sop_split1/ or sop_split2/)")
     create.add_argument("--out", type=Path, help="output folder (default: shards/DATASET under the current folder, where training reads)")
     create.add_argument("--seed", type=int, default=0, help="seed of the shuffled write order")
     create.add_argument("--samples-per-shard", type=int, default=None,
@@ -107,7 +110,7 @@ def run_make_shards(argv: list[str]) -> int:
     try:
         if args.command == "create":
             out = args.out if args.out is not None else default_shards_dir(args.dataset)
-            manifest = shards.create(args.dataset, args.src, out, seed=args.seed,
+            manifest = shards.create(args.dataset, args.src, out, seed=args.seed, labels=args.labels,
                                      samples_per_shard=args.samples_per_shard, min_shards=args.min_shards,
                                      max_samples_per_shard=args.max_samples_per_shard,
                                      compress_level=args.compress_level, workers=args.workers,

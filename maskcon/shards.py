@@ -299,19 +299,24 @@ def _run_all(executor, jobs: list[tuple], log: Callable[[str], None], what: str,
 def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int = 0,
            samples_per_shard: int | None = None, min_shards: int = MIN_SHARDS,
            max_samples_per_shard: int = MAX_SAMPLES_PER_SHARD, compress_level: int = PNG_COMPRESS_LEVEL,
-           workers: int | None = None, overwrite: bool = False,
+           workers: int | None = None, overwrite: bool = False, labels: Path | str | None = None,
            log: Callable[[str], None] | None = None) -> dict:
-    """Convert DATASET read from SRC into shards under OUT; return the manifest (see write_shards)."""
+    """Convert DATASET read from SRC (official label files from LABELS when given) into shards under OUT;
+    return the manifest (see write_shards)."""
     from maskcon.datasets import DATASETS
 
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     _check_options(compress_level, samples_per_shard)
-    source = DATASETS[dataset].read(Path(src) if src is not None else None)
+    if labels is not None and not DATASETS[dataset].label_files:
+        raise UserError(f"--labels: {dataset} reads no official label files; leave --labels out")
+    reader_options = {} if labels is None else {"labels": Path(labels)}
+    source = DATASETS[dataset].read(Path(src) if src is not None else None, **reader_options)
     from maskcon.datasets.source import describe_files
 
     source_files = describe_files(Path(src)) if src is not None else None
     create_args = [dataset] + (["--src", str(Path(src).resolve())] if src is not None else [])
+    create_args += ["--labels", str(Path(labels).resolve())] if labels is not None else []
     for flag, value, default in (("--seed", seed, 0), ("--samples-per-shard", samples_per_shard, None),
                                  ("--min-shards", min_shards, MIN_SHARDS),
                                  ("--max-samples-per-shard", max_samples_per_shard, MAX_SAMPLES_PER_SHARD),

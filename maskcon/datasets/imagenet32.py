@@ -77,12 +77,14 @@ def _read_map(path: Path, num_values: int) -> list[int]:
     return mapping
 
 
-def read(src: Path | None) -> DatasetSource:
+def read(src: Path | None, labels: Path | None = None) -> DatasetSource:
+    """labels: the folder of the two official MaskCon maps (default: SRC)."""
     src = source_folder(src, "imagenet32", WHERE)
-    to_fine = _read_map(src / "imagenet32_to_fine.json", NUM_CLASSES)
-    fine_to_coarse = _read_map(src / "imagenet_fine_to_coarse.json", len(COARSE_CLASSES))
+    maps = src if labels is None else source_folder(labels, "imagenet32", WHERE_MAPS)
+    to_fine = _read_map(maps / "imagenet32_to_fine.json", NUM_CLASSES)
+    fine_to_coarse = _read_map(maps / "imagenet_fine_to_coarse.json", len(COARSE_CLASSES))
     if len(set(to_fine)) != NUM_CLASSES:
-        raise UserError(f"{src / 'imagenet32_to_fine.json'} maps two labels to one class; {WHERE_MAPS}")
+        raise UserError(f"{maps / 'imagenet32_to_fine.json'} maps two labels to one class; {WHERE_MAPS}")
     paths = {split: tuple(str(_find(src, split, name)) for name in names) for split, names in FILES.items()}
     return DatasetSource(
         name="imagenet32", fine_classes=[f"imagenet1k-{i:03d}" for i in range(NUM_CLASSES)],

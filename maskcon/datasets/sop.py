@@ -63,12 +63,17 @@ def product_classes(lists: dict[str, tuple[list[str], list[int], list[int]]], sp
     return products, product_coarse, fine_by_split
 
 
-def read(src: Path | None, variant: str) -> DatasetSource:
+def read(src: Path | None, variant: str, labels: Path | None = None) -> DatasetSource:
+    """labels: a folder holding the official `sop_splitN/` label folder (default: the SOP folder)."""
     name = f"sop_{variant}"
     where_split = _where_split(variant)
     src = source_folder(src, name, WHERE_SOP)
-    root = find_folder(src, "Stanford_Online_Products", name, f"{where_split}; {WHERE_SOP}")
-    split_dir = root / name
+    if labels is None:
+        root = find_folder(src, "Stanford_Online_Products", name, f"{where_split}; {WHERE_SOP}")
+        split_dir = root / name
+    else:
+        root = find_folder(src, "Stanford_Online_Products", "Ebay_info.txt", WHERE_SOP)
+        split_dir = source_folder(labels, name, where_split) / name
     lists = {}
     for split in ("train", "test"):
         paths = load_json(split_dir / f"{split}_path.json", where_split)
