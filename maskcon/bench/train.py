@@ -46,6 +46,7 @@ from maskcon.datasets import DATASETS
 from maskcon.errors import UserError
 from maskcon.bench.reference import official_style_loader
 from maskcon.run import Run, build_run, make_accelerator
+from maskcon.step import graph_breaks
 from maskcon.train import DataClock
 
 MODES = ("real", "synthetic", "official", "resume")
@@ -152,6 +153,7 @@ def main(argv: list[str]) -> int:
             results.append(bench.measure(mode))
             print(f"{mode}: {results[-1].images_per_s:.1f} images/s", file=sys.stderr)
         report = _report(results, run, args)
+        report["graph_breaks"] = bench.graph_breaks
         del bench, run
         gc.collect()
     report["command"] = shlex.join(["python", "launch/bench.py", "train", *argv])
@@ -171,6 +173,8 @@ class _Bench:
         with torch.no_grad():  # a full bank of labelled entries, as after the first epoch
             run.learner.queue_coarse.copy_(torch.randint(num_coarse, run.learner.queue_coarse.shape))
         run.model.train()
+        # graph breaks left in the compiled step (traced on a copy of the parts; before the first compiled call)
+        self.graph_breaks = graph_breaks(run.parts, next(self.batches("synthetic")[0])) if run.config.compile else []
 
     def batches(self, mode: str) -> tuple[Iterator[dict], Callable[[], None], object]:
         """An endless stream of batches on the device for `mode`, a function that releases it, and the loader
@@ -363,6 +367,9 @@ def _table(report: dict) -> str:
         feed = "-" if m["feed_cpu_ms_per_batch"] is None else f"{m['feed_cpu_ms_per_batch']:.2f}"
         lines.append(f"{mode:<10} {m['images_per_s']:>9.1f} ({m['images_per_s_min']:.1f}-"
                      f"{m['images_per_s_max']:.1f}){'':>2} {wait:>22} {m['data_ms_per_batch']:>14.2f} {feed:>18}")
+    if report["compile"]:
+        lines.append(f"graph breaks left in the compiled step: {len(report['graph_breaks'])}")
+        lines.extend(f"  {line}" for line in report["graph_breaks"])
     if "real_over_official" in report:
         lines.append(f"real / official images/s: {report['real_over_official']:.2f}")
     if "real_over_synthetic" in report:
