@@ -283,3 +283,28 @@ def test_a_crafted_source_pickle_creates_no_file(tmp_path, dataset, write, relat
     message = _one_line_error(dataset, src, str(src / relative), "holds a pickled", "not run")
     assert ("open" in message) if how == "open" else ("system" in message)
     assert not target.exists()
+
+
+def test_official_label_files_read_from_a_labels_folder_outside_the_source(tmp_path):
+    """--labels DIR: the maps of imagenet32 and the sop_splitN/ folder come from DIR, the images from SRC
+    (a shared, read-only dataset folder stays as downloaded); a dataset without label files refuses it."""
+    from maskcon import shards
+
+    expected = sources.write_imagenet32(tmp_path / "imagenet32")
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for name in ("imagenet32_to_fine.json", "imagenet_fine_to_coarse.json"):
+        shutil.move(tmp_path / "imagenet32" / name, labels / name)
+    with pytest.raises(UserError, match="imagenet32_to_fine.json"):
+        DATASETS["imagenet32"].read(tmp_path / "imagenet32")
+    source = DATASETS["imagenet32"].read(tmp_path / "imagenet32", labels=labels)
+    assert_arrays_match(source.splits["train"], expected["train"])
+
+    sop_expected = sources.write_sop(tmp_path / "sop")["split2"]
+    shutil.move(tmp_path / "sop" / "Stanford_Online_Products" / "sop_split2", labels / "sop_split2")
+    source = DATASETS["sop_split2"].read(tmp_path / "sop" / "Stanford_Online_Products", labels=labels)
+    assert_files_match(source.splits["test"], sop_expected["test"])
+
+    with pytest.raises(UserError, match="--labels"):
+        shards.create("cifar100", tmp_path / "imagenet32", tmp_path / "out", labels=labels)
+    assert not (tmp_path / "out").exists()

@@ -55,15 +55,17 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
     Dataset("imagenet32", imagenet32.read, recipes.IMAGENET32, 32, "imagenet",
             "downsampled ImageNet 32×32 (pickled or `.npz` batches, flat or in `Imagenet32_train/`, "
             "`Imagenet32_val/`) plus the official MaskCon files `imagenet32_to_fine.json` and "
-            "`imagenet_fine_to_coarse.json` copied into it", "12 WordNet groups",
+            "`imagenet_fine_to_coarse.json` copied into it or in `--labels DIR`", "12 WordNet groups",
             dict(epochs=100, batch_size=256, lr_reference_batch=256, queue_size=16384, w=1.0, t=0.05),
             "`imagenet32_to_fine.json`, `imagenet_fine_to_coarse.json`"),
     Dataset("sop_split1", sop.read_split1, recipes.PHOTOS, 224, "imagenet",
             "the `Stanford_Online_Products` folder with the official `sop_split1/`, `sop_split2/` label folders "
-            "copied into it", "12 super-classes", dict(w=0.8, t=0.1, query_view="weak"), "`sop_split1/`"),
+            "copied into it or in `--labels DIR`", "12 super-classes", dict(w=0.8, t=0.1, query_view="weak"),
+            "`sop_split1/`"),
     Dataset("sop_split2", sop.read_split2, recipes.PHOTOS, 224, "imagenet",
             "the `Stanford_Online_Products` folder with the official `sop_split1/`, `sop_split2/` label folders "
-            "copied into it", "12 super-classes", dict(w=0.5, t=0.05, query_view="weak"), "`sop_split2/`"),
+            "copied into it or in `--labels DIR`", "12 super-classes", dict(w=0.5, t=0.05, query_view="weak"),
+            "`sop_split2/`"),
     Dataset("cars196", cars196.read, recipes.CARS, 224, "imagenet",
             "Stanford Cars as torchvision's `StanfordCars` reads it (`devkit/`, `cars_train/`, `cars_test/`, "
             "`cars_test_annos_withlabels.mat`)", "8 body types", dict(w=1.0, t=0.1)),
