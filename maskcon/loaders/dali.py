@@ -4,10 +4,11 @@ The same graph runs on the GPU (device_id = the CUDA device; JPEG decoded by `mi
 (device_id=None), which is how CI tests it and how CPU-only users train. Design notes: DESIGN.md.
 
 Images. Small PNG datasets (every image of one size of at most RESIDENT_MAX_PIXELS pixels: the 32-px sets)
-are decoded once, by PIL in as many threads as the process may use CPUs, when the loader's first pass starts, into one resident
-uint8 array (num_samples x H x W x 3: 150 MB for CIFAR's 50,000 images, 3.9 GB for ImageNet32's 1.28M), from
-which each batch is gathered and fed to DALI as HWC pixels: no image is decoded while training, and no
-integrity check runs per batch (PIL checks every file as it decodes it once; `verify` reads every sample).
+are decoded once, by PIL in as many threads as the process may use CPUs, when the loader's first pass
+starts, into one resident uint8 array (num_samples x H x W x 3: 150 MB for CIFAR's 50,000 images, 3.9 GB
+for ImageNet32's 1.28M), from which each batch is gathered and fed to DALI as HWC pixels: no image is
+decoded while training, and no integrity check runs per batch (PIL checks every file as it decodes it once,
+and a batch holding a sample that did not decode raises the error naming it; `verify` reads every sample).
 Measured on 20,000 synthetic 32-px PNGs (2-core CPU, shared, BENCHMARKS.md "Two-view loading"): decoding
 costs 43 us of CPU per image in DALI's CPU decoder (what the GPU pipeline paid per image and epoch, since
 DALI decodes PNG on the CPU even with `mixed`) and 85-90 us in PIL once at start; the gather 0.3 us per
@@ -153,21 +154,26 @@ def _image_rows(samples: TarSamples, positions: np.ndarray, image_format: str) -
     return sizes[0]
 
 
-def decode_resident(samples: TarSamples, positions: np.ndarray, shape, threads: int) -> tuple[np.ndarray, float]:
-    """(len(positions) x H x W x 3 uint8 pixels of the samples, CPU seconds spent), decoded by PIL in
-    `threads` threads; UserError naming the first sample that does not decode."""
-    pixels = np.empty((len(positions), int(shape[0]), int(shape[1]), 3), dtype=np.uint8)
+def decode_resident(samples: TarSamples, positions: np.ndarray, shape, threads: int) -> tuple[np.ndarray, dict, float]:
+    """(len(positions) x H x W x 3 uint8 pixels of the samples, {position: UserError naming it} for those that
+    do not decode (their pixels stay 0; a batch that holds one raises it), CPU seconds spent), decoded by PIL
+    in `threads` threads."""
+    pixels = np.zeros((len(positions), int(shape[0]), int(shape[1]), 3), dtype=np.uint8)
+    damaged: dict[int, UserError] = {}
 
     def decode_chunk(rows: np.ndarray) -> float:
         start = time.thread_time()
         for row in rows:
-            pixels[row] = decode_image(samples, int(positions[row]))
+            try:
+                pixels[row] = decode_image(samples, int(positions[row]))
+            except UserError as error:
+                damaged[int(positions[row])] = error
         return time.thread_time() - start
 
     chunks = np.array_split(np.arange(len(positions)), max(1, min(len(positions) // 256, 64 * threads)))
     with ThreadPoolExecutor(max(1, threads)) as pool:
         seconds = sum(pool.map(decode_chunk, chunks))
-    return pixels, seconds
+    return pixels, damaged, seconds
 
 
 # ------------------------------------------------------------------------------------ feeding
@@ -195,6 +201,7 @@ class _Feeder:
         self._shapes = np.full((split.num_samples, 2), -1, dtype=np.int64)
         resident = _image_rows(self.samples, positions, self.image_format)
         self._resident_shape, self._pixels = resident, None
+        self._undecodable: dict[int, UserError] = {}  # resident samples that did not decode, by position
         self._positions = positions  # those a pass may read (decoded once when resident)
         self._rows = None if len(positions) == split.num_samples else np.full(split.num_samples, -1, np.int64)
         if self._rows is not None:
@@ -236,6 +243,9 @@ class _Feeder:
             raise StopIteration
         positions = self._plan[info.iteration]
         if self._pixels is not None:
+            for position in sorted(self._undecodable.keys() & set(positions.tolist())) if self._undecodable else ():
+                self._damaged = self._undecodable[position]  # a sample of this batch did not decode
+                raise self._damaged
             images = self._pixels[positions if self._rows is None else self._rows[positions]]
             shapes = np.broadcast_to(np.asarray(self._resident_shape), (len(positions), 2))
         else:
@@ -271,8 +281,8 @@ class _Feeder:
         start = time.thread_time()
         try:
             if self._resident_shape is not None and self._pixels is None:
-                self._pixels, seconds = decode_resident(self.samples, self._positions, self._resident_shape,
-                                                        _usable_cpus())
+                self._pixels, self._undecodable, seconds = decode_resident(
+                    self.samples, self._positions, self._resident_shape, _usable_cpus())
                 self.feed_cpu_seconds_done += seconds
             index = torch.from_numpy(np.concatenate(self._plan)).to(self.device) if self._plan else None
             for batch in range(len(self._plan)):
