@@ -35,7 +35,7 @@ class Config:
     query_view: str = field(default="strong", metadata={"help": "augmentation of the query view: strong|weak"})
     key_view: str = field(default="weak", metadata={"help": "augmentation of the key view: strong|weak"})
     loader: str = field(default="dali", metadata={"help": "data loader back end: dali|torch"})
-    loader_threads: int = field(default=2, metadata={"help": "CPU threads (DALI) or workers (torch) per process"})
+    loader_threads: int | None = field(default=None, metadata={"help": "CPU threads (DALI) or workers (torch) per process (default: maskcon.loaders.LOADER_DEFAULTS for the image size)"})
     # --- method ---
     method: str = field(default="maskcon", metadata={"help": f"objective: {'|'.join(METHODS)}"})
     w: float = field(default=1.0, metadata={"help": "weight of the soft target (MaskCon, Grafit) or of the coarse CE (CoIns), in [0, 1]"})
@@ -291,11 +291,12 @@ def validate(config: Config) -> None:
     if config.mixed_precision not in (None, "no", "bf16", "fp16"):
         raise UserError(f"--mixed-precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
     positive = ("image_size", "epochs", "batch_size", "queue_size", "eval_every", "eval_batch_size",
-                "log_every", "keep_checkpoints", "lr_reference_batch", "loader_threads",
-                "proj_hidden", "proj_dim")
+                "log_every", "keep_checkpoints", "lr_reference_batch", "proj_hidden", "proj_dim")
     for name in positive:
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.loader_threads is not None and config.loader_threads < 1:
+        raise UserError(f"--loader-threads must be at least 1, got {config.loader_threads}")
     if config.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be >= 0, got {config.checkpoint_every}")
     if config.lr <= 0:
