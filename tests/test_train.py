@@ -266,6 +266,7 @@ def test_a_loader_failing_on_one_process_ends_both_with_one_line(where, digits_s
                          "--wandb", "disabled", "--output-dir", str(out)], timeout=300)
     assert time.time() - started < 60
     assert result.returncode != 0     # the launcher reports the exit status of the failed process
+    assert str(ROOT / "maskcon") not in result.stderr, result.stderr[-3000:]   # no traceback of our processes
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and str(tar) in errors[0] and key in errors[0], result.stderr[-3000:]
     saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
