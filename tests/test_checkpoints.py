@@ -371,7 +371,7 @@ def process(rank: int, world_size: int, task: str, folder: str) -> None:
 
 
 def run_processes(world_size: int, task: str, folder: Path) -> list[dict]:
-    run_gloo(process, world_size, task, str(folder), world_size=world_size, init="env")
+    run_gloo(process, world_size, task, str(folder), world_size=world_size, init="env", guard_s=600)
     return [torch.load(folder / f"{task}-rank{rank}.pt", weights_only=True) for rank in range(world_size)]
 
 
