@@ -8,7 +8,7 @@ this process first and printed as one line, exit 2, before any process starts.
 
 import sys
 
-from maskcon.launcher import main
+from maskcon.cli import run_launch
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_launch(sys.argv[1:]))

@@ -25,6 +25,16 @@ def fail(err: UserError) -> int:
     return 2
 
 
+def run_launch(argv: list[str]) -> int:
+    """launch/run.py: check the run in this process, then start its processes; a mistake is one line, 2."""
+    from maskcon.launcher import run
+
+    try:
+        return run(argv)
+    except UserError as err:
+        return fail(err)
+
+
 def run_train(argv: list[str]) -> int:
     """One process of a run (launch/train.py). --print-config and --check answer without training."""
     from maskcon.config import parse_config, world_size

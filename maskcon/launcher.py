@@ -141,16 +141,6 @@ def launch_command(argv: list[str], processes: int, accelerate_config: Path | No
     return [*command, str(ROOT / "launch" / "train.py"), *argv]
 
 
-def main(argv: list[str]) -> int:
-    """launch/run.py: check the run in this process, then start its processes; a mistake is one line, 2."""
-    from maskcon.cli import fail
-
-    try:
-        return run(argv)
-    except UserError as err:
-        return fail(err)
-
-
 def run(argv: list[str]) -> int:
     """Check, then launch. 2 (one line) for a mistake found before launching, else the launcher's status."""
     if argv and argv[0] in ("-h", "--help"):

@@ -4,6 +4,7 @@ any number of processes (real 2-process gloo), and the resume check of the run's
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest

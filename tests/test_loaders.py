@@ -706,7 +706,9 @@ def package_imports() -> dict[str, set[str]]:
                 if node.level:
                     anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
                     base = ".".join(anchor + ([base] if base else []))
-                found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+                named = {f"{base}.{alias.name}" for alias in node.names}
+                # `from package import module` needs the module; the package itself only for a name defined there
+                found |= named | ({base} if named - set(modules) else set())
         graph[name] = {module for module in found if module in modules and module != name}
     return graph
 

@@ -60,7 +60,7 @@ def test_the_evaluation_reads_the_trained_query_encoder(finished):
 
     config, out, result = finished
     network = build_model(config, None)
-    network.encoder.load_state_dict(torch.load(out / "backbone.pt", weights_only=True))
+    network.encoder.load_state_dict(torch.load(out / "backbone.pt", weights_only=True)["state_dict"])
     loader = build_test_loader(config.shards, image_size=config.image_size, batch_size=128, rank=0, world_size=1,
                                device=torch.device("cpu"), backend=config.loader)
     batches = list(loader)

@@ -177,7 +177,7 @@ def test_a_row_cut_short_is_dropped_with_one_warning_and_the_rest_kept(tmp_path,
     assert len(warnings) == 1 and "metrics.jsonl" in warnings[0] and "line 4" in warnings[0]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [rows[0], rows[1], {"step": 5, "loss": 0.1}]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no partial file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["console.log", "metrics.jsonl"]  # no partial file left
 
 
 def test_a_full_disk_while_logging_is_one_line_and_leaves_whole_rows(tmp_path, monkeypatch):
