@@ -22,7 +22,8 @@ class Method:
     labels: which labels the objective reads, of the batch and of the memory bank ("coarse", "fine" or None);
     classifier: whether the learner needs the linear coarse classifier (CoIns);
     uses_w, uses_t: whether --w and --t change the objective;
-    fixed_w: the w the supplement fixes for this baseline per dataset (Table 1), which replaces MaskCon's
+    fixed_w: the w the supplement gives this baseline per dataset (Table 1; CIFAR: the best w of Tables 4 and 6),
+    which replaces MaskCon's
     preset w on that dataset; objective: (q, k, queue, queue_labels, labels, logits_coarse, t0, t, w) -> loss.
     """
 
@@ -70,10 +71,12 @@ METHODS: dict[str, Method] = {method.name: method for method in (
            labels="coarse", classifier=False, uses_w=True, uses_t=True, objective=_maskcon),
     Method("grafit", "Grafit: every same-coarse bank entry a positive, equal weights",
            labels="coarse", classifier=False, uses_w=True, uses_t=False, objective=_grafit,
-           fixed_w={"sop_split1": 0.8, "sop_split2": 0.8, "cars196": 1.0}),
+           fixed_w={"cifar100": 0.8, "cifartoy_good": 0.5, "cifartoy_bad": 0.8, "sop_split1": 0.8,
+                    "sop_split2": 0.8, "cars196": 1.0}),
     Method("coins", "CoIns: w x coarse classification + (1 - w) x SelfCon",
            labels="coarse", classifier=True, uses_w=True, uses_t=False, objective=_coins,
-           fixed_w={"sop_split1": 0.5, "sop_split2": 0.2, "cars196": 1.0}),
+           fixed_w={"cifar100": 0.5, "cifartoy_good": 0.8, "cifartoy_bad": 0.8, "sop_split1": 0.5,
+                    "sop_split2": 0.2, "cars196": 1.0}),
     Method("supfine", "SupFINE: Grafit's target with the fine labels (upper bound)",
            labels="fine", classifier=False, uses_w=False, uses_t=False, objective=_supfine),
     Method("selfcon", "SelfCon: MoCo's InfoNCE, no labels",

@@ -25,6 +25,11 @@ def test_presets_follow_the_supplement():
     assert (parse_config(["--dataset", "sop_split2"]).w, parse_config(["--dataset", "sop_split2"]).t) == (0.5, 0.05)
     assert (parse_config(["--dataset", "cars196"]).w, parse_config(["--dataset", "cars196"]).t) == (1.0, 0.1)
     assert parse_config(["--dataset", "sop_split2", "--method", "coins"]).w == 0.2
+    # CIFAR: the best w of supplement Tables 4 and 6 (bold rows)
+    assert parse_config(["--dataset", "cifar100", "--method", "grafit"]).w == 0.8
+    assert parse_config(["--dataset", "cifar100", "--method", "coins"]).w == 0.5
+    assert parse_config(["--dataset", "cifartoy_good", "--method", "grafit"]).w == 0.5
+    assert parse_config(["--dataset", "cifartoy_bad", "--method", "coins"]).w == 0.8
     assert parse_config(["--dataset", "cars196", "--method", "grafit", "--w", "0.3"]).w == 0.3   # the CLI wins
 
 
