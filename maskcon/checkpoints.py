@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 
-from maskcon import dist
+from maskcon import failures
 from maskcon.config import Config, to_dict
 from maskcon.errors import UserError
 
@@ -398,14 +398,14 @@ def _portable_load(accelerator: Accelerator):
 
 
 def _on_all(accelerator: Accelerator, work: Callable, what: str):
-    """Run `work` on every process; when it fails on any, every process stops (dist.run_everywhere)."""
-    return dist.run_everywhere(_disk_errors_explained, work, what)
+    """Run `work` on every process; when it fails on any, every process stops (failures.run_everywhere)."""
+    return failures.run_everywhere(_disk_errors_explained, work, what)
 
 
 def _on_main(accelerator: Accelerator, work: Callable, what: str):
     """Run `work` on the main process only and give its result to every process; a failure there stops
-    every process (dist.run_on_main)."""
-    result = dist.run_on_main(_disk_errors_explained, work, what)
+    every process (failures.run_on_main)."""
+    result = failures.run_on_main(_disk_errors_explained, work, what)
     if accelerator.num_processes > 1:
         shared = [result]
         broadcast_object_list(shared)

@@ -1,4 +1,6 @@
-"""Every cross-process operation of the learner and the loop, each with a one-process path.
+"""Every collective operation of the learner and the evaluation, each with a one-process path.
+
+How processes learn of a failure elsewhere and agree to stop is maskcon/failures.py, built on these.
 
 When torch.distributed is not initialised (or runs a single process) every function here reduces to its
 local meaning, so the model, the losses and the loop run and test on one CPU. The learner's collectives
@@ -10,7 +12,7 @@ process receives; `python launch/bench.py collectives` measures them):
     shuffle-BN   all-to-all: the (P-1)/P of its N key images that live elsewhere, in the training precision,
                  and the same share of its N x D fp32 keys on the way back
     enqueue      one all-gather of N x (D + 2) fp32 (keys, coarse and fine labels) from every other process
-    stop vote    every --log-every steps, one all-reduce of 4 floats (`agree_to_stop`)
+    stop vote    every --log-every steps, one all-reduce of 4 floats (`failures.agree_to_stop`)
 Batch-norm running statistics are not sent every step (DDP runs with broadcast_buffers=False): the banks
 stay identical through the gathered enqueue, and `average_buffers` syncs the statistics before evaluation
 and checkpoints.
@@ -18,17 +20,9 @@ and checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple, TypeVar
-
 import torch
 import torch.distributed as torch_dist
 
-from maskcon.errors import FailedElsewhere
-
-Result = TypeVar("Result")
-
-STATUS_BYTES = 1024     # size of the status `run_on_main` broadcasts: 1 flag byte + a UTF-8 message
 _RUNNING_STATISTICS = ("running_mean", "running_var")   # buffer names of the batch-norm running statistics
 
 
@@ -46,7 +40,7 @@ def rank() -> int:
     return 0
 
 
-def _collective_device() -> torch.device:
+def collective_device() -> torch.device:
     """Where small control tensors of the default group live: the current GPU under NCCL, else the CPU."""
     if world_size() > 1 and torch_dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -88,7 +82,7 @@ class _ShuffleState:
     def permutation(cls, size: int) -> torch.Tensor:
         group = torch_dist.group.WORLD
         if cls.group is not group or cls.generator is None:
-            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(_collective_device())
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(collective_device())
             torch_dist.broadcast(seed, src=0)
             cls.generator = torch.Generator().manual_seed(int(seed.item()))
             cls.group = group
@@ -206,130 +200,6 @@ def average_buffers(module: torch.nn.Module) -> None:
     flat /= processes
     averages = torch.split(flat, [buffer.numel() for buffer in statistics])
     torch._foreach_copy_(statistics, [average.view_as(buffer) for average, buffer in zip(averages, statistics)])
-
-
-# --------------------------------------------------------------------------------------------- the loop
-
-
-class Agreement(NamedTuple):
-    """What every process learns from `agree_to_stop`; the same values on all of them."""
-
-    sigterm: bool            # some process received SIGTERM
-    loss_not_finite: bool    # some process's loss was NaN or infinite
-    failed: bool             # some process reported a failure
-    mean_loss: float         # the given loss averaged over processes (NaN without a loss or when not finite)
-
-    @property
-    def stop(self) -> bool:
-        """Some process asked to stop, for any of the three reasons."""
-        return self.sigterm or self.loss_not_finite or self.failed
-
-
-@torch.no_grad()
-def agree_to_stop(*, sigterm: bool, loss: torch.Tensor | None = None, failed: bool = False) -> Agreement:
-    """One small all-reduce that lets every process decide together whether to stop.
-
-    sigterm: this process received SIGTERM; loss: a tensor on the device (the last loss, or the sum of the
-    losses since the last call: a sum is finite exactly when every term is), read only after the reduce;
-    None where no loss exists (evaluation, the bank fill); failed: this process hit an error and must stop.
-    Every process must call it at the same point. One all-reduce of 4 floats and one device-to-host copy.
-    """
-    processes = world_size()
-    device = loss.device if loss is not None else _collective_device()
-    flags = torch.tensor([float(sigterm), float(failed)], device=device)
-    if loss is None:
-        loss_sum = torch.zeros((), device=device)
-        not_finite = torch.zeros((), device=device)
-    else:
-        loss_sum = loss.detach().float().sum()
-        not_finite = (~torch.isfinite(loss.detach())).any().float()
-    votes = torch.stack([flags[0], not_finite, flags[1], loss_sum])       # 4: counts, counts, counts, sum
-    if processes > 1:
-        torch_dist.all_reduce(votes)
-    sigterm_count, not_finite_count, failed_count, total = votes.tolist()
-    mean_loss = total / processes if loss is not None and not not_finite_count else float("nan")
-    return Agreement(sigterm=sigterm_count > 0, loss_not_finite=not_finite_count > 0, failed=failed_count > 0,
-                     mean_loss=mean_loss)
-
-
-class ProcessFailed(FailedElsewhere):
-    """Raised on every other process when a section that every process runs failed on one of them."""
-
-
-class MainProcessFailed(FailedElsewhere):
-    """Raised on every other process when a section that runs on the main process alone failed there.
-
-    The main process raises its own error (with its traceback, or its one line for a UserError); this one
-    carries that error's first line, so no process waits for a main process that has given up.
-    """
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _status(error: BaseException | None) -> torch.Tensor:
-    """STATUS_BYTES uint8: [failed, the error's first line in UTF-8, 0 padding]."""
-    status = torch.zeros(STATUS_BYTES, dtype=torch.uint8)
-    if error is not None:
-        message = _first_line(error).encode()[:STATUS_BYTES - 1]
-        status[0] = 1
-        status[1:1 + len(message)] = torch.frombuffer(bytearray(message), dtype=torch.uint8)
-    return status.to(_collective_device())
-
-
-def _message(status: torch.Tensor) -> str:
-    return bytes(status.cpu()[1:].tolist()).rstrip(b"\0").decode(errors="replace")
-
-
-def _attempt(fn: Callable[..., Result], *args, **kwargs) -> tuple[Result | None, BaseException | None]:
-    try:
-        return fn(*args, **kwargs), None
-    except BaseException as caught:   # every failure, even SystemExit, is reported before it propagates
-        return None, caught
-
-
-def run_on_main(fn: Callable[..., Result], *args, **kwargs) -> Result | None:
-    """Run fn(*args, **kwargs) on the main process (rank 0) only, then tell every process how it went.
-
-    Returns fn's result on the main process and None on the others. If fn raises, the main process re-raises
-    the original error and every other process raises `MainProcessFailed` with its first line, so all leave
-    together instead of waiting in the next collective. Every process must call it at the same point; the
-    others wait in one broadcast of STATUS_BYTES bytes for as long as fn runs (keep fn shorter than the
-    process-group timeout). On one process: fn(*args, **kwargs).
-    """
-    if world_size() == 1:
-        return fn(*args, **kwargs)
-    result, error = _attempt(fn, *args, **kwargs) if rank() == 0 else (None, None)
-    status = _status(error)
-    torch_dist.broadcast(status, src=0)
-    if error is not None:
-        raise error
-    if status[0]:
-        raise MainProcessFailed(f"the main process failed: {_message(status)}")
-    return result
-
-
-def run_everywhere(fn: Callable[..., Result], *args, **kwargs) -> Result:
-    """Run fn(*args, **kwargs) on every process, then tell every process whether it failed anywhere.
-
-    A process where fn raised re-raises its error; the others raise `ProcessFailed` naming the first such
-    process and its error's first line. One all-gather of STATUS_BYTES per process. On one process:
-    fn(*args, **kwargs).
-    """
-    if world_size() == 1:
-        return fn(*args, **kwargs)
-    result, error = _attempt(fn, *args, **kwargs)
-    statuses = torch.empty(world_size() * STATUS_BYTES, dtype=torch.uint8, device=_collective_device())
-    torch_dist.all_gather_single(statuses, _status(error))
-    statuses = statuses.view(world_size(), STATUS_BYTES)
-    if error is not None:
-        raise error
-    failed = [position for position in range(world_size()) if statuses[position, 0]]
-    if failed:
-        raise ProcessFailed(f"process {failed[0]} failed: {_message(statuses[failed[0]])}")
-    return result
 
 
 @torch.no_grad()

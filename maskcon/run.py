@@ -21,7 +21,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
-from maskcon import checkpoints, dist, rundir, shards
+from maskcon import checkpoints, failures, rundir, shards
 from maskcon.config import Config, shards_dir, to_dict
 from maskcon.errors import AgreedError, UserError
 from maskcon.loaders import build_test_loader, build_train_loader
@@ -144,7 +144,7 @@ def prepare_shards(config: Config) -> tuple[Path, dict]:
                             f"{config.dataset} --src SRC --out {folder}")
         shards.create("digits", None, folder)
 
-    dist.run_on_main(make_if_missing)
+    failures.run_on_main(make_if_missing)
     manifest = read_manifest(folder)
     if manifest["dataset"] != config.dataset and config.dataset != "folder":
         raise UserError(f"{folder} holds shards of {manifest['dataset']!r}, not {config.dataset!r}; "
@@ -164,7 +164,7 @@ def build_learner(config: Config, accelerator: Accelerator, manifest: dict, chan
     """(model as prepared by Accelerate, unwrapped learner, optimizer) on the accelerator's device."""
     method = method_for(config.method)
     if config.pretrained is not None and accelerator.num_processes > 1:
-        dist.run_on_main(fetch_pretrained, config.arch, config.pretrained)   # downloaded once, then read by all
+        failures.run_on_main(fetch_pretrained, config.arch, config.pretrained)   # downloaded once, then read by all
     model = build_model(config, len(manifest["coarse_classes"]) if method.classifier else None)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -242,7 +242,7 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
-    dist.run_on_main(write_config)
+    failures.run_on_main(write_config)
     base_lr = base_learning_rate(config, accelerator.num_processes)
     model, learner, optimizer = build_learner(config, accelerator, manifest, channels_last, base_lr)
     total_steps = steps_per_epoch * config.epochs
@@ -263,5 +263,5 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
               base_lr=base_lr, schedule=schedule,
               channels_last=channels_last, steps_per_epoch=steps_per_epoch, total_steps=total_steps, step=step,
               resumed_from=resumed_from, tracker=None)
-    run.tracker = dist.run_on_main(_start_tracker, config, run)
+    run.tracker = failures.run_on_main(_start_tracker, config, run)
     return run

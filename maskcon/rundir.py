@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from maskcon import checkpoints, dist
+from maskcon import checkpoints, dist, failures
 from maskcon.errors import UserError
 
 RESUME_NEWEST = "newest"  # the value of a bare --resume
@@ -163,7 +163,7 @@ def claim_everywhere(output_dir: str | None, resume: str | None, *, dataset: str
                             f"fix its permissions or choose another --output-dir") from None
         return [str(claimed.path), None if claimed.resume_from is None else str(claimed.resume_from)]
 
-    shared = dist.run_on_main(decide)
+    shared = failures.run_on_main(decide)
     if dist.world_size() > 1:
         from accelerate.utils import broadcast_object_list
 

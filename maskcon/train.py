@@ -5,9 +5,9 @@ itself is `maskcon.step.train_step`, eager or compiled whole (`run.step_fn`, `ma
 One loop indexed by the step, as nanoGPT's: logging with the stop vote, evaluation and checkpoints are
 gated at the top of each step. The loop reads nothing from the device between logging
 points: every --log-every steps it reads the loss and all processes agree, in one small all-reduce
-(`dist.agree_to_stop`), on whether to stop (SIGTERM seen, loss not finite), so they stop together.
+(`failures.agree_to_stop`), on whether to stop (SIGTERM seen, loss not finite), so they stop together.
 Sections that run on the main process alone (W&B, metrics, pictures, results) tell the others whether
-they succeeded (`dist.run_on_main`).
+they succeeded (`failures.run_on_main`).
 
 Exact resume: a loader epoch's batches depend only on (seed, rank, processes, epoch) (`set_epoch`), the
 memory bank is filled from epochs of its own, and a checkpoint holds the learner, the bank, the optimizer,
@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from maskcon import checkpoints, dist, rundir
+from maskcon import checkpoints, dist, failures, rundir
 from maskcon.backbone import backbone_metadata, save_backbone
 from maskcon.config import Config
 from maskcon.errors import AgreedError, UserError
@@ -95,8 +95,8 @@ class DataClock:
 def extract_features(model: MaskConModel, loader, accelerator: Accelerator, channels_last: bool) -> dict | None:
     """Backbone features of every test image, ordered by index, on the main process (None elsewhere).
 
-    A failure on one process (its test loader raising) reaches every process (`dist.run_everywhere`)."""
-    parts = dist.run_everywhere(_local_features, model, loader, accelerator, channels_last)
+    A failure on one process (its test loader raising) reaches every process (`failures.run_everywhere`)."""
+    parts = failures.run_everywhere(_local_features, model, loader, accelerator, channels_last)
     gathered = {name: dist.gather_to_main(values) for name, values in parts.items()}
     if not accelerator.is_main_process:
         return None
@@ -133,10 +133,10 @@ def evaluate(run: Run, step: int, epoch: int, final: bool) -> dict:
         if step == 0:
             raise
         save(run, step)
-        if isinstance(error, UserError) and not isinstance(error, dist.ProcessFailed):
+        if isinstance(error, UserError) and not isinstance(error, failures.ProcessFailed):
             raise UserError(f"{error}; checkpoint saved at step {step}, continue with --resume") from None
         raise
-    return dist.run_on_main(_report, run, step, epoch, table, final) or {}
+    return failures.run_on_main(_report, run, step, epoch, table, final) or {}
 
 
 def _report(run: Run, step: int, epoch: int, table: dict, final: bool) -> dict:
@@ -176,14 +176,14 @@ class Feed:
         return self.blank
 
 
-def vote(preemption: _Preemption, feed: Feed, run: Run, loss: torch.Tensor | None = None) -> dist.Agreement:
-    """The stop vote (`dist.agree_to_stop`); when some process's loader failed, every process leaves: that
-    one with its error and the last intact checkpoint, the others with `dist.ProcessFailed` (silent)."""
-    agreement = dist.agree_to_stop(sigterm=preemption.requested, loss=loss, failed=feed.error is not None)
+def vote(preemption: _Preemption, feed: Feed, run: Run, loss: torch.Tensor | None = None) -> failures.Agreement:
+    """The stop vote (`failures.agree_to_stop`); when some process's loader failed, every process leaves: that
+    one with its error and the last intact checkpoint, the others with `failures.ProcessFailed` (silent)."""
+    agreement = failures.agree_to_stop(sigterm=preemption.requested, loss=loss, failed=feed.error is not None)
     if not agreement.failed:
         return agreement
     if feed.error is None:
-        raise dist.ProcessFailed("another process failed; it reports its error")
+        raise failures.ProcessFailed("another process failed; it reports its error")
     if isinstance(feed.error, UserError):
         raise UserError(f"{feed.error}; {_last_good(run.checkpoint_root)}") from None
     raise feed.error
@@ -291,7 +291,7 @@ def _before_training(run: Run, feed: Feed) -> dict:
     return untrained
 
 
-def _log(run: Run, step: int, loss: torch.Tensor, agreement: dist.Agreement, clock: DataClock, bar) -> bool:
+def _log(run: Run, step: int, loss: torch.Tensor, agreement: failures.Agreement, clock: DataClock, bar) -> bool:
     """One metrics row after the stop vote `agreement` (the lr is read back from the optimizer: the one the
     last step used). Returns whether some process saw SIGTERM; raises when some process's loss is not
     finite. Resets the clock."""
@@ -324,7 +324,7 @@ def _preempted(run: Run, step: int) -> str:
 
 def _finish(run: Run, step: int, stopped: str, metrics: dict, untrained: dict) -> RunResult:
     fingerprints = run.accelerator.gather(weights_fingerprint(run.learner)[None]).tolist()
-    dist.run_on_main(_write_results, run, {"step": step, "stopped": stopped, **metrics, **untrained,
+    failures.run_on_main(_write_results, run, {"step": step, "stopped": stopped, **metrics, **untrained,
                                            "weights_fingerprint_per_process": fingerprints})
     run.accelerator.free_memory()
     return RunResult(output_dir=run.output_dir, step=step, metrics=metrics, stopped=stopped, untrained=untrained)

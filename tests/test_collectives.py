@@ -11,7 +11,7 @@ import torch
 import torch.distributed
 import torch.nn as nn
 
-from maskcon import dist
+from maskcon import dist, failures
 from maskcon.errors import UserError
 from tests.conftest import run_gloo, tiny_learner
 
@@ -76,22 +76,22 @@ def worker(rank: int, out_dir: str) -> None:
 
     # agree_to_stop
     finite = torch.tensor(1.0 + 2.0 * rank)                               # losses 1 and 3
-    result["vote_calm"] = tuple(dist.agree_to_stop(sigterm=False, loss=finite))
+    result["vote_calm"] = tuple(failures.agree_to_stop(sigterm=False, loss=finite))
     nan_on_one = torch.tensor(float("nan")) if rank == 1 else finite
-    result["vote_nan"] = tuple(dist.agree_to_stop(sigterm=False, loss=nan_on_one))
+    result["vote_nan"] = tuple(failures.agree_to_stop(sigterm=False, loss=nan_on_one))
     inf_in_sum = torch.tensor([1.0, float("inf") if rank == 0 else 2.0])
-    result["vote_inf"] = tuple(dist.agree_to_stop(sigterm=False, loss=inf_in_sum))
-    result["vote_sigterm"] = tuple(dist.agree_to_stop(sigterm=rank == 1, loss=None))
-    result["vote_failed"] = tuple(dist.agree_to_stop(sigterm=False, loss=finite, failed=rank == 0))
+    result["vote_inf"] = tuple(failures.agree_to_stop(sigterm=False, loss=inf_in_sum))
+    result["vote_sigterm"] = tuple(failures.agree_to_stop(sigterm=rank == 1, loss=None))
+    result["vote_failed"] = tuple(failures.agree_to_stop(sigterm=False, loss=finite, failed=rank == 0))
 
     # run_on_main: success, a user error and a bug on the main process; afterwards the group still works
     record = os.path.join(out_dir, "main_only.txt")
-    result["main_ok"] = _outcome(dist.run_on_main, _main_only_record, record, 42)
-    result["main_user_error"] = _outcome(dist.run_on_main, _main_only_user_error)
-    result["main_bug"] = _outcome(dist.run_on_main, _main_only_bug)
+    result["main_ok"] = _outcome(failures.run_on_main, _main_only_record, record, 42)
+    result["main_user_error"] = _outcome(failures.run_on_main, _main_only_user_error)
+    result["main_bug"] = _outcome(failures.run_on_main, _main_only_bug)
     # run_everywhere: success, then a failure on rank 1 only
-    result["everywhere_ok"] = _outcome(dist.run_everywhere, _fails_on, -1, rank)
-    result["everywhere_one_failed"] = _outcome(dist.run_everywhere, _fails_on, 1, rank)
+    result["everywhere_ok"] = _outcome(failures.run_everywhere, _fails_on, -1, rank)
+    result["everywhere_one_failed"] = _outcome(failures.run_everywhere, _fails_on, 1, rank)
     torch.distributed.barrier()
     result["after_failures"] = dist.concat_all_gather(torch.tensor([rank])).tolist()
 
@@ -151,14 +151,14 @@ def test_agree_to_stop_gives_every_process_the_same_answer(ranks):
         sigterm = result["vote_sigterm"]
         assert sigterm[:3] == (True, False, False) and sigterm[3] != sigterm[3]   # no loss: mean is NaN
         assert result["vote_failed"][:3] == (False, False, True)
-    assert dist.Agreement(*results[0]["vote_nan"]).stop and not dist.Agreement(*results[0]["vote_calm"]).stop
+    assert failures.Agreement(*results[0]["vote_nan"]).stop and not failures.Agreement(*results[0]["vote_calm"]).stop
 
 
 def test_one_process_agree_to_stop_reads_the_local_loss():
-    assert dist.agree_to_stop(sigterm=False, loss=torch.tensor(2.5)) == (False, False, False, 2.5)
-    vote = dist.agree_to_stop(sigterm=False, loss=torch.tensor([1.0, float("nan")]))
+    assert failures.agree_to_stop(sigterm=False, loss=torch.tensor(2.5)) == (False, False, False, 2.5)
+    vote = failures.agree_to_stop(sigterm=False, loss=torch.tensor([1.0, float("nan")]))
     assert vote.loss_not_finite and vote.stop
-    assert dist.agree_to_stop(sigterm=True).stop
+    assert failures.agree_to_stop(sigterm=True).stop
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from maskcon import dist
+from maskcon import dist, failures
 from maskcon.config import ARCHS
 from maskcon.errors import UserError
 from maskcon.model import FEATURE_DIMS, MaskConModel
@@ -147,7 +147,7 @@ def _new_step(meter: TrafficMeter, model: MaskConModel, images: torch.Tensor, k:
         model.enqueue(k, coarse, fine)
     if vote:
         with meter.counting("stop vote"):
-            dist.agree_to_stop(sigterm=False, loss=torch.ones(()))
+            failures.agree_to_stop(sigterm=False, loss=torch.ones(()))
 
 
 def _worker(rank: int, port: int, options: argparse.Namespace, out_dir: str) -> None:
