@@ -569,7 +569,9 @@ def test_benchmark_runs_and_both_converters_agree(tmp_path, capsys):
 def test_a_file_that_is_not_the_announced_format_stops_the_run(tmp_path):
     src = tmp_path / "src"
     sources.write_folder(src)
-    (src / "test" / "poodle" / "img.1.jpg").write_bytes(b"GIF89a, named .jpg")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(src / "test" / "poodle" / "img.1.jpg", format="GIF")  # a real GIF
     result = door("create", "folder", "--src", src, "--out", tmp_path / "out", "--workers", "2")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
