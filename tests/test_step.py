@@ -306,7 +306,7 @@ def _two_process_steps(rank: int, port: int, out_dir: str) -> None:
 def test_on_two_processes_the_compiled_step_gives_the_eager_losses_and_weights(tmp_path):
     import torch.multiprocessing as mp
 
-    from tests.test_dist import free_port
+    from tests.conftest import free_port
 
     mp.spawn(_two_process_steps, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):

@@ -51,9 +51,11 @@ def test_short_run_writes_metrics_results_and_exports(digits_shards, tmp_path):
     assert [r["step"] for r in steps] == sorted({r["step"] for r in steps})
     assert steps[-1]["step"] == 2 * STEPS_PER_EPOCH
     for row in steps:
-        assert set(row) == {"step", "epoch", "loss", "lr", "images_per_s", "data_wait", "data_ms_per_batch"}
+        assert set(row) == {"step", "epoch", "loss", "lr", "images_per_s", "data_wait", "data_ms_per_batch",
+                            "feed_cpu_ms_per_batch"}
         assert math.isfinite(row["loss"]) and row["lr"] > 0 and row["images_per_s"] > 0
-        assert 0 <= row["data_wait"] <= 1 and row["data_ms_per_batch"] >= 0
+        assert 0 <= row["data_wait"] <= 1 and row["data_ms_per_batch"] >= 0 and row["feed_cpu_ms_per_batch"] >= 0
+    assert sum(row["feed_cpu_ms_per_batch"] for row in steps) > 0   # the loader's feeding work is counted
     assert [r["epoch"] for r in evals] == [0, 1, 2]  # the untrained network first
     assert evals[0]["step"] == 0
     for row in evals:
