@@ -788,6 +788,57 @@ def test_set_epoch_start_yields_the_tail_of_the_epoch(shards, backend):
         list(whole)
 
 
+def test_parameters_are_drawn_afresh_for_every_block_of_an_epoch(tmp_path):
+    """An epoch of the DALI loader longer than one block of drawn parameters (DRAW_SAMPLES): one image
+    everywhere, so two batches with equal views would have been given equal parameters; no two are equal,
+    and passes that start in the middle of the first block or at the second give the full pass's batches."""
+    from maskcon.loaders.dali import DRAW_SAMPLES
+
+    batch_size = 512
+    per_block = DRAW_SAMPLES // batch_size
+    steps = 2 * per_block  # two blocks of equal size
+    folder = write_synthetic_shards(tmp_path / "ramp", num_train=steps * batch_size, num_test=8,
+                                    image=lambda i: ramp(32, 32), labels=lambda i: (i % 10, i % 10 // 5),
+                                    num_fine=10, num_coarse=2, samples_per_shard=1024)
+
+    def loader():
+        return build_train_loader(folder, recipe="cifar100", image_size=32, batch_size=batch_size, rank=0,
+                                  world_size=1, seed=3, device="cpu", backend="dali", num_threads=2)
+
+    full = loader()
+    full.set_epoch(2)
+    everything = list(full)
+    assert len(everything) == steps
+    for name in ("query", "key"):
+        views = [batch[name] for batch in everything]
+        assert all(not torch.equal(views[i], views[j]) for i in range(steps) for j in range(i)), name
+    for start in (3, per_block):
+        tail = loader()
+        tail.set_epoch(2, start=start)
+        resumed = list(tail)
+        assert len(resumed) == steps - start
+        for ours, theirs in zip(resumed, everything[start:]):
+            assert torch.equal(ours["query"], theirs["query"]) and torch.equal(ours["key"], theirs["key"]), start
+
+
+def test_auto_augment_parameters_looked_up_equal_the_computed_ones():
+    """For images of one size the DALI back end looks AutoAugment's parameters up in a table of every
+    outcome of the draw: the same values as auto_augment_parameters computes for that draw, with and without
+    a flip before it."""
+    from maskcon.loaders.dali_ops import DALI_OPS, auto_augment_draw, auto_augment_parameters
+
+    n = 4096
+    sizes = np.full((n, 2), 32)
+    for flip in (None, np.random.default_rng(5).random(n) < 0.5):
+        state = {} if flip is None else {"flip": flip}
+        looked_up = DALI_OPS["auto_augment"].draw({"policy": "cifar10"}, np.random.default_rng(1), sizes, state)
+        computed = auto_augment_parameters(auto_augment_draw(np.random.default_rng(1), n, 32), sizes, flip)
+        assert sorted(looked_up) == sorted(computed)
+        for name, values in computed.items():
+            assert looked_up[name].shape == values.shape and looked_up[name].dtype == values.dtype, name
+            np.testing.assert_allclose(looked_up[name], values, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_channels_last_views(shards, backend):
     """channels_last=True: the same views, in channels-last memory format (train and test loaders)."""

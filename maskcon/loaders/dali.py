@@ -27,10 +27,11 @@ once. It keeps up to `prefetch` prepared batches in a bounded queue; the trainin
 `feed_cpu_seconds` is the CPU time (time.thread_time) of that thread and of the decoding threads.
 
 Epochs. Epoch e's batches depend only on (seed, rank, world_size, e): positions come from
-split.epoch_positions (a permutation of the split drawn from (seed, e), sliced per rank) and batch i's
-parameters from a numpy generator seeded with (seed, e, rank, i). `set_epoch(e, start)` picks the next pass:
-batches start.. of epoch e, the skipped ones neither read nor augmented; a pass left half way is cancelled
-(at most the prefetched batches are computed and dropped), so nothing iterated before changes what comes next.
+split.epoch_positions (a permutation of the split drawn from (seed, e), sliced per rank) and the parameters
+of block b of batches (DRAW_SAMPLES samples) from a numpy generator seeded with (seed, e, rank, b).
+`set_epoch(e, start)` picks the next pass: batches start.. of epoch e, the skipped ones neither decoded nor
+augmented; a pass left half way is cancelled (at most the prefetched batches are computed and dropped), so
+nothing iterated before changes what comes next.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ except ImportError:  # reported by the loader builders, so the torch back end wo
     fn = None
 
 PIPELINE_PREFETCH = 2  # batches DALI computes ahead, besides the feeding thread's queue
+DRAW_SAMPLES = 4096  # random parameters are drawn for blocks of whole batches of about this many samples
 RESIDENT_MAX_PIXELS = 64 * 64  # PNG images of at most this many pixels, all of one size: decoded once
 
 
@@ -181,8 +183,9 @@ def decode_resident(samples: TarSamples, positions: np.ndarray, shape, threads: 
 
 class _Feeder:
     """Runs a views pipeline over planned batches of positions in a feeding thread; shared by the train and
-    test loaders. `_start(plan, seed_parts, first)` begins a pass (a list of position arrays; batch i draws
-    from epoch_seed(seed, *seed_parts, first + i)); `_next()` returns its next prepared batch, as a dict of
+    test loaders. `_start(plan, seed_parts, first)` begins a pass over batches first.. of `plan` (an epoch's
+    list of position arrays, each of batch_size positions; the parameters of its block b of batches are drawn
+    from epoch_seed(seed, *seed_parts, b)); `_next()` returns its next prepared batch, as a dict of
     the views' names (`view_names`) and "fine", "coarse", "index" (the positions), on the device."""
 
     def __init__(self, split: SplitFiles, recipe: Recipe, views: tuple, view_names: tuple, positions: np.ndarray,
@@ -201,15 +204,17 @@ class _Feeder:
         self._shapes = np.full((split.num_samples, 2), -1, dtype=np.int64)
         resident = _image_rows(self.samples, positions, self.image_format)
         self._resident_shape, self._pixels = resident, None
-        self._undecodable: dict[int, UserError] = {}  # resident samples that did not decode, by position
+        self._undecodable: dict[int, UserError] = {}  # samples found damaged before DALI decodes them, by position
         self._positions = positions  # those a pass may read (decoded once when resident)
+        self._block_batches = max(1, DRAW_SAMPLES // batch_size)  # batches per block of drawn parameters
+        self._block: tuple[int, list[np.ndarray]] | None = None  # (block, its parameters) of the running pass
         self._rows = None if len(positions) == split.num_samples else np.full(split.num_samples, -1, np.int64)
         if self._rows is not None:
             self._rows[positions] = np.arange(len(positions))
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self._thread: threading.Thread | None = None
         self._cancelled = threading.Event()
-        self._plan: list[np.ndarray] = []
+        self._plan: list[np.ndarray] = []  # the pass's epoch, batch by batch; it yields batches first..
         self._fed: collections.deque = collections.deque()  # positions handed to DALI, not yet out
         self._damaged: UserError | None = None  # a sample found damaged before DALI decoded it
         probe = [draw_view(steps, np.random.default_rng(0), np.full((1, 2), image_size), image_size)
@@ -239,41 +244,56 @@ class _Feeder:
 
     def _batch_inputs(self, info) -> tuple:
         """The external source's outputs for one batch: images, then every drawn parameter (self._names)."""
-        if self._cancelled.is_set() or info.iteration >= len(self._plan):
+        batch = self._first + int(info.iteration)
+        if self._cancelled.is_set() or batch >= len(self._plan):
             raise StopIteration
-        positions = self._plan[info.iteration]
-        if self._pixels is not None:
-            for position in sorted(self._undecodable.keys() & set(positions.tolist())) if self._undecodable else ():
-                self._damaged = self._undecodable[position]  # a sample of this batch did not decode
+        positions = self._plan[batch]
+        parameters = self._parameters(batch)  # reads the block's image sizes first (and finds damaged headers)
+        if self._undecodable:
+            for position in sorted(self._undecodable.keys() & set(positions.tolist())):
+                self._damaged = self._undecodable[position]  # a sample of this batch is damaged
                 raise self._damaged
+        if self._pixels is not None:
             images = self._pixels[positions if self._rows is None else self._rows[positions]]
-            shapes = np.broadcast_to(np.asarray(self._resident_shape), (len(positions), 2))
         else:
-            images = self.samples.images(positions)
-            shapes = self._image_shapes(positions, images)
+            encoded = self.samples.images(positions)
             # one N x longest array (zeros after each image's end, which decoders ignore): one copy into DALI
-            padded = np.zeros((len(images), max(len(data) for data in images)), dtype=np.uint8)
-            for row, data in zip(padded, images):
+            images = np.zeros((len(encoded), max(len(data) for data in encoded)), dtype=np.uint8)
+            for row, data in zip(images, encoded):
                 row[:len(data)] = data
-            images = padded
-        rng = np.random.default_rng(epoch_seed(self.seed, *self._seed_parts, self._first + int(info.iteration)))
-        drawn = [draw_view(steps, rng, shapes, self.image_size) for steps in self.views]
         self._fed.append(positions)
-        return (images, *(drawn[view][step][key] for view, step, key in self._names))
+        return (images, *parameters)
 
-    def _image_shapes(self, positions: np.ndarray, encoded: list[np.ndarray]) -> np.ndarray:
-        """N x 2 (height, width) of encoded samples, read from their headers once and kept; a damaged PNG
-        (DALI's decoder may not survive one) or an image declaring more than MAX_IMAGE_PIXELS pixels is a
-        UserError naming the sample."""
-        unknown = np.flatnonzero(self._shapes[positions, 0] < 0)
-        for index in unknown:
-            problem = png_problem(encoded[index].tobytes()) if self.image_format == "png" else None
-            shape = image_shape(encoded[index])
+    def _parameters(self, batch: int) -> list[np.ndarray]:
+        """Batch `batch`'s drawn parameters, in the order of self._names. They are drawn for a block of
+        `_block_batches` batches at once (numpy's fixed cost per call spread over the block), from a generator
+        seeded with (seed, *seed_parts, block): a batch's parameters depend on its epoch and block only,
+        not on where the pass started."""
+        block = batch // self._block_batches
+        if self._block is None or self._block[0] != block:
+            positions = np.concatenate(self._plan[block * self._block_batches:(block + 1) * self._block_batches])
+            rng = np.random.default_rng(epoch_seed(self.seed, *self._seed_parts, block))
+            drawn = [draw_view(steps, rng, self._sizes(positions), self.image_size) for steps in self.views]
+            self._block = block, [drawn[view][step][key] for view, step, key in self._names]
+        start = (batch - block * self._block_batches) * self.batch_size
+        return [values[start:start + self.batch_size] for values in self._block[1]]
+
+    def _sizes(self, positions: np.ndarray) -> np.ndarray:
+        """N x 2 (height, width) of the samples at `positions`: the resident size, or read from their headers
+        once and kept. A damaged PNG (DALI's decoder may not survive one) or an image declaring more than
+        MAX_IMAGE_PIXELS pixels is noted in self._undecodable (its batch raises the UserError naming it) and
+        drawn for as 1 x 1."""
+        if self._resident_shape is not None:
+            return np.broadcast_to(np.asarray(self._resident_shape), (len(positions), 2))
+        unknown = np.unique(positions[self._shapes[positions, 0] < 0])
+        for position, encoded in zip(unknown, self.samples.images(unknown)):
+            problem = png_problem(encoded.tobytes()) if self.image_format == "png" else None
+            shape = image_shape(encoded)
             problem = problem or too_many_pixels(*shape)
             if problem is not None:
-                self._damaged = self.samples.decode_error(int(positions[index]), ValueError(problem))
-                raise self._damaged
-            self._shapes[positions[index]] = shape
+                self._undecodable[int(position)] = self.samples.decode_error(int(position), ValueError(problem))
+                shape = (1, 1)
+            self._shapes[position] = shape
         return self._shapes[positions]
 
     def _feed(self, stream) -> None:
@@ -284,8 +304,9 @@ class _Feeder:
                 self._pixels, self._undecodable, seconds = decode_resident(
                     self.samples, self._positions, self._resident_shape, _usable_cpus())
                 self.feed_cpu_seconds_done += seconds
-            index = torch.from_numpy(np.concatenate(self._plan)).to(self.device) if self._plan else None
-            for batch in range(len(self._plan)):
+            todo = self._plan[self._first:]
+            index = torch.from_numpy(np.concatenate(todo)).to(self.device) if todo else None
+            for batch in range(len(todo)):
                 if self._cancelled.is_set():
                     break
                 item = self._prepare(self._run(stream), index[batch * self.batch_size:(batch + 1) * self.batch_size],
@@ -362,7 +383,7 @@ class _Feeder:
 
     def _start(self, plan: list[np.ndarray], seed_parts: tuple, first: int) -> None:
         self._stop()
-        self._plan, self._seed_parts, self._first = plan, seed_parts, first
+        self._plan, self._seed_parts, self._first, self._block = plan, seed_parts, first, None
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self._cancelled.clear()
         self._thread = threading.Thread(target=self._feed_on, args=(stream,), name="maskcon-dali-feeder",
@@ -422,10 +443,9 @@ class DaliTrainLoader(_Feeder, EpochCursor):
         epoch, start = self._next_pass()
         positions = epoch_positions(self.num_samples, per_rank=self.steps * self.batch_size, rank=self.rank,
                                     seed=self.seed, epoch=epoch)
-        plan = np.split(positions, self.steps)[start:]
-        self._start(plan, (epoch, self.rank), start)
+        self._start(np.split(positions, self.steps), (epoch, self.rank), start)
         try:
-            for _ in plan:
+            for _ in range(start, self.steps):
                 batch = self._next()
                 yield {"query": batch["query"], "key": batch["key"], "fine": batch["fine"], "coarse": batch["coarse"]}
         except GeneratorExit:  # a pass left half way: its thread stops now

@@ -1,15 +1,16 @@
 """The DALI back end's ops: per op, the per-sample parameter draw (numpy) and the graph code (DALI `fn`).
 
 DALI_OPS maps every op of maskcon/recipes.py to a DaliOp (checked at import). The graph holds no random
-operator: every random parameter is drawn here in numpy, per batch, and fed through the external source,
-so each op kind appears once per view with per-sample parameters (no branches over AutoAugment's
-sub-policies). Why AutoAugment is one flat pass and where it differs from torchvision: DESIGN.md beside
-this file.
+operator: every random parameter is drawn here in numpy (for blocks of whole batches, see loaders/dali.py)
+and fed through the external source, so each op kind appears once per view with per-sample parameters (no
+branches over AutoAugment's sub-policies). Why AutoAugment is one flat pass and where it differs from
+torchvision: DESIGN.md beside this file.
 
     draw(params, rng, sizes, state) -> {name: per-sample numpy array}; sizes: N x 2 (H, W) of the images
         entering the step; `state` carries a pending horizontal flip to the step that absorbs it.
-    graph(images, params, drawn, size, absorbs_next) -> (images, mirror): DALI graph code on HWC uint8
-        images; `mirror` is a per-sample flip left for the final crop_mirror_normalize, or None.
+    graph(images, params, drawn, size, folded) -> (images, mirror): DALI graph code on HWC uint8 images;
+        `mirror` is a per-sample flip left for the final crop_mirror_normalize, or None; `folded`: the
+        step is a flip that a neighbour carries (flip_folded).
 Coordinates fed to DALI's warps are edge coordinates: pixel i spans [i, i + 1).
 """
 
@@ -35,12 +36,15 @@ except ImportError:  # reported by the loader builders, so the torch back end wo
 class DaliOp:
     """One op's DALI implementation. flip_equivariant: its output distribution does not change when the
     input is mirrored first (a flip before it can wait for the final normalisation); absorbs_flip: its
-    draw folds a pending horizontal flip into its own warp."""
+    draw folds a pending horizontal flip into its own warp; mirrors_region: a horizontal flip right after
+    it is folded into its region (roi_start, roi_end N x 2 (y, x): DALI's resize mirrors a region whose x
+    end lies before its start)."""
 
     draw: Callable
     graph: Callable
     flip_equivariant: bool = False
     absorbs_flip: bool = False
+    mirrors_region: bool = False
 
 
 def _coin_flips(rng: np.random.Generator, p: float, n: int) -> np.ndarray:
@@ -52,29 +56,32 @@ def _coin_flips(rng: np.random.Generator, p: float, n: int) -> np.ndarray:
 
 
 def _draw_crop(p, rng, sizes, state):
-    """torchvision's RandomResizedCrop.get_params, vectorised: roi_start, roi_end N x 2 ((y, x) pixels)."""
+    """torchvision's RandomResizedCrop.get_params, vectorised: roi_start, roi_end N x 2 ((y, x) pixels).
+
+    Up to 10 attempts per image as torchvision makes them, each drawn only for the images whose earlier
+    attempts did not fit (most fit at the first), then torchvision's fallback: the whole image, clamped to
+    the ratio range."""
     n = len(sizes)
-    height, width = sizes[:, 0:1].astype(np.float64), sizes[:, 1:2].astype(np.float64)
-    attempts = 10
-    area = height * width * rng.uniform(p["scale"][0], p["scale"][1], (n, attempts))
+    height, width = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
     log_ratio = np.log(p["ratio"])
-    aspect = np.exp(rng.uniform(log_ratio[0], log_ratio[1], (n, attempts)))
-    w = np.round(np.sqrt(area * aspect))
-    h = np.round(np.sqrt(area / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.argmax(axis=1)
-    rows = np.arange(n)
-    crop_w, crop_h = w[rows, first], h[rows, first]
-    found = fits[rows, first]
-    # fallback: the whole image, clamped to the ratio range
-    in_ratio = width[:, 0] / height[:, 0]
-    fallback_w = np.where(in_ratio < p["ratio"][0], width[:, 0],
-                          np.where(in_ratio > p["ratio"][1], np.round(height[:, 0] * p["ratio"][1]), width[:, 0]))
-    fallback_h = np.where(in_ratio < p["ratio"][0], np.round(width[:, 0] / p["ratio"][0]), height[:, 0])
-    crop_w = np.where(found, crop_w, fallback_w)
-    crop_h = np.where(found, crop_h, fallback_h)
-    top = np.where(found, np.floor(rng.random(n) * (height[:, 0] - crop_h + 1)), (height[:, 0] - crop_h) // 2)
-    left = np.where(found, np.floor(rng.random(n) * (width[:, 0] - crop_w + 1)), (width[:, 0] - crop_w) // 2)
+    crop_h, crop_w = np.empty(n), np.empty(n)
+    pending = np.arange(n)
+    for _ in range(10):
+        area = height[pending] * width[pending] * rng.uniform(p["scale"][0], p["scale"][1], len(pending))
+        aspect = np.exp(rng.uniform(log_ratio[0], log_ratio[1], len(pending)))
+        w, h = np.round(np.sqrt(area * aspect)), np.round(np.sqrt(area / aspect))
+        fits = (w > 0) & (w <= width[pending]) & (h > 0) & (h <= height[pending])
+        crop_w[pending[fits]], crop_h[pending[fits]] = w[fits], h[fits]
+        pending = pending[~fits]
+        if not len(pending):
+            break
+    found = np.ones(n, dtype=bool)
+    found[pending] = False
+    in_ratio = width[pending] / height[pending]
+    crop_w[pending] = np.where(in_ratio > p["ratio"][1], np.round(height[pending] * p["ratio"][1]), width[pending])
+    crop_h[pending] = np.where(in_ratio < p["ratio"][0], np.round(width[pending] / p["ratio"][0]), height[pending])
+    top = np.where(found, np.floor(rng.random(n) * (height - crop_h + 1)), (height - crop_h) // 2)
+    left = np.where(found, np.floor(rng.random(n) * (width - crop_w + 1)), (width - crop_w) // 2)
     return {"roi_start": np.stack([top, left], 1).astype(np.float32),
             "roi_end": np.stack([top + crop_h, left + crop_w], 1).astype(np.float32)}
 
@@ -244,12 +251,11 @@ def auto_augment_parameters(chosen: dict[str, np.ndarray], sizes: np.ndarray, fl
         k = on & (op == _CODE["Solarize"])
         threshold[k] = m[k]
         threshold[on & (op == _CODE["Invert"])] = 0.0
-    kernels = np.einsum("nk,kyx->nyx", sharp, _SHARPNESS_BASES)
+    kernels = np.einsum("nk,kyx->nyx", sharp * linear[:, :1], _SHARPNESS_BASES)  # the colour gain a as well
     def per_sample(values, dtype):  # N x 1 x 1 x 1: broadcasts against H x W x C
         return np.asarray(values, dtype=dtype).reshape(n, 1, 1, 1)
 
-    return {"matrix": matrix[:, :2].astype(np.float32), "colour_a": per_sample(linear[:, 0], np.float32),
-            "colour_b": per_sample(linear[:, 1], np.float32), "colour_c": per_sample(linear[:, 2], np.float32),
+    return {"matrix": matrix[:, :2].astype(np.float32), "colour_b": per_sample(linear[:, 1], np.float32), "colour_c": per_sample(linear[:, 2], np.float32),
             # DALI's grey levels are rounded, torchvision's truncated: half a level lower on average;
             # -0.499 turns the rounding of DALI's cast into torchvision's truncation
             "colour_d": per_sample(-0.5 * (linear[:, 1] + linear[:, 2]) - 0.499, np.float32),
@@ -286,7 +292,29 @@ def _draw_blur(p, rng, sizes, state):
 
 def _draw_auto_augment(p, rng, sizes, state):
     chosen = auto_augment_draw(rng, len(sizes), int(sizes[0, 1]) if len(sizes) else 32)
-    return auto_augment_parameters(chosen, sizes, state.pop("flip", None))
+    flip = state.pop("flip", None)
+    if len(sizes) and (sizes == sizes[0]).all():  # one size (after a crop): look the parameters up
+        table = _auto_augment_table(int(sizes[0, 0]), int(sizes[0, 1]))
+        code = ((((chosen["sub_policy"] * 2 + chosen["applied_0"]) * 2 + chosen["applied_1"]) * 2
+                 + (chosen["magnitude_0"] < 0)) * 2 + (chosen["magnitude_1"] < 0)) * 2
+        if flip is not None:
+            code = code + flip
+        return {name: values[code] for name, values in table.items()}
+    return auto_augment_parameters(chosen, sizes, flip)
+
+
+@functools.lru_cache(maxsize=16)
+def _auto_augment_table(height: int, width: int) -> dict[str, np.ndarray]:
+    """auto_augment_parameters for every outcome of auto_augment_draw on height x width images, with and
+    without a flip before: 800 rows (sub-policy, applied_0, applied_1, negated_0, negated_1, flipped), so a
+    draw costs one lookup per parameter instead of the arithmetic per image."""
+    op, _, value, _ = _policy_table(width)
+    sub, applied_0, applied_1, negated_0, negated_1, flip = (
+        axis.ravel() for axis in np.indices((len(AUTO_AUGMENT_CIFAR10), 2, 2, 2, 2, 2)))
+    chosen = {"sub_policy": sub, "op_0": op[0, sub], "applied_0": applied_0.astype(bool),
+              "magnitude_0": np.where(negated_0, -1.0, 1.0) * value[0, sub], "op_1": op[1, sub],
+              "applied_1": applied_1.astype(bool), "magnitude_1": np.where(negated_1, -1.0, 1.0) * value[1, sub]}
+    return auto_augment_parameters(chosen, np.full((len(sub), 2), (height, width)), flip.astype(bool))
 
 
 
@@ -403,11 +431,11 @@ def flat_auto_augment(images, drawn):
     images = fn.warp_affine(images, matrix=drawn["matrix"], fill_value=0, interp_type=types.INTERP_NN,
                             inverse_map=False)
     # sharpness (one 5x5 kernel), then per channel A x + b grey(x) + c mean(grey(x)) + D, truncated once as
-    # torchvision truncates: brightness, colour and contrast in (a, b, c, d) and autocontrast's stretch
-    # (x - lo) * 255 / (hi - lo) in A and D where it applies (no sub-policy holds AutoContrast with a colour
-    # op or Sharpness). Grey and mean are taken before sharpening: no sub-policy holds Color with Sharpness,
-    # and sharpening keeps the mean.
-    sharpened = fn.filter(images, _like(drawn["kernel"], images), dtype=types.FLOAT)
+    # torchvision truncates: brightness, colour and contrast in (a, b, c, d), with a folded into the kernel,
+    # and autocontrast's stretch (x - lo) * 255 / (hi - lo) in A and D where it applies (no sub-policy holds
+    # AutoContrast with a colour op or Sharpness, so there a = 1 and the kernel is the identity). Grey and
+    # mean are taken before sharpening: no sub-policy holds Color with Sharpness, and sharpening keeps the mean.
+    sharpened = fn.filter(images, _like(drawn["kernel"], images), dtype=types.FLOAT)  # a x, sharpened
     grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
     mean = fn.reductions.mean(grey, axis_names="HWC", keep_dims=True)
     lo = fn.reductions.min(images, axis_names="HW", keep_dims=True)      # 1 x 1 x C
@@ -415,8 +443,7 @@ def flat_auto_augment(images, drawn):
     spread = hi - lo
     stretch = _like(drawn["autocontrast"], images) * (spread > 0)       # a constant channel stays as it is
     scale = 255.0 / dmath.max(spread, 1)
-    a = _like(drawn["colour_a"], images)
-    gain = a + stretch * (scale - a)
+    gain = 1.0 + stretch * (scale - 1.0)
     offset = _like(drawn["colour_d"], images) - stretch * (lo * scale)
     mixed = (sharpened * gain + grey * _like(drawn["colour_b"], images)
              + (mean * _like(drawn["colour_c"], images) + offset))
@@ -431,42 +458,43 @@ def flat_auto_augment(images, drawn):
     return images ^ inverted  # 255 - x where x >= threshold
 
 
-def _graph_crop(images, p, drawn, size, absorbs_next):
+def _graph_crop(images, p, drawn, size, folded):
     return resized_crop(images, drawn["roi_start"], drawn["roi_end"], size), None
 
 
-def _graph_resize(images, p, drawn, size, absorbs_next):
+def _graph_resize(images, p, drawn, size, folded):
     return resize(images, size), None
 
 
-def _graph_flip(images, p, drawn, size, absorbs_next):
-    """No operator of its own: folded into the next step's warp when that step absorbs it, else left as a
-    per-sample mirror flag (applied by the final crop_mirror_normalize or by fn.flip, see view_graph)."""
-    return images, None if absorbs_next else drawn["flip"]
+def _graph_flip(images, p, drawn, size, folded):
+    """No operator of its own: folded into the crop before it or the warp after it (flip_folded), else
+    left as a per-sample mirror flag (applied by the final crop_mirror_normalize or by fn.flip, see
+    view_graph)."""
+    return images, None if folded else drawn["flip"]
 
 
-def _graph_perspective(images, p, drawn, size, absorbs_next):
+def _graph_perspective(images, p, drawn, size, folded):
     return perspective(images, drawn["matrix"]), None
 
 
-def _graph_jitter(images, p, drawn, size, absorbs_next):
+def _graph_jitter(images, p, drawn, size, folded):
     return color_jitter(images, drawn), None
 
 
-def _graph_grayscale(images, p, drawn, size, absorbs_next):
+def _graph_grayscale(images, p, drawn, size, folded):
     return grayscale(images, drawn["apply"]), None
 
 
-def _graph_blur(images, p, drawn, size, absorbs_next):
+def _graph_blur(images, p, drawn, size, folded):
     return gaussian_blur(images, drawn["apply"], drawn["sigma"], blur_kernel_size(p["sigma"][1], size)), None
 
 
-def _graph_auto_augment(images, p, drawn, size, absorbs_next):
+def _graph_auto_augment(images, p, drawn, size, folded):
     return flat_auto_augment(images, drawn), None
 
 
 DALI_OPS: dict[str, DaliOp] = {
-    "random_resized_crop": DaliOp(_draw_crop, _graph_crop),
+    "random_resized_crop": DaliOp(_draw_crop, _graph_crop, mirrors_region=True),
     "resize": DaliOp(_draw_nothing, _graph_resize),
     "horizontal_flip": DaliOp(_draw_flip, _graph_flip, flip_equivariant=True),
     "auto_augment": DaliOp(_draw_auto_augment, _graph_auto_augment, absorbs_flip=True),
@@ -481,11 +509,17 @@ check_implementations(DALI_OPS, "DALI")
 # ------------------------------------------------------------------------------------------- views
 
 
-def absorbed_by_next(steps: tuple[Step, ...], index: int) -> bool:
-    """Whether step index + 1 folds step `index`'s flip into its own warp (the flip is then drawn but not
-    fed: its draw is part of the next step's parameters)."""
-    return (steps[index].op == "horizontal_flip" and index + 1 < len(steps)
-            and DALI_OPS[steps[index + 1].op].absorbs_flip)
+def _into_previous(steps: tuple[Step, ...], index: int) -> bool:
+    """Whether step `index` is a flip folded into the region of the step before it (mirrors_region)."""
+    return steps[index].op == "horizontal_flip" and index > 0 and DALI_OPS[steps[index - 1].op].mirrors_region
+
+
+def flip_folded(steps: tuple[Step, ...], index: int) -> bool:
+    """Whether step `index` is a flip that a neighbouring step carries, so that it has no operator or input
+    of its own (it is drawn, and its draw is part of that step's parameters): the step before it when that
+    step mirrors its region, else the step after it when that step absorbs flips into its warp."""
+    return _into_previous(steps, index) or (steps[index].op == "horizontal_flip" and index + 1 < len(steps)
+                                            and DALI_OPS[steps[index + 1].op].absorbs_flip)
 
 
 def draw_view(steps: tuple[Step, ...], rng: np.random.Generator, sizes: np.ndarray, size: int) -> list[dict]:
@@ -495,7 +529,11 @@ def draw_view(steps: tuple[Step, ...], rng: np.random.Generator, sizes: np.ndarr
     drawn = []
     for index, step in enumerate(steps):
         values = DALI_OPS[step.op].draw(step.params, rng, sizes, state)
-        drawn.append({} if absorbed_by_next(steps, index) else values)  # the next step took it over
+        if _into_previous(steps, index):  # the crop's region mirrored: x from its end to its start
+            flip, region = state.pop("flip"), drawn[-1]
+            region["roi_start"][flip, 1], region["roi_end"][flip, 1] = (region["roi_end"][flip, 1],
+                                                                        region["roi_start"][flip, 1])
+        drawn.append({} if flip_folded(steps, index) else values)  # a neighbour took it over
         if step.op != "horizontal_flip":
             state.pop("flip", None)
         if index == 0:
@@ -508,7 +546,7 @@ def view_graph(images, steps: tuple[Step, ...], drawn: list[dict], size: int):
     mirror = None
     for index, step in enumerate(steps):
         images, flip = DALI_OPS[step.op].graph(images, step.params, drawn[index], size,
-                                                absorbed_by_next(steps, index))
+                                                flip_folded(steps, index))
         if flip is not None:
             if all(DALI_OPS[later.op].flip_equivariant for later in steps[index + 1:]):
                 mirror = flip  # flip while normalising

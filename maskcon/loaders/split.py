@@ -2,10 +2,10 @@
 
 Below maskcon/loaders/dali.py and maskcon/loaders/torch_backend.py (and read by maskcon/plots.py); it imports
 neither. Epoch e of rank r reads `epoch_positions(...)` (a permutation of the whole split drawn from
-(seed, e), sliced per rank) and batch i of it draws its augmentations from `epoch_seed(seed, e, r, i)` or,
-for the torchvision back end, per-sample seeds drawn from `epoch_seed(seed, e, r, 1)`; the test split is cut
-into contiguous parts (`test_part`) and every rank yields `test_batches` batches, ending with empty ones
-(`empty_test_batch`) where its part is shorter.
+(seed, e), sliced per rank); block b of its batches draws its augmentations from `epoch_seed(seed, e, r, b)`
+(the DALI back end), or per-sample seeds are drawn from `epoch_seed(seed, e, r, 1)` (the torchvision back
+end). The test split is cut into contiguous parts (`test_part`) and every rank yields `test_batches`
+batches, ending with empty ones (`empty_test_batch`) where its part is shorter.
 """
 
 from __future__ import annotations
