@@ -73,7 +73,7 @@ def _check_resume(config: Config, processes: int, manifest: dict | None) -> str:
     writing anything, checked against the run's options."""
     from maskcon import checkpoints, rundir
 
-    found = _checkpoint_to_resume(config)
+    _, found = rundir.resume_point(config.output_dir, config.resume, lambda line: None, repair=False)
     if found is None:
         return f"resume: no checkpoint in {Path(config.output_dir) / rundir.CHECKPOINTS} yet; starts afresh"
     saved = checkpoints.read_state(found)
@@ -82,25 +82,6 @@ def _check_resume(config: Config, processes: int, manifest: dict | None) -> str:
                                      mixed_precision=saved["run"].get("mixed_precision"))
         checkpoints.check_resume(saved["run"], run, checkpoints.parse_accept(config.accept_changes))
     return f"resume: from {found} (step {saved['step']})"
-
-
-def _checkpoint_to_resume(config: Config) -> Path | None:
-    from maskcon import checkpoints, rundir
-
-    if config.resume in (rundir.RESUME_NEWEST, rundir.RESUME_AUTO):
-        if config.output_dir is None:
-            raise UserError("--resume needs the --output-dir of the run to continue")
-        root = Path(config.output_dir) / rundir.CHECKPOINTS
-    else:
-        path = Path(config.resume)
-        if (path / checkpoints.FILES_RECORD).exists():
-            return path
-        root = path if path.name == rundir.CHECKPOINTS else path / rundir.CHECKPOINTS
-    found = checkpoints.newest_intact(root, lambda line: None)
-    if found is None and config.resume != rundir.RESUME_AUTO:
-        raise UserError(f"--resume: no checkpoint in {root}; start without --resume, or pass --resume auto to "
-                        f"start afresh when there is none")
-    return found
 
 
 def launcher_parser() -> argparse.ArgumentParser:

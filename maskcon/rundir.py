@@ -85,15 +85,44 @@ def claim(output_dir: str | Path | None, resume: str | None, *, default: Path,
         if output_dir is None:
             return RunFolder(new_run_folder(default), None)
         return RunFolder(_fresh_folder(Path(output_dir)), None)
+    run, checkpoint = resume_point(output_dir, resume, log)
+    if resume in (RESUME_NEWEST, RESUME_AUTO):
+        if checkpoint is None:  # --resume auto with nothing to continue
+            run.mkdir(parents=True, exist_ok=True)
+            log(f"--resume auto: no checkpoint in {run / CHECKPOINTS}; starting afresh")
+        return RunFolder(run, checkpoint)
+    if output_dir is None:
+        if run is None:
+            raise UserError(f"--resume {resume}: the checkpoint lies outside a run folder; name the folder to "
+                            f"write into with --output-dir")
+        return RunFolder(run, checkpoint)
+    folder = Path(output_dir)
+    if run is not None and folder.resolve() == run.resolve():
+        return RunFolder(folder, checkpoint)
+    return RunFolder(_fresh_folder(folder), checkpoint)  # continued in a folder of its own
+
+
+def resume_point(output_dir: str | Path | None, resume: str, log: Callable[[str], None], *,
+                 repair: bool = True) -> tuple[Path | None, Path | None]:
+    """(the run folder that --resume RESUME continues, the checkpoint it continues from) as claim() reads
+    them: the run is None for a checkpoint outside a run folder, the checkpoint None for --resume auto with
+    none yet. UserError (one line) where claim() refuses to resume. With repair=False nothing is written
+    (the pre-flight check); otherwise a checkpoint replacement that a stopped run left half done is finished
+    first (checkpoints.restore_replaced)."""
+    def newest(root: Path) -> Path | None:
+        if repair:
+            checkpoints.restore_replaced(root)
+        return checkpoints.newest_intact(root, log)
+
     if resume not in (RESUME_NEWEST, RESUME_AUTO):
-        return _claim_path(Path(resume), output_dir, log)
+        return _checkpoint_at(Path(resume), newest)
     flag = "--resume" if resume == RESUME_NEWEST else "--resume auto"
     if output_dir is None:
         raise UserError(f"{flag} needs the folder of the run to continue: pass --output-dir RUN")
     folder = Path(output_dir)
-    checkpoint = _newest_intact(folder / CHECKPOINTS, log)
+    checkpoint = newest(folder / CHECKPOINTS)
     if checkpoint is not None:
-        return RunFolder(folder, checkpoint)
+        return folder, checkpoint
     if resume == RESUME_NEWEST:
         raise UserError(f"--resume: no checkpoint in {folder / CHECKPOINTS}; start without --resume, or pass "
                         f"--resume auto to start afresh when there is none")
@@ -101,9 +130,7 @@ def claim(output_dir: str | Path | None, resume: str | None, *, default: Path,
     if finished:
         raise UserError(f"--resume auto: {folder} holds a finished run ({', '.join(finished)}) and no checkpoint "
                         f"to continue from; choose a new --output-dir")
-    folder.mkdir(parents=True, exist_ok=True)
-    log(f"--resume auto: no checkpoint in {folder / CHECKPOINTS}; starting afresh")
-    return RunFolder(folder, None)
+    return folder, None
 
 
 def _fresh_folder(folder: Path) -> Path:
@@ -116,13 +143,8 @@ def _fresh_folder(folder: Path) -> Path:
     return folder
 
 
-def _newest_intact(root: Path, log: Callable[[str], None]) -> Path | None:
-    checkpoints.restore_replaced(root)
-    return checkpoints.newest_intact(root, log)
-
-
-def _claim_path(path: Path, output_dir: str | Path | None, log: Callable[[str], None]) -> RunFolder:
-    """--resume PATH: a run folder, its checkpoints folder, or one checkpoint."""
+def _checkpoint_at(path: Path, newest: Callable[[Path], Path | None]) -> tuple[Path | None, Path]:
+    """--resume PATH: a run folder, its checkpoints folder, or one checkpoint; (run folder or None, checkpoint)."""
     if not path.is_dir():
         raise UserError(f"--resume {path}: no such folder; pass a run folder or one of its checkpoints "
                         f"(RUN/{CHECKPOINTS}/step-N), or a bare --resume with --output-dir")
@@ -131,23 +153,13 @@ def _claim_path(path: Path, output_dir: str | Path | None, log: Callable[[str], 
         if problem is not None:
             raise UserError(f"--resume {path}: the checkpoint is damaged ({problem}); pass an older one, or the "
                             f"run folder to take its newest intact checkpoint")
-        checkpoint = path
-        run = path.parent.parent if path.parent.name == CHECKPOINTS else None
-    else:
-        run = path.parent if path.name == CHECKPOINTS else path
-        checkpoint = _newest_intact(run / CHECKPOINTS, log)
-        if checkpoint is None:
-            raise UserError(f"--resume {path}: no checkpoint in {run / CHECKPOINTS}; pass a run folder that "
-                            f"holds one, or start without --resume")
-    if output_dir is None:
-        if run is None:
-            raise UserError(f"--resume {path}: the checkpoint lies outside a run folder; name the folder to "
-                            f"write into with --output-dir")
-        return RunFolder(run, checkpoint)
-    folder = Path(output_dir)
-    if run is not None and folder.resolve() == run.resolve():
-        return RunFolder(folder, checkpoint)
-    return RunFolder(_fresh_folder(folder), checkpoint)  # continued in a folder of its own
+        return (path.parent.parent if path.parent.name == CHECKPOINTS else None), path
+    run = path.parent if path.name == CHECKPOINTS else path
+    checkpoint = newest(run / CHECKPOINTS)
+    if checkpoint is None:
+        raise UserError(f"--resume {path}: no checkpoint in {run / CHECKPOINTS}; pass a run folder that "
+                        f"holds one, or start without --resume")
+    return run, checkpoint
 
 
 def claim_everywhere(output_dir: str | None, resume: str | None, *, dataset: str, method: str,

@@ -92,11 +92,12 @@ class DataClock:
 
 
 @torch.no_grad()
-def extract_features(model: MaskConModel, loader, accelerator: Accelerator, channels_last: bool) -> dict | None:
-    """Backbone features of every test image, ordered by index, on the main process (None elsewhere).
+def extract_features(model: MaskConModel, loader, accelerator: Accelerator) -> dict | None:
+    """Backbone features of every test image, ordered by index, on the main process (None elsewhere). The
+    loader gives the images in the model's memory format (the run builds both with one channels_last).
 
     A failure on one process (its test loader raising) reaches every process (`failures.run_everywhere`)."""
-    parts = failures.run_everywhere(_local_features, model, loader, accelerator, channels_last)
+    parts = failures.run_everywhere(_local_features, model, loader, accelerator)
     gathered = {name: dist.gather_to_main(values) for name, values in parts.items()}
     if not accelerator.is_main_process:
         return None
@@ -104,17 +105,14 @@ def extract_features(model: MaskConModel, loader, accelerator: Accelerator, chan
     return {name: values[order] for name, values in gathered.items()}
 
 
-def _local_features(model: MaskConModel, loader, accelerator: Accelerator, channels_last: bool) -> dict:
+def _local_features(model: MaskConModel, loader, accelerator: Accelerator) -> dict:
     """This process's part: {"features": R x F fp32, "fine", "coarse", "index": (R,) int64}."""
     was_training = model.training
     model.eval()
     parts = {"features": [], "fine": [], "coarse": [], "index": []}
     for batch in loader:
-        images = batch["image"]
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
-            features = model.features(images)
+            features = model.features(batch["image"])
         parts["features"].append(features.float())
         for name in ("fine", "coarse", "index"):
             parts[name].append(batch[name].long())
@@ -128,7 +126,7 @@ def evaluate(run: Run, step: int, epoch: int, final: bool) -> dict:
     process, every process leaves; after training steps, with a checkpoint of the intact learner first."""
     dist.average_buffers(run.learner)
     try:
-        table = extract_features(run.learner, run.test_loader, run.accelerator, run.channels_last)
+        table = extract_features(run.learner, run.test_loader, run.accelerator)
     except Exception as error:
         if step == 0:
             raise
@@ -287,7 +285,7 @@ def _before_training(run: Run, feed: Feed) -> dict:
     untrained = {}
     if run.config.eval_untrained:
         untrained = {f"untrained_{k}": v for k, v in evaluate(run, 0, 0, final=False).items()}
-    fill_memory_bank(run.learner, run.train_loader, run.channels_last, feed)
+    fill_memory_bank(run.learner, run.train_loader, feed)
     return untrained
 
 
@@ -360,7 +358,7 @@ def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fill_memory_bank(model: MaskConModel, loader, channels_last: bool, feed: Feed | None = None) -> None:
+def fill_memory_bank(model: MaskConModel, loader, feed: Feed | None = None) -> None:
     """Fill the K slots of the bank with keys of training images before the first step (official code).
 
     The keys come from loader epochs of their own (BANK_FILL_EPOCH, then the one before it, as K needs), so
@@ -371,10 +369,7 @@ def fill_memory_bank(model: MaskConModel, loader, channels_last: bool, feed: Fee
     batches = _bank_epochs(loader)
     while filled < slots:
         batch = next(batches) if feed is None else feed.take(batches)
-        key = batch["key"]
-        if channels_last:
-            key = key.contiguous(memory_format=torch.channels_last)
-        keys = model.encode_keys(key).float()
+        keys = model.encode_keys(batch["key"]).float()
         model.enqueue(keys, batch["coarse"], batch["fine"])
         filled += keys.shape[0] * dist.world_size()
 

@@ -198,7 +198,7 @@ checkpoint = sorted(__import__("pathlib").Path(run, "checkpoints").iterdir())[-1
 model = MaskConModel(arch=config["arch"], image_size=config["image_size"], queue_size=config["queue_size"],
                      proj_hidden=config["proj_hidden"], proj_dim=config["proj_dim"])
 model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
-table = extract_features(model, loader, Accelerator(cpu=True), False)
+table = extract_features(model, loader, Accelerator(cpu=True))
 print(json.dumps({"recall": recall_at_k(features, fine), "max_difference": (features - table["features"]).abs().max().item(),
                   "same_labels": bool((fine == table["fine"]).all()), "metadata": meta}))
 '''

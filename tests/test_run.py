@@ -98,7 +98,7 @@ def test_the_loader_and_the_bank_hold_fine_and_coarse_labels_of_the_shards(digit
     batch = next(iter(run.train_loader))
     assert len(set(batch["fine"].tolist())) > len(run.manifest["coarse_classes"])
     assert torch.equal(batch["coarse"].cpu(), fine_to_coarse[batch["fine"].cpu()])
-    fill_memory_bank(run.learner, run.train_loader, run.channels_last)
+    fill_memory_bank(run.learner, run.train_loader)
     assert len(set(run.learner.queue_fine.tolist())) > len(run.manifest["coarse_classes"])
     assert torch.equal(run.learner.queue_coarse.cpu(), fine_to_coarse[run.learner.queue_fine.cpu()])
 

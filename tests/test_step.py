@@ -163,7 +163,7 @@ def test_the_bank_fill_leaves_no_empty_entry(tmp_path):
                                 num_threads=1)
     torch.manual_seed(0)
     model = MaskConModel(arch="resnet18", image_size=SIZE, queue_size=1500)   # more keys than one epoch has
-    fill_memory_bank(model, loader, channels_last=False)
+    fill_memory_bank(model, loader)
     assert (model.queue_coarse >= 0).all() and (model.queue_fine >= 0).all()
     assert set(model.queue_coarse.tolist()) == {0, 1} and set(model.queue_fine.tolist()) == set(range(10))
     torch.testing.assert_close(model.queue.norm(dim=1), torch.ones(1500))

@@ -256,14 +256,29 @@ def read_by_rank_1_in_the_loop_only() -> int:
     return next(int(p) for p in late if int(p) not in bank)
 
 
-@pytest.mark.parametrize("where", ["loop", "evaluation"])
+def read_by_rank_1_in_the_bank_fill_only() -> int:
+    """A training sample in the first batch of process 1 of 2 in the bank fill's epoch (seed 0, batch 64: one
+    batch per process fills a bank of 128), which process 0 reads neither there nor in epoch 0."""
+    from maskcon.loaders.split import epoch_positions
+    from maskcon.train import BANK_FILL_EPOCH
+
+    per_rank = 1437 // 2 // 64 * 64
+    rank_0 = {int(p) for epoch in (BANK_FILL_EPOCH, 0)
+              for p in epoch_positions(1437, per_rank=per_rank, rank=0, seed=0, epoch=epoch)}
+    first = epoch_positions(1437, per_rank=per_rank, rank=1, seed=0, epoch=BANK_FILL_EPOCH)[:64]
+    return next(int(p) for p in first if int(p) not in rank_0)
+
+
+@pytest.mark.parametrize("where", ["loop", "evaluation", "bank fill"])
 def test_a_loader_failing_on_one_process_ends_both_with_one_line(where, digits_shards, tmp_path):
     shards_copy = damaged_copy(digits_shards, tmp_path)
-    if where == "loop":
+    if where == "bank fill":
+        tar, key = damage_image(shards_copy, "train", read_by_rank_1_in_the_bank_fill_only())
+    elif where == "loop":
         tar, key = damage_image(shards_copy, "train", read_by_rank_1_in_the_loop_only())
     else:
         tar, key = damage_image(shards_copy, "test", 300)    # process 1 evaluates test samples 180..359
-    out, steps = tmp_path / "run", 8 if where == "loop" else 2
+    out, steps = tmp_path / "run", 2 if where == "evaluation" else 8
     started = time.time()
     result = launch_two(["--shards", str(shards_copy), "--epochs", "1", "--max-steps", str(steps), *FAST,
                          "--wandb", "disabled", "--output-dir", str(out)], timeout=300)
@@ -274,7 +289,7 @@ def test_a_loader_failing_on_one_process_ends_both_with_one_line(where, digits_s
     errors = re.findall(r"error: [^\r\n]*", result.stderr)
     assert len(errors) == 1 and str(tar) in errors[0] and key in errors[0], result.stderr[-3000:]
     saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
-    if where == "loop":     # the learner has seen blank batches since the failure: nothing to keep
+    if where != "evaluation":  # the learner has seen blank batches since the failure: nothing to keep
         assert "no checkpoint was written yet" in errors[0] and saved == []
     else:                   # evaluation leaves the learner intact: it is kept
         assert f"checkpoint saved at step {steps}" in errors[0] and saved == [f"step-{steps:08d}"]
