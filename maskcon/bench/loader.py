@@ -15,6 +15,10 @@ all on the same shards and cores, timed after a first full epoch (`--warmup-epoc
                                     less the copy of CPU outputs into torch (a GPU pipeline orders that copy on
                                     the device); what the same pipeline costs the host when its operators run
                                     on a GPU
+    gpu_pipeline_host_parts_us_per_image  the same in parts: the external source's callback (gathering,
+                                    parameter draws), the rest of DALI's pipeline.run (feeding the inputs,
+                                    scheduling, handing out the outputs), and the thread's other work (labels,
+                                    the queue)
 and the operator count of each DALI pipeline. `--synthetic N` first
 writes N synthetic cifar100-format 32x32 PNG training samples to OUT (see write_synthetic_shards), for
 machines without the real data. `--first-batch-workers W` also times a torch loader with W DataLoader
@@ -116,10 +120,12 @@ def _cpu_seconds() -> float:
     return total
 
 
-def _feeding(loader) -> tuple[float, float]:
-    """(CPU seconds of all host feeding work so far, of which copies of DALI's CPU outputs into torch) of one
-    of our loaders; (0, 0) for the reference loader, which does not count them."""
-    return getattr(loader, "feed_cpu_seconds", 0.0), getattr(loader, "copy_cpu_seconds", 0.0)
+def _feeding(loader) -> tuple[float, float, float, float]:
+    """CPU seconds so far of one of our loaders' host feeding work: (all of it, of which copies of DALI's CPU
+    outputs into torch, time inside DALI's pipeline.run, of which the external source's callback); zeros
+    where a loader does not count them (the reference loader; the torch loader counts the first only)."""
+    return tuple(getattr(loader, name, 0.0) for name in ("feed_cpu_seconds", "copy_cpu_seconds", "run_cpu_seconds",
+                                                         "source_cpu_seconds"))
 
 
 def _measure(loader, *, batches: int, warmup_epochs: int, warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -135,10 +141,11 @@ def _measure(loader, *, batches: int, warmup_epochs: int, warmup: int, repeats: 
     stream = endless()
     for _ in range(warmup_epochs * len(loader) + warmup):
         next(stream)
-    figures: dict[str, list[float]] = {name: [] for name in ("rate", "cpu_ms", "thread_ms", "feed_us", "host_us")}
+    figures: dict[str, list[float]] = {name: [] for name in ("rate", "cpu_ms", "thread_ms", "feed_us", "host_us",
+                                                              "callback_us", "dali_us", "other_us")}
     for _ in range(repeats):
         images, thread, cpu, start = 0, 0.0, _cpu_seconds(), time.perf_counter()
-        feed, copy = _feeding(loader)
+        before = _feeding(loader)
         for _ in range(batches):
             started = time.thread_time()
             batch = next(stream)
@@ -147,9 +154,13 @@ def _measure(loader, *, batches: int, warmup_epochs: int, warmup: int, repeats: 
         figures["rate"].append(images / (time.perf_counter() - start))
         figures["cpu_ms"].append(1000 * (_cpu_seconds() - cpu) / images)
         figures["thread_ms"].append(1000 * thread / batches)
-        feed_after, copy_after = _feeding(loader)
-        figures["feed_us"].append(1e6 * (feed_after - feed) / images)
-        figures["host_us"].append(1e6 * (feed_after - feed - (copy_after - copy)) / images)
+        feed, copy, run, callback = (1e6 * (after - earlier) / images
+                                     for after, earlier in zip(_feeding(loader), before))
+        figures["feed_us"].append(feed)
+        figures["host_us"].append(feed - copy)
+        figures["callback_us"].append(callback)
+        figures["dali_us"].append(run - callback)
+        figures["other_us"].append(feed - copy - run)
     stream.close()
     return figures
 
@@ -277,6 +288,9 @@ def _summary(measured: dict[str, dict[str, list[float]]]) -> dict:
                                        if name != "reference_pil"}
     if "dali_cpu" in measured:  # what the same pipeline does on the host when its operators run on a GPU
         report["gpu_pipeline_host_us_per_image"] = median("dali_cpu", "host_us", 2)
+        report["gpu_pipeline_host_parts_us_per_image"] = {
+            "callback": median("dali_cpu", "callback_us", 2), "dali_feeding_scheduling": median("dali_cpu", "dali_us", 2),
+            "labels_queue_other": median("dali_cpu", "other_us", 2)}
     if "dali_cpu" in measured and "torch" in measured:
         report["dali_cpu_over_torch"] = round(report["dali_cpu"] / report["torch"], 2)
         report["cpu_cost_torch_over_dali"] = round(report["cpu_ms_per_image"]["torch"] /

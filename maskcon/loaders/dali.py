@@ -17,13 +17,18 @@ for ImageNet32, spread over the threads) for 10 % more disk than these PNGs, and
 verify; so the shards keep PNG. Other datasets (JPEG, large PNG) are decoded by DALI from the encoded bytes
 (read-only views of the memory-mapped tars), JPEG on the GPU (`mixed`).
 
-Feeding. One external source hands DALI, per batch, the images and every random parameter of both views,
+Feeding. One external source hands DALI, per run, the images and every random parameter of both views,
 drawn in numpy by the DALI back end's ops (maskcon/loaders/dali_ops.py); the graph holds no random operator
 and each op kind appears once per view with per-sample parameters (`operator_count`: about 50 for a two-view
 cifar100 batch). A feeding thread per pass runs the pipeline: the external source's callback (reading,
 parameter draws), DALI's scheduling, the outputs' copy into torch tensors (CPU) or the copy ordered on the
-consumer's CUDA stream without a host wait (GPU), and the labels, indexed on the device from labels uploaded
-once. It keeps up to `prefetch` prepared batches in a bounded queue; the training thread only takes them.
+consumer's CUDA stream without a host wait (GPU), and the labels (uploaded once, indexed on the device once
+per pass; a batch takes a slice). One pipeline run makes several whole batches, as many as fit their float
+outputs in RUN_BYTES (5 of 256 at 32 px, one at 224 px): DALI's host cost per run (feeding each input,
+scheduling each operator, handing out the outputs) is mostly fixed, so runs of a thousand or more small
+images spread it (BENCHMARKS.md, "The host part of the 32-px GPU pipeline"); a sample's views do not depend
+on which run made them. A damaged sample stops the pass at the start of its run. The thread keeps up to
+`prefetch` prepared batches in a bounded queue; the training thread only takes them.
 `feed_cpu_seconds` is the CPU time (time.thread_time) of that thread and of the decoding threads.
 
 Epochs. Epoch e's batches depend only on (seed, rank, world_size, e): positions come from
@@ -61,6 +66,7 @@ except ImportError:  # reported by the loader builders, so the torch back end wo
 
 PIPELINE_PREFETCH = 2  # batches DALI computes ahead, besides the feeding thread's queue
 DRAW_SAMPLES = 4096  # random parameters are drawn for blocks of whole batches of about this many samples
+RUN_BYTES = 32 * 2**20  # one pipeline run makes as many whole batches as fit their float outputs in this
 RESIDENT_MAX_PIXELS = 64 * 64  # PNG images of at most this many pixels, all of one size: decoded once
 
 
@@ -199,6 +205,7 @@ class _Feeder:
         self.channels_last, self.seed, self.num_threads = channels_last, seed, num_threads
         self.feed_cpu_seconds_done = 0.0  # CPU seconds of finished work (the running pass adds its own)
         self.copy_cpu_seconds = 0.0  # of which: copying DALI's CPU outputs into torch tensors
+        self.run_cpu_seconds = 0.0  # of which: inside pipeline.run (DALI's feeding, scheduling, the callback)
         self.source_cpu_seconds = 0.0  # of which: the external source's callback (reading, parameter draws)
         self._live = 0.0
         self._shapes = np.full((split.num_samples, 2), -1, dtype=np.int64)
@@ -207,6 +214,9 @@ class _Feeder:
         self._undecodable: dict[int, UserError] = {}  # samples found damaged before DALI decodes them, by position
         self._positions = positions  # those a pass may read (decoded once when resident)
         self._block_batches = max(1, DRAW_SAMPLES // batch_size)  # batches per block of drawn parameters
+        # batches per pipeline run: DALI's fixed cost per run (feeding each input, scheduling each operator,
+        # handing out the outputs) is spread over them; their outputs stay within RUN_BYTES
+        self._run_batches = max(1, RUN_BYTES // (batch_size * len(views) * 3 * image_size ** 2 * 4))
         self._block: tuple[int, list[np.ndarray]] | None = None  # (block, its parameters) of the running pass
         self._rows = None if len(positions) == split.num_samples else np.full(split.num_samples, -1, np.int64)
         if self._rows is not None:
@@ -222,7 +232,7 @@ class _Feeder:
         self._names = _flatten(probe)
         self.pipeline = _views_pipeline(
             self._source, self._names, split.image_format, recipe, views, image_size, device.type == "cuda",
-            resident is not None, channels_last, batch_size=batch_size, num_threads=num_threads,
+            resident is not None, channels_last, batch_size=batch_size * self._run_batches, num_threads=num_threads,
             device_id=_device_id(device), seed=seed % 2**31, prefetch_queue_depth=PIPELINE_PREFETCH,
             exec_dynamic=True)
         self.pipeline.build()
@@ -243,12 +253,15 @@ class _Feeder:
             self.source_cpu_seconds += time.thread_time() - started
 
     def _batch_inputs(self, info) -> tuple:
-        """The external source's outputs for one batch: images, then every drawn parameter (self._names)."""
-        batch = self._first + int(info.iteration)
-        if self._cancelled.is_set() or batch >= len(self._plan):
+        """The external source's outputs for one run (the pass's next `_run_batches` batches, fewer at its end):
+        images, then every drawn parameter (self._names)."""
+        first = self._first + int(info.iteration) * self._run_batches
+        batches = range(first, min(first + self._run_batches, len(self._plan)))
+        if self._cancelled.is_set() or not batches:
             raise StopIteration
-        positions = self._plan[batch]
-        parameters = self._parameters(batch)  # reads the block's image sizes first (and finds damaged headers)
+        positions = np.concatenate([self._plan[batch] for batch in batches])
+        # (reads the image sizes of each batch's block first, and finds damaged headers)
+        parameters = [np.concatenate(parts) for parts in zip(*(self._parameters(batch) for batch in batches))]
         if self._undecodable:
             for position in sorted(self._undecodable.keys() & set(positions.tolist())):
                 self._damaged = self._undecodable[position]  # a sample of this batch is damaged
@@ -305,15 +318,22 @@ class _Feeder:
                     self.samples, self._positions, self._resident_shape, _usable_cpus())
                 self.feed_cpu_seconds_done += seconds
             todo = self._plan[self._first:]
-            index = torch.from_numpy(np.concatenate(todo)).to(self.device) if todo else None
-            for batch in range(len(todo)):
+            labels = {}  # the pass's positions and labels, uploaded and indexed once; each batch takes a slice
+            if todo:
+                index = torch.from_numpy(np.concatenate(todo)).to(self.device)
+                labels = {"fine": self.fine[index], "coarse": self.coarse[index], "index": index}
+            for run in range(0, len(todo), self._run_batches):
                 if self._cancelled.is_set():
                     break
-                item = self._prepare(self._run(stream), index[batch * self.batch_size:(batch + 1) * self.batch_size],
-                                     stream)
+                views = self._views(self._run(stream), stream)
                 self._live = time.thread_time() - start
-                if not self._put(item):
-                    break
+                for batch in range(run, min(run + self._run_batches, len(todo))):
+                    rows = slice((batch - run) * self.batch_size, (batch - run + 1) * self.batch_size)
+                    item = {name: view[rows] for name, view in views.items()}
+                    rows = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
+                    item.update({name: values[rows] for name, values in labels.items()})
+                    if not self._put(item):
+                        break
             self._drain()
         except BaseException as error:  # noqa: BLE001 (handed to the training thread, which raises it)
             self._put(error)
@@ -322,15 +342,14 @@ class _Feeder:
             self.feed_cpu_seconds_done += time.thread_time() - start
             self._put(StopIteration())
 
-    def _prepare(self, outputs: tuple, index: torch.Tensor, stream) -> dict:
-        batch = {}
+    def _views(self, outputs: tuple, stream) -> dict:
+        """A run's outputs as tensors on the device, by view name."""
         copy_start = time.thread_time()
-        for name, output in zip(self.view_names, outputs):
-            batch[name] = _to_torch(output, self.device, self.channels_last, stream)
+        views = {name: _to_torch(output, self.device, self.channels_last, stream)
+                 for name, output in zip(self.view_names, outputs)}
         if self.device.type == "cpu":
             self.copy_cpu_seconds += time.thread_time() - copy_start
-        batch.update(fine=self.fine[index], coarse=self.coarse[index], index=index)
-        return batch
+        return views
 
     def _put(self, item) -> bool:
         """Queue `item` unless the pass is cancelled first; whether it was queued."""
@@ -345,6 +364,7 @@ class _Feeder:
     def _run(self, stream) -> tuple:
         """The next batch's outputs (StopIteration at the end of the pass); a sample that does not decode
         becomes the UserError naming it."""
+        started = time.thread_time()
         try:
             outputs = self.pipeline.run(stream) if stream is not None else self.pipeline.run()
         except StopIteration:
@@ -355,6 +375,8 @@ class _Feeder:
             if isinstance(error, RuntimeError):
                 raise self._bad_sample(error) from None
             raise
+        finally:
+            self.run_cpu_seconds += time.thread_time() - started
         self._fed.popleft()
         return outputs
 
