@@ -32,12 +32,14 @@ def train_report(synthetic: float, real: float | None = None) -> dict:
 def test_each_goal_is_judged_from_its_part_and_a_missing_figure_is_said():
     objectives = {"maskcon_over_selfcon_time": 1.6, "amp": "bf16",
                   "results": {"maskcon": {"median_ms": 1.6}, "selfcon": {"median_ms": 1.0}}}
-    outcomes = [outcome("loader", {"dali_gpu": 61_000.0, "threads": 8}),
+    outcomes = [outcome("loader", {"dali_gpu": 61_000.0, "threads": 8, "cpu_ms_per_image": {"dali_gpu": 0.0091},
+                                   "gpu_pipeline_host_us_per_image": 99.0}),
                 outcome("step", train_report(29_000.0)), outcome("compiled", train_report(31_000.0)),
                 outcome("real", train_report(30_000.0, 28_000.0)), outcome("official", error="timed out after 90 s"),
                 outcome("objectives", objectives), outcome("jpeg", error="exit 2: error: no DALI")]
     figures = gpu._figures(outcomes)
     assert figures["loader"] == ("61,000 img/s", True)
+    assert figures["host"] == ("9.1 us (all threads, dali_gpu)", False)  # the GPU's own figure, not the proxy
     assert figures["step"] == ("31,000 pairs/s (compiled)", True)        # the better of eager and compiled
     assert figures["real"] == ("93.3%", False)                           # 28,000 / 30,000 < 95 %
     assert figures["objectives"] == ("1.60x", False)
