@@ -64,7 +64,7 @@ try:
 except ImportError:  # reported by the loader builders, so the torch back end works without DALI
     fn = None
 
-PIPELINE_PREFETCH = 2  # batches DALI computes ahead, besides the feeding thread's queue
+PIPELINE_PREFETCH = 2  # runs DALI computes ahead, besides the feeding thread's queue
 DRAW_SAMPLES = 4096  # random parameters are drawn for blocks of whole batches of about this many samples
 RUN_BYTES = 32 * 2**20  # one pipeline run makes as many whole batches as fit their float outputs in this
 RESIDENT_MAX_PIXELS = 64 * 64  # PNG images of at most this many pixels, all of one size: decoded once
@@ -264,7 +264,7 @@ class _Feeder:
         parameters = [np.concatenate(parts) for parts in zip(*(self._parameters(batch) for batch in batches))]
         if self._undecodable:
             for position in sorted(self._undecodable.keys() & set(positions.tolist())):
-                self._damaged = self._undecodable[position]  # a sample of this batch is damaged
+                self._damaged = self._undecodable[position]  # a sample of this run is damaged
                 raise self._damaged
         if self._pixels is not None:
             images = self._pixels[positions if self._rows is None else self._rows[positions]]
@@ -362,7 +362,7 @@ class _Feeder:
         return False
 
     def _run(self, stream) -> tuple:
-        """The next batch's outputs (StopIteration at the end of the pass); a sample that does not decode
+        """The next run's outputs (StopIteration at the end of the pass); a sample that does not decode
         becomes the UserError naming it."""
         started = time.thread_time()
         try:
