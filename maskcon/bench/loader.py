@@ -289,7 +289,8 @@ def _summary(measured: dict[str, dict[str, list[float]]]) -> dict:
     if "dali_cpu" in measured:  # what the same pipeline does on the host when its operators run on a GPU
         report["gpu_pipeline_host_us_per_image"] = median("dali_cpu", "host_us", 2)
         report["gpu_pipeline_host_parts_us_per_image"] = {
-            "callback": median("dali_cpu", "callback_us", 2), "dali_feeding_scheduling": median("dali_cpu", "dali_us", 2),
+            "callback": median("dali_cpu", "callback_us", 2),
+            "dali_feeding_scheduling": median("dali_cpu", "dali_us", 2),
             "labels_queue_other": median("dali_cpu", "other_us", 2)}
     if "dali_cpu" in measured and "torch" in measured:
         report["dali_cpu_over_torch"] = round(report["dali_cpu"] / report["torch"], 2)

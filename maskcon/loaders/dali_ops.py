@@ -255,7 +255,8 @@ def auto_augment_parameters(chosen: dict[str, np.ndarray], sizes: np.ndarray, fl
     def per_sample(values, dtype):  # N x 1 x 1 x 1: broadcasts against H x W x C
         return np.asarray(values, dtype=dtype).reshape(n, 1, 1, 1)
 
-    return {"matrix": matrix[:, :2].astype(np.float32), "colour_b": per_sample(linear[:, 1], np.float32), "colour_c": per_sample(linear[:, 2], np.float32),
+    return {"matrix": matrix[:, :2].astype(np.float32), "colour_b": per_sample(linear[:, 1], np.float32),
+            "colour_c": per_sample(linear[:, 2], np.float32),
             # DALI's grey levels are rounded, torchvision's truncated: half a level lower on average;
             # -0.499 turns the rounding of DALI's cast into torchvision's truncation
             "colour_d": per_sample(-0.5 * (linear[:, 1] + linear[:, 2]) - 0.499, np.float32),
