@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import safetensors.torch
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
@@ -42,6 +43,7 @@ REPLACED_PREFIX = ".replaced-"  # a checkpoint moved aside while another of its 
 STATE_FILE = "trainer_state.json"
 FILES_RECORD = "files.json"
 MODEL_FILE = "model.safetensors"  # Accelerate's name of the first prepared model's weights
+OWN_FILE = "own_{rank}.safetensors"  # what one process keeps for itself (its batch-norm statistics)
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 # Options that define the run: a resumed run must match the checkpoint's in each, unless the user accepts
@@ -245,14 +247,15 @@ def read_state(path: Path | str) -> dict:
 
 
 def save(accelerator: Accelerator, root: Path | str, *, step: int, epoch: int, extra_state: dict,
-         keep: int) -> Path:
+         keep: int, own_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint of everything Accelerate prepared, plus `extra_state`, and keep the `keep` intact
     ones written last (this one included; see rotate()).
 
     extra_state: JSON the trainer wants back from load() (the run's options, the loaders' state, ...); step
     and epoch are added to it. Model weights are stored under the unwrapped model's names (no DDP
-    `module.`, no torch.compile `_orig_mod.`), so any number of processes can load them. Returns the
-    checkpoint's folder on every process.
+    `module.`, no torch.compile `_orig_mod.`), so any number of processes can load them. own_tensors: this
+    process's own tensors (OWN_FILE of its rank; `own_tensors` gives them back). Returns the checkpoint's
+    folder on every process.
     """
     root = Path(root)
     final = root / checkpoint_name(step)
@@ -281,7 +284,7 @@ def save(accelerator: Accelerator, root: Path | str, *, step: int, epoch: int, e
 
     try:
         _on_main(accelerator, make_room, what)
-        _on_all(accelerator, lambda: _save_state(accelerator, partial), what)
+        _on_all(accelerator, lambda: _save_state(accelerator, partial, own_tensors), what)
         _on_main(accelerator, finish, what)
     except UserError:
         if accelerator.is_main_process:
@@ -359,7 +362,23 @@ def portable_name(name: str) -> str:
     return name.removeprefix("module.").replace("_orig_mod.", "")
 
 
-def _save_state(accelerator: Accelerator, folder: Path) -> None:
+def own_tensors(path: Path | str, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """The tensors process RANK saved into checkpoint PATH for itself ({} when it saved none, or when the
+    checkpoint was written by another number of processes: then the shared state stands)."""
+    file = Path(path) / OWN_FILE.format(rank=rank)
+    if not file.exists() or read_state(path)["run"].get("world_size") != world_size:
+        return {}
+    return safetensors.torch.load_file(str(file))
+
+
+@torch.no_grad()
+def copy_into(targets: dict[str, torch.Tensor], sources: dict[str, torch.Tensor]) -> None:
+    """Copy each of SOURCES into the tensor of TARGETS of its name (in place)."""
+    for name, source in sources.items():
+        targets[name].copy_(source)
+
+
+def _save_state(accelerator: Accelerator, folder: Path, own: dict[str, torch.Tensor] | None = None) -> None:
     def portable_weights(models, weights, output_dir) -> None:
         # OrderedDict: Accelerate then makes every tensor contiguous (channels-last weights) before safetensors
         for i, state in enumerate(weights):
@@ -368,6 +387,9 @@ def _save_state(accelerator: Accelerator, folder: Path) -> None:
     handle = accelerator.register_save_state_pre_hook(portable_weights)
     try:
         accelerator.save_state(str(folder))
+        if own:
+            safetensors.torch.save_file({name: tensor.detach().cpu().contiguous() for name, tensor in own.items()},
+                                        str(folder / OWN_FILE.format(rank=accelerator.process_index)))
     except (SafetensorError, RuntimeError) as error:  # how safetensors and torch.save report a failed write
         raise OSError(f"{type(error).__name__}: {_one_line(error)}") from None
     finally:

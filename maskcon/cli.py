@@ -36,8 +36,18 @@ def run_launch(argv: list[str]) -> int:
 
 
 def run_train(argv: list[str]) -> int:
-    """One process of a run (launch/train.py). --print-config and --check answer without training."""
+    """One process of a run (launch/train.py); its exit status as README's "Stopping a run" lists them, also
+    reported to the door that started it (`maskcon.stopping.exit_status`)."""
+    from maskcon import stopping
+
+    stopping.REQUEST.install()   # first: a stop signal from here on is honoured, never a traceback
+    return stopping.exit_status(_train_process(argv))
+
+
+def _train_process(argv: list[str]) -> int:
+    """--print-config and --check answer without training; a run stopped by a signal is EXIT_STOPPED."""
     from maskcon.config import parse_config, world_size
+    from maskcon.stopping import EXIT_STOPPED, Stopped
 
     try:
         config = parse_config(argv)
@@ -51,6 +61,10 @@ def run_train(argv: list[str]) -> int:
         from maskcon.train import train
 
         result = train(config)
+    except Stopped as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(stopped, file=sys.stderr)
+        return EXIT_STOPPED
     except FailedElsewhere:  # the process that failed prints its own error
         return 2
     except AgreedError as err:  # raised by every process alike: the main process speaks for all
@@ -58,6 +72,8 @@ def run_train(argv: list[str]) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if result.stopped == "preempted":
+        return EXIT_STOPPED
     if result.untrained:
         print("untrained " + "  ".join(f"{k[len('untrained_'):]} {v:.2f}" for k, v in result.untrained.items()))
     if result.metrics:

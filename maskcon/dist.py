@@ -191,8 +191,7 @@ def average_buffers(module: torch.nn.Module) -> None:
     processes = world_size()
     if processes == 1:
         return
-    statistics = [buffer for name, buffer in module.named_buffers()
-                  if name.rsplit(".", 1)[-1] in _RUNNING_STATISTICS]
+    statistics = list(running_statistics(module).values())
     if not statistics:
         return
     flat = torch.cat([buffer.detach().float().flatten() for buffer in statistics])
@@ -200,6 +199,11 @@ def average_buffers(module: torch.nn.Module) -> None:
     flat /= processes
     averages = torch.split(flat, [buffer.numel() for buffer in statistics])
     torch._foreach_copy_(statistics, [average.view_as(buffer) for average, buffer in zip(averages, statistics)])
+
+
+def running_statistics(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The batch-norm running statistics of `module` by name (the buffers themselves, not copies)."""
+    return {name: buffer for name, buffer in module.named_buffers() if name.rsplit(".", 1)[-1] in _RUNNING_STATISTICS}
 
 
 @torch.no_grad()

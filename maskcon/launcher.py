@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import yaml
 
 from maskcon.config import Config, parse_config, shards_dir, to_dict
 from maskcon.errors import UserError
+from maskcon.stopping import supervise
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = ROOT / "launch" / "accelerate"
@@ -39,6 +39,11 @@ def check_run(config: Config, processes: int) -> list[str]:
     from maskcon.shard_format import check_split, read_manifest
     from maskcon.tracking import resolve_wandb_mode, wandb_logged_in
 
+    from maskcon import rundir
+
+    holder = None if config.output_dir is None else rundir.lock_holder(Path(config.output_dir))
+    if holder is not None:
+        raise rundir.in_use(Path(config.output_dir), holder)
     lines = [f"{config.method} on {config.dataset}: {processes} process(es) x batch {config.batch_size} = "
              f"global batch {config.global_batch}, lr {resolved_config(config, processes)['base_lr']:g}, "
              f"{config.epochs} epochs"]
@@ -134,7 +139,7 @@ def run(argv: list[str]) -> int:
         return report_or_check(config, processes)
     check_run(config, processes)
     environment = {**os.environ, "LOGLEVEL": os.environ.get("LOGLEVEL", "ERROR")}   # torchrun's own log lines
-    return subprocess.run(launch_command(rest, processes, own.accelerate_config), env=environment).returncode
+    return supervise(launch_command(rest, processes, own.accelerate_config), environment)
 
 
 def report_or_check(config: Config, processes: int) -> int:

@@ -21,7 +21,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
-from maskcon import checkpoints, failures, rundir, shards
+from maskcon import checkpoints, dist, failures, rundir, shards
 from maskcon.config import Config, shards_dir, to_dict
 from maskcon.errors import AgreedError, UserError
 from maskcon.loaders import build_test_loader, build_train_loader
@@ -254,6 +254,8 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
     step = 0
     if resumed_from is not None:
         checkpoints.load(accelerator, resumed_from)
+        checkpoints.copy_into(dist.running_statistics(learner), checkpoints.own_tensors(
+            resumed_from, accelerator.process_index, accelerator.num_processes))
         step = resume_position(saved, steps_per_epoch, record)
         accelerator.print(f"resumed from {resumed_from} at step {step}")
     run = Run(config=config, accelerator=accelerator, output_dir=output_dir, folder=folder, manifest=manifest,

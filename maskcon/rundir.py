@@ -12,13 +12,22 @@ share one. --resume chooses the checkpoint:
     --resume PATH       PATH is a run folder (its newest intact checkpoint) or one checkpoint folder; the
                         run writes into that run's folder, or into --output-dir when given (then a new one)
 
+One writer per folder: the main process of a run holds an exclusive lock on RUN/run.lock (`fcntl.flock`) for its
+whole life, with its host and pid written in the file. The system releases it when the process ends, however
+it ends, so a lock of a dead process never blocks; a second run, resume or orphan on a folder in use is
+refused naming the holder. A fresh start marks its folder (START_MARK) until its first checkpoint or metrics
+row: a start that failed before training leaves the mark, and the same command then takes the folder over.
+
 The decision is made on the main process and shared with all processes (claim_everywhere).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +45,12 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", RESULTS, "backbone.pt", "wandb_run_
 RUN_PICTURES = ("retrievals-*.png", "embedding-*.png")
 FINISHED_FILES = (RESULTS, "backbone.pt")  # written when a run ends (finished, or at --max-steps)
 DEFAULT_ROOT = Path("runs")
+LOCK = "run.lock"           # held by the run writing into the folder (see the module's text)
+START_MARK = ".starting"    # a fresh start that has not trained yet; removed at its first row or checkpoint
+# What a start writes before training: taken over with the folder when that start failed.
+START_FILES = ("config.yaml", "console.log", "metrics.jsonl", "wandb_run_id", "wandb", *RUN_PICTURES)
+
+_held: dict[Path, int] = {}  # folder (resolved) -> descriptor of its lock file, held by this process
 
 
 @dataclass(frozen=True)
@@ -83,12 +98,20 @@ def claim(output_dir: str | Path | None, resume: str | None, *, default: Path,
     """
     if resume is None:
         if output_dir is None:
-            return RunFolder(new_run_folder(default), None)
-        return RunFolder(_fresh_folder(Path(output_dir)), None)
+            folder = new_run_folder(default)
+            hold(folder)
+            _mark_start(folder)
+            return RunFolder(folder, None)
+        return RunFolder(_fresh_folder(Path(output_dir), log), None)
+    writer = _writer(output_dir, resume)
+    if writer is not None and (writer.is_dir() or resume == RESUME_AUTO):
+        hold(writer)   # before anything in the folder is read or repaired
     run, checkpoint = resume_point(output_dir, resume, log)
     if resume in (RESUME_NEWEST, RESUME_AUTO):
         if checkpoint is None:  # --resume auto with nothing to continue
             run.mkdir(parents=True, exist_ok=True)
+            _take_over_failed_start(run, log)
+            _mark_start(run)
             log(f"--resume auto: no checkpoint in {run / CHECKPOINTS}; starting afresh")
         return RunFolder(run, checkpoint)
     if output_dir is None:
@@ -99,7 +122,7 @@ def claim(output_dir: str | Path | None, resume: str | None, *, default: Path,
     folder = Path(output_dir)
     if run is not None and folder.resolve() == run.resolve():
         return RunFolder(folder, checkpoint)
-    return RunFolder(_fresh_folder(folder), checkpoint)  # continued in a folder of its own
+    return RunFolder(_fresh_folder(folder, log), checkpoint)  # continued in a folder of its own
 
 
 def resume_point(output_dir: str | Path | None, resume: str, log: Callable[[str], None], *,
@@ -133,14 +156,110 @@ def resume_point(output_dir: str | Path | None, resume: str, log: Callable[[str]
     return folder, None
 
 
-def _fresh_folder(folder: Path) -> Path:
+def _fresh_folder(folder: Path, log: Callable[[str], None]) -> Path:
+    """FOLDER, held for a fresh start: refused when another run holds it or its files are there (a start that
+    failed before training excepted: its files are taken over)."""
+    holder = lock_holder(folder)
+    if holder is not None:
+        raise in_use(folder, holder)
+    if (folder / START_MARK).exists():
+        hold(folder)
+        _take_over_failed_start(folder, log)
     found = run_files(folder)
     if found:
+        release(folder)
         listed = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
         raise UserError(f"{folder} holds another run's files ({listed}); continue that run with --resume "
                         f"(or --resume auto), or choose a new --output-dir")
-    folder.mkdir(parents=True, exist_ok=True)
+    hold(folder)
+    _mark_start(folder)
     return folder
+
+
+def _writer(output_dir: str | Path | None, resume: str) -> Path | None:
+    """The folder a run with --resume RESUME writes into, read from the paths alone (None: claim() refuses)."""
+    if output_dir is not None:
+        return Path(output_dir)
+    if resume in (RESUME_NEWEST, RESUME_AUTO):
+        return None
+    path = Path(resume)
+    if (path / checkpoints.FILES_RECORD).exists() or (path / checkpoints.STATE_FILE).exists():
+        return path.parent.parent if path.parent.name == CHECKPOINTS else None
+    return path.parent if path.name == CHECKPOINTS else path
+
+
+# ------------------------------------------------------------------------------------ one writer per folder
+
+
+def hold(folder: Path) -> None:
+    """Lock FOLDER (created when missing) for this process until `release` or its end; UserError naming the
+    holder when another process holds it. Holding a folder this process holds already changes nothing."""
+    folder = Path(folder)
+    key = folder.resolve()
+    if key in _held:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise in_use(folder, lock_holder(folder) or "another process") from None
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"host {socket.gethostname()} pid {os.getpid()} since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    _held[key] = descriptor
+
+
+def release(folder: Path | None = None) -> None:
+    """Give up the lock of FOLDER (every folder this process holds when None)."""
+    keys = list(_held) if folder is None else [Path(folder).resolve()]
+    for key in keys:
+        descriptor = _held.pop(key, None)
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+def lock_holder(folder: Path) -> str | None:
+    """Who holds FOLDER ("host H pid P since T"), or None when no living process does; writes nothing."""
+    if Path(folder).resolve() in _held:
+        return None
+    try:
+        descriptor = os.open(Path(folder) / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.read(descriptor, 256).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(descriptor)
+
+
+def in_use(folder: Path, holder: str) -> UserError:
+    return UserError(f"{folder} is in use by a run ({holder}); wait for it to end or stop it, or choose "
+                     f"another --output-dir")
+
+
+def _mark_start(folder: Path) -> None:
+    (folder / START_MARK).touch()
+
+
+def mark_trained(folder: Path) -> None:
+    """The run in FOLDER has trained (a metrics row or a checkpoint): its files are its own from now on."""
+    (Path(folder) / START_MARK).unlink(missing_ok=True)
+
+
+def _take_over_failed_start(folder: Path, log: Callable[[str], None]) -> None:
+    """Remove what a start that failed before training left in FOLDER (it holds START_MARK and no checkpoint)."""
+    if not (folder / START_MARK).exists() or checkpoints.list_checkpoints(folder / CHECKPOINTS):
+        return
+    for pattern in START_FILES:
+        for path in folder.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (folder / START_MARK).unlink()
+    log(f"{folder}: taking over the files of a start that failed before training")
 
 
 def _checkpoint_at(path: Path, newest: Callable[[Path], Path | None]) -> tuple[Path | None, Path]:

@@ -9,6 +9,10 @@ points: every --log-every steps it reads the loss and all processes agree, in on
 Sections that run on the main process alone (W&B, metrics, pictures, results) tell the others whether
 they succeeded (`failures.run_on_main`).
 
+Stopping: SIGTERM, SIGINT and SIGHUP (`maskcon.stopping`) are read at the stop votes; the processes then write
+a checkpoint and end with one line. The run folder is held by the main process for the whole run
+(`rundir.hold`) and let go when the run ends.
+
 Exact resume: a loader epoch's batches depend only on (seed, rank, processes, epoch) (`set_epoch`), the
 memory bank is filled from epochs of its own, and a checkpoint holds the learner, the bank, the optimizer,
 the RNG states and the step, so a run stopped anywhere and resumed ends with the weights of a run that was
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import gc
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from maskcon import checkpoints, dist, failures, rundir
+from maskcon import checkpoints, dist, failures, rundir, stopping
 from maskcon.backbone import backbone_metadata, save_backbone
 from maskcon.config import Config
 from maskcon.errors import AgreedError, UserError
@@ -49,7 +52,7 @@ class RunResult:
     output_dir: Path
     step: int
     metrics: dict  # the last evaluation's R@K
-    stopped: str  # "finished" | "preempted" | "max_steps"
+    stopped: str  # "finished" | "preempted" (a stop signal) | "max_steps"
     untrained: dict  # R@K of the network before training, when --eval-untrained
 
 
@@ -174,10 +177,11 @@ class Feed:
         return self.blank
 
 
-def vote(preemption: _Preemption, feed: Feed, run: Run, loss: torch.Tensor | None = None) -> failures.Agreement:
-    """The stop vote (`failures.agree_to_stop`); when some process's loader failed, every process leaves: that
-    one with its error and the last intact checkpoint, the others with `failures.ProcessFailed` (silent)."""
-    agreement = failures.agree_to_stop(sigterm=preemption.requested, loss=loss, failed=feed.error is not None)
+def vote(stop: stopping.StopRequest, feed: Feed, run: Run, loss: torch.Tensor | None = None) -> failures.Agreement:
+    """The stop vote (`failures.agree_to_stop`; its `sigterm`: some process was asked to stop); when some
+    process's loader failed, every process leaves: that one with its error and the last intact checkpoint,
+    the others with `failures.ProcessFailed` (silent)."""
+    agreement = failures.agree_to_stop(sigterm=stop.requested, loss=loss, failed=feed.error is not None)
     if not agreement.failed:
         return agreement
     if feed.error is None:
@@ -187,34 +191,31 @@ def vote(preemption: _Preemption, feed: Feed, run: Run, loss: torch.Tensor | Non
     raise feed.error
 
 
-class _Preemption:
-    """Remembers a SIGTERM so the loop can checkpoint at the next point where the processes agree."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-
 def train(config: Config) -> RunResult:
-    accelerator = make_accelerator(config)
-    preemption = _Preemption()   # from the start: a SIGTERM during set-up, evaluation or the bank fill counts too
+    """The run of `config`, from start to end. The stop signals are this process's `stopping.REQUEST`,
+    installed by `launch/train.py` before anything else; a caller that has not installed it gets it for the
+    run's duration (a signal during set-up, evaluation or the bank fill counts too)."""
+    stop = stopping.REQUEST
+    installed_here = not stop.installed
+    if installed_here:
+        stop.install()
     try:
+        if stop.requested:
+            raise stopping.Stopped(f"stopped by {stop.reason} before the run started; nothing was written")
+        accelerator = make_accelerator(config)
         run = build_run(config, accelerator)
-        result = train_loop(run, preemption)
+        stop.last_checkpoint = lambda: _last_good(run.checkpoint_root)
+        result = train_loop(run, stop)
         del run   # the learner, optimizer and loaders go before the process group ends
         gc.collect()
         return result
     finally:
-        preemption.restore()
+        rundir.release()
+        if installed_here:
+            stop.restore()
 
 
-def train_loop(run: Run, preemption: _Preemption) -> RunResult:
+def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
     """From run.step to the end (the last epoch's end, or --max-steps). At the top of each step, in order:
     the logging point (stop vote, one metrics row), the end of an epoch (evaluation, checkpoint), the end."""
     config, steps_per_epoch = run.config, run.steps_per_epoch
@@ -235,14 +236,14 @@ def train_loop(run: Run, preemption: _Preemption) -> RunResult:
         while True:
             epoch, position = divmod(step, steps_per_epoch)
             boundary = step > first and (position == 0 or step == end)   # an epoch, or the run, has ended
-            if step == 0 and vote(preemption, feed, run).sigterm:   # after the bank fill
-                stopped = _preempted(run, step)
+            if step == 0 and vote(stop, feed, run).sigterm:   # after the bank fill
+                stopped = _preempted(run, step, stop)
                 break
             if step > first and (step % config.log_every == 0 or boundary):
-                sigterm = _log(run, step, loss, vote(preemption, feed, run, loss_sum), clock, bar)
+                sigterm = _log(run, step, loss, vote(stop, feed, run, loss_sum), clock, bar)
                 loss_sum.zero_()
                 if sigterm:
-                    stopped = _preempted(run, step)
+                    stopped = _preempted(run, step, stop)
                     break
             if boundary:
                 ended = math.ceil(step / steps_per_epoch)   # epochs begun; the last one may be cut by --max-steps
@@ -250,8 +251,8 @@ def train_loop(run: Run, preemption: _Preemption) -> RunResult:
                     metrics = evaluate(run, step, ended, final=step == end)
                 if step == end or (config.checkpoint_every and ended % config.checkpoint_every == 0):
                     save(run, step)
-                elif vote(preemption, feed, run).sigterm:   # SIGTERM during the evaluation
-                    stopped = _preempted(run, step)
+                elif vote(stop, feed, run).sigterm:   # a stop signal during the evaluation
+                    stopped = _preempted(run, step, stop)
                     break
             if step >= end:
                 stopped = "max_steps" if config.max_steps is not None and step >= config.max_steps else "finished"
@@ -267,6 +268,8 @@ def train_loop(run: Run, preemption: _Preemption) -> RunResult:
             step += 1
     finally:
         bar.close()
+    if stopped == "preempted":
+        _say_stopped(run, step, stop)
     return _finish(run, step, stopped, metrics, untrained)
 
 
@@ -301,6 +304,7 @@ def _log(run: Run, step: int, loss: torch.Tensor, agreement: failures.Agreement,
            "lr": float(run.optimizer.param_groups[0]["lr"]), **clock.figures()}
     if run.tracker is not None:
         run.tracker.log(row)
+        rundir.mark_trained(run.output_dir)
         bar.set_postfix(loss=f"{loss_value:.3f}")
     bar.update(step - bar.n)
     clock.reset()
@@ -308,16 +312,30 @@ def _log(run: Run, step: int, loss: torch.Tensor, agreement: failures.Agreement,
 
 
 def save(run: Run, step: int) -> None:
+    """The checkpoint of STEP. Its network holds the batch-norm statistics averaged over processes (any number
+    of processes can continue from it); each process's own statistics are kept beside them and stay live, so
+    a resume on as many processes continues exactly as if never stopped."""
+    own = {name: buffer.clone() for name, buffer in dist.running_statistics(run.learner).items()}
     dist.average_buffers(run.learner)
     checkpoints.save(run.accelerator, run.checkpoint_root, step=step, epoch=step // run.steps_per_epoch,
-                     keep=run.config.keep_checkpoints,
+                     keep=run.config.keep_checkpoints, own_tensors=own,
                      extra_state={"run": run.record, "steps_per_epoch": run.steps_per_epoch})
+    checkpoints.copy_into(dist.running_statistics(run.learner), own)
+    if run.accelerator.is_main_process:
+        rundir.mark_trained(run.output_dir)
 
 
-def _preempted(run: Run, step: int) -> str:
+def _preempted(run: Run, step: int, stop: stopping.StopRequest) -> str:
     save(run, step)
-    run.accelerator.print(f"stopped by SIGTERM at step {step}; checkpoint saved, continue with --resume")
     return "preempted"
+
+
+def _say_stopped(run: Run, step: int, stop: stopping.StopRequest) -> None:
+    """The one line of a stop (the reason is the main process's; another process may have been the one asked)."""
+    saved = checkpoints.list_checkpoints(run.checkpoint_root)[-1]
+    run.accelerator.print(f"stopped by {stop.reason or 'a stop request to another process'} at step {step}; "
+                          f"checkpoint saved in {saved}; resume with the same command and "
+                          f"--output-dir {run.output_dir} --resume", flush=True)
 
 
 def _finish(run: Run, step: int, stopped: str, metrics: dict, untrained: dict) -> RunResult:

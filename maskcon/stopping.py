@@ -1,0 +1,220 @@
+"""Stopping a run the way people and schedulers do, and losing nothing: both sides of one protocol.
+
+The trainer's side (`StopRequest`, one per training process, installed first thing by `launch/train.py`):
+SIGTERM, SIGINT (Ctrl-C) and SIGHUP all mean "finish the step, agree across processes, write a checkpoint,
+say so in one line, exit EXIT_STOPPED". The loop reads the request at its stop votes
+(`failures.agree_to_stop`). A repeated SIGTERM or SIGHUP changes nothing (launchers repeat them while the
+checkpoint is being written); a second SIGINT ends the process at once (EXIT_AT_ONCE), leaving the last
+intact checkpoint as it was. A trainer started by a door also watches that door (LAUNCHER_ENV): when the
+door has ended, even by SIGKILL, the trainer stops as if signalled, so no orphan trains on.
+
+The door's side (`supervise`, used by `launch/run.py`): it starts `accelerate launch` in a session of its
+own, so a terminal's Ctrl-C or a `kill` of the door's process group reaches the door alone, and passes every
+stop signal on to the training processes themselves (not to Accelerate's launcher, which would end them after
+a few seconds), then waits for them. Each training process writes its exit status into the door's status
+folder (STATUS_ENV); a process that stopped on a signal then exits 0, so the launcher reports no failure,
+and the door exits with the status the processes wrote.
+
+Exit statuses (README, "Stopping a run"): 0 finished, 2 a mistake or failure (one line), EXIT_STOPPED a stop
+with its checkpoint written, EXIT_AT_ONCE a second Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+EXIT_STOPPED = 3          # stopped by a signal (or the door's end) with a checkpoint written: resume with --resume
+EXIT_AT_ONCE = 130        # a second Ctrl-C: ended at once, without a new checkpoint (128 + SIGINT)
+LAUNCHER_ENV = "MASKCON_LAUNCHER"      # "PID:START" of the door that started this process (START: /proc's)
+STATUS_ENV = "MASKCON_STATUS_DIR"      # the door's folder where each process writes its exit status
+WATCH_INTERVAL_S = 1.0    # how often a trainer looks whether its door still lives
+KILL_AFTER_SIGNALS = 3    # the door's third stop signal SIGKILLs whatever of the run is left
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def start_time(pid: int) -> str | None:
+    """The start time of process PID in clock ticks since boot (field 22 of /proc/PID/stat), None when
+    there is no such process: with the pid, it names one process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]   # fields after "pid (comm)" start at field 3
+
+
+def children(pid: int) -> list[int]:
+    """The pids of the processes whose parent is PID."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below PID, children first."""
+    found, queue = [], [pid]
+    while queue:
+        below = children(queue.pop(0))
+        found += below
+        queue += below
+    return found
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+# -------------------------------------------------------------------------------------- the trainer's side
+
+
+class StopRequest:
+    """Whether, and why, this training process was asked to stop. `reason` is None, a signal's name
+    ("SIGTERM", "SIGINT", "SIGHUP") or "the end of launch/run.py (pid N)".
+
+    `last_checkpoint`: a callable giving the text of the last intact checkpoint, set by the loop once the
+    run folder is known, for the line of a second Ctrl-C."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self.last_checkpoint: Callable[[], str] = lambda: "no checkpoint was written yet"
+        self._previous: dict[int, object] = {}
+        self._watching = False
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
+    def install(self) -> StopRequest:
+        """Take over the stop signals (in the main thread) and watch the door that started this process."""
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        launcher = os.environ.get(LAUNCHER_ENV)
+        if launcher and not self._watching:
+            self._watching = True
+            pid, started = launcher.split(":", 1)
+            threading.Thread(target=self._watch, args=(int(pid), started), name="maskcon-door-watch",
+                             daemon=True).start()
+        return self
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.reason is None:
+            self.reason = name
+        elif signum == signal.SIGINT:
+            self._end_at_once(name)
+
+    def _end_at_once(self, name: str) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\nsecond {name}: ended at once, without a new checkpoint; {self.last_checkpoint()}",
+                  file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(exit_status(EXIT_AT_ONCE))
+
+    def _watch(self, pid: int, started: str) -> None:
+        while start_time(pid) == started:
+            time.sleep(WATCH_INTERVAL_S)
+        if self.reason is None:
+            self.reason = f"the end of launch/run.py (pid {pid})"
+
+
+class Stopped(Exception):
+    """A stop signal arrived before the run was built: nothing to save; the message is the one line."""
+
+
+REQUEST = StopRequest()   # the one of this process; installed by `cli.run_train`
+
+
+def exit_status(code: int) -> int:
+    """What this training process exits with: CODE, also written to the door's status folder when a door
+    started it; a stop on a signal is then 0, so Accelerate's launcher sees no failure and ends the other
+    processes no sooner than they end themselves."""
+    folder = os.environ.get(STATUS_ENV)
+    if not folder:
+        return code
+    rank = os.environ.get("RANK", "0")
+    partial = Path(folder) / f".{rank}.partial"
+    try:
+        partial.write_text(str(code))
+        os.replace(partial, Path(folder) / rank)
+    except OSError:   # the door has gone (its folder with it): nobody reads the status
+        return code
+    return 0 if code in (EXIT_STOPPED, EXIT_AT_ONCE) else code
+
+
+# ----------------------------------------------------------------------------------------- the door's side
+
+
+def supervise(command: list[str], environment: dict) -> int:
+    """Run COMMAND (`accelerate launch ... launch/train.py ...`) in a session of its own, pass SIGTERM, SIGINT
+    and SIGHUP on to its training processes, wait for it, and return the run's exit status: the one its
+    processes wrote (rank 0's first), else the launcher's."""
+    with tempfile.TemporaryDirectory(prefix="maskcon-status-") as folder:
+        me = os.getpid()
+        environment = {**environment, LAUNCHER_ENV: f"{me}:{start_time(me)}", STATUS_ENV: folder}
+        launcher = subprocess.Popen(command, env=environment, start_new_session=True)
+        received: list[int] = []
+
+        def forward(signum, frame) -> None:
+            received.append(signum)
+            if len(received) >= KILL_AFTER_SIGNALS:
+                for pid in [launcher.pid, *descendants(launcher.pid)]:
+                    _signal(pid, signal.SIGKILL)
+                return
+            trainers = children(launcher.pid)
+            if trainers:
+                for pid in trainers:
+                    _signal(pid, signum)
+            else:   # no training process yet: nothing to save, the launcher ends quietly
+                _signal(launcher.pid, signal.SIGTERM)
+
+        previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+        try:
+            returncode = launcher.wait()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        written = _statuses(Path(folder))
+    if written:
+        return written.get("0", max(written.values()))
+    return 128 - returncode if returncode < 0 else returncode   # a launcher ended by a signal: 128 + its number
+
+
+def _statuses(folder: Path) -> dict[str, int]:
+    found = {}
+    for path in folder.iterdir():
+        if not path.name.startswith("."):
+            try:
+                found[path.name] = int(path.read_text())
+            except (OSError, ValueError):
+                continue
+    return found

@@ -1,0 +1,240 @@
+"""Stopping a run as people and schedulers do, with real process trees and real signals: `launch/run.py` of
+two gloo processes stopped by SIGTERM (its pid alone, its process group) and Ctrl-C (SIGINT to its group),
+SIGKILL of the door, a second Ctrl-C, one writer per run folder, and a start that failed."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 1437 // 64          # digits' train split at a global batch of 64
+EPOCHS = 2
+RUN = ["--epochs", str(EPOCHS), "--image-size", "8", "--global-batch", "64", "--queue-size", "128",
+       "--eval-batch-size", "128", "--warmup-epochs", "0.5", "--log-every", "2", "--loader-threads", "1",
+       "--eval-untrained", "false", "--eval-every", "2", "--checkpoint-every", "0"]
+GRACE_S = 60            # every process of the run has ended this long after the signal
+STOPPED, AT_ONCE = 3, 130   # README's exit statuses of a stop with its checkpoint and of a second Ctrl-C
+
+pytestmark = pytest.mark.slow
+
+
+def environment() -> dict:
+    return dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+
+
+def door(args: list[str], processes: int = 2) -> subprocess.Popen:
+    """`python launch/run.py` in a process group of its own, as a shell starts a command."""
+    return subprocess.Popen([sys.executable, "launch/run.py", "--processes", str(processes), *args], cwd=ROOT,
+                            env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def tree(pid: int) -> dict[int, str]:
+    """Every process below PID (read with ps), with its start time: a pid names the same process only as
+    long as its start time is the same."""
+    table = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,lstart="], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in table.splitlines()]
+    below, found = {pid}, {}
+    changed = True
+    while changed:
+        changed = False
+        for child, parent, started in rows:
+            if int(parent) in below and int(child) not in below:
+                below.add(int(child))
+                found[int(child)] = started
+                changed = True
+    return found
+
+
+def alive(processes: dict[int, str]) -> list[int]:
+    """Those of PROCESSES (pid -> start time) that still run."""
+    left = []
+    for pid, started in processes.items():
+        now = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True).stdout
+        state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout
+        if now.strip() == started.strip() and not state.startswith("Z"):
+            left.append(pid)
+    return left
+
+
+def metrics_rows(folder: Path) -> list[dict]:
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}") and '"loss"' in line]
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before the test could stop it: " + process.stderr.read()[-3000:]
+        assert time.time() < deadline, "timed out waiting for the run"
+        time.sleep(0.2)
+
+
+def training_processes(launcher: subprocess.Popen) -> dict[int, str]:
+    """The run's processes once both training processes have started."""
+    def both() -> bool:
+        return len([pid for pid in tree(launcher.pid) if "launch/train.py" in _command(pid)]) >= 2
+    wait_for(both, launcher)
+    return tree(launcher.pid)
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def fingerprint(folder: Path) -> list[float]:
+    return json.loads((folder / "results.json").read_text())["weights_fingerprint_per_process"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("whole") / "run"
+    launcher = door(["--shards", str(digits_shards), *RUN, "--wandb", "disabled", "--output-dir", str(out)])
+    _, stderr = launcher.communicate(timeout=900)
+    assert launcher.returncode == 0, stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the door's pid", "SIGTERM to its process group",
+                                 "SIGINT to its process group"])
+def test_a_signalled_run_ends_every_process_with_a_checkpoint_and_resumes_to_the_same_weights(
+        digits_shards, uninterrupted, tmp_path, how):
+    out = tmp_path / "run"
+    args = ["--shards", str(digits_shards), *RUN, "--output-dir", str(out)]
+    launcher = door(args)
+    processes = training_processes(launcher)
+    wait_for(lambda: len(metrics_rows(out)) >= 1, launcher)
+    signum = signal.SIGINT if "SIGINT" in how else signal.SIGTERM
+    if "group" in how:
+        os.killpg(launcher.pid, signum)
+    else:
+        launcher.send_signal(signum)
+    sent = time.time()
+    stdout, stderr = launcher.communicate(timeout=GRACE_S + 60)
+    assert time.time() - sent < GRACE_S
+    assert launcher.returncode == STOPPED, stderr[-3000:]
+    assert alive(processes) == []
+    lines = [line for line in stdout.splitlines() if line.startswith("stopped by")]
+    assert len(lines) == 1 and f"stopped by {signal.Signals(signum).name} at step " in lines[0], stdout[-3000:]
+    step = int(re.search(r"at step (\d+)", lines[0]).group(1))
+    assert 0 < step < EPOCHS * STEPS_PER_EPOCH
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert [path.name for path in saved] == [f"step-{step:08d}"] and str(saved[0]) in lines[0]
+    assert "Traceback" not in stderr + stdout, stderr[-3000:]
+    assert not (out / "results.json").exists()
+
+    resumed = door([*args, "--resume", "auto"])
+    _, stderr = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert fingerprint(out) == fingerprint(uninterrupted)
+
+
+def test_a_killed_door_leaves_no_process_of_the_run_behind(digits_shards, tmp_path):
+    out = tmp_path / "run"
+    launcher = door(["--shards", str(digits_shards), *RUN, "--epochs", "20", "--output-dir", str(out)])
+    processes = training_processes(launcher)
+    wait_for(lambda: len(metrics_rows(out)) >= 1, launcher)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.communicate()
+    deadline = time.time() + GRACE_S
+    while alive(processes) and time.time() < deadline:
+        time.sleep(0.5)
+    assert alive(processes) == []
+    assert len(list((out / "checkpoints").glob("step-*"))) == 1   # they stopped as if signalled
+
+
+def test_a_second_ctrl_c_ends_at_once_and_keeps_the_last_checkpoint(digits_shards, tmp_path):
+    from maskcon import checkpoints
+
+    out = tmp_path / "run"
+    args = ["--shards", str(digits_shards), *RUN, "--epochs", "20", "--checkpoint-every", "1",
+            "--output-dir", str(out)]
+    launcher = door(args)
+    processes = training_processes(launcher)
+    wait_for(lambda: (out / "checkpoints" / f"step-{STEPS_PER_EPOCH:08d}" / "files.json").exists(), launcher)
+    os.killpg(launcher.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGINT)
+    stdout, stderr = launcher.communicate(timeout=GRACE_S)
+    assert launcher.returncode == AT_ONCE, stderr[-3000:]
+    assert alive(processes) == []
+    lines = [line for line in (stdout + stderr).splitlines() if "second SIGINT" in line]
+    assert len(lines) == 1 and "Traceback" not in stderr + stdout, stderr[-3000:]
+    intact = [path for path in checkpoints.list_checkpoints(out / "checkpoints") if checkpoints.damage(path) is None]
+    assert intact and str(intact[-1]) in lines[0]
+    resumed = door([*args, "--resume", "--max-steps", str(STEPS_PER_EPOCH + 2)])
+    _, stderr = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, stderr[-3000:]
+
+
+def one_process(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "launch/train.py", *args], cwd=ROOT, env=environment(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_folder_in_use_refuses_a_second_writer_until_its_run_ends(digits_shards, tmp_path):
+    out = tmp_path / "run"
+    args = ["--shards", str(digits_shards), *RUN, "--epochs", "20", "--wandb", "disabled"]
+    first = one_process([*args, "--output-dir", str(out)])
+    wait_for(lambda: len(metrics_rows(out)) >= 1, first)
+    for extra in ([], ["--resume", "auto"], ["--resume"], ["--check"]):
+        second = subprocess.run([sys.executable, "launch/train.py", *args, "--output-dir", str(out), *extra],
+                                cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, (extra, second.stderr[-3000:])
+        assert second.stderr.strip().splitlines() == [second.stderr.strip()], second.stderr[-3000:]
+        assert "in use" in second.stderr and f"pid {first.pid}" in second.stderr, second.stderr
+    first.send_signal(signal.SIGKILL)     # a stale lock of a dead process never blocks
+    first.communicate()
+    saved = len(list((out / "checkpoints").glob("step-*")))
+    resumed = subprocess.run([sys.executable, "launch/train.py", *args, "--output-dir", str(out), "--resume", "auto",
+                              "--max-steps", "3"], cwd=ROOT, env=environment(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert saved == 0 and json.loads((out / "results.json").read_text())["step"] == 3   # it started afresh
+
+
+def test_the_identical_command_after_a_failed_start_runs(digits_shards, tmp_path):
+    weights = tmp_path / "resnet18.pth"
+    weights.write_bytes(b"not a weights file")
+    out = tmp_path / "run"
+    command = [sys.executable, "launch/run.py", "--processes", "1", "--shards", str(digits_shards), *RUN,
+               "--max-steps", "2", "--pretrained", str(weights), "--output-dir", str(out)]
+    failed = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 2 and "cannot read pretrained weights" in failed.stderr, failed.stderr[-3000:]
+    torch.save(torchvision.models.resnet18().state_dict(), weights)   # the user fixes the file
+    again = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["step"] == 2
+
+
+def test_a_failure_inside_a_run_of_the_door_exits_2_in_one_line(digits_shards, tmp_path):
+    launcher = door(["--shards", str(digits_shards), *RUN, "--lr", "1e30", "--wandb", "disabled",
+                     "--output-dir", str(tmp_path / "run")])
+    _, stderr = launcher.communicate(timeout=600)
+    assert launcher.returncode == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "the loss stopped being finite" in errors[0], stderr[-3000:]
+
+
+def test_readme_documents_the_exit_statuses_and_how_to_stop():
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Stopping a run"):]
+    section = section[:section.index("\n## ")] if "\n## " in section else section
+    for status in ("0", "2", str(STOPPED), str(AT_ONCE)):
+        assert re.search(rf"^\| `{status}` \|", section, re.MULTILINE), status
+    for door_name in ("Ctrl-C", "kill", "docker stop -t", "scancel"):
+        assert door_name in section
