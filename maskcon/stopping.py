@@ -45,12 +45,14 @@ KILL_AFTER_SIGNALS = 3    # the door's third stop signal SIGKILLs whatever of th
 
 def start_time(pid: int) -> str | None:
     """The start time of process PID in clock ticks since boot (field 22 of /proc/PID/stat), None when
-    there is no such process: with the pid, it names one process even after the pid is reused."""
+    there is no such process or it has ended (a zombie not yet reaped): with the pid, it names one process
+    even after the pid is reused."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]   # fields after "pid (comm)" start at field 3
+    fields = stat.rsplit(")", 1)[1].split()   # fields after "pid (comm)": state is field 3
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def children(pid: int) -> list[int]:
@@ -99,6 +101,7 @@ class StopRequest:
         self.reason: str | None = None
         self.last_checkpoint: Callable[[], str] = lambda: "no checkpoint was written yet"
         self._previous: dict[int, object] = {}
+        self._wakeup: tuple[int, int] = (-1, -1)   # (the wakeup fd before ours, ours)
         self._watching = False
 
     @property
@@ -110,9 +113,17 @@ class StopRequest:
         return bool(self._previous)
 
     def install(self) -> StopRequest:
-        """Take over the stop signals (in the main thread) and watch the door that started this process."""
+        """Take over the stop signals (from the main thread) and watch the door that started this process.
+
+        Each signal is counted by a thread of its own, woken through Python's wakeup file descriptor: the
+        second Ctrl-C ends the process even while the main thread waits in a long call (a collective, a
+        kernel), where a Python-level handler would run only afterwards, both signals folded into one."""
+        readable, writable = os.pipe()
+        os.set_blocking(writable, False)
         for signum in STOP_SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            self._previous[signum] = signal.signal(signum, lambda signum, frame: None)   # counted by the thread
+        self._wakeup = (signal.set_wakeup_fd(writable, warn_on_full_buffer=False), writable)
+        threading.Thread(target=self._count, args=(readable,), name="maskcon-stop-signals", daemon=True).start()
         launcher = os.environ.get(LAUNCHER_ENV)
         if launcher and not self._watching:
             self._watching = True
@@ -125,13 +136,21 @@ class StopRequest:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+        previous_fd, writable = self._wakeup
+        signal.set_wakeup_fd(previous_fd)
+        os.close(writable)   # the counting thread reads the end of its pipe and ends
 
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
+    def _count(self, readable: int) -> None:
+        with os.fdopen(readable, "rb", buffering=0) as pipe:
+            while received := pipe.read(1):
+                if received[0] in STOP_SIGNALS:
+                    self._received(signal.Signals(received[0]))
+
+    def _received(self, signum: signal.Signals) -> None:
         if self.reason is None:
-            self.reason = name
+            self.reason = signum.name
         elif signum == signal.SIGINT:
-            self._end_at_once(name)
+            self._end_at_once(signum.name)
 
     def _end_at_once(self, name: str) -> None:
         if int(os.environ.get("RANK", "0")) == 0:

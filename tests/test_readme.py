@@ -15,9 +15,9 @@ from maskcon.report import build_parser as report_parser
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 PLACEHOLDERS = {"DATASET": "cifar100", "SRC": "/data/src"}
-# Flags of other tools that README names: accelerate launch, docker run, sbatch, pytest.
+# Flags of other tools that README names: accelerate launch, docker run, sbatch, scancel, pytest.
 OTHER_TOOLS = {"--config_file", "--num_processes", "--multi_gpu", "--mixed_precision", "--gpus", "--ipc",
-               "--shm-size", "--nodes", "--help"}
+               "--shm-size", "--nodes", "--help", "--init", "--signal"}
 
 
 def documented_commands() -> list[str]:

@@ -26,8 +26,9 @@ STEPS_PER_EPOCH = 1437 // 64  # digits' train split, 1 process
 
 
 def contents(folder: Path) -> dict:
+    """Every file's sha256 but the lock's (a run holds the folder it claims)."""
     return {path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != rundir.LOCK}
 
 
 def quiet(line: str) -> None:
@@ -267,3 +268,48 @@ def test_two_runs_started_together_write_into_two_folders(digits_shards, tmp_pat
     for folder in folders:
         assert json.loads((folder / "results.json").read_text())["step"] == 2
         assert [p.name for p in (folder / "checkpoints").iterdir()] == ["step-00000002"]
+
+
+# ------------------------------------------------------------------------------------ one writer per folder
+
+HOLDER = "import sys; from pathlib import Path; from maskcon import rundir; rundir.hold(Path(sys.argv[1])); " \
+         "print('held', flush=True); sys.stdin.read()"
+
+
+def test_a_folder_held_by_a_living_process_is_refused_naming_it_until_that_process_dies(tmp_path):
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for resume in (None, "auto", "newest", str(folder)):
+            with pytest.raises(UserError) as caught:
+                rundir.claim(folder, resume, default=tmp_path / "unused", log=quiet)
+            assert "in use" in str(caught.value) and f"pid {holder.pid}" in str(caught.value), resume
+            assert "\n" not in str(caught.value)
+        assert f"pid {holder.pid}" in rundir.lock_holder(folder)
+    finally:
+        holder.kill()        # the system lets go of a dead process's lock
+        holder.wait()
+    assert rundir.lock_holder(folder) is None
+    assert rundir.claim(folder, None, default=tmp_path / "unused", log=quiet) == rundir.RunFolder(folder, None)
+    assert f"pid {os.getpid()}" in (folder / rundir.LOCK).read_text()
+    rundir.release(folder)
+
+
+def test_a_start_that_failed_before_training_is_taken_over_and_one_that_trained_is_not(tmp_path):
+    folder = tmp_path / "run"
+    rundir.claim(folder, None, default=tmp_path / "unused", log=quiet)
+    (folder / "config.yaml").write_text("dataset: digits\n")       # what a start writes, then it fails
+    (folder / "metrics.jsonl").write_text('{"step": 0, "R@1": 80.0}\n')
+    rundir.release(folder)
+    lines = []
+    assert rundir.claim(folder, None, default=tmp_path / "unused", log=lines.append) == rundir.RunFolder(folder, None)
+    assert not (folder / "config.yaml").exists() and not (folder / "metrics.jsonl").exists()
+    assert len(lines) == 1 and "failed before training" in lines[0]
+    (folder / "config.yaml").write_text("dataset: digits\n")
+    rundir.mark_trained(folder)                                     # its first metrics row
+    rundir.release(folder)
+    with pytest.raises(UserError, match="holds another run's files"):
+        rundir.claim(folder, None, default=tmp_path / "unused", log=quiet)
+    assert (folder / "config.yaml").exists()

@@ -31,11 +31,10 @@ def environment() -> dict:
     return dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
 
 
-def door(args: list[str], processes: int = 2) -> subprocess.Popen:
+def door(args: list[str], processes: int = 2, output=subprocess.PIPE) -> subprocess.Popen:
     """`python launch/run.py` in a process group of its own, as a shell starts a command."""
     return subprocess.Popen([sys.executable, "launch/run.py", "--processes", str(processes), *args], cwd=ROOT,
-                            env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            env=environment(), stdout=output, stderr=output, text=True, start_new_session=True)
 
 
 def tree(pid: int) -> dict[int, str]:
@@ -145,16 +144,20 @@ def test_a_signalled_run_ends_every_process_with_a_checkpoint_and_resumes_to_the
 
 def test_a_killed_door_leaves_no_process_of_the_run_behind(digits_shards, tmp_path):
     out = tmp_path / "run"
-    launcher = door(["--shards", str(digits_shards), *RUN, "--epochs", "20", "--output-dir", str(out)])
+    # its output goes nowhere: the processes must not wait on a pipe that nobody reads any more
+    launcher = door(["--shards", str(digits_shards), *RUN, "--epochs", "20", "--output-dir", str(out)],
+                    output=subprocess.DEVNULL)
     processes = training_processes(launcher)
     wait_for(lambda: len(metrics_rows(out)) >= 1, launcher)
     launcher.send_signal(signal.SIGKILL)
-    launcher.communicate()
-    deadline = time.time() + GRACE_S
-    while alive(processes) and time.time() < deadline:
+    launcher.wait()
+    killed = time.time()
+    while alive(processes) and time.time() < killed + GRACE_S:
         time.sleep(0.5)
-    assert alive(processes) == []
-    assert len(list((out / "checkpoints").glob("step-*"))) == 1   # they stopped as if signalled
+    assert alive(processes) == [] and time.time() - killed < GRACE_S
+    saved = list((out / "checkpoints").glob("step-*"))   # they stopped as if signalled, before the end
+    assert len(saved) == 1 and not (out / "results.json").exists()
+    assert metrics_rows(out)[-1]["step"] < 20 * STEPS_PER_EPOCH
 
 
 def test_a_second_ctrl_c_ends_at_once_and_keeps_the_last_checkpoint(digits_shards, tmp_path):
@@ -167,7 +170,7 @@ def test_a_second_ctrl_c_ends_at_once_and_keeps_the_last_checkpoint(digits_shard
     processes = training_processes(launcher)
     wait_for(lambda: (out / "checkpoints" / f"step-{STEPS_PER_EPOCH:08d}" / "files.json").exists(), launcher)
     os.killpg(launcher.pid, signal.SIGINT)
-    time.sleep(0.05)
+    time.sleep(0.2)     # a quick double press
     os.killpg(launcher.pid, signal.SIGINT)
     stdout, stderr = launcher.communicate(timeout=GRACE_S)
     assert launcher.returncode == AT_ONCE, stderr[-3000:]
