@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from maskcon.config import Config, parse_config, shards_dir, to_dict
+from maskcon.config import Config, parse_config
 from maskcon.errors import UserError
 from maskcon.stopping import supervise
 
@@ -26,42 +26,18 @@ ONE_PROCESS = ACCELERATE_CONFIGS / "one_process.yaml"      # one process, GPU wh
 ONE_NODE = ACCELERATE_CONFIGS / "one_node.yaml"            # N processes of one node (GPUs, or gloo on CPUs)
 
 
-def resolved_config(config: Config, processes: int) -> dict:
-    """What config.yaml records before training: every option, the processes and the base learning rate."""
-    from maskcon.train import base_learning_rate
-
-    return {**to_dict(config), "num_processes": processes, "base_lr": base_learning_rate(config, processes)}
-
-
 def check_run(config: Config, processes: int) -> list[str]:
-    """The checks a run makes before training, without training; one line per finding, UserError (one line)
-    for the first problem."""
-    from maskcon.shard_format import check_split, read_manifest
-    from maskcon.tracking import resolve_wandb_mode, wandb_logged_in
-
+    """The checks a run makes before training, without training: its plan (`maskcon.plan.plan_run`, the one
+    the run follows), the run folder, W&B and the pretrained weights; one line per finding, UserError (one
+    line) for the first problem."""
     from maskcon import rundir
+    from maskcon.plan import plan_run
+    from maskcon.tracking import resolve_wandb_mode, wandb_logged_in
 
     holder = None if config.output_dir is None else rundir.lock_holder(Path(config.output_dir))
     if holder is not None:
         raise rundir.in_use(Path(config.output_dir), holder)
-    lines = [f"{config.method} on {config.dataset}: {processes} process(es) x batch {config.batch_size} = "
-             f"global batch {config.global_batch}, lr {resolved_config(config, processes)['base_lr']:g}, "
-             f"{config.epochs} epochs"]
-    folder = shards_dir(config)
-    if config.dataset == "digits" and not (folder / "manifest.json").exists():
-        lines.append(f"shards: {folder} is written on first use (bundled digits)")
-        manifest = None
-    else:
-        manifest = read_manifest(folder)
-        if manifest["dataset"] != config.dataset and config.dataset != "folder":
-            raise UserError(f"{folder} holds shards of {manifest['dataset']!r}, not {config.dataset!r}; "
-                            f"pass --shards for the right folder")
-        for split in ("train", "test"):
-            check_split(folder, split, manifest)
-        sizes = ", ".join(f"{name} {split['num_samples']}" for name, split in manifest["splits"].items())
-        lines.append(f"shards: {folder} intact by size and index ({sizes} images)")
-    if config.resume:
-        lines.append(_check_resume(config, processes, manifest))
+    lines = plan_run(config, processes).lines()
     mode = resolve_wandb_mode(config.wandb)
     if mode == "online" and not wandb_logged_in():
         raise UserError("--wandb online but W&B finds no API key (WANDB_API_KEY, netrc or `wandb login`); "
@@ -71,22 +47,6 @@ def check_run(config: Config, processes: int) -> list[str]:
         raise UserError(f"pretrained weights file {config.pretrained!r} not found; pass 'imagenet', a torchvision "
                         f"weights file or none")
     return lines
-
-
-def _check_resume(config: Config, processes: int, manifest: dict | None) -> str:
-    """The checkpoint the run would continue from (maskcon.rundir's forms of --resume), read without
-    writing anything, checked against the run's options."""
-    from maskcon import checkpoints, rundir
-
-    _, found = rundir.resume_point(config.output_dir, config.resume, lambda line: None, repair=False)
-    if found is None:
-        return f"resume: no checkpoint in {Path(config.output_dir) / rundir.CHECKPOINTS} yet; starts afresh"
-    saved = checkpoints.read_state(found)
-    if manifest is not None:
-        run = checkpoints.run_record(config, world_size=processes, manifest=manifest,
-                                     mixed_precision=saved["run"].get("mixed_precision"))
-        checkpoints.check_resume(saved["run"], run, checkpoints.parse_accept(config.accept_changes))
-    return f"resume: from {found} (step {saved['step']})"
 
 
 def launcher_parser() -> argparse.ArgumentParser:
@@ -145,7 +105,9 @@ def run(argv: list[str]) -> int:
 def report_or_check(config: Config, processes: int) -> int:
     """--print-config: the resolved configuration as YAML on stdout; --check: one line per check. 0."""
     if config.print_config:
-        print(yaml.safe_dump(resolved_config(config, processes), sort_keys=False), end="")
+        from maskcon.plan import plan_run
+
+        print(yaml.safe_dump(plan_run(config, processes, shards_required=False).resolved(), sort_keys=False), end="")
     else:
         for line in check_run(config, processes):
             print(line)

@@ -1,16 +1,17 @@
-"""Building a run: the one place that decides the parts of a run from its `Config`.
+"""Building a run: the one place that makes the parts of a run, following its plan (`maskcon.plan`).
 
-`build_run(config, accelerator)` settles the device (seeds, cudnn, CPU threads, precision, channels-last),
-the run folder and its resume point, the shards and both loaders, the learner and its optimizer (prepared by
-Accelerate), the learning-rate schedule, the training step's parts and the metrics tracker. The training loop
+`build_run(config, accelerator)` settles the device (seeds, cudnn, CPU threads), claims the run folder, writes
+the bundled digits' shards when missing, makes the run's plan with `maskcon.plan.plan_run` (the function
+`--check` prints), and carries it out: both loaders, the learner and its optimizer (prepared by Accelerate),
+the learning-rate schedule, the resume, the training step's parts and the metrics tracker. The training loop
 (`maskcon/train.py`), `python launch/bench.py train` and the tests all build their runs here, so what they
 measure or check is what the trainer runs.
 """
 
 from __future__ import annotations
 
-import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,13 +23,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
 from maskcon import checkpoints, dist, failures, rundir, shards
-from maskcon.config import Config, shards_dir, to_dict
+from maskcon.config import Config, shards_dir
 from maskcon.errors import AgreedError, UserError
 from maskcon.loaders import build_test_loader, build_train_loader
 from maskcon.methods import method_for
 from maskcon.model import MaskConModel, fetch_pretrained
-from maskcon.provenance import provenance
-from maskcon.shard_format import read_manifest
+from maskcon.plan import Plan, lr_schedule, plan_run, resolve_precision
 from maskcon.step import StepParts, build_step, make_optimizer
 
 
@@ -74,38 +74,6 @@ class Run:
         return self.config.batch_size * self.accelerator.num_processes
 
 
-def lr_schedule(*, base_lr: float, total_steps: int, warmup_steps: int) -> list[float]:
-    """Per-step learning rates: linear warm-up to base_lr, then cosine annealing to 0."""
-    rates = []
-    for step in range(total_steps):
-        if step < warmup_steps:
-            rates.append(base_lr * (step + 1) / warmup_steps)
-        else:
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            rates.append(base_lr * 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return rates
-
-
-def base_learning_rate(config: Config, num_processes: int) -> float:
-    """--lr for a global batch of --lr-reference-batch, scaled linearly to the real global batch
-    (batch x processes) unless --no-scale-lr."""
-    global_batch = config.batch_size * num_processes
-    return config.lr * (global_batch / config.lr_reference_batch if config.scale_lr else 1.0)
-
-
-def resolve_precision(requested: str | None, device: torch.device) -> str:
-    """--mixed-precision when given; else what `accelerate launch --mixed_precision` asked for (fp16, bf16);
-    else bf16 on a GPU (fp16 where bf16 is not supported) and fp32 on the CPU."""
-    if requested is not None:
-        return requested
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher in ("bf16", "fp16"):
-        return launcher
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
 def make_accelerator(config: Config, device: str | None = None) -> Accelerator:
     """The run's Accelerator on `device` ("cpu" | "cuda"; default: cuda when available), with the precision
     of `resolve_precision`."""
@@ -114,26 +82,24 @@ def make_accelerator(config: Config, device: str | None = None) -> Accelerator:
     # statistics are averaged over processes before evaluation and checkpoints.
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False),
                 InitProcessGroupKwargs(timeout=timedelta(minutes=config.dist_timeout))]
-    return Accelerator(cpu=chosen.type == "cpu", mixed_precision=resolve_precision(config.mixed_precision, chosen),
-                       kwargs_handlers=handlers)
+    return Accelerator(cpu=chosen.type == "cpu",
+                       mixed_precision=resolve_precision(config.mixed_precision, chosen.type), kwargs_handlers=handlers)
 
 
-def settle_device(config: Config, accelerator: Accelerator) -> bool:
-    """Seeds, cudnn autotuning on a GPU, CPU threads per process on the CPU; returns channels_last."""
+def settle_device(config: Config, accelerator: Accelerator) -> None:
+    """Seeds, cudnn autotuning on a GPU, CPU threads per process on the CPU."""
     set_seed(config.seed, device_specific=True)
-    on_gpu = accelerator.device.type == "cuda"
-    if on_gpu:
+    if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     else:
         # processes on one CPU share its cores; more threads than cores makes every process wait
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
-    return on_gpu if config.channels_last is None else config.channels_last
 
 
-def prepare_shards(config: Config) -> tuple[Path, dict]:
-    """The shard folder and its manifest; the bundled digits are written on first use, by the main process
-    (a shared file system is assumed), while the others wait for its verdict."""
+def prepare_shards(config: Config) -> None:
+    """Write the bundled digits' shards on first use, on the main process (a shared file system is
+    assumed), while the others wait for its verdict; other datasets' shards are made by make_shards."""
     folder = shards_dir(config)
 
     def make_if_missing() -> None:
@@ -145,11 +111,6 @@ def prepare_shards(config: Config) -> tuple[Path, dict]:
         shards.create("digits", None, folder)
 
     failures.run_on_main(make_if_missing)
-    manifest = read_manifest(folder)
-    if manifest["dataset"] != config.dataset and config.dataset != "folder":
-        raise UserError(f"{folder} holds shards of {manifest['dataset']!r}, not {config.dataset!r}; "
-                        f"pass --shards for the right folder")
-    return folder, manifest
 
 
 def build_model(config: Config, num_coarse: int | None) -> MaskConModel:
@@ -171,99 +132,76 @@ def build_learner(config: Config, accelerator: Accelerator, manifest: dict, chan
     model = model.to(accelerator.device)
     optimizer = make_optimizer(model, lr=base_lr, momentum=config.momentum, weight_decay=config.weight_decay,
                                device=accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    with warnings.catch_warnings():   # PyTorch 2.14 renames DDP's broadcast_buffers; 2.11 knows only that name
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
+        model, optimizer = accelerator.prepare(model, optimizer)
     return model, accelerator.unwrap_model(model), optimizer
 
 
 def build_loaders(config: Config, accelerator: Accelerator, folder: Path, channels_last: bool = False):
-    """(train loader, test loader) of this process; views in the channels-last memory format when asked."""
-    common = dict(image_size=config.image_size, rank=accelerator.process_index,
+    """(train loader, test loader) of this process, both with the recipe of the run's --dataset (one
+    normalisation for training and evaluation, whatever dataset the shards' manifest names) and its
+    --loader-threads; views in the channels-last memory format when asked."""
+    common = dict(recipe=config.dataset, image_size=config.image_size, rank=accelerator.process_index,
                   world_size=accelerator.num_processes, device=accelerator.device, backend=config.loader,
-                  channels_last=channels_last)
-    train_loader = build_train_loader(folder, recipe=config.dataset, batch_size=config.batch_size, seed=config.seed,
-                                      query_view=config.query_view, key_view=config.key_view,
-                                      num_threads=config.loader_threads, **common)
+                  channels_last=channels_last, num_threads=config.loader_threads)
+    train_loader = build_train_loader(folder, batch_size=config.batch_size, seed=config.seed,
+                                      query_view=config.query_view, key_view=config.key_view, **common)
     return train_loader, build_test_loader(folder, batch_size=config.eval_batch_size, **common)
-
-
-def _saved_state(config: Config, accelerator: Accelerator, resumed_from: Path | None,
-                 record: dict) -> dict:
-    """The state of the checkpoint to resume from, after checking the run's options against it; {} for a
-    fresh start."""
-    if resumed_from is None:
-        return {}
-    saved = checkpoints.read_state(resumed_from)
-    try:
-        accepted = checkpoints.check_resume(saved["run"], record, checkpoints.parse_accept(config.accept_changes))
-    except UserError as error:  # every process compares the same two records
-        raise AgreedError(str(error)) from None
-    for change in accepted:
-        accelerator.print(f"--resume: continuing with a changed {change}; the learning-rate schedule is "
-                          f"recomputed for this run")
-    return saved
-
-
-def resume_position(state: dict, steps_per_epoch: int, record: dict) -> int:
-    """The step to continue from. With the same processes and batch (the default) it is the checkpoint's
-    step; an accepted change of either continues at the same fraction of the same epoch."""
-    if state["run"]["world_size"] == record["world_size"] and state["run"]["batch_size"] == record["batch_size"]:
-        return state["step"]
-    old_steps_per_epoch = state["steps_per_epoch"]
-    epoch, position = divmod(state["step"], old_steps_per_epoch)
-    return epoch * steps_per_epoch + position * steps_per_epoch // old_steps_per_epoch
 
 
 def _start_tracker(config: Config, run: Run):
     from maskcon.tracking import Tracker
 
-    extra = {"base_lr": run.base_lr, "global_batch": run.global_batch, "world_size": run.accelerator.num_processes}
-    return Tracker(run.output_dir, config={**run.resolved, **extra}, wandb_mode=config.wandb,
-                   project=config.wandb_project, name=config.run_name or run.output_dir.name,
-                   resume=run.resumed_from is not None, resume_step=run.step)
+    return Tracker(run.output_dir, config=run.resolved, wandb_mode=config.wandb, project=config.wandb_project,
+                   name=config.run_name or run.output_dir.name, resume=run.resumed_from is not None,
+                   resume_step=run.step)
+
+
+def planned(config: Config, accelerator: Accelerator, resume_from: Path | None) -> Plan:
+    """The run's plan (maskcon.plan.plan_run), as every process makes it alike: a refusal is said once."""
+    try:
+        plan = plan_run(config, accelerator.num_processes, device=accelerator.device.type, resume_from=resume_from)
+    except UserError as error:   # every process reads the same shards and checkpoint
+        raise AgreedError(str(error)) from None
+    for change in plan.accepted:
+        accelerator.print(f"--resume: continuing with a changed {change}; the learning-rate schedule is "
+                          f"recomputed for this run")
+    return plan
 
 
 def build_run(config: Config, accelerator: Accelerator) -> Run:
-    """The run of `config` on `accelerator`: every process calls it at the same point."""
-    channels_last = settle_device(config, accelerator)
-    resolved = {**to_dict(config), "mixed_precision": accelerator.mixed_precision, "channels_last": channels_last,
-                "num_processes": accelerator.num_processes,
-                "base_lr": base_learning_rate(config, accelerator.num_processes), "provenance": provenance()}
+    """The run of `config` on `accelerator`: every process calls it at the same point. It claims the run
+    folder, writes the bundled digits' shards when missing, plans (`planned`) and carries the plan out."""
+    settle_device(config, accelerator)
     claimed = rundir.claim_everywhere(config.output_dir, config.resume, dataset=config.dataset,
                                       method=config.method, log=accelerator.print)
-    output_dir, resumed_from = claimed.path, claimed.resume_from
-    folder, manifest = prepare_shards(config)
-    record = checkpoints.run_record(config, world_size=accelerator.num_processes, manifest=manifest,
-                                    mixed_precision=accelerator.mixed_precision)
-    saved = _saved_state(config, accelerator, resumed_from, record)
-    train_loader, test_loader = build_loaders(config, accelerator, folder, channels_last)
-    steps_per_epoch = len(train_loader)
+    prepare_shards(config)
+    plan = planned(config, accelerator, claimed.resume_from)
+    train_loader, test_loader = build_loaders(config, accelerator, plan.shards, plan.channels_last)
+    resolved = plan.resolved()
 
     def write_config() -> None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        claimed.path.mkdir(parents=True, exist_ok=True)
+        (claimed.path / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     failures.run_on_main(write_config)
-    base_lr = base_learning_rate(config, accelerator.num_processes)
-    model, learner, optimizer = build_learner(config, accelerator, manifest, channels_last, base_lr)
-    total_steps = steps_per_epoch * config.epochs
-    schedule = lr_schedule(base_lr=base_lr, total_steps=total_steps,
-                           warmup_steps=round(config.warmup_epochs * steps_per_epoch))
+    model, learner, optimizer = build_learner(config, accelerator, plan.manifest, plan.channels_last, plan.base_lr)
     parts = StepParts(model=model, learner=learner, optimizer=optimizer, method=method_for(config.method),
                       t0=config.t0, t=config.t, w=config.w, autocast=accelerator.autocast,
-                      backward=accelerator.backward, channels_last=channels_last)
-    step = 0
-    if resumed_from is not None:
-        checkpoints.load(accelerator, resumed_from)
+                      backward=accelerator.backward, channels_last=plan.channels_last)
+    if plan.resume_from is not None:
+        checkpoints.load(accelerator, plan.resume_from)
         checkpoints.copy_into(dist.running_statistics(learner), checkpoints.own_tensors(
-            resumed_from, accelerator.process_index, accelerator.num_processes))
-        step = resume_position(saved, steps_per_epoch, record)
-        accelerator.print(f"resumed from {resumed_from} at step {step}")
-    run = Run(config=config, accelerator=accelerator, output_dir=output_dir, folder=folder, manifest=manifest,
-              record=record, resolved=resolved, train_loader=train_loader, test_loader=test_loader, model=model,
-              learner=learner, optimizer=optimizer, parts=parts,
+            plan.resume_from, accelerator.process_index, accelerator.num_processes))
+        accelerator.print(f"resumed from {plan.resume_from} at step {plan.start_step}")
+    run = Run(config=config, accelerator=accelerator, output_dir=claimed.path, folder=plan.shards,
+              manifest=plan.manifest, record=plan.record, resolved=resolved, train_loader=train_loader,
+              test_loader=test_loader, model=model, learner=learner, optimizer=optimizer, parts=parts,
               step_fn=build_step(parts, compile_mode=(config.compile_mode or "default") if config.compile else None),
-              base_lr=base_lr, schedule=schedule,
-              channels_last=channels_last, steps_per_epoch=steps_per_epoch, total_steps=total_steps, step=step,
-              resumed_from=resumed_from, tracker=None)
+              base_lr=plan.base_lr, schedule=lr_schedule(base_lr=plan.base_lr, total_steps=plan.total_steps,
+                                                         warmup_steps=plan.warmup_steps),
+              channels_last=plan.channels_last, steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps,
+              step=plan.start_step, resumed_from=plan.resume_from, tracker=None)
     run.tracker = failures.run_on_main(_start_tracker, config, run)
     return run

@@ -38,7 +38,8 @@ from maskcon.config import Config
 from maskcon.errors import AgreedError, UserError
 from maskcon.model import MaskConModel
 from maskcon.retrieval import RECALL_KS, recall_at_k
-from maskcon.run import Run, base_learning_rate, build_run, lr_schedule, make_accelerator, resolve_precision
+from maskcon.plan import base_learning_rate, lr_schedule, resolve_precision
+from maskcon.run import Run, build_run, make_accelerator
 
 __all__ = ["DataClock", "RunResult", "base_learning_rate", "evaluate", "extract_features", "fill_memory_bank",
            "lr_schedule", "resolve_precision", "save", "train", "train_loop", "weights_fingerprint"]

@@ -119,3 +119,26 @@ def test_an_epoch_started_at_a_batch_yields_the_rest_of_the_full_epoch(digits_sh
     again = next(iter(loader))    # the start applies to one pass only
     loader.set_epoch(4)
     assert torch.equal(again["query"], next(iter(loader))["query"])
+
+
+def test_the_test_loader_takes_the_loader_threads_of_the_run(digits_shards, tmp_path):
+    from maskcon.loaders import loader_defaults
+
+    assert loader_defaults(8).threads != 1
+    run = built_run(digits_shards, tmp_path / "run")      # --loader-threads 1
+    assert run.train_loader.num_threads == 1 and run.test_loader.num_threads == 1
+
+
+@torch.no_grad()
+def test_training_and_evaluation_normalise_with_the_recipe_of_the_runs_dataset(digits_shards, tmp_path):
+    """--dataset folder on the digits' shards: the test loader uses the folder recipe's mean and std (as the
+    training loader, built from --dataset), not the digits' that the manifest names."""
+    from maskcon.loaders import build_test_loader
+
+    run = built_run(digits_shards, tmp_path / "run", "--dataset", "folder", "--image-size", "8")
+    ours = next(iter(run.test_loader))["image"]
+    options = dict(image_size=8, batch_size=128, rank=0, world_size=1, device="cpu", backend="dali",
+                   num_threads=1)
+    for recipe, same in (("folder", True), ("digits", False)):
+        reference = next(iter(build_test_loader(digits_shards, recipe=recipe, **options)))["image"]
+        assert torch.equal(ours, reference) == same, recipe

@@ -108,11 +108,11 @@ def test_trainer_accepts_every_run_of_the_grid(path):
 def test_every_sweep_run_trains_the_recipes_global_batch_and_lr_on_any_number_of_gpus(path, processes):
     """The global batch is pinned to the supplement's (section A) and split over the processes, so the
     learning rate the run trains with is the recipe's 0.02 whatever the machine."""
-    from maskcon.launcher import resolved_config
+    from maskcon.plan import plan_run
 
     for run in grid(load(path)):
         config = parse_config(agent_command(load(path), run)[3:], processes=processes)
-        resolved = resolved_config(config, processes)
+        resolved = plan_run(config, processes, shards_required=False).resolved()
         assert resolved["global_batch"] == RECIPE_BATCH.get(run["dataset"], 128)
         assert resolved["batch_size"] * processes == resolved["global_batch"]
         assert resolved["base_lr"] == pytest.approx(0.02)

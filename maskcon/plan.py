@@ -1,0 +1,187 @@
+"""The plan of a run: what it will do, decided once, read-only, by the one function that `--check`,
+`--print-config`, `launch/run.py`, `launch/slurm.sh` and the trainer's builder all call.
+
+`plan_run(config, processes)` reads the shards' manifest, the checkpoint that --resume names (compared with
+this run's record) and settles the device, the precision, the memory format, the batch per process and in all,
+the learning rate, the steps per epoch and in all, the step the run starts from, and the one resolved record
+of the run (written to config.yaml and W&B; a checkpoint keeps `record`). It writes nothing: the builder
+(`maskcon.run.build_run`) claims the run folder, writes the bundled digits' shards when missing, plans, and
+then only carries the plan out, so what `--check` prints is what the run does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from maskcon import checkpoints, rundir
+from maskcon.config import Config, shards_dir, to_dict
+from maskcon.errors import UserError
+from maskcon.shard_format import check_split, read_manifest
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: Config
+    processes: int
+    device: str                   # "cuda" | "cpu": where every process of the run computes
+    precision: str                # Accelerate's mixed precision: no | bf16 | fp16
+    channels_last: bool           # the memory format of the images and the network
+    shards: Path
+    manifest: dict | None         # None: the bundled digits, written by the run on first use
+    base_lr: float                # the learning rate after warm-up, for the real global batch
+    steps_per_epoch: int | None   # None until the shards exist (the digits before their first use)
+    resume_from: Path | None      # the checkpoint the run continues from; None: a fresh start
+    start_step: int               # 0, or where the checkpoint leaves off
+    accepted: tuple[str, ...] = field(default=())   # "name (old -> new)" of each accepted change
+
+    @property
+    def batch_size(self) -> int:
+        """Images per process per step."""
+        return self.config.batch_size
+
+    @property
+    def global_batch(self) -> int:
+        """Images per step over all processes."""
+        return self.config.batch_size * self.processes
+
+    @property
+    def total_steps(self) -> int | None:
+        return None if self.steps_per_epoch is None else self.steps_per_epoch * self.config.epochs
+
+    @property
+    def warmup_steps(self) -> int | None:
+        return None if self.steps_per_epoch is None else round(self.config.warmup_epochs * self.steps_per_epoch)
+
+    @property
+    def record(self) -> dict:
+        """What a checkpoint records of the run and a resume compares (checkpoints.run_record)."""
+        if self.manifest is None:
+            raise UserError(f"no shards in {self.shards} yet: the run writes them first")
+        return checkpoints.run_record(self.config, world_size=self.processes, manifest=self.manifest,
+                                      mixed_precision=self.precision)
+
+    def resolved(self) -> dict:
+        """The resolved configuration as config.yaml and W&B hold it: every option, then what the run decided."""
+        from maskcon.provenance import provenance
+
+        return {**to_dict(self.config), "mixed_precision": self.precision, "channels_last": self.channels_last,
+                "num_processes": self.processes, "global_batch": self.global_batch, "base_lr": self.base_lr,
+                "provenance": provenance()}
+
+    def lines(self) -> list[str]:
+        """What `--check` prints of the plan, one line per part."""
+        config = self.config
+        steps = "steps per epoch once the shards are written" if self.steps_per_epoch is None else \
+            f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
+        lines = [f"{config.method} on {config.dataset}: {self.processes} process(es) x batch {self.batch_size} = "
+                 f"global batch {self.global_batch}, lr {self.base_lr:g}, {config.epochs} epochs, {steps}",
+                 f"device: {self.device}, precision {self.precision}, "
+                 f"{'channels-last' if self.channels_last else 'contiguous'} memory format"]
+        if self.manifest is None:
+            lines.append(f"shards: {self.shards} is written on first use (bundled digits)")
+        else:
+            sizes = ", ".join(f"{name} {split['num_samples']}" for name, split in self.manifest["splits"].items())
+            lines.append(f"shards: {self.shards} intact by size and index ({sizes} images)")
+        if config.resume and self.resume_from is None:
+            lines.append(f"resume: no checkpoint in {Path(config.output_dir) / rundir.CHECKPOINTS} yet; "
+                         f"starts afresh")
+        elif self.resume_from is not None:
+            lines.append(f"resume: from {self.resume_from} at step {self.start_step}"
+                         + "".join(f"; accepted change {change}" for change in self.accepted))
+        return lines
+
+
+def base_learning_rate(config: Config, processes: int) -> float:
+    """--lr for a global batch of --lr-reference-batch, scaled linearly to the real global batch
+    (batch x processes) unless --no-scale-lr."""
+    global_batch = config.batch_size * processes
+    return config.lr * (global_batch / config.lr_reference_batch if config.scale_lr else 1.0)
+
+
+def resolve_precision(requested: str | None, device: str) -> str:
+    """--mixed-precision when given; else what `accelerate launch --mixed_precision` asked for (fp16, bf16);
+    else bf16 on a GPU (fp16 where bf16 is not supported) and fp32 on the CPU."""
+    import os
+
+    if requested is not None:
+        return requested
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher in ("bf16", "fp16"):
+        return launcher
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+_READ = object()   # plan_run's resume_from default: read the checkpoint that --resume names
+
+
+def plan_run(config: Config, processes: int, *, device: str | None = None, resume_from=_READ,
+             shards_required: bool = True) -> Plan:
+    """The plan of `config` on `processes` processes (see the module's text). device: "cuda" or "cpu"
+    (default: cuda when there is one); resume_from: the checkpoint the builder claimed (default: the one
+    --resume names, read without writing); shards_required=False plans without shards when there are none
+    yet (--print-config). UserError (one line) for shards that are missing, of another dataset or damaged,
+    and for a checkpoint this run may not continue."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    folder = shards_dir(config)
+    missing = not (folder / "manifest.json").exists() and (config.dataset == "digits" or not shards_required)
+    manifest = None if missing else _manifest(config, folder)
+    steps_per_epoch = None
+    if manifest is not None:
+        train_samples = manifest["splits"]["train"]["num_samples"]
+        if train_samples // processes < config.batch_size:
+            raise UserError(f"the train split has {train_samples} samples: too few for {processes} process(es) of "
+                            f"batch {config.batch_size}; lower the batch size")
+        steps_per_epoch = train_samples // processes // config.batch_size
+    if resume_from is _READ:
+        resume_from = rundir.resume_point(config.output_dir, config.resume, lambda line: None, repair=False)[1] \
+            if config.resume and manifest is not None else None
+    precision = resolve_precision(config.mixed_precision, device)
+    plan = Plan(config=config, processes=processes, device=device, precision=precision,
+                channels_last=device == "cuda" if config.channels_last is None else config.channels_last,
+                shards=folder, manifest=manifest, base_lr=base_learning_rate(config, processes),
+                steps_per_epoch=steps_per_epoch, resume_from=resume_from, start_step=0)
+    if resume_from is None or manifest is None:
+        return plan
+    saved = checkpoints.read_state(resume_from)
+    accepted = checkpoints.check_resume(saved["run"], plan.record, checkpoints.parse_accept(config.accept_changes))
+    return Plan(**{**plan.__dict__, "start_step": resume_position(saved, steps_per_epoch, plan.record),
+                   "accepted": tuple(accepted)})
+
+
+def _manifest(config: Config, folder: Path) -> dict:
+    """The shards' manifest after checking every split by size and index."""
+    manifest = read_manifest(folder)
+    if manifest["dataset"] != config.dataset and config.dataset != "folder":
+        raise UserError(f"{folder} holds shards of {manifest['dataset']!r}, not {config.dataset!r}; "
+                        f"pass --shards for the right folder")
+    for split in ("train", "test"):
+        check_split(folder, split, manifest)
+    return manifest
+
+
+def resume_position(state: dict, steps_per_epoch: int, record: dict) -> int:
+    """The step to continue from. With the same processes and batch (the default) it is the checkpoint's
+    step; an accepted change of either continues at the same fraction of the same epoch."""
+    if state["run"]["world_size"] == record["world_size"] and state["run"]["batch_size"] == record["batch_size"]:
+        return state["step"]
+    old_steps_per_epoch = state["steps_per_epoch"]
+    epoch, position = divmod(state["step"], old_steps_per_epoch)
+    return epoch * steps_per_epoch + position * steps_per_epoch // old_steps_per_epoch
+
+
+def lr_schedule(*, base_lr: float, total_steps: int, warmup_steps: int) -> list[float]:
+    """Per-step learning rates: linear warm-up to base_lr, then cosine annealing to 0."""
+    rates = []
+    for step in range(total_steps):
+        if step < warmup_steps:
+            rates.append(base_lr * (step + 1) / warmup_steps)
+        else:
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            rates.append(base_lr * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return rates

@@ -1,0 +1,101 @@
+"""`--check` and the run cannot disagree: what `--check` prints of the plan (start step, batch, lr, steps) is
+what the run then does, read from the run's own files and lines, for a fresh run, a resume with an accepted
+change, and two processes."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ["--epochs", "2", "--image-size", "8", "--queue-size", "128", "--eval-batch-size", "128",
+       "--warmup-epochs", "0.5", "--log-every", "1", "--loader-threads", "1", "--eval-untrained", "false",
+       "--eval-every", "2", "--checkpoint-every", "1", "--wandb", "disabled"]
+PLAN_LINE = re.compile(r"(\d+) process\(es\) x batch (\d+) = global batch (\d+), lr ([0-9.e-]+), (\d+) epochs, "
+                       r"(\d+) steps/epoch")
+
+
+def door(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, f"launch/{script}", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def checked(script: str, args: list[str]) -> dict:
+    """What --check says the run will do."""
+    result = door(script, [*args, "--check"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    processes, batch, global_batch, lr, epochs, steps = PLAN_LINE.search(result.stdout).groups()
+    resume = re.search(r"resume: from (\S+) at step (\d+)", result.stdout)
+    return {"processes": int(processes), "batch": int(batch), "global_batch": int(global_batch), "lr": float(lr),
+            "epochs": int(epochs), "steps_per_epoch": int(steps),
+            "resume": None if resume is None else (resume.group(1), int(resume.group(2))), "text": result.stdout}
+
+
+def ran(out: Path, result: subprocess.CompletedProcess) -> dict:
+    """What the run did, from its files and its lines."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    resumed = re.search(r"resumed from (\S+) at step (\d+)", result.stdout + result.stderr)
+    newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    record = json.loads((newest / "trainer_state.json").read_text())["run"]
+    return {"processes": resolved["num_processes"], "batch": resolved["batch_size"],
+            "global_batch": resolved["global_batch"], "lr": resolved["base_lr"], "rows": rows,
+            "steps_per_epoch": json.loads((newest / "trainer_state.json").read_text())["steps_per_epoch"],
+            "resume": None if resumed is None else (resumed.group(1), int(resumed.group(2))), "record": record}
+
+
+def assert_agree(plan: dict, run: dict) -> None:
+    for name in ("processes", "batch", "global_batch", "steps_per_epoch", "resume"):
+        assert plan[name] == run[name], name
+    assert run["lr"] == pytest.approx(plan["lr"], rel=1e-5)
+    assert run["record"]["world_size"] == plan["processes"] and run["record"]["batch_size"] == plan["batch"]
+    rows = run["rows"]     # a resumed run's rows follow those of the run it continues
+    starts = [rows[0]["step"]] + [later["step"] for earlier, later in zip(rows, rows[1:])
+                                  if later["step"] != earlier["step"] + 1]
+    assert starts[-1] == (plan["resume"][1] if plan["resume"] else 0) + 1   # the run's first step is the plan's
+
+
+@pytest.mark.slow
+def test_check_and_the_run_agree_fresh_resumed_with_a_change_and_on_two_processes(digits_shards, tmp_path):
+    out = tmp_path / "run"
+    args = ["--shards", str(digits_shards), *RUN, "--batch-size", "64", "--output-dir", str(out)]
+    plan = checked("train.py", args)
+    run = ran(out, door("train.py", [*args, "--max-steps", "22"]))      # its checkpoint: the end of epoch 1
+    assert_agree(plan, run)
+    assert plan["steps_per_epoch"] == 1437 // 64 and plan["lr"] == pytest.approx(0.04 * 64 / 128)
+
+    changed = ["--shards", str(digits_shards), *RUN, "--batch-size", "32", "--output-dir", str(out), "--resume",
+               "--accept-changes", "batch_size", "--max-steps", "50"]
+    plan = checked("train.py", changed)
+    assert "accepted change batch_size (64 -> 32)" in plan["text"]
+    assert plan["resume"][1] == 1437 // 32      # the same epoch boundary, counted in steps of the new batch
+    assert_agree(plan, ran(out, door("train.py", changed)))
+
+    two = tmp_path / "two"
+    args = ["--processes", "2", "--shards", str(digits_shards), *RUN, "--global-batch", "64", "--max-steps", "3",
+            "--output-dir", str(two)]
+    plan = checked("run.py", args)
+    assert (plan["processes"], plan["batch"]) == (2, 32)
+    assert_agree(plan, ran(two, door("run.py", args)))
+
+
+def test_the_plan_refuses_what_the_run_refuses_without_writing(digits_shards, tmp_path):
+    from maskcon.config import parse_config
+    from maskcon.errors import UserError
+    from maskcon.plan import plan_run
+
+    config = parse_config(["--shards", str(digits_shards), "--batch-size", "1000", "--output-dir",
+                           str(tmp_path / "run")])
+    with pytest.raises(UserError, match="too few for 2 process"):
+        plan_run(config, 2)
+    config = parse_config(["--shards", str(digits_shards), "--output-dir", str(tmp_path / "run"), "--resume"])
+    with pytest.raises(UserError, match="no checkpoint"):
+        plan_run(config, 1)
+    assert not (tmp_path / "run").exists()
