@@ -116,7 +116,13 @@ def _field_type(f: dataclasses.Field):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
+    """One line for a mistake, no usage dump; an option's prefix is refused (`--lr-ref 64` is not
+    --lr-reference-batch), so a typo never sets another option."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
         raise UserError(f"{message} (see --help)")
 
 

@@ -153,3 +153,13 @@ def test_check_names_missing_shards_in_one_line(tmp_path):
                           "--check"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and "make_shards.py create" in out.stderr
+
+
+def test_an_abbreviated_option_is_refused_in_one_line():
+    from maskcon.config import parse_config
+    from maskcon.errors import UserError
+
+    with pytest.raises(UserError, match="--lr-ref") as caught:
+        parse_config(["--lr-ref", "64"])
+    assert "\n" not in str(caught.value)
+    assert parse_config(["--lr-reference-batch", "64"]).lr_reference_batch == 64

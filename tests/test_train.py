@@ -497,3 +497,21 @@ def test_two_processes_resumed_mid_epoch_end_with_the_weights_of_an_uninterrupte
             torch.testing.assert_close(resumed_state[name], value, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(resumed_state[name], value), name
+
+
+def test_without_dali_the_default_loader_is_one_line_and_the_torch_loader_trains(digits_shards, tmp_path):
+    hide = tmp_path / "no_dali"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['nvidia.dali'] = None   # import fails\n")
+    env = environment(PYTHONPATH=os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")])))
+    args = [sys.executable, "launch/train.py", "--shards", str(digits_shards), "--epochs", "1", *FAST,
+            "--wandb", "disabled", "--max-steps", "2"]
+    refused = subprocess.run([*args, "--output-dir", str(tmp_path / "dali")], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: NVIDIA DALI is not installed") and "--loader torch" in lines[0]
+    torch_loader = subprocess.run([*args, "--loader", "torch", "--output-dir", str(tmp_path / "torch")], cwd=ROOT,
+                                  env=env, capture_output=True, text=True, timeout=600)
+    assert torch_loader.returncode == 0, torch_loader.stderr[-3000:]
+    assert json.loads((tmp_path / "torch" / "results.json").read_text())["step"] == 2

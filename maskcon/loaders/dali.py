@@ -61,8 +61,11 @@ from maskcon.shard_format import MAX_IMAGE_PIXELS, image_shape, png_problem, too
 try:
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-except ImportError:  # reported by the loader builders, so the torch back end works without DALI
+except ImportError:  # reported by the loader builders (require_dali), so the torch back end works without DALI
     fn = None
+
+    def pipeline_def(**options):   # the pipelines below are defined, never built, without DALI
+        return lambda function: function
 
 PIPELINE_PREFETCH = 2  # runs DALI computes ahead, besides the feeding thread's queue
 DRAW_SAMPLES = 4096  # random parameters are drawn for blocks of whole batches of about this many samples
@@ -72,8 +75,8 @@ RESIDENT_MAX_PIXELS = 64 * 64  # PNG images of at most this many pixels, all of 
 
 def require_dali() -> None:
     if fn is None:
-        raise UserError("NVIDIA DALI is not installed; pip install nvidia-dali-cuda130==2.4.0, "
-                        "or pick the torchvision loader (backend 'torch')")
+        raise UserError("NVIDIA DALI is not installed; pip install nvidia-dali-cuda130==2.4.0 (CUDA 13), or use "
+                        "the torchvision loader: --loader torch")
 
 
 # ------------------------------------------------------------------------------------ pipelines
