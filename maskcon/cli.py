@@ -168,3 +168,32 @@ def run_bench(argv: list[str]) -> int:
         return importlib.import_module(f"maskcon.bench.{argv[0]}").main(argv[1:])
     except UserError as err:
         return fail(err)
+
+
+def run_report(argv: list[str]) -> int:
+    from maskcon.report import main as report
+
+    return report(argv)
+
+
+DOORS = {
+    "train": (run_train, "one process of a run (launch/train.py)"),
+    "run": (run_launch, "check a run, then start its processes on this machine (launch/run.py)"),
+    "make-shards": (run_make_shards, "convert a dataset to shards, or verify shards (launch/make_shards.py)"),
+    "bench": (run_bench, "the benchmarks of BENCHMARKS.md (launch/bench.py)"),
+    "report": (run_report, "the supplement's tables from finished runs (launch/report.py)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `maskcon` command: `maskcon DOOR [options]`, the doors of launch/ by name."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in DOORS:
+        lines = [f"  {name:<12} {text}" for name, (_, text) in DOORS.items()]
+        print("usage: maskcon {" + ",".join(DOORS) + "} [options]   (each door's --help lists its options)\n"
+              + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            return fail(UserError(f"unknown command {argv[0]!r}; known: {', '.join(DOORS)}"))
+        return 0
+    return DOORS[argv[0]][0](argv[1:])
+
