@@ -37,6 +37,7 @@ class Plan:
     resume_from: Path | None      # the checkpoint the run continues from; None: a fresh start
     start_step: int               # 0, or where the checkpoint leaves off
     accepted: tuple[str, ...] = field(default=())   # "name (old -> new)" of each accepted change
+    notes: tuple[str, ...] = field(default=())      # what makes little sense but may be meant: warnings
 
     @property
     def batch_size(self) -> int:
@@ -92,7 +93,7 @@ class Plan:
         elif self.resume_from is not None:
             lines.append(f"resume: from {self.resume_from} at step {self.start_step}"
                          + "".join(f"; accepted change {change}" for change in self.accepted))
-        return lines
+        return lines + [f"warning: {note}" for note in self.notes]
 
 
 def base_learning_rate(config: Config, processes: int) -> float:
@@ -145,13 +146,41 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
     plan = Plan(config=config, processes=processes, device=device, precision=precision,
                 channels_last=device == "cuda" if config.channels_last is None else config.channels_last,
                 shards=folder, manifest=manifest, base_lr=base_learning_rate(config, processes),
-                steps_per_epoch=steps_per_epoch, resume_from=resume_from, start_step=0)
+                steps_per_epoch=steps_per_epoch, resume_from=resume_from, start_step=0,
+                notes=_notes(config, device))
     if resume_from is None or manifest is None:
         return plan
     saved = checkpoints.read_state(resume_from)
     accepted = checkpoints.check_resume(saved["run"], plan.record, checkpoints.parse_accept(config.accept_changes))
     return Plan(**{**plan.__dict__, "start_step": resume_position(saved, steps_per_epoch, plan.record),
                    "accepted": tuple(accepted)})
+
+
+def _notes(config: Config, device: str) -> tuple[str, ...]:
+    """Warnings of the plan: a warm-up as long as the run, GPUs that CUDA cannot use."""
+    notes = []
+    if config.warmup_epochs >= config.epochs:
+        notes.append(f"the warm-up ({config.warmup_epochs:g} epochs) is as long as the run ({config.epochs} "
+                     f"epochs): the learning rate never reaches its base; lower --warmup-epochs")
+    unusable = unusable_gpus() if device == "cpu" else 0
+    if unusable:
+        notes.append(f"nvidia-smi lists {unusable} GPU(s) that CUDA cannot use (a driver older than this PyTorch's "
+                     f"CUDA {torch.version.cuda}?): the run computes on the CPU")
+    return tuple(notes)
+
+
+def unusable_gpus() -> int:
+    """How many GPUs nvidia-smi lists while CUDA sees none (0 when CUDA sees one, or without nvidia-smi)."""
+    import shutil
+    import subprocess
+
+    if torch.cuda.is_available() or shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.splitlines())
 
 
 def _manifest(config: Config, folder: Path) -> dict:

@@ -167,6 +167,8 @@ def planned(config: Config, accelerator: Accelerator, resume_from: Path | None) 
     for change in plan.accepted:
         accelerator.print(f"--resume: continuing with a changed {change}; the learning-rate schedule is "
                           f"recomputed for this run")
+    for note in plan.notes:
+        accelerator.print(f"warning: {note}")
     return plan
 
 

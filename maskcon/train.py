@@ -146,7 +146,7 @@ def _report(run: Run, step: int, epoch: int, table: dict, final: bool) -> dict:
     run.tracker.log({"step": step, "epoch": epoch, **metrics})
     _log_pictures(run.tracker, step, table, run.folder, final=final)
     label = "untrained network" if step == 0 else f"epoch {epoch} step {step}"
-    print(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+    tqdm.write(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))   # a line of its own
     return metrics
 
 
@@ -231,8 +231,8 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
     loss_sum = torch.zeros((), device=run.accelerator.device)    # losses since the last logging point
     loss = torch.zeros((), device=run.accelerator.device)        # the last step's
     batches = None
-    bar = tqdm(total=run.total_steps, initial=step, disable=not run.accelerator.is_main_process, desc="train",
-               dynamic_ncols=True)
+    bar = tqdm(total=end, initial=step, disable=not run.accelerator.is_main_process, dynamic_ncols=True,
+               desc=_epoch_text(step, run))
     try:
         while True:
             epoch, position = divmod(step, steps_per_epoch)
@@ -274,14 +274,26 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
     return _finish(run, step, stopped, metrics, untrained)
 
 
+def _epoch_text(step: int, run: Run) -> str:
+    """The bar's label at STEP: the epoch under way, of all."""
+    return f"epoch {min(step // run.steps_per_epoch + 1, run.config.epochs)}/{run.config.epochs}"
+
+
 def _announce(run: Run) -> None:
     if not run.accelerator.is_main_process:
         return
     config = run.config
     print(f"training {config.method} on {config.dataset}: {run.manifest['splits']['train']['num_samples']} images, "
-          f"{run.accelerator.num_processes} process(es) x batch {config.batch_size}, {run.steps_per_epoch} "
-          f"steps/epoch, {config.epochs} epochs, lr {run.base_lr:g}, precision {run.accelerator.mixed_precision}; "
-          f"writing to {run.output_dir}", flush=True)
+          f"{run.accelerator.num_processes} process(es) x batch {config.batch_size} on {device_text(run.accelerator)}, "
+          f"{run.steps_per_epoch} steps/epoch, {config.epochs} epochs, lr {run.base_lr:g}, precision "
+          f"{run.accelerator.mixed_precision}; writing to {run.output_dir}", flush=True)
+
+
+def device_text(accelerator) -> str:
+    """Where the processes compute: "the CPU", or the GPU's name."""
+    if accelerator.device.type != "cuda":
+        return "the CPU"
+    return f"GPU {torch.cuda.get_device_name(accelerator.device)}"
 
 
 def _before_training(run: Run, feed: Feed) -> dict:
@@ -289,6 +301,8 @@ def _before_training(run: Run, feed: Feed) -> dict:
     untrained = {}
     if run.config.eval_untrained:
         untrained = {f"untrained_{k}": v for k, v in evaluate(run, 0, 0, final=False).items()}
+    run.accelerator.print(f"filling the memory bank: {run.learner.queue.shape[0]} keys of training images",
+                          flush=True)
     fill_memory_bank(run.learner, run.train_loader, feed)
     return untrained
 
@@ -306,6 +320,7 @@ def _log(run: Run, step: int, loss: torch.Tensor, agreement: failures.Agreement,
     if run.tracker is not None:
         run.tracker.log(row)
         rundir.mark_trained(run.output_dir)
+        bar.set_description(_epoch_text(step, run), refresh=False)
         bar.set_postfix(loss=f"{loss_value:.3f}")
     bar.update(step - bar.n)
     clock.reset()

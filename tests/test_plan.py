@@ -99,3 +99,13 @@ def test_the_plan_refuses_what_the_run_refuses_without_writing(digits_shards, tm
     with pytest.raises(UserError, match="no checkpoint"):
         plan_run(config, 1)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_plan_warns_of_a_warm_up_as_long_as_the_run(digits_shards):
+    from maskcon.config import parse_config
+    from maskcon.plan import plan_run
+
+    short = plan_run(parse_config(["--shards", str(digits_shards), "--epochs", "2", "--warmup-epochs", "5"]), 1)
+    assert [line for line in short.lines() if line.startswith("warning: the warm-up (5 epochs)")]
+    fine = plan_run(parse_config(["--shards", str(digits_shards), "--epochs", "12", "--warmup-epochs", "5"]), 1)
+    assert not [line for line in fine.lines() if line.startswith("warning:")]

@@ -515,3 +515,17 @@ def test_without_dali_the_default_loader_is_one_line_and_the_torch_loader_trains
                                   env=env, capture_output=True, text=True, timeout=600)
     assert torch_loader.returncode == 0, torch_loader.stderr[-3000:]
     assert json.loads((tmp_path / "torch" / "results.json").read_text())["step"] == 2
+
+
+def test_the_bar_counts_to_max_steps_names_the_epoch_and_leaves_evaluation_lines_whole(digits_shards, tmp_path):
+    out = tmp_path / "run"
+    result = train(["--shards", str(digits_shards), "--output-dir", str(out), "--epochs", "3", *FAST,
+                    "--max-steps", str(STEPS_PER_EPOCH + 3), "--wandb", "disabled"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = (out / "console.log").read_text().splitlines()
+    bars = [line for line in console if re.match(r"epoch \d/3:", line)]
+    end = STEPS_PER_EPOCH + 3
+    assert bars and bars[-1].startswith("epoch 2/3:") and f"{end}/{end}" in bars[-1], console[-5:]
+    assert any(line.startswith(f"epoch 2 step {end}: R@1 ") for line in console)   # a line of its own
+    assert any(line.startswith("filling the memory bank: 128 keys") for line in console)
+    assert "x batch 64 on the CPU," in result.stdout
