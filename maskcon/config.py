@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import os
 import sys
 import typing
@@ -84,6 +85,10 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# What config.yaml and --print-config record besides the options (maskcon.plan.Plan.resolved). Given back
+# with --config they are accepted, and checked against the options they follow from, never taken as options.
+RECORDED = ("num_processes", "base_lr", "provenance")
+ACTIONS = ("print_config", "check")   # options that end a run before training: never recorded
 
 
 def _parse_bool(text: str) -> bool:
@@ -166,7 +171,7 @@ def resolved_defaults(argv: list[str]) -> dict:
     for name in ("dataset", "method", "config"):
         scout.add_argument(f"--{name}", dest=name)
     found = vars(scout.parse_known_args(argv)[0])
-    from_yaml = load_yaml(found["config"]) if found.get("config") else {}
+    from_yaml = _options(load_yaml(found["config"])) if found.get("config") else {}
     dataset = found.get("dataset", from_yaml.get("dataset", Config.dataset))
     method = found.get("method", from_yaml.get("method", Config.method))
     return {**{name: f.default for name, f in FIELDS.items()}, **preset(dataset, method), **from_yaml}
@@ -197,10 +202,14 @@ def load_yaml(path: str) -> dict:
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of option: value")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - set(FIELDS))
+    unknown = sorted(set(values) - set(FIELDS) - set(RECORDED))
     if unknown:
         raise UserError(f"config file {path}: unknown options {', '.join(unknown)} (see --help)")
-    return {k: _coerce(k, v) for k, v in values.items()}
+    return {k: v if k in RECORDED else _coerce(k, v) for k, v in values.items()}
+
+
+def _options(from_yaml: dict) -> dict:
+    return {name: value for name, value in from_yaml.items() if name not in RECORDED}
 
 
 def world_size() -> int:
@@ -217,7 +226,10 @@ def parse_config(argv: list[str] | None = None, *, processes: int | None = None)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(resolved_defaults(argv) if {"-h", "--help"} & set(argv) else None)
     cli = vars(parser.parse_args(argv))
-    from_yaml = load_yaml(cli["config"]) if cli.get("config") else {}
+    loaded = load_yaml(cli["config"]) if cli.get("config") else {}
+    from_yaml, recorded = _options(loaded), {k: v for k, v in loaded.items() if k in RECORDED}
+    if "num_processes" in recorded or "batch_size" in cli or "global_batch" in cli:
+        _one_batch_option(from_yaml, cli)
     dataset = cli.get("dataset", from_yaml.get("dataset", Config.dataset))
     method = cli.get("method", from_yaml.get("method", Config.method))
     values = preset(dataset, method)
@@ -227,8 +239,39 @@ def parse_config(argv: list[str] | None = None, *, processes: int | None = None)
     validate(config)
     given = {**from_yaml, **cli}
     refuse_conflicts(config, given)
-    settle_batch(config, world_size() if processes is None else processes, batch_given="batch_size" in given)
+    processes = world_size() if processes is None else processes
+    settle_batch(config, processes, batch_given="batch_size" in given)
+    _check_recorded(config, recorded, processes, cli)
     return config
+
+
+def _one_batch_option(from_yaml: dict, cli: dict) -> None:
+    """A run's record holds the batch twice (per process and in all): the command line's batch option wins
+    over the file's, and of the file's own two, the global batch (the recipe's) stands."""
+    if "batch_size" in cli:
+        from_yaml.pop("global_batch", None)
+    elif "global_batch" in cli or "global_batch" in from_yaml:
+        from_yaml.pop("batch_size", None)
+
+
+def _check_recorded(config: Config, recorded: dict, processes: int, cli: dict) -> None:
+    """A recorded base_lr must follow from the options it was derived from, unless the command line
+    changes one of them (the run then has a new rate)."""
+    inputs = {"lr", "lr_reference_batch", "scale_lr", "batch_size", "global_batch"}
+    if "base_lr" not in recorded or recorded.get("num_processes") != processes or inputs & set(cli):
+        return
+    derived = base_learning_rate(config, processes)
+    if not math.isclose(float(recorded["base_lr"]), derived, rel_tol=1e-9):
+        raise UserError(f"config file {config.config}: base_lr {recorded['base_lr']} does not follow from its "
+                        f"options (lr {config.lr} for a batch of {config.lr_reference_batch} gives {derived:g}); "
+                        f"remove base_lr from the file or restore the option that was changed")
+
+
+def base_learning_rate(config: Config, processes: int) -> float:
+    """--lr for a global batch of --lr-reference-batch, scaled linearly to the real global batch
+    (batch x processes) unless --no-scale-lr."""
+    global_batch = config.batch_size * processes
+    return config.lr * (global_batch / config.lr_reference_batch if config.scale_lr else 1.0)
 
 
 def refuse_conflicts(config: Config, given: dict) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from maskcon import checkpoints, rundir
-from maskcon.config import Config, shards_dir, to_dict
+from maskcon.config import ACTIONS, Config, base_learning_rate, shards_dir, to_dict
 from maskcon.errors import UserError
 from maskcon.shard_format import check_split, read_manifest
 
@@ -69,7 +69,8 @@ class Plan:
         """The resolved configuration as config.yaml and W&B hold it: every option, then what the run decided."""
         from maskcon.provenance import provenance
 
-        return {**to_dict(self.config), "mixed_precision": self.precision, "channels_last": self.channels_last,
+        options = {name: value for name, value in to_dict(self.config).items() if name not in ACTIONS}
+        return {**options, "mixed_precision": self.precision, "channels_last": self.channels_last,
                 "num_processes": self.processes, "global_batch": self.global_batch, "base_lr": self.base_lr,
                 "provenance": provenance()}
 
@@ -94,13 +95,6 @@ class Plan:
             lines.append(f"resume: from {self.resume_from} at step {self.start_step}"
                          + "".join(f"; accepted change {change}" for change in self.accepted))
         return lines + [f"warning: {note}" for note in self.notes]
-
-
-def base_learning_rate(config: Config, processes: int) -> float:
-    """--lr for a global batch of --lr-reference-batch, scaled linearly to the real global batch
-    (batch x processes) unless --no-scale-lr."""
-    global_batch = config.batch_size * processes
-    return config.lr * (global_batch / config.lr_reference_batch if config.scale_lr else 1.0)
 
 
 def resolve_precision(requested: str | None, device: str) -> str:

@@ -163,3 +163,33 @@ def test_an_abbreviated_option_is_refused_in_one_line():
         parse_config(["--lr-ref", "64"])
     assert "\n" not in str(caught.value)
     assert parse_config(["--lr-reference-batch", "64"]).lr_reference_batch == 64
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_print_config_output_given_back_as_config_resolves_to_the_same_run(tmp_path, processes):
+    from maskcon.plan import plan_run
+
+    def printed(argv: list[str]) -> dict:
+        resolved = plan_run(parse_config(argv, processes=processes), processes, shards_required=False).resolved()
+        resolved.pop("provenance")
+        return resolved
+
+    first = printed(["--dataset", "cifar100", "--global-batch", "128", "--lr", "0.03", "--epochs", "7",
+                     "--output-dir", str(tmp_path / "run")])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**first, "provenance": {"commit": "abc"}}))
+    again = printed(["--config", str(tmp_path / "config.yaml")])
+    assert again == {**first, "config": str(tmp_path / "config.yaml")}
+    assert (again["batch_size"], again["global_batch"], again["base_lr"]) == (128 // processes, 128, 0.03)
+    # the command line still wins, over both of the file's batch options and the rate they gave
+    changed = printed(["--config", str(tmp_path / "config.yaml"), "--batch-size", "32", "--lr", "0.04"])
+    assert (changed["batch_size"], changed["global_batch"]) == (32, 32 * processes)
+    assert changed["base_lr"] == pytest.approx(0.04 * 32 * processes / 128)
+
+
+def test_a_recorded_learning_rate_that_no_longer_follows_from_the_file_is_one_line(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"dataset": "cifar100", "lr": 0.05, "global_batch": 128,
+                                                          "num_processes": 1, "base_lr": 0.02}))
+    with pytest.raises(UserError, match="base_lr 0.02 does not follow from its options") as caught:
+        parse_config(["--config", str(tmp_path / "config.yaml")], processes=1)
+    assert "\n" not in str(caught.value)
+    assert parse_config(["--config", str(tmp_path / "config.yaml")], processes=2).global_batch == 128

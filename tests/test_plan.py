@@ -85,6 +85,15 @@ def test_check_and_the_run_agree_fresh_resumed_with_a_change_and_on_two_processe
     assert (plan["processes"], plan["batch"]) == (2, 32)
     assert_agree(plan, ran(two, door("run.py", args)))
 
+    # the run's own config.yaml, given back, resolves to the same run
+    written = yaml.safe_load((two / "config.yaml").read_text())
+    again = door("run.py", ["--processes", "2", "--config", str(two / "config.yaml"), "--print-config"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    resolved = yaml.safe_load(again.stdout)
+    for record in (written, resolved):
+        record.pop("provenance")
+    assert resolved == {**written, "config": str(two / "config.yaml")}
+
 
 def test_the_plan_refuses_what_the_run_refuses_without_writing(digits_shards, tmp_path):
     from maskcon.config import parse_config
