@@ -295,8 +295,11 @@ def plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from maskcon.plots import figure_texts
+
     datasets = list(dict.fromkeys(row.dataset for row in rows))
-    figure, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
+    figure, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.6), squeeze=False)
+    entries = []
     for axis, dataset in zip(axes[0], datasets):
         for index, row in enumerate(row for row in rows if row.dataset == dataset):
             colour = f"C{index % 10}"
@@ -306,13 +309,18 @@ def plot(rows: list[Row], path: Path) -> None:
                                                        f"τ {_shown(row.t)} (n={len(row.seeds)})")
             if row.published():
                 axis.plot(PAPER_KS, row.published()[1], color=colour, linestyle="--", marker="x")
+        if any(row.published() for row in rows if row.dataset == dataset):
+            axis.plot([], [], color="grey", linestyle="--", marker="x", label="dashed: the supplement's figures")
         axis.set_xscale("log")
-        axis.set_xlabel("K (dashed: supplement)")
-        axis.set_ylabel("Recall@K, %")
+        axis.set_xlabel("K")
+        axis.set_ylabel("Recall@K of the fine labels, %")
         axis.set_title(dataset)
-        axis.legend(fontsize=7)
+        legend = axis.legend(fontsize=7)
+        entries += [text.get_text() for text in legend.get_texts()]
+    title = "Recall@K on the test split: mean over seeds (bars: std)"
+    figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, metadata=figure_texts(title, entries))
     plt.close(figure)
 
 

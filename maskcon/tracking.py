@@ -205,8 +205,14 @@ def _save_picture(image, path: Path) -> None:
     partial = path.with_name(f".{path.name}.partial")
 
     def save() -> None:
+        from PIL.PngImagePlugin import PngInfo
+
+        texts = PngInfo()   # what the picture says (its title and legend), kept in the file
+        for name in ("Title", "Description"):
+            if isinstance(image.info.get(name), str):
+                texts.add_text(name, image.info[name])
         try:
-            image.save(partial, format="PNG")
+            image.save(partial, format="PNG", pnginfo=texts)
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)

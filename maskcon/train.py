@@ -144,7 +144,7 @@ def evaluate(run: Run, step: int, epoch: int, final: bool) -> dict:
 def _report(run: Run, step: int, epoch: int, table: dict, final: bool) -> dict:
     metrics = recall_at_k(table["features"], table["fine"], RECALL_KS)
     run.tracker.log({"step": step, "epoch": epoch, **metrics})
-    _log_pictures(run.tracker, step, table, run.folder, final=final)
+    _log_pictures(run.tracker, step, table, run, final=final)
     label = "untrained network" if step == 0 else f"epoch {epoch} step {step}"
     tqdm.write(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))   # a line of its own
     return metrics
@@ -417,10 +417,11 @@ def _bank_epochs(loader):
         epoch -= 1
 
 
-def _log_pictures(tracker, step: int, table: dict, folder: Path, final: bool) -> None:
+def _log_pictures(tracker, step: int, table: dict, run: Run, final: bool) -> None:
     from maskcon import plots
 
-    images = {"retrievals": plots.retrieval_grid(table, folder)}
+    images = {"retrievals": plots.retrieval_grid(table, run.folder, step=step)}
     if final:
-        images["embedding"] = plots.embedding_plot(table)
+        images["embedding"] = plots.embedding_plot(table, coarse_names=run.manifest["coarse_classes"],
+                                                 fine_names=run.manifest["fine_classes"], step=step)
     tracker.log_images(step, images)

@@ -71,3 +71,18 @@ def test_a_seed_given_twice_is_refused(tmp_path):
 def test_the_door_reports_a_folder_without_runs_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "launch/report.py", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "holds no run" in out.stderr
+
+
+def test_the_recall_plot_carries_its_title_and_a_legend_that_names_the_dashed_curves(tmp_path):
+    from PIL import Image
+
+    from maskcon.report import plot
+
+    for seed in (0, 1):
+        write_run(tmp_path / f"run-{seed}", "cifar100", "maskcon", seed,
+                  {"R@1": 64.0 + seed, "R@2": 70.0, "R@5": 80.0, "R@10": 90.0})
+    plot(group(read_run_folders([tmp_path])), tmp_path / "recall.png")
+    texts = Image.open(tmp_path / "recall.png").text
+    assert texts["Title"].startswith("Recall@K on the test split")
+    legend = texts["Description"].split("; ")
+    assert "dashed: the supplement's figures" in legend and any(entry.startswith("MaskCon") for entry in legend)

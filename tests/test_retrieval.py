@@ -73,3 +73,30 @@ def test_retrieval_grid_shows_each_query_and_its_neighbours_read_from_the_shards
         frames = [tuple(grid[y + 1, c * step + BORDER + 1]) for c in range(1, GRID_NEIGHBOURS + 1)]
         # 9 other images of the query's fine class, then one of another class
         assert frames.count((0, 128, 0)) == 9 and frames.count((255, 0, 0)) == 1, frames
+
+
+def test_the_pictures_carry_their_titles_and_legends_into_their_files(tmp_path):
+    from PIL import Image
+
+    from maskcon.bench.loader import write_synthetic_shards
+    from maskcon.plots import embedding_plot, retrieval_grid
+    from maskcon.tracking import _save_picture
+
+    out = write_synthetic_shards(tmp_path / "shards", num_train=4, num_test=60,
+                                 image=lambda position: np.full((16, 16, 3), position, np.uint8),
+                                 labels=lambda position: (position % 6, position % 6 // 3), num_fine=6, num_coarse=2,
+                                 samples_per_shard=8, image_size=(16, 16))
+    fine = torch.arange(60) % 6
+    table = {"features": torch.eye(6)[fine] + 0.01 * torch.randn(60, 6, generator=torch.Generator().manual_seed(0)),
+             "fine": fine, "coarse": fine // 3, "index": torch.arange(60)}
+    _save_picture(retrieval_grid(table, out, step=120), tmp_path / "grid.png")
+    texts = Image.open(tmp_path / "grid.png").text
+    assert "retrievals" in texts["Title"] and "step 120" in texts["Title"]
+    assert texts["Description"].split("; ") == ["query (first column)", "same fine class as the query",
+                                                "another fine class"]
+    _save_picture(embedding_plot(table, coarse_names=["animals", "vehicles"], step=120), tmp_path / "map.png")
+    texts = Image.open(tmp_path / "map.png").text
+    assert "t-SNE" in texts["Title"] and "step 120" in texts["Title"]
+    legend = texts["Description"].split("; ")
+    assert "coarse class: animals" in legend and "coarse class: vehicles" in legend
+    assert [entry for entry in legend if entry.startswith("fine class: ")] == [f"fine class: fine {c}" for c in range(6)]
