@@ -1,9 +1,12 @@
 """Finished runs -> the paper's table layout: Markdown and CSV (mean and spread over seeds), a Recall@K plot,
 with the supplement's published figures beside ours where its tables have the row.
 
-A run is read from its folder (config.yaml, results.json) or from W&B (config, summary); runs that differ
-only in --seed form one row. Rows are (dataset, method, w, tau), with w and tau shown only for the methods
-that read them ("/" as in the supplement).
+A run is read from its folder (config.yaml, results.json) or from W&B (config, summary). Runs form one row
+only when every option that defines a run (those a resume must match, `checkpoints.MUST_MATCH_ON_RESUME`,
+with the global batch for the batch and the processes) is equal but the seed. Rows are (dataset, method, w,
+tau), with w and tau shown only for the methods that read them ("/" as in the supplement). Runs stopped early
+(--max-steps) and runs of another recipe than the paper's (the dataset's preset) are left out, each named;
+`--all` shows them as rows of their own, labelled by what differs, without the paper's figures beside them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from maskcon.datasets import DATASETS as PRESET_DATASETS
 from maskcon.errors import UserError
 from maskcon.methods import METHODS
 
@@ -143,14 +147,27 @@ selfcon / / 20.97 28.75 41.44 52.61"""),
 }
 
 
+# The options of a run that define it (checkpoints.MUST_MATCH_ON_RESUME, with the global batch for the batch
+# and the processes) but the seed and the row's own keys: runs pool into a row only when all are equal.
+DEFINING = ("arch", "image_size", "global_batch", "queue_size", "t0", "lr", "lr_reference_batch", "scale_lr",
+            "warmup_epochs", "epochs", "momentum", "weight_decay", "query_view", "key_view", "key_momentum",
+            "proj_hidden", "proj_dim", "pretrained", "loader", "mixed_precision", "max_steps")
+# Of those, what the paper's recipe (the dataset's preset) fixes; the others (loader, precision) may differ.
+RECIPE = tuple(name for name in DEFINING if name not in ("loader", "mixed_precision"))
+
+
 @dataclass
 class Row:
-    """One line of a table: the runs of one (dataset, method, w, tau) over seeds."""
+    """One line of a table: the runs of one (dataset, method, w, tau) over seeds; `variant` names how its
+    runs differ from the paper's recipe ("" for the recipe's rows)."""
 
     dataset: str
     method: str
     w: float | None
     t: float | None
+    variant: str = ""
+    detail: str = ""   # how it differs from a row of the same keys and variant (loader, precision)
+    options: tuple = ()   # (name, value) of the DEFINING options its runs share
     recalls: dict[int, list[float]] = field(default_factory=dict)   # K -> R@K of each seed, percent
     seeds: list[int] = field(default_factory=list)
 
@@ -167,7 +184,8 @@ class Row:
         return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
     def published(self) -> tuple[int, tuple[float, ...]] | None:
-        return PUBLISHED.get((self.dataset, self.method, self.w, self.t))
+        """The supplement's figures of this row: only beside rows of the paper's recipe."""
+        return None if self.variant else PUBLISHED.get((self.dataset, self.method, self.w, self.t))
 
 
 def run_record(config: dict, results: dict, where: str) -> dict:
@@ -180,7 +198,22 @@ def run_record(config: dict, results: dict, where: str) -> dict:
                if name.startswith("R@") and name[2:].isdigit() and isinstance(value, (int, float))}
     return {"dataset": config["dataset"], "method": config["method"], "seed": config["seed"],
             "w": float(config["w"]) if method.uses_w else None, "t": float(config["t"]) if method.uses_t else None,
-            "recalls": recalls, "where": where}
+            "recalls": recalls, "where": where, "options": {name: config[name] for name in DEFINING if name in config},
+            "variant": _variant(config)}
+
+
+def _variant(config: dict) -> str:
+    """How a run differs from the paper's recipe: "" when it follows it; else each option that differs from
+    the dataset's preset, as "name value"."""
+    from maskcon.config import parse_config
+
+    if config.get("dataset") not in PRESET_DATASETS:
+        return ""
+    preset = parse_config(["--dataset", config["dataset"], "--method", config["method"]], processes=1)
+    expected = {**{name: getattr(preset, name) for name in RECIPE if hasattr(preset, name)},
+                "global_batch": preset.batch_size}
+    return ", ".join(f"{name} {config[name]}" for name in RECIPE
+                     if name in config and config[name] != expected.get(name))
 
 
 def read_run_folders(paths: list[Path], log=lambda line: print(line, file=sys.stderr)) -> list[dict]:
@@ -217,12 +250,20 @@ def read_wandb(path: str) -> list[dict]:
             if run.state == "finished" and "R@1" in run.summary]
 
 
-def group(records: list[dict]) -> list[Row]:
-    """Rows over seeds, ordered by dataset (first seen), then the tables' method order, w, tau."""
+def group(records: list[dict], *, everything: bool = False,
+          log=lambda line: print(line, file=sys.stderr)) -> list[Row]:
+    """Rows over seeds, ordered by dataset (first seen), then the tables' method order, w, tau, variant.
+    Runs of another recipe than the paper's are named through `log` and left out, unless `everything`."""
     rows: dict[tuple, Row] = {}
     for record in records:
-        key = (record["dataset"], record["method"], record["w"], record["t"])
-        row = rows.setdefault(key, Row(*key))
+        variant = record.get("variant", "")
+        if variant and not everything:
+            log(f"{record['where']}: not a full run of the paper's recipe ({variant}); left out (--all shows it "
+                f"as a row of its own)")
+            continue
+        options = tuple(sorted((name, str(value)) for name, value in record.get("options", {}).items()))
+        key = (record["dataset"], record["method"], record["w"], record["t"], variant, options)
+        row = rows.setdefault(key, Row(*key[:5], options=options))
         if record["seed"] in row.seeds:
             raise UserError(f"two runs of {_label(row)} with seed {record['seed']} (one is {record['where']}); "
                             f"pass each run once")
@@ -231,12 +272,28 @@ def group(records: list[dict]) -> list[Row]:
             row.recalls.setdefault(k, []).append(value)
     datasets = list(dict.fromkeys(key[0] for key in rows))
     order = lambda key: (datasets.index(key[0]), METHOD_ORDER.index(key[1]) if key[1] in METHOD_ORDER else 99,
-                         key[2] if key[2] is not None else -1, key[3] if key[3] is not None else -1)  # noqa: E731
-    return [rows[key] for key in sorted(rows, key=order)]
+                         key[2] if key[2] is not None else -1, key[3] if key[3] is not None else -1,
+                         key[4], key[5])  # noqa: E731
+    ordered = [rows[key] for key in sorted(rows, key=order)]
+    alike = {}
+    for row in ordered:
+        alike.setdefault((row.dataset, row.method, row.w, row.t, row.variant), []).append(row)
+    for group_of_rows in alike.values():   # rows that would look alike are told apart by what differs
+        values = [dict(row.options) for row in group_of_rows]
+        differing = [name for name in DEFINING if len({value.get(name) for value in values}) > 1]
+        for row, value in zip(group_of_rows, values):
+            row.detail = ", ".join(f"{name} {value.get(name)}" for name in differing)
+    return ordered
 
 
 def _label(row: Row) -> str:
-    return f"{row.dataset} {row.method} w {_shown(row.w)} tau {_shown(row.t)}"
+    return f"{row.dataset} {row.method} w {_shown(row.w)} tau {_shown(row.t)}" + _qualifier(row)
+
+
+def _qualifier(row: Row) -> str:
+    """What sets a row apart: its difference from the paper's recipe, then [loader, precision] where
+    another row of the same keys differs in them."""
+    return (f" ({row.variant})" if row.variant else "") + (f" [{row.detail}]" if row.detail else "")
 
 
 def _shown(value: float | None) -> str:
@@ -262,7 +319,8 @@ def markdown(rows: list[Row], ks=PAPER_KS) -> str:
         for row in chosen:
             paper = row.published()
             figures = [f"{value:.2f}" for value in paper[1]] if paper else ["–"] * len(ks)
-            cells = [METHOD_NAMES.get(row.method, row.method), _shown(row.w), _shown(row.t), str(len(row.seeds)),
+            name = METHOD_NAMES.get(row.method, row.method) + _qualifier(row)
+            cells = [name, _shown(row.w), _shown(row.t), str(len(row.seeds)),
                      *[_cell(row, k) for k in ks], *figures[:len(ks)]]
             lines.append("| " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
@@ -272,7 +330,8 @@ def markdown(rows: list[Row], ks=PAPER_KS) -> str:
 def write_csv(rows: list[Row], path: Path, ks=PAPER_KS) -> None:
     """One line per row: keys, seeds, mean and std of every R@K we have, the paper's table and figures."""
     all_ks = sorted({k for row in rows for k in row.recalls} | set(ks))
-    header = ["dataset", "method", "w", "t", "seeds", *[f"R@{k}_{part}" for k in all_ks for part in ("mean", "std")],
+    header = ["dataset", "method", "w", "t", "variant", "detail", "seeds",
+              *[f"R@{k}_{part}" for k in all_ks for part in ("mean", "std")],
               "paper_table", *[f"paper_R@{k}" for k in ks]]
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
@@ -280,7 +339,7 @@ def write_csv(rows: list[Row], path: Path, ks=PAPER_KS) -> None:
         for row in rows:
             paper = row.published()
             writer.writerow([row.dataset, row.method, "" if row.w is None else row.w, "" if row.t is None else row.t,
-                             len(row.seeds), *[_number(value) for k in all_ks for value in (row.mean(k), row.spread(k))],
+                             row.variant, row.detail, len(row.seeds), *[_number(value) for k in all_ks for value in (row.mean(k), row.spread(k))],
                              paper[0] if paper else "", *(paper[1] if paper else [""] * len(ks))])
 
 
@@ -304,9 +363,10 @@ def plot(rows: list[Row], path: Path) -> None:
         for index, row in enumerate(row for row in rows if row.dataset == dataset):
             colour = f"C{index % 10}"
             ks = sorted(row.recalls)
+            variant = _qualifier(row)
             axis.errorbar(ks, [row.mean(k) for k in ks], yerr=[row.spread(k) or 0.0 for k in ks], color=colour,
                           marker="o", capsize=3, label=f"{METHOD_NAMES.get(row.method, row.method)} w {_shown(row.w)} "
-                                                       f"τ {_shown(row.t)} (n={len(row.seeds)})")
+                                                       f"τ {_shown(row.t)}{variant} (n={len(row.seeds)})")
             if row.published():
                 axis.plot(PAPER_KS, row.published()[1], color=colour, linestyle="--", marker="x")
         if any(row.published() for row in rows if row.dataset == dataset):
@@ -330,12 +390,19 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="python launch/report.py",
         description="Turn finished runs into the supplement's table layout: Markdown on stdout, and "
-                    "OUT/report.md, OUT/report.csv, OUT/recall.png. Runs differing only in --seed form one row.")
+                    "OUT/report.md, OUT/report.csv, OUT/recall.png. Runs form one row only when every option "
+                    "that defines a run (those a resume must match: dataset, method, w, tau, batch, lr, "
+                    "schedule, epochs, ...) is equal but --seed. Unfinished runs, runs stopped early "
+                    "(--max-steps, a stop signal) and runs of another recipe than the paper's are left out, "
+                    "each named on stderr; the paper's figures stand only beside rows of its recipe.")
     parser.add_argument("runs", nargs="*", type=Path, help="run folders, or folders that hold run folders (runs/)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT[/SWEEP_ID]", default=None,
                         help="also read the finished runs of a W&B project or sweep (needs the network and a login)")
     parser.add_argument("--out", type=Path, default=Path("report"), help="folder for report.md, report.csv and "
                                                                          "recall.png (default: report)")
+    parser.add_argument("--all", action="store_true", dest="everything",
+                        help="also show the runs stopped early or of another recipe, as rows of their own labelled "
+                             "by what differs (never pooled with the paper's recipe)")
     return parser
 
 
@@ -350,7 +417,10 @@ def main(argv: list[str]) -> int:
         records = read_run_folders(args.runs) + (read_wandb(args.wandb) if args.wandb else [])
         if not records:
             raise UserError("no finished run among those named (a finished run has results.json)")
-        rows = group(records)
+        rows = group(records, everything=args.everything)
+        if not rows:
+            raise UserError("no finished run of the paper's recipe among those named (each run left out is named "
+                            "above); --all shows them as rows of their own")
     except UserError as err:
         return fail(err)
     text = markdown(rows)

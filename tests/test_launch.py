@@ -154,13 +154,17 @@ def test_the_run_folder_holds_the_files_readme_lists(runs):
 
 def test_report_of_three_finished_runs_prints_the_table_and_writes_csv_and_png(runs, tmp_path):
     results = [json.loads((folder / "results.json").read_text()) for folder in runs.values()]
-    done = run([sys.executable, "launch/report.py", *map(str, runs.values()), "--out", str(tmp_path / "report")])
+    report = [sys.executable, "launch/report.py", *map(str, runs.values()), "--out", str(tmp_path / "report")]
+    smoke = run(report)     # 2 steps of 1 epoch: not the paper's recipe, each run named, no table
+    assert smoke.returncode == 2 and smoke.stderr.count("not a full run of the paper's recipe") == 3, smoke.stderr
+    done = run([*report, "--all"])
     assert done.returncode == 0, done.stderr
     recall_1 = [result["R@1"] for result in results]
     mean = sum(recall_1) / 3
     std = (sum((value - mean) ** 2 for value in recall_1) / 2) ** 0.5
     row = next(line for line in done.stdout.splitlines() if line.startswith("| MaskCon"))
-    assert row.split(" | ")[1:5] == ["1", "0.05", "3", f"{mean:.2f} ± {std:.2f}"]
+    assert row.startswith("| MaskCon (epochs 1, max_steps 2) |")   # labelled by what differs from the recipe
+    assert row.split(" | ")[1:5] == ["1", "0.05", "3", f"{mean:.2f} ± {std:.2f}"] and row.endswith("| – | – | – | – |")
     import csv
 
     rows = list(csv.DictReader((tmp_path / "report" / "report.csv").open()))

@@ -86,3 +86,33 @@ def test_the_recall_plot_carries_its_title_and_a_legend_that_names_the_dashed_cu
     assert texts["Title"].startswith("Recall@K on the test split")
     legend = texts["Description"].split("; ")
     assert "dashed: the supplement's figures" in legend and any(entry.startswith("MaskCon") for entry in legend)
+
+
+def test_a_smoke_run_a_stopped_run_and_another_recipe_stay_out_of_the_recipes_row_each_named(tmp_path):
+    from maskcon.config import parse_config
+
+    recipe = {name: value for name, value in vars(parse_config(["--dataset", "cifar100"], processes=1)).items()}
+    recall = {"R@1": 65.0, "R@2": 74.0, "R@5": 83.0, "R@10": 89.0}
+
+    def full_run(name: str, seed: int, **changes) -> Path:
+        folder = write_run(tmp_path / name, "cifar100", "maskcon", seed, recall)
+        (folder / "config.yaml").write_text(yaml.safe_dump({**recipe, "seed": seed, "global_batch": 128, **changes}))
+        return folder
+
+    full_run("full-0", 0)
+    full_run("full-1", 1)
+    full_run("torch", 5, loader="torch")   # the recipe computed another way: a row of its own, labelled
+    full_run("smoke", 2, max_steps=5, epochs=1, global_batch=32)
+    full_run("other", 3, lr=0.05)
+    write_run(tmp_path / "stopped", "cifar100", "maskcon", 4, None)  # stopped by a signal: no results.json
+    named = []
+    rows = group(read_run_folders([tmp_path], log=named.append), log=named.append)
+    assert [(row.variant, row.detail, row.seeds) for row in rows] == [("", "loader dali", [0, 1]),
+                                                                        ("", "loader torch", [5])]
+    assert rows[0].published() and "| MaskCon [loader torch] | 1 | 0.05 | 1 |" in markdown(rows)
+    assert len(named) == 3 and [name for name in ("smoke", "other", "stopped")
+                                if sum(f"/{name}:" in line for line in named) == 1] == ["smoke", "other", "stopped"]
+    everything = group(read_run_folders([tmp_path], log=lambda line: None), everything=True)
+    variants = {row.variant: row for row in everything}
+    assert set(variants) == {"", "global_batch 32, epochs 1, max_steps 5", "lr 0.05"}
+    assert variants["lr 0.05"].seeds == [3] and variants["lr 0.05"].published() is None
