@@ -170,6 +170,12 @@ def run_bench(argv: list[str]) -> int:
         return fail(err)
 
 
+def run_eval(argv: list[str]) -> int:
+    from maskcon.evaluation import main as evaluate
+
+    return evaluate(argv)
+
+
 def run_report(argv: list[str]) -> int:
     from maskcon.report import main as report
 
@@ -182,6 +188,7 @@ DOORS = {
     "make-shards": (run_make_shards, "convert a dataset to shards, or verify shards (launch/make_shards.py)"),
     "bench": (run_bench, "the benchmarks of BENCHMARKS.md (launch/bench.py)"),
     "report": (run_report, "the supplement's tables from finished runs (launch/report.py)"),
+    "eval": (run_eval, "Recall@K of a trained network on a test split, without training (launch/eval.py)"),
 }
 
 

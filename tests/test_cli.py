@@ -16,11 +16,11 @@ def maskcon(*args: str) -> subprocess.CompletedProcess:
 def test_the_console_script_lists_its_doors_and_refuses_an_unknown_one_in_one_line():
     listed = maskcon("--help")
     assert listed.returncode == 0
-    for door in ("train", "run", "make-shards", "bench", "report"):
+    for door in ("train", "run", "make-shards", "bench", "report", "eval"):
         assert f"  {door} " in listed.stdout
     unknown = maskcon("trian")
     assert unknown.returncode == 2 and unknown.stderr.strip().splitlines() == [
-        "error: unknown command 'trian'; known: train, run, make-shards, bench, report"]
+        "error: unknown command 'trian'; known: train, run, make-shards, bench, report, eval"]
 
 
 def test_the_console_script_runs_the_trainers_door(tmp_path):

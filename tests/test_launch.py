@@ -223,3 +223,23 @@ def test_load_backbone_in_a_fresh_process_gives_the_features_the_evaluation_used
     assert re.fullmatch(r"[0-9a-f]{40}", meta["commit"])
     card = (runs["seed1"] / "MODEL_CARD.md").read_text()
     assert "maskcon.load_backbone" in card and f"R@1 {results['R@1']:.2f}" in card
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_eval_gives_the_trainers_recall_of_the_same_weights_and_writes_the_features(runs, shards, tmp_path,
+                                                                                  processes):
+    folder = runs["seed1"]
+    trained = json.loads((folder / "results.json").read_text())
+    door = [sys.executable, "launch/eval.py"] if processes == 1 else \
+        [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "launch/eval.py"]
+    for network in (folder, folder / "backbone.pt", sorted((folder / "checkpoints").glob("step-*"))[-1]):
+        done = run([*door, str(network), "--shards", str(shards), "--json", "--features", str(tmp_path / "f.pt")])
+        assert done.returncode == 0, done.stderr[-3000:]
+        recall = json.loads(done.stdout.strip().splitlines()[-1])
+        assert recall == {name: trained[name] for name in recall} and "R@1" in recall, network
+    import torch
+
+    written = torch.load(tmp_path / "f.pt")
+    assert written["features"].shape == (360, 512) and len(written["keys"]) == 360
+    assert written["index"].tolist() == list(range(360)) and written["fine"].shape == (360,)

@@ -1,0 +1,143 @@
+"""Evaluation without training: Recall@K of a trained network on the test split of any shards, on one or
+several processes, as the trainer evaluates it (`maskcon.train.extract_features`, the run's test view and
+normalisation), and the features written to a file for one's own retrieval.
+
+    python launch/eval.py RUN_OR_BACKBONE_OR_CHECKPOINT [--shards DIR] [--features FILE.pt]
+    accelerate launch --multi_gpu --num_processes N launch/eval.py ...
+
+The network is a run folder's backbone.pt (its newest intact checkpoint when it has none yet), a backbone.pt
+file, or one checkpoint folder (RUN/checkpoints/step-N). Its recipe (normalisation), image size, architecture
+and evaluation batch are the run's, from the backbone's metadata and the run's config.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import yaml
+from torch import nn
+
+from maskcon import checkpoints
+from maskcon.backbone import BACKBONE_FILE, build_encoder, load_backbone
+from maskcon.errors import UserError
+from maskcon.retrieval import RECALL_KS, recall_at_k
+
+ENCODER_PREFIX = "encoder."   # the query encoder's weights in a checkpoint's model.safetensors
+
+
+class Network(nn.Module):
+    """A trained query encoder as the trainer's evaluation reads it (`features`)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images).float()
+
+
+def load_network(path: Path) -> tuple[nn.Module, dict, str]:
+    """(the query encoder, the run's settings {dataset, arch, image_size, eval_batch_size, shards}, what was
+    loaded) of PATH: a run folder, a backbone.pt, or a checkpoint folder."""
+    path = Path(path)
+    run = _run_folder(path)
+    settings = yaml.safe_load((run / "config.yaml").read_text()) if run and (run / "config.yaml").is_file() else {}
+    if path.is_file() or (path / BACKBONE_FILE).is_file():
+        encoder = load_backbone(path)
+        settings = {**settings, **{name: encoder.metadata[name] for name in ("dataset", "arch", "image_size")}}
+        return encoder, settings, f"backbone {path if path.is_file() else path / BACKBONE_FILE}"
+    checkpoint = path if (path / checkpoints.MODEL_FILE).is_file() else \
+        checkpoints.newest_intact(path / "checkpoints", lambda line: None) if path.is_dir() else None
+    if checkpoint is None:
+        raise UserError(f"{path} holds no backbone.pt and no checkpoint; pass a run folder, a backbone.pt or a "
+                        f"checkpoint folder (RUN/checkpoints/step-N)")
+    if not settings:
+        raise UserError(f"{checkpoint} lies outside a run folder with config.yaml; its network cannot be built")
+    encoder = build_encoder(settings["arch"], settings["image_size"])
+    weights = safetensors.torch.load_file(str(checkpoint / checkpoints.MODEL_FILE))
+    encoder.load_state_dict({name[len(ENCODER_PREFIX):]: tensor for name, tensor in weights.items()
+                             if name.startswith(ENCODER_PREFIX)})
+    return encoder.eval(), settings, f"checkpoint {checkpoint}"
+
+
+def _run_folder(path: Path) -> Path | None:
+    """The run folder PATH belongs to (itself, the folder of its backbone.pt, or of its checkpoints)."""
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    return None
+
+
+def evaluate(path: Path, shards: Path | None, *, batch_size: int | None, loader: str, threads: int | None,
+             features_file: Path | None) -> tuple[dict, str]:
+    """(R@K on the main process, {} elsewhere; what was evaluated). Every process calls it."""
+    from accelerate import Accelerator
+
+    from maskcon.config import default_shards_dir
+    from maskcon.loaders import build_test_loader
+    from maskcon.train import extract_features
+
+    encoder, settings, what = load_network(path)
+    shards = Path(shards) if shards else Path(settings.get("shards") or default_shards_dir(settings["dataset"]))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    network = Network(encoder).to(accelerator.device)
+    test = build_test_loader(shards, recipe=settings["dataset"], image_size=settings["image_size"],
+                             batch_size=batch_size or settings.get("eval_batch_size", 256),
+                             rank=accelerator.process_index, world_size=accelerator.num_processes,
+                             device=accelerator.device, backend=loader, num_threads=threads)
+    table = extract_features(network, test, accelerator)
+    if table is None:
+        return {}, what
+    metrics = recall_at_k(table["features"], table["fine"], RECALL_KS)
+    if features_file is not None:
+        _write_features(features_file, table, shards)
+    return metrics, f"{what} on {shards}"
+
+
+def _write_features(file: Path, table: dict, shards: Path) -> None:
+    """FILE (torch.save): features N x F fp32, fine, coarse, index (position in the test split), keys."""
+    from maskcon.loaders import read_split
+    from maskcon.loaders.split import TarSamples
+    from maskcon.shard_format import key_at
+
+    samples = TarSamples(read_split(shards, "test")[1])
+    keys = [key_at(samples.split.indexes[int(samples.rows[i, 0])], int(samples.rows[i, 1]))
+            for i in table["index"].tolist()]
+    partial = file.with_name(f".{file.name}.partial")
+    torch.save({**{name: values.cpu() for name, values in table.items()}, "keys": keys}, partial)
+    partial.replace(file)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python launch/eval.py", allow_abbrev=False,
+                                     description="Recall@K of a trained network on a test split, without training.")
+    parser.add_argument("network", type=Path, help="a run folder, its backbone.pt, or a checkpoint folder")
+    parser.add_argument("--shards", type=Path, default=None,
+                        help="shard folder whose test split is evaluated (default: the run's shards)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per process per batch (default: the run's)")
+    parser.add_argument("--loader", choices=("dali", "torch"), default="dali", help="data loader back end")
+    parser.add_argument("--loader-threads", type=int, default=None, help="loader threads per process")
+    parser.add_argument("--features", type=Path, default=None,
+                        help="also write the features, labels, test positions and sample keys to this file (torch.save)")
+    parser.add_argument("--json", action="store_true", help="print the Recall@K as one JSON line")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """launch/eval.py: Recall@K printed (and with --json, one JSON line); 0, or 2 with one line."""
+    from maskcon.cli import fail
+
+    args = build_parser().parse_args(argv)
+    try:
+        metrics, what = evaluate(args.network, args.shards, batch_size=args.batch_size, loader=args.loader,
+                                 threads=args.loader_threads, features_file=args.features)
+    except UserError as error:
+        return fail(error)
+    if metrics:
+        print(json.dumps(metrics) if args.json else
+              f"{what}: " + "  ".join(f"{name} {value:.2f}" for name, value in metrics.items()))
+    return 0
