@@ -36,7 +36,7 @@ class Config:
     query_view: str = field(default="strong", metadata={"help": "augmentation of the query view: strong|weak"})
     key_view: str = field(default="weak", metadata={"help": "augmentation of the key view: strong|weak"})
     loader: str = field(default="dali", metadata={"help": "data loader back end: dali|torch"})
-    loader_threads: int | None = field(default=None, metadata={"help": "CPU threads (DALI) or workers (torch) per process (default: maskcon.loaders.LOADER_DEFAULTS for the image size)"})
+    loader_threads: int | None = field(default=None, metadata={"help": "CPU threads (DALI) or workers (torch) per process, for training and evaluation; none: 2 for images of up to 64 px, 8 for larger ones"})
     # --- method ---
     method: str = field(default="maskcon", metadata={"help": f"objective: {'|'.join(METHODS)}"})
     w: float = field(default=1.0, metadata={"help": "weight of the soft target (MaskCon, Grafit) or of the coarse CE (CoIns), in [0, 1]"})
@@ -85,6 +85,20 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# --help's groups, in order: every option in one of them.
+SECTIONS = {
+    "data and loader": ("dataset", "shards", "image_size", "query_view", "key_view", "loader", "loader_threads"),
+    "method": ("method", "w", "t", "t0", "queue_size", "key_momentum"),
+    "network": ("arch", "pretrained", "proj_hidden", "proj_dim"),
+    "optimisation and schedule": ("epochs", "batch_size", "global_batch", "lr", "lr_reference_batch", "scale_lr",
+                                  "momentum", "weight_decay", "warmup_epochs", "mixed_precision", "channels_last",
+                                  "compile", "compile_mode", "seed"),
+    "evaluation, logging and checkpoints": ("eval_every", "eval_untrained", "eval_batch_size", "log_every",
+                                            "checkpoint_every", "keep_checkpoints", "resume", "accept_changes",
+                                            "output_dir", "wandb", "wandb_project", "run_name"),
+    "the run": ("dist_timeout", "max_steps", "config", "print_config", "check"),
+}
+assert sorted(name for names in SECTIONS.values() for name in names) == sorted(FIELDS), "an option without a section"
 # What config.yaml and --print-config record besides the options (maskcon.plan.Plan.resolved). Given back
 # with --config they are accepted, and checked against the options they follow from, never taken as options.
 RECORDED = ("num_processes", "base_lr", "provenance")
@@ -146,22 +160,34 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                     "python launch/run.py --processes N [options].",
         argument_default=argparse.SUPPRESS,
     )
-    for name, f in FIELDS.items():
-        base, optional = _field_type(f)
-        flags = [f"--{name.replace('_', '-')}"]
-        if "_" in name:
-            flags.append(f"--{name}")
-        help_text = f"{f.metadata.get('help', '')} (default: {shown[name]})"
-        if base is bool:
-            parser.add_argument(*flags, dest=name, nargs="?", const=True, type=_parse_bool,
-                                metavar="BOOL", help=help_text)
-            parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false",
-                                help=argparse.SUPPRESS)
-        else:
-            kind = _optional(base) if optional else base
-            bare = {"nargs": "?", "const": f.metadata["const"]} if "const" in f.metadata else {}  # e.g. --resume
-            parser.add_argument(*flags, dest=name, type=kind, metavar=name.upper(), help=help_text, **bare)
+    for section, names in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for name in names:
+            _add_option(group, name, shown[name])
     return parser
+
+
+def _add_option(group, name: str, default) -> None:
+    """--NAME-WITH-DASHES shown once with its one default; --name_with_underscores (the sweeps' spelling)
+    and --no-NAME (a true/false option's false) accepted, not shown."""
+    base, optional = _field_type(FIELDS[name])
+    dashed, hidden = f"--{name.replace('_', '-')}", [f"--{name}"] if "_" in name else []
+    text = FIELDS[name].metadata.get("help", "")
+    if default is not None or "(default:" not in text:   # an option that is none by default may say what none means
+        text += f" (default: {'none' if default is None else default})"
+    if base is bool:
+        options = dict(dest=name, nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+        group.add_argument(dashed, help=text, **options)
+        for flag in hidden:
+            group.add_argument(flag, help=argparse.SUPPRESS, **options)
+        group.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false", help=argparse.SUPPRESS)
+        return
+    options = dict(dest=name, type=_optional(base) if optional else base, metavar=name.upper())
+    if "const" in FIELDS[name].metadata:   # e.g. a bare --resume
+        options.update(nargs="?", const=FIELDS[name].metadata["const"])
+    group.add_argument(dashed, help=text, **options)
+    for flag in hidden:
+        group.add_argument(flag, help=argparse.SUPPRESS, **options)
 
 
 def resolved_defaults(argv: list[str]) -> dict:

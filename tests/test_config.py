@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,11 +85,16 @@ def test_impossible_options_are_one_line_errors(argv, words):
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
-def test_help_documents_every_option():
+def test_help_documents_every_option_once_in_its_group_with_one_default():
     out = subprocess.run([sys.executable, "launch/train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0
     for name in FIELDS:
-        assert f"--{name.replace('_', '-')}" in out.stdout
+        assert len(re.findall(rf"^  --{name.replace('_', '-')}(?=[ \n])", out.stdout, re.MULTILINE)) == 1, name
+        assert f"--{name} " not in out.stdout or "_" not in name, name     # the sweeps' spelling: accepted, not shown
+    for group in ("data and loader:", "method:", "network:", "optimisation and schedule:",
+                  "evaluation, logging and checkpoints:", "the run:"):
+        assert f"\n{group}\n" in out.stdout
+    assert out.stdout.count("(default:") == len(FIELDS) and "maskcon." not in out.stdout
 
 
 def test_bad_option_from_the_door_is_one_line_without_traceback():
