@@ -43,6 +43,10 @@ def check_run(config: Config, processes: int) -> list[str]:
         raise UserError("--wandb online but W&B finds no API key (WANDB_API_KEY, netrc or `wandb login`); "
                         "log in, or use --wandb offline")
     lines.append(f"W&B: {mode}" + (f", project {config.wandb_project}" if mode != "disabled" else ""))
+    if config.pretrained == "imagenet":
+        from maskcon.model import check_pretrained_reachable
+
+        check_pretrained_reachable(config.arch)
     if config.pretrained not in (None, "imagenet") and not Path(config.pretrained).expanduser().is_file():
         raise UserError(f"pretrained weights file {config.pretrained!r} not found; pass 'imagenet', a torchvision "
                         f"weights file or none")

@@ -157,6 +157,24 @@ def _backbone(arch: str, image_size: int, pretrained: str | None) -> nn.Module:
     return net
 
 
+def check_pretrained_reachable(arch: str) -> None:
+    """UserError (one line) unless torchvision's ImageNet weights of `arch` are in the torch hub cache or
+    their download address answers (a HEAD request; nothing is downloaded)."""
+    import urllib.error
+    import urllib.request
+
+    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+    if (Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name).is_file():
+        return
+    try:
+        urllib.request.urlopen(urllib.request.Request(weights.url, method="HEAD"), timeout=15).close()
+    except (OSError, urllib.error.URLError) as error:
+        reason = str(getattr(error, "reason", error)).splitlines()[0] or type(error).__name__
+        raise UserError(f"cannot reach torchvision's {arch} ImageNet weights ({reason}); fetch {weights.url} "
+                        f"elsewhere and pass the file with --pretrained PATH, or start from random weights with "
+                        f"--pretrained none") from None
+
+
 def fetch_pretrained(arch: str, pretrained: str) -> None:
     """Make `pretrained` available before the learner is built: download torchvision's weights into the torch
     hub cache ("imagenet"), or check a local weights file; UserError (one line) when neither works."""

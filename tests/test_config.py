@@ -199,3 +199,18 @@ def test_a_recorded_learning_rate_that_no_longer_follows_from_the_file_is_one_li
         parse_config(["--config", str(tmp_path / "config.yaml")], processes=1)
     assert "\n" not in str(caught.value)
     assert parse_config(["--config", str(tmp_path / "config.yaml")], processes=2).global_batch == 128
+
+
+def test_check_refuses_imagenet_weights_it_cannot_reach_and_passes_cached_ones(digits_shards, tmp_path):
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"), HTTPS_PROXY="http://127.0.0.1:9",
+               https_proxy="http://127.0.0.1:9", WANDB_MODE="disabled")   # a proxy that refuses: no network
+    command = [sys.executable, "launch/train.py", "--check", "--shards", str(digits_shards), "--pretrained", "imagenet"]
+    refused = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    line = refused.stderr.strip()
+    assert "\n" not in line and line.startswith("error: cannot reach torchvision's resnet18 ImageNet weights")
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / "resnet18-f37072fd.pth").write_bytes(b"weights fetched before")
+    passed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert passed.returncode == 0 and "check passed" in passed.stdout, passed.stderr
