@@ -7,7 +7,7 @@
 
 import sys
 
-from maskcon.report import main
+from maskcon.cli import run_report
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_report(sys.argv[1:]))

@@ -171,15 +171,23 @@ def run_bench(argv: list[str]) -> int:
 
 
 def run_eval(argv: list[str]) -> int:
+    """launch/eval.py: 0, or 2 with one line."""
     from maskcon.evaluation import main as evaluate
 
-    return evaluate(argv)
+    try:
+        return evaluate(argv)
+    except UserError as err:
+        return fail(err)
 
 
 def run_report(argv: list[str]) -> int:
+    """launch/report.py: 0 when the report is written, or 2 with one line."""
     from maskcon.report import main as report
 
-    return report(argv)
+    try:
+        return report(argv)
+    except UserError as err:
+        return fail(err)
 
 
 DOORS = {

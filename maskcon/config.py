@@ -293,10 +293,10 @@ def _check_recorded(config: Config, recorded: dict, processes: int, cli: dict) -
                         f"remove base_lr from the file or restore the option that was changed")
 
 
-def base_learning_rate(config: Config, processes: int) -> float:
+def base_learning_rate(config: Config, num_processes: int) -> float:
     """--lr for a global batch of --lr-reference-batch, scaled linearly to the real global batch
     (batch x processes) unless --no-scale-lr."""
-    global_batch = config.batch_size * processes
+    global_batch = config.batch_size * num_processes
     return config.lr * (global_batch / config.lr_reference_batch if config.scale_lr else 1.0)
 
 

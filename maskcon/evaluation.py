@@ -128,15 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    """launch/eval.py: Recall@K printed (and with --json, one JSON line); 0, or 2 with one line."""
-    from maskcon.cli import fail
-
+    """launch/eval.py (through maskcon.cli, which prints a UserError as its one line): Recall@K printed (and
+    with --json, one JSON line); 0."""
     args = build_parser().parse_args(argv)
-    try:
-        metrics, what = evaluate(args.network, args.shards, batch_size=args.batch_size, loader=args.loader,
-                                 threads=args.loader_threads, features_file=args.features)
-    except UserError as error:
-        return fail(error)
+    metrics, what = evaluate(args.network, args.shards, batch_size=args.batch_size, loader=args.loader,
+                             threads=args.loader_threads, features_file=args.features)
     if metrics:
         print(json.dumps(metrics) if args.json else
               f"{what}: " + "  ".join(f"{name} {value:.2f}" for name, value in metrics.items()))

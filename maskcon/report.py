@@ -407,22 +407,18 @@ def build_parser():
 
 
 def main(argv: list[str]) -> int:
-    """launch/report.py: 0 when the report is written; a user error is one line, 2."""
-    from maskcon.cli import fail
-
+    """launch/report.py (through maskcon.cli, which prints a UserError as its one line): 0 when the report is
+    written."""
     args = build_parser().parse_args(argv)
-    try:
-        if not args.runs and args.wandb is None:
-            raise UserError("name the runs: run folders (or runs/), and/or --wandb ENTITY/PROJECT[/SWEEP_ID]")
-        records = read_run_folders(args.runs) + (read_wandb(args.wandb) if args.wandb else [])
-        if not records:
-            raise UserError("no finished run among those named (a finished run has results.json)")
-        rows = group(records, everything=args.everything)
-        if not rows:
-            raise UserError("no finished run of the paper's recipe among those named (each run left out is named "
-                            "above); --all shows them as rows of their own")
-    except UserError as err:
-        return fail(err)
+    if not args.runs and args.wandb is None:
+        raise UserError("name the runs: run folders (or runs/), and/or --wandb ENTITY/PROJECT[/SWEEP_ID]")
+    records = read_run_folders(args.runs) + (read_wandb(args.wandb) if args.wandb else [])
+    if not records:
+        raise UserError("no finished run among those named (a finished run has results.json)")
+    rows = group(records, everything=args.everything)
+    if not rows:
+        raise UserError("no finished run of the paper's recipe among those named (each run left out is named "
+                        "above); --all shows them as rows of their own")
     text = markdown(rows)
     print(text, end="")
     args.out.mkdir(parents=True, exist_ok=True)
