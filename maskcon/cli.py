@@ -26,11 +26,21 @@ def fail(err: UserError) -> int:
 
 
 def run_launch(argv: list[str]) -> int:
-    """launch/run.py: check the run in this process, then start its processes; a mistake is one line, 2."""
-    from maskcon.launcher import run
+    """launch/run.py: check the run in this process, then start its processes; a mistake is one line, 2; a
+    stop signal before the start is one line, EXIT_STOPPED."""
+    import signal
 
+    from maskcon import stopping
+
+    for signum in stopping.STOP_SIGNALS:   # first: until the run starts, a stop ends the door with one line
+        signal.signal(signum, stopping.stop_before_start)
     try:
+        from maskcon.launcher import run
+
         return run(argv)
+    except stopping.Stopped as stopped:
+        print(stopped, file=sys.stderr)
+        return stopping.EXIT_STOPPED
     except UserError as err:
         return fail(err)
 

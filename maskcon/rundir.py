@@ -35,6 +35,7 @@ from pathlib import Path
 
 from maskcon import checkpoints, dist, failures
 from maskcon.errors import UserError
+from maskcon.stopping import LAUNCHER_ENV
 
 RESUME_NEWEST = "newest"  # the value of a bare --resume
 RESUME_AUTO = "auto"
@@ -147,6 +148,9 @@ def resume_point(output_dir: str | Path | None, resume: str, log: Callable[[str]
     if checkpoint is not None:
         return folder, checkpoint
     if resume == RESUME_NEWEST:
+        if run_files(folder):   # a run that ended before its first checkpoint: only a fresh start is left
+            raise UserError(f"--resume: no checkpoint in {folder / CHECKPOINTS} (the run there ended before its "
+                            f"first one); start it afresh with --resume auto, or choose a new --output-dir")
         raise UserError(f"--resume: no checkpoint in {folder / CHECKPOINTS}; start without --resume, or pass "
                         f"--resume auto to start afresh when there is none")
     finished = [name for name in FINISHED_FILES if (folder / name).exists()]
@@ -154,6 +158,22 @@ def resume_point(output_dir: str | Path | None, resume: str, log: Callable[[str]
         raise UserError(f"--resume auto: {folder} holds a finished run ({', '.join(finished)}) and no checkpoint "
                         f"to continue from; choose a new --output-dir")
     return folder, None
+
+
+def check_fresh(folder: Path) -> None:
+    """The refusal a fresh start in FOLDER would meet (another run's files, not those of a start that ended
+    before training), read without writing: for --check and launch/run.py's pre-check."""
+    if (folder / START_MARK).exists() and not checkpoints.list_checkpoints(folder / CHECKPOINTS):
+        return
+    found = run_files(folder)
+    if found:
+        raise _holds_another_run(folder, found)
+
+
+def _holds_another_run(folder: Path, found: list[str]) -> UserError:
+    listed = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    return UserError(f"{folder} holds another run's files ({listed}); continue that run with --resume (or "
+                     f"--resume auto), or choose a new --output-dir")
 
 
 def _fresh_folder(folder: Path, log: Callable[[str], None]) -> Path:
@@ -168,9 +188,7 @@ def _fresh_folder(folder: Path, log: Callable[[str], None]) -> Path:
     found = run_files(folder)
     if found:
         release(folder)
-        listed = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-        raise UserError(f"{folder} holds another run's files ({listed}); continue that run with --resume "
-                        f"(or --resume auto), or choose a new --output-dir")
+        raise _holds_another_run(folder, found)
     hold(folder)
     _mark_start(folder)
     return folder
@@ -206,7 +224,9 @@ def hold(folder: Path) -> None:
         os.close(descriptor)
         raise in_use(folder, lock_holder(folder) or "another process") from None
     os.ftruncate(descriptor, 0)
-    os.write(descriptor, f"host {socket.gethostname()} pid {os.getpid()} since "
+    door = os.environ.get(LAUNCHER_ENV, "").split(":")[0]
+    started_by = f" started by launch/run.py pid {door}" if door else ""
+    os.write(descriptor, f"host {socket.gethostname()} pid {os.getpid()}{started_by} since "
                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
     _held[key] = descriptor
 
@@ -259,7 +279,7 @@ def _take_over_failed_start(folder: Path, log: Callable[[str], None]) -> None:
         for path in folder.glob(pattern):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     (folder / START_MARK).unlink()
-    log(f"{folder}: taking over the files of a start that failed before training")
+    log(f"{folder}: taking over the files of a start that ended before training")
 
 
 def _checkpoint_at(path: Path, newest: Callable[[Path], Path | None]) -> tuple[Path | None, Path]:

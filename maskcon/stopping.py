@@ -149,12 +149,18 @@ class StopRequest:
     def _received(self, signum: signal.Signals) -> None:
         if self.reason is None:
             self.reason = signum.name
+            if int(os.environ.get("RANK", "0")) == 0:   # at once, though the stop waits for the processes to agree
+                print(f"\n{signum.name}: stopping with a checkpoint where the processes next agree (within "
+                      f"--log-every steps, or after the evaluation or bank fill under way); a second Ctrl-C ends "
+                      f"at once without one", file=sys.stderr, flush=True)
         elif signum == signal.SIGINT:
             self._end_at_once(signum.name)
 
     def _end_at_once(self, name: str) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"\nsecond {name}: ended at once, without a new checkpoint; {self.last_checkpoint()}",
+            last = self.last_checkpoint()
+            then = "continue with --resume" if "intact" in last else "start again with --resume auto"
+            print(f"\nsecond {name}: ended at once, without a new checkpoint; {last}; {then}",
                   file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(exit_status(EXIT_AT_ONCE))
@@ -191,6 +197,11 @@ def exit_status(code: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------- the door's side
+
+
+def stop_before_start(signum, frame) -> None:
+    """A door's handler until it starts the run: end with one line (cli prints the Stopped), nothing written."""
+    raise Stopped(f"stopped by {signal.Signals(signum).name} before the run started; nothing was written")
 
 
 def supervise(command: list[str], environment: dict) -> int:

@@ -225,7 +225,7 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
     _announce(run)
     untrained, metrics, stopped = {}, {}, "finished"
     feed = Feed(config.batch_size, config.image_size, run.accelerator.device)
-    if step == 0:
+    if step == 0 and run.resumed_from is None:   # a resumed run has its bank (and its untrained figures)
         untrained = _before_training(run, feed)
     clock = DataClock(run.train_loader, run.global_batch)
     loss_sum = torch.zeros((), device=run.accelerator.device)    # losses since the last logging point

@@ -306,7 +306,7 @@ def test_a_start_that_failed_before_training_is_taken_over_and_one_that_trained_
     lines = []
     assert rundir.claim(folder, None, default=tmp_path / "unused", log=lines.append) == rundir.RunFolder(folder, None)
     assert not (folder / "config.yaml").exists() and not (folder / "metrics.jsonl").exists()
-    assert len(lines) == 1 and "failed before training" in lines[0]
+    assert len(lines) == 1 and "ended before training" in lines[0]
     (folder / "config.yaml").write_text("dataset: digits\n")
     rundir.mark_trained(folder)                                     # its first metrics row
     rundir.release(folder)

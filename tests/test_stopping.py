@@ -241,3 +241,36 @@ def test_readme_documents_the_exit_statuses_and_how_to_stop():
         assert re.search(rf"^\| `{status}` \|", section, re.MULTILINE), status
     for door_name in ("Ctrl-C", "kill", "docker stop -t", "scancel"):
         assert door_name in section
+
+
+def test_a_stop_during_the_untrained_evaluation_resumes_from_step_0_to_the_same_weights(digits_shards, tmp_path):
+    args = ["--shards", str(digits_shards), *RUN, "--eval-untrained", "true", "--max-steps", "6"]
+    whole = door([*args, "--wandb", "disabled", "--output-dir", str(tmp_path / "whole")])
+    _, stderr = whole.communicate(timeout=900)
+    assert whole.returncode == 0, stderr[-3000:]
+    out = tmp_path / "run"
+    launcher = door([*args, "--output-dir", str(out)])
+    wait_for(lambda: (out / "config.yaml").exists(), launcher)   # next: the untrained evaluation, the bank fill
+    os.killpg(launcher.pid, signal.SIGINT)
+    stdout, stderr = launcher.communicate(timeout=GRACE_S + 60)
+    assert launcher.returncode == STOPPED and "stopped by SIGINT at step 0" in stdout, stderr[-3000:]
+    assert "SIGINT: stopping with a checkpoint" in stderr          # said at once
+    resumed = door([*args, "--output-dir", str(out), "--resume"])
+    _, stderr = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert fingerprint(out) == fingerprint(tmp_path / "whole")
+    untrained = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                 if row.get("step") == 0 and "R@1" in row]
+    assert len(untrained) == 1                                     # evaluated once, not again on resume
+
+
+def test_check_refuses_a_folder_of_another_run_as_the_run_would(digits_shards, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "results.json").write_text("{}")
+    checked = subprocess.run([sys.executable, "launch/run.py", "--processes", "2", "--shards", str(digits_shards),
+                              *RUN, "--output-dir", str(out), "--check"], cwd=ROOT, env=environment(),
+                             capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 2 and checked.stderr.strip().splitlines() == [checked.stderr.strip()]
+    assert "holds another run's files" in checked.stderr
+
