@@ -16,19 +16,42 @@ from maskcon.errors import UserError
 
 
 def wandb_logged_in() -> bool:
-    """True when W&B's own credential lookup finds credentials for its configured host (WANDB_BASE_URL or
-    settings): WANDB_API_KEY, an api_key in a settings file, a netrc entry (NETRC, ~/.netrc) for that host,
-    or an identity token file. Neither prompts nor touches the network; W&B's messages are not shown."""
-    import contextlib
-    import io
+    """True when the places W&B looks for credentials hold some for its configured host: WANDB_API_KEY or
+    WANDB_IDENTITY_TOKEN_FILE, a netrc entry (NETRC, else ~/.netrc or ~/_netrc) for the host of
+    WANDB_BASE_URL or of the settings files' base_url (W&B's cloud by default), or an api_key in a
+    settings file. Read from the files alone: it starts no W&B process, never prompts, never touches the
+    network (wandb.login may wait on the network to greet a user)."""
+    import configparser
+    import netrc
+    from urllib.parse import urlparse
 
-    import wandb
-
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    settings: dict[str, str] = {}
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb")
+    for path in (config_dir / "settings", Path(os.environ.get("WANDB_DIR") or ".") / "wandb" / "settings"):
+        parser = configparser.ConfigParser()
         try:
-            return bool(wandb.login(prompt=False, verify=False))
-        except Exception:  # wandb raises many types for unreadable settings; no credentials then
+            parser.read(path)
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue
+        if parser.has_section("default"):
+            settings.update(parser["default"])
+    base_url = os.environ.get("WANDB_BASE_URL") or settings.get("base_url") or "https://api.wandb.ai"
+    if settings.get("api_key"):
+        return True
+    host = urlparse(base_url.strip()).hostname
+    candidates = [Path(os.environ["NETRC"]).expanduser()] if os.environ.get("NETRC") else \
+        [Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            entry = netrc.netrc(str(path)).authenticators(host or "")
+        except (netrc.NetrcParseError, OSError, UnicodeDecodeError):
             return False
+        return bool(entry and entry[2])
+    return False
 
 
 class ConsoleLog:

@@ -16,7 +16,7 @@ def mode(home: Path, **environment) -> str:
            if not name.startswith("WANDB_") and name not in ("NETRC", "HOME")}
     env.update(HOME=str(home), PYTHONPATH=str(ROOT), **environment)
     out = subprocess.run([sys.executable, "-c", "from maskcon.tracking import resolve_wandb_mode as r; print(r('auto'))"],
-                         env=env, capture_output=True, text=True, cwd=home)
+                         env=env, capture_output=True, text=True, cwd=home, timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -40,6 +40,19 @@ def test_a_netrc_entry_for_a_self_hosted_server_is_online(home):
     (home / ".netrc").chmod(0o600)
     assert mode(home, WANDB_BASE_URL="https://wandb.example.org") == "online"
     assert mode(home) == "offline"      # the entry is for another host than W&B's default one
+
+
+def test_the_host_of_the_settings_file_picks_the_netrc_entry(home):
+    (home / ".netrc").write_text(f"machine wandb.example.org\n  login user\n  password {KEY}\n")
+    (home / ".netrc").chmod(0o600)
+    (home / ".config" / "wandb").mkdir(parents=True)
+    (home / ".config" / "wandb" / "settings").write_text("[default]\nbase_url = https://wandb.example.org\n")
+    assert mode(home) == "online"
+
+
+def test_an_unreadable_netrc_is_offline(home):
+    (home / ".netrc").write_text("machine\n")
+    assert mode(home) == "offline"
 
 
 def test_wandb_mode_in_the_environment_wins(home):
