@@ -84,10 +84,6 @@ def _train_process(argv: list[str]) -> int:
         return 2
     if result.stopped == "preempted":
         return EXIT_STOPPED
-    if result.untrained:
-        print("untrained " + "  ".join(f"{k[len('untrained_'):]} {v:.2f}" for k, v in result.untrained.items()))
-    if result.metrics:
-        print("final " + "  ".join(f"{k} {v:.2f}" for k, v in result.metrics.items()) + f"  ({result.output_dir})")
     return 0
 
 

@@ -363,13 +363,23 @@ def _finish(run: Run, step: int, stopped: str, metrics: dict, untrained: dict) -
 
 
 def _write_results(run: Run, results: dict) -> None:
-    """backbone.pt and results.json unless the run was preempted; the tracker's summary; closes it."""
+    """backbone.pt, results.json and the final figures unless the run was preempted; the tracker's summary;
+    closes it."""
+    recall = {name: value for name, value in results.items() if name.startswith("R@")}
     if results["stopped"] != "preempted":
-        recall = {name: value for name, value in results.items() if name.startswith("R@")}
         save_backbone(run.output_dir, run.learner.encoder, backbone_metadata(run.resolved, recall, results["step"]))
         rundir.write_results(run.output_dir, results, resumed=run.resumed_from is not None)
-    run.tracker.summary({name: value for name, value in results.items() if name.startswith("R@")})
+        _say_results(run, results)
+    run.tracker.summary(recall)
     run.tracker.close()
+
+
+def _say_results(run: Run, results: dict) -> None:
+    """The run's last words, in console.log too: R@K before training (with --eval-untrained) and at the end."""
+    for prefix, label in (("untrained_R@", "untrained"), ("R@", "final")):
+        figures = [f"{name[len(prefix) - 2:]} {value:.2f}" for name, value in results.items() if name.startswith(prefix)]
+        if figures:
+            print(label + " " + "  ".join(figures) + (f"  ({run.output_dir})" if label == "final" else ""))
 
 
 def _last_good(checkpoint_root: Path) -> str:
