@@ -8,7 +8,8 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARIES = ("torch", "torchvision", "accelerate", "nvidia-dali-cuda130", "wandb", "webdataset", "numpy")
+LIBRARIES = ("torch", "torchvision", "accelerate", "wandb", "webdataset", "numpy")
+DALI_WHEELS = ("nvidia-dali-cuda130", "nvidia-dali-cuda120")   # one per CUDA line: the installed one is recorded
 
 
 def _git(*args: str) -> str | None:
@@ -29,13 +30,16 @@ def code_state() -> dict:
 
 def library_versions() -> dict:
     """Installed version of each library the run depends on (None when not installed), and Python's."""
-    versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    versions = {"python": platform.python_version(), **{name: _version(name) for name in LIBRARIES}}
+    dali = {name: version for name in DALI_WHEELS if (version := _version(name))}
+    return {**versions, **(dali or {"nvidia-dali": None})}
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def machine() -> dict:

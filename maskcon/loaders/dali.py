@@ -75,8 +75,9 @@ RESIDENT_MAX_PIXELS = 64 * 64  # PNG images of at most this many pixels, all of 
 
 def require_dali() -> None:
     if fn is None:
-        raise UserError("NVIDIA DALI is not installed; pip install nvidia-dali-cuda130==2.4.0 (CUDA 13), or use "
-                        "the torchvision loader: --loader torch")
+        raise UserError("NVIDIA DALI is not installed; install maskcon with the extra of your CUDA line, "
+                        "pip install -e \".[cuda13]\" or \".[cuda12]\" (README, Install), or use the torchvision "
+                        "loader: --loader torch")
 
 
 # ------------------------------------------------------------------------------------ pipelines
