@@ -50,6 +50,13 @@ def collective_device() -> torch.device:
 # ------------------------------------------------------------------------------------------ the learner
 
 
+def gather_into(output: torch.Tensor, tensor: torch.Tensor) -> None:
+    """All-gather TENSOR of every process into OUTPUT, concatenated in rank order: all_gather_single where
+    PyTorch has it (2.11 and newer), all_gather_into_tensor before."""
+    gather = getattr(torch_dist, "all_gather_single", None) or torch_dist.all_gather_into_tensor
+    gather(output, tensor)
+
+
 @torch.no_grad()
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` (N x ...) of every process along dim 0, in rank order: (world_size * N) x ....
@@ -62,7 +69,7 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     tensor = tensor.contiguous()
     gathered = tensor.new_empty((processes * tensor.shape[0], *tensor.shape[1:]))
-    torch_dist.all_gather_single(gathered, tensor)
+    gather_into(gathered, tensor)
     return gathered
 
 

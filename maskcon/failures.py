@@ -14,7 +14,7 @@ from typing import NamedTuple, TypeVar
 import torch
 import torch.distributed as torch_dist
 
-from maskcon.dist import collective_device, rank, world_size
+from maskcon.dist import collective_device, gather_into, rank, world_size
 from maskcon.errors import FailedElsewhere
 
 Result = TypeVar("Result")
@@ -133,7 +133,7 @@ def run_everywhere(fn: Callable[..., Result], *args, **kwargs) -> Result:
         return fn(*args, **kwargs)
     result, error = _attempt(fn, *args, **kwargs)
     statuses = torch.empty(world_size() * STATUS_BYTES, dtype=torch.uint8, device=collective_device())
-    torch_dist.all_gather_single(statuses, _status(error))
+    gather_into(statuses, _status(error))
     statuses = statuses.view(world_size(), STATUS_BYTES)
     if error is not None:
         raise error

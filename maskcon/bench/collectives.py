@@ -96,6 +96,7 @@ class TrafficMeter:
         rules = {
             "all_gather": lambda outputs, tensor, *a, **k: (processes - 1) * tensor.nbytes,
             "all_gather_single": lambda output, tensor, *a, **k: output.nbytes - tensor.nbytes,
+            "all_gather_into_tensor": lambda output, tensor, *a, **k: output.nbytes - tensor.nbytes,
             "broadcast": lambda tensor, src, *a, **k: 0 if this == src else tensor.nbytes,
             "all_reduce": lambda tensor, *a, **k: 2 * (processes - 1) * tensor.nbytes // processes,
             "gather": lambda tensor, gather_list=None, dst=0, *a, **k: (
@@ -105,7 +106,8 @@ class TrafficMeter:
                                                  else output.shape[0] // processes) // max(output.shape[0], 1)),
         }
         for name, rule in rules.items():
-            setattr(torch_dist, name, self._counted(getattr(torch_dist, name), rule))
+            if hasattr(torch_dist, name):   # all_gather_single from PyTorch 2.11 on
+                setattr(torch_dist, name, self._counted(getattr(torch_dist, name), rule))
 
     def _counted(self, call, rule):
         def counted(*args, **kwargs):
