@@ -1,7 +1,14 @@
-# maskcon on CUDA 13 GPUs. The devel image carries nvcc and the CUDA headers and build-essential a C++
-# compiler, so `--compile` (torch.compile, Triton) can build its kernels. The host needs an NVIDIA driver
-# of version 580 or newer (CUDA 13) and the NVIDIA container toolkit.
-FROM nvidia/cuda:13.0.1-cudnn-devel-ubuntu24.04
+# maskcon on NVIDIA GPUs, one CUDA line per image: `docker build --build-arg CUDA=13 .` (the default; host
+# driver 580 or newer) or `--build-arg CUDA=12` (driver 570 or newer), as README's Install table says. The
+# devel images carry nvcc and the CUDA headers and build-essential a C++ compiler, so `--compile`
+# (torch.compile, Triton) can build its kernels. The host needs the NVIDIA container toolkit.
+ARG CUDA=13
+
+FROM nvidia/cuda:13.0.1-cudnn-devel-ubuntu24.04 AS cuda13
+FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04 AS cuda12
+
+FROM cuda${CUDA}
+ARG CUDA
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential git \
@@ -9,12 +16,14 @@ RUN apt-get update \
 
 WORKDIR /maskcon
 
-# The dependencies first, read from pyproject.toml alone: editing the sources does not reinstall them.
-COPY pyproject.toml ./
+# The dependencies first, read from pyproject.toml and pinned by the line's constraints file: editing the
+# sources does not reinstall them.
+COPY pyproject.toml constraints-cuda${CUDA}.txt ./
 RUN python3 -m venv .venv \
     && .venv/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['test']))" > /tmp/requirements.txt \
-    && .venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
+extras = p['optional-dependencies']; \
+print('\n'.join(p['dependencies'] + extras['cuda${CUDA}'] + extras['test']))" > /tmp/requirements.txt \
+    && .venv/bin/pip install --no-cache-dir -c constraints-cuda${CUDA}.txt -r /tmp/requirements.txt
 
 # Then the project itself, without touching the dependencies.
 COPY . .
