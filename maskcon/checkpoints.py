@@ -34,7 +34,6 @@ from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 
 from maskcon import failures
-from maskcon.config import Config, to_dict
 from maskcon.errors import UserError
 
 CHECKPOINT_PREFIX = "step-"
@@ -77,13 +76,6 @@ def shards_fingerprint(manifest: dict) -> str:
         for record in manifest["splits"][split]["shards"]:
             digest.update(f"\n{split} {record['sha256']}".encode())
     return digest.hexdigest()[:16]
-
-
-def run_record(config: Config, *, world_size: int, manifest: dict, mixed_precision: str) -> dict:
-    """The options of a run as check_resume() compares them: every Config field, the number of processes,
-    the shards' fingerprint, and the precision Accelerate resolved (`accelerator.mixed_precision`)."""
-    return {**to_dict(config), "mixed_precision": mixed_precision, "world_size": world_size,
-            "shards_fingerprint": shards_fingerprint(manifest)}
 
 
 def parse_accept(text: str | None) -> set[str]:

@@ -59,10 +59,10 @@ class Plan:
 
     @property
     def record(self) -> dict:
-        """What a checkpoint records of the run and a resume compares (checkpoints.run_record)."""
+        """What a checkpoint records of the run and a resume compares (run_record)."""
         if self.manifest is None:
             raise UserError(f"no shards in {self.shards} yet: the run writes them first")
-        return checkpoints.run_record(self.config, world_size=self.processes, manifest=self.manifest,
+        return run_record(self.config, world_size=self.processes, manifest=self.manifest,
                                       mixed_precision=self.precision)
 
     def resolved(self) -> dict:
@@ -113,6 +113,13 @@ def resolve_precision(requested: str | None, device: str) -> str:
 
 
 _READ = object()   # plan_run's resume_from default: read the checkpoint that --resume names
+
+
+def run_record(config: Config, *, world_size: int, manifest: dict, mixed_precision: str) -> dict:
+    """The options of a run as checkpoints.check_resume() compares them: every Config field, the number of processes,
+    the shards' fingerprint, and the precision Accelerate resolved (`accelerator.mixed_precision`)."""
+    return {**to_dict(config), "mixed_precision": mixed_precision, "world_size": world_size,
+            "shards_fingerprint": checkpoints.shards_fingerprint(manifest)}
 
 
 def plan_run(config: Config, processes: int, *, device: str | None = None, resume_from=_READ,

@@ -32,6 +32,30 @@ from maskcon.plan import Plan, lr_schedule, plan_run, resolve_precision
 from maskcon.step import StepParts, build_step, make_optimizer
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the training loop reads of the options (the loop gets this section, not the whole configuration):
+    the steps' batch and image size per process, the run's length (--epochs, --max-steps), when it logs,
+    evaluates and saves, what it announces, and the seed of shuffle-BN."""
+
+    method: str
+    dataset: str
+    batch_size: int
+    image_size: int
+    epochs: int
+    max_steps: int | None
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    eval_untrained: bool
+    seed: int
+
+    @classmethod
+    def of(cls, config: Config) -> LoopSettings:
+        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
+
+
 @dataclass
 class Run:
     """Everything the loop works with; built by `build_run`.
@@ -42,7 +66,7 @@ class Run:
     from (0, or the resume point); tracker: the metrics writer on the main process (None elsewhere).
     """
 
-    config: Config
+    loop: LoopSettings
     accelerator: Accelerator
     output_dir: Path
     folder: Path                 # the shard folder
@@ -71,7 +95,7 @@ class Run:
 
     @property
     def global_batch(self) -> int:
-        return self.config.batch_size * self.accelerator.num_processes
+        return self.loop.batch_size * self.accelerator.num_processes
 
 
 def make_accelerator(config: Config, device: str | None = None) -> Accelerator:
@@ -197,7 +221,7 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
         checkpoints.copy_into(dist.running_statistics(learner), checkpoints.own_tensors(
             plan.resume_from, accelerator.process_index, accelerator.num_processes))
         accelerator.print(f"resumed from {plan.resume_from} at step {plan.start_step}")
-    run = Run(config=config, accelerator=accelerator, output_dir=claimed.path, folder=plan.shards,
+    run = Run(loop=LoopSettings.of(config), accelerator=accelerator, output_dir=claimed.path, folder=plan.shards,
               manifest=plan.manifest, record=plan.record, resolved=resolved, train_loader=train_loader,
               test_loader=test_loader, model=model, learner=learner, optimizer=optimizer, parts=parts,
               step_fn=build_step(parts, compile_mode=(config.compile_mode or "default") if config.compile else None),

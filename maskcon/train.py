@@ -219,7 +219,7 @@ def train(config: Config) -> RunResult:
 def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
     """From run.step to the end (the last epoch's end, or --max-steps). At the top of each step, in order:
     the logging point (stop vote, one metrics row), the end of an epoch (evaluation, checkpoint), the end."""
-    config, steps_per_epoch = run.config, run.steps_per_epoch
+    config, steps_per_epoch = run.loop, run.steps_per_epoch
     first = step = run.step
     end = run.total_steps if config.max_steps is None else min(run.total_steps, config.max_steps)
     _announce(run)
@@ -276,13 +276,13 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
 
 def _epoch_text(step: int, run: Run) -> str:
     """The bar's label at STEP: the epoch under way, of all."""
-    return f"epoch {min(step // run.steps_per_epoch + 1, run.config.epochs)}/{run.config.epochs}"
+    return f"epoch {min(step // run.steps_per_epoch + 1, run.loop.epochs)}/{run.loop.epochs}"
 
 
 def _announce(run: Run) -> None:
     if not run.accelerator.is_main_process:
         return
-    config = run.config
+    config = run.loop
     print(f"training {config.method} on {config.dataset}: {run.manifest['splits']['train']['num_samples']} images, "
           f"{run.accelerator.num_processes} process(es) x batch {config.batch_size} on {device_text(run.accelerator)}, "
           f"{run.steps_per_epoch} steps/epoch, {config.epochs} epochs, lr {run.base_lr:g}, precision "
@@ -299,7 +299,7 @@ def device_text(accelerator) -> str:
 def _before_training(run: Run, feed: Feed) -> dict:
     """The untrained network's R@K (with --eval-untrained, as untrained_R@K), then the bank fill."""
     untrained = {}
-    if run.config.eval_untrained:
+    if run.loop.eval_untrained:
         untrained = {f"untrained_{k}": v for k, v in evaluate(run, 0, 0, final=False).items()}
     run.accelerator.print(f"filling the memory bank: {run.learner.queue.shape[0]} keys of training images",
                           flush=True)
@@ -334,7 +334,7 @@ def save(run: Run, step: int) -> None:
     own = {name: buffer.clone() for name, buffer in dist.running_statistics(run.learner).items()}
     dist.average_buffers(run.learner)
     checkpoints.save(run.accelerator, run.checkpoint_root, step=step, epoch=step // run.steps_per_epoch,
-                     keep=run.config.keep_checkpoints, own_tensors=own,
+                     keep=run.loop.keep_checkpoints, own_tensors=own,
                      extra_state={"run": run.record, "steps_per_epoch": run.steps_per_epoch})
     checkpoints.copy_into(dist.running_statistics(run.learner), own)
     if run.accelerator.is_main_process:

@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 from accelerate import Accelerator
 
-from maskcon import checkpoints
+from maskcon import checkpoints, plan
 from maskcon.config import Config
 from maskcon.errors import UserError
 from maskcon.methods import method_for
@@ -321,7 +321,7 @@ def test_the_shards_fingerprint_follows_the_shards_not_their_folder():
     assert checkpoints.shards_fingerprint(moved) == checkpoints.shards_fingerprint(manifest)
     assert checkpoints.shards_fingerprint(remade) != checkpoints.shards_fingerprint(manifest)
     config = Config(dataset="digits")
-    made = checkpoints.run_record(config, world_size=2, manifest=manifest, mixed_precision="bf16")
+    made = plan.run_record(config, world_size=2, manifest=manifest, mixed_precision="bf16")
     assert made["world_size"] == 2 and made["mixed_precision"] == "bf16" and made["batch_size"] == config.batch_size
 
 

@@ -174,20 +174,20 @@ class _Bench:
             run.learner.queue_coarse.copy_(torch.randint(num_coarse, run.learner.queue_coarse.shape))
         run.model.train()
         # graph breaks left in the compiled step (traced on a copy of the parts; before the first compiled call)
-        self.graph_breaks = graph_breaks(run.parts, next(self.batches("synthetic")[0])) if run.config.compile else []
+        self.graph_breaks = graph_breaks(run.parts, next(self.batches("synthetic")[0])) if run.resolved["compile"] else []
 
     def batches(self, mode: str) -> tuple[Iterator[dict], Callable[[], None], object]:
         """An endless stream of batches on the device for `mode`, a function that releases it, and the loader
         whose feeding work it counts."""
-        run, config, device = self.run, self.run.config, self.run.accelerator.device
+        run, settings, device = self.run, self.run.resolved, self.run.accelerator.device
         if mode == "synthetic":
             generator = torch.Generator().manual_seed(self.args.seed)
             num_fine, num_coarse = len(run.manifest["fine_classes"]), len(run.manifest["coarse_classes"])
-            shape = (config.batch_size, 3, config.image_size, config.image_size)
+            shape = (settings["batch_size"], 3, settings["image_size"], settings["image_size"])
             batch = {"query": torch.randn(shape, generator=generator).to(device),
                      "key": torch.randn(shape, generator=generator).to(device),
-                     "fine": torch.randint(num_fine, (config.batch_size,), generator=generator).to(device),
-                     "coarse": torch.randint(num_coarse, (config.batch_size,), generator=generator).to(device)}
+                     "fine": torch.randint(num_fine, (settings["batch_size"],), generator=generator).to(device),
+                     "coarse": torch.randint(num_coarse, (settings["batch_size"],), generator=generator).to(device)}
 
             def repeat():
                 while True:
@@ -195,9 +195,9 @@ class _Bench:
             return repeat(), lambda: None, None
         if mode == "real":
             return _epochs(run.train_loader), lambda: None, run.train_loader
-        loader = official_style_loader(run.folder, recipe=config.dataset, image_size=config.image_size,
-                                       batch_size=config.batch_size, workers=self.args.workers, seed=self.args.seed,
-                                       query_view=config.query_view, key_view=config.key_view,
+        loader = official_style_loader(run.folder, recipe=settings["dataset"], image_size=settings["image_size"],
+                                       batch_size=settings["batch_size"], workers=self.args.workers, seed=self.args.seed,
+                                       query_view=settings["query_view"], key_view=settings["key_view"],
                                        pin_memory=device.type == "cuda")
         stream = _to_device(_repeat(loader), device)
         return stream, lambda: stream.close(), None
@@ -214,7 +214,7 @@ class _Bench:
                 loss.item()
             windows = []
             for _ in range(args.repeats):
-                clock = DataClock(loader, self.run.config.batch_size)
+                clock = DataClock(loader, self.run.resolved["batch_size"])
                 for _ in range(args.steps):
                     loss = self.run.step_fn(clock.next(stream))
                 loss.item()  # waits for the device: the window's work is done
@@ -233,7 +233,7 @@ class _Bench:
         middle = len(loader) // 2
         for repeat in range(self.args.repeats):
             for start in (0, middle):
-                clock = DataClock(loader, self.run.config.batch_size)
+                clock = DataClock(loader, self.run.resolved["batch_size"])
                 loader.set_epoch(1000 + repeat, start=start)
                 loss = self.run.step_fn(clock.next(iter(loader)))
                 loss.item()
@@ -316,24 +316,24 @@ def write_synthetic_imagenet32(folder: Path, *, num_train: int, num_test: int) -
 
 
 def _report(results: list[Measurement], run: Run, args: argparse.Namespace) -> dict:
-    by_mode, config, device = {m.mode: m for m in results}, run.config, run.accelerator.device
+    by_mode, settings, device = {m.mode: m for m in results}, run.resolved, run.accelerator.device
     report = {
         "benchmark": "train",
         "machine": machine(device),
         "torch": torch.__version__,
         "device": str(device),
-        "dataset": config.dataset,
+        "dataset": settings["dataset"],
         "shards": str(run.folder),
         "train_images": run.manifest["splits"]["train"]["num_samples"],
         "steps_per_epoch": run.steps_per_epoch,
-        "arch": config.arch,
-        "image_size": config.image_size,
-        "batch_size": config.batch_size,
-        "queue_size": config.queue_size,
+        "arch": settings["arch"],
+        "image_size": settings["image_size"],
+        "batch_size": settings["batch_size"],
+        "queue_size": settings["queue_size"],
         "mixed_precision": run.accelerator.mixed_precision,
         "channels_last": run.channels_last,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "compile": config.compile,
+        "compile": settings["compile"],
         "workers": args.workers,
         "steps": args.steps,
         "repeats": args.repeats,
@@ -346,11 +346,11 @@ def _report(results: list[Measurement], run: Run, args: argparse.Namespace) -> d
         report["real_over_synthetic"] = by_mode["real"].images_per_s / by_mode["synthetic"].images_per_s
     if "resume" in by_mode:
         resume = by_mode["resume"]
-        report["resume_first_step_s"] = config.batch_size / resume.images_per_s
-        report["epoch_first_step_s"] = config.batch_size / resume.epoch_start_images_per_s
+        report["resume_first_step_s"] = settings["batch_size"] / resume.images_per_s
+        report["epoch_first_step_s"] = settings["batch_size"] / resume.epoch_start_images_per_s
         report["skip_by_reading_s"] = resume.skip_by_reading_s
         if "real" in by_mode:
-            report["real_step_s"] = config.batch_size / by_mode["real"].images_per_s
+            report["real_step_s"] = settings["batch_size"] / by_mode["real"].images_per_s
     return report
 
 
