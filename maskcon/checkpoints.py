@@ -58,7 +58,7 @@ MUST_MATCH_ON_RESUME = frozenset({
 # Options that leave the trained weights unchanged (where and how often the run logs, evaluates and writes,
 # how fast it runs, where the same shards lie): a resumed run may change them silently.
 MAY_DIFFER_ON_RESUME = frozenset({
-    "shards", "loader_threads", "channels_last", "compile", "compile_mode", "dist_timeout", "eval_every",
+    "shards", "shard_cache", "shard_cache_limit", "loader_threads", "channels_last", "compile", "compile_mode", "dist_timeout", "eval_every",
     "eval_untrained", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "resume",
     "output_dir", "wandb", "wandb_project", "run_name", "max_steps", "config", "accept_changes", "global_batch",
     "print_config", "check",

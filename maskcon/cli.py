@@ -104,7 +104,9 @@ def _make_shards_parser():
     create.add_argument("--labels", type=Path, default=None,
                         help="folder of the official label files when they are not in SRC (imagenet32: the two "
                              "MaskCon maps; sop_split1/2: the folder holding sop_split1/ or sop_split2/)")
-    create.add_argument("--out", type=Path, help="output folder (default: shards/DATASET under the current folder, where training reads)")
+    create.add_argument("--out", type=str, help="output folder (default: shards/DATASET under the current folder, "
+                        "where training reads), or s3://BUCKET/PREFIX, gs://BUCKET/PREFIX: each shard is uploaded "
+                        "once written, manifest.json last")
     create.add_argument("--seed", type=int, default=0, help="seed of the shuffled write order")
     create.add_argument("--samples-per-shard", type=int, default=None,
                         help="fixed shard size (default: the most that gives at least --min-shards shards)")
@@ -118,8 +120,14 @@ def _make_shards_parser():
                         help="rebuild OUT when it holds shards, complete or interrupted, made from other inputs "
                              "(another source, coarse map or options)")
     verify = commands.add_parser("verify", help="check every shard under OUT against its manifest")
-    verify.add_argument("out", type=Path)
+    verify.add_argument("out", type=str, help="a shard folder, or a URL (s3://, gs://, https://): staged into the "
+                        "shard cache, every file checked against the manifest, then verified")
     verify.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    verify.add_argument("--shard-cache", default=None,
+                        help="node-local folder for staged remote shards (default: $MASKCON_SHARD_CACHE, else "
+                             "~/.cache/maskcon/shards)")
+    verify.add_argument("--shard-cache-limit", default=None,
+                        help="most bytes the shard cache may hold, e.g. 500GB (default: no limit)")
     return parser
 
 
@@ -134,7 +142,7 @@ def run_make_shards(argv: list[str]) -> int:
     """The exit status of MAKE_SHARDS_EXIT_CODES: 0 done, 1 problems found (verify), 2 failed."""
     from pathlib import Path
 
-    from maskcon import shards
+    from maskcon import remote, shards
     from maskcon.config import default_shards_dir
 
     args = _make_shards_parser().parse_args(argv)
@@ -151,7 +159,11 @@ def run_make_shards(argv: list[str]) -> int:
                               for name, split in manifest["splits"].items())
             print(f"{args.dataset} shards at {out}: {sizes}")
             return 0
-        problems = shards.verify(args.out, workers=args.workers, log=log)
+        folder = args.out
+        if remote.is_url(args.out):
+            folder = remote.stage(args.out, args.shard_cache, limit=remote.parse_size(args.shard_cache_limit),
+                                  show_progress=sys.stderr.isatty(), log=log)
+        problems = shards.verify(folder, workers=args.workers, log=log)
     except UserError as err:
         return fail(err)
     for problem in problems:

@@ -31,7 +31,9 @@ VIEWS = ("strong", "weak")
 class Config:
     # --- data ---
     dataset: str = field(default="digits", metadata={"help": f"dataset of the shards: {', '.join(DATASETS)}"})
-    shards: str | None = field(default=None, metadata={"help": "shard folder (none: shards/DATASET under the current folder, where make_shards writes)"})
+    shards: str | None = field(default=None, metadata={"help": "shard folder, or a remote one: s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or https://HOST/PATH, staged once per node into --shard-cache (none: shards/DATASET under the current folder, where make_shards writes)"})
+    shard_cache: str | None = field(default=None, metadata={"help": "node-local folder for remote shards staged by the run (default: $MASKCON_SHARD_CACHE, else ~/.cache/maskcon/shards)"})
+    shard_cache_limit: str | None = field(default=None, metadata={"help": "most the shard cache may hold, e.g. 500GB or 1.5TiB: whole folders not in use are evicted, least recently used first (default: no limit)"})
     image_size: int = field(default=32, metadata={"help": "side of the square network input, pixels"})
     query_view: str = field(default="strong", metadata={"help": "augmentation of the query view: strong|weak"})
     key_view: str = field(default="weak", metadata={"help": "augmentation of the key view: strong|weak"})
@@ -87,7 +89,7 @@ class Config:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # --help's groups, in order: every option in one of them.
 SECTIONS = {
-    "data and loader": ("dataset", "shards", "image_size", "query_view", "key_view", "loader", "loader_threads"),
+    "data and loader": ("dataset", "shards", "shard_cache", "shard_cache_limit", "image_size", "query_view", "key_view", "loader", "loader_threads"),
     "method": ("method", "w", "t", "t0", "queue_size", "key_momentum"),
     "network": ("arch", "pretrained", "proj_hidden", "proj_dim"),
     "optimisation and schedule": ("epochs", "batch_size", "global_batch", "lr", "lr_reference_batch", "scale_lr",
@@ -386,6 +388,9 @@ def validate(config: Config) -> None:
     if isinstance(config.resume, bool) or str(config.resume).lower() in ("true", "false", ""):
         # YAML's `resume: true` (and sweeps' --resume=true) mean a bare --resume; false and empty, none
         config.resume = "newest" if str(config.resume).lower() == "true" else None
+    from maskcon.remote import parse_size
+
+    parse_size(config.shard_cache_limit)
     if config.max_steps is not None and config.max_steps < 1:
         raise UserError(f"--max-steps must be at least 1, got {config.max_steps}")
 
@@ -396,6 +401,7 @@ def default_shards_dir(dataset: str) -> Path:
 
 
 def shards_dir(config: Config) -> Path:
+    """The local shard folder of a run (for a remote --shards URL: its staged copy, maskcon.remote.stage)."""
     return Path(config.shards) if config.shards else default_shards_dir(config.dataset)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from maskcon import checkpoints, rundir
+from maskcon import checkpoints, remote, rundir
 from maskcon.config import ACTIONS, Config, base_learning_rate, shards_dir, to_dict
 from maskcon.errors import UserError
 from maskcon.shard_format import check_split, read_manifest
@@ -38,6 +38,8 @@ class Plan:
     start_step: int               # 0, or where the checkpoint leaves off
     accepted: tuple[str, ...] = field(default=())   # "name (old -> new)" of each accepted change
     notes: tuple[str, ...] = field(default=())      # what makes little sense but may be meant: warnings
+    shards_url: str | None = None          # a remote --shards: the URL (`shards` is then its staged copy)
+    manifest_sha256: str | None = None     # sha256 of the remote manifest.json's bytes
 
     @property
     def batch_size(self) -> int:
@@ -70,9 +72,12 @@ class Plan:
         from maskcon.provenance import provenance
 
         options = {name: value for name, value in to_dict(self.config).items() if name not in ACTIONS}
+        origin = provenance()
+        if self.shards_url is not None:
+            origin["shards"] = {"url": self.shards_url, "manifest_sha256": self.manifest_sha256}
         return {**options, "mixed_precision": self.precision, "channels_last": self.channels_last,
                 "num_processes": self.processes, "global_batch": self.global_batch, "base_lr": self.base_lr,
-                "provenance": provenance()}
+                "provenance": origin}
 
     def lines(self) -> list[str]:
         """What `--check` prints of the plan, one line per part."""
@@ -83,7 +88,11 @@ class Plan:
                  f"global batch {self.global_batch}, lr {self.base_lr:g}, {config.epochs} epochs, {steps}",
                  f"device: {self.device}, precision {self.precision}, "
                  f"{'channels-last' if self.channels_last else 'contiguous'} memory format"]
-        if self.manifest is None:
+        if self.shards_url is not None and self.shards == Path(self.shards_url):
+            sizes = ", ".join(f"{name} {split['num_samples']}" for name, split in self.manifest["splits"].items())
+            lines.append(f"shards: {self.shards_url} (manifest sha256 {self.manifest_sha256[:16]}, {sizes} images), "
+                         f"staged by the run into its node's shard cache")
+        elif self.manifest is None:
             lines.append(f"shards: {self.shards} is written on first use (bundled digits)")
         else:
             sizes = ", ".join(f"{name} {split['num_samples']}" for name, split in self.manifest["splits"].items())
@@ -123,16 +132,23 @@ def run_record(config: Config, *, world_size: int, manifest: dict, mixed_precisi
 
 
 def plan_run(config: Config, processes: int, *, device: str | None = None, resume_from=_READ,
-             shards_required: bool = True) -> Plan:
+             shards_required: bool = True, staged: Path | None = None) -> Plan:
     """The plan of `config` on `processes` processes (see the module's text). device: "cuda" or "cpu"
     (default: cuda when there is one); resume_from: the checkpoint the builder claimed (default: the one
     --resume names, read without writing); shards_required=False plans without shards when there are none
-    yet (--print-config). UserError (one line) for shards that are missing, of another dataset or damaged,
-    and for a checkpoint this run may not continue."""
+    yet (--print-config); staged: the local copy of a remote --shards URL (the builder stages it; without
+    it the plan reads the remote manifest alone). UserError (one line) for shards that are missing, of another
+    dataset or damaged, and for a checkpoint this run may not continue."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    folder = shards_dir(config)
-    missing = not (folder / "manifest.json").exists() and (config.dataset == "digits" or not shards_required)
-    manifest = None if missing else _manifest(config, folder)
+    url, digest = (config.shards, None) if remote.is_url(config.shards) else (None, None)
+    folder = staged if staged is not None else shards_dir(config)
+    if url is not None and staged is None:
+        manifest, raw = (None, b"") if not shards_required else remote.read_remote_manifest(url)
+        digest = remote.manifest_sha256(raw) if manifest is not None else None
+    else:
+        missing = not (folder / "manifest.json").exists() and (config.dataset == "digits" or not shards_required)
+        manifest = None if missing else _manifest(config, folder)
+        digest = remote.manifest_sha256((folder / "manifest.json").read_bytes()) if url and manifest else None
     steps_per_epoch = None
     if manifest is not None:
         train_samples = manifest["splits"]["train"]["num_samples"]
@@ -148,7 +164,7 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
                 channels_last=device == "cuda" if config.channels_last is None else config.channels_last,
                 shards=folder, manifest=manifest, base_lr=base_learning_rate(config, processes),
                 steps_per_epoch=steps_per_epoch, resume_from=resume_from, start_step=0,
-                notes=_notes(config, device))
+                notes=_notes(config, device), shards_url=url, manifest_sha256=digest)
     if resume_from is None or manifest is None:
         return plan
     saved = checkpoints.read_state(resume_from)

@@ -22,7 +22,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
-from maskcon import checkpoints, dist, failures, rundir, shards
+from maskcon import checkpoints, dist, failures, remote, rundir, shards
 from maskcon.config import Config, shards_dir
 from maskcon.errors import AgreedError, UserError
 from maskcon.loaders import build_test_loader, build_train_loader
@@ -121,10 +121,22 @@ def settle_device(config: Config, accelerator: Accelerator) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
 
 
-def prepare_shards(config: Config) -> None:
-    """Write the bundled digits' shards on first use, on the main process (a shared file system is
-    assumed), while the others wait for its verdict; other datasets' shards are made by make_shards."""
+def prepare_shards(config: Config, accelerator: Accelerator | None = None) -> Path:
+    """The local shard folder of the run. A remote --shards URL is staged into the node's shard cache by
+    every process (maskcon.remote.stage: one per node downloads, the others wait on the cache's lock); the
+    bundled digits' shards are written on first use, on the main process (a shared file system is assumed),
+    while the others wait for its verdict; other datasets' shards are made by make_shards."""
     folder = shards_dir(config)
+    if remote.is_url(config.shards):
+        def stage() -> Path:
+            try:
+                return remote.stage(config.shards, config.shard_cache, limit=remote.parse_size(config.shard_cache_limit),
+                                    show_progress=accelerator is None or accelerator.is_local_main_process,
+                                    log=print if accelerator is None else accelerator.print)
+            except UserError as error:   # every process reads the same folder: the main process speaks
+                raise AgreedError(str(error)) from None
+
+        return failures.run_everywhere(stage)
 
     def make_if_missing() -> None:
         if (folder / "manifest.json").exists():
@@ -135,6 +147,7 @@ def prepare_shards(config: Config) -> None:
         shards.create("digits", None, folder)
 
     failures.run_on_main(make_if_missing)
+    return folder
 
 
 def build_model(config: Config, num_coarse: int | None) -> MaskConModel:
@@ -182,10 +195,11 @@ def _start_tracker(config: Config, run: Run):
                    resume_step=run.step)
 
 
-def planned(config: Config, accelerator: Accelerator, resume_from: Path | None) -> Plan:
+def planned(config: Config, accelerator: Accelerator, resume_from: Path | None, staged: Path | None = None) -> Plan:
     """The run's plan (maskcon.plan.plan_run), as every process makes it alike: a refusal is said once."""
     try:
-        plan = plan_run(config, accelerator.num_processes, device=accelerator.device.type, resume_from=resume_from)
+        plan = plan_run(config, accelerator.num_processes, device=accelerator.device.type, resume_from=resume_from,
+                        staged=staged)
     except UserError as error:   # every process reads the same shards and checkpoint
         raise AgreedError(str(error)) from None
     for change in plan.accepted:
@@ -202,8 +216,8 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
     settle_device(config, accelerator)
     claimed = rundir.claim_everywhere(config.output_dir, config.resume, dataset=config.dataset,
                                       method=config.method, log=accelerator.print)
-    prepare_shards(config)
-    plan = planned(config, accelerator, claimed.resume_from)
+    folder = prepare_shards(config, accelerator)
+    plan = planned(config, accelerator, claimed.resume_from, folder)
     train_loader, test_loader = build_loaders(config, accelerator, plan.shards, plan.channels_last)
     resolved = plan.resolved()
 

@@ -261,13 +261,17 @@ def _last_member_end(index_path: Path) -> int:
 # ------------------------------------------------------------------------------------------ manifest
 
 
-def shard_record(tar: str, index: str, num_samples: int, sha256: str, tar_bytes: int, index_bytes: int) -> dict:
-    """One shard's entry in the manifest: paths relative to the folder, samples, checksum, file sizes.
+def shard_record(tar: str, index: str, num_samples: int, sha256: str, tar_bytes: int, index_bytes: int,
+                 index_sha256: str | None = None) -> dict:
+    """One shard's entry in the manifest: paths relative to the folder, samples, checksums, file sizes.
 
-    Manifests written before the sizes were recorded lack `tar_bytes` and `index_bytes`; readers accept them.
+    Manifests written before the sizes were recorded lack `tar_bytes` and `index_bytes`, and those written
+    before the index's checksum lack `index_sha256`; readers accept them (a staged index is then checked by
+    its size alone).
     """
-    return {"tar": tar, "index": index, "num_samples": num_samples, "sha256": sha256, "tar_bytes": tar_bytes,
-            "index_bytes": index_bytes}
+    record = {"tar": tar, "index": index, "num_samples": num_samples, "sha256": sha256, "tar_bytes": tar_bytes,
+              "index_bytes": index_bytes}
+    return record if index_sha256 is None else {**record, "index_sha256": index_sha256}
 
 
 def remedy(folder: Path | str, manifest: dict | None = None) -> str:

@@ -181,7 +181,8 @@ def shard_order(num_samples: int, seed: int | None, split: str) -> np.ndarray:
 def _record(out: Path, split: str, shard: int, num_samples: int, sha256: str) -> dict:
     """The manifest record of a finished shard, its file sizes read from disk."""
     tar, index = shard_names(split, shard)
-    return shard_record(tar, index, num_samples, sha256, (out / tar).stat().st_size, (out / index).stat().st_size)
+    return shard_record(tar, index, num_samples, sha256, (out / tar).stat().st_size, (out / index).stat().st_size,
+                        index_sha256=file_sha256(out / index))
 
 
 # -------------------------------------------------------------------------------------------- workers
@@ -323,11 +324,18 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
                                  ("--compress-level", compress_level, PNG_COMPRESS_LEVEL)):
         if value != default:
             create_args += [flag, str(value)]
-    try:
-        return write_shards(source, out, create_args=create_args, source_files=source_files, seed=seed,
+    from maskcon import remote
+
+    def write(folder: Path | str, on_shard: Callable[[dict], None] | None = None) -> dict:
+        return write_shards(source, folder, create_args=create_args, source_files=source_files, seed=seed,
                             samples_per_shard=samples_per_shard, min_shards=min_shards,
                             max_samples_per_shard=max_samples_per_shard, compress_level=compress_level,
-                            workers=workers, overwrite=overwrite, log=log)
+                            workers=workers, overwrite=overwrite, log=log, on_shard=on_shard)
+
+    try:
+        if remote.is_url(str(out)):   # written locally, each shard uploaded once finished, the manifest last
+            return remote.create_remote(str(out), write, overwrite=overwrite, log=log or (lambda line: None))
+        return write(out)
     except OSError as error:  # no space, no permission: in this process or in a worker
         shutil.rmtree(Path(out) / _STAGING, ignore_errors=True)
         raise UserError(f"create failed at {error.filename or out} ({error.strerror or error}); free space or fix "
@@ -346,7 +354,8 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
                  samples_per_shard: int | None = None, min_shards: int = MIN_SHARDS,
                  max_samples_per_shard: int = MAX_SAMPLES_PER_SHARD, compress_level: int = PNG_COMPRESS_LEVEL,
                  workers: int | None = None, overwrite: bool = False,
-                 log: Callable[[str], None] | None = None) -> dict:
+                 log: Callable[[str], None] | None = None,
+                 on_shard: Callable[[dict], None] | None = None) -> dict:
     """Write the samples of `source` (a dataset reader's result) as shards under OUT; return the manifest.
 
     Resumes an interrupted run with the same inputs (finished shards are kept); returns at once when OUT
@@ -357,7 +366,8 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
     file is checked (Split.check) before the first shard is written. `seed` fixes the shuffled write order
     (None: the source's order); `create_args`, the arguments of `make_shards.py create` that give the same
     shards (but --out), go into the manifest so that error messages can say how to re-create them.
-    `workers` > 1 pickles the splits into a process pool. Raises UserError for a bad source or bad options.
+    `workers` > 1 pickles the splits into a process pool; on_shard(record) is called in this process as
+    each shard is finished (create --out URL uploads it). Raises UserError for a bad source or bad options.
     """
     log = log or (lambda message: None)
     _check_options(compress_level, samples_per_shard)
@@ -406,6 +416,8 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
         def record(result: dict) -> None:
             progress.write(json.dumps(result) + "\n")
             progress.flush()
+            if on_shard is not None:
+                on_shard(result)
 
         records = _run_all(executor, jobs, log, dataset, on_result=record)
     shutil.rmtree(staging, ignore_errors=True)
