@@ -40,6 +40,7 @@ SCHEMES = ("s3", "gs", "https")
 CLOUD_EXTRA = 'pip install -e ".[cloud]"'
 CACHE_ENV = "MASKCON_SHARD_CACHE"
 ATTEMPTS = int(os.environ.get("MASKCON_REMOTE_ATTEMPTS", "5"))   # tries per file before the one-line failure
+TIMEOUT_S = float(os.environ.get("MASKCON_REMOTE_TIMEOUT", "60"))   # seconds without a byte: a try has failed
 BACKOFF_S = 0.5              # wait after the first failed try, doubled after each further one
 BLOCK_BYTES = 8 << 20        # read and hash size of a download, bytes
 THREADS = 8                  # parallel downloads (and uploads) per node
@@ -74,7 +75,8 @@ def filesystem(url: str):
             import s3fs
 
             endpoint = os.environ.get("AWS_ENDPOINT_URL")   # an S3-compatible store (MinIO, Ceph, R2, ...)
-            fs = s3fs.S3FileSystem(endpoint_url=endpoint or None, skip_instance_cache=True)
+            fs = s3fs.S3FileSystem(endpoint_url=endpoint or None, skip_instance_cache=True, config_kwargs={
+                "connect_timeout": TIMEOUT_S, "read_timeout": TIMEOUT_S, "retries": {"max_attempts": 1}})
             fs.retries = 1   # our own loop retries a file, with backoff
         elif protocol == "gs":
             import gcsfs
@@ -116,6 +118,18 @@ def _permanent(error: BaseException) -> bool:
     return isinstance(error, (PermissionError, FileNotFoundError, UserError)) or _credentials_problem(error)
 
 
+def _plain(error: BaseException) -> str:
+    """What went wrong in a try, in words: the notice of a retry is not an error line."""
+    name = type(error).__name__.lower()
+    if "timeout" in name or isinstance(error, TimeoutError):
+        return "no answer in time"
+    if "payload" in name or "incomplete" in name or "reset" in name or "broken" in name:
+        return "the connection broke off"
+    if "connect" in name:
+        return "cannot reach the store"
+    return "the store failed to answer"
+
+
 def with_retries(action: Callable[[], object], url: str, doing: str, log: Callable[[str], None]):
     """action(), tried ATTEMPTS times with a doubling pause after each transient failure; one line at the end."""
     for attempt in range(1, ATTEMPTS + 1):
@@ -126,7 +140,7 @@ def with_retries(action: Callable[[], object], url: str, doing: str, log: Callab
                 if isinstance(error, UserError):
                     raise
                 raise remote_error(error, url, doing) from None
-            log(f"{doing} {url}: {type(error).__name__}, try {attempt + 1} of {ATTEMPTS} in "
+            log(f"{doing} {url}: {_plain(error)}; try {attempt + 1} of {ATTEMPTS} in "
                 f"{BACKOFF_S * 2 ** (attempt - 1):g} s")
             time.sleep(BACKOFF_S * 2 ** (attempt - 1))
 
@@ -307,10 +321,23 @@ def _sizes(fs, root: str, url: str, files: list, log) -> list[tuple[str, int, st
 
 
 def _download_all(fs, root: str, url: str, entry: Path, files: list, shown: bool, log) -> None:
+    """Every file, THREADS at a time; the first file that fails for good ends the staging: the files not yet
+    begun are left for the rerun (the network is likely lost; each would only fail after its own retries)."""
     bar = _Bar(sum(size for _, size, _ in files), f"staging {url}", shown)
+    failed = threading.Event()
+
+    def one(file) -> None:
+        if failed.is_set():
+            return
+        try:
+            download(fs, root, url, entry, file, bar, log)
+        except BaseException:
+            failed.set()
+            raise
+
     try:
         with ThreadPoolExecutor(max_workers=THREADS) as pool:
-            futures = [pool.submit(download, fs, root, url, entry, file, bar, log) for file in files]
+            futures = [pool.submit(one, file) for file in files]
             failures = [future.exception() for future in futures]
     finally:
         bar.close()
@@ -443,20 +470,35 @@ def _fill(url: str, manifest: dict, raw: bytes, cache: Path, entry: Path, limit:
 # ---------------------------------------------------------------------------------------------- upload
 
 
+UPLOADED = ".uploaded"   # in the local staging folder: one line per file put, "<name> <bytes> <mtime_ns>"
+
+
 def upload(fs, root: str, url: str, folder: Path, name: str, log: Callable[[str], None]) -> None:
-    """Put one file of a local shard folder at the same place under the remote folder, unless the remote
-    already holds it at its size (an interrupted create continues)."""
+    """Put one file of a local shard folder at the same place under the remote folder, unless this staging
+    folder already put it unchanged and the remote holds it at its size (an interrupted create continues;
+    a remote file of another create is replaced)."""
     local, target = folder / name, f"{root}/{name}"
+    stat = local.stat()
+    line = f"{name} {stat.st_size} {stat.st_mtime_ns}"
+    journal = folder / UPLOADED
+    done = journal.is_file() and line in journal.read_text().splitlines()
 
     def put() -> None:
-        try:
-            if fs.size(target) == local.stat().st_size:
-                return
-        except FileNotFoundError:
-            pass
+        if done:
+            try:
+                if fs.size(target) == stat.st_size:
+                    return
+            except FileNotFoundError:
+                pass
         fs.put_file(str(local), target)
 
     with_retries(put, url, f"uploading {name} to", log)
+    if not done:
+        with _JOURNAL_LOCK, open(journal, "a") as handle:
+            handle.write(line + "\n")
+
+
+_JOURNAL_LOCK = threading.Lock()
 
 
 def create_remote(url: str, write: Callable[[Path, Callable[[dict], None]], dict], *, overwrite: bool,
@@ -474,6 +516,8 @@ def create_remote(url: str, write: Callable[[Path, Callable[[dict], None]], dict
             raise UserError(f"{url} already holds shards; pass --overwrite to replace them, or choose another --out")
     if present and overwrite:
         with_retries(lambda: fs.rm_file(manifest_path), url, "removing the old manifest of", log)
+    if overwrite:   # every file is put again
+        (staging / UPLOADED).unlink(missing_ok=True)
 
     def on_shard(record: dict) -> None:
         for name in (record["tar"], record["index"]):

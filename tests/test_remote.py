@@ -221,8 +221,10 @@ class CuttingProxy:
     closes every connection and stops listening (the network is lost); `restore()` listens again on the
     same port and passes everything."""
 
-    def __init__(self, target: int, cut_after: int):
+    def __init__(self, target: int, cut_after: int, uploads: bool = False):
+        """uploads: count the bytes clients send (a create), not those they receive."""
         self.target, self.cut_after, self.passed, self.port = target, cut_after, 0, free_port()
+        self.uploads = uploads
         self.lock, self.sockets = threading.Lock(), []
         self._listen()
 
@@ -242,8 +244,8 @@ class CuttingProxy:
             upstream = socket.create_connection(("127.0.0.1", self.target))
             with self.lock:
                 self.sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, self.uploads), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, not self.uploads), daemon=True).start()
 
     def _pump(self, source, sink, counted: bool) -> None:
         try:
@@ -275,8 +277,6 @@ class CuttingProxy:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="unfinished: after the proxy cuts the connections the first verify has been seen to hang "
-                          "instead of failing after its retries", strict=False)
 def test_network_lost_mid_download_is_one_line_and_the_same_command_then_completes(s3, remote_digits, tmp_path):
     server, env = s3
     manifest = manifest_of(env, remote_digits)
@@ -394,3 +394,31 @@ def test_a_run_on_s3_shards_ends_with_the_weights_of_the_run_on_local_shards(s3,
     before = server.gets("/digits/")
     train(remote_digits, tmp_path / "again")   # a second run on the node: the cache alone
     assert server.gets("/digits/") - before == 1   # the manifest, compared
+
+
+@pytest.mark.slow
+def test_an_interrupted_create_continues_where_it_stopped(s3, remote_digits, tmp_path):
+    """The network lost a third of the way through `create --out s3://`: one line, no manifest remote; the
+    same command again puts only what the first did not, then the manifest, and the folder verifies."""
+    server, env = s3
+    manifest = manifest_of(env, remote_digits)
+    total = sum(record["tar_bytes"] + record["index_bytes"] for split in manifest["splits"].values()
+                for record in split["shards"])
+    url = f"s3://{BUCKET}/interrupted"
+    proxy = CuttingProxy(server.port, cut_after=total // 3, uploads=True)
+    cut = dict(env, MASKCON_SHARD_CACHE=str(tmp_path / "cache"), AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}",
+               MASKCON_REMOTE_ATTEMPTS="2")
+    line = one_line(make_shards("create", "digits", "--out", url, "--workers", "1", env=cut, timeout=300))
+    assert "rerun" in line
+    puts = lambda: sum(1 for entry in server.log.read_text().splitlines()   # noqa: E731
+                       if "PUT /" in entry and "/interrupted/" in entry)
+    first_puts = puts()
+    assert 0 < first_puts < len(files_of(manifest))
+    proxy.restore()
+    again = make_shards("create", "digits", "--out", url, "--workers", "1", env=cut)
+    assert again.returncode == 0, again.stderr[-3000:]
+    # each file put once more at most: the ones the cut broke off, and none that the first run finished
+    assert puts() - first_puts <= len(files_of(manifest)) - first_puts + 8 + 1
+    assert puts() - first_puts < len(files_of(manifest))
+    verified = make_shards("verify", url, "--workers", "1", env=dict(env, MASKCON_SHARD_CACHE=str(tmp_path / "c2")))
+    assert verified.returncode == 0 and "every shard intact" in verified.stdout, verified.stderr[-3000:]
