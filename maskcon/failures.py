@@ -15,7 +15,7 @@ import torch
 import torch.distributed as torch_dist
 
 from maskcon.dist import collective_device, gather_into, rank, world_size
-from maskcon.errors import FailedElsewhere
+from maskcon.errors import AgreedError, FailedElsewhere, UserError
 
 Result = TypeVar("Result")
 
@@ -125,7 +125,8 @@ def run_on_main(fn: Callable[..., Result], *args, **kwargs) -> Result | None:
 def run_everywhere(fn: Callable[..., Result], *args, **kwargs) -> Result:
     """Run fn(*args, **kwargs) on every process, then tell every process whether it failed anywhere.
 
-    A process where fn raised re-raises its error; the others raise `ProcessFailed` naming the first such
+    A process where fn raised re-raises its error (an AgreedError as a plain UserError when the main process,
+    which prints agreed errors, did not fail); the others raise `ProcessFailed` naming the first such
     process and its error's first line. One all-gather of STATUS_BYTES per process. On one process:
     fn(*args, **kwargs).
     """
@@ -136,6 +137,8 @@ def run_everywhere(fn: Callable[..., Result], *args, **kwargs) -> Result:
     gather_into(statuses, _status(error))
     statuses = statuses.view(world_size(), STATUS_BYTES)
     if error is not None:
+        if isinstance(error, AgreedError) and not statuses[0, 0]:   # the main process, which speaks for all, did not
+            raise UserError(str(error)) from None                     # fail: this one says its own error
         raise error
     failed = [position for position in range(world_size()) if statuses[position, 0]]
     if failed:

@@ -12,7 +12,7 @@ import torch.distributed
 import torch.nn as nn
 
 from maskcon import dist, failures
-from maskcon.errors import UserError
+from maskcon.errors import AgreedError, UserError
 from tests.conftest import run_gloo, tiny_learner
 
 WORLD_SIZE = 2
@@ -63,6 +63,12 @@ def _fails_on(failing_rank: int, rank: int) -> int:
     return rank
 
 
+def _agreed_fails_on(failing_ranks: tuple, rank: int) -> int:
+    if rank in failing_ranks:
+        raise AgreedError("no such bucket")
+    return rank
+
+
 def _outcome(fn, *args) -> tuple[str, str]:
     try:
         return "returned", repr(fn(*args))
@@ -92,6 +98,9 @@ def worker(rank: int, out_dir: str) -> None:
     # run_everywhere: success, then a failure on rank 1 only
     result["everywhere_ok"] = _outcome(failures.run_everywhere, _fails_on, -1, rank)
     result["everywhere_one_failed"] = _outcome(failures.run_everywhere, _fails_on, 1, rank)
+    # an error every process would agree on, raised on all of them, then on a process other than the main one
+    result["agreed_everywhere"] = _outcome(failures.run_everywhere, _agreed_fails_on, (0, 1), rank)
+    result["agreed_not_on_main"] = _outcome(failures.run_everywhere, _agreed_fails_on, (1,), rank)
     torch.distributed.barrier()
     result["after_failures"] = dist.concat_all_gather(torch.tensor([rank])).tolist()
 
@@ -183,6 +192,11 @@ def test_run_everywhere_stops_every_process_when_one_fails(ranks):
     assert results[1]["everywhere_one_failed"] == ("UserError", "shard 7 of rank 1 does not decode")
     assert results[0]["everywhere_one_failed"] == ("ProcessFailed",
                                                    "process 1 failed: shard 7 of rank 1 does not decode")
+    # failed alike everywhere: the main process speaks for all (AgreedError is printed by rank 0 alone) ...
+    assert [r["agreed_everywhere"] for r in results] == [("AgreedError", "no such bucket")] * 2
+    # ... but not where the main process did not fail: the failed process says it itself
+    assert results[1]["agreed_not_on_main"] == ("UserError", "no such bucket")
+    assert results[0]["agreed_not_on_main"] == ("ProcessFailed", "process 1 failed: no such bucket")
 
 
 @pytest.mark.slow
