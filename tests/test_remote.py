@@ -422,3 +422,64 @@ def test_an_interrupted_create_continues_where_it_stopped(s3, remote_digits, tmp
     assert puts() - first_puts < len(files_of(manifest))
     verified = make_shards("verify", url, "--workers", "1", env=dict(env, MASKCON_SHARD_CACHE=str(tmp_path / "c2")))
     assert verified.returncode == 0 and "every shard intact" in verified.stdout, verified.stderr[-3000:]
+
+
+HTTPS_SERVER = """
+import functools, http.server, ssl, sys
+port, folder, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+server = http.server.ThreadingHTTPServer(("127.0.0.1", port),
+                                         functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder))
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"""
+
+
+@pytest.fixture
+def https_folder(digits_shards, tmp_path):
+    """(URL, environment, copy of the digits' shards it serves, request log) of a real HTTPS server on
+    127.0.0.1 with a self-signed certificate that the environment trusts (SSL_CERT_FILE)."""
+    served = tmp_path / "served"
+    shutil.copytree(digits_shards, served / "digits")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    port, log = free_port(), tmp_path / "https.log"
+    with open(log, "w") as handle:
+        server = subprocess.Popen([sys.executable, "-c", HTTPS_SERVER, str(port), str(served), str(cert), str(key)],
+                                  stdout=handle, stderr=handle)
+    deadline = time.monotonic() + 30
+    while not _listening(port):
+        assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    env = dict(os.environ, SSL_CERT_FILE=str(cert), MASKCON_SHARD_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    yield f"https://127.0.0.1:{port}/digits", env, served / "digits", log
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_an_https_folder_is_staged_verified_and_read_from_the_cache_after(https_folder, tmp_path):
+    url, env, served, log = https_folder
+    files = files_of(json.loads((served / "manifest.json").read_text()))
+    gets = lambda: sum(1 for line in log.read_text().splitlines() if '"GET /digits/' in line   # noqa: E731
+                       and "manifest.json" not in line)
+    first = make_shards("verify", url, "--workers", "1", env=env)
+    assert first.returncode == 0 and "every shard intact" in first.stdout, first.stderr[-3000:]
+    assert gets() == len(files)
+    entry = entries(tmp_path / "cache")[0]
+    assert sorted(str(path.relative_to(entry)) for path in cache_files(entry)) == sorted(files + ["manifest.json"])
+    again = make_shards("verify", url, "--workers", "1", env=env)
+    assert again.returncode == 0 and gets() == len(files)   # the cache serves the second
+
+
+def test_an_https_file_that_differs_from_its_manifest_is_one_line(https_folder, tmp_path):
+    url, env, served, _ = https_folder
+    shard = served / json.loads((served / "manifest.json").read_text())["splits"]["train"]["shards"][0]["tar"]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF                            # the same size, another byte
+    shard.write_bytes(bytes(data))
+    line = one_line(make_shards("verify", url, "--workers", "1", env=env))
+    assert "differs from the folder's manifest" in line and shard.name in line
+    assert not (entries(tmp_path / "cache")[0] / "manifest.json").exists()
