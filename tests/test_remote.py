@@ -483,3 +483,21 @@ def test_an_https_file_that_differs_from_its_manifest_is_one_line(https_folder, 
     line = one_line(make_shards("verify", url, "--workers", "1", env=env))
     assert "differs from the folder's manifest" in line and shard.name in line
     assert not (entries(tmp_path / "cache")[0] / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_two_training_processes_of_one_node_download_each_file_once(s3, remote_digits, tmp_path):
+    server, env = s3
+    env = dict(env, MASKCON_SHARD_CACHE=str(tmp_path / "cache"))
+    files = files_of(manifest_of(env, remote_digits))
+    gets = lambda: sum(server.gets(f"/digits/{name}") for name in files)   # noqa: E731
+    before = gets()
+    done = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "-q", "--multi_gpu",
+                           "--num_processes", "2", "--main_process_port", str(free_port()), "launch/train.py",
+                           "--shards", remote_digits, *FAST, "--output-dir", str(tmp_path / "run")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert gets() - before == len(files)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(results["weights_fingerprint_per_process"]) == 2
+    assert len(entries(tmp_path / "cache")) == 1
