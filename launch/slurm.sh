@@ -19,7 +19,8 @@
 #
 # Preemption: SLURM sends SIGTERM 120 s before the time limit (--signal below) to `accelerate launch`, whose
 # elastic agent forwards it to the processes and SIGKILLs them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
-# (torch's default: 30). It is raised here to the whole 120 s, so the trainer has the grace to agree on
+# (torch's default: 30; PyTorch 2.10, the CUDA 12 install, has a fixed 30 s and ignores the variable). It is
+# raised here to the whole 120 s, so the trainer has the grace to agree on
 # stopping and write a checkpoint. The job is requeue-safe: unless the arguments name them, the run writes to
 # runs/JOBNAME-JOBID (kept by a requeued job) with --resume auto, so the first start begins afresh and every
 # later start of the same job continues from its newest intact checkpoint.

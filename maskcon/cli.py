@@ -15,6 +15,7 @@ BENCHMARKS = {
     "train": "training images/s and data time: real loader, synthetic batches, official-style loader, a resume",
     "collectives": "bytes per training step moved by the collectives: MoCo's scheme against ours",
     "gpu": "every GPU figure in one command on the ImageNet32 preset, written as a BENCHMARKS.md block",
+    "remote": "shards in object storage: staging MB/s against a local copy, first batch on a warm cache",
 }
 
 

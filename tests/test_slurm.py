@@ -156,11 +156,21 @@ time.sleep(float(sys.argv[2]))        # the work of the grace: agree to stop, wr
 WORK_S = 4
 
 
+def _agent_reads_the_shutdown_timeout() -> bool:
+    """PyTorch 2.11 and newer: torchrun's --shutdown_timeout, defaulting to TORCH_ELASTIC_SHUTDOWN_TIMEOUT;
+    before, the elastic agent gives its workers a fixed 30 s."""
+    from torch.distributed.run import get_args_parser
+
+    return any("--shutdown_timeout" in action.option_strings for action in get_args_parser()._actions)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shutdown_timeout, finishes", [(1, False), (60, True)])
 def test_accelerate_launch_gives_workers_the_shutdown_timeout_after_sigterm(tmp_path, shutdown_timeout, finishes):
     """A real `accelerate launch` of 2 processes receives SIGTERM, as SLURM's --signal sends it: its elastic
-    agent forwards it, and kills the workers only after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds."""
+    agent forwards it, and kills the workers only after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (PyTorch 2.11
+    and newer; before, after a fixed 30 s, longer than the workers' work here)."""
+    finishes = finishes or not _agent_reads_the_shutdown_timeout()
     (tmp_path / "worker.py").write_text(WORKER)
     env = dict(os.environ, TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(shutdown_timeout))
     launcher = subprocess.Popen(
