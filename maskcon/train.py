@@ -220,7 +220,7 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
     """From run.step to the end (the last epoch's end, or --max-steps). At the top of each step, in order:
     the logging point (stop vote, one metrics row), the end of an epoch (evaluation, checkpoint), the end."""
     config, steps_per_epoch = run.loop, run.steps_per_epoch
-    first = step = run.step
+    first = step = logged = run.step
     end = run.total_steps if config.max_steps is None else min(run.total_steps, config.max_steps)
     _announce(run)
     untrained, metrics, stopped = {}, {}, "finished"
@@ -229,7 +229,6 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
         untrained = _before_training(run, feed)
     clock = DataClock(run.train_loader, run.global_batch)
     loss_sum = torch.zeros((), device=run.accelerator.device)    # losses since the last logging point
-    loss = torch.zeros((), device=run.accelerator.device)        # the last step's
     batches = None
     bar = tqdm(total=end, initial=step, disable=not run.accelerator.is_main_process, dynamic_ncols=True,
                desc=_epoch_text(step, run))
@@ -241,8 +240,9 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
                 stopped = _preempted(run, step, stop)
                 break
             if step > first and (step % config.log_every == 0 or boundary):
-                sigterm = _log(run, step, loss, vote(stop, feed, run, loss_sum), clock, bar)
+                sigterm = _log(run, step, step - logged, vote(stop, feed, run, loss_sum), clock, bar)
                 loss_sum.zero_()
+                logged = step
                 if sigterm:
                     stopped = _preempted(run, step, stop)
                     break
@@ -264,8 +264,7 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
             batch = feed.take(batches, clock)
             set_lr(run.optimizer, run.schedule[step])
             dist.reseed_shuffle(config.seed * 2**32 + step)   # shuffle-BN as a function of the step
-            loss = run.step_fn(batch)
-            loss_sum += loss
+            loss_sum += run.step_fn(batch)
             step += 1
     finally:
         bar.close()
@@ -307,14 +306,15 @@ def _before_training(run: Run, feed: Feed) -> dict:
     return untrained
 
 
-def _log(run: Run, step: int, loss: torch.Tensor, agreement: failures.Agreement, clock: DataClock, bar) -> bool:
-    """One metrics row after the stop vote `agreement` (the lr is read back from the optimizer: the one the
-    last step used). Returns whether some process saw SIGTERM; raises when some process's loss is not
+def _log(run: Run, step: int, steps: int, agreement: failures.Agreement, clock: DataClock, bar) -> bool:
+    """One metrics row after the stop vote `agreement` on the sum of the losses of the last STEPS steps: the
+    loss is their mean over those steps and over processes (the lr is read back from the optimizer: the one
+    the last step used). Returns whether some process saw SIGTERM; raises when some process's loss is not
     finite. Resets the clock."""
     if agreement.loss_not_finite:
         raise AgreedError(f"the loss stopped being finite by step {step} (epoch {step // run.steps_per_epoch}); "
                           f"{_last_good(run.checkpoint_root)}; try a lower --lr or --mixed-precision bf16")
-    loss_value = loss.item()
+    loss_value = agreement.mean_loss / steps
     row = {"step": step, "epoch": step / run.steps_per_epoch, "loss": loss_value,
            "lr": float(run.optimizer.param_groups[0]["lr"]), **clock.figures()}
     if run.tracker is not None:

@@ -93,6 +93,23 @@ def test_every_method_trains(method, extra, digits_shards, tmp_path):
         assert "mixed_precision: bf16" in config
 
 
+def test_a_metrics_row_holds_the_mean_loss_of_the_steps_since_the_last_row(digits_shards, tmp_path):
+    """Logging does not change training: a run that logs every 3 steps logs the mean of the losses that the
+    same run, logging every step, logged for those 3 steps (not the last step's loss alone)."""
+    rows = {}
+    for every in ("1", "3"):
+        out = tmp_path / f"every-{every}"
+        result = train(["--shards", str(digits_shards), "--output-dir", str(out), "--epochs", "1", "--max-steps", "6",
+                        *FAST, "--log-every", every, "--checkpoint-every", "0", "--wandb", "disabled"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows[every] = losses_by_step(out)
+    each = rows["1"]
+    assert sorted(each) == [1, 2, 3, 4, 5, 6] and sorted(rows["3"]) == [3, 6]
+    assert len(set(each.values())) == 6                       # the steps' losses differ, so the mean tells
+    for end in (3, 6):
+        assert rows["3"][end] == pytest.approx(sum(each[step] for step in range(end - 2, end + 1)) / 3, rel=1e-5)
+
+
 def _wait_for(condition, process, timeout=300):
     deadline = time.time() + timeout
     while not condition():
