@@ -3,6 +3,14 @@
 __version__ = "0.1.0"
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on: its affinity (as SLURM, containers and taskset set it) where the
+    platform has one, else every core of the machine."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def load_backbone(path, map_location="cpu"):
     """The trained encoder of a run folder or its backbone.pt, with `.metadata` (see maskcon.backbone)."""
     from maskcon.backbone import load_backbone as load

@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 
-from maskcon.errors import AgreedError, FailedElsewhere, UserError
+from maskcon.errors import AgreedError, FailedElsewhere, OneLineParser, UserError
 
 BENCHMARKS = {
     "shards": "conversion speed: our converter against a plain webdataset.ShardWriter loop",
@@ -95,7 +95,7 @@ def _make_shards_parser():
     from maskcon import shards
     from maskcon.datasets import DATASETS
 
-    parser = argparse.ArgumentParser(prog="python launch/make_shards.py",
+    parser = OneLineParser(prog="python launch/make_shards.py",
                                      description="Convert a dataset to WebDataset shards, or verify shards.",
                                      epilog=MAKE_SHARDS_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -141,14 +141,13 @@ MAKE_SHARDS_EXIT_CODES = """exit status:
 
 def run_make_shards(argv: list[str]) -> int:
     """The exit status of MAKE_SHARDS_EXIT_CODES: 0 done, 1 problems found (verify), 2 failed."""
-    from pathlib import Path
 
     from maskcon import remote, shards
     from maskcon.config import default_shards_dir
 
-    args = _make_shards_parser().parse_args(argv)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     try:
+        args = _make_shards_parser().parse_args(argv)
         if args.command == "create":
             out = args.out if args.out is not None else default_shards_dir(args.dataset)
             manifest = shards.create(args.dataset, args.src, out, seed=args.seed, labels=args.labels,

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from maskcon.datasets import DATASETS
-from maskcon.errors import UserError
+from maskcon.errors import OneLineParser, UserError
 from maskcon.methods import METHODS
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -136,23 +136,12 @@ def _field_type(f: dataclasses.Field):
     return base, optional
 
 
-class _Parser(argparse.ArgumentParser):
-    """One line for a mistake, no usage dump; an option's prefix is refused (`--lr-ref 64` is not
-    --lr-reference-batch), so a typo never sets another option."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     """The trainer's options. defaults: the values --help shows (the dataset's preset: `resolved_defaults`);
     the parser itself sets nothing it was not given (argument_default=SUPPRESS), so precedence stays in
     `parse_config`."""
     shown = {name: f.default for name, f in FIELDS.items()} | (defaults or {})
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python launch/train.py",
         usage="%(prog)s [--dataset NAME] [--method NAME] [--OPTION VALUE ...]",
         description="Train MaskCon or a baseline on WebDataset shards. Options override the dataset's "
@@ -195,7 +184,7 @@ def _add_option(group, name: str, default) -> None:
 def resolved_defaults(argv: list[str]) -> dict:
     """The values a run of `argv` starts from before its own options: the dataclass defaults with the preset
     of the --dataset and --method found in argv (or in its --config file)."""
-    scout = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    scout = OneLineParser(add_help=False, argument_default=argparse.SUPPRESS)
     for name in ("dataset", "method", "config"):
         scout.add_argument(f"--{name}", dest=name)
     found = vars(scout.parse_known_args(argv)[0])

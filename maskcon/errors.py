@@ -1,5 +1,7 @@
 """Errors the user can fix: the entry points print them as one line and exit with status 2."""
 
+import argparse
+
 
 class UserError(Exception):
     """A mistake in what the user gave us (a path, a dataset, an option).
@@ -17,3 +19,14 @@ class AgreedError(UserError):
 class FailedElsewhere(UserError):
     """Raised on a process because another process of the run failed, which reports the failure itself:
     this one exits with status 2 and prints nothing, so the failure is reported once."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose mistakes are one UserError line, no usage dump, and which refuses an option's
+    prefix (`--lr-ref 64` is not --lr-reference-batch), so a typo never sets another option."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")

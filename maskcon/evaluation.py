@@ -23,7 +23,7 @@ from torch import nn
 
 from maskcon import checkpoints
 from maskcon.backbone import BACKBONE_FILE, build_encoder, load_backbone
-from maskcon.errors import UserError
+from maskcon.errors import OneLineParser, UserError
 from maskcon.retrieval import RECALL_KS, recall_at_k
 
 ENCODER_PREFIX = "encoder."   # the query encoder's weights in a checkpoint's model.safetensors
@@ -113,7 +113,7 @@ def _write_features(file: Path, table: dict, shards: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python launch/eval.py", allow_abbrev=False,
+    parser = OneLineParser(prog="python launch/eval.py", allow_abbrev=False,
                                      description="Recall@K of a trained network on a test split, without training.")
     parser.add_argument("network", type=Path, help="a run folder, its backbone.pt, or a checkpoint folder")
     parser.add_argument("--shards", type=Path, default=None,

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from maskcon.config import Config, parse_config
-from maskcon.errors import UserError
+from maskcon.errors import OneLineParser, UserError
 from maskcon.stopping import supervise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def check_run(config: Config, processes: int) -> list[str]:
 
 
 def launcher_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python launch/run.py", add_help=False, allow_abbrev=False,
         usage="%(prog)s [--processes N | --accelerate-config FILE] [trainer options, see launch/train.py --help]")
     parser.add_argument("--processes", default="auto",

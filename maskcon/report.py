@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from maskcon.datasets import DATASETS as PRESET_DATASETS
-from maskcon.errors import UserError
+from maskcon.errors import OneLineParser, UserError
 from maskcon.methods import METHODS
 
 PAPER_KS = (1, 2, 5, 10)   # the Recall@K columns of the supplement's tables
@@ -385,9 +385,8 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def build_parser():
-    import argparse
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python launch/report.py",
         description="Turn finished runs into the supplement's table layout: Markdown on stdout, and "
                     "OUT/report.md, OUT/report.csv, OUT/recall.png. Runs form one row only when every option "

@@ -22,7 +22,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
-from maskcon import checkpoints, dist, failures, remote, rundir, shards
+from maskcon import checkpoints, dist, failures, remote, rundir, shards, usable_cpus
 from maskcon.config import Config, shards_dir
 from maskcon.errors import AgreedError, UserError
 from maskcon.loaders import build_test_loader, build_train_loader
@@ -118,7 +118,7 @@ def settle_device(config: Config, accelerator: Accelerator) -> None:
     else:
         # processes on one CPU share its cores; more threads than cores makes every process wait
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
+        torch.set_num_threads(max(1, usable_cpus() // local_processes))
 
 
 def prepare_shards(config: Config, accelerator: Accelerator | None = None) -> Path:

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from maskcon import usable_cpus
 from maskcon.errors import UserError
-from maskcon.shard_format import (LABEL_BYTES, LABEL_ENCODING, LABEL_MEMBERS, MANIFEST, PLAN, SPLITS, Member,
-                                  decode_label, encode_label, format_index, index_of_tar, member_name,
+from maskcon.shard_format import (LABEL_BYTES, LABEL_ENCODING, LABEL_MEMBERS, MANIFEST, PLAN, PNG_SIGNATURE, SPLITS,
+                                  Member, decode_label, encode_label, format_index, index_of_tar, member_name,
                                   read_manifest, shard_names, shard_problem, shard_record, split_member)
 
 if TYPE_CHECKING:
@@ -43,13 +44,6 @@ def _version() -> str:
     import maskcon
 
     return getattr(maskcon, "__version__", "0+unknown")
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 # ------------------------------------------------------------------------------------------ encodings
@@ -80,7 +74,7 @@ def encode_pngs(batch: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) -> 
     rows[:, :, 0] = 1  # filter type "Sub"
     rows[:, :, 1:1 + channels] = flat[:, :, :channels]
     np.subtract(flat[:, :, channels:], flat[:, :, :-channels], out=rows[:, :, 1 + channels:])
-    head = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0))
+    head = PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0))
     tail = _png_chunk(b"IEND", b"")
     return [head + _png_chunk(b"IDAT", zlib.compress(image_rows.tobytes(), compress_level)) + tail
             for image_rows in rows]
@@ -90,7 +84,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-_MAGIC = {"jpg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n"}  # first bytes of every such file
+_MAGIC = {"jpg": b"\xff\xd8\xff", "png": PNG_SIGNATURE}  # first bytes of every such file
 _TAR_BLOCK = 512
 _TAR_RECORD = 20 * _TAR_BLOCK  # archives end padded to a whole record, as GNU tar and tarfile write them
 
@@ -393,7 +387,7 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
     manifest_path, plan_path, progress_path = out / MANIFEST, out / PLAN, out / _PROGRESS
     recorded = _read_progress(progress_path)  # tar -> sha256 of the shards an earlier run finished
 
-    workers = available_cpus() if workers is None else max(1, workers)
+    workers = usable_cpus() if workers is None else max(1, workers)
     staging = out / _STAGING
     jobs, split_jobs = [], {}
     for name, split in source.splits.items():
@@ -672,7 +666,7 @@ def verify(out: Path | str, *, workers: int | None = None, log: Callable[[str], 
             problems.append(f"{split_name}: shards before the last do not all hold "
                             f"{split_plan['samples_per_shard']} samples")
         jobs += [(_check_shard, str(out), shard, manifest) for shard in shards]
-    workers = available_cpus() if workers is None else max(1, workers)
+    workers = usable_cpus() if workers is None else max(1, workers)
     with _executor(min(workers, len(jobs))) as executor:
         for job, shard_problems in zip(jobs, _run_all(executor, jobs, log, "verify")):
             if shard_problems:  # one line per shard, naming it

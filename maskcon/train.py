@@ -205,7 +205,8 @@ def train(config: Config) -> RunResult:
             raise stopping.Stopped(f"stopped by {stop.reason} before the run started; nothing was written")
         accelerator = make_accelerator(config)
         run = build_run(config, accelerator)
-        stop.last_checkpoint = lambda: _last_good(run.checkpoint_root)
+        root = run.checkpoint_root
+        stop.last_checkpoint = lambda: _last_good(root)
         result = train_loop(run, stop)
         del run   # the learner, optimizer and loaders go before the process group ends
         gc.collect()

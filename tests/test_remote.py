@@ -5,7 +5,6 @@ real TCP proxy in front of it that cuts every connection after a number of bytes
 import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess

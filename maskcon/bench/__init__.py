@@ -1,9 +1,10 @@
 """Benchmarks behind `python launch/bench.py NAME`; each module exposes main(argv) -> exit status."""
 from __future__ import annotations
 
-import os
 import platform
 from pathlib import Path
+
+from maskcon import usable_cpus
 
 
 def machine(device=None) -> str:
@@ -11,7 +12,7 @@ def machine(device=None) -> str:
     torch's CPU threads, and the GPU's name when `device` (a torch.device) is a CUDA device."""
     import torch
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = usable_cpus()
     model = platform.processor() or platform.machine()
     try:
         names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

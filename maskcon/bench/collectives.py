@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
 import shlex
 import statistics
@@ -39,9 +38,9 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from maskcon import dist, failures
+from maskcon import dist, failures, usable_cpus
 from maskcon.config import ARCHS
-from maskcon.errors import UserError
+from maskcon.errors import OneLineParser, UserError
 from maskcon.model import FEATURE_DIMS, MaskConModel
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -49,13 +48,8 @@ SECTIONS = ("buffer broadcast", "shuffle-BN", "enqueue", "stop vote")
 GRADIENTS = "gradient all-reduce"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise UserError(f"{message} (see python launch/bench.py collectives --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python launch/bench.py collectives", description=__doc__,
+    parser = OneLineParser(prog="python launch/bench.py collectives", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=2, metavar="P", help="gloo processes (default: 2)")
     parser.add_argument("--image-sizes", type=int, nargs="+", default=[32, 224], metavar="S",
@@ -249,7 +243,7 @@ def _summary(per_rank: list[list[dict]], options: argparse.Namespace) -> dict:
         table.append(entry)
     evaluation = [rows[-1]["evaluation"] for rows in per_rank]
     return {"command": "python launch/bench.py collectives " + shlex.join(sys.argv[2:]),
-            "machine": f"{_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, gloo",
+            "machine": f"{_cpu_name()}, {usable_cpus()} CPUs, torch {torch.__version__}, gloo",
             "processes": options.processes, "arch": options.arch, "precision": options.precision,
             "queue_size": options.queue_size, "dim": options.dim, "log_every": options.log_every,
             "repeats": options.repeats, "steps": table,

@@ -36,7 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from maskcon.errors import UserError
+from maskcon import usable_cpus
+from maskcon.errors import OneLineParser, UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 GOALS = {   # the figures a GPU must reach on the ImageNet32 preset (one H100/H200)
@@ -87,7 +88,7 @@ class Outcome:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python launch/bench.py gpu", description=__doc__,
+    parser = OneLineParser(prog="python launch/bench.py gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None,
                         help="file for the BENCHMARKS.md block (default: $OUT/gpu-benchmarks.md when $OUT is "
@@ -228,7 +229,7 @@ def write_jpeg_folder(dest: str, train: int, test: int, side: int) -> None:
     for split in ("train", "test"):
         for fine in range(100):
             (root / split / f"f{fine:03d}").mkdir(parents=True, exist_ok=True)
-    with Pool(min(16, os.cpu_count() or 1)) as pool:
+    with Pool(min(16, usable_cpus())) as pool:
         pool.map(_write_jpeg, jobs, chunksize=32)
 
 
@@ -254,7 +255,7 @@ def _context(args, argv: list[str], sizes: Sizes) -> dict:
     import torch
 
     context = {"date": datetime.date.today().isoformat(), "command": shlex.join(["python", "launch/bench.py", "gpu", *argv]),
-               "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": os.cpu_count(),
+               "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": usable_cpus(),
                "commit": args.commit or _git_head(), "dali": _version("nvidia.dali"), "device": args.device,
                "train_images": sizes.train_images, "jpeg_images": sizes.jpeg_train, "jpeg_side": sizes.jpeg_side}
     if args.device == "cuda":

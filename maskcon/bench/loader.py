@@ -27,7 +27,6 @@ workers from construction to its first batch.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import io
 import json
@@ -40,7 +39,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from maskcon.errors import UserError
+from maskcon import usable_cpus
+from maskcon.errors import OneLineParser, UserError
 
 # ----------------------------------------------------------------------------------- synthetic shards
 
@@ -203,7 +203,7 @@ def _build(name: str, shards: Path, common: dict):
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python launch/bench.py loader", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python launch/bench.py loader", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="recipe to run (a dataset name, e.g. cifar100)")
     parser.add_argument("--shards", required=True, type=Path, help="shard folder (manifest.json, train/)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
@@ -229,7 +229,7 @@ def main(argv: list[str]) -> int:
 
     recipe_for(args.dataset)
     size = args.image_size or _dataset_image_size(args.dataset)
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads or usable_cpus()
     if args.synthetic:
         if (args.shards / "manifest.json").exists():
             raise UserError(f"{args.shards} already holds shards; drop --synthetic or pick an empty folder")
@@ -261,7 +261,7 @@ def main(argv: list[str]) -> int:
         del loader
         gc.collect()  # a DALI pipeline reserves much address space: free it before forking DataLoader workers
     report.update(_summary(measured), repeats=args.repeats, batch_size=args.batch_size, image_size=size,
-                  threads=threads, cpus=os.cpu_count(), shards=str(args.shards))
+                  threads=threads, cpus=usable_cpus(), shards=str(args.shards))
     report["load_average_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine while measuring
     if args.json:
         print(json.dumps(report))

@@ -10,7 +10,6 @@ peak memory above the inputs:
 Goal: MaskCon within 1.5x SelfCon's time.
 """
 
-import argparse
 import functools
 import json
 import os
@@ -26,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 
 from maskcon import losses
 from maskcon.bench import machine
-from maskcon.errors import UserError
+from maskcon.errors import OneLineParser, UserError
 
 TIME_GOAL = 1.5   # MaskCon time / SelfCon time
 COARSE_CLASSES = 20                   # CIFAR-100's coarse split
@@ -35,7 +34,7 @@ WARMUPS = 3
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="launch/bench.py objectives", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="launch/bench.py objectives", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=["bf16", "none"], default="none",

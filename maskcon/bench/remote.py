@@ -24,11 +24,11 @@ from pathlib import Path
 
 from maskcon.bench import machine
 from maskcon.bench.train import write_synthetic_imagenet32
-from maskcon.errors import UserError
+from maskcon.errors import OneLineParser, UserError
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python launch/bench.py remote", description=__doc__,
+    parser = OneLineParser(prog="python launch/bench.py remote", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--url", default=None, help="a writable s3:// folder (default: a local moto server)")
     parser.add_argument("--images", type=int, default=20_000, help="synthetic training images (default 20000)")

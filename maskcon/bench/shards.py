@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from maskcon import shards
+from maskcon import shards, usable_cpus
 from maskcon.bench import machine
-from maskcon.errors import UserError
+from maskcon.errors import OneLineParser, UserError
 from maskcon.shard_format import encode_label, split_files
 
 
@@ -131,7 +131,7 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python launch/bench.py shards", description=__doc__,
+    parser = OneLineParser(prog="python launch/bench.py shards", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-images", type=int, default=100_000)
     parser.add_argument("--val-images", type=int, default=10_000)
@@ -145,7 +145,7 @@ def main(argv: list[str]) -> int:
         raise UserError("--train-images, --val-images and --repeats must be positive")
     import webdataset  # noqa: F401  imported here, so that its import (it loads torch) is not timed
 
-    workers = args.workers or shards.available_cpus()
+    workers = args.workers or usable_cpus()
     src = args.workdir / "source"
     print(f"writing the synthetic ImageNet32 source ({args.train_images} + {args.val_images} images) to {src}",
           flush=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import shlex
 import sys
 import tempfile
@@ -40,10 +39,11 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from maskcon import usable_cpus
 from maskcon.bench import machine
 from maskcon.config import ARCHS, parse_config
 from maskcon.datasets import DATASETS
-from maskcon.errors import UserError
+from maskcon.errors import OneLineParser, UserError
 from maskcon.bench.reference import official_style_loader
 from maskcon.run import Run, build_run, make_accelerator
 from maskcon.step import graph_breaks
@@ -68,14 +68,9 @@ class Measurement:
     skip_by_reading_s: float | None = None          # resume: reaching the middle batch by reading the ones before
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise UserError(f"{message} (see python launch/bench.py train --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    cpus = os.cpu_count() or 1
-    parser = _Parser(prog="python launch/bench.py train", description=__doc__,
+    cpus = usable_cpus()
+    parser = OneLineParser(prog="python launch/bench.py train", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digits", choices=sorted(DATASETS), metavar="DATASET",
                         help="recipe, preset and default shard folder (default: digits, written on first use)")

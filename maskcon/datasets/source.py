@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from maskcon.errors import UserError
-from maskcon.shard_format import MAX_IMAGE_PIXELS  # refused before any shard is written
+from maskcon.shard_format import MAX_IMAGE_PIXELS, PNG_SIGNATURE  # the pixel cap: refused before any shard is written
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,6 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_QUALITY = 95  # of a JPEG re-encoded because the loaders would decode its colours differently
 
 
@@ -229,7 +228,7 @@ def decoded_alike(data: bytes, path: Path) -> bytes:
     to an RGB JPEG (quality JPEG_QUALITY, no chroma subsampling). Alpha is dropped, never composited: the
     colour channels are kept as stored, as both decoders do for 8-bit RGBA.
     """
-    if data.startswith(_PNG_SIGNATURE) and len(data) > 25 and data[24] == 8 and data[25] in (0, 2):
+    if data.startswith(PNG_SIGNATURE) and len(data) > 25 and data[24] == 8 and data[25] in (0, 2):
         return data  # IHDR: bit depth 8, colour type grey (0) or RGB (2)
     from PIL import Image
 

@@ -42,7 +42,6 @@ nothing iterated before changes what comes next.
 from __future__ import annotations
 
 import collections
-import os
 import queue
 import threading
 import time
@@ -51,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from maskcon import usable_cpus
 from maskcon.errors import UserError
 from maskcon.loaders.dali_ops import draw_view, view_graph
 from maskcon.loaders.split import (EpochCursor, SplitFiles, TarSamples, decode_image, empty_test_batch,
@@ -136,11 +136,6 @@ def _to_torch(output, device: torch.device, channels_last: bool, stream) -> torc
         result = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
         feed_ndarray(tensor, result, cuda_stream=stream)
     return result.permute(0, 3, 1, 2) if channels_last else result
-
-
-def _usable_cpus() -> int:
-    """CPUs this process may run on (its affinity where the platform has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _device_id(device: torch.device) -> int | None:
@@ -319,7 +314,7 @@ class _Feeder:
         try:
             if self._resident_shape is not None and self._pixels is None:
                 self._pixels, self._undecodable, seconds = decode_resident(
-                    self.samples, self._positions, self._resident_shape, _usable_cpus())
+                    self.samples, self._positions, self._resident_shape, usable_cpus())
                 self.feed_cpu_seconds_done += seconds
             todo = self._plan[self._first:]
             labels = {}  # the pass's positions and labels, uploaded and indexed once; each batch takes a slice
