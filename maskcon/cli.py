@@ -148,6 +148,7 @@ def run_make_shards(argv: list[str]) -> int:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     try:
         args = _make_shards_parser().parse_args(argv)
+        remote.check_location(args.out, writing=args.command == "create")
         if args.command == "create":
             out = args.out if args.out is not None else default_shards_dir(args.dataset)
             manifest = shards.create(args.dataset, args.src, out, seed=args.seed, labels=args.labels,
@@ -166,6 +167,10 @@ def run_make_shards(argv: list[str]) -> int:
         problems = shards.verify(folder, workers=args.workers, log=log)
     except UserError as err:
         return fail(err)
+    except KeyboardInterrupt:   # Ctrl-C: what is finished stays (shards, uploads, staged files)
+        print("stopped by SIGINT; run the same command again to continue: finished shards, uploads and "
+              "downloads are kept", file=sys.stderr)
+        return 130
     for problem in problems:
         print(problem)
     if problems:

@@ -21,6 +21,7 @@ import yaml
 
 from maskcon.datasets import DATASETS
 from maskcon.errors import OneLineParser, UserError
+from maskcon.remote import check_location
 from maskcon.methods import METHODS
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -338,6 +339,7 @@ def validate(config: Config) -> None:
     """Reject impossible options with one line each."""
     if config.dataset not in DATASETS:
         raise UserError(f"unknown dataset {config.dataset!r}; known datasets: {', '.join(DATASETS)}")
+    check_location(config.shards)
     if config.method not in METHODS:
         raise UserError(f"unknown method {config.method!r}; known methods: {', '.join(METHODS)}")
     if config.arch not in ARCHS:

@@ -40,6 +40,7 @@ class Plan:
     notes: tuple[str, ...] = field(default=())      # what makes little sense but may be meant: warnings
     shards_url: str | None = None          # a remote --shards: the URL (`shards` is then its staged copy)
     manifest_sha256: str | None = None     # sha256 of the remote manifest.json's bytes
+    staging: str | None = None             # a remote --shards on this node: staged already, or to be
 
     @property
     def batch_size(self) -> int:
@@ -91,7 +92,7 @@ class Plan:
         if self.shards_url is not None and self.shards == Path(self.shards_url):
             sizes = ", ".join(f"{name} {split['num_samples']}" for name, split in self.manifest["splits"].items())
             lines.append(f"shards: {self.shards_url} (manifest sha256 {self.manifest_sha256[:16]}, {sizes} images), "
-                         f"staged by the run into its node's shard cache")
+                         f"{self.staging}")
         elif self.manifest is None:
             lines.append(f"shards: {self.shards} is written on first use (bundled digits)")
         else:
@@ -140,11 +141,13 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
     it the plan reads the remote manifest alone). UserError (one line) for shards that are missing, of another
     dataset or damaged, and for a checkpoint this run may not continue."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    url, digest = (config.shards, None) if remote.is_url(config.shards) else (None, None)
+    url, digest, staging = (config.shards, None, None) if remote.is_url(config.shards) else (None, None, None)
     folder = staged if staged is not None else shards_dir(config)
     if url is not None and staged is None:
         manifest, raw = (None, b"") if not shards_required else remote.read_remote_manifest(url)
         digest = remote.manifest_sha256(raw) if manifest is not None else None
+        staging = None if manifest is None else remote.staging_state(
+            url, manifest, raw, config.shard_cache, remote.parse_size(config.shard_cache_limit))
     else:
         missing = not (folder / "manifest.json").exists() and (config.dataset == "digits" or not shards_required)
         manifest = None if missing else _manifest(config, folder)
@@ -164,7 +167,7 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
                 channels_last=device == "cuda" if config.channels_last is None else config.channels_last,
                 shards=folder, manifest=manifest, base_lr=base_learning_rate(config, processes),
                 steps_per_epoch=steps_per_epoch, resume_from=resume_from, start_step=0,
-                notes=_notes(config, device), shards_url=url, manifest_sha256=digest)
+                notes=_notes(config, device), shards_url=url, manifest_sha256=digest, staging=staging)
     if resume_from is None or manifest is None:
         return plan
     saved = checkpoints.read_state(resume_from)

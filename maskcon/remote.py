@@ -56,6 +56,28 @@ def is_url(text: object) -> bool:
     return isinstance(text, str) and re.match(r"^(s3|gs|https)://[^/]", text) is not None
 
 
+def check_location(text: object, *, writing: bool = False) -> None:
+    """One line for a shard location that looks like a URL but is not one we read (http://, s3:/, S3://),
+    which would otherwise become a local folder of that name, and for writing to a read-only https:// one."""
+    if not isinstance(text, str):
+        return
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):/", text)
+    if is_url(text):
+        if writing and text.startswith("https://"):
+            raise UserError(f"{text}: https:// shard folders are read-only; write the shards to s3:// or gs:// "
+                            f"(or a local folder you then serve over https://)")
+        return
+    if scheme is None or len(scheme.group(1)) == 1:   # a Windows drive letter is a path
+        return
+    name = scheme.group(1)
+    if name.lower() in SCHEMES and not text.startswith(f"{name}://"):
+        raise UserError(f"{text} is not a shard URL: write {name.lower()}://BUCKET/PREFIX (two slashes, lower case)")
+    if name.lower() in SCHEMES:
+        raise UserError(f"{text}: write the scheme in lower case, {name.lower()}://")
+    raise UserError(f"{text}: {name}:// shard folders are not supported; use s3://, gs:// or https:// (or a "
+                    f"local folder)")
+
+
 def _require_cloud(url: str) -> None:
     try:
         import fsspec  # noqa: F401
@@ -106,11 +128,14 @@ def remote_error(error: BaseException, url: str, doing: str) -> UserError:
     if isinstance(error, PermissionError):
         return UserError(f"{doing} {url}: access denied ({text}); check the credentials and that they may "
                          f"read (and, for create, write) this bucket")
+    if isinstance(error, FileNotFoundError) and doing.startswith("uploading"):
+        return UserError(f"{doing} {url}: no such bucket ({text}); create the bucket first, or fix the URL")
     if isinstance(error, FileNotFoundError):
         return UserError(f"{doing} {url}: no such bucket or prefix ({text}); check the URL, or make the shards "
                          f"there with python launch/make_shards.py create DATASET --src SRC --out {url}")
-    return UserError(f"{doing} {url} failed: {text}; check the network and AWS_ENDPOINT_URL (for an "
-                     f"S3-compatible store), then rerun: finished files are kept")
+    where = "AWS_ENDPOINT_URL (for an S3-compatible store)" if url.startswith("s3://") else "the URL"
+    then = "rerun: finished files are kept" if doing.startswith(("downloading", "uploading")) else "rerun"
+    return UserError(f"{doing} {url} failed: {text}; check the network and {where}, then {then}")
 
 
 def _permanent(error: BaseException) -> bool:
@@ -152,9 +177,12 @@ def read_remote_manifest(url: str, log: Callable[[str], None] = lambda line: Non
         raw = with_retries(lambda: fs.cat_file(f"{root}/{MANIFEST}"), url, "reading the manifest of", log)
     except UserError as error:
         if "no such bucket or prefix" in str(error):
-            raise UserError(f"no complete shards at {url}: {MANIFEST} is missing or the bucket does not exist; "
-                            f"make them with python launch/make_shards.py create DATASET --src SRC --out "
-                            f"{url}") from None
+            bucket = root.split("/", 1)[0]
+            if not url.startswith("https://") and not _exists(fs, bucket):
+                raise UserError(f"no bucket {bucket!r} at the store of {url} (or these credentials may not see "
+                                f"it); check the bucket's name") from None
+            raise UserError(f"no complete shards at {url}: {MANIFEST} is missing there; make them with python "
+                            f"launch/make_shards.py create DATASET --src SRC --out {url}") from None
         raise
     try:
         manifest = json.loads(raw)
@@ -164,6 +192,13 @@ def read_remote_manifest(url: str, log: Callable[[str], None] = lambda line: Non
         raise UserError(f"{url}/{MANIFEST} is not a maskcon shard manifest; recreate the shards with python "
                         f"launch/make_shards.py create DATASET --src SRC --out {url} --overwrite")
     return manifest, raw
+
+
+def _exists(fs, path: str) -> bool:
+    try:
+        return bool(fs.exists(path))
+    except Exception:   # an answer we cannot read: let the missing manifest speak
+        return True
 
 
 def manifest_sha256(raw: bytes) -> str:
@@ -438,23 +473,41 @@ def stage(url: str, cache: Path | str | None = None, *, limit: int | None = None
     return entry
 
 
+def _refuse_over_limit(url: str, size: int, limit: int) -> None:
+    if size > limit:
+        raise UserError(f"the shards at {url} hold {format_size(size)}, more than the --shard-cache-limit "
+                        f"{format_size(limit)}; raise the limit")
+
+
+def staging_state(url: str, manifest: dict, raw: bytes, cache: Path | str | None, limit: int | None) -> str:
+    """What --check says of a remote folder on this node, read without writing: already in the cache, or to
+    be staged into it (with its size); UserError for a folder larger than the cache's limit."""
+    cache = Path(cache).expanduser() if cache else default_cache()
+    sizes = [size for _, size, _ in remote_files(manifest)]
+    size = None if None in sizes else sum(sizes)
+    if limit is not None and size is not None:
+        _refuse_over_limit(url, size, limit)
+    entry = cache / entry_name(url, manifest_sha256(raw))
+    if (entry / MANIFEST).is_file() and (entry / MANIFEST).read_bytes() == raw:
+        return f"already staged in {entry}"
+    return f"staged by the run into the shard cache {cache}" + (f" ({format_size(size)})" if size else "")
+
+
 def _fill(url: str, manifest: dict, raw: bytes, cache: Path, entry: Path, limit: int | None, shown: bool,
           log: Callable[[str], None]) -> None:
     """Download what the entry lacks (checking space first), then write its manifest last."""
     fs, root = filesystem(url)
-    entry.mkdir(parents=True, exist_ok=True)
-    (entry / ".last-used").touch()
     files = _sizes(fs, root, url, remote_files(manifest), log)
     missing = [file for file in files if not _kept(entry, file)]
     needed = sum(size for _, size, _ in missing)
     if limit is not None:
-        if sum(size for _, size, _ in files) > limit:
-            raise UserError(f"the shards at {url} hold {format_size(sum(s for _, s, _ in files))}, more than the "
-                            f"--shard-cache-limit {format_size(limit)}; raise the limit")
+        _refuse_over_limit(url, sum(size for _, size, _ in files), limit)
         evict(cache, entry, needed, limit, log)
     problem = space_problem(needed, shutil.disk_usage(cache).free, cache)
     if problem:
         raise UserError(problem)
+    entry.mkdir(parents=True, exist_ok=True)
+    (entry / ".last-used").touch()
     kept = len(files) - len(missing)
     log(f"staging {url} into {entry}: {len(missing)} files, {format_size(needed)}"
         + (f" ({kept} files kept from an interrupted staging)" if kept else ""))
@@ -528,5 +581,20 @@ def create_remote(url: str, write: Callable[[Path, Callable[[dict], None]], dict
         for record in split["shards"]:
             on_shard(record)
     with_retries(lambda: fs.put_file(str(staging / MANIFEST), manifest_path), url, "uploading the manifest to", log)
-    log(f"uploaded {url}/{MANIFEST}; the local copy stays in {staging} until you remove it")
+    log(f"uploaded {url}/{MANIFEST}; {_keep_as_staged(url, staging)}")
     return manifest
+
+
+def _keep_as_staged(url: str, staging: Path) -> str:
+    """The written folder, now uploaded whole, becomes the node's cache entry of the remote folder (a run here
+    downloads nothing; the cache's limit and eviction apply to it). Says where it went."""
+    cache = staging.parent.parent
+    entry = cache / entry_name(url, manifest_sha256((staging / MANIFEST).read_bytes()))
+    with _Locked(cache / ".lock"):
+        if entry.exists():
+            shutil.rmtree(staging)
+            return f"this node's shard cache already holds it ({entry})"
+        (staging / UPLOADED).unlink(missing_ok=True)
+        os.replace(staging, entry)
+        (entry / ".last-used").touch()
+    return f"the local copy is this node's shard cache entry of it ({entry})"

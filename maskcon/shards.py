@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import struct
 import tarfile
 import zlib
@@ -265,8 +266,10 @@ class _InProcess:
 def _executor(workers: int):
     if workers <= 1:
         return _InProcess()
-    # forkserver: workers do not inherit the threads of the caller (a training script may hold some)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+    # forkserver: workers do not inherit the threads of the caller (a training script may hold some); they
+    # leave Ctrl-C to the caller, which stops them and speaks for them (no traceback per worker)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"),
+                               initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
 
 
 def _run_all(executor, jobs: list[tuple], log: Callable[[str], None], what: str,

@@ -500,3 +500,90 @@ def test_two_training_processes_of_one_node_download_each_file_once(s3, remote_d
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(results["weights_fingerprint_per_process"]) == 2
     assert len(entries(tmp_path / "cache")) == 1
+
+
+@pytest.mark.parametrize("where, says", [
+    ("http://127.0.0.1:9/data/digits", "http:// shard folders are not supported"),
+    ("s3:/data/digits", "write s3://BUCKET/PREFIX (two slashes, lower case)"),
+    ("S3://data/digits", "write the scheme in lower case, s3://"),
+])
+def test_a_location_that_looks_like_a_url_but_is_none_we_read_is_one_line(where, says, tmp_path):
+    """Not a local folder named 'http:' or 's3:' (which a run would write, and create would fill)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
+    checked = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--check", "--shards", where,
+                              "--output-dir", str(tmp_path / "run")], cwd=tmp_path, env=env, capture_output=True,
+                             text=True)
+    assert says in one_line(checked)
+    created = make_shards("create", "digits", "--out", where, env=env)
+    assert says in one_line(created)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [] and not (ROOT / where.split(":")[0]).exists()
+
+
+def test_create_refuses_a_read_only_https_folder_at_once():
+    line = one_line(make_shards("create", "digits", "--out", "https://127.0.0.1:9/x", env=dict(os.environ)))
+    assert "https:// shard folders are read-only" in line
+
+
+def test_a_bucket_typo_and_a_missing_bucket_on_create_say_what_is_missing(s3, remote_digits, tmp_path):
+    _, env = s3
+    env = dict(env, MASKCON_SHARD_CACHE=str(tmp_path / "cache"))
+    typo = one_line(make_shards("verify", "s3://maskcon-dta/digits", env=env))
+    assert "no bucket 'maskcon-dta'" in typo and "create" not in typo
+    prefix = one_line(make_shards("verify", f"s3://{BUCKET}/digitz", env=env))
+    assert "manifest.json is missing there" in prefix and "--out s3://maskcon-data/digitz" in prefix
+    create = one_line(make_shards("create", "digits", "--out", "s3://maskcon-dta/digits", env=env))
+    assert "no such bucket" in create and "create the bucket first" in create
+
+
+def test_check_says_whether_the_node_holds_the_folder_and_refuses_a_folder_over_the_cache_limit(s3, remote_digits,
+                                                                                               tmp_path):
+    _, env = s3
+    env = dict(env, WANDB_MODE="disabled")
+    cache = tmp_path / "cache"
+
+    def check(*extra):
+        return subprocess.run([sys.executable, "launch/train.py", "--check", "--shards", remote_digits,
+                               "--shard-cache", str(cache), "--output-dir", str(tmp_path / "run"), *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    before = check()
+    assert before.returncode == 0 and f"staged by the run into the shard cache {cache}" in before.stdout
+    over = one_line(check("--shard-cache-limit", "1MB"))
+    assert "more than the --shard-cache-limit 1.0 MB" in over
+    assert not cache.exists()                      # read without writing, the refusal too
+    assert make_shards("verify", remote_digits, "--shard-cache", str(cache), env=env).returncode == 0
+    after = check()
+    assert after.returncode == 0 and f"already staged in {entries(cache)[0]}" in after.stdout
+
+
+def test_the_folder_create_uploaded_is_the_nodes_cache_entry(s3, tmp_path):
+    server, env = s3
+    env = dict(env, MASKCON_SHARD_CACHE=str(tmp_path / "cache"))
+    url = f"s3://{BUCKET}/created-here"
+    made = make_shards("create", "digits", "--out", url, "--workers", "1", env=env)
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert "shard cache entry" in made.stderr and list((tmp_path / "cache" / ".uploads").iterdir()) == []
+    before = server.gets("/created-here/")
+    verified = make_shards("verify", url, env=env)
+    assert verified.returncode == 0 and "every shard intact" in verified.stdout
+    assert server.gets("/created-here/") - before == 1      # the manifest, compared; no shard downloaded
+
+
+def test_ctrl_c_while_a_store_is_retried_is_one_line_and_exit_130(tmp_path):
+    """SIGINT to the command's process group, as a terminal sends it, during the backoff of an unreachable
+    store."""
+    import signal
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+               AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s", AWS_DEFAULT_REGION="us-east-1",
+               MASKCON_SHARD_CACHE=str(tmp_path / "cache"), MASKCON_REMOTE_ATTEMPTS="8")
+    command = subprocess.Popen([sys.executable, "launch/make_shards.py", "verify", f"s3://{BUCKET}/digits"], cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(6)   # imports done, the store retried with backoff (0.5, 1, 2, 4 s ...)
+    assert command.poll() is None
+    os.killpg(command.pid, signal.SIGINT)
+    _, err = command.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert command.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert lines[-1].startswith("stopped by SIGINT; run the same command again to continue")

@@ -54,12 +54,14 @@ def test_no_import_circle_at_module_level():
     trees = modules()
     graph = {name: set() for name in trees}
     for name, tree in trees.items():
-        package = name if (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists() else name.rpartition(".")[0]
+        is_package = (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists()
+        package = name if is_package else name.rpartition(".")[0]
         for node in tree.body:   # imports inside functions are deliberate late imports
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
                 targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in trees else base for alias in node.names]
             elif isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
