@@ -101,7 +101,7 @@ def digits_shards(tmp_path_factory) -> Path:
 def synthetic_shards(tmp_path_factory) -> Path:
     """CIFAR-like 32x32 shards: 256 training and 201 test images (an odd count, so two processes evaluate
     parts of different sizes), fine label i % 10 in coarse group (i % 10) // 5."""
-    from maskcon.bench.loader import cifar_like_image, write_synthetic_shards
+    from maskcon.datasets.synthetic import cifar_like_image, write_synthetic_shards
 
     return write_synthetic_shards(tmp_path_factory.mktemp("synthetic") / "shards", num_train=256, num_test=201,
                                   image=cifar_like_image, labels=lambda i: (i % 10, i % 10 // 5), num_fine=10,

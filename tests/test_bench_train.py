@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from maskcon import shards
-from maskcon.bench.train import official_style_loader, write_synthetic_imagenet32
+from maskcon.bench.train import official_style_loader
+from maskcon.datasets.synthetic import write_synthetic_imagenet32
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from scipy.stats import ks_2samp
 
-from maskcon.bench.loader import cifar_like_image, write_synthetic_shards
+from maskcon.datasets.synthetic import cifar_like_image, write_synthetic_shards
 from maskcon.errors import UserError
 from maskcon.loaders import build_test_loader, build_train_loader
 from maskcon.datasets import DATASETS

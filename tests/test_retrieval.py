@@ -50,7 +50,7 @@ def test_neighbours_of_chosen_queries_equal_those_of_every_row():
 
 
 def test_retrieval_grid_shows_each_query_and_its_neighbours_read_from_the_shards(tmp_path):
-    from maskcon.bench.loader import write_synthetic_shards
+    from maskcon.datasets.synthetic import write_synthetic_shards
     from maskcon.plots import BORDER, GRID_NEIGHBOURS, TILE, grid_queries, read_test_images, retrieval_grid
 
     def colour(position: int) -> np.ndarray:
@@ -78,7 +78,7 @@ def test_retrieval_grid_shows_each_query_and_its_neighbours_read_from_the_shards
 def test_the_pictures_carry_their_titles_and_legends_into_their_files(tmp_path):
     from PIL import Image
 
-    from maskcon.bench.loader import write_synthetic_shards
+    from maskcon.datasets.synthetic import write_synthetic_shards
     from maskcon.plots import embedding_plot, retrieval_grid
     from maskcon.tracking import _save_picture
 

@@ -454,7 +454,7 @@ def test_read_index_rejects_damaged_index_files_in_one_line(tmp_path, text, prob
 
 
 def test_synthetic_shards_come_from_the_writer_in_position_order(tmp_path):
-    from maskcon.bench.loader import cifar_like_image, write_synthetic_shards
+    from maskcon.datasets.synthetic import cifar_like_image, write_synthetic_shards
 
     out = write_synthetic_shards(tmp_path / "synthetic", num_train=30, num_test=7, image=cifar_like_image,
                                  labels=lambda position: (position % 10, position % 10 // 5), num_fine=10,

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from maskcon.bench import machine
-from maskcon.bench.train import write_synthetic_imagenet32
+from maskcon.datasets.synthetic import write_synthetic_imagenet32
 from maskcon.errors import OneLineParser, UserError
 
 

@@ -43,6 +43,7 @@ from maskcon import usable_cpus
 from maskcon.bench import machine
 from maskcon.config import ARCHS, parse_config
 from maskcon.datasets import DATASETS
+from maskcon.datasets.synthetic import write_synthetic_imagenet32
 from maskcon.errors import OneLineParser, UserError
 from maskcon.bench.reference import official_style_loader
 from maskcon.run import Run, build_run, make_accelerator
@@ -285,26 +286,6 @@ def _to_device(batches: Iterator, device: torch.device) -> Iterator[dict]:
 
 
 # --------------------------------------------------------------------------------- synthetic shards
-
-
-def write_synthetic_imagenet32(folder: Path, *, num_train: int, num_test: int) -> Path:
-    """ImageNet32-format shards of synthetic 32x32 images: 1,000 fine classes in 12 coarse ones.
-
-    The images are maskcon.bench.loader.cifar_like_image (smooth structure plus noise, CIFAR-sized PNGs).
-    """
-    from maskcon.bench.loader import cifar_like_image, write_synthetic_shards
-
-    if num_train < 1:
-        raise UserError(f"--synthetic must be at least 1, got {num_train}")
-    num_fine, num_coarse = 1000, 12
-
-    def labels(position: int) -> tuple[int, int]:
-        fine = position % num_fine
-        return fine, fine * num_coarse // num_fine  # the manifest's fine_to_coarse
-
-    return write_synthetic_shards(folder, num_train=num_train, num_test=num_test, image=cifar_like_image,
-                                  labels=labels, num_fine=num_fine, num_coarse=num_coarse, dataset="imagenet32",
-                                  samples_per_shard=5000)
 
 
 # ----------------------------------------------------------------------------------------- report
