@@ -208,7 +208,7 @@ def test_wrong_credentials_a_missing_bucket_and_no_credentials_are_one_line_each
     wrong = one_line(make_shards("verify", remote_digits, env=dict(env, AWS_SECRET_ACCESS_KEY="not-the-secret")))
     assert "access denied" in wrong and remote_digits in wrong
     missing = one_line(make_shards("verify", "s3://no-such-bucket/digits", env=env))
-    assert "no complete shards at s3://no-such-bucket/digits" in missing
+    assert "no bucket 'no-such-bucket' at the store of s3://no-such-bucket/digits" in missing
     bare = {k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     none = one_line(make_shards("verify", remote_digits, env=bare))
     assert "no credentials found" in none
