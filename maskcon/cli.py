@@ -120,6 +120,10 @@ def _make_shards_parser():
     create.add_argument("--overwrite", action="store_true",
                         help="rebuild OUT when it holds shards, complete or interrupted, made from other inputs "
                              "(another source, coarse map or options)")
+    create.add_argument("--shard-cache", default=None,
+                        help="with a URL --out: the node-local folder the shards are written in before upload; "
+                             "they stay there as its cache entry (default: $MASKCON_SHARD_CACHE, else "
+                             "~/.cache/maskcon/shards)")
     verify = commands.add_parser("verify", help="check every shard under OUT against its manifest")
     verify.add_argument("out", type=str, help="a shard folder, or a URL (s3://, gs://, https://): staged into the "
                         "shard cache, every file checked against the manifest, then verified")
@@ -149,13 +153,14 @@ def run_make_shards(argv: list[str]) -> int:
     try:
         args = _make_shards_parser().parse_args(argv)
         remote.check_location(args.out, writing=args.command == "create")
+        remote.check_location(args.shard_cache)
         if args.command == "create":
             out = args.out if args.out is not None else default_shards_dir(args.dataset)
             manifest = shards.create(args.dataset, args.src, out, seed=args.seed, labels=args.labels,
                                      samples_per_shard=args.samples_per_shard, min_shards=args.min_shards,
                                      max_samples_per_shard=args.max_samples_per_shard,
                                      compress_level=args.compress_level, workers=args.workers,
-                                     overwrite=args.overwrite, log=log)
+                                     overwrite=args.overwrite, log=log, cache=args.shard_cache)
             sizes = ", ".join(f"{name} {split['num_samples']} samples in {len(split['shards'])} shards"
                               for name, split in manifest["splits"].items())
             print(f"{args.dataset} shards at {out}: {sizes}")

@@ -340,6 +340,7 @@ def validate(config: Config) -> None:
     if config.dataset not in DATASETS:
         raise UserError(f"unknown dataset {config.dataset!r}; known datasets: {', '.join(DATASETS)}")
     check_location(config.shards)
+    check_location(config.shard_cache)
     if config.method not in METHODS:
         raise UserError(f"unknown method {config.method!r}; known methods: {', '.join(METHODS)}")
     if config.arch not in ARCHS:

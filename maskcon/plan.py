@@ -146,6 +146,8 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
     if url is not None and staged is None:
         manifest, raw = (None, b"") if not shards_required else remote.read_remote_manifest(url)
         digest = remote.manifest_sha256(raw) if manifest is not None else None
+        if manifest is not None:
+            check_dataset(config, manifest, url)
         staging = None if manifest is None else remote.staging_state(
             url, manifest, raw, config.shard_cache, remote.parse_size(config.shard_cache_limit))
     else:
@@ -203,12 +205,17 @@ def unusable_gpus() -> int:
     return sum(line.startswith("GPU ") for line in listed.splitlines())
 
 
+def check_dataset(config: Config, manifest: dict, where) -> None:
+    """The shards at WHERE (a folder or a URL) are of the run's --dataset (any, for --dataset folder)."""
+    if manifest["dataset"] != config.dataset and config.dataset != "folder":
+        raise UserError(f"{where} holds shards of {manifest['dataset']!r}, not {config.dataset!r}; "
+                        f"pass --shards for the right folder")
+
+
 def _manifest(config: Config, folder: Path) -> dict:
     """The shards' manifest after checking every split by size and index."""
     manifest = read_manifest(folder)
-    if manifest["dataset"] != config.dataset and config.dataset != "folder":
-        raise UserError(f"{folder} holds shards of {manifest['dataset']!r}, not {config.dataset!r}; "
-                        f"pass --shards for the right folder")
+    check_dataset(config, manifest, folder)
     for split in ("train", "test"):
         check_split(folder, split, manifest)
     return manifest

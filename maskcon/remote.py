@@ -39,7 +39,7 @@ from maskcon.shard_format import MANIFEST, _is_manifest
 SCHEMES = ("s3", "gs", "https")
 CLOUD_EXTRA = 'pip install -e ".[cloud]"'
 CACHE_ENV = "MASKCON_SHARD_CACHE"
-ATTEMPTS = int(os.environ.get("MASKCON_REMOTE_ATTEMPTS", "5"))   # tries per file before the one-line failure
+ATTEMPTS = max(1, int(os.environ.get("MASKCON_REMOTE_ATTEMPTS", "5")))   # tries per file before the one-line failure
 TIMEOUT_S = float(os.environ.get("MASKCON_REMOTE_TIMEOUT", "60"))   # seconds without a byte: a try has failed
 BACKOFF_S = 0.5              # wait after the first failed try, doubled after each further one
 BLOCK_BYTES = 8 << 20        # read and hash size of a download, bytes
@@ -70,6 +70,9 @@ def check_location(text: object, *, writing: bool = False) -> None:
     if scheme is None or len(scheme.group(1)) == 1:   # a Windows drive letter is a path
         return
     name = scheme.group(1)
+    if name in SCHEMES and text.startswith(f"{name}://"):   # s3:// or s3:///x: no bucket or host
+        raise UserError(f"{text} names no {'host' if name == 'https' else 'bucket'}: write "
+                        f"{name}://{'HOST/PATH' if name == 'https' else 'BUCKET/PREFIX'}")
     if name.lower() in SCHEMES and not text.startswith(f"{name}://"):
         raise UserError(f"{text} is not a shard URL: write {name.lower()}://BUCKET/PREFIX (two slashes, lower case)")
     if name.lower() in SCHEMES:
@@ -103,9 +106,12 @@ def filesystem(url: str):
         elif protocol == "gs":
             import gcsfs
 
-            fs = gcsfs.GCSFileSystem(skip_instance_cache=True)
+            fs = gcsfs.GCSFileSystem(skip_instance_cache=True, timeout=TIMEOUT_S)   # gcsfs also retries itself
         else:
-            fs = fsspec.filesystem("https", skip_instance_cache=True)
+            import aiohttp
+
+            fs = fsspec.filesystem("https", skip_instance_cache=True, client_kwargs={
+                "timeout": aiohttp.ClientTimeout(sock_connect=TIMEOUT_S, sock_read=TIMEOUT_S)})
     except ImportError as error:
         raise UserError(f"{url} needs {error.name}, which is not installed; install it with {CLOUD_EXTRA}") from None
     path = url if protocol == "https" else url.split("://", 1)[1]
@@ -140,7 +146,8 @@ def remote_error(error: BaseException, url: str, doing: str) -> UserError:
 
 def _permanent(error: BaseException) -> bool:
     """An error that a retry cannot mend (no retry, at once the one line)."""
-    return isinstance(error, (PermissionError, FileNotFoundError, UserError)) or _credentials_problem(error)
+    return isinstance(error, (PermissionError, FileNotFoundError, UserError, CacheWriteError)) or \
+        _credentials_problem(error)
 
 
 def _plain(error: BaseException) -> str:
@@ -162,7 +169,7 @@ def with_retries(action: Callable[[], object], url: str, doing: str, log: Callab
             return action()
         except Exception as error:   # whatever the store's library raises is classified here
             if _permanent(error) or attempt == ATTEMPTS:
-                if isinstance(error, UserError):
+                if isinstance(error, (UserError, CacheWriteError)):
                     raise
                 raise remote_error(error, url, doing) from None
             log(f"{doing} {url}: {_plain(error)}; try {attempt + 1} of {ATTEMPTS} in "
@@ -303,13 +310,28 @@ class _Bar:
             self.bar.close()
 
 
+class CacheWriteError(Exception):
+    """Writing into the shard cache failed (no space, no permission): not the store's fault, never retried."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.strerror or str(error))
+        self.error = error
+
+
 def _fetch(fs, source: str, partial: Path, bar: _Bar) -> tuple[int, str]:
     """Stream one remote file into `partial`, hashing it on the way: (bytes, sha256)."""
     digest, size = hashlib.sha256(), 0
     try:
-        with fs.open(source, "rb", block_size=BLOCK_BYTES) as remote, open(partial, "wb") as local:
+        local = open(partial, "wb")
+    except OSError as error:
+        raise CacheWriteError(error) from None
+    try:
+        with fs.open(source, "rb", block_size=BLOCK_BYTES) as remote, local:
             while block := remote.read(BLOCK_BYTES):
-                local.write(block)
+                try:
+                    local.write(block)
+                except OSError as error:
+                    raise CacheWriteError(error) from None
                 digest.update(block)
                 size += len(block)
                 bar.update(len(block))
@@ -370,11 +392,15 @@ def _download_all(fs, root: str, url: str, entry: Path, files: list, shown: bool
             failed.set()
             raise
 
+    pool = ThreadPoolExecutor(max_workers=THREADS)
     try:
-        with ThreadPoolExecutor(max_workers=THREADS) as pool:
-            futures = [pool.submit(one, file) for file in files]
-            failures = [future.exception() for future in futures]
+        futures = [pool.submit(one, file) for file in files]
+        failures = [future.exception() for future in futures]
+    except BaseException:   # Ctrl-C, a stop: the files under way finish or fail, none more begins
+        failed.set()
+        raise
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     first = next((error for error in failures if error is not None), None)
     if first is not None:
@@ -385,15 +411,21 @@ def _download_all(fs, root: str, url: str, entry: Path, files: list, shown: bool
 
 
 class _Locked:
-    """An fcntl.flock on `path` (created when missing) for a `with` block: exclusive, or shared."""
+    """An fcntl.flock on `path` (created when missing) for a `with` block: exclusive, or shared; announce(line)
+    is told when another process holds it and this one waits."""
 
-    def __init__(self, path: Path, shared: bool = False):
-        self.path, self.mode = path, fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    def __init__(self, path: Path, shared: bool = False, announce: Callable[[str], None] | None = None):
+        self.path, self.mode, self.announce = path, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, announce
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(self.path, "a")
-        fcntl.flock(self.handle, self.mode)
+        try:
+            fcntl.flock(self.handle, self.mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if self.announce is not None:
+                self.announce(f"waiting for {self.path.parent}: another process of this node is staging into it")
+            fcntl.flock(self.handle, self.mode)
         return self.handle
 
     def __exit__(self, *exc_info):
@@ -453,22 +485,38 @@ def evict(cache: Path, keep: Path, needed: int, limit: int, log: Callable[[str],
 
 
 def stage(url: str, cache: Path | str | None = None, *, limit: int | None = None, show_progress: bool = True,
-          log: Callable[[str], None] = print) -> Path:
+          log: Callable[[str], None] = print, check: Callable[[dict], None] | None = None,
+          announce_wait: bool = False) -> Path:
     """The local copy of the remote shard folder `url` in the node's cache: downloaded by the first process
     that asks (the others wait on the cache's lock), verified file by file, reused while the remote manifest
-    is unchanged. The entry stays held (never evicted) while this process lives."""
+    is unchanged. The entry stays held (never evicted) while this process lives. check(manifest) may refuse
+    the folder before anything is downloaded; announce_wait: say so when another process holds the cache.
+    A staging that failed while this process waited for it is this process's failure too (not tried again)."""
+    started = time.time()
     manifest, raw = read_remote_manifest(url, log)
+    if check is not None:
+        check(manifest)
     cache = Path(cache).expanduser() if cache else default_cache()
     entry = cache / entry_name(url, manifest_sha256(raw))
+    failed = cache / f".failed-{entry.name}"
     try:
-        with _Locked(cache / ".lock"):
+        with _Locked(cache / ".lock", announce=log if announce_wait else None):
             if (entry / MANIFEST).is_file() and (entry / MANIFEST).read_bytes() == raw:
                 _hold(entry)
                 return entry
-            _fill(url, manifest, raw, cache, entry, limit, show_progress, log)
+            if failed.is_file() and failed.stat().st_mtime >= started:
+                raise UserError(failed.read_text().strip())
+            try:
+                _fill(url, manifest, raw, cache, entry, limit, show_progress, log)
+            except UserError as error:   # the processes waiting for this staging fail with it
+                (failed.parent / (failed.name + PARTIAL)).write_text(str(error))
+                os.replace(failed.parent / (failed.name + PARTIAL), failed)
+                raise
+            failed.unlink(missing_ok=True)
             _hold(entry)
-    except OSError as error:
-        raise UserError(f"the shard cache {cache} cannot be written ({error.strerror or error}); free space or "
+    except (OSError, CacheWriteError) as error:
+        reason = error.error if isinstance(error, CacheWriteError) else error
+        raise UserError(f"the shard cache {cache} cannot be written ({reason.strerror or reason}); free space or "
                         f"fix permissions there, or pass another --shard-cache") from None
     return entry
 
@@ -555,13 +603,17 @@ _JOURNAL_LOCK = threading.Lock()
 
 
 def create_remote(url: str, write: Callable[[Path, Callable[[dict], None]], dict], *, overwrite: bool,
-                  log: Callable[[str], None]) -> dict:
+                  log: Callable[[str], None], cache: Path | str | None = None) -> dict:
     """`make_shards create --out URL`: write(folder, on_shard) writes the shards into a local staging folder
     and calls on_shard(record) as each is finished, which uploads its tar and index at once; manifest.json is
     uploaded last, so a remote folder without one is never read. A rerun continues where it stopped."""
     fs, root = filesystem(url)
-    staging = default_cache() / ".uploads" / entry_name(url, "0" * 16)
+    staging = (Path(cache).expanduser() if cache else default_cache()) / ".uploads" / entry_name(url, "0" * 16)
     manifest_path = f"{root}/{MANIFEST}"
+    bucket = root.split("/", 1)[0]
+    if not _exists(fs, bucket):   # before any shard is written
+        raise UserError(f"no bucket {bucket!r} at the store of {url} (or these credentials may not see it); "
+                        f"create the bucket first, or fix the URL")
     present = with_retries(lambda: fs.exists(manifest_path), url, "reading", log)
     if present and not overwrite:
         raw = with_retries(lambda: fs.cat_file(manifest_path), url, "reading the manifest of", log)

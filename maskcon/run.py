@@ -28,7 +28,7 @@ from maskcon.errors import AgreedError, UserError
 from maskcon.loaders import build_test_loader, build_train_loader
 from maskcon.methods import method_for
 from maskcon.model import MaskConModel, fetch_pretrained
-from maskcon.plan import Plan, lr_schedule, plan_run, resolve_precision
+from maskcon.plan import Plan, check_dataset, lr_schedule, plan_run, resolve_precision
 from maskcon.step import StepParts, build_step, make_optimizer
 
 
@@ -130,9 +130,12 @@ def prepare_shards(config: Config, accelerator: Accelerator | None = None) -> Pa
     if remote.is_url(config.shards):
         def stage() -> Path:
             try:
-                return remote.stage(config.shards, config.shard_cache, limit=remote.parse_size(config.shard_cache_limit),
-                                    show_progress=accelerator is None or accelerator.is_local_main_process,
-                                    log=print if accelerator is None else accelerator.print)
+                # whichever process of the node downloads shows the bar and its lines; the local main process
+                # says when it waits for another; a remote folder of another dataset is refused before
+                limit = remote.parse_size(config.shard_cache_limit)
+                return remote.stage(config.shards, config.shard_cache, limit=limit, show_progress=True, log=print,
+                                    announce_wait=accelerator is None or accelerator.is_local_main_process,
+                                    check=lambda manifest: check_dataset(config, manifest, config.shards))
             except UserError as error:   # every process reads the same folder: the main process speaks
                 raise AgreedError(str(error)) from None
 

@@ -298,9 +298,9 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
            samples_per_shard: int | None = None, min_shards: int = MIN_SHARDS,
            max_samples_per_shard: int = MAX_SAMPLES_PER_SHARD, compress_level: int = PNG_COMPRESS_LEVEL,
            workers: int | None = None, overwrite: bool = False, labels: Path | str | None = None,
-           log: Callable[[str], None] | None = None) -> dict:
+           log: Callable[[str], None] | None = None, cache: Path | str | None = None) -> dict:
     """Convert DATASET read from SRC (official label files from LABELS when given) into shards under OUT;
-    return the manifest (see write_shards)."""
+    return the manifest (see write_shards). OUT may be a URL: written in the shard cache CACHE, uploaded."""
     from maskcon.datasets import DATASETS
 
     if dataset not in DATASETS:
@@ -331,7 +331,8 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
 
     try:
         if remote.is_url(str(out)):   # written locally, each shard uploaded once finished, the manifest last
-            return remote.create_remote(str(out), write, overwrite=overwrite, log=log or (lambda line: None))
+            return remote.create_remote(str(out), write, overwrite=overwrite, log=log or (lambda line: None),
+                                        cache=cache)
         return write(out)
     except OSError as error:  # no space, no permission: in this process or in a worker
         shutil.rmtree(Path(out) / _STAGING, ignore_errors=True)

@@ -40,7 +40,7 @@ def wandb_logged_in() -> bool:
     base_url = os.environ.get("WANDB_BASE_URL") or settings.get("base_url") or "https://api.wandb.ai"
     if settings.get("api_key"):
         return True
-    host = urlparse(base_url.strip()).hostname
+    host = urlparse(base_url.strip()).netloc   # as W&B writes its netrc entries: the port included
     candidates = [Path(os.environ["NETRC"]).expanduser()] if os.environ.get("NETRC") else \
         [Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()]
     for path in candidates:

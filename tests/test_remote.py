@@ -532,7 +532,7 @@ def test_a_bucket_typo_and_a_missing_bucket_on_create_say_what_is_missing(s3, re
     prefix = one_line(make_shards("verify", f"s3://{BUCKET}/digitz", env=env))
     assert "manifest.json is missing there" in prefix and "--out s3://maskcon-data/digitz" in prefix
     create = one_line(make_shards("create", "digits", "--out", "s3://maskcon-dta/digits", env=env))
-    assert "no such bucket" in create and "create the bucket first" in create
+    assert "no bucket 'maskcon-dta'" in create and "create the bucket first" in create
 
 
 def test_check_says_whether_the_node_holds_the_folder_and_refuses_a_folder_over_the_cache_limit(s3, remote_digits,
@@ -560,9 +560,11 @@ def test_the_folder_create_uploaded_is_the_nodes_cache_entry(s3, tmp_path):
     server, env = s3
     env = dict(env, MASKCON_SHARD_CACHE=str(tmp_path / "cache"))
     url = f"s3://{BUCKET}/created-here"
-    made = make_shards("create", "digits", "--out", url, "--workers", "1", env=env)
+    made = make_shards("create", "digits", "--out", url, "--workers", "1", "--shard-cache", str(tmp_path / "cache"),
+                       env=dict(env, MASKCON_SHARD_CACHE=str(tmp_path / "elsewhere")))
     assert made.returncode == 0, made.stderr[-3000:]
     assert "shard cache entry" in made.stderr and list((tmp_path / "cache" / ".uploads").iterdir()) == []
+    assert not (tmp_path / "elsewhere").exists()
     before = server.gets("/created-here/")
     verified = make_shards("verify", url, env=env)
     assert verified.returncode == 0 and "every shard intact" in verified.stdout
@@ -587,3 +589,16 @@ def test_ctrl_c_while_a_store_is_retried_is_one_line_and_exit_130(tmp_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert command.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert lines[-1].startswith("stopped by SIGINT; run the same command again to continue")
+
+
+def test_a_remote_folder_of_another_dataset_is_refused_before_any_download(s3, remote_digits, tmp_path):
+    _, env = s3
+    env = dict(env, WANDB_MODE="disabled")
+    cache = tmp_path / "cache"
+    for extra in (["--check"], ["--max-steps", "1"]):
+        done = subprocess.run([sys.executable, "launch/train.py", "--dataset", "cifar100", "--shards", remote_digits,
+                               "--shard-cache", str(cache), "--output-dir", str(tmp_path / "run"), *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        line = one_line(done)
+        assert f"{remote_digits} holds shards of 'digits', not 'cifar100'" in line, extra
+    assert not cache.exists() or cache_files(cache) == []

@@ -50,6 +50,13 @@ def test_the_host_of_the_settings_file_picks_the_netrc_entry(home):
     assert mode(home) == "online"
 
 
+def test_a_netrc_entry_of_a_server_on_its_own_port_is_online(home):
+    """W&B writes `machine HOST:PORT` for a server on a port of its own, and reads it so."""
+    (home / ".netrc").write_text(f"machine localhost:8080\n  login user\n  password {KEY}\n")
+    (home / ".netrc").chmod(0o600)
+    assert mode(home, WANDB_BASE_URL="http://localhost:8080") == "online"
+
+
 def test_an_unreadable_netrc_is_offline(home):
     (home / ".netrc").write_text("machine\n")
     assert mode(home) == "offline"
