@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,17 @@ def run_gloo(fn, *args, world_size: int = 2, init: str = "gloo", guard_s: float 
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the {world_size}-process run did not end within {guard_s} s (a collective hangs)")
+
+
+@pytest.fixture(scope="module")
+def module_folder(tmp_path_factory, request) -> Iterator[Path]:
+    """A folder for the runs a module's tests share. It goes when the module's tests are done, unless one of
+    them failed: a run's checkpoints weigh ~100 MB each, and a whole suite's would fill a small disk."""
+    folder = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    failed_before = request.session.testsfailed
+    yield folder
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -37,10 +37,10 @@ def shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, shards) -> dict[str, Path]:
+def runs(module_folder, shards) -> dict[str, Path]:
     """seed 0: launch/run.py on 2 processes with the sweep's pinned global batch, under a sweep agent's
     WANDB_SWEEP_ID; seeds 1 and 2: launch/train.py, one process (seed 1 with W&B offline)."""
-    base = tmp_path_factory.mktemp("runs")
+    base = module_folder
     folders = {name: base / name for name in ("seed0", "seed1", "seed2")}
     two = run([sys.executable, "launch/run.py", "--processes", "2", "--global_batch=64", "--seed=0",
                "--wandb=disabled", f"--shards={shards}", f"--output-dir={folders['seed0']}", *COMMON],

@@ -22,11 +22,11 @@ def run_config(shards, out, *options):
 
 
 @pytest.fixture(scope="module")
-def finished(digits_shards, tmp_path_factory):
+def finished(digits_shards, module_folder):
     """One epoch trained by the trainer, a metrics row after every step, no checkpoint before the end."""
     from maskcon.train import train
 
-    out = tmp_path_factory.mktemp("run") / "one-epoch"
+    out = module_folder / "one-epoch"
     config = run_config(digits_shards, out, "--epochs", "1", "--warmup-epochs", "0.5", "--lr", "0.4",
                         "--lr-reference-batch", "128", "--log-every", "1", "--checkpoint-every", "0")
     result = train(config)

@@ -100,8 +100,8 @@ def fingerprint(folder: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(digits_shards, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("whole") / "run"
+def uninterrupted(digits_shards, module_folder) -> Path:
+    out = module_folder / "whole"
     launcher = door(["--shards", str(digits_shards), *RUN, "--wandb", "disabled", "--output-dir", str(out)])
     _, stderr = launcher.communicate(timeout=900)
     assert launcher.returncode == 0, stderr[-3000:]

@@ -122,9 +122,9 @@ RUN = ["--epochs", "2", *FAST, "--eval-every", "2", "--checkpoint-every", "1", "
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(digits_shards, tmp_path_factory):
+def uninterrupted(digits_shards, module_folder):
     """Two epochs that were never stopped: the reference of every resume test."""
-    out = tmp_path_factory.mktemp("whole") / "run"
+    out = module_folder / "whole"
     result = train(["--shards", str(digits_shards), *RUN, "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     return out
