@@ -78,17 +78,17 @@ def evaluate(path: Path, shards: Path | None, *, batch_size: int | None, loader:
     from accelerate import Accelerator
 
     from maskcon.config import default_shards_dir
-    from maskcon.loaders import build_test_loader
+    from maskcon.loaders import LoaderSpec, build_test_loader
     from maskcon.train import extract_features
 
     encoder, settings, what = load_network(path)
     shards = Path(shards) if shards else Path(settings.get("shards") or default_shards_dir(settings["dataset"]))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     network = Network(encoder).to(accelerator.device)
-    test = build_test_loader(shards, recipe=settings["dataset"], image_size=settings["image_size"],
-                             batch_size=batch_size or settings.get("eval_batch_size", 256),
-                             rank=accelerator.process_index, world_size=accelerator.num_processes,
-                             device=accelerator.device, backend=loader, num_threads=threads)
+    test = build_test_loader(shards, LoaderSpec(recipe=settings["dataset"], image_size=settings["image_size"],
+                                                batch_size=batch_size or settings.get("eval_batch_size", 256),
+                                                rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                                device=accelerator.device, backend=loader, num_threads=threads))
     table = extract_features(network, test, accelerator)
     if table is None:
         return {}, what

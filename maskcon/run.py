@@ -25,7 +25,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from maskcon import checkpoints, dist, failures, remote, rundir, shards, usable_cpus
 from maskcon.config import Config, shards_dir
 from maskcon.errors import AgreedError, UserError
-from maskcon.loaders import build_test_loader, build_train_loader
+from maskcon.loaders import LoaderSpec, build_test_loader, build_train_loader
 from maskcon.methods import method_for
 from maskcon.model import MaskConModel, fetch_pretrained
 from maskcon.plan import Plan, check_dataset, lr_schedule, plan_run, resolve_precision
@@ -179,15 +179,15 @@ def build_learner(config: Config, accelerator: Accelerator, manifest: dict, chan
 
 
 def build_loaders(config: Config, accelerator: Accelerator, folder: Path, channels_last: bool = False):
-    """(train loader, test loader) of this process, both with the recipe of the run's --dataset (one
-    normalisation for training and evaluation, whatever dataset the shards' manifest names) and its
-    --loader-threads; views in the channels-last memory format when asked."""
-    common = dict(recipe=config.dataset, image_size=config.image_size, rank=accelerator.process_index,
-                  world_size=accelerator.num_processes, device=accelerator.device, backend=config.loader,
-                  channels_last=channels_last, num_threads=config.loader_threads)
-    train_loader = build_train_loader(folder, batch_size=config.batch_size, seed=config.seed,
-                                      query_view=config.query_view, key_view=config.key_view, **common)
-    return train_loader, build_test_loader(folder, batch_size=config.eval_batch_size, **common)
+    """(train loader, test loader) of this process, from one loader spec: the recipe of the run's --dataset
+    (one normalisation for training and evaluation, whatever dataset the shards' manifest names), its
+    --loader-threads and memory format; the test loader with the evaluation batch."""
+    spec = LoaderSpec(recipe=config.dataset, image_size=config.image_size, batch_size=config.batch_size,
+                      rank=accelerator.process_index, world_size=accelerator.num_processes,
+                      device=accelerator.device, backend=config.loader, seed=config.seed,
+                      num_threads=config.loader_threads, channels_last=channels_last, query_view=config.query_view,
+                      key_view=config.key_view)
+    return build_train_loader(folder, spec), build_test_loader(folder, spec.replace(batch_size=config.eval_batch_size))
 
 
 def _start_tracker(config: Config, run: Run):
@@ -232,7 +232,7 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
     model, learner, optimizer = build_learner(config, accelerator, plan.manifest, plan.channels_last, plan.base_lr)
     parts = StepParts(model=model, learner=learner, optimizer=optimizer, method=method_for(config.method),
                       t0=config.t0, t=config.t, w=config.w, autocast=accelerator.autocast,
-                      backward=accelerator.backward, channels_last=plan.channels_last)
+                      backward=accelerator.backward)
     if plan.resume_from is not None:
         checkpoints.load(accelerator, plan.resume_from)
         checkpoints.copy_into(dist.running_statistics(learner), checkpoints.own_tensors(

@@ -55,11 +55,12 @@ from typing import Callable, ContextManager
 import torch
 
 from maskcon import dist
+from maskcon.loaders.spec import TrainBatch
 from maskcon.methods import Method
 from maskcon.model import MaskConModel
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # torch.compile modes that capture CUDA graphs
-BATCH_KEYS = ("query", "key", "fine", "coarse")
+BATCH_KEYS = tuple(TrainBatch.__annotations__)   # ("query", "key", "fine", "coarse")
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ class StepParts:
     model: the learner as the optimizer sees it (possibly wrapped by DDP/Accelerate), whose forward is the
     query branch; learner: the same learner unwrapped (key encoder, bank); method: the objective;
     t0, t, w: temperatures and weight of the objective (maskcon/losses.py); autocast: the mixed-precision
-    context (accelerator.autocast, or a torch.autocast factory); backward: loss -> None (accelerator.backward);
-    channels_last: convert the views to the channels-last memory format (the model must be in it too).
+    context (accelerator.autocast, or a torch.autocast factory); backward: loss -> None (accelerator.backward).
+    The views come in the model's memory format: the loaders' spec decides it.
     """
 
     model: torch.nn.Module
@@ -82,10 +83,9 @@ class StepParts:
     w: float
     autocast: Callable[[], ContextManager] = contextlib.nullcontext
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
-    channels_last: bool = False
 
 
-def train_step(parts: StepParts, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def train_step(parts: StepParts, batch: TrainBatch) -> torch.Tensor:
     """One step on batch {"query", "key": N x 3 x S x S, "fine", "coarse": (N,) int64}; returns the loss
     (0-d fp32 tensor on the device, detached)."""
     loss = _update(parts, batch)
@@ -93,13 +93,10 @@ def train_step(parts: StepParts, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return loss
 
 
-def _update(parts: StepParts, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _update(parts: StepParts, batch: TrainBatch) -> torch.Tensor:
     """The step up to the gradients' release: what the captured step compiles."""
     learner = parts.learner
     query, key = batch["query"], batch["key"]
-    if parts.channels_last:
-        query = query.contiguous(memory_format=torch.channels_last)
-        key = key.contiguous(memory_format=torch.channels_last)
     learner.momentum_update()
     with parts.autocast():
         k = learner.encode_keys(key).float()                                    # N x D
@@ -163,7 +160,7 @@ class _CapturedStep:
         self.compiled = torch.compile(functools.partial(_update, parts), backend=backend, dynamic=False,
                                       **options)
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, batch: TrainBatch) -> torch.Tensor:
         prepare_optimizer(self.parts.optimizer)
         inputs = self._static_inputs(batch)
         if self.cuda_graphs:
@@ -172,7 +169,7 @@ class _CapturedStep:
         self.parts.optimizer.zero_grad(set_to_none=True)
         return loss
 
-    def _static_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _static_inputs(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """The batch copied into tensors that live as long as the step (one multi-tensor copy); new ones
         only when a shape, dtype, device or layout changes."""
         sources = [batch[name] for name in BATCH_KEYS]
@@ -219,7 +216,7 @@ def _compiled_parts_step(parts: StepParts, compile_mode: str,
 # ----------------------------------------------------------------------------------------- graph breaks
 
 
-def graph_breaks(parts: StepParts, batch: dict[str, torch.Tensor]) -> list[str]:
+def graph_breaks(parts: StepParts, batch: TrainBatch) -> list[str]:
     """The graph breaks of the captured step, one line each: "file:line `source`: reason".
 
     Traces one step with Dynamo (backend "eager": no code generation) on a deep copy of `parts` (the

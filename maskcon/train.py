@@ -36,6 +36,7 @@ from maskcon import checkpoints, dist, failures, rundir, stopping
 from maskcon.backbone import backbone_metadata, save_backbone
 from maskcon.config import Config
 from maskcon.errors import AgreedError, UserError
+from maskcon.loaders.spec import TrainBatch
 from maskcon.model import MaskConModel
 from maskcon.retrieval import RECALL_KS, recall_at_k
 from maskcon.plan import base_learning_rate, lr_schedule, resolve_precision
@@ -161,13 +162,11 @@ class Feed:
     where every process learns of it (`vote`). The learner has then seen blank batches: no checkpoint is
     written after such a failure; the error names the last one."""
 
-    def __init__(self, batch_size: int, image_size: int, device: torch.device):
-        images = torch.zeros(batch_size, 3, image_size, image_size, device=device)
-        labels = torch.zeros(batch_size, dtype=torch.int64, device=device)
-        self.blank = {"query": images, "key": images, "fine": labels, "coarse": labels}
+    def __init__(self, blank: TrainBatch):
+        self.blank = blank
         self.error: Exception | None = None
 
-    def take(self, batches, clock: DataClock | None = None) -> dict:
+    def take(self, batches, clock: DataClock | None = None) -> TrainBatch:
         if self.error is None:
             try:
                 return next(batches) if clock is None else clock.next(batches)
@@ -225,7 +224,7 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
     end = run.total_steps if config.max_steps is None else min(run.total_steps, config.max_steps)
     _announce(run)
     untrained, metrics, stopped = {}, {}, "finished"
-    feed = Feed(config.batch_size, config.image_size, run.accelerator.device)
+    feed = Feed(run.train_loader.spec.blank_train_batch())
     if step == 0 and run.resumed_from is None:   # a resumed run has its bank (and its untrained figures)
         untrained = _before_training(run, feed)
     clock = DataClock(run.train_loader, run.global_batch)

@@ -185,7 +185,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 import maskcon
-from maskcon.loaders import build_test_loader
+from maskcon.loaders import LoaderSpec, build_test_loader
 from maskcon.model import MaskConModel
 from maskcon.retrieval import recall_at_k
 from maskcon.train import extract_features
@@ -193,8 +193,7 @@ from maskcon.train import extract_features
 run, shards = sys.argv[1], sys.argv[2]
 encoder = maskcon.load_backbone(run)
 meta = encoder.metadata
-loader = build_test_loader(shards, image_size=meta["image_size"], batch_size=100, rank=0, world_size=1,
-                           device="cpu", backend="dali")
+loader = build_test_loader(shards, LoaderSpec(image_size=meta["image_size"], batch_size=100))
 features, fine = [], []
 with torch.no_grad():
     for batch in loader:

@@ -24,7 +24,7 @@ from scipy.stats import ks_2samp
 
 from maskcon.datasets.synthetic import cifar_like_image, write_synthetic_shards
 from maskcon.errors import UserError
-from maskcon.loaders import build_test_loader, build_train_loader
+from maskcon.loaders import LoaderSpec, build_test_loader, build_train_loader
 from maskcon.datasets import DATASETS
 from maskcon.recipes import Recipe, Step
 
@@ -124,8 +124,9 @@ def collect(path, recipe, backend, *, image_size, epochs=4, batch_size=64, **opt
 
 def _collect(path, recipe, backend, *, image_size, epochs, batch_size, **options) -> dict:
     options.setdefault("num_threads", THREADS[backend])
-    loader = build_train_loader(path, recipe=recipe, image_size=image_size, batch_size=batch_size, rank=0,
-                                world_size=1, seed=options.pop("seed", 0), device="cpu", backend=backend, **options)
+    loader = build_train_loader(path, LoaderSpec(recipe=recipe, image_size=image_size, batch_size=batch_size, rank=0,
+                                                 world_size=1, seed=options.pop("seed", 0), device="cpu",
+                                                 backend=backend, **options))
     batches = [batch for _ in range(epochs) for batch in loader]
     del loader
     gc.collect()
@@ -452,8 +453,8 @@ def test_operator_count_does_not_grow_with_the_policy(shards):
     """A two-view cifar100 batch is a few dozen whole-batch operators (AutoAugment included)."""
     from maskcon.loaders.dali import operator_count
 
-    loader = build_train_loader(shards["cifar"], recipe="cifar100", image_size=32, batch_size=16, rank=0,
-                                world_size=1, seed=0, device="cpu", backend="dali")
+    loader = build_train_loader(shards["cifar"], LoaderSpec(recipe="cifar100", image_size=32, batch_size=16, rank=0,
+                                                            world_size=1, seed=0, device="cpu", backend="dali"))
     assert operator_count(loader.pipeline) < 60
 
 
@@ -480,9 +481,10 @@ def test_views_and_labels_stay_with_their_image(shards, backend, dataset, views)
 @pytest.mark.parametrize("batch_size", [16, 20])
 def test_every_sample_once_per_epoch_over_two_processes(shards, backend, batch_size):
     world = 2
-    loaders = [build_train_loader(shards["ident"], recipe="cifar100", image_size=32, batch_size=batch_size, rank=rank,
-                                  world_size=world, seed=3, device="cpu", backend=backend,
-                                  num_threads=THREADS[backend]) for rank in range(world)]
+    loaders = [build_train_loader(shards["ident"], LoaderSpec(recipe="cifar100", image_size=32, batch_size=batch_size,
+                                                              rank=rank, world_size=world, seed=3, device="cpu",
+                                                              backend=backend,
+                                                              num_threads=THREADS[backend])) for rank in range(world)]
     steps = (192 // world) // batch_size
     assert [len(loader) for loader in loaders] == [steps] * world
     orders = []
@@ -520,8 +522,9 @@ def _epoch(loader) -> dict:
 def test_set_epoch_gives_that_epoch_whatever_came_before(shards, backend):
     """Epoch e's batches (pixels, labels) depend only on (seed, rank, world_size, e)."""
     def loader():
-        return build_train_loader(shards["cifar"], recipe="cifar100", image_size=32, batch_size=32, rank=1,
-                                  world_size=2, seed=7, device="cpu", backend=backend, num_threads=THREADS[backend])
+        return build_train_loader(shards["cifar"], LoaderSpec(recipe="cifar100", image_size=32, batch_size=32, rank=1,
+                                                              world_size=2, seed=7, device="cpu", backend=backend,
+                                                              num_threads=THREADS[backend]))
 
     straight = loader()
     epochs = [_epoch(straight) for _ in range(3)]              # 0, 1, 2 without set_epoch
@@ -561,8 +564,9 @@ def test_test_loader_gives_every_sample_once(shards, backend):
     world, seen = 2, []
     lengths = []
     for rank in range(world):
-        loader = build_test_loader(shards["ident"], image_size=32, batch_size=8, rank=rank, world_size=world,
-                                   device="cpu", backend=backend, recipe="cifar100", num_threads=THREADS[backend])
+        loader = build_test_loader(shards["ident"], LoaderSpec(image_size=32, batch_size=8, rank=rank, world_size=world,
+                                                               device="cpu", backend=backend, recipe="cifar100",
+                                                               num_threads=THREADS[backend]))
         batches = list(loader)
         lengths.append((len(loader), len(batches)))
         again = [b["index"] for b in loader]  # a second pass gives the same samples
@@ -600,15 +604,17 @@ def test_digits_shards(tmp_path, backend):
     from maskcon.shards import create
 
     create("digits", None, tmp_path / "digits")
-    loader = build_train_loader(tmp_path / "digits", recipe="digits", image_size=32, batch_size=64, rank=0,
-                                world_size=1, seed=0, device="cpu", backend=backend, num_threads=THREADS[backend])
+    loader = build_train_loader(tmp_path / "digits", LoaderSpec(recipe="digits", image_size=32, batch_size=64, rank=0,
+                                                                world_size=1, seed=0, device="cpu", backend=backend,
+                                                                num_threads=THREADS[backend]))
     batch = next(iter(loader))
     assert batch["query"].shape == (64, 3, 32, 32) and batch["key"].shape == (64, 3, 32, 32)
     grey = pixels(batch["key"], DATASETS["digits"].recipe)  # 8x8 grey digits decoded to RGB: R = G = B
     assert (grey[:, 0] == grey[:, 1]).all() and (grey[:, 1] == grey[:, 2]).all()
     assert batch["fine"].max() <= 9 and (batch["coarse"] == (batch["fine"] >= 5).long()).all()
-    test = build_test_loader(tmp_path / "digits", image_size=32, batch_size=100, rank=0, world_size=1, device="cpu",
-                             backend=backend, num_threads=THREADS[backend])
+    test = build_test_loader(tmp_path / "digits", LoaderSpec(image_size=32, batch_size=100, rank=0, world_size=1,
+                                                             device="cpu", backend=backend,
+                                                             num_threads=THREADS[backend]))
     assert sum(len(b["index"]) for b in test) == 360
 
 
@@ -626,8 +632,9 @@ def test_an_image_that_does_not_decode_names_its_shard_and_key(tmp_path, backend
     with open(samples.tars[tar], "r+b") as handle:  # keep the signature and the header, garble the pixel data
         handle.seek(offset + 40)
         handle.write(bytes(range(7, 7 + min(size - 40, 200))))
-    loader = build_train_loader(folder, recipe="cifar100", image_size=32, batch_size=16, rank=0, world_size=1,
-                                seed=0, device="cpu", backend=backend, num_threads=THREADS[backend])
+    loader = build_train_loader(folder, LoaderSpec(recipe="cifar100", image_size=32, batch_size=16, rank=0,
+                                                   world_size=1, seed=0, device="cpu", backend=backend,
+                                                   num_threads=THREADS[backend]))
     with pytest.raises(UserError) as raised:
         for _ in range(2):
             for _ in loader:
@@ -646,15 +653,15 @@ def test_bad_requests_are_user_errors(shards, tmp_path):
            ({"recipe": "mnist"}, shards["ident"]), ({}, tmp_path / "nothing")]
     for change, path in bad:
         with pytest.raises(UserError) as raised:
-            build_train_loader(path, **{**good, **change})
+            build_train_loader(path, LoaderSpec(**{**good, **change}))
         assert "\n" not in str(raised.value)
 
 
 def test_a_recipe_of_ones_own_is_validated(shards):
     bad = dataclasses.replace(DATASETS["cifar100"].recipe, name="mine", strong=(Step("horizontal_flip", {"p": 0.5}),))
     with pytest.raises(UserError):
-        build_train_loader(shards["ident"], recipe=bad, image_size=32, batch_size=16, rank=0, world_size=1, seed=0,
-                           device="cpu", backend="dali")
+        build_train_loader(shards["ident"], LoaderSpec(recipe=bad, image_size=32, batch_size=16, rank=0, world_size=1,
+                                                       seed=0, device="cpu", backend="dali"))
 
 
 @pytest.mark.gpu
@@ -664,8 +671,8 @@ def test_dali_on_the_gpu(shards):
         pytest.skip("no CUDA GPU")
     for source, dataset, size in (("ramp", "cifar100", 32), ("photo", "cars196", 48)):
         recipe = DATASETS[dataset].recipe
-        loader = build_train_loader(shards[source], recipe=dataset, image_size=size, batch_size=64, rank=0,
-                                    world_size=1, seed=0, device="cuda", backend="dali")
+        loader = build_train_loader(shards[source], LoaderSpec(recipe=dataset, image_size=size, batch_size=64, rank=0,
+                                                               world_size=1, seed=0, device="cuda", backend="dali"))
         batches = [batch for _ in range(4) for batch in loader]
         assert all(b[name].device.type == "cuda" for b in batches for name in b)
         gpu = {name: torch.cat([b[name].cpu() for b in batches]) for name in batches[0]}
@@ -674,8 +681,8 @@ def test_dali_on_the_gpu(shards):
             assert gpu[name].shape == cpu[name].shape
         ours, reference = (ramp_statistics(pixels(run["key"], recipe)) for run in (gpu, cpu))
         assert_same_distribution(ours, reference, ["width", "height", "flipped", "black_fraction"], dataset)
-        test = build_test_loader(shards[source], image_size=size, batch_size=4, rank=0, world_size=1, device="cuda",
-                                 backend="dali")
+        test = build_test_loader(shards[source], LoaderSpec(image_size=size, batch_size=4, rank=0, world_size=1,
+                                                            device="cuda", backend="dali"))
         assert sum(len(b["index"]) for b in test) == 8
 
 
@@ -760,8 +767,9 @@ def test_set_epoch_start_yields_the_tail_of_the_epoch(shards, backend):
     from maskcon.loaders.split import TarSamples, epoch_positions
 
     def loader(folder):
-        return build_train_loader(folder, recipe="cars196", image_size=32, batch_size=32, rank=1, world_size=2,
-                                  seed=7, device="cpu", backend=backend, num_threads=THREADS[backend])
+        return build_train_loader(folder, LoaderSpec(recipe="cars196", image_size=32, batch_size=32, rank=1,
+                                                     world_size=2, seed=7, device="cpu", backend=backend,
+                                                     num_threads=THREADS[backend]))
 
     full = loader(shards["photo"])
     full.set_epoch(3)
@@ -802,8 +810,8 @@ def test_parameters_are_drawn_afresh_for_every_block_of_an_epoch(tmp_path):
                                     num_fine=10, num_coarse=2, samples_per_shard=1024)
 
     def loader():
-        return build_train_loader(folder, recipe="cifar100", image_size=32, batch_size=batch_size, rank=0,
-                                  world_size=1, seed=3, device="cpu", backend="dali", num_threads=2)
+        return build_train_loader(folder, LoaderSpec(recipe="cifar100", image_size=32, batch_size=batch_size, rank=0,
+                                                     world_size=1, seed=3, device="cpu", backend="dali", num_threads=2))
 
     full = loader()
     full.set_epoch(2)
@@ -847,24 +855,46 @@ def test_channels_last_views(shards, backend):
                     channels_last=True)
     for name in ("query", "key"):
         assert torch.equal(plain[name], last[name]), name
-    one = build_train_loader(shards["cifar"], recipe="cifar100", image_size=32, batch_size=64, rank=0, world_size=1,
-                             seed=0, device="cpu", backend=backend, num_threads=THREADS[backend], channels_last=True)
+    one = build_train_loader(shards["cifar"], LoaderSpec(recipe="cifar100", image_size=32, batch_size=64, rank=0,
+                                                         world_size=1, seed=0, device="cpu", backend=backend,
+                                                         num_threads=THREADS[backend], channels_last=True))
     batch = next(iter(one))
     for name in ("query", "key"):
         assert batch[name].shape == (64, 3, 32, 32)
         assert batch[name].is_contiguous(memory_format=torch.channels_last) and not batch[name].is_contiguous()
-    test = build_test_loader(shards["ident"], image_size=32, batch_size=8, rank=0, world_size=2, device="cpu",
-                             backend=backend, recipe="cifar100", num_threads=THREADS[backend], channels_last=True)
+    test = build_test_loader(shards["ident"], LoaderSpec(image_size=32, batch_size=8, rank=0, world_size=2,
+                                                         device="cpu", backend=backend, recipe="cifar100",
+                                                         num_threads=THREADS[backend], channels_last=True))
     images = [b["image"] for b in test]
     assert all(image.is_contiguous(memory_format=torch.channels_last) for image in images)
     assert [len(image) for image in images] == [8, 8, 0]
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_blank_batches_have_the_form_of_real_ones(shards, channels_last):
+    """A failed loader's stand-in (the loop's) and an exhausted test part's: a real batch's shape, dtype,
+    device and strides, all zeros."""
+    def form(batch: dict) -> dict:
+        return {name: (value.shape[1:], value.dtype, value.device, value[:1].stride()) for name, value in batch.items()}
+
+    spec = LoaderSpec(recipe="cifar100", image_size=32, batch_size=64, backend="dali", num_threads=1,
+                      channels_last=channels_last)
+    real, blank = next(iter(build_train_loader(shards["cifar"], spec))), spec.blank_train_batch()
+    assert form(blank) == form(real) and all(len(value) == 64 for value in blank.values())
+    assert all(not value.any() for value in blank.values())
+    assert blank["query"].data_ptr() != blank["key"].data_ptr()   # filled in place apart (the benchmarks)
+    test_spec = spec.replace(batch_size=8)
+    real = next(iter(build_test_loader(shards["ident"], test_spec)))
+    blank = test_spec.blank_test_batch()
+    assert form(blank) == form(real) and all(len(value) == 0 for value in blank.values())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_feeding_cost_is_counted(shards, backend):
     """feed_cpu_seconds grows with every batch prepared, wherever the feeding runs."""
-    loader = build_train_loader(shards["cifar"], recipe="cifar100", image_size=32, batch_size=64, rank=0,
-                                world_size=1, seed=0, device="cpu", backend=backend, num_threads=THREADS[backend])
+    loader = build_train_loader(shards["cifar"], LoaderSpec(recipe="cifar100", image_size=32, batch_size=64, rank=0,
+                                                            world_size=1, seed=0, device="cpu", backend=backend,
+                                                            num_threads=THREADS[backend]))
     assert loader.feed_cpu_seconds == 0.0
     list(loader)
     first = loader.feed_cpu_seconds
@@ -900,8 +930,9 @@ def test_a_decompression_bomb_names_its_shard_and_key(tmp_path, backend, side):
     _, split = read_split(folder, "train")
     _declare_size(TarSamples(split), 37, side, side)
     with pytest.raises(UserError) as raised:
-        loader = build_train_loader(folder, recipe="cifar100", image_size=32, batch_size=16, rank=0, world_size=1,
-                                    seed=0, device="cpu", backend=backend, num_threads=THREADS[backend])
+        loader = build_train_loader(folder, LoaderSpec(recipe="cifar100", image_size=32, batch_size=16, rank=0,
+                                                       world_size=1, seed=0, device="cpu", backend=backend,
+                                                       num_threads=THREADS[backend]))
         for _ in range(2):
             for _ in loader:
                 pass

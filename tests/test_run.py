@@ -54,15 +54,16 @@ def test_checkpoint_every_0_still_saves_at_the_end(finished):
 @torch.no_grad()
 def test_the_evaluation_reads_the_trained_query_encoder(finished):
     """R@K of the run equal those of its exported backbone (the trained query encoder), recomputed here."""
-    from maskcon.loaders import build_test_loader
+    from maskcon.loaders import LoaderSpec, build_test_loader
     from maskcon.retrieval import RECALL_KS, recall_at_k
     from maskcon.run import build_model
 
     config, out, result = finished
     network = build_model(config, None)
     network.encoder.load_state_dict(torch.load(out / "backbone.pt", weights_only=True)["state_dict"])
-    loader = build_test_loader(config.shards, image_size=config.image_size, batch_size=128, rank=0, world_size=1,
-                               device=torch.device("cpu"), backend=config.loader)
+    loader = build_test_loader(config.shards, LoaderSpec(image_size=config.image_size, batch_size=128, rank=0,
+                                                         world_size=1, device=torch.device("cpu"),
+                                                         backend=config.loader))
     batches = list(loader)
     features = torch.cat([network.features(batch["image"]) for batch in batches])
     order = torch.cat([batch["index"] for batch in batches]).argsort()
@@ -133,12 +134,12 @@ def test_the_test_loader_takes_the_loader_threads_of_the_run(digits_shards, tmp_
 def test_training_and_evaluation_normalise_with_the_recipe_of_the_runs_dataset(digits_shards, tmp_path):
     """--dataset folder on the digits' shards: the test loader uses the folder recipe's mean and std (as the
     training loader, built from --dataset), not the digits' that the manifest names."""
-    from maskcon.loaders import build_test_loader
+    from maskcon.loaders import LoaderSpec, build_test_loader
 
     run = built_run(digits_shards, tmp_path / "run", "--dataset", "folder", "--image-size", "8")
     ours = next(iter(run.test_loader))["image"]
     options = dict(image_size=8, batch_size=128, rank=0, world_size=1, device="cpu", backend="dali",
                    num_threads=1)
     for recipe, same in (("folder", True), ("digits", False)):
-        reference = next(iter(build_test_loader(digits_shards, recipe=recipe, **options)))["image"]
+        reference = next(iter(build_test_loader(digits_shards, LoaderSpec(recipe=recipe, **options))))["image"]
         assert torch.equal(ours, reference) == same, recipe

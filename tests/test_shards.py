@@ -346,7 +346,7 @@ def _copy(folder: Path, to: Path) -> Path:
 
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_shard_stops_every_loader_with_one_line(small_digits, tmp_path, damage):
-    from maskcon.loaders import build_train_loader, read_split
+    from maskcon.loaders import LoaderSpec, build_train_loader, read_split
 
     out = _copy(small_digits, tmp_path / "digits")
     split = "test" if damage == "missing index" else "train"
@@ -359,8 +359,8 @@ def test_a_damaged_shard_stops_every_loader_with_one_line(small_digits, tmp_path
     assert f"python launch/make_shards.py create digits --samples-per-shard 40 --out {out} --overwrite" in message
     if split == "train":
         with pytest.raises(UserError, match=named):
-            build_train_loader(out, recipe="digits", image_size=8, batch_size=16, rank=0, world_size=1, seed=0,
-                               device="cpu", backend="dali")
+            build_train_loader(out, LoaderSpec(recipe="digits", image_size=8, batch_size=16, rank=0, world_size=1,
+                                               seed=0, device="cpu", backend="dali"))
     read_split(out, "train" if split == "test" else "test")  # the other split is intact
     # the remedy the message gives: verify names the shard, create --overwrite makes the folder whole
     assert any(named in line for line in shards.verify(out, workers=1))

@@ -15,7 +15,7 @@ from maskcon import shards
 from maskcon.datasets import DATASETS
 from maskcon.datasets.source import MAX_IMAGE_PIXELS
 from maskcon.errors import UserError
-from maskcon.loaders import build_test_loader
+from maskcon.loaders import LoaderSpec, build_test_loader
 from tests import sources
 
 
@@ -50,8 +50,9 @@ def decoded(out: Path, names: list[str], backend: str) -> dict[str, np.ndarray]:
     """name -> 3 x 32 x 32 pixel levels (0..255) of each test image as the back end's test loader gives it."""
     recipe = DATASETS["cifar100"].recipe  # no resize at 32 px: the pixels as decoded
     mean, std = np.array(recipe.mean).reshape(1, 3, 1, 1), np.array(recipe.std).reshape(1, 3, 1, 1)
-    loader = build_test_loader(out, image_size=32, batch_size=8, rank=0, world_size=1, device="cpu",
-                               backend=backend, recipe="cifar100", num_threads=1 if backend == "dali" else 0)
+    loader = build_test_loader(out, LoaderSpec(image_size=32, batch_size=8, rank=0, world_size=1, device="cpu",
+                                               backend=backend, recipe="cifar100",
+                                               num_threads=1 if backend == "dali" else 0))
     found = {}
     for batch in loader:
         levels = np.round((batch["image"].numpy() * std + mean) * 255)  # float noise of the normalisation

@@ -154,13 +154,13 @@ def test_sgd_is_fused_on_cuda_and_multi_tensor_on_the_cpu():
 
 def test_the_bank_fill_leaves_no_empty_entry(tmp_path):
     from maskcon import shards
-    from maskcon.loaders import build_train_loader
+    from maskcon.loaders import LoaderSpec, build_train_loader
     from maskcon.train import fill_memory_bank
 
     shards.create("digits", None, tmp_path / "digits")
-    loader = build_train_loader(tmp_path / "digits", recipe="digits", image_size=SIZE, batch_size=64, rank=0,
-                                world_size=1, seed=0, device="cpu", backend="dali", query_view="weak",
-                                num_threads=1)
+    loader = build_train_loader(tmp_path / "digits", LoaderSpec(recipe="digits", image_size=SIZE, batch_size=64, rank=0,
+                                                                world_size=1, seed=0, device="cpu", backend="dali",
+                                                                query_view="weak", num_threads=1))
     torch.manual_seed(0)
     model = MaskConModel(arch="resnet18", image_size=SIZE, queue_size=1500)   # more keys than one epoch has
     fill_memory_bank(model, loader)

@@ -39,6 +39,7 @@ import torch
 from maskcon import usable_cpus
 from maskcon.datasets.synthetic import cifar_like_image, write_synthetic_shards
 from maskcon.errors import OneLineParser, UserError
+from maskcon.loaders.spec import LoaderSpec
 
 # ------------------------------------------------------------------------------------------ measuring
 
@@ -111,11 +112,11 @@ def _dataset_image_size(dataset: str) -> int:
 def first_batch_seconds(shards: Path, *, dataset: str, image_size: int, batch_size: int, workers: int) -> float:
     """Seconds from building a torch-backend train loader with `workers` DataLoader workers to its first batch
     (worker start-up included)."""
-    from maskcon.loaders import build_train_loader
+    from maskcon.loaders import LoaderSpec, build_train_loader
 
     start = time.perf_counter()
-    loader = build_train_loader(shards, recipe=dataset, image_size=image_size, batch_size=batch_size, rank=0,
-                                world_size=1, seed=0, device="cpu", backend="torch", num_threads=workers)
+    loader = build_train_loader(shards, LoaderSpec(recipe=dataset, image_size=image_size, batch_size=batch_size,
+                                                   backend="torch", num_threads=workers))
     next(iter(loader))
     seconds = time.perf_counter() - start
     del loader
@@ -123,20 +124,20 @@ def first_batch_seconds(shards: Path, *, dataset: str, image_size: int, batch_si
     return seconds
 
 
-def _build(name: str, shards: Path, common: dict):
-    """The loader `name` of --loaders on `shards`; `common`: build_train_loader's arguments."""
+def _build(name: str, shards: Path, spec: LoaderSpec):
+    """The loader `name` of --loaders on `shards`, from `spec` (its back end and device set by the name)."""
     from maskcon.loaders import build_train_loader
 
     if name == "reference_pil":
         from maskcon.bench.reference import official_style_loader
 
-        return official_style_loader(shards, recipe=common["recipe"], image_size=common["image_size"],
-                                     batch_size=common["batch_size"], workers=common["num_threads"])
+        return official_style_loader(shards, recipe=spec.recipe, image_size=spec.image_size,
+                                     batch_size=spec.batch_size, workers=spec.num_threads)
     if name == "dali_gpu":
         if not torch.cuda.is_available():
             raise UserError("--loaders dali_gpu needs a CUDA GPU; this machine has none")
-        return build_train_loader(shards, backend="dali", **{**common, "device": "cuda"})
-    return build_train_loader(shards, backend="dali" if name == "dali_cpu" else "torch", **common)
+        return build_train_loader(shards, spec.replace(backend="dali", device="cuda"))
+    return build_train_loader(shards, spec.replace(backend="dali" if name == "dali_cpu" else "torch"))
 
 
 def main(argv: list[str]) -> int:
@@ -178,8 +179,8 @@ def main(argv: list[str]) -> int:
     if not chosen or any(name not in known for name in chosen):
         raise UserError(f"--loaders takes a comma-separated subset of {', '.join(known)}")
 
-    common = dict(recipe=args.dataset, image_size=size, batch_size=args.batch_size, rank=0, world_size=1, seed=0,
-                  device="cpu", num_threads=threads, prefetch=args.prefetch)
+    spec = LoaderSpec(recipe=args.dataset, image_size=size, batch_size=args.batch_size, num_threads=threads,
+                      prefetch=args.prefetch)
     report = {"dataset": args.dataset, "unit": "source images/s, both views"}
     if args.first_batch_workers:  # before the other loaders, so that the fork server starts cold
         report["torch_first_batch_s"] = round(first_batch_seconds(
@@ -188,7 +189,7 @@ def main(argv: list[str]) -> int:
         report["first_batch_workers"] = args.first_batch_workers
     measured = {}
     for name in chosen:
-        loader = _build(name, args.shards, common)
+        loader = _build(name, args.shards, spec)
         if name.startswith("dali"):
             from maskcon.loaders.dali import operator_count
 

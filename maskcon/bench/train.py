@@ -45,6 +45,7 @@ from maskcon.config import ARCHS, parse_config
 from maskcon.datasets import DATASETS
 from maskcon.datasets.synthetic import write_synthetic_imagenet32
 from maskcon.errors import OneLineParser, UserError
+from maskcon.loaders.spec import LoaderSpec, TrainBatch
 from maskcon.bench.reference import official_style_loader
 from maskcon.run import Run, build_run, make_accelerator
 from maskcon.step import graph_breaks
@@ -178,12 +179,11 @@ class _Bench:
         run, settings, device = self.run, self.run.resolved, self.run.accelerator.device
         if mode == "synthetic":
             generator = torch.Generator().manual_seed(self.args.seed)
-            num_fine, num_coarse = len(run.manifest["fine_classes"]), len(run.manifest["coarse_classes"])
-            shape = (settings["batch_size"], 3, settings["image_size"], settings["image_size"])
-            batch = {"query": torch.randn(shape, generator=generator).to(device),
-                     "key": torch.randn(shape, generator=generator).to(device),
-                     "fine": torch.randint(num_fine, (settings["batch_size"],), generator=generator).to(device),
-                     "coarse": torch.randint(num_coarse, (settings["batch_size"],), generator=generator).to(device)}
+            batch = run.train_loader.spec.blank_train_batch()   # the loader's shapes and memory format
+            for name, value in batch.items():
+                classes = len(run.manifest[f"{name}_classes"]) if value.dtype == torch.int64 else None
+                value.copy_(torch.randn(value.shape, generator=generator) if classes is None
+                            else torch.randint(classes, value.shape, generator=generator))
 
             def repeat():
                 while True:
@@ -195,7 +195,7 @@ class _Bench:
                                        batch_size=settings["batch_size"], workers=self.args.workers, seed=self.args.seed,
                                        query_view=settings["query_view"], key_view=settings["key_view"],
                                        pin_memory=device.type == "cuda")
-        stream = _to_device(_repeat(loader), device)
+        stream = _to_device(_repeat(loader), run.train_loader.spec)
         return stream, lambda: stream.close(), None
 
     def measure(self, mode: str) -> Measurement:
@@ -277,12 +277,15 @@ def _repeat(loader: Iterable) -> Iterator:
         yield from loader
 
 
-def _to_device(batches: Iterator, device: torch.device) -> Iterator[dict]:
-    """(query, key, fine, coarse) host batches as dicts on the device (asynchronous copies from pinned
-    memory), as the official code moves them."""
+def _to_device(batches: Iterator, spec: LoaderSpec) -> Iterator[TrainBatch]:
+    """(query, key, fine, coarse) host batches as TrainBatch dicts on the spec's device (asynchronous copies
+    from pinned memory, as the official code moves them), the views in the spec's memory format."""
+    memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
     for batch in batches:
-        names = ("query", "key", "fine", "coarse")
-        yield {name: value.to(device, non_blocking=True) for name, value in zip(names, batch)}
+        moved = {name: value.to(spec.device, non_blocking=True)
+                 for name, value in zip(TrainBatch.__annotations__, batch)}
+        yield {name: value.contiguous(memory_format=memory_format) if value.dim() == 4 else value
+               for name, value in moved.items()}
 
 
 # --------------------------------------------------------------------------------- synthetic shards

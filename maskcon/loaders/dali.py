@@ -53,8 +53,9 @@ import torch
 from maskcon import usable_cpus
 from maskcon.errors import UserError
 from maskcon.loaders.dali_ops import draw_view, view_graph
-from maskcon.loaders.split import (EpochCursor, SplitFiles, TarSamples, decode_image, empty_test_batch,
-                                   epoch_positions, epoch_seed, test_batches, test_part)
+from maskcon.loaders.spec import LoaderSpec
+from maskcon.loaders.split import (EpochCursor, SplitFiles, TarSamples, decode_image, epoch_positions, epoch_seed,
+                                   test_batches, test_part)
 from maskcon.recipes import Recipe
 from maskcon.shard_format import MAX_IMAGE_PIXELS, image_shape, png_problem, too_many_pixels
 
@@ -193,9 +194,11 @@ class _Feeder:
     from epoch_seed(seed, *seed_parts, b)); `_next()` returns its next prepared batch, as a dict of
     the views' names (`view_names`) and "fine", "coarse", "index" (the positions), on the device."""
 
-    def __init__(self, split: SplitFiles, recipe: Recipe, views: tuple, view_names: tuple, positions: np.ndarray,
-                 *, image_size: int, batch_size: int, device: torch.device, num_threads: int, prefetch: int,
-                 seed: int, channels_last: bool):
+    def __init__(self, split: SplitFiles, spec: LoaderSpec, views: tuple, view_names: tuple, positions: np.ndarray,
+                 *, seed: int):
+        recipe, image_size, batch_size, device = spec.recipe, spec.image_size, spec.batch_size, spec.device
+        num_threads, channels_last = spec.num_threads, spec.channels_last
+        self.spec = spec
         self.samples = TarSamples(split)
         fine, coarse = self.samples.labels()
         self.fine, self.coarse = torch.from_numpy(fine).to(device), torch.from_numpy(coarse).to(device)
@@ -220,7 +223,7 @@ class _Feeder:
         self._rows = None if len(positions) == split.num_samples else np.full(split.num_samples, -1, np.int64)
         if self._rows is not None:
             self._rows[positions] = np.arange(len(positions))
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, spec.prefetch))
         self._thread: threading.Thread | None = None
         self._cancelled = threading.Event()
         self._plan: list[np.ndarray] = []  # the pass's epoch, batch by batch; it yields batches first..
@@ -451,14 +454,11 @@ class DaliTrainLoader(_Feeder, EpochCursor):
     after the previous one, from 0.
     """
 
-    def __init__(self, split: SplitFiles, recipe: Recipe, *, image_size: int, batch_size: int, rank: int,
-                 world_size: int, seed: int, device: torch.device, query_view: str, key_view: str,
-                 num_threads: int, prefetch: int, channels_last: bool = False):
-        super().__init__(split, recipe, (recipe.view(query_view), recipe.view(key_view)), ("query", "key"),
-                         np.arange(split.num_samples), image_size=image_size, batch_size=batch_size, device=device,
-                         num_threads=num_threads, prefetch=prefetch, seed=seed, channels_last=channels_last)
-        self.num_samples, self.rank = split.num_samples, rank
-        self.steps = (split.num_samples // world_size) // batch_size
+    def __init__(self, split: SplitFiles, spec: LoaderSpec):
+        views = (spec.recipe.view(spec.query_view), spec.recipe.view(spec.key_view))
+        super().__init__(split, spec, views, ("query", "key"), np.arange(split.num_samples), seed=spec.seed)
+        self.num_samples, self.rank = split.num_samples, spec.rank
+        self.steps = (split.num_samples // spec.world_size) // spec.batch_size
 
     def __iter__(self):
         epoch, start = self._next_pass()
@@ -480,14 +480,10 @@ class DaliTestLoader(_Feeder):
     in step); a rank whose part is one sample shorter may end with a shorter, even empty, batch.
     """
 
-    def __init__(self, split: SplitFiles, recipe: Recipe, *, image_size: int, batch_size: int, rank: int,
-                 world_size: int, device: torch.device, num_threads: int, prefetch: int,
-                 channels_last: bool = False):
-        self.part = test_part(split.num_samples, rank, world_size)
-        super().__init__(split, recipe, (recipe.test,), ("image",), self.part, image_size=image_size,
-                         batch_size=batch_size, device=device, num_threads=num_threads, prefetch=prefetch, seed=0,
-                         channels_last=channels_last)
-        self.batches = test_batches(split.num_samples, world_size, batch_size)
+    def __init__(self, split: SplitFiles, spec: LoaderSpec):
+        self.part = test_part(split.num_samples, spec.rank, spec.world_size)
+        super().__init__(split, spec, (spec.recipe.test,), ("image",), self.part, seed=0)
+        self.batches = test_batches(split.num_samples, spec.world_size, spec.batch_size)
 
     def __len__(self) -> int:
         return self.batches
@@ -502,7 +498,7 @@ class DaliTestLoader(_Feeder):
         try:
             for batch in range(self.batches):
                 if batch >= len(plan):
-                    yield empty_test_batch(self.image_size, self.device, self.channels_last)
+                    yield self.spec.blank_test_batch()
                     continue
                 prepared = self._next()
                 valid = self.batch_size if batch < full else rest

@@ -5,7 +5,7 @@ neither. Epoch e of rank r reads `epoch_positions(...)` (a permutation of the wh
 (seed, e), sliced per rank); block b of its batches draws its augmentations from `epoch_seed(seed, e, r, b)`
 (the DALI back end), or per-sample seeds are drawn from `epoch_seed(seed, e, r, 1)` (the torchvision back
 end). The test split is cut into contiguous parts (`test_part`) and every rank yields `test_batches`
-batches, ending with empty ones (`empty_test_batch`) where its part is shorter.
+batches, ending with blank ones (`LoaderSpec.blank_test_batch`) where its part is shorter.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from maskcon.errors import UserError
 from maskcon.shard_format import (LABEL_BYTES, check_split, decode_label, image_shape, key_at, read_index,
@@ -226,13 +225,3 @@ def test_part(num_samples: int, rank: int, world_size: int) -> np.ndarray:
 def test_batches(num_samples: int, world_size: int, batch_size: int) -> int:
     """Batches every rank yields over the test split (the longest part's count, so collectives stay in step)."""
     return math.ceil(math.ceil(num_samples / world_size) / batch_size)
-
-
-def empty_test_batch(image_size: int, device: torch.device, channels_last: bool = False) -> dict:
-    """The batch a rank yields after its part is exhausted: no samples, the shapes and dtypes of a real one."""
-    image = torch.empty(0, 3, image_size, image_size, device=device)
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
-    return {"image": image, "fine": torch.empty(0, dtype=torch.int64, device=device),
-            "coarse": torch.empty(0, dtype=torch.int64, device=device),
-            "index": torch.empty(0, dtype=torch.int64, device=device)}

@@ -18,8 +18,9 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from maskcon.errors import UserError
-from maskcon.loaders.split import (EpochCursor, SplitFiles, TarSamples, decode_image, empty_test_batch,
-                                   epoch_positions, epoch_seed, test_batches, test_part)
+from maskcon.loaders.spec import LoaderSpec
+from maskcon.loaders.split import (EpochCursor, SplitFiles, TarSamples, decode_image, epoch_positions, epoch_seed,
+                                   test_batches, test_part)
 from maskcon.recipes import Recipe, Step, blur_kernel_size, check_implementations
 
 
@@ -159,9 +160,15 @@ class _FeedClock:
             yield batch
 
 
-def _workers(num_threads: int) -> int:
-    """DataLoader worker processes: num_threads (0 runs the transforms in the calling process)."""
-    return max(0, int(num_threads))
+def _data_loader(dataset: Dataset, spec: LoaderSpec, *, sampler, drop_last: bool) -> tuple[_FeedClock, DataLoader]:
+    """The DataLoader of `dataset` with the spec's batch, workers (its num_threads; 0 runs the transforms in
+    the calling process, and workers persist between passes) and prefetch, and the clock of its feeding."""
+    workers = spec.num_threads
+    loader = DataLoader(dataset, batch_size=spec.batch_size, sampler=sampler, drop_last=drop_last,
+                        num_workers=workers, persistent_workers=workers > 0, pin_memory=spec.device.type == "cuda",
+                        prefetch_factor=spec.prefetch if workers else None,
+                        multiprocessing_context=worker_context(workers))
+    return _FeedClock(workers), loader
 
 
 def _batches(loader: DataLoader):
@@ -186,20 +193,16 @@ class TorchTrainLoader(EpochCursor):
     _FeedClock.
     """
 
-    def __init__(self, split: SplitFiles, recipe: Recipe, *, image_size: int, batch_size: int, rank: int,
-                 world_size: int, seed: int, device: torch.device, query_view: str, key_view: str,
-                 num_threads: int, prefetch: int, channels_last: bool = False):
-        self.device, self.channels_last, self.batch_size = device, channels_last, batch_size
-        self.steps = (split.num_samples // world_size) // batch_size
-        dataset = TwoViewDataset(TarSamples(split), view_transform(recipe.view(query_view), recipe, image_size),
-                                 view_transform(recipe.view(key_view), recipe, image_size))
-        self.sampler = EpochSampler(split.num_samples, per_rank=self.steps * batch_size, rank=rank, seed=seed)
-        workers = _workers(num_threads)  # 0: transforms run in this process
-        self.clock = _FeedClock(workers)
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                 num_workers=workers, persistent_workers=workers > 0,
-                                 pin_memory=device.type == "cuda", prefetch_factor=prefetch if workers else None,
-                                 multiprocessing_context=worker_context(workers))
+    def __init__(self, split: SplitFiles, spec: LoaderSpec):
+        recipe, size = spec.recipe, spec.image_size
+        self.spec, self.device, self.channels_last = spec, spec.device, spec.channels_last
+        self.batch_size = spec.batch_size
+        self.steps = (split.num_samples // spec.world_size) // spec.batch_size
+        dataset = TwoViewDataset(TarSamples(split), view_transform(recipe.view(spec.query_view), recipe, size),
+                                 view_transform(recipe.view(spec.key_view), recipe, size))
+        self.sampler = EpochSampler(split.num_samples, per_rank=self.steps * spec.batch_size, rank=spec.rank,
+                                    seed=spec.seed)
+        self.clock, self.loader = _data_loader(dataset, spec, sampler=self.sampler, drop_last=True)
 
     @property
     def feed_cpu_seconds(self) -> float:
@@ -216,21 +219,12 @@ class TorchTestLoader:
     """One view per sample; over all ranks every test sample exactly once, with its `index` in the split.
     Every rank yields the same number of batches; a rank with a shorter part may end with an empty batch."""
 
-    def __init__(self, split: SplitFiles, recipe: Recipe, *, image_size: int, batch_size: int, rank: int,
-                 world_size: int, device: torch.device, num_threads: int, prefetch: int,
-                 channels_last: bool = False):
-        self.device, self.channels_last = device, channels_last
-        self.image_size = image_size
-        self.batches = test_batches(split.num_samples, world_size, batch_size)
-        dataset = EvalDataset(TarSamples(split), view_transform(recipe.test, recipe, image_size))
-        workers = _workers(num_threads)
-        self.clock = _FeedClock(workers)
-        # workers persist between evaluations
-        part = test_part(split.num_samples, rank, world_size).tolist()
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=part, num_workers=workers,
-                                 persistent_workers=workers > 0, pin_memory=device.type == "cuda",
-                                 prefetch_factor=prefetch if workers else None,
-                                 multiprocessing_context=worker_context(workers))
+    def __init__(self, split: SplitFiles, spec: LoaderSpec):
+        self.spec, self.device, self.channels_last = spec, spec.device, spec.channels_last
+        self.batches = test_batches(split.num_samples, spec.world_size, spec.batch_size)
+        dataset = EvalDataset(TarSamples(split), view_transform(spec.recipe.test, spec.recipe, spec.image_size))
+        part = test_part(split.num_samples, spec.rank, spec.world_size).tolist()
+        self.clock, self.loader = _data_loader(dataset, spec, sampler=part, drop_last=False)
 
     @property
     def feed_cpu_seconds(self) -> float:
@@ -245,4 +239,4 @@ class TorchTestLoader:
             yielded += 1
             yield _to_device(batch, self.device, self.channels_last)
         for _ in range(self.batches - yielded):
-            yield empty_test_batch(self.image_size, self.device, self.channels_last)
+            yield self.spec.blank_test_batch()
