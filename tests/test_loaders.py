@@ -800,7 +800,7 @@ def test_parameters_are_drawn_afresh_for_every_block_of_an_epoch(tmp_path):
     """An epoch of the DALI loader longer than one block of drawn parameters (DRAW_SAMPLES): one image
     everywhere, so two batches with equal views would have been given equal parameters; no two are equal,
     and passes that start in the middle of the first block or at the second give the full pass's batches."""
-    from maskcon.loaders.dali import DRAW_SAMPLES
+    from maskcon.loaders.feed_plan import DRAW_SAMPLES
 
     batch_size = 512
     per_block = DRAW_SAMPLES // batch_size
@@ -827,6 +827,39 @@ def test_parameters_are_drawn_afresh_for_every_block_of_an_epoch(tmp_path):
         assert len(resumed) == steps - start
         for ours, theirs in zip(resumed, everything[start:]):
             assert torch.equal(ours["query"], theirs["query"]) and torch.equal(ours["key"], theirs["key"]), start
+
+
+def test_the_feed_plan_decides_each_run_without_dali(shards):
+    """What a DALI pipeline run takes, decided in numpy alone: the planned samples' own pixels, and drawn
+    parameters that depend on the epoch (seed_parts) and not on where the pass started."""
+    from maskcon.datasets import recipe_for
+    from maskcon.loaders.feed_plan import FeedPlan
+    from maskcon.loaders.split import TarSamples, decode_image, read_split
+
+    _, split = read_split(shards["ident"], "train")
+    samples, recipe = TarSamples(split), recipe_for("cifar100")
+    batches = np.split(np.random.default_rng(0).permutation(split.num_samples)[:8 * 16], 8)
+
+    def run_inputs(seed_parts: tuple, first: int) -> tuple[np.ndarray, tuple]:
+        plan = FeedPlan(split, samples, (recipe.view("strong"), recipe.view("weak")),
+                        np.arange(split.num_samples), image_size=32, batch_size=16, seed=5)
+        assert plan.decode_resident(threads=1) > 0 and plan.run_batches >= 8   # the whole pass in one run
+        plan.start(batches, seed_parts, first)
+        inputs = plan.run_inputs(0)
+        with pytest.raises(StopIteration):
+            plan.run_inputs(1)
+        return inputs
+
+    positions, (images, *parameters) = run_inputs((2, 0), 0)
+    np.testing.assert_array_equal(positions, np.concatenate(batches))
+    assert all(np.array_equal(image, decode_image(samples, int(p))) for image, p in zip(images, positions))
+    assert parameters and all(len(values) == 8 * 16 for values in parameters)
+    tail_positions, (_, *tail) = run_inputs((2, 0), 3)
+    np.testing.assert_array_equal(tail_positions, positions[3 * 16:])
+    for whole, resumed in zip(parameters, tail):
+        np.testing.assert_array_equal(resumed, whole[3 * 16:])
+    _, (_, *other_epoch) = run_inputs((3, 0), 0)
+    assert any(not np.array_equal(a, b) for a, b in zip(parameters, other_epoch))
 
 
 def test_auto_augment_parameters_looked_up_equal_the_computed_ones():

@@ -3,10 +3,10 @@
 The same graph runs on the GPU (device_id = the CUDA device; JPEG decoded by `mixed`) and on the CPU
 (device_id=None), which is how CI tests it and how CPU-only users train. Design notes: DESIGN.md.
 
-Images. Small PNG datasets (every image of one size of at most RESIDENT_MAX_PIXELS pixels: the 32-px sets)
-are decoded once, by PIL in as many threads as the process may use CPUs, when the loader's first pass
-starts, into one resident uint8 array (num_samples x H x W x 3: 150 MB for CIFAR's 50,000 images, 3.9 GB
-for ImageNet32's 1.28M), from which each batch is gathered and fed to DALI as HWC pixels: no image is
+Images. Small PNG datasets (every image of one size of at most RESIDENT_MAX_PIXELS pixels, feed_plan.py: the
+32-px sets) are decoded once, by PIL in the loader's threads (--loader-threads), when the loader's first pass
+starts, into one resident uint8 array (num_samples x H x W x 3: 150 MB for CIFAR's 50,000 images, 3.9 GB for
+ImageNet32's 1.28M), from which each batch is gathered and fed to DALI as HWC pixels: no image is
 decoded while training, and no integrity check runs per batch (PIL checks every file as it decodes it once,
 and a batch holding a sample that did not decode raises the error naming it; `verify` reads every sample).
 Measured on 20,000 synthetic 32-px PNGs (2-core CPU, shared, BENCHMARKS.md "Two-view loading"): decoding
@@ -18,7 +18,8 @@ verify; so the shards keep PNG. Other datasets (JPEG, large PNG) are decoded by 
 (read-only views of the memory-mapped tars), JPEG on the GPU (`mixed`).
 
 Feeding. One external source hands DALI, per run, the images and every random parameter of both views,
-drawn in numpy by the DALI back end's ops (maskcon/loaders/dali_ops.py); the graph holds no random operator
+drawn in numpy by the DALI back end's ops (maskcon/loaders/dali_ops.py) as the feeding plan
+(maskcon/loaders/feed_plan.py) decides; the graph holds no random operator
 and each op kind appears once per view with per-sample parameters (`operator_count`: about 50 for a two-view
 cifar100 batch). A feeding thread per pass runs the pipeline: the external source's callback (reading,
 parameter draws), DALI's scheduling, the outputs' copy into torch tensors (CPU) or the copy ordered on the
@@ -45,19 +46,17 @@ import collections
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from maskcon import usable_cpus
 from maskcon.errors import UserError
-from maskcon.loaders.dali_ops import draw_view, view_graph
+from maskcon.loaders.dali_ops import view_graph
+from maskcon.loaders.feed_plan import FeedPlan
 from maskcon.loaders.spec import LoaderSpec
-from maskcon.loaders.split import (EpochCursor, SplitFiles, TarSamples, decode_image, epoch_positions, epoch_seed,
-                                   test_batches, test_part)
+from maskcon.loaders.split import (EpochCursor, SplitFiles, TarSamples, decode_image, epoch_positions, test_batches,
+                                   test_part)
 from maskcon.recipes import Recipe
-from maskcon.shard_format import MAX_IMAGE_PIXELS, image_shape, png_problem, too_many_pixels
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -69,9 +68,6 @@ except ImportError:  # reported by the loader builders (require_dali), so the to
         return lambda function: function
 
 PIPELINE_PREFETCH = 2  # runs DALI computes ahead, besides the feeding thread's queue
-DRAW_SAMPLES = 4096  # random parameters are drawn for blocks of whole batches of about this many samples
-RUN_BYTES = 32 * 2**20  # one pipeline run makes as many whole batches as fit their float outputs in this
-RESIDENT_MAX_PIXELS = 64 * 64  # PNG images of at most this many pixels, all of one size: decoded once
 
 
 def require_dali() -> None:
@@ -95,11 +91,6 @@ def _decode(encoded, image_format: str, on_gpu: bool):
         return fn.decoders.image(encoded, device="mixed", output_type=types.RGB)
     images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
     return images.gpu() if on_gpu else images
-
-
-def _flatten(drawn: list[list[dict]]) -> list[tuple[int, int, str]]:
-    return [(view, step, key) for view, steps in enumerate(drawn) for step, values in enumerate(steps)
-            for key in sorted(values)]
 
 
 @pipeline_def(enable_conditionals=True)
@@ -145,97 +136,39 @@ def _device_id(device: torch.device) -> int | None:
     return None
 
 
-def _image_rows(samples: TarSamples, positions: np.ndarray, image_format: str) -> np.ndarray | None:
-    """(H, W) of the images at `positions` when they can live decoded in memory (PNG, one size, at most
-    RESIDENT_MAX_PIXELS pixels), read from their IHDR headers; None otherwise. UserError naming the sample
-    when a header declares more than MAX_IMAGE_PIXELS pixels."""
-    if image_format != "png" or not len(positions):
-        return None
-    header = samples.gather(positions, 1, 16, 8).astype(np.int64)  # IHDR: width, height, big-endian uint32
-    sizes = (header.reshape(-1, 2, 4) @ (256 ** np.arange(3, -1, -1)))[:, ::-1]  # N x (H, W)
-    too_large = np.flatnonzero(sizes.prod(axis=1) > MAX_IMAGE_PIXELS)
-    if len(too_large):
-        problem = too_many_pixels(*sizes[too_large[0]].tolist())
-        raise samples.decode_error(int(positions[too_large[0]]), ValueError(problem))
-    if (sizes != sizes[0]).any() or sizes[0].prod() > RESIDENT_MAX_PIXELS:
-        return None
-    return sizes[0]
-
-
-def decode_resident(samples: TarSamples, positions: np.ndarray, shape, threads: int) -> tuple[np.ndarray, dict, float]:
-    """(len(positions) x H x W x 3 uint8 pixels of the samples, {position: UserError naming it} for those that
-    do not decode (their pixels stay 0; a batch that holds one raises it), CPU seconds spent), decoded by PIL
-    in `threads` threads."""
-    pixels = np.zeros((len(positions), int(shape[0]), int(shape[1]), 3), dtype=np.uint8)
-    damaged: dict[int, UserError] = {}
-
-    def decode_chunk(rows: np.ndarray) -> float:
-        start = time.thread_time()
-        for row in rows:
-            try:
-                pixels[row] = decode_image(samples, int(positions[row]))
-            except UserError as error:
-                damaged[int(positions[row])] = error
-        return time.thread_time() - start
-
-    chunks = np.array_split(np.arange(len(positions)), max(1, min(len(positions) // 256, 64 * threads)))
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        seconds = sum(pool.map(decode_chunk, chunks))
-    return pixels, damaged, seconds
-
-
 # ------------------------------------------------------------------------------------ feeding
 
 
 class _Feeder:
-    """Runs a views pipeline over planned batches of positions in a feeding thread; shared by the train and
-    test loaders. `_start(plan, seed_parts, first)` begins a pass over batches first.. of `plan` (an epoch's
-    list of position arrays, each of batch_size positions; the parameters of its block b of batches are drawn
-    from epoch_seed(seed, *seed_parts, b)); `_next()` returns its next prepared batch, as a dict of
-    the views' names (`view_names`) and "fine", "coarse", "index" (the positions), on the device."""
+    """Runs a views pipeline over a FeedPlan (maskcon/loaders/feed_plan.py) in a feeding thread; shared by
+    the train and test loaders. `_start(batches, seed_parts, first)` begins a pass over batches first.. of
+    `batches` (see FeedPlan.start); `_next()` returns its next prepared batch, as a dict of the views' names
+    (`view_names`) and "fine", "coarse", "index" (the positions), on the device."""
 
     def __init__(self, split: SplitFiles, spec: LoaderSpec, views: tuple, view_names: tuple, positions: np.ndarray,
                  *, seed: int):
-        recipe, image_size, batch_size, device = spec.recipe, spec.image_size, spec.batch_size, spec.device
-        num_threads, channels_last = spec.num_threads, spec.channels_last
-        self.spec = spec
+        self.spec, self.device, self.view_names = spec, spec.device, view_names
+        self.batch_size, self.seed, self.channels_last = spec.batch_size, seed, spec.channels_last
         self.samples = TarSamples(split)
         fine, coarse = self.samples.labels()
-        self.fine, self.coarse = torch.from_numpy(fine).to(device), torch.from_numpy(coarse).to(device)
-        self.device, self.views, self.view_names = device, views, view_names
-        self.image_size, self.image_format, self.batch_size = image_size, split.image_format, batch_size
-        self.channels_last, self.seed, self.num_threads = channels_last, seed, num_threads
+        self.fine, self.coarse = torch.from_numpy(fine).to(self.device), torch.from_numpy(coarse).to(self.device)
+        self.plan = FeedPlan(split, self.samples, views, positions, image_size=spec.image_size,
+                             batch_size=spec.batch_size, seed=seed)
         self.feed_cpu_seconds_done = 0.0  # CPU seconds of finished work (the running pass adds its own)
         self.copy_cpu_seconds = 0.0  # of which: copying DALI's CPU outputs into torch tensors
         self.run_cpu_seconds = 0.0  # of which: inside pipeline.run (DALI's feeding, scheduling, the callback)
         self.source_cpu_seconds = 0.0  # of which: the external source's callback (reading, parameter draws)
         self._live = 0.0
-        self._shapes = np.full((split.num_samples, 2), -1, dtype=np.int64)
-        resident = _image_rows(self.samples, positions, self.image_format)
-        self._resident_shape, self._pixels = resident, None
-        self._undecodable: dict[int, UserError] = {}  # samples found damaged before DALI decodes them, by position
-        self._positions = positions  # those a pass may read (decoded once when resident)
-        self._block_batches = max(1, DRAW_SAMPLES // batch_size)  # batches per block of drawn parameters
-        # batches per pipeline run: DALI's fixed cost per run (feeding each input, scheduling each operator,
-        # handing out the outputs) is spread over them; their outputs stay within RUN_BYTES
-        self._run_batches = max(1, RUN_BYTES // (batch_size * len(views) * 3 * image_size ** 2 * 4))
-        self._block: tuple[int, list[np.ndarray]] | None = None  # (block, its parameters) of the running pass
-        self._rows = None if len(positions) == split.num_samples else np.full(split.num_samples, -1, np.int64)
-        if self._rows is not None:
-            self._rows[positions] = np.arange(len(positions))
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, spec.prefetch))
         self._thread: threading.Thread | None = None
         self._cancelled = threading.Event()
-        self._plan: list[np.ndarray] = []  # the pass's epoch, batch by batch; it yields batches first..
         self._fed: collections.deque = collections.deque()  # positions handed to DALI, not yet out
         self._damaged: UserError | None = None  # a sample found damaged before DALI decoded it
-        probe = [draw_view(steps, np.random.default_rng(0), np.full((1, 2), image_size), image_size)
-                 for steps in views]
-        self._names = _flatten(probe)
         self.pipeline = _views_pipeline(
-            self._source, self._names, split.image_format, recipe, views, image_size, device.type == "cuda",
-            resident is not None, channels_last, batch_size=batch_size * self._run_batches, num_threads=num_threads,
-            device_id=_device_id(device), seed=seed % 2**31, prefetch_queue_depth=PIPELINE_PREFETCH,
+            self._source, self.plan.names, split.image_format, spec.recipe, views, spec.image_size,
+            self.device.type == "cuda", self.plan.resident_shape is not None, spec.channels_last,
+            batch_size=spec.batch_size * self.plan.run_batches, num_threads=spec.num_threads,
+            device_id=_device_id(self.device), seed=seed % 2**31, prefetch_queue_depth=PIPELINE_PREFETCH,
             exec_dynamic=True)
         self.pipeline.build()
 
@@ -255,81 +188,33 @@ class _Feeder:
             self.source_cpu_seconds += time.thread_time() - started
 
     def _batch_inputs(self, info) -> tuple:
-        """The external source's outputs for one run (the pass's next `_run_batches` batches, fewer at its end):
-        images, then every drawn parameter (self._names)."""
-        first = self._first + int(info.iteration) * self._run_batches
-        batches = range(first, min(first + self._run_batches, len(self._plan)))
-        if self._cancelled.is_set() or not batches:
+        """The external source's outputs for one run: FeedPlan.run_inputs of the run DALI asks for."""
+        if self._cancelled.is_set():
             raise StopIteration
-        positions = np.concatenate([self._plan[batch] for batch in batches])
-        # (reads the image sizes of each batch's block first, and finds damaged headers)
-        parameters = [np.concatenate(parts) for parts in zip(*(self._parameters(batch) for batch in batches))]
-        if self._undecodable:
-            for position in sorted(self._undecodable.keys() & set(positions.tolist())):
-                self._damaged = self._undecodable[position]  # a sample of this run is damaged
-                raise self._damaged
-        if self._pixels is not None:
-            images = self._pixels[positions if self._rows is None else self._rows[positions]]
-        else:
-            encoded = self.samples.images(positions)
-            # one N x longest array (zeros after each image's end, which decoders ignore): one copy into DALI
-            images = np.zeros((len(encoded), max(len(data) for data in encoded)), dtype=np.uint8)
-            for row, data in zip(images, encoded):
-                row[:len(data)] = data
+        try:
+            positions, inputs = self.plan.run_inputs(int(info.iteration))
+        except UserError as damaged:   # a sample of this run is damaged
+            self._damaged = damaged
+            raise
         self._fed.append(positions)
-        return (images, *parameters)
-
-    def _parameters(self, batch: int) -> list[np.ndarray]:
-        """Batch `batch`'s drawn parameters, in the order of self._names. They are drawn for a block of
-        `_block_batches` batches at once (numpy's fixed cost per call spread over the block), from a generator
-        seeded with (seed, *seed_parts, block): a batch's parameters depend on its epoch and block only,
-        not on where the pass started."""
-        block = batch // self._block_batches
-        if self._block is None or self._block[0] != block:
-            positions = np.concatenate(self._plan[block * self._block_batches:(block + 1) * self._block_batches])
-            rng = np.random.default_rng(epoch_seed(self.seed, *self._seed_parts, block))
-            drawn = [draw_view(steps, rng, self._sizes(positions), self.image_size) for steps in self.views]
-            self._block = block, [drawn[view][step][key] for view, step, key in self._names]
-        start = (batch - block * self._block_batches) * self.batch_size
-        return [values[start:start + self.batch_size] for values in self._block[1]]
-
-    def _sizes(self, positions: np.ndarray) -> np.ndarray:
-        """N x 2 (height, width) of the samples at `positions`: the resident size, or read from their headers
-        once and kept. A damaged PNG (DALI's decoder may not survive one) or an image declaring more than
-        MAX_IMAGE_PIXELS pixels is noted in self._undecodable (its batch raises the UserError naming it) and
-        drawn for as 1 x 1."""
-        if self._resident_shape is not None:
-            return np.broadcast_to(np.asarray(self._resident_shape), (len(positions), 2))
-        unknown = np.unique(positions[self._shapes[positions, 0] < 0])
-        for position, encoded in zip(unknown, self.samples.images(unknown)):
-            problem = png_problem(encoded.tobytes()) if self.image_format == "png" else None
-            shape = image_shape(encoded)
-            problem = problem or too_many_pixels(*shape)
-            if problem is not None:
-                self._undecodable[int(position)] = self.samples.decode_error(int(position), ValueError(problem))
-                shape = (1, 1)
-            self._shapes[position] = shape
-        return self._shapes[positions]
+        return inputs
 
     def _feed(self, stream) -> None:
         """The feeding thread: one pass of the plan into the queue, then an end mark (or the error)."""
         start = time.thread_time()
         try:
-            if self._resident_shape is not None and self._pixels is None:
-                self._pixels, self._undecodable, seconds = decode_resident(
-                    self.samples, self._positions, self._resident_shape, usable_cpus())
-                self.feed_cpu_seconds_done += seconds
-            todo = self._plan[self._first:]
+            self.feed_cpu_seconds_done += self.plan.decode_resident(self.spec.num_threads)
+            todo = self.plan.batches[self.plan.first:]
             labels = {}  # the pass's positions and labels, uploaded and indexed once; each batch takes a slice
             if todo:
                 index = torch.from_numpy(np.concatenate(todo)).to(self.device)
                 labels = {"fine": self.fine[index], "coarse": self.coarse[index], "index": index}
-            for run in range(0, len(todo), self._run_batches):
+            for run in range(0, len(todo), self.plan.run_batches):
                 if self._cancelled.is_set():
                     break
                 views = self._views(self._run(stream), stream)
                 self._live = time.thread_time() - start
-                for batch in range(run, min(run + self._run_batches, len(todo))):
+                for batch in range(run, min(run + self.plan.run_batches, len(todo))):
                     rows = slice((batch - run) * self.batch_size, (batch - run + 1) * self.batch_size)
                     item = {name: view[rows] for name, view in views.items()}
                     rows = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
@@ -405,9 +290,9 @@ class _Feeder:
 
     # --------------------------------------------------------------------- in the training thread
 
-    def _start(self, plan: list[np.ndarray], seed_parts: tuple, first: int) -> None:
+    def _start(self, batches: list[np.ndarray], seed_parts: tuple, first: int) -> None:
         self._stop()
-        self._plan, self._seed_parts, self._first, self._block = plan, seed_parts, first, None
+        self.plan.start(batches, seed_parts, first)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self._cancelled.clear()
         self._thread = threading.Thread(target=self._feed_on, args=(stream,), name="maskcon-dali-feeder",
