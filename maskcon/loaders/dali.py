@@ -4,9 +4,9 @@ The same graph runs on the GPU (device_id = the CUDA device; JPEG decoded by `mi
 (device_id=None), which is how CI tests it and how CPU-only users train. Design notes: DESIGN.md.
 
 Images. Small PNG datasets (every image of one size of at most RESIDENT_MAX_PIXELS pixels, feed_plan.py: the
-32-px sets) are decoded once, by PIL in the loader's threads (--loader-threads), when the loader's first pass
-starts, into one resident uint8 array (num_samples x H x W x 3: 150 MB for CIFAR's 50,000 images, 3.9 GB for
-ImageNet32's 1.28M), from which each batch is gathered and fed to DALI as HWC pixels: no image is
+32-px sets) are decoded once when the loader's first pass starts, before training, by PIL in as many threads
+as the process may use CPUs (the loader's threads are DALI's), into one resident uint8 array (num_samples x
+H x W x 3: 150 MB for CIFAR's 50,000 images, 3.9 GB for ImageNet32's 1.28M), from which each batch is gathered and fed to DALI as HWC pixels: no image is
 decoded while training, and no integrity check runs per batch (PIL checks every file as it decodes it once,
 and a batch holding a sample that did not decode raises the error naming it; `verify` reads every sample).
 Measured on 20,000 synthetic 32-px PNGs (2-core CPU, shared, BENCHMARKS.md "Two-view loading"): decoding
@@ -50,6 +50,7 @@ import time
 import numpy as np
 import torch
 
+from maskcon import usable_cpus
 from maskcon.errors import UserError
 from maskcon.loaders.dali_ops import view_graph
 from maskcon.loaders.feed_plan import FeedPlan
@@ -203,7 +204,7 @@ class _Feeder:
         """The feeding thread: one pass of the plan into the queue, then an end mark (or the error)."""
         start = time.thread_time()
         try:
-            self.feed_cpu_seconds_done += self.plan.decode_resident(self.spec.num_threads)
+            self.feed_cpu_seconds_done += self.plan.decode_resident(usable_cpus())   # once, before training
             todo = self.plan.batches[self.plan.first:]
             labels = {}  # the pass's positions and labels, uploaded and indexed once; each batch takes a slice
             if todo:

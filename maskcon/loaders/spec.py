@@ -40,7 +40,8 @@ class TestBatch(TypedDict):
 
 @dataclass(frozen=True)
 class LoaderDefaults:
-    """threads: DALI's CPU threads (they also decode a resident dataset once) or DataLoader workers;
+    """threads: DALI's CPU threads or DataLoader workers (a resident dataset's one decoding before training
+    takes every CPU the process may use);
     prefetch: prepared batches the DALI feeding thread keeps queued, or batches per DataLoader worker."""
 
     threads: int
