@@ -215,16 +215,6 @@ def newest_intact(root: Path | str, log: Callable[[str], None]) -> Path | None:
     raise UserError(f"--resume: no intact checkpoint in {root} ({listed}); start afresh in a new --output-dir")
 
 
-def resume_point(accelerator: Accelerator, root: Path | str, log: Callable[[str], None]) -> Path | None:
-    """newest_intact() decided on the main process (which alone logs) and shared with all processes."""
-
-    def choose() -> Path | None:
-        restore_replaced(root)
-        return newest_intact(root, log)
-
-    return _on_main(accelerator, choose, "choosing a checkpoint to resume from")
-
-
 def read_state(path: Path | str) -> dict:
     """The trainer state saved with the checkpoint at PATH: step, epoch and the save() call's extra_state."""
     file = Path(path) / STATE_FILE

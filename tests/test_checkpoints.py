@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 from accelerate import Accelerator
 
-from maskcon import checkpoints, plan
+from maskcon import checkpoints, plan, rundir
 from maskcon.config import Config
 from maskcon.errors import UserError
 from maskcon.methods import method_for
@@ -173,7 +173,7 @@ def test_a_save_that_fails_while_replacing_a_checkpoint_of_its_name_leaves_the_o
     with pytest.raises(UserError, match="No space left on device"):
         checkpoints.save(accelerator, root, step=4, epoch=0, extra_state={"note": "second"}, keep=3)
     monkeypatch.setattr(os, "replace", real_replace)
-    assert checkpoints.resume_point(accelerator, root, lambda line: None) == same
+    assert rundir.resume_point(tmp_path, "newest", lambda line: None)[1] == same   # as a resumed run picks
     assert checkpoints.read_state(same)["note"] == "first"
     assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000004"]
 
@@ -335,7 +335,7 @@ def test_a_failed_resume_leaves_the_output_folder_as_it_was(tmp_path):
     truncate(newest / "model.safetensors")
     before = folder_contents(output)
 
-    chosen = checkpoints.resume_point(accelerator, root, log=lambda line: None)
+    chosen = rundir.resume_point(output, "newest", lambda line: None)[1]
     with pytest.raises(UserError):
         checkpoints.check_resume(checkpoints.read_state(chosen)["run"], record(batch_size=32), set())
     with pytest.raises(UserError):
@@ -343,7 +343,7 @@ def test_a_failed_resume_leaves_the_output_folder_as_it_was(tmp_path):
     (chosen / "files.json").unlink()
     after_unlink = folder_contents(output)
     with pytest.raises(UserError):
-        checkpoints.resume_point(accelerator, root, log=lambda line: None)
+        rundir.resume_point(output, "newest", lambda line: None)
     assert folder_contents(output) == after_unlink
     del before["checkpoints/step-00000001/files.json"]
     assert after_unlink == before
@@ -361,10 +361,11 @@ def process(rank: int, world_size: int, task: str, folder: str) -> None:
         train_steps(accelerator, model, optimizer, 3, seed=1)
         checkpoints.save(accelerator, root, step=3, epoch=0, extra_state={"world_size": world_size}, keep=2)
     else:
-        path = checkpoints.resume_point(accelerator, root, log=print)
+        path = rundir.claim_everywhere(folder, "newest", dataset="digits", method="maskcon", log=print).resume_from
         checkpoints.load(accelerator, path)
         try:  # decided on the main process only: the other process must raise too, not wait
-            checkpoints.resume_point(accelerator, Path(folder) / "damaged", log=print)
+            rundir.claim_everywhere(str(Path(folder) / "damaged"), "newest", dataset="digits", method="maskcon",
+                                    log=print)
         except UserError as error:
             (Path(folder) / f"refused-rank{rank}.txt").write_text(f"{type(error).__name__}: {error}")
     torch.save(snapshot(accelerator, model, optimizer), Path(folder) / f"{task}-rank{rank}.pt")
@@ -394,7 +395,8 @@ def test_one_process_saves_and_two_processes_load_the_same_weights_and_refuse_to
     train_steps(accelerator, model, optimizer, 3, seed=2)
     saved = snapshot(accelerator, model, optimizer)
     checkpoints.save(accelerator, tmp_path / "checkpoints", step=3, epoch=0, extra_state={}, keep=2)
-    damaged = checkpoints.save(accelerator, tmp_path / "damaged", step=1, epoch=0, extra_state={}, keep=2)
+    damaged = checkpoints.save(accelerator, tmp_path / "damaged" / "checkpoints", step=1, epoch=0, extra_state={},
+                               keep=2)
     (damaged / "files.json").unlink()
     for loaded in run_processes(2, "load", tmp_path):
         assert_same(loaded, saved)
