@@ -21,7 +21,7 @@ import torch
 import yaml
 from torch import nn
 
-from maskcon import checkpoints
+from maskcon import checkpoints, rundir
 from maskcon.backbone import BACKBONE_FILE, build_encoder, load_backbone
 from maskcon.errors import OneLineParser, UserError
 from maskcon.retrieval import RECALL_KS, recall_at_k
@@ -45,13 +45,13 @@ def load_network(path: Path) -> tuple[nn.Module, dict, str]:
     loaded) of PATH: a run folder, a backbone.pt, or a checkpoint folder."""
     path = Path(path)
     run = _run_folder(path)
-    settings = yaml.safe_load((run / "config.yaml").read_text()) if run and (run / "config.yaml").is_file() else {}
+    settings = yaml.safe_load((run / rundir.CONFIG).read_text()) if run and (run / rundir.CONFIG).is_file() else {}
     if path.is_file() or (path / BACKBONE_FILE).is_file():
         encoder = load_backbone(path)
         settings = {**settings, **{name: encoder.metadata[name] for name in ("dataset", "arch", "image_size")}}
         return encoder, settings, f"backbone {path if path.is_file() else path / BACKBONE_FILE}"
     checkpoint = path if (path / checkpoints.MODEL_FILE).is_file() else \
-        checkpoints.newest_intact(path / "checkpoints", lambda line: None) if path.is_dir() else None
+        checkpoints.newest_intact(path / rundir.CHECKPOINTS, lambda line: None) if path.is_dir() else None
     if checkpoint is None:
         raise UserError(f"{path} holds no backbone.pt and no checkpoint; pass a run folder, a backbone.pt or a "
                         f"checkpoint folder (RUN/checkpoints/step-N)")
@@ -67,7 +67,7 @@ def load_network(path: Path) -> tuple[nn.Module, dict, str]:
 def _run_folder(path: Path) -> Path | None:
     """The run folder PATH belongs to (itself, the folder of its backbone.pt, or of its checkpoints)."""
     for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / "config.yaml").is_file():
+        if (candidate / rundir.CONFIG).is_file():
             return candidate
     return None
 

@@ -35,6 +35,11 @@ def library_versions() -> dict:
     return {**versions, **(dali or {"nvidia-dali": None})}
 
 
+def dali_wheel() -> str | None:
+    """The installed DALI wheel and its version ("nvidia-dali-cuda130 2.4.0"), None without DALI."""
+    return next((f"{name} {version}" for name in DALI_WHEELS if (version := _version(name))), None)
+
+
 def _version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)

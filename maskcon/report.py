@@ -12,6 +12,7 @@ tau), with w and tau shown only for the methods that read them ("/" as in the su
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from maskcon import rundir
 from maskcon.datasets import DATASETS as PRESET_DATASETS
 from maskcon.errors import OneLineParser, UserError
 from maskcon.methods import METHODS
@@ -223,17 +225,16 @@ def read_run_folders(paths: list[Path], log=lambda line: print(line, file=sys.st
     for path in paths:
         if not path.is_dir():
             raise UserError(f"{path} is not a folder; pass run folders (runs/NAME) or the folder that holds them")
-        folders = [path] if (path / "config.yaml").exists() else sorted(p for p in path.iterdir() if (p / "config.yaml").exists())
+        folders = [path] if (path / rundir.CONFIG).exists() else sorted(p for p in path.iterdir()
+                                                                        if (p / rundir.CONFIG).exists())
         if not folders:
             raise UserError(f"{path} holds no run (no config.yaml in it or its subfolders)")
         for folder in folders:
-            if not (folder / "results.json").exists():
+            if not (folder / rundir.RESULTS).exists():
                 log(f"{folder}: no results.json (unfinished); left out")
                 continue
-            import json
-
-            config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-            records.append(run_record(config, json.loads((folder / "results.json").read_text()), str(folder)))
+            config = yaml.safe_load((folder / rundir.CONFIG).read_text()) or {}
+            records.append(run_record(config, json.loads((folder / rundir.RESULTS).read_text()), str(folder)))
     return records
 
 

@@ -91,7 +91,7 @@ class Run:
 
     @property
     def checkpoint_root(self) -> Path:
-        return self.output_dir / "checkpoints"
+        return self.output_dir / rundir.CHECKPOINTS
 
     @property
     def global_batch(self) -> int:
@@ -226,7 +226,7 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
 
     def write_config() -> None:
         claimed.path.mkdir(parents=True, exist_ok=True)
-        (claimed.path / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        (claimed.path / rundir.CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     failures.run_on_main(write_config)
     model, learner, optimizer = build_learner(config, accelerator, plan.manifest, plan.channels_last, plan.base_lr)

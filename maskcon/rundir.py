@@ -34,22 +34,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maskcon import checkpoints, dist, failures
+from maskcon.backbone import BACKBONE_FILE
 from maskcon.errors import UserError
 from maskcon.stopping import LAUNCHER_ENV
 
 RESUME_NEWEST = "newest"  # the value of a bare --resume
 RESUME_AUTO = "auto"
+# The files of a run folder
 CHECKPOINTS = "checkpoints"  # RUN/checkpoints/step-XXXXXXXX
-RESULTS = "results.json"
+CONFIG = "config.yaml"       # the resolved record of the run
+METRICS = "metrics.jsonl"    # a row per logging point and evaluation
+CONSOLE = "console.log"      # what the main process printed
+RESULTS = "results.json"     # the final figures
+WANDB_RUN_ID, WANDB_DIR = "wandb_run_id", "wandb"
 # What a run writes into its folder; a folder holding any of them belongs to a run.
-RUN_FILES = ("config.yaml", "metrics.jsonl", RESULTS, "backbone.pt", "wandb_run_id", "wandb", CHECKPOINTS)
+RUN_FILES = (CONFIG, METRICS, RESULTS, BACKBONE_FILE, WANDB_RUN_ID, WANDB_DIR, CHECKPOINTS)
 RUN_PICTURES = ("retrievals-*.png", "embedding-*.png")
-FINISHED_FILES = (RESULTS, "backbone.pt")  # written when a run ends (finished, or at --max-steps)
+FINISHED_FILES = (RESULTS, BACKBONE_FILE)  # written when a run ends (finished, or at --max-steps)
 DEFAULT_ROOT = Path("runs")
 LOCK = "run.lock"           # held by the run writing into the folder (see the module's text)
 START_MARK = ".starting"    # a fresh start that has not trained yet; removed at its first row or checkpoint
 # What a start writes before training: taken over with the folder when that start failed.
-START_FILES = ("config.yaml", "console.log", "metrics.jsonl", "wandb_run_id", "wandb", *RUN_PICTURES)
+START_FILES = (CONFIG, CONSOLE, METRICS, WANDB_RUN_ID, WANDB_DIR, *RUN_PICTURES)
 
 _held: dict[Path, int] = {}  # folder (resolved) -> descriptor of its lock file, held by this process
 

@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from maskcon import rundir
 from maskcon.errors import UserError
 
 
@@ -114,8 +115,8 @@ class Tracker:
     def __init__(self, output_dir: Path, *, config: dict, wandb_mode: str, project: str, name: str,
                  resume: bool = False, resume_step: int = 0):
         self.output_dir = Path(output_dir)
-        self.console = ConsoleLog(self.output_dir / "console.log")
-        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.console = ConsoleLog(self.output_dir / rundir.CONSOLE)
+        self.metrics_path = self.output_dir / rundir.METRICS
         if resume and self.metrics_path.exists():
             # rows written after the checkpoint we resume from are logged again by the resumed run
             _keep_rows_until(self.metrics_path, resume_step)
@@ -126,7 +127,7 @@ class Tracker:
         if self.mode != "disabled":
             import wandb
 
-            run_id_file = self.output_dir / "wandb_run_id"
+            run_id_file = self.output_dir / rundir.WANDB_RUN_ID
             run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else None
             try:
                 self.run = wandb.init(project=project, name=name, config=config, dir=str(self.output_dir),

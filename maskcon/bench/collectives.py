@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -39,6 +38,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from maskcon import dist, failures, usable_cpus
+from maskcon.bench import cpu_name
 from maskcon.config import ARCHS
 from maskcon.errors import OneLineParser, UserError
 from maskcon.model import FEATURE_DIMS, MaskConModel
@@ -212,14 +212,6 @@ def _free_port() -> int:
         return listener.getsockname()[1]
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _summary(per_rank: list[list[dict]], options: argparse.Namespace) -> dict:
     cases = {}
     for rows in zip(*per_rank):
@@ -243,7 +235,7 @@ def _summary(per_rank: list[list[dict]], options: argparse.Namespace) -> dict:
         table.append(entry)
     evaluation = [rows[-1]["evaluation"] for rows in per_rank]
     return {"command": "python launch/bench.py collectives " + shlex.join(sys.argv[2:]),
-            "machine": f"{_cpu_name()}, {usable_cpus()} CPUs, torch {torch.__version__}, gloo",
+            "machine": f"{cpu_name()}, {usable_cpus()} CPUs, torch {torch.__version__}, gloo",
             "processes": options.processes, "arch": options.arch, "precision": options.precision,
             "queue_size": options.queue_size, "dim": options.dim, "log_every": options.log_every,
             "repeats": options.repeats, "steps": table,

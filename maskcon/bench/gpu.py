@@ -38,6 +38,7 @@ from pathlib import Path
 
 from maskcon import usable_cpus
 from maskcon.errors import OneLineParser, UserError
+from maskcon.provenance import code_state, dali_wheel
 
 ROOT = Path(__file__).resolve().parents[2]
 GOALS = {   # the figures a GPU must reach on the ImageNet32 preset (one H100/H200)
@@ -256,7 +257,7 @@ def _context(args, argv: list[str], sizes: Sizes) -> dict:
 
     context = {"date": datetime.date.today().isoformat(), "command": shlex.join(["python", "launch/bench.py", "gpu", *argv]),
                "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": usable_cpus(),
-               "commit": args.commit or _git_head(), "dali": _version("nvidia.dali"), "device": args.device,
+               "commit": args.commit or _short_commit(), "dali": dali_wheel() or "not installed", "device": args.device,
                "train_images": sizes.train_images, "jpeg_images": sizes.jpeg_train, "jpeg_side": sizes.jpeg_side}
     if args.device == "cuda":
         properties = torch.cuda.get_device_properties(0)
@@ -267,20 +268,9 @@ def _context(args, argv: list[str], sizes: Sizes) -> dict:
     return context
 
 
-def _version(module: str) -> str:
-    try:
-        return __import__(module, fromlist=["__version__"]).__version__
-    except ImportError:
-        return "not installed"
-
-
-def _git_head() -> str:
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown (no git)"
-    return done.stdout.strip() or "unknown (not a git checkout)"
+def _short_commit() -> str:
+    commit = code_state()["commit"]
+    return commit[:7] if commit else "unknown (not a git checkout)"
 
 
 def _driver() -> str:
