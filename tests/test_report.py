@@ -1,6 +1,7 @@
 """launch/report.py's table: rows over seeds, the supplement's published figures beside ours."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,41 @@ def write_run(folder: Path, dataset: str, method: str, seed: int, recall: dict |
     if recall is not None:
         (folder / "results.json").write_text(json.dumps({"step": 10, **recall}))
     return folder
+
+
+SUPPLEMENT = Path(__file__).resolve().parents[2] / "shared" / "seed" / "maskcon-supplement.md"
+NAMES = {"SupFINE": "supfine", "Graft": "grafit", "CoIns": "coins", "MaskCon": "maskcon", "SelfCon": "selfcon"}
+TABLE_DATASETS = {4: ["cifar100"], 5: ["sop_split1"], 6: ["cifartoy_good", "cifartoy_bad"], 7: ["sop_split2"],
+                  8: ["cars196"]}
+
+
+def supplement_tables(text: str) -> dict:
+    """Tables 4-8 of the supplement's text: (dataset, method, w, tau) -> (table, (R@1, R@2, R@5, R@10)); a
+    row without a method name continues the one above; Table 6 holds two splits side by side."""
+    found, block, method = {}, [], None
+    for line in text.splitlines():
+        caption = re.match(r"Table (\d)\. Extra results", line)
+        if caption and int(caption.group(1)) in TABLE_DATASETS:
+            table = int(caption.group(1))
+            for cells in block:
+                method = NAMES.get(cells[0], method) if cells[0] else method
+                w, t = (None if cell == "/" else float(cell) for cell in cells[1:3])
+                figures = [float(re.sub(r"</?b>", "", cell)) for cell in cells[3:]]
+                for part, dataset in enumerate(TABLE_DATASETS[table]):
+                    found[(dataset, method, w, t)] = (table, tuple(figures[4 * part:4 * part + 4]))
+            block = []
+        elif "\t" in line and re.search(r"\d\.\d\d", line):
+            block.append(line.split("\t"))
+        elif not line.strip():
+            continue
+        else:
+            block = [] if line.startswith("Method") else block
+    return found
+
+
+@pytest.mark.skipif(not SUPPLEMENT.is_file(), reason="the supplement is not beside the checkout")
+def test_published_figures_are_every_row_of_the_supplements_tables_4_to_8():
+    assert PUBLISHED == supplement_tables(SUPPLEMENT.read_text())
 
 
 def test_published_figures_are_the_supplements_tables():
