@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 
-from maskcon import failures
+from maskcon import config, failures
 from maskcon.errors import UserError
 
 CHECKPOINT_PREFIX = "step-"
@@ -45,24 +45,11 @@ MODEL_FILE = "model.safetensors"  # Accelerate's name of the first prepared mode
 OWN_FILE = "own_{rank}.safetensors"  # what one process keeps for itself (its batch-norm statistics)
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
-# Options that define the run: a resumed run must match the checkpoint's in each, unless the user accepts
-# the change by name (--accept-changes). "world_size" (number of processes) and "shards_fingerprint" (the
-# shards' identity) are not options; run_record() adds them.
-MUST_MATCH_ON_RESUME = frozenset({
-    "dataset", "shards_fingerprint", "method", "arch", "image_size", "batch_size", "world_size", "queue_size",
-    "w", "t", "t0", "lr", "lr_reference_batch", "scale_lr", "warmup_epochs", "epochs", "momentum",
-    "weight_decay", "seed", "query_view", "key_view", "key_momentum", "proj_hidden", "proj_dim", "pretrained",
-    "loader", "mixed_precision",
-})
-
-# Options that leave the trained weights unchanged (where and how often the run logs, evaluates and writes,
-# how fast it runs, where the same shards lie): a resumed run may change them silently.
-MAY_DIFFER_ON_RESUME = frozenset({
-    "shards", "shard_cache", "shard_cache_limit", "loader_threads", "channels_last", "compile", "compile_mode", "dist_timeout", "eval_every",
-    "eval_untrained", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "resume",
-    "output_dir", "wandb", "wandb_project", "run_name", "max_steps", "config", "accept_changes", "global_batch",
-    "print_config", "check",
-})
+# What a resumed run must match, unless the user accepts the change by name (--accept-changes), and what it
+# may change silently: the options' own classes (maskcon.config.option), and two things that are not options,
+# added by run_record(): "world_size" (the number of processes) and "shards_fingerprint" (the shards' identity).
+MUST_MATCH_ON_RESUME = config.MUST_MATCH_ON_RESUME | {"world_size", "shards_fingerprint"}
+MAY_DIFFER_ON_RESUME = config.MAY_DIFFER_ON_RESUME
 
 
 # ------------------------------------------------------------------------------------------ the run's identity

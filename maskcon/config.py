@@ -21,73 +21,89 @@ import yaml
 
 from maskcon.datasets import DATASETS
 from maskcon.errors import OneLineParser, UserError
+from maskcon.loaders.spec import BACKENDS
+from maskcon.model import FEATURE_DIMS
+from maskcon.recipes import VIEW_NAMES
 from maskcon.remote import check_location
+from maskcon.step import COMPILE_MODES
 from maskcon.methods import METHODS
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
-VIEWS = ("strong", "weak")
+ARCHS = tuple(FEATURE_DIMS)   # the backbones the model builds
+VIEWS = VIEW_NAMES            # the recipes' views
+
+
+def option(default, help: str, *, resume: str, **extra):
+    """A Config field: its default, its --help text, and whether a resumed run must keep the checkpoint's
+    value ("match": it defines the run and its weights) or may change it ("free": where and how often the
+    run logs, evaluates and writes, how fast it runs, where the same shards lie). extra: argparse's (const)."""
+    assert resume in ("match", "free"), resume
+    return field(default=default, metadata={"help": help, "resume": resume, **extra})
 
 
 @dataclass
 class Config:
     # --- data ---
-    dataset: str = field(default="digits", metadata={"help": f"dataset of the shards: {', '.join(DATASETS)}"})
-    shards: str | None = field(default=None, metadata={"help": "shard folder, or a remote one: s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or https://HOST/PATH, staged once per node into --shard-cache (none: shards/DATASET under the current folder, where make_shards writes)"})
-    shard_cache: str | None = field(default=None, metadata={"help": "node-local folder for remote shards staged by the run (default: $MASKCON_SHARD_CACHE, else ~/.cache/maskcon/shards)"})
-    shard_cache_limit: str | None = field(default=None, metadata={"help": "most the shard cache may hold, e.g. 500GB or 1.5TiB: whole folders not in use are evicted, least recently used first (default: no limit)"})
-    image_size: int = field(default=32, metadata={"help": "side of the square network input, pixels"})
-    query_view: str = field(default="strong", metadata={"help": "augmentation of the query view: strong|weak"})
-    key_view: str = field(default="weak", metadata={"help": "augmentation of the key view: strong|weak"})
-    loader: str = field(default="dali", metadata={"help": "data loader back end: dali|torch"})
-    loader_threads: int | None = field(default=None, metadata={"help": "CPU threads (DALI) or workers (torch) per process, for training and evaluation; none: 2 for images of up to 64 px, 8 for larger ones"})
+    dataset: str = option("digits", f"dataset of the shards: {', '.join(DATASETS)}", resume="match")
+    shards: str | None = option(None, "shard folder, or a remote one: s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or https://HOST/PATH, staged once per node into --shard-cache (none: shards/DATASET under the current folder, where make_shards writes)", resume="free")
+    shard_cache: str | None = option(None, "node-local folder for remote shards staged by the run (default: $MASKCON_SHARD_CACHE, else ~/.cache/maskcon/shards)", resume="free")
+    shard_cache_limit: str | None = option(None, "most the shard cache may hold, e.g. 500GB or 1.5TiB: whole folders not in use are evicted, least recently used first (default: no limit)", resume="free")
+    image_size: int = option(32, "side of the square network input, pixels", resume="match")
+    query_view: str = option("strong", f"augmentation of the query view: {'|'.join(VIEWS)}", resume="match")
+    key_view: str = option("weak", f"augmentation of the key view: {'|'.join(VIEWS)}", resume="match")
+    loader: str = option("dali", f"data loader back end: {'|'.join(BACKENDS)}", resume="match")
+    loader_threads: int | None = option(None, "CPU threads (DALI) or workers (torch) per process, for training and evaluation; none: 2 for images of up to 64 px, 8 for larger ones", resume="free")
     # --- method ---
-    method: str = field(default="maskcon", metadata={"help": f"objective: {'|'.join(METHODS)}"})
-    w: float = field(default=1.0, metadata={"help": "weight of the soft target (MaskCon, Grafit) or of the coarse CE (CoIns), in [0, 1]"})
-    t: float = field(default=0.05, metadata={"help": "MaskCon temperature of the key-to-bank similarities (tau)"})
-    t0: float = field(default=0.1, metadata={"help": "temperature of the contrastive logits (tau_0, supplement section A)"})
-    queue_size: int = field(default=8192, metadata={"help": "memory bank size K, keys"})
-    key_momentum: float = field(default=0.99, metadata={"help": "momentum m of the key encoder"})
+    method: str = option("maskcon", f"objective: {'|'.join(METHODS)}", resume="match")
+    w: float = option(1.0, "weight of the soft target (MaskCon, Grafit) or of the coarse CE (CoIns), in [0, 1]", resume="match")
+    t: float = option(0.05, "MaskCon temperature of the key-to-bank similarities (tau)", resume="match")
+    t0: float = option(0.1, "temperature of the contrastive logits (tau_0, supplement section A)", resume="match")
+    queue_size: int = option(8192, "memory bank size K, keys", resume="match")
+    key_momentum: float = option(0.99, "momentum m of the key encoder", resume="match")
     # --- network ---
-    arch: str = field(default="resnet18", metadata={"help": f"backbone: {'|'.join(ARCHS)}"})
-    pretrained: str | None = field(default=None, metadata={"help": "initial weights: 'imagenet' (torchvision's; the paper datasets' default), a local torchvision weights file, or none"})
-    proj_hidden: int = field(default=512, metadata={"help": "projector hidden width"})
-    proj_dim: int = field(default=128, metadata={"help": "projector output dimension"})
+    arch: str = option("resnet18", f"backbone: {'|'.join(ARCHS)}", resume="match")
+    pretrained: str | None = option(None, "initial weights: 'imagenet' (torchvision's; the paper datasets' default), a local torchvision weights file, or none", resume="match")
+    proj_hidden: int = option(512, "projector hidden width", resume="match")
+    proj_dim: int = option(128, "projector output dimension", resume="match")
     # --- optimisation (supplement, section A) ---
-    epochs: int = field(default=200, metadata={"help": "training epochs"})
-    batch_size: int = field(default=128, metadata={"help": "images per process per step (set by --global-batch when given)"})
-    global_batch: int | None = field(default=None, metadata={"help": "images per step summed over all processes, split evenly over them; the sweeps pin it to the recipe's batch (recorded in config.yaml either way)"})
-    lr: float = field(default=0.02, metadata={"help": "SGD learning rate for the reference batch"})
-    lr_reference_batch: int = field(default=128, metadata={"help": "global batch that --lr is given for"})
-    scale_lr: bool = field(default=True, metadata={"help": "scale lr linearly by global batch / reference batch"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
-    warmup_epochs: float = field(default=5.0, metadata={"help": "linear warm-up before the per-step cosine schedule, epochs"})
-    mixed_precision: str | None = field(default=None, metadata={"help": "no|bf16|fp16 (default: bf16 on a GPU unless accelerate launch asks for fp16 or bf16; fp32 on the CPU)"})
-    channels_last: bool | None = field(default=None, metadata={"help": "channels-last memory format (default: on for a GPU, off on the CPU)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile both encoders and projectors"})
-    compile_mode: str | None = field(default=None, metadata={"help": "torch.compile mode with --compile: default|reduce-overhead|max-autotune|max-autotune-no-cudagraphs"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
+    epochs: int = option(200, "training epochs", resume="match")
+    batch_size: int = option(128, "images per process per step (set by --global-batch when given)", resume="match")
+    global_batch: int | None = option(None, "images per step summed over all processes, split evenly over them; the sweeps pin it to the recipe's batch (recorded in config.yaml either way)", resume="free")
+    lr: float = option(0.02, "SGD learning rate for the reference batch", resume="match")
+    lr_reference_batch: int = option(128, "global batch that --lr is given for", resume="match")
+    scale_lr: bool = option(True, "scale lr linearly by global batch / reference batch", resume="match")
+    momentum: float = option(0.9, "SGD momentum", resume="match")
+    weight_decay: float = option(5e-4, "SGD weight decay", resume="match")
+    warmup_epochs: float = option(5.0, "linear warm-up before the per-step cosine schedule, epochs", resume="match")
+    mixed_precision: str | None = option(None, "no|bf16|fp16 (default: bf16 on a GPU unless accelerate launch asks for fp16 or bf16; fp32 on the CPU)", resume="match")
+    channels_last: bool | None = option(None, "channels-last memory format (default: on for a GPU, off on the CPU)", resume="free")
+    compile: bool = option(False, "torch.compile both encoders and projectors", resume="free")
+    compile_mode: str | None = option(None, f"torch.compile mode with --compile: {'|'.join(COMPILE_MODES)}", resume="free")
+    seed: int = option(0, "random seed", resume="match")
     # --- evaluation, logging, checkpoints ---
-    eval_every: int = field(default=10, metadata={"help": "evaluate Recall@K every N epochs (and always after the last)"})
-    eval_untrained: bool = field(default=False, metadata={"help": "also evaluate the untrained network before the first step (a baseline)"})
-    eval_batch_size: int = field(default=256, metadata={"help": "images per process per evaluation batch"})
-    log_every: int = field(default=10, metadata={"help": "write a metrics row every N steps"})
-    checkpoint_every: int = field(default=10, metadata={"help": "checkpoint every N epochs (0: only on SIGTERM and at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
-    resume: str | None = field(default=None, metadata={"help": "continue a run. Bare --resume: from the newest intact checkpoint in OUTPUT_DIR/checkpoints (an error when there is none); --resume auto: the same when there is one, else start afresh (for requeued jobs); --resume PATH: from a run folder or one checkpoint folder. Without it, an OUTPUT_DIR that holds another run's files is refused", "const": "newest"})
-    accept_changes: str | None = field(default=None, metadata={"help": "with --resume: comma-separated options allowed to differ from the checkpoint's run (e.g. epochs)"})
-    dist_timeout: float = field(default=10.0, metadata={"help": "minutes a process waits in a collective operation before the run fails"})
-    output_dir: str | None = field(default=None, metadata={"help": "where the run writes (default: a new folder under runs/)"})
-    wandb: str = field(default="auto", metadata={"help": "auto|online|offline|disabled (auto: online when logged in)"})
-    wandb_project: str = field(default="maskcon", metadata={"help": "W&B project"})
-    run_name: str | None = field(default=None, metadata={"help": "run name (default: DATASET-METHOD-TIME)"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps in all (smoke tests)"})
-    config: str | None = field(default=None, metadata={"help": "YAML file of options (command line wins)"})
-    print_config: bool = field(default=False, metadata={"help": "print the resolved configuration as YAML and exit"})
-    check: bool = field(default=False, metadata={"help": "check the run without training (options, shards, --resume checkpoint, W&B), print what it would do and exit"})
+    eval_every: int = option(10, "evaluate Recall@K every N epochs (and always after the last)", resume="free")
+    eval_untrained: bool = option(False, "also evaluate the untrained network before the first step (a baseline)", resume="free")
+    eval_batch_size: int = option(256, "images per process per evaluation batch", resume="free")
+    log_every: int = option(10, "write a metrics row every N steps", resume="free")
+    checkpoint_every: int = option(10, "checkpoint every N epochs (0: only on SIGTERM and at the end)", resume="free")
+    keep_checkpoints: int = option(2, "newest checkpoints kept", resume="free")
+    resume: str | None = option(None, "continue a run. Bare --resume: from the newest intact checkpoint in OUTPUT_DIR/checkpoints (an error when there is none); --resume auto: the same when there is one, else start afresh (for requeued jobs); --resume PATH: from a run folder or one checkpoint folder. Without it, an OUTPUT_DIR that holds another run's files is refused", resume="free", const="newest")
+    accept_changes: str | None = option(None, "with --resume: comma-separated options allowed to differ from the checkpoint's run (e.g. epochs)", resume="free")
+    dist_timeout: float = option(10.0, "minutes a process waits in a collective operation before the run fails", resume="free")
+    output_dir: str | None = option(None, "where the run writes (default: a new folder under runs/)", resume="free")
+    wandb: str = option("auto", "auto|online|offline|disabled (auto: online when logged in)", resume="free")
+    wandb_project: str = option("maskcon", "W&B project", resume="free")
+    run_name: str | None = option(None, "run name (default: DATASET-METHOD-TIME)", resume="free")
+    max_steps: int | None = option(None, "stop after this many steps in all (smoke tests)", resume="free")
+    config: str | None = option(None, "YAML file of options (command line wins)", resume="free")
+    print_config: bool = option(False, "print the resolved configuration as YAML and exit", resume="free")
+    check: bool = option(False, "check the run without training (options, shards, --resume checkpoint, W&B), print what it would do and exit", resume="free")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# A resumed run must match the checkpoint's run in these options, unless the user accepts the change by name
+# (--accept-changes); it may change the others silently (maskcon.checkpoints reads both sets).
+MUST_MATCH_ON_RESUME = frozenset(name for name, f in FIELDS.items() if f.metadata["resume"] == "match")
+MAY_DIFFER_ON_RESUME = frozenset(FIELDS) - MUST_MATCH_ON_RESUME
 # --help's groups, in order: every option in one of them.
 SECTIONS = {
     "data and loader": ("dataset", "shards", "shard_cache", "shard_cache_limit", "image_size", "query_view", "key_view", "loader", "loader_threads"),
@@ -352,9 +368,9 @@ def validate(config: Config) -> None:
             raise UserError(f"temperature --{name} must be > 0, got {getattr(config, name)}")
     for name in ("query_view", "key_view"):
         if getattr(config, name) not in VIEWS:
-            raise UserError(f"--{name.replace('_', '-')} must be strong or weak, got {getattr(config, name)!r}")
-    if config.loader not in ("dali", "torch"):
-        raise UserError(f"--loader must be dali or torch, got {config.loader!r}")
+            raise UserError(f"--{name.replace('_', '-')} must be {' or '.join(VIEWS)}, got {getattr(config, name)!r}")
+    if config.loader not in BACKENDS:
+        raise UserError(f"--loader must be {' or '.join(BACKENDS)}, got {config.loader!r}")
     if config.wandb not in ("auto", "online", "offline", "disabled"):
         raise UserError(f"--wandb must be auto, online, offline or disabled, got {config.wandb!r}")
     if config.mixed_precision not in (None, "no", "bf16", "fp16"):
@@ -372,9 +388,9 @@ def validate(config: Config) -> None:
         raise UserError(f"--lr must be > 0, got {config.lr}")
     if not 0.0 <= config.key_momentum < 1.0:
         raise UserError(f"--key-momentum must lie in [0, 1), got {config.key_momentum}")
-    if config.compile_mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
-        raise UserError(f"--compile-mode must be default, reduce-overhead, max-autotune or "
-                        f"max-autotune-no-cudagraphs, got {config.compile_mode!r}")
+    if config.compile_mode not in (None, *COMPILE_MODES):
+        raise UserError(f"--compile-mode must be {', '.join(COMPILE_MODES[:-1])} or {COMPILE_MODES[-1]}, got "
+                        f"{config.compile_mode!r}")
     if not config.dist_timeout > 0:
         raise UserError(f"--dist-timeout must be > 0 minutes, got {config.dist_timeout}")
     if isinstance(config.resume, bool) or str(config.resume).lower() in ("true", "false", ""):

@@ -60,6 +60,7 @@ from maskcon.methods import Method
 from maskcon.model import MaskConModel
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # torch.compile modes that capture CUDA graphs
+COMPILE_MODES = ("default", *CUDA_GRAPH_MODES, "max-autotune-no-cudagraphs")   # those --compile-mode takes
 BATCH_KEYS = tuple(TrainBatch.__annotations__)   # ("query", "key", "fine", "coarse")
 
 
