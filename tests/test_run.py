@@ -127,7 +127,7 @@ def test_the_test_loader_takes_the_loader_threads_of_the_run(digits_shards, tmp_
 
     assert loader_defaults(8).threads != 1
     run = built_run(digits_shards, tmp_path / "run")      # --loader-threads 1
-    assert run.train_loader.num_threads == 1 and run.test_loader.num_threads == 1
+    assert run.train_loader.pipeline.num_threads == 1 and run.test_loader.pipeline.num_threads == 1   # DALI's own
 
 
 @torch.no_grad()
