@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 from maskcon import dist
 from maskcon.errors import UserError
@@ -136,6 +135,8 @@ def _backbone(arch: str, image_size: int, pretrained: str | None) -> nn.Module:
     For S <= 64 px the 7x7 stride-2 stem and the max-pool become a 3x3 stride-1 conv and identity (official
     code); pretrained weights then load into everything but conv1.
     """
+    import torchvision   # imported here: it costs a second that --help need not pay
+
     net = getattr(torchvision.models, arch)(weights=None)
     small = image_size <= SMALL_IMAGE_SIZE
     if small:
@@ -160,6 +161,8 @@ def _backbone(arch: str, image_size: int, pretrained: str | None) -> nn.Module:
 def check_pretrained_reachable(arch: str) -> None:
     """UserError (one line) unless torchvision's ImageNet weights of `arch` are in the torch hub cache or
     their download address answers (a HEAD request; nothing is downloaded)."""
+    import torchvision   # imported here: it costs a second that --help need not pay
+
     import urllib.error
     import urllib.request
 
@@ -184,6 +187,8 @@ def fetch_pretrained(arch: str, pretrained: str) -> None:
 def _pretrained_state(arch: str, pretrained: str) -> dict[str, torch.Tensor]:
     """State dict of torchvision's ImageNet weights ("imagenet", downloaded once to the torch hub cache) or
     of a local weights file (a torchvision ResNet state dict saved with torch.save)."""
+    import torchvision   # imported here: it costs a second that --help need not pay
+
     if pretrained == "imagenet":
         weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1     # the official code's weights
         try:

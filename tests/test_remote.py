@@ -18,6 +18,7 @@ import yaml
 
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.slow   # a server process and the doors' subprocesses in every test
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "maskcon-data"
 FAST = ["--image-size", "8", "--batch-size", "64", "--queue-size", "128", "--eval-batch-size", "128",
@@ -166,7 +167,6 @@ def test_create_uploads_every_shard_and_verify_stages_them_once(s3, remote_digit
     assert not list((tmp_path / "cache").rglob("*.partial"))
 
 
-@pytest.mark.slow
 def test_two_processes_of_one_node_download_each_file_once(s3, remote_digits, tmp_path):
     server, env = s3
     url = f"s3://{BUCKET}/twice"
@@ -275,7 +275,6 @@ class CuttingProxy:
         self._listen()
 
 
-@pytest.mark.slow
 def test_network_lost_mid_download_is_one_line_and_the_same_command_then_completes(s3, remote_digits, tmp_path):
     server, env = s3
     manifest = manifest_of(env, remote_digits)
@@ -367,7 +366,6 @@ def test_without_the_cloud_extra_a_url_names_it(remote_digits, s3, tmp_path):
     assert 'pip install -e ".[cloud]"' in line
 
 
-@pytest.mark.slow
 def test_a_run_on_s3_shards_ends_with_the_weights_of_the_run_on_local_shards(s3, remote_digits, digits_shards,
                                                                              tmp_path):
     server, env = s3
@@ -395,7 +393,6 @@ def test_a_run_on_s3_shards_ends_with_the_weights_of_the_run_on_local_shards(s3,
     assert server.gets("/digits/") - before == 1   # the manifest, compared
 
 
-@pytest.mark.slow
 def test_an_interrupted_create_continues_where_it_stopped(s3, remote_digits, tmp_path):
     """The network lost a third of the way through `create --out s3://`: one line, no manifest remote; the
     same command again puts only what the first did not, then the manifest, and the folder verifies."""
@@ -484,7 +481,6 @@ def test_an_https_file_that_differs_from_its_manifest_is_one_line(https_folder, 
     assert not (entries(tmp_path / "cache")[0] / "manifest.json").exists()
 
 
-@pytest.mark.slow
 def test_two_training_processes_of_one_node_download_each_file_once(s3, remote_digits, tmp_path):
     server, env = s3
     env = dict(env, MASKCON_SHARD_CACHE=str(tmp_path / "cache"))

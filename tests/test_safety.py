@@ -66,6 +66,7 @@ def test_a_checkpoint_that_fills_the_disk_is_one_line_and_the_older_one_stays(tm
     assert checkpoints.damage(first) is None and checkpoints.newest_intact(root, print) == first
 
 
+@pytest.mark.slow
 def test_create_that_fills_the_disk_exits_2_in_one_line_and_resumes_after(tmpfs):
     out = tmpfs("1m") / "digits"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
