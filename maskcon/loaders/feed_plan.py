@@ -38,7 +38,8 @@ class FeedPlan:
     def __init__(self, split: SplitFiles, samples: TarSamples, views: tuple, positions: np.ndarray, *,
                  image_size: int, batch_size: int, seed: int):
         self.samples, self.views, self.positions = samples, views, positions
-        self.image_size, self.batch_size, self.seed, self.image_format = image_size, batch_size, seed, split.image_format
+        self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
+        self.image_format = split.image_format
         self.resident_shape = resident_rows(samples, positions, self.image_format)
         self.pixels: np.ndarray | None = None  # the resident pixels, once decoded
         self.undecodable: dict[int, UserError] = {}  # samples found damaged before DALI decodes them, by position
