@@ -5,31 +5,32 @@ The same graph runs on the GPU (device_id = the CUDA device; JPEG decoded by `mi
 
 Images. Small PNG datasets (every image of one size of at most RESIDENT_MAX_PIXELS pixels, feed_plan.py: the
 32-px sets) are decoded once when the loader's first pass starts, before training, by PIL in as many threads
-as the process may use CPUs (the loader's threads are DALI's), into one resident uint8 array (num_samples x
-H x W x 3: 150 MB for CIFAR's 50,000 images, 3.9 GB for ImageNet32's 1.28M), from which each batch is
-gathered and fed to DALI as HWC pixels: no image is decoded while training, and no integrity check runs per batch (PIL checks every file as it decodes it once,
-and a batch holding a sample that did not decode raises the error naming it; `verify` reads every sample).
-Measured on 20,000 synthetic 32-px PNGs (2-core CPU, shared, BENCHMARKS.md "Two-view loading"): decoding
-costs 43 us of CPU per image in DALI's CPU decoder (what the GPU pipeline paid per image and epoch, since
-DALI decodes PNG on the CPU even with `mixed`) and 85-90 us in PIL once at start; the gather 0.3 us per
-image. Raw pixels as a shard member would save only that one decode at start (4 s of CPU for CIFAR, 2 min
-for ImageNet32, spread over the threads) for 10 % more disk than these PNGs, and a second format to write and
-verify; so the shards keep PNG. Other datasets (JPEG, large PNG) are decoded by DALI from the encoded bytes
-(read-only views of the memory-mapped tars), JPEG on the GPU (`mixed`).
+as the process may use CPUs (the loader's threads are DALI's), into one resident uint8 array (num_samples x H
+x W x 3: 150 MB for CIFAR's 50,000 images, 3.9 GB for ImageNet32's 1.28M), from which each batch is gathered
+and fed to DALI as HWC pixels: no image is decoded while training, and no integrity check runs per batch (PIL
+checks every file as it decodes it once, and a batch holding a sample that did not decode raises the error
+naming it; `verify` reads every sample). Measured on 20,000 synthetic 32-px PNGs (2-core CPU, shared,
+BENCHMARKS.md "Two-view loading"): decoding costs 43 us of CPU per image in DALI's CPU decoder (what the GPU
+pipeline paid per image and epoch, since DALI decodes PNG on the CPU even with `mixed`) and 85-90 us in PIL
+once at start; the gather 0.3 us per image. Raw pixels as a shard member would save only that one decode at
+start (4 s of CPU for CIFAR, 2 min for ImageNet32, spread over the threads) for 10 % more disk than these
+PNGs, and a second format to write and verify; so the shards keep PNG. Other datasets (JPEG, large PNG) are
+decoded by DALI from the encoded bytes (read-only views of the memory-mapped tars), JPEG on the GPU (`mixed`).
 
-Feeding. One external source hands DALI, per run, the images and every random parameter of both views,
-drawn in numpy by the DALI back end's ops (maskcon/loaders/dali_ops.py) as the feeding plan
-(maskcon/loaders/feed_plan.py) decides; the graph holds no random operator and each op kind appears once per view with per-sample parameters (`operator_count`: about 50 for a two-view
-cifar100 batch). A feeding thread per pass runs the pipeline: the external source's callback (reading,
-parameter draws), DALI's scheduling, the outputs' copy into torch tensors (CPU) or the copy ordered on the
-consumer's CUDA stream without a host wait (GPU), and the labels (uploaded once, indexed on the device once
-per pass; a batch takes a slice). One pipeline run makes several whole batches, as many as fit their float
-outputs in RUN_BYTES (5 of 256 at 32 px, one at 224 px): DALI's host cost per run (feeding each input,
-scheduling each operator, handing out the outputs) is mostly fixed, so runs of a thousand or more small
-images spread it (BENCHMARKS.md, "The host part of the 32-px GPU pipeline"); a sample's views do not depend
-on which run made them. A damaged sample stops the pass at the start of its run. The thread keeps up to
-`prefetch` prepared batches in a bounded queue; the training thread only takes them.
-`feed_cpu_seconds` is the CPU time (time.thread_time) of that thread and of the decoding threads.
+Feeding. One external source hands DALI, per run, the images and every random parameter of both views, drawn
+in numpy by the DALI back end's ops (maskcon/loaders/dali_ops.py) as the feeding plan
+(maskcon/loaders/feed_plan.py) decides; the graph holds no random operator and each op kind appears once per
+view with per-sample parameters (`operator_count`: about 50 for a two-view cifar100 batch). A feeding thread
+per pass runs the pipeline: the external source's callback (reading, parameter draws), DALI's scheduling, the
+outputs' copy into torch tensors (CPU) or the copy ordered on the consumer's CUDA stream without a host wait
+(GPU), and the labels (uploaded once, indexed on the device once per pass; a batch takes a slice). One
+pipeline run makes several whole batches, as many as fit their float outputs in RUN_BYTES (5 of 256 at 32 px,
+one at 224 px): DALI's host cost per run (feeding each input, scheduling each operator, handing out the
+outputs) is mostly fixed, so runs of a thousand or more small images spread it (BENCHMARKS.md, "The host part
+of the 32-px GPU pipeline"); a sample's views do not depend on which run made them. A damaged sample stops the
+pass at the start of its run. The thread keeps up to `prefetch` prepared batches in a bounded queue; the
+training thread only takes them. `feed_cpu_seconds` is the CPU time (time.thread_time) of that thread and of
+the decoding threads.
 
 Epochs. Epoch e's batches depend only on (seed, rank, world_size, e): positions come from
 split.epoch_positions (a permutation of the split drawn from (seed, e), sliced per rank) and the parameters
