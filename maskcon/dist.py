@@ -73,37 +73,12 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return gathered
 
 
-class _ShuffleState:
-    """The permutation source of shuffle-BN: a CPU generator seeded identically on every process.
-
-    Every process draws the same permutation of the global batch from it without a collective, and
-    computes its all-to-all send plan on the host, so the step waits on no device-to-host copy. It is
-    seeded once per process group from rank 0's torch seed (one broadcast), so a run is reproducible
-    under `set_seed`.
-    """
-
-    group: object = None
-    generator: torch.Generator | None = None
-
-    @classmethod
-    def permutation(cls, size: int) -> torch.Tensor:
-        group = torch_dist.group.WORLD
-        if cls.group is not group or cls.generator is None:
-            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(collective_device())
-            torch_dist.broadcast(seed, src=0)
-            cls.generator = torch.Generator().manual_seed(int(seed.item()))
-            cls.group = group
-        return torch.randperm(size, generator=cls.generator)
-
-
-def reseed_shuffle(seed: int) -> None:
-    """Make the next shuffle-BN permutations a function of `seed` alone, which every process passes alike
-    (the training loop passes one derived from the run's seed and the step): a resumed run then shuffles as
-    the uninterrupted one did. No collective; a no-op on one process."""
-    if world_size() == 1:
-        return
-    _ShuffleState.generator = torch.Generator().manual_seed(seed)
-    _ShuffleState.group = torch_dist.group.WORLD
+def shuffle_permutation(size: int, seed: int) -> torch.Tensor:
+    """The shuffle-BN permutation of a global batch of `size` samples: (size,) int64 on the CPU, a function
+    of `seed` alone. Every process passes the same seed (the step derives it from the run's seed and the
+    step's index), so all draw the same permutation without a collective or a device wait, and a resumed
+    run shuffles as the uninterrupted one did."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))
 
 
 def _shuffle_plan(idx_shuffle: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -152,21 +127,21 @@ def _like_layout(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_shuffle(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle the global batch across processes, for shuffle-BN (MoCo).
 
     x: N x ... (this process's part of the global batch, sent in its own dtype: pass the images in the
     training precision). Returns (this process's N samples of the shuffled global batch, grouped by the
     process they came from; idx_unshuffle: (P*N,) int64 on the CPU, to give to `batch_unshuffle`). Every
-    process draws the same uniform permutation of the P*N samples (a generator seeded alike on all of
-    them), and one all-to-all sends each process only the samples it gets, not the whole global batch. On
-    one process the shuffle is the identity (batch norm statistics do not depend on the order of the
-    batch): returns (x, arange(N)).
+    process draws the same uniform permutation of the P*N samples, `shuffle_permutation(P*N, seed)` (every
+    process must pass the same seed), and one all-to-all sends each process only the samples it gets, not
+    the whole global batch. On one process the shuffle is the identity (batch norm statistics do not depend
+    on the order of the batch): returns (x, arange(N)).
     """
     processes = world_size()
     if processes == 1:
         return x, torch.arange(x.shape[0])
-    idx_shuffle = _ShuffleState.permutation(processes * x.shape[0])   # P*N, same on every process
+    idx_shuffle = shuffle_permutation(processes * x.shape[0], seed)   # P*N, same on every process
     send_rows, send_counts, recv_counts = _shuffle_plan(idx_shuffle)
     shuffled = _exchange(x[_to_device(send_rows, x.device)], send_counts, recv_counts)
     return _like_layout(shuffled, x), torch.argsort(idx_shuffle)

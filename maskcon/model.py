@@ -69,17 +69,18 @@ class MaskConModel(nn.Module):
         return {"q": q, "logits_coarse": logits_coarse}
 
     @torch.no_grad()
-    def encode_keys(self, key: torch.Tensor) -> torch.Tensor:
+    def encode_keys(self, key: torch.Tensor, shuffle_seed: int) -> torch.Tensor:
         """Key branch: key (N x 3 x S x S) -> N x D L2-normalised fp32 keys of the momentum encoder.
 
         The batch is shuffled across processes around the key encoder (shuffle-BN, MoCo), so batch norm
         cannot use statistics that give away which key belongs to which query; identity on one process.
+        shuffle_seed: the permutation's seed, the same on every process (`dist.batch_shuffle`).
         Under autocast the images travel in its dtype (bf16, fp16), the precision the first conv casts them
         to anyway.
         """
         if torch.is_autocast_enabled(key.device.type):
             key = key.to(torch.get_autocast_dtype(key.device.type))
-        shuffled, idx_unshuffle = dist.batch_shuffle(key)
+        shuffled, idx_unshuffle = dist.batch_shuffle(key, shuffle_seed)
         k = F.normalize(self.key_projector(self.key_encoder(shuffled)).float(), dim=1)   # N x D
         return dist.batch_unshuffle(k, idx_unshuffle)
 

@@ -3,7 +3,7 @@
 This module holds specs only. An op (`Op` below) is a name and a parameter schema with its checks; each
 back end keeps its implementation of every op in a table keyed by op name and checks at import that the
 table covers OPS (`check_implementations`): DALI in maskcon/loaders/dali_ops.py, torchvision in
-maskcon/loaders/torch_backend.py, the official-style PIL loader in maskcon/bench/reference.py. How the
+maskcon/loaders/torch_backend.py, the official-style PIL loader in maskcon/loaders/reference.py. How the
 back ends implement AutoAugment and where they differ from torchvision: maskcon/loaders/DESIGN.md.
 
 A recipe lists, per view, the steps applied in order to a uint8 RGB image; the output side S is the

@@ -36,7 +36,7 @@ from maskcon.step import StepParts, build_step, make_optimizer
 class LoopSettings:
     """What the training loop reads of the options (the loop gets this section, not the whole configuration):
     the steps' batch and image size per process, the run's length (--epochs, --max-steps), when it logs,
-    evaluates and saves, what it announces, and the seed of shuffle-BN."""
+    evaluates and saves, and what it announces."""
 
     method: str
     dataset: str
@@ -49,7 +49,6 @@ class LoopSettings:
     checkpoint_every: int
     keep_checkpoints: int
     eval_untrained: bool
-    seed: int
 
     @classmethod
     def of(cls, config: Config) -> LoopSettings:
@@ -61,7 +60,7 @@ class Run:
     """Everything the loop works with; built by `build_run`.
 
     model: the learner as the optimizer sees it (DDP-wrapped on several processes); learner: the same learner
-    unwrapped; step_fn: batch -> loss, eager or the whole step compiled (--compile, maskcon.step.build_step);
+    unwrapped; step_fn: (batch, step number) -> loss, eager or the whole step compiled (--compile, maskcon.step.build_step);
     schedule: the learning rate of every step (total_steps floats); step: the step the loop starts
     from (0, or the resume point); tracker: the metrics writer on the main process (None elsewhere).
     """
@@ -79,7 +78,7 @@ class Run:
     learner: MaskConModel
     optimizer: torch.optim.Optimizer
     parts: StepParts
-    step_fn: Callable[[dict], torch.Tensor]   # the step the loop calls (maskcon.step.build_step)
+    step_fn: Callable[[dict, int], torch.Tensor]   # the step the loop calls (maskcon.step.build_step)
     base_lr: float
     schedule: list[float]
     channels_last: bool
@@ -232,7 +231,7 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
     model, learner, optimizer = build_learner(config, accelerator, plan.manifest, plan.channels_last, plan.base_lr)
     parts = StepParts(model=model, learner=learner, optimizer=optimizer, method=method_for(config.method),
                       t0=config.t0, t=config.t, w=config.w, autocast=accelerator.autocast,
-                      backward=accelerator.backward)
+                      backward=accelerator.backward, seed=config.seed)
     if plan.resume_from is not None:
         checkpoints.load(accelerator, plan.resume_from)
         checkpoints.copy_into(dist.running_statistics(learner), checkpoints.own_tensors(

@@ -71,7 +71,8 @@ class StepParts:
     model: the learner as the optimizer sees it (possibly wrapped by DDP/Accelerate), whose forward is the
     query branch; learner: the same learner unwrapped (key encoder, bank); method: the objective;
     t0, t, w: temperatures and weight of the objective (maskcon/losses.py); autocast: the mixed-precision
-    context (accelerator.autocast, or a torch.autocast factory); backward: loss -> None (accelerator.backward).
+    context (accelerator.autocast, or a torch.autocast factory); backward: loss -> None (accelerator.backward);
+    seed: the run's seed, from which each step's shuffle-BN permutation is drawn (`shuffle_seed`).
     The views come in the model's memory format: the loaders' spec decides it.
     """
 
@@ -84,23 +85,31 @@ class StepParts:
     w: float
     autocast: Callable[[], ContextManager] = contextlib.nullcontext
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+    seed: int = 0
 
 
-def train_step(parts: StepParts, batch: TrainBatch) -> torch.Tensor:
-    """One step on batch {"query", "key": N x 3 x S x S, "fine", "coarse": (N,) int64}; returns the loss
-    (0-d fp32 tensor on the device, detached)."""
-    loss = _update(parts, batch)
+def shuffle_seed(run_seed: int, step: int) -> int:
+    """The seed of step `step`'s shuffle-BN permutation in a run seeded `run_seed`: a function of the two
+    alone, the same on every process, so a resumed run shuffles as the uninterrupted one (negative steps: the
+    bank's filling before the first step)."""
+    return (run_seed * 2**32 + step) % 2**64
+
+
+def train_step(parts: StepParts, batch: TrainBatch, step: int) -> torch.Tensor:
+    """Step number `step` (0-based, of the whole run) on batch {"query", "key": N x 3 x S x S, "fine",
+    "coarse": (N,) int64}; returns the loss (0-d fp32 tensor on the device, detached)."""
+    loss = _update(parts, batch, step)
     parts.optimizer.zero_grad(set_to_none=True)
     return loss
 
 
-def _update(parts: StepParts, batch: TrainBatch) -> torch.Tensor:
+def _update(parts: StepParts, batch: TrainBatch, step: int) -> torch.Tensor:
     """The step up to the gradients' release: what the captured step compiles."""
     learner = parts.learner
     query, key = batch["query"], batch["key"]
     learner.momentum_update()
     with parts.autocast():
-        k = learner.encode_keys(key).float()                                    # N x D
+        k = learner.encode_keys(key, shuffle_seed(parts.seed, step)).float()   # N x D
         out = parts.model(query)
         loss = parts.method.loss(q=out["q"], k=k, logits_coarse=out["logits_coarse"], bank=learner,
                                  coarse=batch["coarse"], fine=batch["fine"], t0=parts.t0, t=parts.t, w=parts.w)
@@ -132,8 +141,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def build_step(parts: StepParts, *, compile_mode: str | None = None,
-               backend: str = "inductor") -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """The step the loop calls: batch -> loss (0-d, detached, not read).
+               backend: str = "inductor") -> Callable[[TrainBatch, int], torch.Tensor]:
+    """The step the loop calls: (batch, step number) -> loss (0-d, detached, not read).
 
     compile_mode None: `train_step` itself, eager. Otherwise a torch.compile mode ("default",
     "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"): on one process the whole step
@@ -158,10 +167,11 @@ class _CapturedStep:
         self.cuda_graphs = compile_mode in CUDA_GRAPH_MODES
         self.inputs: dict[str, torch.Tensor] | None = None       # persistent copies of the batch
         options = {"mode": compile_mode} if backend == "inductor" else {}
-        self.compiled = torch.compile(functools.partial(_update, parts), backend=backend, dynamic=False,
+        # one process: shuffle-BN is the identity, so the step number is not an input of the graph
+        self.compiled = torch.compile(functools.partial(_update, parts, step=0), backend=backend, dynamic=False,
                                       **options)
 
-    def __call__(self, batch: TrainBatch) -> torch.Tensor:
+    def __call__(self, batch: TrainBatch, step: int) -> torch.Tensor:
         prepare_optimizer(self.parts.optimizer)
         inputs = self._static_inputs(batch)
         if self.cuda_graphs:
@@ -204,7 +214,7 @@ def prepare_optimizer(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _compiled_parts_step(parts: StepParts, compile_mode: str,
-                         backend: str) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+                         backend: str) -> Callable[[TrainBatch, int], torch.Tensor]:
     """Several processes: the encoders and projectors compiled in place, the objective compiled whole;
     the rest of `train_step` eager (module docstring)."""
     parts.learner.compile_encoders(mode=compile_mode, backend=backend)
@@ -235,7 +245,7 @@ def graph_breaks(parts: StepParts, batch: TrainBatch) -> list[str]:
         logger.addHandler(handler)
         logger.propagate = False
     try:
-        _CapturedStep(copied, "default", "eager")(batch)
+        _CapturedStep(copied, "default", "eager")(batch, 0)
     finally:
         for logger in loggers:
             logger.removeHandler(handler)

@@ -23,6 +23,7 @@ batches before it are neither read nor augmented.
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from maskcon.run import Run, build_run, make_accelerator
 
 __all__ = ["DataClock", "RunResult", "base_learning_rate", "evaluate", "extract_features", "fill_memory_bank",
            "lr_schedule", "resolve_precision", "save", "train", "train_loop", "weights_fingerprint"]
-from maskcon.step import set_lr
+from maskcon.step import set_lr, shuffle_seed
 
 BANK_FILL_EPOCH = -1  # the loader epoch whose keys fill the memory bank before the first step (then -2, ...)
 
@@ -263,8 +264,7 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
                 batches = iter(run.train_loader)
             batch = feed.take(batches, clock)
             set_lr(run.optimizer, run.schedule[step])
-            dist.reseed_shuffle(config.seed * 2**32 + step)   # shuffle-BN as a function of the step
-            loss_sum += run.step_fn(batch)
+            loss_sum += run.step_fn(batch, step)
             step += 1
     finally:
         bar.close()
@@ -302,7 +302,7 @@ def _before_training(run: Run, feed: Feed) -> dict:
         untrained = {f"untrained_{k}": v for k, v in evaluate(run, 0, 0, final=False).items()}
     run.accelerator.print(f"filling the memory bank: {run.learner.queue.shape[0]} keys of training images",
                           flush=True)
-    fill_memory_bank(run.learner, run.train_loader, feed)
+    fill_memory_bank(run.learner, run.train_loader, feed, seed=run.parts.seed)
     return untrained
 
 
@@ -402,18 +402,21 @@ def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fill_memory_bank(model: MaskConModel, loader, feed: Feed | None = None) -> None:
+def fill_memory_bank(model: MaskConModel, loader, feed: Feed | None = None, *, seed: int = 0) -> None:
     """Fill the K slots of the bank with keys of training images before the first step (official code).
 
     The keys come from loader epochs of their own (BANK_FILL_EPOCH, then the one before it, as K needs), so
     the training epochs see the same data whether or not a run filled its bank (a resumed run does not).
-    With a `feed`, a failure of the loader is kept for the next stop vote (see `Feed`).
+    With a `feed`, a failure of the loader is kept for the next stop vote (see `Feed`). seed: the run's seed;
+    the b-th batch's keys are shuffled as step -1 - b would be (`shuffle_seed`).
     """
     slots, filled = model.queue.shape[0], 0
     batches = _bank_epochs(loader)
-    while filled < slots:
+    for number in itertools.count():
+        if filled >= slots:
+            break
         batch = next(batches) if feed is None else feed.take(batches)
-        keys = model.encode_keys(batch["key"]).float()
+        keys = model.encode_keys(batch["key"], shuffle_seed(seed, -1 - number)).float()
         model.enqueue(keys, batch["coarse"], batch["fine"])
         filled += keys.shape[0] * dist.world_size()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from maskcon import shards
-from maskcon.bench.train import official_style_loader
+from maskcon.loaders.reference import official_style_loader
 from maskcon.datasets.synthetic import write_synthetic_imagenet32
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -44,11 +44,11 @@ def train_steps(accelerator, model, optimizer, steps: int, seed: int) -> None:
     parts = StepParts(model=model, learner=accelerator.unwrap_model(model), optimizer=optimizer,
                       method=method_for("selfcon"), t0=0.1, t=0.05, w=0.5, backward=accelerator.backward)
     generator = torch.Generator().manual_seed(seed * 100 + accelerator.process_index)
-    for _ in range(steps):
+    for step in range(steps):
         query = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
         key = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
         coarse = torch.randint(0, 3, (BATCH,), generator=generator)
-        train_step(parts, {"query": query, "key": key, "coarse": coarse, "fine": coarse})
+        train_step(parts, {"query": query, "key": key, "coarse": coarse, "fine": coarse}, step)
 
 
 def snapshot(accelerator, model, optimizer) -> dict:

@@ -111,13 +111,14 @@ def worker(rank: int, out_dir: str) -> None:
 
     # shuffle-BN: global sample ids through shuffle and unshuffle
     result["shuffles"] = []
-    for _ in range(SHUFFLES):
+    torch.manual_seed(rank)          # the global RNG differs across processes: only the seed passed may count
+    for draw in range(SHUFFLES):
         ids = torch.arange(BATCH, dtype=torch.float32) + BATCH * rank                 # N
-        shuffled, idx_unshuffle = dist.batch_shuffle(ids)
+        shuffled, idx_unshuffle = dist.batch_shuffle(ids, seed=1000 + draw)
         restored = dist.batch_unshuffle(shuffled * 10, idx_unshuffle)
         result["shuffles"].append({"shuffled": shuffled, "restored": restored})
     images = key_images(rank).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    shuffled, idx_unshuffle = dist.batch_shuffle(images)
+    shuffled, idx_unshuffle = dist.batch_shuffle(images, seed=3)
     result["image_shuffle"] = {"dtype": str(shuffled.dtype), "shape": tuple(shuffled.shape),
                                "channels_last": shuffled.is_contiguous(memory_format=torch.channels_last),
                                "restored": dist.batch_unshuffle(shuffled, idx_unshuffle)}
@@ -125,7 +126,7 @@ def worker(rank: int, out_dir: str) -> None:
     # the learner: keys through shuffle-BN come back to their own samples; gathered enqueue
     model = tiny_learner("--queue-size", str(QUEUE_SIZE))                 # the same model everywhere (seed 0)
     model.key_encoder.eval()             # per-sample key encoder: the result must not depend on the shuffle
-    result["keys_eval"] = model.encode_keys(key_images(rank))
+    result["keys_eval"] = model.encode_keys(key_images(rank), shuffle_seed=11)
     for step in range(ENQUEUES):
         model.enqueue(*keys_and_labels(step, rank))
     result["bank"] = {name: getattr(model, name).clone()
@@ -224,6 +225,22 @@ def test_batch_shuffle_permutes_the_global_batch_and_unshuffle_restores_it(ranks
 
 
 @pytest.mark.slow
+def test_the_shuffle_is_the_permutation_of_the_seed_passed(ranks):
+    """Process r gets the samples at positions rN..(r+1)N - 1 of randperm(P*N) drawn from the seed, whatever
+    each process's global RNG; so the seed alone (the run's seed and the step, passed alike everywhere)
+    decides the shuffle, and a resumed run shuffles as the uninterrupted one."""
+    results, _ = ranks
+    draws = set()
+    for draw in range(SHUFFLES):
+        permutation = torch.randperm(WORLD_SIZE * BATCH, generator=torch.Generator().manual_seed(1000 + draw))
+        for rank in range(WORLD_SIZE):
+            got = results[rank]["shuffles"][draw]["shuffled"]
+            assert sorted(got.tolist()) == sorted(permutation[rank * BATCH:(rank + 1) * BATCH].tolist())
+        draws.add(tuple(results[0]["shuffles"][draw]["shuffled"].tolist()))
+    assert len(draws) > 1      # the seeds of the draws differ, and so do their shuffles
+
+
+@pytest.mark.slow
 def test_batch_shuffle_keeps_dtype_and_layout_of_images(ranks):
     results, _ = ranks
     for rank, result in enumerate(results):
@@ -240,7 +257,7 @@ def test_keys_through_shuffle_bn_belong_to_their_own_samples(ranks):
     model = tiny_learner("--queue-size", str(QUEUE_SIZE))
     model.key_encoder.eval()
     for rank, result in enumerate(results):
-        torch.testing.assert_close(result["keys_eval"], model.encode_keys(key_images(rank)))
+        torch.testing.assert_close(result["keys_eval"], model.encode_keys(key_images(rank), shuffle_seed=0))
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ def test_one_process_paths_are_identities():
     x = torch.randn(5, 3)
     assert dist.world_size() == 1 and dist.rank() == 0
     assert dist.concat_all_gather(x) is x
-    shuffled, idx_unshuffle = dist.batch_shuffle(x)
+    shuffled, idx_unshuffle = dist.batch_shuffle(x, seed=5)
     assert shuffled is x and idx_unshuffle.tolist() == list(range(5))
     assert dist.batch_unshuffle(shuffled, idx_unshuffle) is x
 
@@ -39,9 +39,8 @@ def batch(step: int, rank: int) -> dict[str, torch.Tensor]:
 def train_steps(rank: int, out_dir: str) -> None:
     """One process of the 2-process run: the training step of the loop, then its state to disk."""
     # batch shuffle across processes, then unshuffle, gives each process its own samples back in order
-    torch.manual_seed(rank)                            # only rank 0's permutation may count
     samples = torch.arange(BATCH, dtype=torch.float32)[:, None] + BATCH * rank
-    shuffled, idx_unshuffle = dist.batch_shuffle(samples)
+    shuffled, idx_unshuffle = dist.batch_shuffle(samples, seed=0)
     restored = dist.batch_unshuffle(shuffled * 10, idx_unshuffle)
 
     model = tiny_learner("--queue-size", str(QUEUE_SIZE))   # the same initial model on every process (seed 0)
@@ -53,7 +52,7 @@ def train_steps(rank: int, out_dir: str) -> None:
                       t0=0.1, t=0.05, w=0.5)
     slot_labels = []      # per step, the bank labels in the slots where each rank's keys went
     for step in range(STEPS):
-        train_step(parts, batch(step, rank))
+        train_step(parts, batch(step, rank), step)
         written = (int(model.queue_ptr) - WORLD_SIZE * BATCH + torch.arange(WORLD_SIZE * BATCH)) % QUEUE_SIZE
         slot_labels.append(torch.stack([model.queue_coarse[written], model.queue_fine[written]]))
     key_state = {**{f"encoder.{n}": p for n, p in model.key_encoder.named_parameters()},

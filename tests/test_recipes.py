@@ -109,7 +109,7 @@ def test_recipes_are_module_constants():
 
 
 def _back_end_tables():
-    from maskcon.bench.reference import PIL_OPS
+    from maskcon.loaders.reference import PIL_OPS
     from maskcon.loaders.dali_ops import DALI_OPS
     from maskcon.loaders.torch_backend import TORCHVISION_OPS
 
@@ -133,7 +133,7 @@ def test_an_op_without_a_back_end_fails_loudly():
 
 @pytest.mark.parametrize("module, backend", [("maskcon.loaders.dali_ops", "DALI"),
                                              ("maskcon.loaders.torch_backend", "torchvision"),
-                                             ("maskcon.bench.reference", "PIL")])
+                                             ("maskcon.loaders.reference", "PIL")])
 def test_a_new_op_fails_at_the_import_of_a_back_end_that_lacks_it(module, backend):
     # the modules a back end imports are imported first (the reference loader imports the torch back end)
     """An op added to the recipes but not to a back end's table stops that back end at import, in one line."""

@@ -47,11 +47,11 @@ def test_the_loss_reads_the_methods_labels_and_the_bank_before_this_batch(method
     model = learner(num_coarse=2 if METHODS[method].classifier else None)
     reference = copy.deepcopy(model)
     batch = hand_made_batch()
-    loss = train_step(parts_for(model, method), batch)
+    loss = train_step(parts_for(model, method), batch, 0)
 
     # by hand, in the order of the step: momentum update, keys, query, objective on the old bank
     reference.momentum_update()
-    k = reference.encode_keys(batch["key"]).float()
+    k = reference.encode_keys(batch["key"], shuffle_seed=0).float()
     out = reference(batch["query"])
     common = dict(q=out["q"], k=k, queue=reference.queue, t0=0.1)
     coarse, fine = batch["coarse"], batch["fine"]
@@ -83,7 +83,7 @@ def test_momentum_update_precedes_the_optimizer_step_and_the_keys_enter_the_bank
     model = learner()
     before = copy.deepcopy(model)
     batch = hand_made_batch()
-    train_step(parts_for(model), batch)
+    train_step(parts_for(model), batch, 0)
 
     # the key encoder moved towards the query encoder as it was BEFORE this step's update
     for key, old_key, old_query in zip(model.key_encoder.parameters(), before.key_encoder.parameters(),
@@ -93,7 +93,7 @@ def test_momentum_update_precedes_the_optimizer_step_and_the_keys_enter_the_bank
     assert all(changed)                                                   # the optimizer stepped
     # the batch's keys (from the updated key encoder) and labels now sit at the old pointer
     before.momentum_update()
-    keys = before.encode_keys(batch["key"])
+    keys = before.encode_keys(batch["key"], shuffle_seed=0)
     slots = (torch.arange(BATCH) + int(before.queue_ptr)) % QUEUE
     torch.testing.assert_close(model.queue[slots], keys)
     assert model.queue_coarse[slots].tolist() == batch["coarse"].tolist()
@@ -204,7 +204,7 @@ def test_the_captured_step_gives_the_eager_losses_weights_and_bank_as_the_learni
     for lr, batch in zip((0.1, 0.3, 0.2), captured_batches(3)):   # a new learning rate every step
         set_lr(eager.optimizer, lr)
         set_lr(captured.optimizer, lr)
-        torch.testing.assert_close(step(batch), train_step(eager, batch), **TOLERANCE)
+        torch.testing.assert_close(step(batch, 0), train_step(eager, batch, 0), **TOLERANCE)
     for name, value in eager_model.state_dict().items():     # weights, key encoder, bank, pointer, BN stats
         torch.testing.assert_close(captured_model.state_dict()[name], value, **TOLERANCE,
                                    msg=lambda message, name=name: f"{name}: {message}")
@@ -256,11 +256,11 @@ def test_on_a_gpu_the_step_never_waits_for_the_device_and_cuda_graphs_match_eage
     for number, (lr, batch) in enumerate(zip((0.1, 0.3, 0.2, 0.1, 0.05), batches)):
         set_lr(eager.optimizer, lr)
         set_lr(captured.optimizer, lr)
-        expected = train_step(eager, batch)
+        expected = train_step(eager, batch, number)
         if number >= 2:                       # after compilation and CUDA-graph recording
             torch.cuda.set_sync_debug_mode("error")
         try:
-            loss = step(batch)
+            loss = step(batch, number)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         # GPU kernels reorder more than the CPU's (TF32 off by default in fp32 convolutions: cuDNN picks
@@ -273,29 +273,28 @@ def test_on_a_gpu_the_step_never_waits_for_the_device_and_cuda_graphs_match_eage
 
 def _two_process_steps(rank: int, port: int, out_dir: str) -> None:
     """One process of a 2-process gloo run: an eager and a compiled learner, DDP-wrapped, take the same
-    steps (the same shuffle-BN permutations); their losses and states go to disk."""
+    steps (the same step numbers, so the same shuffle-BN permutations), and a third, eager, takes them with
+    other step numbers; their losses and states go to disk."""
     import os
 
     import torch.distributed
     from torch.nn.parallel import DistributedDataParallel
 
-    from maskcon import dist
     from maskcon.step import build_step
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        models = [learner(), learner()]
-        steps, losses = [], [[], []]
-        for model, mode in zip(models, (None, "default")):
+        models = [learner(), learner(), learner()]
+        steps, losses = [], [[], [], []]
+        for model, mode in zip(models, (None, "default", None)):
             parts = parts_for(model)
             parts = dataclasses.replace(parts, model=DistributedDataParallel(model, broadcast_buffers=False))
             steps.append(build_step(parts, compile_mode=mode, backend="aot_eager"))
         batches = list(captured_batches(3))[rank:rank + 2]     # each process its own batches
         for number, batch in enumerate(batches):
-            for step, record in zip(steps, losses):
-                dist.reseed_shuffle(number)                    # the same permutation for both learners
-                record.append(step(batch))
+            for step, record, offset in zip(steps, losses, (0, 0, 100)):
+                record.append(step(batch, number + offset))
         torch.save({"losses": losses, "states": [model.state_dict() for model in models]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -312,7 +311,9 @@ def test_on_two_processes_the_compiled_step_gives_the_eager_losses_and_weights(t
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(result["losses"][1], result["losses"][0], **TOLERANCE)
-        eager, compiled = result["states"]
+        # other step numbers, other shuffles: batch norm of the key encoder sees other sub-batches
+        assert all(abs(other - same) > 1e-4 for other, same in zip(result["losses"][2], result["losses"][0]))
+        eager, compiled, _ = result["states"]
         for name, value in eager.items():
             torch.testing.assert_close(compiled[name], value, **TOLERANCE,
                                        msg=lambda message, name=name: f"rank {rank} {name}: {message}")

@@ -135,9 +135,9 @@ def _old_step(meter: TrafficMeter, model: MaskConModel, images: torch.Tensor, k:
 
 
 def _new_step(meter: TrafficMeter, model: MaskConModel, images: torch.Tensor, k: torch.Tensor,
-              coarse: torch.Tensor, fine: torch.Tensor, vote: bool) -> None:
+              coarse: torch.Tensor, fine: torch.Tensor, vote: bool, seed: int) -> None:
     with meter.counting("shuffle-BN"):
-        shuffled, idx_unshuffle = dist.batch_shuffle(images)
+        shuffled, idx_unshuffle = dist.batch_shuffle(images, seed)
         dist.batch_unshuffle(k, idx_unshuffle)
     with meter.counting("enqueue"):
         model.enqueue(k, coarse, fine)
@@ -154,7 +154,6 @@ def _worker(rank: int, port: int, options: argparse.Namespace, out_dir: str) -> 
     meter.install()
     rows = []
     try:
-        dist.batch_shuffle(torch.zeros(1))        # seeds the shared shuffle generator (once per process group)
         for size in options.image_sizes:
             model = MaskConModel(arch=options.arch, image_size=size, proj_dim=options.dim,
                                  queue_size=options.queue_size)
@@ -173,7 +172,7 @@ def _worker(rank: int, port: int, options: argparse.Namespace, out_dir: str) -> 
                     _old_step(meter, model, images, k, coarse, fine)
                     old = dict(meter.received)
                     meter.received.clear()
-                    _new_step(meter, model, low, k, coarse, fine, vote=True)
+                    _new_step(meter, model, low, k, coarse, fine, vote=True, seed=repeat)
                     new = dict(meter.received)
                     new["stop vote"] = new.get("stop vote", 0) / options.log_every     # amortised per step
                     rows.append({"image_size": size, "batch": batch, "repeat": repeat, "old": old, "new": new,

@@ -1,7 +1,7 @@
 """The one GPU command: `python launch/bench.py gpu [--out FILE] [--budget S]` (BENCHMARKS.md, "GPU").
 
 On one GPU, within --budget seconds (default 470: under 8 minutes with the data), on the ImageNet32 preset
-with synthetic ImageNet32-format shards it writes itself (maskcon.bench.shards.write_source, then
+with synthetic ImageNet32-format shards it writes itself (maskcon.datasets.synthetic.write_imagenet32_source, then
 `launch/make_shards.py create imagenet32`):
     loader      the 32-px loader alone: `bench.py loader --loaders dali_gpu --threads 8`
     step        the training step on synthetic batches: `bench.py train --modes synthetic`, eager
@@ -147,8 +147,8 @@ def _run_parts(work: Path, sizes: Sizes, device: str, *, deadline: float) -> lis
     train = [python, bench, "train", "--dataset", "imagenet32", "--shards", str(shards32), "--device", device,
              *sizes.train, "--json"]
     plan = [
-        ("source32", 150, [python, "-c", "import sys; from pathlib import Path; from maskcon.bench.shards import "
-                           "write_source; write_source(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))",
+        ("source32", 150, [python, "-c", "import sys; from maskcon.datasets.synthetic import write_imagenet32_source as w; "
+                           "w(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))",
                            str(src32), str(sizes.train_images), str(sizes.val_images)]),
         ("shards32", 150, [*make_shards, "imagenet32", "--src", str(src32), "--out", str(shards32)]),
         ("loader", 90, [python, bench, "loader", "--dataset", "imagenet32", "--shards", str(shards32),
@@ -158,7 +158,7 @@ def _run_parts(work: Path, sizes: Sizes, device: str, *, deadline: float) -> lis
         ("real", 120, [*train, "--modes", "synthetic,real"]),
         ("official", 90, [*train, "--modes", "official"]),
         ("objectives", 60, [python, bench, "objectives", "--device", device, *sizes.objectives, "--json"]),
-        ("jpeg_source", 90, [python, "-c", "import sys; from maskcon.bench.gpu import write_jpeg_folder; "
+        ("jpeg_source", 90, [python, "-c", "import sys; from maskcon.datasets.synthetic import write_jpeg_folder; "
                              "write_jpeg_folder(sys.argv[1], *map(int, sys.argv[2:]))", str(jpeg_src),
                              str(sizes.jpeg_train), str(sizes.jpeg_test), str(sizes.jpeg_side)]),
         ("jpeg_shards", 90, [*make_shards, "folder", "--src", str(jpeg_src), "--out", str(jpeg_shards)]),
@@ -215,37 +215,6 @@ def _run_one(outcome: Outcome, *, timeout: float) -> None:
             outcome.report = json.loads(text[text.index("{"):text.rindex("}") + 1])
         except json.JSONDecodeError as error:
             outcome.error = f"unreadable JSON report ({error})"
-
-
-def write_jpeg_folder(dest: str, train: int, test: int, side: int) -> None:
-    """A `folder`-format source of JPEG photos: crops of scikit-learn's two sample photos at random scales,
-    resized to side x side px, JPEG quality 90; 100 fine classes in 10 coarse ones. Written by every core."""
-    from multiprocessing import Pool
-
-    root = Path(dest)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "fine_to_coarse.csv").write_text("fine,coarse\n" + "".join(f"f{k:03d},c{k // 10}\n" for k in range(100)))
-    jobs = [(str(root), split, index, side) for split, count in (("train", train), ("test", test))
-            for index in range(count)]
-    for split in ("train", "test"):
-        for fine in range(100):
-            (root / split / f"f{fine:03d}").mkdir(parents=True, exist_ok=True)
-    with Pool(min(16, usable_cpus())) as pool:
-        pool.map(_write_jpeg, jobs, chunksize=32)
-
-
-def _write_jpeg(job: tuple[str, str, int, int]) -> None:
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    root, split, index, side = job
-    photo = Image.fromarray(load_sample_images().images[index % 2])
-    rng = np.random.default_rng(index + (0 if split == "train" else 1_000_000))
-    crop = int(rng.integers(side // 2, min(photo.size)))
-    left, top = int(rng.integers(0, photo.width - crop)), int(rng.integers(0, photo.height - crop))
-    image = photo.crop((left, top, left + crop, top + crop)).resize((side, side), Image.BILINEAR)
-    image.save(Path(root) / split / f"f{index % 100:03d}" / f"{index:07d}.jpg", quality=90)
 
 
 # ------------------------------------------------------------------------------------------ the block

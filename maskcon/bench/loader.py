@@ -4,7 +4,7 @@ Prints source images per second (both views made, labels included) for
     dali_cpu       maskcon.loaders, backend "dali" on the CPU (device_id=None)
     dali_gpu       the same on the GPU (only with --loaders ...,dali_gpu, on a machine with one)
     torch          maskcon.loaders, backend "torch": torchvision transforms in a DataLoader
-    reference_pil  the official-style loader (maskcon/bench/reference.py): PIL images, torchvision's
+    reference_pil  the official-style loader (maskcon/loaders/reference.py): PIL images, torchvision's
                    transforms on them (AutoAugment CIFAR-10 policy) and a shuffling torch DataLoader
 all on the same shards and cores, timed after a first full epoch (`--warmup-epochs`), and per loader
     cpu_ms_per_image                the process's CPU time (all threads and DataLoader workers) per image
@@ -129,7 +129,7 @@ def _build(name: str, shards: Path, spec: LoaderSpec):
     from maskcon.loaders import build_train_loader
 
     if name == "reference_pil":
-        from maskcon.bench.reference import official_style_loader
+        from maskcon.loaders.reference import official_style_loader
 
         return official_style_loader(shards, recipe=spec.recipe, image_size=spec.image_size,
                                      batch_size=spec.batch_size, workers=spec.num_threads)

@@ -27,55 +27,9 @@ import numpy as np
 
 from maskcon import shards, usable_cpus
 from maskcon.bench import machine
+from maskcon.datasets.synthetic import write_imagenet32_source
 from maskcon.errors import OneLineParser, UserError
 from maskcon.shard_format import encode_label, split_files
-
-
-def photo_crops(count: int, seed: int) -> np.ndarray:
-    """count x 32 x 32 x 3 uint8: random crops of sklearn's sample photos, box-downsampled to 32 x 32."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    rng = np.random.default_rng(seed)
-    pyramids = []  # each photo at several scales, so a 32 x 32 crop covers 64..320 source pixels
-    for photo in load_sample_images().images:
-        image = Image.fromarray(photo)
-        for factor in (2, 3, 4, 6, 8, 10):
-            size = (image.width // factor, image.height // factor)
-            pyramids.append(np.asarray(image.resize(size, Image.BOX, reducing_gap=None)))
-    crops = np.empty((count, 32, 32, 3), dtype=np.uint8)
-    choice = rng.integers(0, len(pyramids), count)
-    flips = rng.integers(0, 2, count)
-    for i in range(count):
-        level = pyramids[choice[i]]
-        y = int(rng.integers(0, level.shape[0] - 31))
-        x = int(rng.integers(0, level.shape[1] - 31))
-        crop = level[y:y + 32, x:x + 32]
-        crops[i] = crop[:, ::-1] if flips[i] else crop
-    return crops
-
-
-def write_source(src: Path, train_images: int, val_images: int, seed: int = 0) -> None:
-    """A downsampled-ImageNet folder: 10 train batches, val_data and the two mapping files."""
-    marker = src / "complete.json"
-    wanted = {"train_images": train_images, "val_images": val_images, "seed": seed}
-    if marker.exists() and json.loads(marker.read_text()) == wanted:
-        return
-    shutil.rmtree(src, ignore_errors=True)
-    src.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    (src / "imagenet32_to_fine.json").write_text(json.dumps({str(i): int(j) for i, j in
-                                                             enumerate(rng.permutation(1000))}))
-    (src / "imagenet_fine_to_coarse.json").write_text(json.dumps({str(i): i % 12 for i in range(1000)}))
-    per_batch = -(-train_images // 10)
-    batches = [(f"train_data_batch_{k + 1}", min(per_batch, train_images - k * per_batch)) for k in range(10)]
-    for number, (name, count) in enumerate(batches + [("val_data", val_images)]):
-        images = photo_crops(count, seed=seed * 100 + number)
-        content = {"data": images.transpose(0, 3, 1, 2).reshape(count, -1),
-                   "labels": rng.integers(1, 1001, count).tolist()}
-        with open(src / name, "wb") as handle:
-            pickle.dump(content, handle, protocol=4)
-    marker.write_text(json.dumps(wanted))
 
 
 def plain_loop(src: Path, out: Path, samples_per_shard: int) -> int:
@@ -149,7 +103,7 @@ def main(argv: list[str]) -> int:
     src = args.workdir / "source"
     print(f"writing the synthetic ImageNet32 source ({args.train_images} + {args.val_images} images) to {src}",
           flush=True)
-    write_source(src, args.train_images, args.val_images)
+    write_imagenet32_source(src, args.train_images, args.val_images)
     samples_per_shard = shards.shard_size(args.train_images)
     load_before = os.getloadavg()[0]  # other work on the machine slows every converter alike
     timings: dict[str, list[float]] = {"ours": [], "ours_1_process": [], "plain": []}

@@ -3,7 +3,7 @@
 Images per second of the MaskCon training step, in one run on the same shards, model and settings, fed by
     real       the trainer's own loader (maskcon.loaders.build_train_loader, DALI back end; GPU pipeline on cuda)
     synthetic  one batch of random tensors already on the device, reused every step: the ceiling
-    official   the official MaskCon code's way (maskcon.bench.reference.official_style_loader): a PIL
+    official   the official MaskCon code's way (maskcon.loaders.reference.official_style_loader): a PIL
                image per sample decoded from its shard tar member, torchvision transforms on PIL images
                (AutoAugment CIFAR-10 policy for the strong view of the 32x32 sets), a shuffling torch
                DataLoader with worker processes; batches are copied to the device as part of fetching them
@@ -45,8 +45,8 @@ from maskcon.config import ARCHS, parse_config
 from maskcon.datasets import DATASETS
 from maskcon.datasets.synthetic import write_synthetic_imagenet32
 from maskcon.errors import OneLineParser, UserError
+from maskcon.loaders.reference import official_style_loader
 from maskcon.loaders.spec import LoaderSpec, TrainBatch
-from maskcon.bench.reference import official_style_loader
 from maskcon.run import Run, build_run, make_accelerator
 from maskcon.step import graph_breaks
 from maskcon.train import DataClock
@@ -165,7 +165,7 @@ class _Bench:
     """The trainer's run (built by maskcon.run.build_run), stepped with the loop's step in every mode."""
 
     def __init__(self, run: Run, args: argparse.Namespace):
-        self.run, self.args = run, args
+        self.run, self.args, self.steps = run, args, 0
         num_coarse = len(run.manifest["coarse_classes"])
         with torch.no_grad():  # a full bank of labelled entries, as after the first epoch
             run.learner.queue_coarse.copy_(torch.randint(num_coarse, run.learner.queue_coarse.shape))
@@ -198,6 +198,11 @@ class _Bench:
         stream = _to_device(_repeat(loader), run.train_loader.spec)
         return stream, lambda: stream.close(), None
 
+    def step(self, batch: TrainBatch) -> torch.Tensor:
+        """The run's step on `batch`, numbered as the loop numbers its steps."""
+        self.steps += 1
+        return self.run.step_fn(batch, self.steps - 1)
+
     def measure(self, mode: str) -> Measurement:
         if mode == "resume":
             return self.measure_resume()
@@ -205,14 +210,14 @@ class _Bench:
         args = self.args
         try:
             for _ in range(args.warmup):
-                loss = self.run.step_fn(next(stream))
+                loss = self.step(next(stream))
             if args.warmup:
                 loss.item()
             windows = []
             for _ in range(args.repeats):
                 clock = DataClock(loader, self.run.resolved["batch_size"])
                 for _ in range(args.steps):
-                    loss = self.run.step_fn(clock.next(stream))
+                    loss = self.step(clock.next(stream))
                 loss.item()  # waits for the device: the window's work is done
                 windows.append(clock.figures())
         finally:
@@ -231,7 +236,7 @@ class _Bench:
             for start in (0, middle):
                 clock = DataClock(loader, self.run.resolved["batch_size"])
                 loader.set_epoch(1000 + repeat, start=start)
-                loss = self.run.step_fn(clock.next(iter(loader)))
+                loss = self.step(clock.next(iter(loader)))
                 loss.item()
                 windows.append({**clock.figures(), "start": start})
         began = time.perf_counter()

@@ -1,9 +1,13 @@
-"""Synthetic shard folders of any size, written with the shard writer from functions of the sample position:
-for the benchmarks on machines without the real data, and for the tests."""
+"""Synthetic data of any size, for the benchmarks on machines without the real data and for the tests: shard
+folders written with the shard writer from functions of the sample position, and sources in the original
+formats (downsampled ImageNet's pickles; an image folder of JPEG photos) for the converters."""
 
 from __future__ import annotations
 
 import io
+import json
+import pickle
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,3 +90,86 @@ def write_synthetic_imagenet32(folder: Path, *, num_train: int, num_test: int) -
     return write_synthetic_shards(folder, num_train=num_train, num_test=num_test, image=cifar_like_image,
                                   labels=labels, num_fine=num_fine, num_coarse=num_coarse, dataset="imagenet32",
                                   samples_per_shard=5000)
+
+
+def photo_crops(count: int, seed: int) -> np.ndarray:
+    """count x 32 x 32 x 3 uint8: random crops of sklearn's sample photos, box-downsampled to 32 x 32."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    pyramids = []  # each photo at several scales, so a 32 x 32 crop covers 64..320 source pixels
+    for photo in load_sample_images().images:
+        image = Image.fromarray(photo)
+        for factor in (2, 3, 4, 6, 8, 10):
+            size = (image.width // factor, image.height // factor)
+            pyramids.append(np.asarray(image.resize(size, Image.BOX, reducing_gap=None)))
+    crops = np.empty((count, 32, 32, 3), dtype=np.uint8)
+    choice = rng.integers(0, len(pyramids), count)
+    flips = rng.integers(0, 2, count)
+    for i in range(count):
+        level = pyramids[choice[i]]
+        y = int(rng.integers(0, level.shape[0] - 31))
+        x = int(rng.integers(0, level.shape[1] - 31))
+        crop = level[y:y + 32, x:x + 32]
+        crops[i] = crop[:, ::-1] if flips[i] else crop
+    return crops
+
+
+def write_imagenet32_source(src: Path | str, train_images: int, val_images: int, seed: int = 0) -> None:
+    """A folder in the exact downsampled-ImageNet format (pickled `train_data_batch_1..10` and `val_data`, rows
+    of 3,072 channel-planar bytes, 1-based labels) with the two MaskCon mapping files; its images are
+    photo_crops. Kept when it already holds what is asked (`complete.json`)."""
+    src = Path(src)
+    marker = src / "complete.json"
+    wanted = {"train_images": train_images, "val_images": val_images, "seed": seed}
+    if marker.exists() and json.loads(marker.read_text()) == wanted:
+        return
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    (src / "imagenet32_to_fine.json").write_text(json.dumps({str(i): int(j) for i, j in
+                                                             enumerate(rng.permutation(1000))}))
+    (src / "imagenet_fine_to_coarse.json").write_text(json.dumps({str(i): i % 12 for i in range(1000)}))
+    per_batch = -(-train_images // 10)
+    batches = [(f"train_data_batch_{k + 1}", min(per_batch, train_images - k * per_batch)) for k in range(10)]
+    for number, (name, count) in enumerate(batches + [("val_data", val_images)]):
+        images = photo_crops(count, seed=seed * 100 + number)
+        content = {"data": images.transpose(0, 3, 1, 2).reshape(count, -1),
+                   "labels": rng.integers(1, 1001, count).tolist()}
+        with open(src / name, "wb") as handle:
+            pickle.dump(content, handle, protocol=4)
+    marker.write_text(json.dumps(wanted))
+
+
+def write_jpeg_folder(dest: str, train: int, test: int, side: int) -> None:
+    """A `folder`-format source of JPEG photos: crops of scikit-learn's two sample photos at random scales,
+    resized to side x side px, JPEG quality 90; 100 fine classes in 10 coarse ones. Written by every core."""
+    from multiprocessing import Pool
+
+    from maskcon import usable_cpus
+
+    root = Path(dest)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "fine_to_coarse.csv").write_text("fine,coarse\n" + "".join(f"f{k:03d},c{k // 10}\n" for k in range(100)))
+    jobs = [(str(root), split, index, side) for split, count in (("train", train), ("test", test))
+            for index in range(count)]
+    for split in ("train", "test"):
+        for fine in range(100):
+            (root / split / f"f{fine:03d}").mkdir(parents=True, exist_ok=True)
+    with Pool(min(16, usable_cpus())) as pool:
+        pool.map(_write_jpeg, jobs, chunksize=32)
+
+
+def _write_jpeg(job: tuple[str, str, int, int]) -> None:
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    root, split, index, side = job
+    photo = Image.fromarray(load_sample_images().images[index % 2])
+    rng = np.random.default_rng(index + (0 if split == "train" else 1_000_000))
+    crop = int(rng.integers(side // 2, min(photo.size)))
+    left, top = int(rng.integers(0, photo.width - crop)), int(rng.integers(0, photo.height - crop))
+    image = photo.crop((left, top, left + crop, top + crop)).resize((side, side), Image.BILINEAR)
+    image.save(Path(root) / split / f"f{index % 100:03d}" / f"{index:07d}.jpg", quality=90)
