@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import shlex
+import statistics
 from pathlib import Path
 
 from maskcon import usable_cpus
+from maskcon.errors import UserError
 
 
 def machine(device=None) -> str:
@@ -25,3 +28,39 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def spread(values: list[float], digits: int = 1) -> dict[str, float]:
+    """A figure over repeats: its median, min and max, rounded to `digits` (0: whole numbers)."""
+    return {name: round(value, digits or None) for name, value in
+            (("median", statistics.median(values)), ("min", min(values)), ("max", max(values)))}
+
+
+def positive(args, *names: str, least: int = 1) -> None:
+    """One line (UserError) for the first option among `names` (argparse dests) below `least`."""
+    for name in names:
+        value = getattr(args, name)
+        if (min(value) if isinstance(value, list) else value) < least:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+
+
+def command(name: str, argv: list[str]) -> str:
+    """The command line of benchmark `name` with arguments argv, as a user types it."""
+    return shlex.join(["python", "launch/bench.py", name, *argv])
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """An aligned text table: the first column left-aligned, the others right-aligned."""
+    cells = [[str(cell) for cell in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                               for i, (cell, width) in enumerate(zip(row, widths))) for row in cells)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        return listener.getsockname()[1]

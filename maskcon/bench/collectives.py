@@ -26,9 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shlex
-import statistics
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -38,9 +35,9 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from maskcon import dist, failures, usable_cpus
-from maskcon.bench import cpu_name
+from maskcon.bench import command, cpu_name, free_port, positive, spread, table
 from maskcon.config import ARCHS
-from maskcon.errors import OneLineParser, UserError
+from maskcon.errors import OneLineParser
 from maskcon.model import FEATURE_DIMS, MaskConModel
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -203,46 +200,29 @@ def _evaluation_bytes(meter: TrafficMeter, options: argparse.Namespace) -> dict:
     return dict(meter.received)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        return listener.getsockname()[1]
-
-
-def _summary(per_rank: list[list[dict]], options: argparse.Namespace) -> dict:
+def _summary(per_rank: list[list[dict]], options: argparse.Namespace, argv: list[str]) -> dict:
     cases = {}
     for rows in zip(*per_rank):
         if "evaluation" in rows[0]:
             continue
-        first = rows[0]
-        case = cases.setdefault((first["image_size"], first["batch"]), {"old": [], "new": [], "gradients": 0})
-        case["gradients"] = max(row["gradients"] for row in rows)
+        case = cases.setdefault((rows[0]["image_size"], rows[0]["batch"]), {"old": [], "new": []})
+        case["gradients_bytes"] = max(row["gradients"] for row in rows)
         for scheme in ("old", "new"):
             busiest = {section: max(row[scheme].get(section, 0) for row in rows) for section in SECTIONS}
-            busiest["total"] = max(sum(row[scheme].values()) for row in rows)
-            case[scheme].append(busiest)
-    table = []
-    for (size, batch), case in sorted(cases.items()):
-        entry = {"image_size": size, "batch": batch, "gradients_bytes": case["gradients"]}
-        for scheme in ("old", "new"):
-            for section in (*SECTIONS, "total"):
-                values = [repeat[section] for repeat in case[scheme]]
-                entry[f"{scheme}_{section}"] = {"median": statistics.median(values), "min": min(values),
-                                                "max": max(values)}
-        table.append(entry)
+            case[scheme].append({**busiest, "total": max(sum(row[scheme].values()) for row in rows)})
+    steps = [{"image_size": size, "batch": batch, "gradients_bytes": case["gradients_bytes"],
+              **{f"{scheme}_{section}": spread([repeat[section] for repeat in case[scheme]], 1)
+                 for scheme in ("old", "new") for section in (*SECTIONS, "total")}}
+             for (size, batch), case in sorted(cases.items())]
     evaluation = [rows[-1]["evaluation"] for rows in per_rank]
-    return {"command": "python launch/bench.py collectives " + shlex.join(sys.argv[2:]),
+    return {"command": command("collectives", argv),
             "machine": f"{cpu_name()}, {usable_cpus()} CPUs, torch {torch.__version__}, gloo",
-            "processes": options.processes, "arch": options.arch, "precision": options.precision,
-            "queue_size": options.queue_size, "dim": options.dim, "log_every": options.log_every,
-            "repeats": options.repeats, "steps": table,
+            **{name: getattr(options, name) for name in ("processes", "arch", "precision", "queue_size", "dim",
+                                                         "log_every", "repeats")},
+            "steps": steps,
             "evaluation": {"rows": options.eval_rows,
-                           "old_bytes": max(e["old"] for e in evaluation),
-                           "new_bytes": max(e["new"] for e in evaluation),
-                           "old_bytes_all": sum(e["old"] for e in evaluation),
-                           "new_bytes_all": sum(e["new"] for e in evaluation)}}
+                           **{f"{scheme}_bytes": max(e[scheme] for e in evaluation) for scheme in ("old", "new")},
+                           **{f"{scheme}_bytes_all": sum(e[scheme] for e in evaluation) for scheme in ("old", "new")}}}
 
 
 def _amount(value: float) -> str:
@@ -262,42 +242,34 @@ def _cell(value: dict | float) -> str:
     return f"{_amount(value['median'])} ({_amount(value['min'])}-{_amount(value['max'])})"
 
 
-def _print_tables(summary: dict) -> None:
-    print(f"{summary['command']}\n{summary['machine']}; P = {summary['processes']} processes, {summary['arch']}, "
-          f"K = {summary['queue_size']}, D = {summary['dim']}, key images in {summary['precision']} (new), "
-          f"stop vote every {summary['log_every']} steps (new)\nreceived per step by the busiest process, "
-          f"median (range) over {summary['repeats']} steps")
-    columns = (*SECTIONS, "total")
-    print(f"{'S px':>5} {'N':>4}  {'scheme':<6}" + "".join(f"{name:>28}" for name in columns)
-          + f"{'old/new':>9}{GRADIENTS:>21}")
+def _tables(summary: dict) -> str:
+    rows = []
     for entry in summary["steps"]:
         for scheme in ("old", "new"):
-            cells = "".join(f"{_cell(entry[f'{scheme}_{section}']):>28}" for section in columns)
             ratio = entry["old_total"]["median"] / max(entry["new_total"]["median"], 1)
-            extra = f"{ratio:>8.1f}x{_cell(entry['gradients_bytes']):>21}" if scheme == "old" else ""
-            print(f"{entry['image_size']:>5} {entry['batch']:>4}  {scheme:<6}{cells}{extra}")
+            rows.append([entry["image_size"], entry["batch"], scheme,
+                         *(_cell(entry[f"{scheme}_{section}"]) for section in (*SECTIONS, "total")),
+                         *((f"{ratio:.1f}x", _cell(entry["gradients_bytes"])) if scheme == "old" else ("", ""))])
     evaluation = summary["evaluation"]
-    print(f"evaluation ({evaluation['rows']} test images), received by the busiest process: old "
-          f"{_cell(evaluation['old_bytes'])}, new {_cell(evaluation['new_bytes'])}; by all processes: "
-          f"old {_cell(evaluation['old_bytes_all'])}, new {_cell(evaluation['new_bytes_all'])}")
+    return "\n".join([
+        f"{summary['command']}\n{summary['machine']}; P = {summary['processes']} processes, {summary['arch']}, "
+        f"K = {summary['queue_size']}, D = {summary['dim']}, key images in {summary['precision']} (new), stop vote "
+        f"every {summary['log_every']} steps (new)\nreceived per step by the busiest process, median (range) over "
+        f"{summary['repeats']} steps",
+        table(["S px", "N", "scheme", *SECTIONS, "total", "old/new", GRADIENTS], rows),
+        f"evaluation ({evaluation['rows']} test images), received by the busiest process: old "
+        f"{_cell(evaluation['old_bytes'])}, new {_cell(evaluation['new_bytes'])}; by all processes: "
+        f"old {_cell(evaluation['old_bytes_all'])}, new {_cell(evaluation['new_bytes_all'])}"])
 
 
 def main(argv: list[str]) -> int:
     options = _parser().parse_args(argv)
-    if options.processes < 2:
-        raise UserError(f"--processes must be at least 2, got {options.processes}")
-    for name in ("repeats", "log_every", "queue_size", "dim", "eval_rows"):
-        if getattr(options, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(options, name)}")
-    if min(options.image_sizes + options.batches) < 1:
-        raise UserError("--image-sizes and --batches take positive integers")
+    positive(options, "processes", least=2)
+    positive(options, "repeats", "log_every", "queue_size", "dim", "eval_rows", "image_sizes", "batches")
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(_free_port(), options, out_dir), nprocs=options.processes,
+        mp.start_processes(_worker, args=(free_port(), options, out_dir), nprocs=options.processes,
                            start_method="spawn")
         per_rank = [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(options.processes)]
-    summary = _summary(per_rank, options)
-    if options.json:
-        print(json.dumps(summary, indent=1))
-    else:
-        _print_tables(summary)
+    summary = _summary(per_rank, options, argv)
+    print(json.dumps(summary, indent=1) if options.json else _tables(summary))
     return 0

@@ -27,7 +27,6 @@ import contextlib
 import datetime
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from maskcon import usable_cpus
+from maskcon.bench import command
 from maskcon.errors import OneLineParser, UserError
 from maskcon.provenance import code_state, dali_wheel
 
@@ -147,8 +147,8 @@ def _run_parts(work: Path, sizes: Sizes, device: str, *, deadline: float) -> lis
     train = [python, bench, "train", "--dataset", "imagenet32", "--shards", str(shards32), "--device", device,
              *sizes.train, "--json"]
     plan = [
-        ("source32", 150, [python, "-c", "import sys; from maskcon.datasets.synthetic import write_imagenet32_source as w; "
-                           "w(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))",
+        ("source32", 150, [python, "-c", "import sys; from maskcon.datasets.synthetic import "
+                           "write_imagenet32_source as w; w(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))",
                            str(src32), str(sizes.train_images), str(sizes.val_images)]),
         ("shards32", 150, [*make_shards, "imagenet32", "--src", str(src32), "--out", str(shards32)]),
         ("loader", 90, [python, bench, "loader", "--dataset", "imagenet32", "--shards", str(shards32),
@@ -168,8 +168,8 @@ def _run_parts(work: Path, sizes: Sizes, device: str, *, deadline: float) -> lis
     outcomes: list[Outcome] = []
     failed: set[str] = set()
     needs = {"shards32": "source32", "jpeg_shards": "jpeg_source", "jpeg": "jpeg_shards"}
-    for name, limit, command in plan:
-        outcome = Outcome(name=name, command=command)
+    for name, limit, part_command in plan:
+        outcome = Outcome(name=name, command=part_command)
         needed = needs.get(name, "shards32" if name not in ("source32", "objectives", "jpeg_source") else None)
         left = deadline - time.monotonic()
         if needed in failed:
@@ -224,7 +224,7 @@ def _context(args, argv: list[str], sizes: Sizes) -> dict:
     """The machine and software the figures belong to."""
     import torch
 
-    context = {"date": datetime.date.today().isoformat(), "command": shlex.join(["python", "launch/bench.py", "gpu", *argv]),
+    context = {"date": datetime.date.today().isoformat(), "command": command("gpu", argv),
                "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": usable_cpus(),
                "commit": args.commit or _short_commit(), "dali": dali_wheel() or "not installed", "device": args.device,
                "train_images": sizes.train_images, "jpeg_images": sizes.jpeg_train, "jpeg_side": sizes.jpeg_side}

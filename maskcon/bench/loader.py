@@ -1,28 +1,18 @@
 """Two-view loading speed: `python launch/bench.py loader --dataset DATASET --shards OUT --json`.
 
-Prints source images per second (both views made, labels included) for
-    dali_cpu       maskcon.loaders, backend "dali" on the CPU (device_id=None)
-    dali_gpu       the same on the GPU (only with --loaders ...,dali_gpu, on a machine with one)
+Source images per second (both views made, labels included) of
+    dali_cpu       maskcon.loaders, backend "dali" on the CPU (device_id=None); dali_gpu: the same on a GPU
     torch          maskcon.loaders, backend "torch": torchvision transforms in a DataLoader
     reference_pil  the official-style loader (maskcon/loaders/reference.py): PIL images, torchvision's
-                   transforms on them (AutoAugment CIFAR-10 policy) and a shuffling torch DataLoader
-all on the same shards and cores, timed after a first full epoch (`--warmup-epochs`), and per loader
-    cpu_ms_per_image                the process's CPU time (all threads and DataLoader workers) per image
-    thread_cpu_ms_per_batch         the training thread's CPU time (time.thread_time) inside next() per batch
-    feed_cpu_us_per_image           the loader's own count of its host feeding work (`feed_cpu_seconds`)
-    gpu_pipeline_host_us_per_image  the host part of the DALI pipeline, measured on dali_cpu: the feeding
-                                    thread's reading, parameter draws, DALI feeding and scheduling, labels,
-                                    less the copy of CPU outputs into torch (a GPU pipeline orders that copy on
-                                    the device); what the same pipeline costs the host when its operators run
-                                    on a GPU
-    gpu_pipeline_host_parts_us_per_image  the same in parts: the external source's callback (gathering,
-                                    parameter draws), the rest of DALI's pipeline.run (feeding the inputs,
-                                    scheduling, handing out the outputs), and the thread's other work (labels,
-                                    the queue)
-and the operator count of each DALI pipeline. `--synthetic N` first
-writes N synthetic cifar100-format 32x32 PNG training samples to OUT (see write_synthetic_shards), for
-machines without the real data. `--first-batch-workers W` also times a torch loader with W DataLoader
-workers from construction to its first batch.
+                   transforms on them and a shuffling torch DataLoader
+on the same shards and cores, timed after `--warmup-epochs` full epochs, and per loader the process's CPU ms
+per image (all threads and DataLoader workers), the training thread's CPU ms per batch inside next(), and the
+loader's own count of its host feeding work (`feed_cpu_seconds`). gpu_pipeline_host_us_per_image: the host
+part of the DALI pipeline, measured on dali_cpu as its feeding work less the copy of CPU outputs into torch
+(a GPU pipeline orders that copy on the device): what the pipeline costs the host when its operators run on a
+GPU, also in parts (the external source's callback, the rest of DALI's pipeline.run, the thread's other
+work). `--synthetic N` first writes N synthetic cifar100-format 32x32 PNG training samples to OUT;
+`--first-batch-workers W` also times a torch loader with W workers from construction to its first batch.
 """
 
 from __future__ import annotations
@@ -30,13 +20,13 @@ from __future__ import annotations
 import gc
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from maskcon import usable_cpus
+from maskcon.bench import spread, table
 from maskcon.datasets.synthetic import cifar_like_image, write_synthetic_shards
 from maskcon.errors import OneLineParser, UserError
 from maskcon.loaders.spec import LoaderSpec
@@ -103,12 +93,6 @@ def _measure(loader, *, batches: int, warmup_epochs: int, warmup: int, repeats: 
     return figures
 
 
-def _dataset_image_size(dataset: str) -> int:
-    from maskcon.config import preset
-
-    return int(preset(dataset, "maskcon")["image_size"])
-
-
 def first_batch_seconds(shards: Path, *, dataset: str, image_size: int, batch_size: int, workers: int) -> float:
     """Seconds from building a torch-backend train loader with `workers` DataLoader workers to its first batch
     (worker start-up included)."""
@@ -163,10 +147,11 @@ def main(argv: list[str]) -> int:
                         help="first write N synthetic 32x32 PNG train samples (cifar100 format) to --shards")
     args = parser.parse_args(argv)
 
+    from maskcon.config import preset
     from maskcon.datasets import recipe_for
 
     recipe_for(args.dataset)
-    size = args.image_size or _dataset_image_size(args.dataset)
+    size = args.image_size or int(preset(args.dataset, "maskcon")["image_size"])
     threads = args.threads or usable_cpus()
     if args.synthetic:
         if (args.shards / "manifest.json").exists():
@@ -201,35 +186,31 @@ def main(argv: list[str]) -> int:
     report.update(_summary(measured), repeats=args.repeats, batch_size=args.batch_size, image_size=size,
                   threads=threads, cpus=usable_cpus(), shards=str(args.shards))
     report["load_average_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine while measuring
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for name in chosen:
-            low, high = report["spread_min_max"][name]
-            print(f"{name:<14} {report[name]:>9.1f} images/s  (min {low}, max {high}), "
-                  f"{report['cpu_ms_per_image'][name]:.3f} CPU ms/image, training thread "
-                  f"{report['thread_cpu_ms_per_batch'][name]:.3f} CPU ms/batch")
+    rows = [[name, f"{report[name]:.1f}", *report["spread_min_max"][name], report["cpu_ms_per_image"][name],
+             report["thread_cpu_ms_per_batch"][name]] for name in chosen]
+    print(json.dumps(report) if args.json else table(["loader", "images/s", "min", "max", "CPU ms/image",
+                                                      "training thread CPU ms/batch"], rows))
     return 0
 
 
 def _summary(measured: dict[str, dict[str, list[float]]]) -> dict:
     """The report's figures: medians over repeats (and the rate's range), ratios between loaders."""
     def median(name: str, figure: str, digits: int) -> float:
-        return round(statistics.median(measured[name][figure]), digits)
+        return spread(measured[name][figure], digits)["median"]
 
     report = {name: median(name, "rate", 1) for name in measured}
-    report["spread_min_max"] = {name: [round(min(figures["rate"]), 1), round(max(figures["rate"]), 1)]
+    report["spread_min_max"] = {name: [spread(figures["rate"], 1)[end] for end in ("min", "max")]
                                 for name, figures in measured.items()}
-    report["cpu_ms_per_image"] = {name: median(name, "cpu_ms", 3) for name in measured}
-    report["thread_cpu_ms_per_batch"] = {name: median(name, "thread_ms", 3) for name in measured}
-    report["feed_cpu_us_per_image"] = {name: median(name, "feed_us", 2) for name in measured
-                                       if name != "reference_pil"}
+    for key, figure, digits in (("cpu_ms_per_image", "cpu_ms", 3), ("thread_cpu_ms_per_batch", "thread_ms", 3),
+                                ("feed_cpu_us_per_image", "feed_us", 2)):
+        report[key] = {name: median(name, figure, digits) for name in measured
+                       if key != "feed_cpu_us_per_image" or name != "reference_pil"}
     if "dali_cpu" in measured:  # what the same pipeline does on the host when its operators run on a GPU
         report["gpu_pipeline_host_us_per_image"] = median("dali_cpu", "host_us", 2)
         report["gpu_pipeline_host_parts_us_per_image"] = {
-            "callback": median("dali_cpu", "callback_us", 2),
-            "dali_feeding_scheduling": median("dali_cpu", "dali_us", 2),
-            "labels_queue_other": median("dali_cpu", "other_us", 2)}
+            part: median("dali_cpu", figure, 2) for part, figure in (("callback", "callback_us"),
+                                                                     ("dali_feeding_scheduling", "dali_us"),
+                                                                     ("labels_queue_other", "other_us"))}
     if "dali_cpu" in measured and "torch" in measured:
         report["dali_cpu_over_torch"] = round(report["dali_cpu"] / report["torch"], 2)
         report["cpu_cost_torch_over_dali"] = round(report["cpu_ms_per_image"]["torch"] /

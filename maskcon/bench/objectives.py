@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from maskcon import losses
-from maskcon.bench import machine
+from maskcon.bench import machine, positive, spread, table
 from maskcon.errors import OneLineParser, UserError
 
 TIME_GOAL = 1.5   # MaskCon time / SelfCon time
@@ -48,8 +48,7 @@ def main(argv: list[str]) -> int:
     options = parser.parse_args(argv)
     if options.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA GPU is visible; run with --device cpu")
-    if options.repeats < 1:
-        raise UserError(f"--repeats must be at least 1, got {options.repeats}")
+    positive(options, "repeats", "batch", "queue_size", "dim")
 
     device = torch.device(options.device)
     objectives = _objectives(options.batch, options.queue_size, options.dim, device)
@@ -67,7 +66,7 @@ def main(argv: list[str]) -> int:
     results = {name: _summary(times[name], peaks[name]) for name in objectives}
     ratio = results["maskcon"]["median_ms"] / results["selfcon"]["median_ms"]
     # the two losses run back to back in every repeat: the ratio within a repeat shares the machine's state
-    paired = sorted(m / s for m, s in zip(times["maskcon"], times["selfcon"]))
+    paired = spread([m / s for m, s in zip(times["maskcon"], times["selfcon"])], 3)
     report = {
         "benchmark": "objectives",
         "machine": machine(device),
@@ -80,8 +79,7 @@ def main(argv: list[str]) -> int:
                   else "tensor storages live during forward+backward (TorchDispatchMode count)",
         "results": results,
         "maskcon_over_selfcon_time": round(ratio, 3),
-        "paired_ratio": {"median": round(statistics.median(paired), 3), "min": round(paired[0], 3),
-                         "max": round(paired[-1], 3)},
+        "paired_ratio": paired,
         "goal": TIME_GOAL, "goal_met": ratio <= TIME_GOAL,
     }
     if options.json:
@@ -184,27 +182,25 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _summary(seconds: list[float], peak: int) -> dict[str, float]:
-    ms = sorted(1e3 * s for s in seconds)
+    ms = [1e3 * s for s in seconds]
     quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
-    return {"median_ms": round(statistics.median(ms), 3), "p25_ms": round(quartiles[0], 3),
-            "p75_ms": round(quartiles[2], 3), "min_ms": round(ms[0], 3), "max_ms": round(ms[-1], 3),
-            "peak_mib": round(peak / 2**20, 2)}
+    middle = spread(ms, 3)
+    return {"median_ms": middle["median"], "p25_ms": round(quartiles[0], 3), "p75_ms": round(quartiles[2], 3),
+            "min_ms": middle["min"], "max_ms": middle["max"], "peak_mib": round(peak / 2**20, 2)}
 
 
 def _print_table(report: dict) -> None:
     inputs = report["inputs"]
-    print(f"objectives: N={inputs['N']} K={inputs['K']} D={inputs['D']}, "
-          f"{inputs['coarse_classes']} coarse classes, "
+    print(f"objectives: N={inputs['N']} K={inputs['K']} D={inputs['D']}, {inputs['coarse_classes']} coarse classes, "
           f"t0={inputs['t0']} t={inputs['t']} w={inputs['w']}; {report['device']} ({report['machine']}), "
           f"amp {report['amp']}, torch {report['torch']}, {report['repeats']} repeats, "
           f"load average {report['load_average_1min']}")
-    print(f"{'loss':<9} {'median ms':>10} {'p25-p75 ms':>17} {'min-max ms':>17} {'peak MiB':>9}")
-    for name, r in report["results"].items():
-        print(f"{name:<9} {r['median_ms']:>10.2f} {r['p25_ms']:>8.2f}-{r['p75_ms']:<8.2f} "
-              f"{r['min_ms']:>8.2f}-{r['max_ms']:<8.2f} {r['peak_mib']:>9.2f}")
-    verdict = "met" if report["goal_met"] else "NOT met"
+    print(table(["loss", "median ms", "p25-p75 ms", "min-max ms", "peak MiB"],
+                [[name, f"{r['median_ms']:.2f}", f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f}",
+                  f"{r['min_ms']:.2f}-{r['max_ms']:.2f}", f"{r['peak_mib']:.2f}"]
+                 for name, r in report["results"].items()]))
     paired = report["paired_ratio"]
     print(f"maskcon / selfcon time: {report['maskcon_over_selfcon_time']:.3f}x of the medians, "
           f"{paired['median']:.2f}x [{paired['min']:.2f}-{paired['max']:.2f}] within repeats "
-          f"(goal <= {report['goal']}x: {verdict})")
+          f"(goal <= {report['goal']}x: {'met' if report['goal_met'] else 'NOT met'})")
     print(f"memory: {report['memory']}")

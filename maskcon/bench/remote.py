@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from maskcon.bench import machine
+from maskcon.bench import command, free_port, machine
 from maskcon.datasets.synthetic import write_synthetic_imagenet32
 from maskcon.errors import OneLineParser, UserError
 
@@ -38,9 +38,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _local_server(log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     try:
         import moto  # noqa: F401
     except ImportError:
@@ -128,6 +126,6 @@ def main(argv: list[str]) -> int:
             if server is not None:
                 server.terminate()
                 server.wait(timeout=30)
-    report["command"] = " ".join(["python", "launch/bench.py", "remote", *argv])
+    report["command"] = command("remote", argv)
     print(json.dumps(report, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
     return 0

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from maskcon import shards, usable_cpus
-from maskcon.bench import machine
+from maskcon.bench import machine, positive, spread, table
 from maskcon.datasets.synthetic import write_imagenet32_source
-from maskcon.errors import OneLineParser, UserError
+from maskcon.errors import OneLineParser
 from maskcon.shard_format import encode_label, split_files
 
 
@@ -95,8 +95,7 @@ def main(argv: list[str]) -> int:
                         help="where the synthetic source (kept for reruns) and outputs go")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
-    if args.train_images + args.val_images < 1 or args.repeats < 1:
-        raise UserError("--train-images, --val-images and --repeats must be positive")
+    positive(args, "train_images", "val_images", "repeats")
     import webdataset  # noqa: F401  imported here, so that its import (it loads torch) is not timed
 
     workers = args.workers or usable_cpus()
@@ -128,8 +127,7 @@ def main(argv: list[str]) -> int:
     result = {
         "machine": machine(), "python": platform.python_version(),
         "images": counts["ours"], "workers": workers, "repeats": args.repeats,
-        "images_per_s": {name: {"median": round(median[name]), "min": round(min(r)), "max": round(max(r))}
-                         for name, r in rate.items()},
+        "images_per_s": {name: spread(r, 0) for name, r in rate.items()},
         "speedup_median": round(median["ours"] / median["plain"], 2),
         "speedup_1_process": round(median["ours_1_process"] / median["plain"], 2),
         # one-process runs only (the pool's workers are not this process): load-independent CPU cost
@@ -139,11 +137,8 @@ def main(argv: list[str]) -> int:
         "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
     }
     print()
-    print(f"{'converter':<16} {'images/s median':>16} {'min':>8} {'max':>8} {'tar MB':>8}")
-    for name in timings:
-        figures = result["images_per_s"][name]
-        print(f"{name:<16} {figures['median']:>16} {figures['min']:>8} {figures['max']:>8} "
-              f"{sizes[name] / 1e6:>8.1f}")
+    print(table(["converter", "images/s median", "min", "max", "tar MB"],
+                [[name, *result["images_per_s"][name].values(), f"{sizes[name] / 1e6:.1f}"] for name in timings]))
     print(f"speedup (ours / plain, medians): {result['speedup_median']}x with {workers} processes, "
           f"{result['speedup_1_process']}x with 1; images per CPU second {result['images_per_cpu_s']}; "
           f"same pixels and labels: {agree}; "

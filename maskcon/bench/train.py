@@ -11,8 +11,8 @@ Images per second of the MaskCon training step, in one run on the same shards, m
                (`set_epoch(epoch, start=...)`, as the loop resumes), against the first step of an epoch
                started at its first batch, each timed from `set_epoch` to the end of the step
 The run is built by the trainer's builder (maskcon.run.build_run: learner, optimizer, loader, precision,
-cudnn and thread settings, the step's parts) and stepped by the loop's step (`run.step_fn`, maskcon.step.build_step). As in
-the loop, the loss is read only at the end of a window, which waits for the device. The figures per mode are
+cudnn and thread settings, the step's parts) and stepped by the loop's step (`run.step_fn`, maskcon.step.build_step).
+As in the loop, the loss is read only at the end of a window, which waits for the device. The figures per mode are
 the loop's own (maskcon.train.DataClock), logged by the trainer in metrics.jsonl under the same names:
     images_per_s           images / wall time of the window
     data_wait              fraction of the window's time the training thread spent in next(batches)
@@ -29,18 +29,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shlex
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 
 from maskcon import usable_cpus
-from maskcon.bench import machine
+from maskcon.bench import command, machine, positive, table
 from maskcon.config import ARCHS, parse_config
 from maskcon.datasets import DATASETS
 from maskcon.datasets.synthetic import write_synthetic_imagenet32
@@ -52,22 +50,6 @@ from maskcon.step import graph_breaks
 from maskcon.train import DataClock
 
 MODES = ("real", "synthetic", "official", "resume")
-
-
-@dataclass
-class Measurement:
-    mode: str
-    images_per_s: float          # median window
-    images_per_s_min: float
-    images_per_s_max: float
-    data_wait: float             # fraction of step time spent waiting for the next batch, median window
-    data_wait_min: float
-    data_wait_max: float
-    data_ms_per_batch: float     # median window
-    feed_cpu_ms_per_batch: float | None   # median window; None when the loader does not count it
-    windows: list[float]         # images/s of every window
-    epoch_start_images_per_s: float | None = None   # resume: the first step of an epoch started at batch 0
-    skip_by_reading_s: float | None = None          # resume: reaching the middle batch by reading the ones before
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,11 +95,8 @@ def _checked(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not modes:
         raise UserError(f"--modes: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(MODES)}")
-    for name in ("steps", "repeats", "workers"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    positive(args, "steps", "repeats", "workers")
+    positive(args, "warmup", least=0)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
     return args, modes
@@ -148,12 +127,12 @@ def main(argv: list[str]) -> int:
         results = []
         for mode in modes:
             results.append(bench.measure(mode))
-            print(f"{mode}: {results[-1].images_per_s:.1f} images/s", file=sys.stderr)
+            print(f"{mode}: {results[-1]['images_per_s']:.1f} images/s", file=sys.stderr)
         report = _report(results, run, args)
         report["graph_breaks"] = bench.graph_breaks
         del bench, run
         gc.collect()
-    report["command"] = shlex.join(["python", "launch/bench.py", "train", *argv])
+    report["command"] = command("train", argv)
     print(json.dumps(report, indent=1) if args.json else _table(report))
     return 0
 
@@ -171,7 +150,8 @@ class _Bench:
             run.learner.queue_coarse.copy_(torch.randint(num_coarse, run.learner.queue_coarse.shape))
         run.model.train()
         # graph breaks left in the compiled step (traced on a copy of the parts; before the first compiled call)
-        self.graph_breaks = graph_breaks(run.parts, next(self.batches("synthetic")[0])) if run.resolved["compile"] else []
+        self.graph_breaks = (graph_breaks(run.parts, next(self.batches("synthetic")[0])) if run.resolved["compile"]
+                             else [])
 
     def batches(self, mode: str) -> tuple[Iterator[dict], Callable[[], None], object]:
         """An endless stream of batches on the device for `mode`, a function that releases it, and the loader
@@ -192,7 +172,8 @@ class _Bench:
         if mode == "real":
             return _epochs(run.train_loader), lambda: None, run.train_loader
         loader = official_style_loader(run.folder, recipe=settings["dataset"], image_size=settings["image_size"],
-                                       batch_size=settings["batch_size"], workers=self.args.workers, seed=self.args.seed,
+                                       batch_size=settings["batch_size"], workers=self.args.workers,
+                                       seed=self.args.seed,
                                        query_view=settings["query_view"], key_view=settings["key_view"],
                                        pin_memory=device.type == "cuda")
         stream = _to_device(_repeat(loader), run.train_loader.spec)
@@ -203,7 +184,7 @@ class _Bench:
         self.steps += 1
         return self.run.step_fn(batch, self.steps - 1)
 
-    def measure(self, mode: str) -> Measurement:
+    def measure(self, mode: str) -> dict:
         if mode == "resume":
             return self.measure_resume()
         stream, release, loader = self.batches(mode)
@@ -226,7 +207,7 @@ class _Bench:
             gc.collect()  # the loader's threads or worker processes end before the next mode starts
         return _summary(mode, windows)
 
-    def measure_resume(self) -> Measurement:
+    def measure_resume(self) -> dict:
         """Windows of one step each: the first step of an epoch started at its middle batch, as a resumed run
         starts it, and (`epoch_start_images_per_s`) of an epoch started at batch 0; then, once, the time to
         reach the middle batch by reading the batches before it (`skip_by_reading_s`)."""
@@ -247,24 +228,22 @@ class _Bench:
         skip_by_reading_s = time.perf_counter() - began
         del batches
         gc.collect()
-        measurement = _summary("resume", [w for w in windows if w["start"] == middle],
-                               from_start=[w for w in windows if w["start"] == 0])
-        measurement.skip_by_reading_s = skip_by_reading_s
-        return measurement
+        return {**_summary("resume", [w for w in windows if w["start"] == middle],
+                           from_start=[w for w in windows if w["start"] == 0]), "skip_by_reading_s": skip_by_reading_s}
 
 
-def _summary(mode: str, windows: list[dict], from_start: list[dict] | None = None) -> Measurement:
-    """The median window (by images/s) and the ranges over windows."""
-    rates = [w["images_per_s"] for w in windows]
+def _summary(mode: str, windows: list[dict], from_start: list[dict] | None = None) -> dict:
+    """The median window (by images/s) with the ranges over windows; for a resume also the median first step of
+    an epoch started at batch 0 (`epoch_start_images_per_s`)."""
+    rates, waits = [w["images_per_s"] for w in windows], [w["data_wait"] for w in windows]
     middle = windows[sorted(range(len(rates)), key=rates.__getitem__)[len(rates) // 2]]
-    waits = [w["data_wait"] for w in windows]
-    measurement = Measurement(mode=mode, images_per_s=middle["images_per_s"], images_per_s_min=min(rates),
-                              images_per_s_max=max(rates), data_wait=middle["data_wait"], data_wait_min=min(waits),
-                              data_wait_max=max(waits), data_ms_per_batch=middle["data_ms_per_batch"],
-                              feed_cpu_ms_per_batch=middle.get("feed_cpu_ms_per_batch"), windows=rates)
+    summary = {"mode": mode, "images_per_s": middle["images_per_s"], "images_per_s_min": min(rates),
+               "images_per_s_max": max(rates), "data_wait": middle["data_wait"], "data_wait_min": min(waits),
+               "data_wait_max": max(waits), "data_ms_per_batch": middle["data_ms_per_batch"],
+               "feed_cpu_ms_per_batch": middle.get("feed_cpu_ms_per_batch"), "windows": rates}
     if from_start:
-        measurement.epoch_start_images_per_s = sorted(w["images_per_s"] for w in from_start)[len(from_start) // 2]
-    return measurement
+        summary["epoch_start_images_per_s"] = sorted(w["images_per_s"] for w in from_start)[len(from_start) // 2]
+    return summary
 
 
 def _epochs(loader: Iterable[dict]) -> Iterator[dict]:
@@ -293,64 +272,42 @@ def _to_device(batches: Iterator, spec: LoaderSpec) -> Iterator[TrainBatch]:
                for name, value in moved.items()}
 
 
-# --------------------------------------------------------------------------------- synthetic shards
-
-
-# ----------------------------------------------------------------------------------------- report
-
-
-def _report(results: list[Measurement], run: Run, args: argparse.Namespace) -> dict:
-    by_mode, settings, device = {m.mode: m for m in results}, run.resolved, run.accelerator.device
-    report = {
-        "benchmark": "train",
-        "machine": machine(device),
-        "torch": torch.__version__,
-        "device": str(device),
-        "dataset": settings["dataset"],
-        "shards": str(run.folder),
-        "train_images": run.manifest["splits"]["train"]["num_samples"],
-        "steps_per_epoch": run.steps_per_epoch,
-        "arch": settings["arch"],
-        "image_size": settings["image_size"],
-        "batch_size": settings["batch_size"],
-        "queue_size": settings["queue_size"],
-        "mixed_precision": run.accelerator.mixed_precision,
-        "channels_last": run.channels_last,
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "compile": settings["compile"],
-        "workers": args.workers,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "modes": {m.mode: asdict(m) for m in results},
-    }
-    if "real" in by_mode and "official" in by_mode:
-        report["real_over_official"] = by_mode["real"].images_per_s / by_mode["official"].images_per_s
-    if "real" in by_mode and "synthetic" in by_mode:
-        report["real_over_synthetic"] = by_mode["real"].images_per_s / by_mode["synthetic"].images_per_s
+def _report(results: list[dict], run: Run, args: argparse.Namespace) -> dict:
+    by_mode, settings, device = {m["mode"]: m for m in results}, run.resolved, run.accelerator.device
+    report = {"benchmark": "train", "machine": machine(device), "torch": torch.__version__, "device": str(device),
+              **{name: settings[name] for name in ("dataset", "arch", "image_size", "batch_size", "queue_size",
+                                                    "compile")},
+              "shards": str(run.folder), "train_images": run.manifest["splits"]["train"]["num_samples"],
+              "steps_per_epoch": run.steps_per_epoch, "mixed_precision": run.accelerator.mixed_precision,
+              "channels_last": run.channels_last, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+              **{name: getattr(args, name) for name in ("workers", "steps", "repeats", "warmup")},
+              "modes": by_mode}
+    rate = {mode: m["images_per_s"] for mode, m in by_mode.items()}
+    for top, bottom in (("real", "official"), ("real", "synthetic")):
+        if top in rate and bottom in rate:
+            report[f"{top}_over_{bottom}"] = rate[top] / rate[bottom]
     if "resume" in by_mode:
-        resume = by_mode["resume"]
-        report["resume_first_step_s"] = settings["batch_size"] / resume.images_per_s
-        report["epoch_first_step_s"] = settings["batch_size"] / resume.epoch_start_images_per_s
-        report["skip_by_reading_s"] = resume.skip_by_reading_s
-        if "real" in by_mode:
-            report["real_step_s"] = settings["batch_size"] / by_mode["real"].images_per_s
+        report.update(resume_first_step_s=settings["batch_size"] / rate["resume"],
+                      epoch_first_step_s=settings["batch_size"] / by_mode["resume"]["epoch_start_images_per_s"],
+                      skip_by_reading_s=by_mode["resume"]["skip_by_reading_s"])
+        if "real" in rate:
+            report["real_step_s"] = settings["batch_size"] / rate["real"]
     return report
 
 
 def _table(report: dict) -> str:
+    rows = [[mode, f"{m['images_per_s']:.1f} ({m['images_per_s_min']:.1f}-{m['images_per_s_max']:.1f})",
+             "-" if mode == "synthetic"
+             else f"{m['data_wait']:.1%} ({m['data_wait_min']:.1%}-{m['data_wait_max']:.1%})",
+             f"{m['data_ms_per_batch']:.2f}",
+             "-" if m["feed_cpu_ms_per_batch"] is None else f"{m['feed_cpu_ms_per_batch']:.2f}"]
+            for mode, m in report["modes"].items()]
     lines = [f"{report['dataset']} ({report['train_images']} training images), {report['arch']} "
              f"{report['image_size']}px, batch {report['batch_size']}, K {report['queue_size']}, "
              f"{report['mixed_precision']}, {report['device']}: {report['machine']}, torch {report['torch']}",
              f"{report['repeats']} windows of {report['steps']} steps after {report['warmup']} warm-up steps; "
              "median (min-max)",
-             f"{'mode':<10} {'images/s':>24} {'data wait':>22} {'data ms/batch':>14} {'feed CPU ms/batch':>18}"]
-    for mode, m in report["modes"].items():
-        wait = "-" if mode == "synthetic" else \
-            f"{m['data_wait']:.1%} ({m['data_wait_min']:.1%}-{m['data_wait_max']:.1%})"
-        feed = "-" if m["feed_cpu_ms_per_batch"] is None else f"{m['feed_cpu_ms_per_batch']:.2f}"
-        lines.append(f"{mode:<10} {m['images_per_s']:>9.1f} ({m['images_per_s_min']:.1f}-"
-                     f"{m['images_per_s_max']:.1f}){'':>2} {wait:>22} {m['data_ms_per_batch']:>14.2f} {feed:>18}")
+             table(["mode", "images/s", "data wait", "data ms/batch", "feed CPU ms/batch"], rows)]
     if report["compile"]:
         lines.append(f"graph breaks left in the compiled step: {len(report['graph_breaks'])}")
         lines.extend(f"  {line}" for line in report["graph_breaks"])
