@@ -1,8 +1,7 @@
 """The one GPU command: `python launch/bench.py gpu [--out FILE] [--budget S]` (BENCHMARKS.md, "GPU").
 
-On one GPU, within --budget seconds (default 470: under 8 minutes with the data), on the ImageNet32 preset
-with synthetic ImageNet32-format shards it writes itself (maskcon.datasets.synthetic.write_imagenet32_source, then
-`launch/make_shards.py create imagenet32`):
+On one GPU, within --budget seconds, on the ImageNet32 preset with synthetic ImageNet32-format shards it writes
+itself (`maskcon.datasets.synthetic.write_imagenet32_source`, then `launch/make_shards.py create imagenet32`):
     loader      the 32-px loader alone: `bench.py loader --loaders dali_gpu --threads 8`
     step        the training step on synthetic batches: `bench.py train --modes synthetic`, eager
     compiled    the same with `--compile --compile-mode reduce-overhead` (the whole step, CUDA graphs)
@@ -11,13 +10,12 @@ with synthetic ImageNet32-format shards it writes itself (maskcon.datasets.synth
     objectives  MaskCon's loss against SelfCon's: `bench.py objectives --device cuda --amp bf16`
     jpeg        the 224-px JPEG path: a synthetic JPEG folder -> `make_shards.py create folder` ->
                 `bench.py train --dataset folder --modes synthetic,real`
-Each part is a subprocess of an existing door with its own time limit (the smaller of its own and what
-is left of the budget): a part that fails or hangs gives one line, and the others still run. Then the
-BENCHMARKS.md block (card, driver, torch/DALI versions, commit, command, each figure, each goal met or not)
-goes to --out (never into BENCHMARKS.md) and every part's JSON report to --out with `.json` added.
-Without CUDA the command stops at once with one line; `--device cpu --small` runs every part with tiny
-sizes on the CPU (dali_cpu for the loader), to try the command where no GPU is.
-Exit status: 0 when every part gave its figures, 1 when some did not, 2 for a usage error.
+Each part is a subprocess of a door with its own time limit (at most what is left of the budget): a part
+that fails or hangs gives one line, and the others still run. The BENCHMARKS.md block (card, driver,
+versions, commit, command, each figure, each goal met or not) goes to --out, never into BENCHMARKS.md, and
+every part's JSON report to --out with `.json` added. Without CUDA the command stops with one line;
+`--device cpu --small` runs every part with tiny sizes on the CPU. Exit status: 0 when every part gave its
+figures, 1 when some did not, 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from maskcon import usable_cpus
@@ -51,30 +49,18 @@ GOALS = {   # the figures a GPU must reach on the ImageNet32 preset (one H100/H2
 }
 
 
-@dataclass
-class Sizes:
-    """How big each part runs: the GPU figures, or --small (a try on the CPU)."""
-
-    train_images: int = 100_000
-    val_images: int = 10_000
-    jpeg_train: int = 6000
-    jpeg_test: int = 500
-    jpeg_side: int = 256
-    loader: list[str] = field(default_factory=lambda: ["--loaders", "dali_gpu", "--threads", "8", "--batches", "50",
-                                                         "--warmup", "10", "--repeats", "3"])
-    train: list[str] = field(default_factory=lambda: ["--steps", "30", "--repeats", "3", "--warmup", "10"])
-    jpeg_train_args: list[str] = field(default_factory=lambda: ["--steps", "20", "--repeats", "3", "--warmup", "5"])
-    objectives: list[str] = field(default_factory=lambda: ["--amp", "bf16", "--repeats", "60"])
-    slower: float = 1.0          # each part's time limit is this many times its GPU limit
-
-
-SMALL = Sizes(train_images=600, val_images=100, jpeg_train=120, jpeg_test=20, jpeg_side=72,
-              loader=["--loaders", "dali_cpu", "--threads", "2", "--batches", "2", "--warmup", "1", "--repeats", "1",
-                      "--batch-size", "32"],
-              train=["--steps", "1", "--repeats", "1", "--warmup", "1", "--batch-size", "16", "--workers", "2"],
-              jpeg_train_args=["--steps", "1", "--repeats", "1", "--warmup", "1", "--batch-size", "8",
-                               "--image-size", "64", "--workers", "2"],
-              objectives=["--amp", "bf16", "--repeats", "2", "--batch", "32", "--queue-size", "512"], slower=6.0)
+# how big each part runs: the GPU figures, or --small (a try on the CPU, each time limit 6x the GPU's)
+SIZES = {
+    "gpu": {"train_images": 100_000, "val_images": 10_000, "jpeg": (6000, 500, 256), "slower": 1.0,
+            "loader": "--loaders dali_gpu --threads 8 --batches 50 --warmup 10 --repeats 3",
+            "train": "--steps 30 --repeats 3 --warmup 10", "jpeg_train": "--steps 20 --repeats 3 --warmup 5",
+            "objectives": "--amp bf16 --repeats 60"},
+    "small": {"train_images": 600, "val_images": 100, "jpeg": (120, 20, 72), "slower": 6.0,
+              "loader": "--loaders dali_cpu --threads 2 --batches 2 --warmup 1 --repeats 1 --batch-size 32",
+              "train": "--steps 1 --repeats 1 --warmup 1 --batch-size 16 --workers 2",
+              "jpeg_train": "--steps 1 --repeats 1 --warmup 1 --batch-size 8 --image-size 64 --workers 2",
+              "objectives": "--amp bf16 --repeats 2 --batch 32 --queue-size 512"},
+}
 
 
 @dataclass
@@ -105,9 +91,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    if args.device == "cuda":
-        _require_cuda()
-    sizes = SMALL if args.small else Sizes()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("no CUDA GPU is visible to PyTorch; run this on the GPU machine, or try the command with "
+                        "--device cpu --small")
+    sizes = SIZES["small" if args.small else "gpu"]
     budget = args.budget if args.budget is not None else (3000.0 if args.small else 470.0)
     out = args.out or Path(os.environ.get("OUT", ".")) / "gpu-benchmarks.md"
     if out.resolve() == (ROOT / "BENCHMARKS.md").resolve():
@@ -127,43 +116,34 @@ def main(argv: list[str]) -> int:
     return 0 if all(outcome.error is None for outcome in outcomes) else 1
 
 
-def _require_cuda() -> None:
-    """One line and exit 2 where no GPU or no DALI can be used: nothing would measure what this command is for."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UserError("no CUDA GPU is visible to PyTorch; run this on the GPU machine, or try the command with "
-                        "--device cpu --small")
-
-
 # ------------------------------------------------------------------------------------------ the parts
 
 
-def _run_parts(work: Path, sizes: Sizes, device: str, *, deadline: float) -> list[Outcome]:
+def _run_parts(work: Path, sizes: dict, device: str, *, deadline: float) -> list[Outcome]:
     """Data first (ImageNet32-format shards, the JPEG folder and its shards), then every part in order."""
     src32, shards32, jpeg_src, jpeg_shards = work / "src32", work / "s32", work / "jpeg", work / "sj"
     python, bench = sys.executable, str(ROOT / "launch" / "bench.py")
     make_shards = [python, str(ROOT / "launch" / "make_shards.py"), "create"]
     train = [python, bench, "train", "--dataset", "imagenet32", "--shards", str(shards32), "--device", device,
-             *sizes.train, "--json"]
+             *sizes["train"].split(), "--json"]
     plan = [
         ("source32", 150, [python, "-c", "import sys; from maskcon.datasets.synthetic import "
                            "write_imagenet32_source as w; w(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))",
-                           str(src32), str(sizes.train_images), str(sizes.val_images)]),
+                           str(src32), str(sizes["train_images"]), str(sizes["val_images"])]),
         ("shards32", 150, [*make_shards, "imagenet32", "--src", str(src32), "--out", str(shards32)]),
         ("loader", 90, [python, bench, "loader", "--dataset", "imagenet32", "--shards", str(shards32),
-                        *sizes.loader, "--json"]),
+                        *sizes["loader"].split(), "--json"]),
         ("step", 90, [*train, "--modes", "synthetic"]),
         ("compiled", 240, [*train, "--modes", "synthetic", "--compile", "--compile-mode", "reduce-overhead"]),
         ("real", 120, [*train, "--modes", "synthetic,real"]),
         ("official", 90, [*train, "--modes", "official"]),
-        ("objectives", 60, [python, bench, "objectives", "--device", device, *sizes.objectives, "--json"]),
+        ("objectives", 60, [python, bench, "objectives", "--device", device, *sizes["objectives"].split(), "--json"]),
         ("jpeg_source", 90, [python, "-c", "import sys; from maskcon.datasets.synthetic import write_jpeg_folder; "
                              "write_jpeg_folder(sys.argv[1], *map(int, sys.argv[2:]))", str(jpeg_src),
-                             str(sizes.jpeg_train), str(sizes.jpeg_test), str(sizes.jpeg_side)]),
+                             *map(str, sizes["jpeg"])]),
         ("jpeg_shards", 90, [*make_shards, "folder", "--src", str(jpeg_src), "--out", str(jpeg_shards)]),
         ("jpeg", 150, [python, bench, "train", "--dataset", "folder", "--shards", str(jpeg_shards), "--device", device,
-                       *sizes.jpeg_train_args, "--modes", "synthetic,real", "--json"]),
+                       *sizes["jpeg_train"].split(), "--modes", "synthetic,real", "--json"]),
     ]
     outcomes: list[Outcome] = []
     failed: set[str] = set()
@@ -177,7 +157,7 @@ def _run_parts(work: Path, sizes: Sizes, device: str, *, deadline: float) -> lis
         elif left < 5:
             outcome.error = "not run: the time budget was spent"
         else:
-            _run_one(outcome, timeout=min(limit * sizes.slower, left))
+            _run_one(outcome, timeout=min(limit * sizes["slower"], left))
         if outcome.error is not None:
             failed.add(name)
         print(f"{name}: {outcome.error or 'ok'} ({outcome.seconds:.0f} s)", file=sys.stderr, flush=True)
@@ -203,16 +183,13 @@ def _run_one(outcome: Outcome, *, timeout: float) -> None:
         outcome.error = f"timed out after {timeout:.0f} s"
         return
     outcome.seconds = time.monotonic() - start
-    done = subprocess.CompletedProcess(outcome.command, process.returncode, stdout, stderr)
-    if done.returncode != 0:
-        lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    if process.returncode != 0:
+        lines = [line.strip() for line in (stderr + stdout).splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error:") or "Error" in line]
-        outcome.error = f"exit {done.returncode}: {(errors or lines or ['no output'])[-1][:300]}"
-        return
-    text = done.stdout
-    if "{" in text:
+        outcome.error = f"exit {process.returncode}: {(errors or lines or ['no output'])[-1][:300]}"
+    elif "{" in stdout:
         try:
-            outcome.report = json.loads(text[text.index("{"):text.rindex("}") + 1])
+            outcome.report = json.loads(stdout[stdout.index("{"):stdout.rindex("}") + 1])
         except json.JSONDecodeError as error:
             outcome.error = f"unreadable JSON report ({error})"
 
@@ -220,14 +197,15 @@ def _run_one(outcome: Outcome, *, timeout: float) -> None:
 # ------------------------------------------------------------------------------------------ the block
 
 
-def _context(args, argv: list[str], sizes: Sizes) -> dict:
+def _context(args, argv: list[str], sizes: dict) -> dict:
     """The machine and software the figures belong to."""
     import torch
 
     context = {"date": datetime.date.today().isoformat(), "command": command("gpu", argv),
                "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": usable_cpus(),
-               "commit": args.commit or _short_commit(), "dali": dali_wheel() or "not installed", "device": args.device,
-               "train_images": sizes.train_images, "jpeg_images": sizes.jpeg_train, "jpeg_side": sizes.jpeg_side}
+               "dali": dali_wheel() or "not installed", "device": args.device,
+               "commit": args.commit or (code_state()["commit"] or "unknown")[:7],
+               "train_images": sizes["train_images"], "jpeg_images": sizes["jpeg"][0], "jpeg_side": sizes["jpeg"][2]}
     if args.device == "cuda":
         properties = torch.cuda.get_device_properties(0)
         context.update(card=properties.name, memory_gib=round(properties.total_memory / 2**30),
@@ -235,11 +213,6 @@ def _context(args, argv: list[str], sizes: Sizes) -> dict:
     else:
         context.update(card="no GPU (a try on the CPU)", memory_gib=None, driver="-")
     return context
-
-
-def _short_commit() -> str:
-    commit = code_state()["commit"]
-    return commit[:7] if commit else "unknown (not a git checkout)"
 
 
 def _driver() -> str:
