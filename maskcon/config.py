@@ -76,7 +76,7 @@ class Config:
     warmup_epochs: float = option(5.0, "linear warm-up before the per-step cosine schedule, epochs", resume="match")
     mixed_precision: str | None = option(None, "no|bf16|fp16 (default: bf16 on a GPU unless accelerate launch asks for fp16 or bf16; fp32 on the CPU)", resume="match")
     channels_last: bool | None = option(None, "channels-last memory format (default: on for a GPU, off on the CPU)", resume="free")
-    compile: bool = option(False, "torch.compile both encoders and projectors", resume="free")
+    compile: bool = option(False, "torch.compile the training step: whole on one process; the encoders, projectors and objective on several", resume="free")
     compile_mode: str | None = option(None, f"torch.compile mode with --compile: {'|'.join(COMPILE_MODES)}", resume="free")
     seed: int = option(0, "random seed", resume="match")
     # --- evaluation, logging, checkpoints ---

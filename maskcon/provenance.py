@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import platform
 import subprocess
@@ -48,13 +49,25 @@ def _version(distribution: str) -> str | None:
 
 
 def machine() -> dict:
-    """The CUDA and cuDNN versions torch was built with, the first GPU's name (None on the CPU), the host."""
+    """The CUDA and cuDNN versions torch was built with, the first GPU's name (None on the CPU), the CPU's model
+    and the cores this process may use, the host."""
     import torch
+
+    from maskcon import usable_cpus
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-            "gpu": gpu, "gpus_visible": torch.cuda.device_count(), "host": platform.node(),
-            "platform": platform.platform()}
+            "gpu": gpu, "gpus_visible": torch.cuda.device_count(), "cpu": cpu_name(), "cpus": usable_cpus(),
+            "host": platform.node(), "platform": platform.platform()}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows of it."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def provenance() -> dict:

@@ -1,4 +1,4 @@
-"""Training speed: `python launch/bench.py train [--dataset D] [--shards DIR] [--device cpu|cuda] [--json]`.
+"""Training speed: `python launch/bench.py train [--synthetic N] [--device cpu|cuda] [--json] [train.py options]`.
 
 Images per second of the MaskCon training step, in one run on the same shards, model and settings, fed by
     real       the trainer's own loader (maskcon.loaders.build_train_loader, DALI back end; GPU pipeline on cuda)
@@ -10,18 +10,18 @@ Images per second of the MaskCon training step, in one run on the same shards, m
     resume     the first step of a resumed run: the real loader started at the middle batch of an epoch
                (`set_epoch(epoch, start=...)`, as the loop resumes), against the first step of an epoch
                started at its first batch, each timed from `set_epoch` to the end of the step
-The run is built by the trainer's builder (maskcon.run.build_run: learner, optimizer, loader, precision,
-cudnn and thread settings, the step's parts) and stepped by the loop's step (`run.step_fn`, maskcon.step.build_step).
-As in the loop, the loss is read only at the end of a window, which waits for the device. The figures per mode are
-the loop's own (maskcon.train.DataClock), logged by the trainer in metrics.jsonl under the same names:
+Every option of launch/train.py (--dataset, --shards, --batch-size, --compile, ...) sets up the run, over the
+dataset's preset; the benchmark fixes MaskCon, random weights, the DALI loader with --workers threads and no
+W&B. The run is built by the trainer's builder (maskcon.run.build_run) and stepped by the loop's step
+(`run.step_fn`); as in the loop, the loss is read only at the end of a window, which waits for the device.
+The figures per mode are the loop's own (maskcon.train.DataClock), logged in metrics.jsonl under the same names:
     images_per_s           images / wall time of the window
     data_wait              fraction of the window's time the training thread spent in next(batches)
     data_ms_per_batch      ms the training thread spent in next(batches), per batch
     feed_cpu_ms_per_batch  CPU ms of the loader's host feeding work per batch (loaders that count it)
 Each mode runs `--warmup` untimed steps, then `--repeats` windows of `--steps` steps; figures are the median
-window with the range over windows. Hyperparameters are the dataset's preset. `--synthetic N` first writes N
-synthetic 32x32 training images as ImageNet32-format shards (1,000 fine classes in 12 coarse) and
-benchmarks on them.
+window with the range over windows. `--synthetic N` first writes N synthetic 32x32 training images as
+ImageNet32-format shards (1,000 fine classes in 12 coarse) and benchmarks on them.
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ import torch
 
 from maskcon import usable_cpus
 from maskcon.bench import command, machine, positive, table
-from maskcon.config import ARCHS, parse_config
-from maskcon.datasets import DATASETS
+from maskcon.config import parse_config
 from maskcon.datasets.synthetic import write_synthetic_imagenet32
 from maskcon.errors import OneLineParser, UserError
 from maskcon.loaders.reference import official_style_loader
@@ -55,28 +54,15 @@ MODES = ("real", "synthetic", "official", "resume")
 def _parser() -> argparse.ArgumentParser:
     cpus = usable_cpus()
     parser = OneLineParser(prog="python launch/bench.py train", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="digits", choices=sorted(DATASETS), metavar="DATASET",
-                        help="recipe, preset and default shard folder (default: digits, written on first use)")
-    parser.add_argument("--shards", default=None, metavar="DIR", help="shard folder (default: shards/DATASET)")
+                           usage="%(prog)s [bench options] [launch/train.py options]",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--synthetic", type=int, default=None, metavar="N",
                         help="write N synthetic 32x32 ImageNet32-format training images to --shards (default: a "
                              "temporary folder) and benchmark on them; implies --dataset imagenet32")
-    parser.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone (default: resnet18)")
-    parser.add_argument("--image-size", type=int, default=None, metavar="S",
-                        help="network input side, px (default: the dataset's preset)")
-    parser.add_argument("--batch-size", type=int, default=None, metavar="B",
-                        help="images per step (default: the dataset's preset)")
     parser.add_argument("--steps", type=int, default=20, metavar="N", help="timed steps per window (default: 20)")
     parser.add_argument("--repeats", type=int, default=3, metavar="R", help="timed windows per mode (default: 3)")
     parser.add_argument("--warmup", type=int, default=5, metavar="N",
                         help="untimed steps per mode before the first window (default: 5)")
-    parser.add_argument("--mixed-precision", choices=("bf16", "fp16", "no"), default=None,
-                        help="as train.py (default: bf16 on cuda and no on cpu)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="channels-last memory format (default: on for cuda, off on cpu)")
-    parser.add_argument("--compile", action="store_true", help="as train.py --compile")
-    parser.add_argument("--compile-mode", default=None, help="as train.py --compile-mode")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where the step and the real loader run (default: cuda when available)")
     parser.add_argument("--workers", type=int, default=min(8, cpus), metavar="N",
@@ -84,13 +70,14 @@ def _parser() -> argparse.ArgumentParser:
                              f"(default: min(8, CPU cores) = {min(8, cpus)})")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated modes to run (default: {','.join(MODES)})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the model, data order and augmentations")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
 
-def _checked(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    args = _parser().parse_args(argv)
+def _checked(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """The benchmark's own options, its modes, and the options of the run it builds: launch/train.py's, after
+    those the benchmark fixes (MaskCon, random weights, the DALI loader with --workers threads, no W&B)."""
+    args, train_options = _parser().parse_known_args(argv)
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not modes:
@@ -99,29 +86,19 @@ def _checked(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     positive(args, "warmup", least=0)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
-    return args, modes
-
-
-def _train_options(args: argparse.Namespace, dataset: str, folder: Path, output_dir: Path) -> list[str]:
-    """The train.py options of the benchmarked run."""
-    given = {"--arch": args.arch, "--image-size": args.image_size, "--batch-size": args.batch_size,
-             "--mixed-precision": args.mixed_precision, "--compile-mode": args.compile_mode,
-             "--channels-last": None if args.channels_last is None else str(args.channels_last).lower()}
-    options = ["--dataset", dataset, "--shards", str(folder), "--output-dir", str(output_dir), "--method", "maskcon",
-               "--pretrained", "none", "--loader", "dali", "--loader-threads", str(args.workers), "--seed",
-               str(args.seed), "--wandb", "disabled", "--compile", str(args.compile).lower()]
-    return options + [word for name, value in given.items() if value is not None for word in (name, str(value))]
+    fixed = ["--method", "maskcon", "--pretrained", "none", "--loader", "dali", "--loader-threads", str(args.workers),
+             "--wandb", "disabled", *(["--dataset", "imagenet32"] if args.synthetic is not None else [])]
+    return args, modes, fixed + train_options
 
 
 def main(argv: list[str]) -> int:
-    args, modes = _checked(argv)
+    args, modes, train_options = _checked(argv)
     with tempfile.TemporaryDirectory(prefix="maskcon-bench-") as scratch:
-        dataset = "imagenet32" if args.synthetic is not None else args.dataset
-        folder = Path(args.shards) if args.shards else (Path(scratch) / "shards" if args.synthetic is not None
-                                                          else Path("shards") / dataset)
+        config = parse_config([*(["--shards", f"{scratch}/shards"] if args.synthetic is not None else []),
+                               *train_options, "--output-dir", f"{scratch}/run"])
         if args.synthetic is not None:
-            write_synthetic_imagenet32(folder, num_train=args.synthetic, num_test=max(100, args.synthetic // 50))
-        config = parse_config(_train_options(args, dataset, folder, Path(scratch) / "run"))
+            write_synthetic_imagenet32(Path(config.shards), num_train=args.synthetic,
+                                       num_test=max(100, args.synthetic // 50))
         run = build_run(config, make_accelerator(config, args.device))
         bench = _Bench(run, args)
         results = []
