@@ -13,6 +13,7 @@ BENCHMARKS = {
     "loader": "two-view loading speed: DALI (CPU) against torchvision and an official-style PIL loader",
     "objectives": "time and memory of the MaskCon loss against SelfCon",
     "train": "training images/s and data time: real loader, synthetic batches, official-style loader, a resume",
+    "job": "the main job as users start it (accelerate launch), with its figures and the GPU's utilisation",
     "collectives": "bytes per training step moved by the collectives: MoCo's scheme against ours",
     "gpu": "every GPU figure in one command on the ImageNet32 preset, written as a BENCHMARKS.md block",
     "remote": "shards in object storage: staging MB/s against a local copy, first batch on a warm cache",

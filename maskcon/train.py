@@ -129,7 +129,9 @@ def _local_features(model: MaskConModel, loader, accelerator: Accelerator) -> di
 def evaluate(run: Run, step: int, epoch: int, final: bool) -> dict:
     """R@K of the learner's query encoder on the test split (on the main process; {} elsewhere); logged,
     with the retrieval pictures (and the embedding plot when `final`). When the features fail on some
-    process, every process leaves; after training steps, with a checkpoint of the intact learner first."""
+    process, every process leaves; after training steps, with a checkpoint of the intact learner first. The
+    logged row holds the evaluation's wall time, pictures included (eval_s)."""
+    started = time.perf_counter()
     dist.average_buffers(run.learner)
     try:
         table = extract_features(run.learner, run.test_loader, run.accelerator)
@@ -140,13 +142,13 @@ def evaluate(run: Run, step: int, epoch: int, final: bool) -> dict:
         if isinstance(error, UserError) and not isinstance(error, failures.ProcessFailed):
             raise UserError(f"{error}; checkpoint saved at step {step}, continue with --resume") from None
         raise
-    return failures.run_on_main(_report, run, step, epoch, table, final) or {}
+    return failures.run_on_main(_report, run, step, epoch, table, final, started) or {}
 
 
-def _report(run: Run, step: int, epoch: int, table: dict, final: bool) -> dict:
+def _report(run: Run, step: int, epoch: int, table: dict, final: bool, started: float) -> dict:
     metrics = recall_at_k(table["features"], table["fine"], RECALL_KS)
-    run.tracker.log({"step": step, "epoch": epoch, **metrics})
     _log_pictures(run.tracker, step, table, run, final=final)
+    run.tracker.log({"step": step, "epoch": epoch, **metrics, "eval_s": round(time.perf_counter() - started, 3)})
     label = "untrained network" if step == 0 else f"epoch {epoch} step {step}"
     tqdm.write(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))   # a line of its own
     return metrics

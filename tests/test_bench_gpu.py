@@ -14,7 +14,7 @@ from maskcon.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("source32", "shards32", "loader", "step", "compiled", "real", "official", "objectives", "jpeg_source",
-         "jpeg_shards", "jpeg")
+         "jpeg_shards", "jpeg", "job", "gpu_tests", "profile")
 
 
 def outcome(name: str, report: dict | None = None, error: str | None = None) -> gpu.Outcome:
@@ -36,7 +36,14 @@ def test_each_goal_is_judged_from_its_part_and_a_missing_figure_is_said():
                                    "gpu_pipeline_host_us_per_image": 99.0}),
                 outcome("step", train_report(29_000.0)), outcome("compiled", train_report(31_000.0)),
                 outcome("real", train_report(30_000.0, 28_000.0)), outcome("official", error="timed out after 90 s"),
-                outcome("objectives", objectives), outcome("jpeg", error="exit 2: error: no DALI")]
+                outcome("objectives", objectives), outcome("jpeg", error="exit 2: error: no DALI"),
+                outcome("job", {"benchmark": "job", "epoch": 2, "images_per_s": 9000.0, "data_wait": 0.02,
+                                "feed_cpu_ms_per_batch": 1.5, "gpu_busy": 0.85, "eval_s": [3.0, 4.5],
+                                "wall_s": 95.0, "R@1": 12.5}),
+                outcome("gpu_tests", {"output": "11 passed, 650 deselected in 80.0s"}),
+                outcome("profile", {"profile": {"gpu_idle_share": 0.2, "kernels_per_step": 300.0,
+                                                "launches_per_step": 2.0,
+                                                "kernels": [{"name": "sm90_gemm", "share": 0.3}]}})]
     figures = gpu._figures(outcomes)
     assert figures["loader"] == ("61,000 img/s", True)
     assert figures["host"] == ("9.1 us (all threads, dali_gpu)", False)  # the GPU's own figure, not the proxy
@@ -44,7 +51,9 @@ def test_each_goal_is_judged_from_its_part_and_a_missing_figure_is_said():
     assert figures["real"] == ("93.3%", False)                           # 28,000 / 30,000 < 95 %
     assert figures["objectives"] == ("1.60x", False)
     assert figures["jpeg"] == ("-", None)
+    assert figures["busy"] == ("85%", False)                             # 0.85 of the last epoch's samples
     context = {"card": "NVIDIA H200", "memory_gib": 140, "date": "2026-12-03", "command": "python launch/bench.py gpu",
+               "device": "cuda",
                "commit": "abc1234", "driver": "580.1", "cpus": 16, "torch": "2.11.0", "cuda": "13.0",
                "dali": "2.4.0", "train_images": 100_000, "jpeg_images": 6000, "jpeg_side": 256}
     block = gpu._block(outcomes, context)
@@ -52,8 +61,21 @@ def test_each_goal_is_judged_from_its_part_and_a_missing_figure_is_said():
     assert "| 224-px JPEG real training / synthetic | - | >= 95 % | no figure |" in block
     assert "| real training / synthetic | 93.3% | >= 95 % | NOT met |" in block
     for text in ("NVIDIA H200 (140 GiB)", "driver 580.1", "torch 2.11.0", "DALI 2.4.0", "abc1234",
-                 "`python launch/bench.py gpu`"):
+                 "`python launch/bench.py gpu`", "| gpu_tests | 11 passed, 650 deselected in 80.0s |",
+                 "GPU busy 85%; evaluations 3.0, 4.5 s", "GPU idle 0.2; per step 300.0 kernels, 2.0 launches; "
+                 "longest kernel sm90_gemm (30%)", "| GPU busy during the main job's last epoch | 85% | >= 90 % |"):
         assert text in block
+
+
+def test_a_group_of_parts_runs_with_the_data_it_needs_and_keeps_shards_written_before(tmp_path):
+    (tmp_path / "s32").mkdir()
+    (tmp_path / "s32" / "manifest.json").write_text("{}")     # an earlier call's shards
+    outcomes = gpu._run_parts(tmp_path, gpu.SIZES["small"], "cpu", list(gpu.PARTS["job"]), deadline=0)
+    assert [o.name for o in outcomes] == ["source32", "shards32", "job", "gpu_tests", "profile"]
+    assert outcomes[0].report["output"].startswith("kept") and outcomes[1].report["output"].startswith("kept")
+    assert {o.error for o in outcomes[2:]} == {"not run: the time budget was spent"}
+    speed = gpu._run_parts(tmp_path / "fresh", gpu.SIZES["small"], "cpu", list(gpu.PARTS["speed"]), deadline=0)
+    assert [o.name for o in speed] == [name for name in PARTS if name not in gpu.PARTS["job"]]
 
 
 def test_a_part_that_hangs_or_fails_gives_one_line(tmp_path):
@@ -106,6 +128,7 @@ def test_the_whole_command_runs_small_on_the_cpu_and_writes_every_part(tmp_path)
         assert f"| {part} | " in block
     for title, _ in gpu.GOALS.values():
         assert f"| {title} | " in block
+    assert block.count("| not judged on the CPU |") == len(gpu.GOALS)   # tiny CPU runs judge no GPU goal
     parts = {part["name"]: part for part in json.loads(Path(str(out) + ".json").read_text())["parts"]}
     assert list(parts) == list(PARTS)
     # everything but the compiled step (minutes of code generation on two cores) gives its figures here
@@ -114,3 +137,7 @@ def test_the_whole_command_runs_small_on_the_cpu_and_writes_every_part(tmp_path)
     assert parts["real"]["report"]["modes"]["real"]["images_per_s"] > 0
     assert parts["jpeg"]["report"]["real_over_synthetic"] > 0
     assert parts["objectives"]["report"]["maskcon_over_selfcon_time"] > 0
+    assert parts["job"]["report"]["R@1"] is not None and parts["job"]["report"]["epoch"] == 2
+    assert parts["job"]["report"]["images_per_s"] > 0 and len(parts["job"]["report"]["eval_s"]) >= 2
+    assert parts["profile"]["report"]["profile"]["aten_ops_per_step"] > 0
+    assert "skipped" in parts["gpu_tests"]["report"]["output"]           # no GPU here: the GPU tests skip

@@ -61,6 +61,7 @@ def test_short_run_writes_metrics_results_and_exports(digits_shards, tmp_path):
     for row in evals:
         assert {"R@1", "R@2", "R@5", "R@10", "R@50", "R@100"} <= set(row)
         assert 0 < row["R@1"] <= row["R@2"] <= row["R@5"] <= row["R@10"] <= row["R@50"] <= row["R@100"] <= 100
+        assert 0 < row["eval_s"] < 600                                   # the evaluation's wall time, seconds
     results = json.loads((out / "results.json").read_text())
     assert results["R@1"] == evals[-1]["R@1"] and results["step"] == 2 * STEPS_PER_EPOCH
     assert results["untrained_R@1"] == evals[0]["R@1"]

@@ -10,6 +10,11 @@ itself (`maskcon.datasets.synthetic.write_imagenet32_source`, then `launch/make_
     objectives  MaskCon's loss against SelfCon's: `bench.py objectives --device cuda --amp bf16`
     jpeg        the 224-px JPEG path: a synthetic JPEG folder -> `make_shards.py create folder` ->
                 `bench.py train --dataset folder --modes synthetic,real`
+    job         the main job as users start it, 2 epochs, with the GPU's utilisation: `bench.py job`
+    gpu_tests   the GPU-marked tests: `pytest -m gpu`
+    profile     torch.profiler over 20 steady steps of the real run: `bench.py train --modes real --profile 20`
+`--parts speed` runs the data parts and loader..jpeg, `--parts job` the data parts and job..profile (each fits
+one call of a GPU machine; a second call with the same --work reuses the shards), `--parts all` both.
 Each part is a subprocess of a door with its own time limit (at most what is left of the budget): a part
 that fails or hangs gives one line, and the others still run. The BENCHMARKS.md block (card, driver,
 versions, commit, command, each figure, each goal met or not) goes to --out, never into BENCHMARKS.md, and
@@ -21,6 +26,7 @@ figures, 1 when some did not, 2 for a usage error.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import json
@@ -46,7 +52,13 @@ GOALS = {   # the figures a GPU must reach on the ImageNet32 preset (one H100/H2
     "real": ("real training / synthetic", ">= 95 %"),
     "objectives": ("MaskCon's loss time / SelfCon's", "<= 1.5x"),
     "jpeg": ("224-px JPEG real training / synthetic", ">= 95 %"),
+    "busy": ("GPU busy during the main job's last epoch", ">= 90 %"),
 }
+PARTS = {"speed": ("loader", "step", "compiled", "real", "official", "objectives", "jpeg"),
+         "job": ("job", "gpu_tests", "profile")}
+NEEDS = {"shards32": "source32", "jpeg_shards": "jpeg_source", "jpeg": "jpeg_shards", "loader": "shards32",
+         "step": "shards32", "compiled": "shards32", "real": "shards32", "official": "shards32", "job": "shards32",
+         "profile": "shards32"}
 
 
 # how big each part runs: the GPU figures, or --small (a try on the CPU, each time limit 6x the GPU's)
@@ -54,12 +66,13 @@ SIZES = {
     "gpu": {"train_images": 100_000, "val_images": 10_000, "jpeg": (6000, 500, 256), "slower": 1.0,
             "loader": "--loaders dali_gpu --threads 8 --batches 50 --warmup 10 --repeats 3",
             "train": "--steps 30 --repeats 3 --warmup 10", "jpeg_train": "--steps 20 --repeats 3 --warmup 5",
-            "objectives": "--amp bf16 --repeats 60"},
+            "objectives": "--amp bf16 --repeats 60", "job": "", "profile": "20"},
     "small": {"train_images": 600, "val_images": 100, "jpeg": (120, 20, 72), "slower": 6.0,
               "loader": "--loaders dali_cpu --threads 2 --batches 2 --warmup 1 --repeats 1 --batch-size 32",
               "train": "--steps 1 --repeats 1 --warmup 1 --batch-size 16 --workers 2",
               "jpeg_train": "--steps 1 --repeats 1 --warmup 1 --batch-size 8 --image-size 64 --workers 2",
-              "objectives": "--amp bf16 --repeats 2 --batch 32 --queue-size 512"},
+              "objectives": "--amp bf16 --repeats 2 --batch 32 --queue-size 512",
+              "job": "--batch-size 64 --queue-size 512 --image-size 16", "profile": "2"},
 }
 
 
@@ -86,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where the parts run")
     parser.add_argument("--small", action="store_true", help="tiny sizes: try the command on the CPU")
     parser.add_argument("--commit", default=None, help="the commit measured (default: git's HEAD, when known)")
+    parser.add_argument("--parts", choices=("all", *PARTS), default="all", help="which parts run (default: all)")
     return parser
 
 
@@ -104,7 +118,8 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="maskcon-gpu-") as scratch:
         work = args.work or Path(scratch)
-        outcomes = _run_parts(work, sizes, args.device, deadline=started + budget)
+        chosen = [name for group, names in PARTS.items() if args.parts in ("all", group) for name in names]
+        outcomes = _run_parts(work, sizes, args.device, chosen, deadline=started + budget)
     context = _context(args, argv, sizes)
     block = _block(outcomes, context)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,8 +134,9 @@ def main(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------------------ the parts
 
 
-def _run_parts(work: Path, sizes: dict, device: str, *, deadline: float) -> list[Outcome]:
-    """Data first (ImageNet32-format shards, the JPEG folder and its shards), then every part in order."""
+def _run_parts(work: Path, sizes: dict, device: str, chosen: list[str], *, deadline: float) -> list[Outcome]:
+    """The data the chosen parts need first (ImageNet32-format shards, the JPEG folder and its shards; shards
+    an earlier call left in `work` are kept), then every chosen part in order."""
     src32, shards32, jpeg_src, jpeg_shards = work / "src32", work / "s32", work / "jpeg", work / "sj"
     python, bench = sys.executable, str(ROOT / "launch" / "bench.py")
     make_shards = [python, str(ROOT / "launch" / "make_shards.py"), "create"]
@@ -144,16 +160,28 @@ def _run_parts(work: Path, sizes: dict, device: str, *, deadline: float) -> list
         ("jpeg_shards", 90, [*make_shards, "folder", "--src", str(jpeg_src), "--out", str(jpeg_shards)]),
         ("jpeg", 150, [python, bench, "train", "--dataset", "folder", "--shards", str(jpeg_shards), "--device", device,
                        *sizes["jpeg_train"].split(), "--modes", "synthetic,real", "--json"]),
+        ("job", 240, [python, bench, "job", "--dataset", "imagenet32", "--shards", str(shards32), "--pretrained",
+                      "none", "--epochs", "2", *sizes["job"].split(), "--json"]),
+        ("gpu_tests", 240, [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]),
+        ("profile", 120, [*train, "--modes", "real", "--profile", sizes["profile"]]),
     ]
+    wanted = set(chosen)
+    for name in chosen:                          # the data each chosen part needs, and the data that needs
+        while name in NEEDS:
+            name = NEEDS[name]
+            wanted.add(name)
+    plan = [part for part in plan if part[0] in wanted]
     outcomes: list[Outcome] = []
     failed: set[str] = set()
-    needs = {"shards32": "source32", "jpeg_shards": "jpeg_source", "jpeg": "jpeg_shards"}
+    written = {"source32": shards32, "shards32": shards32, "jpeg_source": jpeg_shards, "jpeg_shards": jpeg_shards}
     for name, limit, part_command in plan:
         outcome = Outcome(name=name, command=part_command)
-        needed = needs.get(name, "shards32" if name not in ("source32", "objectives", "jpeg_source") else None)
+        needed = NEEDS.get(name)
         left = deadline - time.monotonic()
         if needed in failed:
             outcome.error = f"not run: {needed} failed"
+        elif name in written and (written[name] / "manifest.json").exists():
+            outcome.report = {"output": f"kept: {written[name]} holds the shards already"}
         elif left < 5:
             outcome.error = "not run: the time budget was spent"
         else:
@@ -187,7 +215,9 @@ def _run_one(outcome: Outcome, *, timeout: float) -> None:
         lines = [line.strip() for line in (stderr + stdout).splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error:") or "Error" in line]
         outcome.error = f"exit {process.returncode}: {(errors or lines or ['no output'])[-1][:300]}"
-    elif "{" in stdout:
+    elif "{" not in stdout:           # a door without a JSON report (the tests): its last line
+        outcome.report = {"output": ([line.strip() for line in stdout.splitlines() if line.strip()] or ["-"])[-1]}
+    else:
         try:
             outcome.report = json.loads(stdout[stdout.index("{"):stdout.rindex("}") + 1])
         except json.JSONDecodeError as error:
@@ -226,7 +256,7 @@ def _driver() -> str:
 
 def _figures(outcomes: list[Outcome]) -> dict[str, tuple[str, bool | None]]:
     """goal name -> (the figure as text, met?) from the parts' reports; None where a part gave no figure."""
-    reports = {outcome.name: outcome.report or {} for outcome in outcomes}
+    reports = collections.defaultdict(dict, {outcome.name: outcome.report or {} for outcome in outcomes})
 
     def synthetic(name):
         return reports[name].get("modes", {}).get("synthetic", {}).get("images_per_s")
@@ -249,6 +279,8 @@ def _figures(outcomes: list[Outcome]) -> dict[str, tuple[str, bool | None]]:
         figures[goal] = (f"{ratio:.1%}", ratio >= 0.95) if ratio is not None else ("-", None)
     ratio = reports["objectives"].get("maskcon_over_selfcon_time")
     figures["objectives"] = (f"{ratio:.2f}x", ratio <= 1.5) if ratio is not None else ("-", None)
+    busy = reports["job"].get("gpu_busy")
+    figures["busy"] = (f"{busy:.0%}", busy >= 0.9) if busy is not None else ("-", None)
     return figures
 
 
@@ -267,7 +299,8 @@ def _block(outcomes: list[Outcome], context: dict) -> str:
     lines += ["", "| goal | figure | wanted | met |", "|---|---|---|---|"]
     for goal, (figure, met) in _figures(outcomes).items():
         title, wanted = GOALS[goal]
-        verdict = "no figure" if met is None else ("met" if met else "NOT met")
+        verdict = ("not judged on the CPU" if context["device"] != "cuda" else "no figure" if met is None
+                   else "met" if met else "NOT met")
         lines.append(f"| {title} | {figure} | {wanted} | {verdict} |")
     return "\n".join(lines) + "\n"
 
@@ -275,10 +308,25 @@ def _block(outcomes: list[Outcome], context: dict) -> str:
 def _summary(outcome: Outcome) -> str:
     """One cell of a part's own figures."""
     report = outcome.report or {}
+    if "profile" in report:
+        profile = report["profile"]
+        top = profile["kernels"][0] if profile["kernels"] else {"name": "-", "share": 0}
+        if profile["gpu_idle_share"] is None:
+            return f"no GPU: per step {profile['aten_ops_per_step']} aten operators"
+        return (f"GPU idle {profile['gpu_idle_share']}; per step {profile['kernels_per_step']} kernels, "
+                f"{profile['launches_per_step']} launches; longest kernel {top['name'][:60]} ({top['share']:.0%})")
     if "modes" in report:
         cells = [f"{mode} {m['images_per_s']:,.0f} img/s" + (f", data wait {m['data_wait']:.0%}" if mode != "synthetic"
                                                             else "") for mode, m in report["modes"].items()]
         return "; ".join(cells)
+    if report.get("benchmark") == "job":
+        busy = "-" if report["gpu_busy"] is None else f"{report['gpu_busy']:.0%}"
+        return (f"epoch {report['epoch']}: {report['images_per_s']:,.0f} img/s, data wait {report['data_wait']:.1%}, "
+                f"feed CPU {report['feed_cpu_ms_per_batch'] or 0:.2f} ms/batch, GPU busy {busy}; evaluations "
+                f"{', '.join(f'{s:.1f}' for s in report['eval_s'])} s; {report['wall_s']:.0f} s in all, R@1 "
+                f"{report['R@1']:.2f}")
+    if "output" in report:
+        return report["output"]
     if "maskcon_over_selfcon_time" in report:
         results = report["results"]
         return (f"MaskCon {results['maskcon']['median_ms']:.2f} ms, SelfCon {results['selfcon']['median_ms']:.2f} ms "

@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                              f"(default: min(8, CPU cores) = {min(8, cpus)})")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated modes to run (default: {','.join(MODES)})")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then profile N steps of the real mode (torch.profiler): the 10 longest kernels, the "
+                             "share of the time the GPU idles, kernel launches per step (default: 0, none)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
@@ -83,7 +86,7 @@ def _checked(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]
     if unknown or not modes:
         raise UserError(f"--modes: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(MODES)}")
     positive(args, "steps", "repeats", "workers")
-    positive(args, "warmup", least=0)
+    positive(args, "warmup", "profile", least=0)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
     fixed = ["--method", "maskcon", "--pretrained", "none", "--loader", "dali", "--loader-threads", str(args.workers),
@@ -107,6 +110,8 @@ def main(argv: list[str]) -> int:
             print(f"{mode}: {results[-1]['images_per_s']:.1f} images/s", file=sys.stderr)
         report = _report(results, run, args)
         report["graph_breaks"] = bench.graph_breaks
+        if args.profile:
+            report["profile"] = bench.profile(args.profile)
         del bench, run
         gc.collect()
     report["command"] = command("train", argv)
@@ -135,7 +140,7 @@ class _Bench:
         whose feeding work it counts."""
         run, settings, device = self.run, self.run.resolved, self.run.accelerator.device
         if mode == "synthetic":
-            generator = torch.Generator().manual_seed(self.args.seed)
+            generator = torch.Generator().manual_seed(settings["seed"])
             batch = run.train_loader.spec.blank_train_batch()   # the loader's shapes and memory format
             for name, value in batch.items():
                 classes = len(run.manifest[f"{name}_classes"]) if value.dtype == torch.int64 else None
@@ -150,8 +155,8 @@ class _Bench:
             return _epochs(run.train_loader), lambda: None, run.train_loader
         loader = official_style_loader(run.folder, recipe=settings["dataset"], image_size=settings["image_size"],
                                        batch_size=settings["batch_size"], workers=self.args.workers,
-                                       seed=self.args.seed,
-                                       query_view=settings["query_view"], key_view=settings["key_view"],
+                                       seed=settings["seed"], query_view=settings["query_view"],
+                                       key_view=settings["key_view"],
                                        pin_memory=device.type == "cuda")
         stream = _to_device(_repeat(loader), run.train_loader.spec)
         return stream, lambda: stream.close(), None
@@ -184,6 +189,24 @@ class _Bench:
             gc.collect()  # the loader's threads or worker processes end before the next mode starts
         return _summary(mode, windows)
 
+    def profile(self, steps: int) -> dict:
+        """`steps` steps of the real mode under torch.profiler, after as many unprofiled ones (steady state)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]
+        stream = _epochs(self.run.train_loader)
+        for _ in range(steps):
+            loss = self.step(next(stream))
+        loss.item()
+        with profile(activities=activities) as profiler:
+            began = time.perf_counter()
+            for _ in range(steps):
+                loss = self.step(next(stream))
+            loss.item()                  # the window ends when the device has run the last step
+            window_us = 1e6 * (time.perf_counter() - began)
+        stream.close()
+        return _profile_summary(profiler.events(), steps, window_us)
+
     def measure_resume(self) -> dict:
         """Windows of one step each: the first step of an epoch started at its middle batch, as a resumed run
         starts it, and (`epoch_start_images_per_s`) of an epoch started at batch 0; then, once, the time to
@@ -207,6 +230,29 @@ class _Bench:
         gc.collect()
         return {**_summary("resume", [w for w in windows if w["start"] == middle],
                            from_start=[w for w in windows if w["start"] == 0]), "skip_by_reading_s": skip_by_reading_s}
+
+
+def _profile_summary(events, steps: int, window_us: float) -> dict:
+    """From torch.profiler's events of `steps` steps over window_us: the 10 kernels with the most device time
+    (share of all kernel time), the share of the window with no kernel running, kernels and kernel launches
+    (CUDA graph launches included) per step, and aten operators per step (the host's work)."""
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for kernel in kernels:
+        by_name.setdefault(kernel.name, []).append(kernel.time_range.end - kernel.time_range.start)
+    total = sum(sum(times) for times in by_name.values()) or 1.0
+    longest = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:10]
+    busy, reach = 0.0, float("-inf")          # the union of the kernels' time ranges
+    for start, end in sorted((k.time_range.start, k.time_range.end) for k in kernels):
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    launches = sum(1 for e in events if "LaunchKernel" in e.name or "GraphLaunch" in e.name)
+    return {"steps": steps, "window_ms": round(window_us / 1000, 2),
+            "kernels": [{"name": name[:120], "ms": round(sum(times) / 1000, 3), "calls": len(times),
+                         "share": round(sum(times) / total, 3)} for name, times in longest],
+            "gpu_idle_share": round(1 - busy / window_us, 3) if kernels else None,
+            "kernels_per_step": round(len(kernels) / steps, 1), "launches_per_step": round(launches / steps, 1),
+            "aten_ops_per_step": round(sum(1 for e in events if e.name.startswith("aten::")) / steps, 1)}
 
 
 def _summary(mode: str, windows: list[dict], from_start: list[dict] | None = None) -> dict:
@@ -299,4 +345,11 @@ def _table(report: dict) -> str:
                      f"it: {report['skip_by_reading_s'] * 1000:.1f} ms"
                      + (f"; a step of the real mode: {report['real_step_s'] * 1000:.1f} ms"
                         if "real_step_s" in report else ""))
+    if "profile" in report:
+        profile = report["profile"]
+        lines.append(f"profile of {profile['steps']} real steps ({profile['window_ms']} ms, the profiler's own host "
+                     f"work included): GPU idle {profile['gpu_idle_share']}, per step {profile['kernels_per_step']} "
+                     f"kernels, {profile['launches_per_step']} launches, {profile['aten_ops_per_step']} aten ops")
+        lines.append(table(["kernel", "ms", "calls", "share"], [[k["name"][:80], k["ms"], k["calls"], k["share"]]
+                                                               for k in profile["kernels"]]))
     return "\n".join(lines)
