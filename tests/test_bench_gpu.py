@@ -138,6 +138,6 @@ def test_the_whole_command_runs_small_on_the_cpu_and_writes_every_part(tmp_path)
     assert parts["jpeg"]["report"]["real_over_synthetic"] > 0
     assert parts["objectives"]["report"]["maskcon_over_selfcon_time"] > 0
     assert parts["job"]["report"]["R@1"] is not None and parts["job"]["report"]["epoch"] == 2
-    assert parts["job"]["report"]["images_per_s"] > 0 and len(parts["job"]["report"]["eval_s"]) >= 2
+    assert parts["job"]["report"]["images_per_s"] > 0 and parts["job"]["report"]["eval_s"][-1] > 0
     assert parts["profile"]["report"]["profile"]["aten_ops_per_step"] > 0
     assert "skipped" in parts["gpu_tests"]["report"]["output"]           # no GPU here: the GPU tests skip

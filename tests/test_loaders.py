@@ -309,6 +309,7 @@ def test_color_jitter_rate_and_factors(shards):
     assert_same_distribution(centre["dali"], centre["torch"], ["r", "g", "b"], "color jitter")
 
 
+@pytest.mark.slow          # statistics over many epochs of both back ends
 def test_grayscale_rate(shards):
     recipe = one_step_recipe(DATASETS["cars196"].recipe.strong[4])
     grey = {}
@@ -334,6 +335,7 @@ def edge_sigma(px: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(variance - 1 / 12, 0, None))
 
 
+@pytest.mark.slow          # statistics over many epochs of both back ends
 def test_gaussian_blur_rate_and_sigma(shards):
     """The supplement's RandomApply([GaussianBlur([.1, 2.])], p=0.5): the expected rates of measured sigmas
     come from torchvision's gaussian_blur itself, applied to the edge at sigmas spread over [0.1, 2]."""

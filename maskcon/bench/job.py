@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,9 +77,14 @@ def main(argv: list[str]) -> int:
         job = launch_command([*train_options, "--wandb", "disabled", "--output-dir", str(run_dir)], 1, None)
         samples, started = [], time.monotonic()
         process = subprocess.Popen(job, stdin=subprocess.DEVNULL, stdout=sys.stderr)   # stdout: the report only
-        while process.poll() is None:
-            samples.append((_last_row(run_dir / rundir.METRICS), _gpu_busy()))
-            time.sleep(args.every)
+        # a stop signal goes on to the job (Ctrl-C reaches it by itself), which ends with a checkpoint
+        signal.signal(signal.SIGTERM, lambda number, frame: process.send_signal(signal.SIGTERM))
+        try:
+            while process.poll() is None:
+                samples.append((_last_row(run_dir / rundir.METRICS), _gpu_busy()))
+                time.sleep(args.every)
+        except KeyboardInterrupt:
+            process.wait()
         wall_s = time.monotonic() - started
         if process.returncode != 0:
             raise UserError(f"the main job stopped with exit status {process.returncode} (its output is above)")
