@@ -24,6 +24,7 @@ from pathlib import Path
 
 from maskcon import rundir
 from maskcon.bench import command, machine
+from maskcon.config import parse_config
 from maskcon.errors import OneLineParser, UserError
 from maskcon.launcher import launch_command
 
@@ -74,7 +75,9 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--every must be positive, got {args.every}")
     with tempfile.TemporaryDirectory(prefix="maskcon-job-") as scratch:
         run_dir = Path(scratch) / "run"
-        job = launch_command([*train_options, "--wandb", "disabled", "--output-dir", str(run_dir)], 1, None)
+        options = [*train_options, "--wandb", "disabled", "--output-dir", str(run_dir)]
+        parse_config(options)             # a mistake in the options: one line before anything starts
+        job = launch_command(options, 1, None)
         samples, started = [], time.monotonic()
         process = subprocess.Popen(job, stdin=subprocess.DEVNULL, stdout=sys.stderr)   # stdout: the report only
         # a stop signal goes on to the job (Ctrl-C reaches it by itself), which ends with a checkpoint
