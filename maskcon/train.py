@@ -23,7 +23,6 @@ batches before it are neither read nor augmented.
 from __future__ import annotations
 
 import gc
-import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -414,11 +413,11 @@ def fill_memory_bank(model: MaskConModel, loader, feed: Feed | None = None, *, s
     """
     slots, filled = model.queue.shape[0], 0
     batches = _bank_epochs(loader)
-    for number in itertools.count():
-        if filled >= slots:
-            break
+    number = 0                                       # the batch's place in the fill
+    while filled < slots:
         batch = next(batches) if feed is None else feed.take(batches)
         keys = model.encode_keys(batch["key"], shuffle_seed(seed, -1 - number)).float()
+        number += 1
         model.enqueue(keys, batch["coarse"], batch["fine"])
         filled += keys.shape[0] * dist.world_size()
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from maskcon.bench import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HANG_GUARD_S = 60    # every process of a harness run must have ended by then (a hang fails instead of blocking)
@@ -30,13 +31,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        return listener.getsockname()[1]
 
 
 def tiny_config(*options: str):

@@ -46,6 +46,19 @@ def table(header: list[str], rows: list[list]) -> str:
                                for i, (cell, width) in enumerate(zip(row, widths))) for row in cells)
 
 
+def nvidia_smi(query: str) -> str | None:
+    """The first GPU's `query` field from nvidia-smi (e.g. "driver_version"), None without a GPU or nvidia-smi."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = done.stdout.strip().splitlines()
+    return lines[0].strip() if done.returncode == 0 and lines else None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     import socket

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maskcon import usable_cpus
-from maskcon.bench import command
+from maskcon.bench import command, nvidia_smi
 from maskcon.errors import OneLineParser, UserError
 from maskcon.provenance import code_state, dali_wheel
 
@@ -239,19 +239,10 @@ def _context(args, argv: list[str], sizes: dict) -> dict:
     if args.device == "cuda":
         properties = torch.cuda.get_device_properties(0)
         context.update(card=properties.name, memory_gib=round(properties.total_memory / 2**30),
-                       driver=_driver())
+                       driver=nvidia_smi("driver_version") or "unknown")
     else:
         context.update(card="no GPU (a try on the CPU)", memory_gib=None, driver="-")
     return context
-
-
-def _driver() -> str:
-    try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return done.stdout.strip().splitlines()[0] if done.stdout.strip() else "unknown"
 
 
 def _figures(outcomes: list[Outcome]) -> dict[str, tuple[str, bool | None]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import signal
 import statistics
 import subprocess
@@ -23,19 +22,18 @@ import time
 from pathlib import Path
 
 from maskcon import rundir
-from maskcon.bench import command, machine
+from maskcon.bench import command, machine, nvidia_smi
 from maskcon.config import parse_config
 from maskcon.errors import OneLineParser, UserError
 from maskcon.launcher import launch_command
 
 
 def _gpu_busy() -> float | None:
-    """The first GPU's utilisation now, percent (nvidia-smi); None without one."""
+    """The first GPU's utilisation now, percent; None without one."""
+    busy = nvidia_smi("utilization.gpu")
     try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=5)
-        return float(done.stdout.split()[0])
-    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return float(busy) if busy is not None else None
+    except ValueError:            # "[N/A]" on some devices
         return None
 
 
@@ -93,7 +91,6 @@ def main(argv: list[str]) -> int:
             raise UserError(f"the main job stopped with exit status {process.returncode} (its output is above)")
         rows = [json.loads(line) for line in (run_dir / rundir.METRICS).read_text().splitlines()]
         results = json.loads((run_dir / rundir.RESULTS).read_text())
-        shutil.rmtree(run_dir, ignore_errors=True)
     import torch
 
     device = torch.device("cuda") if torch.cuda.is_available() else None
