@@ -1,12 +1,59 @@
 """Benchmarks behind `python launch/bench.py NAME`; each module exposes main(argv) -> exit status."""
 from __future__ import annotations
 
+import argparse
+import json
 import shlex
 import statistics
 
 from maskcon import usable_cpus
-from maskcon.errors import UserError
+from maskcon.errors import OneLineParser, UserError
 from maskcon.provenance import cpu_name
+
+
+def parser(name: str, doc: str, **kwargs) -> OneLineParser:
+    """The parser of `python launch/bench.py NAME`: the module's docstring as its help, and --json."""
+    parser = OneLineParser(prog=f"python launch/bench.py {name}", description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return parser
+
+
+def show(report: dict, as_json: bool) -> int:
+    """Print the report as one JSON object or as text (`text`); exit status 0."""
+    print(json.dumps(report, indent=1) if as_json else text(report))
+    return 0
+
+
+def text(report: dict) -> str:
+    """A report as text: `name: value` per figure; a mapping or list of mappings (one per mode, loader, case)
+    as a table with a row each; any other mapping indented below its name."""
+    lines = []
+    for name, value in report.items():
+        rows = (value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else None)
+        if rows and all(isinstance(row, dict) for row in rows):
+            columns = list(dict.fromkeys(column for row in rows for column in row))
+            names = [[key] for key in value] if isinstance(value, dict) else [[] for _ in rows]
+            lines += [f"{name}:", table([*([""] if isinstance(value, dict) else []), *columns],
+                                        [[*key, *(_cell(row.get(column, "-")) for column in columns)]
+                                         for key, row in zip(names, rows)])]
+        elif isinstance(value, dict):
+            lines += [f"{name}:", *(f"  {line}" for line in text(value).splitlines())]
+        else:
+            lines.append(f"{name}: {_cell(value)}")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    """A value in a report's text: a float to 4 significant digits, a spread as `median (min-max)`."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict) and set(value) == {"median", "min", "max"}:
+        middle, low, high = (_cell(value[end]) for end in ("median", "min", "max"))
+        return middle if low == high else f"{middle} ({low}-{high})"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value) if isinstance(value, dict) else ", ".join(_cell(item) for item in value)
+    return str(value)
 
 
 def machine(device=None) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -35,9 +36,9 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from maskcon import dist, failures, usable_cpus
-from maskcon.bench import command, cpu_name, free_port, positive, spread, table
+from maskcon.bench import command, cpu_name, free_port, positive, show, spread
+from maskcon.bench import parser as bench_parser
 from maskcon.config import ARCHS
-from maskcon.errors import OneLineParser
 from maskcon.model import FEATURE_DIMS, MaskConModel
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -46,8 +47,7 @@ GRADIENTS = "gradient all-reduce"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python launch/bench.py collectives", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("collectives", __doc__)
     parser.add_argument("--processes", type=int, default=2, metavar="P", help="gloo processes (default: 2)")
     parser.add_argument("--image-sizes", type=int, nargs="+", default=[32, 224], metavar="S",
                         help="key image sides, px (default: 32 224)")
@@ -63,7 +63,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-rows", type=int, default=10000, metavar="R",
                         help="test images of the evaluation gather (default: 10000, CIFAR-100's test set)")
     parser.add_argument("--repeats", type=int, default=5, metavar="R", help="steps measured per case (default: 5)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return parser
 
 
@@ -210,9 +209,11 @@ def _summary(per_rank: list[list[dict]], options: argparse.Namespace, argv: list
         for scheme in ("old", "new"):
             busiest = {section: max(row[scheme].get(section, 0) for row in rows) for section in SECTIONS}
             case[scheme].append({**busiest, "total": max(sum(row[scheme].values()) for row in rows)})
-    steps = [{"image_size": size, "batch": batch, "gradients_bytes": case["gradients_bytes"],
-              **{f"{scheme}_{section}": spread([repeat[section] for repeat in case[scheme]], 1)
-                 for scheme in ("old", "new") for section in (*SECTIONS, "total")}}
+    steps = [{"image_size": size, "batch": batch, "gradients_kB": round(case["gradients_bytes"] / 1e3),
+              **{f"{scheme} {section} kB": spread([repeat[section] / 1e3 for repeat in case[scheme]], 1)
+                 for scheme in ("old", "new") for section in (*SECTIONS, "total")},
+              "old/new": round(statistics.median(r["total"] for r in case["old"]) /
+                               max(statistics.median(r["total"] for r in case["new"]), 1), 1)}
              for (size, batch), case in sorted(cases.items())]
     evaluation = [rows[-1]["evaluation"] for rows in per_rank]
     return {"command": command("collectives", argv),
@@ -225,43 +226,6 @@ def _summary(per_rank: list[list[dict]], options: argparse.Namespace, argv: list
                            **{f"{scheme}_bytes_all": sum(e[scheme] for e in evaluation) for scheme in ("old", "new")}}}
 
 
-def _amount(value: float) -> str:
-    """Bytes in B, kB or MB, three significant digits."""
-    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.3g} {unit}"
-    return f"{value:.3g} B"
-
-
-def _cell(value: dict | float) -> str:
-    """A figure, with its range over repeats when that differs."""
-    if not isinstance(value, dict):
-        return _amount(value)
-    if _amount(value["min"]) == _amount(value["max"]):
-        return _amount(value["median"])
-    return f"{_amount(value['median'])} ({_amount(value['min'])}-{_amount(value['max'])})"
-
-
-def _tables(summary: dict) -> str:
-    rows = []
-    for entry in summary["steps"]:
-        for scheme in ("old", "new"):
-            ratio = entry["old_total"]["median"] / max(entry["new_total"]["median"], 1)
-            rows.append([entry["image_size"], entry["batch"], scheme,
-                         *(_cell(entry[f"{scheme}_{section}"]) for section in (*SECTIONS, "total")),
-                         *((f"{ratio:.1f}x", _cell(entry["gradients_bytes"])) if scheme == "old" else ("", ""))])
-    evaluation = summary["evaluation"]
-    return "\n".join([
-        f"{summary['command']}\n{summary['machine']}; P = {summary['processes']} processes, {summary['arch']}, "
-        f"K = {summary['queue_size']}, D = {summary['dim']}, key images in {summary['precision']} (new), stop vote "
-        f"every {summary['log_every']} steps (new)\nreceived per step by the busiest process, median (range) over "
-        f"{summary['repeats']} steps",
-        table(["S px", "N", "scheme", *SECTIONS, "total", "old/new", GRADIENTS], rows),
-        f"evaluation ({evaluation['rows']} test images), received by the busiest process: old "
-        f"{_cell(evaluation['old_bytes'])}, new {_cell(evaluation['new_bytes'])}; by all processes: "
-        f"old {_cell(evaluation['old_bytes_all'])}, new {_cell(evaluation['new_bytes_all'])}"])
-
-
 def main(argv: list[str]) -> int:
     options = _parser().parse_args(argv)
     positive(options, "processes", least=2)
@@ -270,6 +234,4 @@ def main(argv: list[str]) -> int:
         mp.start_processes(_worker, args=(free_port(), options, out_dir), nprocs=options.processes,
                            start_method="spawn")
         per_rank = [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(options.processes)]
-    summary = _summary(per_rank, options, argv)
-    print(json.dumps(summary, indent=1) if options.json else _tables(summary))
-    return 0
+    return show(_summary(per_rank, options, argv), options.json)

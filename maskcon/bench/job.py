@@ -10,7 +10,6 @@ R@1 (results.json).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import signal
@@ -22,9 +21,10 @@ import time
 from pathlib import Path
 
 from maskcon import rundir
-from maskcon.bench import command, machine, nvidia_smi
+from maskcon.bench import command, machine, nvidia_smi, show
+from maskcon.bench import parser as bench_parser
 from maskcon.config import parse_config
-from maskcon.errors import OneLineParser, UserError
+from maskcon.errors import UserError
 from maskcon.launcher import launch_command
 
 
@@ -63,11 +63,8 @@ def _figures(rows: list[dict], samples: list[tuple[dict | None, float | None]]) 
 
 
 def main(argv: list[str]) -> int:
-    parser = OneLineParser(prog="python launch/bench.py job", description=__doc__,
-                           usage="%(prog)s [--every S] [--json] [launch/train.py options]",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("job", __doc__, usage="%(prog)s [--every S] [--json] [launch/train.py options]")
     parser.add_argument("--every", type=float, default=0.5, metavar="S", help="seconds between samples (0.5)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
     args, train_options = parser.parse_known_args(argv)
     if args.every <= 0:
         raise UserError(f"--every must be positive, got {args.every}")
@@ -97,5 +94,4 @@ def main(argv: list[str]) -> int:
     report = {"benchmark": "job", "command": command("job", argv), "machine": machine(device),
               "train_command": " ".join(["accelerate launch launch/train.py", *train_options]),
               **_figures(rows, samples), "wall_s": round(wall_s, 1), "R@1": results.get("R@1")}
-    print(json.dumps(report, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
-    return 0
+    return show(report, args.json)

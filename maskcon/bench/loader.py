@@ -18,7 +18,6 @@ work). `--synthetic N` first writes N synthetic cifar100-format 32x32 PNG traini
 from __future__ import annotations
 
 import gc
-import json
 import os
 import time
 from pathlib import Path
@@ -26,9 +25,10 @@ from pathlib import Path
 import torch
 
 from maskcon import usable_cpus
-from maskcon.bench import spread, table
+from maskcon.bench import parser as bench_parser
+from maskcon.bench import show, spread
 from maskcon.datasets.synthetic import cifar_like_image, write_synthetic_shards
-from maskcon.errors import OneLineParser, UserError
+from maskcon.errors import UserError
 from maskcon.loaders.spec import LoaderSpec
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -125,10 +125,9 @@ def _build(name: str, shards: Path, spec: LoaderSpec):
 
 
 def main(argv: list[str]) -> int:
-    parser = OneLineParser(prog="python launch/bench.py loader", description=__doc__.split("\n\n")[0])
+    parser = bench_parser("loader", __doc__)
     parser.add_argument("--dataset", required=True, help="recipe to run (a dataset name, e.g. cifar100)")
     parser.add_argument("--shards", required=True, type=Path, help="shard folder (manifest.json, train/)")
-    parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument("--image-size", type=int, default=None, help="output side (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, default=12, help="timed batches per repeat")
@@ -186,11 +185,7 @@ def main(argv: list[str]) -> int:
     report.update(_summary(measured), repeats=args.repeats, batch_size=args.batch_size, image_size=size,
                   threads=threads, cpus=usable_cpus(), shards=str(args.shards))
     report["load_average_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine while measuring
-    rows = [[name, f"{report[name]:.1f}", *report["spread_min_max"][name], report["cpu_ms_per_image"][name],
-             report["thread_cpu_ms_per_batch"][name]] for name in chosen]
-    print(json.dumps(report) if args.json else table(["loader", "images/s", "min", "max", "CPU ms/image",
-                                                      "training thread CPU ms/batch"], rows))
-    return 0
+    return show(report, args.json)
 
 
 def _summary(measured: dict[str, dict[str, list[float]]]) -> dict:

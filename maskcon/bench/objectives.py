@@ -11,7 +11,6 @@ Goal: MaskCon within 1.5x SelfCon's time.
 """
 
 import functools
-import json
 import os
 import statistics
 import time
@@ -24,8 +23,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from maskcon import losses
-from maskcon.bench import machine, positive, spread, table
-from maskcon.errors import OneLineParser, UserError
+from maskcon.bench import machine, positive, show, spread
+from maskcon.bench import parser as bench_parser
+from maskcon.errors import UserError
 
 TIME_GOAL = 1.5   # MaskCon time / SelfCon time
 COARSE_CLASSES = 20                   # CIFAR-100's coarse split
@@ -34,7 +34,7 @@ WARMUPS = 3
 
 
 def main(argv: list[str]) -> int:
-    parser = OneLineParser(prog="launch/bench.py objectives", description=__doc__.splitlines()[0])
+    parser = bench_parser("objectives", __doc__)
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=["bf16", "none"], default="none",
@@ -44,7 +44,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=256, help="N, queries per batch")
     parser.add_argument("--queue-size", type=int, default=16384, help="K, bank entries")
     parser.add_argument("--dim", type=int, default=128, help="D, projection width")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     options = parser.parse_args(argv)
     if options.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA GPU is visible; run with --device cpu")
@@ -82,11 +81,7 @@ def main(argv: list[str]) -> int:
         "paired_ratio": paired,
         "goal": TIME_GOAL, "goal_met": ratio <= TIME_GOAL,
     }
-    if options.json:
-        print(json.dumps(report, indent=2))
-    else:
-        _print_table(report)
-    return 0
+    return show(report, options.json)
 
 
 def _objectives(n: int, queue_size: int, dim: int, device: torch.device
@@ -183,24 +178,7 @@ def _synchronize(device: torch.device) -> None:
 
 def _summary(seconds: list[float], peak: int) -> dict[str, float]:
     ms = [1e3 * s for s in seconds]
-    quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+    quartiles = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
     middle = spread(ms, 3)
     return {"median_ms": middle["median"], "p25_ms": round(quartiles[0], 3), "p75_ms": round(quartiles[2], 3),
             "min_ms": middle["min"], "max_ms": middle["max"], "peak_mib": round(peak / 2**20, 2)}
-
-
-def _print_table(report: dict) -> None:
-    inputs = report["inputs"]
-    print(f"objectives: N={inputs['N']} K={inputs['K']} D={inputs['D']}, {inputs['coarse_classes']} coarse classes, "
-          f"t0={inputs['t0']} t={inputs['t']} w={inputs['w']}; {report['device']} ({report['machine']}), "
-          f"amp {report['amp']}, torch {report['torch']}, {report['repeats']} repeats, "
-          f"load average {report['load_average_1min']}")
-    print(table(["loss", "median ms", "p25-p75 ms", "min-max ms", "peak MiB"],
-                [[name, f"{r['median_ms']:.2f}", f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f}",
-                  f"{r['min_ms']:.2f}-{r['max_ms']:.2f}", f"{r['peak_mib']:.2f}"]
-                 for name, r in report["results"].items()]))
-    paired = report["paired_ratio"]
-    print(f"maskcon / selfcon time: {report['maskcon_over_selfcon_time']:.3f}x of the medians, "
-          f"{paired['median']:.2f}x [{paired['min']:.2f}-{paired['max']:.2f}] within repeats "
-          f"(goal <= {report['goal']}x: {'met' if report['goal_met'] else 'NOT met'})")
-    print(f"memory: {report['memory']}")

@@ -11,7 +11,6 @@ S3-compatible server it starts: moto's, from the test extra), then reports, each
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -22,18 +21,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from maskcon.bench import command, free_port, machine
+from maskcon.bench import command, free_port, machine, show
+from maskcon.bench import parser as bench_parser
 from maskcon.datasets.synthetic import write_synthetic_imagenet32
-from maskcon.errors import OneLineParser, UserError
+from maskcon.errors import UserError
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = OneLineParser(prog="python launch/bench.py remote", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = bench_parser("remote", __doc__, allow_abbrev=False)
     parser.add_argument("--url", default=None, help="a writable s3:// folder (default: a local moto server)")
     parser.add_argument("--images", type=int, default=20_000, help="synthetic training images (default 20000)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     return parser.parse_args(argv)
 
 
@@ -127,5 +125,4 @@ def main(argv: list[str]) -> int:
                 server.terminate()
                 server.wait(timeout=30)
     report["command"] = command("remote", argv)
-    print(json.dumps(report, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
-    return 0
+    return show(report, args.json)

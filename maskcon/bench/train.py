@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import tempfile
 import time
@@ -38,10 +37,11 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from maskcon import usable_cpus
-from maskcon.bench import command, machine, positive, table
+from maskcon.bench import command, machine, positive, show
+from maskcon.bench import parser as bench_parser
 from maskcon.config import parse_config
 from maskcon.datasets.synthetic import write_synthetic_imagenet32
-from maskcon.errors import OneLineParser, UserError
+from maskcon.errors import UserError
 from maskcon.loaders.reference import official_style_loader
 from maskcon.loaders.spec import LoaderSpec, TrainBatch
 from maskcon.run import Run, build_run, make_accelerator
@@ -53,9 +53,7 @@ MODES = ("real", "synthetic", "official", "resume")
 
 def _parser() -> argparse.ArgumentParser:
     cpus = usable_cpus()
-    parser = OneLineParser(prog="python launch/bench.py train", description=__doc__,
-                           usage="%(prog)s [bench options] [launch/train.py options]",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("train", __doc__, usage="%(prog)s [bench options] [launch/train.py options]")
     parser.add_argument("--synthetic", type=int, default=None, metavar="N",
                         help="write N synthetic 32x32 ImageNet32-format training images to --shards (default: a "
                              "temporary folder) and benchmark on them; implies --dataset imagenet32")
@@ -73,7 +71,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="then profile N steps of the real mode (torch.profiler): the 10 longest kernels, the "
                              "share of the time the GPU idles, kernel launches per step (default: 0, none)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
 
@@ -104,10 +101,10 @@ def main(argv: list[str]) -> int:
                                        num_test=max(100, args.synthetic // 50))
         run = build_run(config, make_accelerator(config, args.device))
         bench = _Bench(run, args)
-        results = []
+        results = {}
         for mode in modes:
-            results.append(bench.measure(mode))
-            print(f"{mode}: {results[-1]['images_per_s']:.1f} images/s", file=sys.stderr)
+            results[mode] = bench.measure(mode)
+            print(f"{mode}: {results[mode]['images_per_s']:.1f} images/s", file=sys.stderr)
         report = _report(results, run, args)
         report["graph_breaks"] = bench.graph_breaks
         if args.profile:
@@ -115,8 +112,7 @@ def main(argv: list[str]) -> int:
         del bench, run
         gc.collect()
     report["command"] = command("train", argv)
-    print(json.dumps(report, indent=1) if args.json else _table(report))
-    return 0
+    return show(report, args.json)
 
 
 # ---------------------------------------------------------------------------------------- the modes
@@ -187,7 +183,7 @@ class _Bench:
             release()
             del stream
             gc.collect()  # the loader's threads or worker processes end before the next mode starts
-        return _summary(mode, windows)
+        return _summary(windows)
 
     def profile(self, steps: int) -> dict:
         """`steps` steps of the real mode under torch.profiler, after as many unprofiled ones (steady state)."""
@@ -228,7 +224,7 @@ class _Bench:
         skip_by_reading_s = time.perf_counter() - began
         del batches
         gc.collect()
-        return {**_summary("resume", [w for w in windows if w["start"] == middle],
+        return {**_summary([w for w in windows if w["start"] == middle],
                            from_start=[w for w in windows if w["start"] == 0]), "skip_by_reading_s": skip_by_reading_s}
 
 
@@ -255,12 +251,12 @@ def _profile_summary(events, steps: int, window_us: float) -> dict:
             "aten_ops_per_step": round(sum(1 for e in events if e.name.startswith("aten::")) / steps, 1)}
 
 
-def _summary(mode: str, windows: list[dict], from_start: list[dict] | None = None) -> dict:
+def _summary(windows: list[dict], from_start: list[dict] | None = None) -> dict:
     """The median window (by images/s) with the ranges over windows; for a resume also the median first step of
     an epoch started at batch 0 (`epoch_start_images_per_s`)."""
     rates, waits = [w["images_per_s"] for w in windows], [w["data_wait"] for w in windows]
     middle = windows[sorted(range(len(rates)), key=rates.__getitem__)[len(rates) // 2]]
-    summary = {"mode": mode, "images_per_s": middle["images_per_s"], "images_per_s_min": min(rates),
+    summary = {"images_per_s": middle["images_per_s"], "images_per_s_min": min(rates),
                "images_per_s_max": max(rates), "data_wait": middle["data_wait"], "data_wait_min": min(waits),
                "data_wait_max": max(waits), "data_ms_per_batch": middle["data_ms_per_batch"],
                "feed_cpu_ms_per_batch": middle.get("feed_cpu_ms_per_batch"), "windows": rates}
@@ -295,8 +291,8 @@ def _to_device(batches: Iterator, spec: LoaderSpec) -> Iterator[TrainBatch]:
                for name, value in moved.items()}
 
 
-def _report(results: list[dict], run: Run, args: argparse.Namespace) -> dict:
-    by_mode, settings, device = {m["mode"]: m for m in results}, run.resolved, run.accelerator.device
+def _report(by_mode: dict[str, dict], run: Run, args: argparse.Namespace) -> dict:
+    settings, device = run.resolved, run.accelerator.device
     report = {"benchmark": "train", "machine": machine(device), "torch": torch.__version__, "device": str(device),
               **{name: settings[name] for name in ("dataset", "arch", "image_size", "batch_size", "queue_size",
                                                     "compile")},
@@ -316,40 +312,3 @@ def _report(results: list[dict], run: Run, args: argparse.Namespace) -> dict:
         if "real" in rate:
             report["real_step_s"] = settings["batch_size"] / rate["real"]
     return report
-
-
-def _table(report: dict) -> str:
-    rows = [[mode, f"{m['images_per_s']:.1f} ({m['images_per_s_min']:.1f}-{m['images_per_s_max']:.1f})",
-             "-" if mode == "synthetic"
-             else f"{m['data_wait']:.1%} ({m['data_wait_min']:.1%}-{m['data_wait_max']:.1%})",
-             f"{m['data_ms_per_batch']:.2f}",
-             "-" if m["feed_cpu_ms_per_batch"] is None else f"{m['feed_cpu_ms_per_batch']:.2f}"]
-            for mode, m in report["modes"].items()]
-    lines = [f"{report['dataset']} ({report['train_images']} training images), {report['arch']} "
-             f"{report['image_size']}px, batch {report['batch_size']}, K {report['queue_size']}, "
-             f"{report['mixed_precision']}, {report['device']}: {report['machine']}, torch {report['torch']}",
-             f"{report['repeats']} windows of {report['steps']} steps after {report['warmup']} warm-up steps; "
-             "median (min-max)",
-             table(["mode", "images/s", "data wait", "data ms/batch", "feed CPU ms/batch"], rows)]
-    if report["compile"]:
-        lines.append(f"graph breaks left in the compiled step: {len(report['graph_breaks'])}")
-        lines.extend(f"  {line}" for line in report["graph_breaks"])
-    if "real_over_official" in report:
-        lines.append(f"real / official images/s: {report['real_over_official']:.2f}")
-    if "real_over_synthetic" in report:
-        lines.append(f"real / synthetic (ceiling): {report['real_over_synthetic']:.2f}")
-    if "resume_first_step_s" in report:
-        lines.append(f"first step of an epoch started at batch {report['steps_per_epoch'] // 2} (a resume): "
-                     f"{report['resume_first_step_s'] * 1000:.1f} ms; at batch 0: "
-                     f"{report['epoch_first_step_s'] * 1000:.1f} ms; reaching that batch by reading the ones before "
-                     f"it: {report['skip_by_reading_s'] * 1000:.1f} ms"
-                     + (f"; a step of the real mode: {report['real_step_s'] * 1000:.1f} ms"
-                        if "real_step_s" in report else ""))
-    if "profile" in report:
-        profile = report["profile"]
-        lines.append(f"profile of {profile['steps']} real steps ({profile['window_ms']} ms, the profiler's own host "
-                     f"work included): GPU idle {profile['gpu_idle_share']}, per step {profile['kernels_per_step']} "
-                     f"kernels, {profile['launches_per_step']} launches, {profile['aten_ops_per_step']} aten ops")
-        lines.append(table(["kernel", "ms", "calls", "share"], [[k["name"][:80], k["ms"], k["calls"], k["share"]]
-                                                               for k in profile["kernels"]]))
-    return "\n".join(lines)
