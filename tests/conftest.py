@@ -1,5 +1,6 @@
 """Shared fixtures: the bundled digits as shards, synthetic shards, a tiny learner built by the trainer's own
-builder, a free TCP port, the two-process gloo harness, and the skip of GPU tests on machines without one.
+builder, a free TCP port, the two-process gloo harness, the skip of GPU tests on machines without one, and the
+number of workers of `pytest -n auto`.
 
 Worker functions of the gloo harness run in spawned processes, where fixtures do not exist: they import the
 plain functions of this module (`tiny_learner`, `free_port`) from `tests.conftest`.
@@ -21,6 +22,14 @@ from maskcon.bench import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HANG_GUARD_S = 60    # every process of a harness run must have ended by then (a hang fails instead of blocking)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`pytest -n auto`: a worker per core this process may use, at most four (each worker holds a PyTorch, and
+    many tests start processes of their own)."""
+    from maskcon import usable_cpus
+
+    return max(1, min(usable_cpus(), 4))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -49,7 +49,7 @@ def test_each_cuda_install_resolves_to_its_pins_and_its_cuda_line(line, other, t
     assert f"nvidia-cudnn-cu{line}" in taken
     assert not [name for name in taken if name.endswith(f"-cu{other}")]
     # and the test extra comes with it: the suite runs on either install
-    assert {"pytest", "pytest-timeout"} <= set(taken)
+    assert {"pytest", "pytest-timeout", "pytest-xdist"} <= set(taken)
 
 
 def test_the_constraints_files_pin_the_projects_own_dependencies():
