@@ -19,7 +19,7 @@ PLACEHOLDERS = {"DATASET": "cifar100", "SRC": "/data/src"}
 # Flags of other tools that README names: accelerate launch, docker run, sbatch, scancel, pytest.
 OTHER_TOOLS = {"--config_file", "--num_processes", "--multi_gpu", "--mixed_precision", "--gpus", "--ipc",
                "--shm-size", "--nodes", "--help", "--init", "--signal", "--build-arg", "--num_machines",
-               "--machine_rank", "--main_process_ip", "--main_process_port", "--ntasks-per-node"}
+               "--machine_rank", "--main_process_ip", "--main_process_port", "--ntasks-per-node", "--dist"}
 
 
 def documented_commands() -> list[str]:
