@@ -417,9 +417,9 @@ def fill_memory_bank(model: MaskConModel, loader, feed: Feed | None = None, *, s
     while filled < slots:
         batch = next(batches) if feed is None else feed.take(batches)
         keys = model.encode_keys(batch["key"], shuffle_seed(seed, -1 - number)).float()
-        number += 1
         model.enqueue(keys, batch["coarse"], batch["fine"])
         filled += keys.shape[0] * dist.world_size()
+        number += 1
 
 
 def _bank_epochs(loader):

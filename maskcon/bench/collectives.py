@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -209,12 +208,13 @@ def _summary(per_rank: list[list[dict]], options: argparse.Namespace, argv: list
         for scheme in ("old", "new"):
             busiest = {section: max(row[scheme].get(section, 0) for row in rows) for section in SECTIONS}
             case[scheme].append({**busiest, "total": max(sum(row[scheme].values()) for row in rows)})
-    steps = [{"image_size": size, "batch": batch, "gradients_kB": round(case["gradients_bytes"] / 1e3),
-              **{f"{scheme} {section} kB": spread([repeat[section] / 1e3 for repeat in case[scheme]], 1)
-                 for scheme in ("old", "new") for section in (*SECTIONS, "total")},
-              "old/new": round(statistics.median(r["total"] for r in case["old"]) /
-                               max(statistics.median(r["total"] for r in case["new"]), 1), 1)}
-             for (size, batch), case in sorted(cases.items())]
+    steps = []
+    for (size, batch), case in sorted(cases.items()):
+        step = {"image_size": size, "batch": batch, "gradients_kB": round(case["gradients_bytes"] / 1e3),
+                **{f"{scheme} {section} kB": spread([repeat[section] / 1e3 for repeat in case[scheme]], 1)
+                   for scheme in ("old", "new") for section in (*SECTIONS, "total")}}
+        step["old/new"] = round(step["old total kB"]["median"] / max(step["new total kB"]["median"], 0.1), 1)
+        steps.append(step)
     evaluation = [rows[-1]["evaluation"] for rows in per_rank]
     return {"command": command("collectives", argv),
             "machine": f"{cpu_name()}, {usable_cpus()} CPUs, torch {torch.__version__}, gloo",
