@@ -1,4 +1,4 @@
-"""Benchmarks: `python launch/bench.py {shards,loader,objectives,train,collectives,gpu,remote} [options]` (see BENCHMARKS.md)."""
+"""Benchmarks: `python launch/bench.py {shards,loader,objectives,train,job,collectives,gpu,remote} [options]` (see BENCHMARKS.md)."""
 
 import sys
 

@@ -11,6 +11,20 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def write_atomic(path, text: str) -> None:
+    """Write TEXT to PATH whole or not at all: first to PATH.partial, then renamed over PATH; a failed write
+    leaves PATH as it was and no partial file behind."""
+    import os
+    from pathlib import Path
+
+    partial = Path(path).with_name(Path(path).name + ".partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def load_backbone(path, map_location="cpu"):
     """The trained encoder of a run folder or its backbone.pt, with `.metadata` (see maskcon.backbone)."""
     from maskcon.backbone import load_backbone as load

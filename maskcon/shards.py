@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from maskcon import usable_cpus
+from maskcon import usable_cpus, write_atomic
 from maskcon.errors import UserError
 from maskcon.shard_format import (LABEL_BYTES, LABEL_ENCODING, LABEL_MEMBERS, MANIFEST, PLAN, PNG_SIGNATURE, SPLITS,
                                   Member, decode_label, encode_label, format_index, index_of_tar, member_name,
@@ -422,7 +422,7 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
 
     manifest = _manifest(source, plan, create_args, {name: [records[j] for j in jobs_of_split]
                                                       for name, jobs_of_split in split_jobs.items()})
-    _write_json_atomic(manifest_path, manifest)  # last: from now on OUT counts as complete
+    write_atomic(manifest_path, json.dumps(manifest, indent=1) + "\n")  # last: from now on OUT counts as complete
     plan_path.unlink(missing_ok=True)
     progress_path.unlink(missing_ok=True)
     log(f"wrote {manifest_path}")
@@ -463,7 +463,7 @@ def _prepare_out(out: Path, plan: dict, source: DatasetSource, overwrite: bool,
     if not resumable:
         _remove_shards(out)  # shards of an unfinished run with other inputs, or --overwrite
         progress_path.unlink(missing_ok=True)
-    _write_json_atomic(plan_path, plan)
+    write_atomic(plan_path, json.dumps(plan, indent=1) + "\n")
     return None
 
 
@@ -573,15 +573,6 @@ def _load_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _write_json_atomic(path: Path, content: dict) -> None:
-    partial = path.with_name(path.name + _PARTIAL)
-    try:
-        partial.write_text(json.dumps(content, indent=1) + "\n")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 # -------------------------------------------------------------------------------------------- verify

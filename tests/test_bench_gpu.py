@@ -1,6 +1,7 @@
 """The one GPU command (`python launch/bench.py gpu`): its parts, its one-line failures and its block."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -30,10 +31,11 @@ def train_report(synthetic: float, real: float | None = None) -> dict:
 
 
 def test_each_goal_is_judged_from_its_part_and_a_missing_figure_is_said():
-    objectives = {"maskcon_over_selfcon_time": 1.6, "amp": "bf16",
+    objectives = {"benchmark": "objectives", "torch": "2.11.0", "repeats": 60, "maskcon_over_selfcon_time": 1.6,
+                  "amp": "bf16",
                   "results": {"maskcon": {"median_ms": 1.6}, "selfcon": {"median_ms": 1.0}}}
-    outcomes = [outcome("loader", {"dali_gpu": 61_000.0, "threads": 8, "cpu_ms_per_image": {"dali_gpu": 0.0091},
-                                   "gpu_pipeline_host_us_per_image": 99.0}),
+    outcomes = [outcome("loader", {"dataset": "imagenet32", "dali_gpu": 61_000.0, "threads": 8,
+                                   "cpu_ms_per_image": {"dali_gpu": 0.0091}, "gpu_pipeline_host_us_per_image": 99.0}),
                 outcome("step", train_report(29_000.0)), outcome("compiled", train_report(31_000.0)),
                 outcome("real", train_report(30_000.0, 28_000.0)), outcome("official", error="timed out after 90 s"),
                 outcome("objectives", objectives), outcome("jpeg", error="exit 2: error: no DALI"),
@@ -42,7 +44,7 @@ def test_each_goal_is_judged_from_its_part_and_a_missing_figure_is_said():
                                 "wall_s": 95.0, "R@1": 12.5}),
                 outcome("gpu_tests", {"output": "11 passed, 650 deselected in 80.0s"}),
                 outcome("profile", {"profile": {"gpu_idle_share": 0.2, "kernels_per_step": 300.0,
-                                                "launches_per_step": 2.0,
+                                                "launches_per_step": 2.0, "aten_ops_per_step": 40.0,
                                                 "kernels": [{"name": "sm90_gemm", "share": 0.3}]}})]
     figures = gpu._figures(outcomes)
     assert figures["loader"] == ("61,000 img/s", True)
@@ -62,20 +64,50 @@ def test_each_goal_is_judged_from_its_part_and_a_missing_figure_is_said():
     assert "| real training / synthetic | 93.3% | >= 95 % | NOT met |" in block
     for text in ("NVIDIA H200 (140 GiB)", "driver 580.1", "torch 2.11.0", "DALI 2.4.0", "abc1234",
                  "`python launch/bench.py gpu`", "| gpu_tests | 11 passed, 650 deselected in 80.0s |",
-                 "GPU busy 85%; evaluations 3.0, 4.5 s", "GPU idle 0.2; per step 300.0 kernels, 2.0 launches; "
-                 "longest kernel sm90_gemm (30%)", "| GPU busy during the main job's last epoch | 85% | >= 90 % |"):
+                 "| loader | dali_gpu 61,000 img/s, 0.0091 ms CPU/img (8 threads",
+                 "| objectives | repeats 60, maskcon_over_selfcon_time 1.6 |",
+                 "gpu_busy 0.85, eval_s 3, 4.5, wall_s 95, R@1 12.5", "GPU idle 0.2; per step 300.0 kernels, "
+                 "2.0 launches, 40.0 aten operators; longest kernel sm90_gemm (30%)",
+                 "| GPU busy during the main job's last epoch | 85% | >= 90 % |"):
         assert text in block
 
 
 def test_a_group_of_parts_runs_with_the_data_it_needs_and_keeps_shards_written_before(tmp_path):
     (tmp_path / "s32").mkdir()
     (tmp_path / "s32" / "manifest.json").write_text("{}")     # an earlier call's shards
-    outcomes = gpu._run_parts(tmp_path, gpu.SIZES["small"], "cpu", list(gpu.PARTS["job"]), deadline=0)
+    outcomes = gpu._run_parts(tmp_path, gpu.SIZES["small"], "cpu", gpu._chosen("job", []), deadline=0)
     assert [o.name for o in outcomes] == ["source32", "shards32", "job", "gpu_tests", "profile"]
     assert outcomes[0].report["output"].startswith("kept") and outcomes[1].report["output"].startswith("kept")
     assert {o.error for o in outcomes[2:]} == {"not run: the time budget was spent"}
-    speed = gpu._run_parts(tmp_path / "fresh", gpu.SIZES["small"], "cpu", list(gpu.PARTS["speed"]), deadline=0)
+    speed = gpu._run_parts(tmp_path / "fresh", gpu.SIZES["small"], "cpu", gpu._chosen("speed", []), deadline=0)
     assert [o.name for o in speed] == [name for name in PARTS if name not in gpu.PARTS["job"]]
+    everything = gpu._run_parts(tmp_path / "all", gpu.SIZES["small"], "cpu", gpu._chosen("all", []), deadline=0)
+    assert [o.name for o in everything] == list(PARTS)
+
+
+def test_a_variant_runs_its_part_again_with_its_options_right_after_it(tmp_path):
+    chosen = gpu._chosen("job,real", ["r4=real --workers 4", "nchw=real --channels-last false",
+                                      "eval=job --eval-batch-size 2048"])
+    outcomes = gpu._run_parts(tmp_path, gpu.SIZES["small"], "cpu", chosen, deadline=0)
+    assert [o.name for o in outcomes] == ["source32", "shards32", "real", "r4", "nchw", "job", "eval", "gpu_tests",
+                                          "profile"]
+    by_name = {o.name: o.command for o in outcomes}
+    assert by_name["r4"] == by_name["real"] + ["--workers", "4"]
+    assert by_name["nchw"] == by_name["real"] + ["--channels-last", "false"]
+    assert by_name["eval"] == by_name["job"] + ["--eval-batch-size", "2048"]
+    assert "launch/bench.py" in by_name["real"][1] and by_name["real"][2] == "train"
+
+
+@pytest.mark.parametrize("parts, variants, says", [
+    ("real,jpg", [], "--parts: unknown jpg"), ("", [], "--parts: unknown empty list"),
+    ("job", ["r4=real --workers 4"], "--variant 'r4=real --workers 4'"),   # real does not run
+    ("real", ["real=real --workers 4"], "a NAME of its own"), ("real", ["=real --workers 4"], "a NAME of its own"),
+    ("real", ["a=real --workers 4", "a=real --workers 2"], "a NAME of its own"),
+    ("real", ["a real --workers 4"], "PART one of the parts that run (real)")])
+def test_a_wrong_part_or_variant_is_one_line(parts, variants, says):
+    with pytest.raises(UserError, match=re.escape(says)) as caught:
+        gpu._chosen(parts, variants)
+    assert "\n" not in str(caught.value)
 
 
 def test_a_part_that_hangs_or_fails_gives_one_line(tmp_path):
@@ -122,11 +154,11 @@ def test_the_whole_command_runs_small_on_the_cpu_and_writes_every_part(tmp_path)
     done = subprocess.run([sys.executable, "-c", "import sys; from maskcon.bench.gpu import main; "
                            "sys.exit(main(sys.argv[1:]))", "--device", "cpu", "--small", "--out", str(out),
                            "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=3300)
-    assert done.returncode in (0, 1), done.stderr[-2000:]
+    assert done.returncode in (0, 1) and out.exists(), done.stderr[-2000:]
     block = out.read_text()
     for part in PARTS:
         assert f"| {part} | " in block
-    for title, _ in gpu.GOALS.values():
+    for title, *_ in gpu.GOALS.values():
         assert f"| {title} | " in block
     assert block.count("| not judged on the CPU |") == len(gpu.GOALS)   # tiny CPU runs judge no GPU goal
     parts = {part["name"]: part for part in json.loads(Path(str(out) + ".json").read_text())["parts"]}

@@ -45,9 +45,12 @@ def text(report: dict) -> str:
 
 
 def _cell(value) -> str:
-    """A value in a report's text: a float to 4 significant digits, a spread as `median (min-max)`."""
+    """A value in a report's text: a float to 4 significant digits (whole above 10,000, with thousands
+    separators), a spread as `median (min-max)`, None as "-"."""
+    if value is None:
+        return "-"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
     if isinstance(value, dict) and set(value) == {"median", "min", "max"}:
         middle, low, high = (_cell(value[end]) for end in ("median", "min", "max"))
         return middle if low == high else f"{middle} ({low}-{high})"

@@ -1,24 +1,21 @@
 """Bytes moved by the collectives of a training step: `python launch/bench.py collectives [options]`.
 
-P gloo processes on this machine make the cross-process calls of one training step, for every image size
-S and batch N (per process), in two schemes:
-    old  MoCo's (`moco/builder.py`) under DDP's defaults: the per-step broadcast of every buffer from rank 0
-         (memory bank, labels, both encoders' batch-norm statistics); shuffle-BN by all-gathering every key
-         image in fp32, a broadcast permutation and an all-gather of the keys; an enqueue of three
-         all-gathers (keys, coarse, fine); a SIGTERM vote (all-reduce of one float) every step
-    new  the calls of maskcon.dist and MaskConModel.enqueue as the training step makes them: shuffle-BN by
-         all-to-all of the key images in --precision and of the keys back; one all-gather per enqueue; the
-         stop vote (`agree_to_stop`) every --log-every steps; no buffer broadcast
-The gradient all-reduce of DDP is the same in both and shown apart. Every torch.distributed call is counted
-as the bytes this process receives from the others:
+P gloo processes on this machine make the cross-process calls of one training step, as maskcon.dist and
+MaskConModel.enqueue make them (shuffle-BN by all-to-all of the key images in --precision and of the keys back,
+one all-gather per enqueue, the stop vote `agree_to_stop` every --log-every steps, no buffer broadcast), for
+every image size S and batch N per process. Every torch.distributed call is counted as the bytes this process
+receives from the others:
     all_gather(_single)       (P - 1) x input bytes     broadcast  tensor bytes (none on the source)
     all_to_all_single         rows from other processes gather     (P - 1) x input bytes on the destination
     all_reduce                2 (P - 1) / P x tensor bytes (ring algorithm, as NCCL and gloo use for large tensors)
-Figures are per step for the busiest process (the largest count); with random shuffles they vary, so each
-is the median over --repeats steps with the range. Evaluation (not per step): the feature table of
---eval-rows test images split over the processes, all-gathered to every process (old, with the padded
-labels and indices) or gathered to the main process (new, `gather_to_main`), received by the busiest
-process and by all processes together.
+Figures are per step for the busiest process; with random shuffles they vary, so each is the median over
+--repeats steps with the range. `old` is MoCo's scheme (`moco/builder.py`) under DDP's defaults, computed
+with the same rules from the model's sizes: the per-step broadcast of every buffer from rank 0; shuffle-BN by
+all-gathering every key image in fp32, a broadcast permutation and an all-gather of the keys; three
+all-gathers per enqueue; a stop vote every step. The gradient all-reduce of DDP is the same in both. Evaluation
+(not per step): the features and labels of --eval-rows test images split over the processes, gathered to the
+main process (new, `gather_to_main`) or padded and all-gathered to every process (old), received by the
+busiest process and by all processes together.
 """
 
 from __future__ import annotations
@@ -105,28 +102,12 @@ class TrafficMeter:
         return counted
 
 
-def _old_gather(tensor: torch.Tensor) -> torch.Tensor:
-    """The all-gather of MoCo's `concat_all_gather`: a list of P tensors, concatenated."""
-    gathered = [torch.empty_like(tensor) for _ in range(torch_dist.get_world_size())]
-    torch_dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered)
-
-
-def _old_step(meter: TrafficMeter, model: MaskConModel, images: torch.Tensor, k: torch.Tensor,
-              coarse: torch.Tensor, fine: torch.Tensor) -> None:
-    with meter.counting("buffer broadcast"):
-        for buffer in model.buffers():
-            torch_dist.broadcast(buffer, src=0)
-    with meter.counting("shuffle-BN"):
-        images_all = _old_gather(images.float())                                # P*N x 3 x S x S
-        idx_shuffle = torch.randperm(images_all.shape[0])
-        torch_dist.broadcast(idx_shuffle, src=0)
-        _old_gather(k)                                                          # P*N x D
-    with meter.counting("enqueue"):
-        for values in (k, coarse, fine):
-            _old_gather(values)
-    with meter.counting("stop vote"):
-        torch_dist.all_reduce(torch.zeros(1))
+def _old_step(model: MaskConModel, processes: int, size: int, batch: int, dim: int) -> dict[str, int]:
+    """The bytes a process other than rank 0 (the busiest) receives per step in MoCo's scheme."""
+    others = processes - 1
+    return {"buffer broadcast": sum(buffer.nbytes for buffer in model.buffers()),
+            "shuffle-BN": others * batch * 3 * size * size * 4 + processes * batch * 8 + others * batch * dim * 4,
+            "enqueue": others * batch * (dim * 4 + 8 + 8), "stop vote": 2 * others * 4 // processes}
 
 
 def _new_step(meter: TrafficMeter, model: MaskConModel, images: torch.Tensor, k: torch.Tensor,
@@ -158,44 +139,38 @@ def _worker(rank: int, port: int, options: argparse.Namespace, out_dir: str) -> 
             gradient_bytes = meter.received.pop(GRADIENTS)
             for batch in options.batches:
                 generator = torch.Generator().manual_seed(rank)
-                images = torch.randn(batch, 3, size, size, generator=generator)
+                images = torch.randn(batch, 3, size, size, generator=generator).to(PRECISIONS[options.precision])
                 k = torch.nn.functional.normalize(torch.randn(batch, options.dim, generator=generator), dim=1)
                 coarse, fine = torch.randint(0, 20, (batch,)), torch.randint(0, 100, (batch,))
-                low = images.to(PRECISIONS[options.precision])
+                old = _old_step(model, options.processes, size, batch, options.dim)
                 for repeat in range(options.repeats):
                     meter.received.clear()
-                    _old_step(meter, model, images, k, coarse, fine)
-                    old = dict(meter.received)
-                    meter.received.clear()
-                    _new_step(meter, model, low, k, coarse, fine, vote=True, seed=repeat)
+                    _new_step(meter, model, images, k, coarse, fine, vote=True, seed=repeat)
                     new = dict(meter.received)
                     new["stop vote"] = new.get("stop vote", 0) / options.log_every     # amortised per step
                     rows.append({"image_size": size, "batch": batch, "repeat": repeat, "old": old, "new": new,
                                  "gradients": gradient_bytes})
             del model
         rows.append({"evaluation": _evaluation_bytes(meter, options)})
+        torch_dist.barrier()        # every send has arrived before any process leaves the group
     finally:
         torch_dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(rows))
 
 
 def _evaluation_bytes(meter: TrafficMeter, options: argparse.Namespace) -> dict:
+    """The bytes this process receives while the evaluation's features and labels are gathered (new), and in the
+    trainer's former way (old, computed): sizes, then rows padded to the longest share, all-gathered everywhere."""
     processes, this = torch_dist.get_world_size(), torch_dist.get_rank()
     share = options.eval_rows // processes + (1 if this < options.eval_rows % processes else 0)
-    longest = -(-options.eval_rows // processes)
-    features = torch.zeros(share, FEATURE_DIMS[options.arch])
-    labels = [torch.zeros(share, dtype=torch.long) for _ in ("fine", "coarse", "index")]
     meter.received.clear()
-    with meter.counting("old"):            # the trainer's former extract_features: pad, then gather everywhere
-        for values in (features, *labels):
-            _old_gather(torch.tensor([share]))                                  # pad_across_processes' sizes
-            padded = values.new_zeros((longest, *values.shape[1:]))
-            _old_gather(padded)
-        _old_gather(torch.tensor([share]))                                      # the row counts
     with meter.counting("new"):
-        for values in (features, *labels):
+        for values in (torch.zeros(share, FEATURE_DIMS[options.arch]),
+                       *(torch.zeros(share, dtype=torch.long) for _ in ("fine", "coarse", "index"))):
             dist.gather_to_main(values)
-    return dict(meter.received)
+    longest = -(-options.eval_rows // processes)
+    return {"new": meter.received["new"],
+            "old": (processes - 1) * (5 * 8 + longest * (FEATURE_DIMS[options.arch] * 4 + 3 * 8))}
 
 
 def _summary(per_rank: list[list[dict]], options: argparse.Namespace, argv: list[str]) -> dict:

@@ -10,8 +10,7 @@ per image (all threads and DataLoader workers), the training thread's CPU ms per
 loader's own count of its host feeding work (`feed_cpu_seconds`). gpu_pipeline_host_us_per_image: the host
 part of the DALI pipeline, measured on dali_cpu as its feeding work less the copy of CPU outputs into torch
 (a GPU pipeline orders that copy on the device): what the pipeline costs the host when its operators run on a
-GPU, also in parts (the external source's callback, the rest of DALI's pipeline.run, the thread's other
-work). `--synthetic N` first writes N synthetic cifar100-format 32x32 PNG training samples to OUT;
+GPU. `--synthetic N` first writes N synthetic cifar100-format 32x32 PNG training samples to OUT;
 `--first-batch-workers W` also times a torch loader with W workers from construction to its first batch.
 """
 
@@ -29,9 +28,9 @@ from maskcon.bench import parser as bench_parser
 from maskcon.bench import show, spread
 from maskcon.datasets.synthetic import cifar_like_image, write_synthetic_shards
 from maskcon.errors import UserError
-from maskcon.loaders.spec import LoaderSpec
+from maskcon.loaders import LoaderSpec, build_train_loader
 
-# ------------------------------------------------------------------------------------------ measuring
+LOADERS = ("dali_cpu", "torch", "reference_pil", "dali_gpu")
 
 
 def _cpu_seconds() -> float:
@@ -48,32 +47,25 @@ def _cpu_seconds() -> float:
     return total
 
 
-def _feeding(loader) -> tuple[float, float, float, float]:
-    """CPU seconds so far of one of our loaders' host feeding work: (all of it, of which copies of DALI's CPU
-    outputs into torch, time inside DALI's pipeline.run, of which the external source's callback); zeros
-    where a loader does not count them (the reference loader; the torch loader counts the first only)."""
-    return tuple(getattr(loader, name, 0.0) for name in ("feed_cpu_seconds", "copy_cpu_seconds", "run_cpu_seconds",
-                                                         "source_cpu_seconds"))
-
-
 def _measure(loader, *, batches: int, warmup_epochs: int, warmup: int, repeats: int) -> dict[str, list[float]]:
     """Per repeat of `batches` batches, after `warmup_epochs` full epochs and `warmup` more batches, untimed:
     images/s, the process's CPU ms per image, the training thread's CPU ms per batch (time.thread_time inside
-    next()), the loader's feeding CPU us per image, and the host part of the pipeline (feeding less the copy of
-    CPU outputs, which a GPU pipeline does not make) in us per image."""
+    next()), the loader's feeding CPU us per image (0 where a loader does not count it), and the host part of
+    the pipeline (feeding less the copy of CPU outputs, which a GPU pipeline does not make) in us per image."""
 
     def endless():
         while True:
             yield from loader
 
+    def feeding() -> tuple[float, float]:
+        return getattr(loader, "feed_cpu_seconds", 0.0), getattr(loader, "copy_cpu_seconds", 0.0)
+
     stream = endless()
     for _ in range(warmup_epochs * len(loader) + warmup):
         next(stream)
-    figures: dict[str, list[float]] = {name: [] for name in ("rate", "cpu_ms", "thread_ms", "feed_us", "host_us",
-                                                              "callback_us", "dali_us", "other_us")}
+    figures: dict[str, list[float]] = {name: [] for name in ("rate", "cpu_ms", "thread_ms", "feed_us", "host_us")}
     for _ in range(repeats):
-        images, thread, cpu, start = 0, 0.0, _cpu_seconds(), time.perf_counter()
-        before = _feeding(loader)
+        images, thread, cpu, start, before = 0, 0.0, _cpu_seconds(), time.perf_counter(), feeding()
         for _ in range(batches):
             started = time.thread_time()
             batch = next(stream)
@@ -82,46 +74,24 @@ def _measure(loader, *, batches: int, warmup_epochs: int, warmup: int, repeats: 
         figures["rate"].append(images / (time.perf_counter() - start))
         figures["cpu_ms"].append(1000 * (_cpu_seconds() - cpu) / images)
         figures["thread_ms"].append(1000 * thread / batches)
-        feed, copy, run, callback = (1e6 * (after - earlier) / images
-                                     for after, earlier in zip(_feeding(loader), before))
+        feed, copy = (1e6 * (after - earlier) / images for after, earlier in zip(feeding(), before))
         figures["feed_us"].append(feed)
         figures["host_us"].append(feed - copy)
-        figures["callback_us"].append(callback)
-        figures["dali_us"].append(run - callback)
-        figures["other_us"].append(feed - copy - run)
     stream.close()
     return figures
 
 
-def first_batch_seconds(shards: Path, *, dataset: str, image_size: int, batch_size: int, workers: int) -> float:
-    """Seconds from building a torch-backend train loader with `workers` DataLoader workers to its first batch
-    (worker start-up included)."""
-    from maskcon.loaders import LoaderSpec, build_train_loader
-
-    start = time.perf_counter()
-    loader = build_train_loader(shards, LoaderSpec(recipe=dataset, image_size=image_size, batch_size=batch_size,
-                                                   backend="torch", num_threads=workers))
-    next(iter(loader))
-    seconds = time.perf_counter() - start
-    del loader
-    gc.collect()
-    return seconds
-
-
 def _build(name: str, shards: Path, spec: LoaderSpec):
     """The loader `name` of --loaders on `shards`, from `spec` (its back end and device set by the name)."""
-    from maskcon.loaders import build_train_loader
-
     if name == "reference_pil":
         from maskcon.loaders.reference import official_style_loader
 
         return official_style_loader(shards, recipe=spec.recipe, image_size=spec.image_size,
                                      batch_size=spec.batch_size, workers=spec.num_threads)
-    if name == "dali_gpu":
-        if not torch.cuda.is_available():
-            raise UserError("--loaders dali_gpu needs a CUDA GPU; this machine has none")
-        return build_train_loader(shards, spec.replace(backend="dali", device="cuda"))
-    return build_train_loader(shards, spec.replace(backend="dali" if name == "dali_cpu" else "torch"))
+    if name == "dali_gpu" and not torch.cuda.is_available():
+        raise UserError("--loaders dali_gpu needs a CUDA GPU; this machine has none")
+    return build_train_loader(shards, spec.replace(backend="torch" if name == "torch" else "dali",
+                                                   device="cuda" if name == "dali_gpu" else spec.device))
 
 
 def main(argv: list[str]) -> int:
@@ -139,38 +109,37 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prefetch", type=int, default=None,
                         help="batches prepared ahead by our loaders (default: maskcon.loaders.LOADER_DEFAULTS)")
     parser.add_argument("--loaders", default="dali_cpu,torch,reference_pil",
-                        help="comma-separated subset of dali_cpu,torch,reference_pil,dali_gpu")
+                        help=f"comma-separated subset of {','.join(LOADERS)}")
     parser.add_argument("--first-batch-workers", type=int, default=0, metavar="W",
                         help="also time a torch loader with W workers from construction to its first batch")
     parser.add_argument("--synthetic", type=int, default=0, metavar="N",
                         help="first write N synthetic 32x32 PNG train samples (cifar100 format) to --shards")
     args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.loaders.split(",") if name.strip()]
+    if not chosen or any(name not in LOADERS for name in chosen):
+        raise UserError(f"--loaders takes a comma-separated subset of {', '.join(LOADERS)}")
 
     from maskcon.config import preset
     from maskcon.datasets import recipe_for
 
     recipe_for(args.dataset)
-    size = args.image_size or int(preset(args.dataset, "maskcon")["image_size"])
-    threads = args.threads or usable_cpus()
+    spec = LoaderSpec(recipe=args.dataset, batch_size=args.batch_size, num_threads=args.threads or usable_cpus(),
+                      image_size=args.image_size or int(preset(args.dataset, "maskcon")["image_size"]),
+                      prefetch=args.prefetch)
     if args.synthetic:
         if (args.shards / "manifest.json").exists():
             raise UserError(f"{args.shards} already holds shards; drop --synthetic or pick an empty folder")
         write_synthetic_shards(args.shards, num_train=args.synthetic, num_test=max(1, args.synthetic // 5),
                                image=cifar_like_image, labels=lambda i: (i % 100, i % 100 // 5), num_fine=100,
                                num_coarse=20, samples_per_shard=1000, dataset="cifar100")
-    known = ("dali_cpu", "torch", "reference_pil", "dali_gpu")
-    chosen = [name.strip() for name in args.loaders.split(",") if name.strip()]
-    if not chosen or any(name not in known for name in chosen):
-        raise UserError(f"--loaders takes a comma-separated subset of {', '.join(known)}")
-
-    spec = LoaderSpec(recipe=args.dataset, image_size=size, batch_size=args.batch_size, num_threads=threads,
-                      prefetch=args.prefetch)
     report = {"dataset": args.dataset, "unit": "source images/s, both views"}
     if args.first_batch_workers:  # before the other loaders, so that the fork server starts cold
-        report["torch_first_batch_s"] = round(first_batch_seconds(
-            args.shards, dataset=args.dataset, image_size=size, batch_size=args.batch_size,
-            workers=args.first_batch_workers), 2)
-        report["first_batch_workers"] = args.first_batch_workers
+        start = time.perf_counter()
+        next(iter(build_train_loader(args.shards, spec.replace(backend="torch",
+                                                               num_threads=args.first_batch_workers))))
+        report.update(torch_first_batch_s=round(time.perf_counter() - start, 2),
+                      first_batch_workers=args.first_batch_workers)
+        gc.collect()
     measured = {}
     for name in chosen:
         loader = _build(name, args.shards, spec)
@@ -182,9 +151,9 @@ def main(argv: list[str]) -> int:
                                   warmup=args.warmup, repeats=args.repeats)
         del loader
         gc.collect()  # a DALI pipeline reserves much address space: free it before forking DataLoader workers
-    report.update(_summary(measured), repeats=args.repeats, batch_size=args.batch_size, image_size=size,
-                  threads=threads, cpus=usable_cpus(), shards=str(args.shards))
-    report["load_average_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine while measuring
+    report.update(_summary(measured), repeats=args.repeats, batch_size=spec.batch_size, image_size=spec.image_size,
+                  threads=spec.num_threads, prefetch=args.prefetch or "default", cpus=usable_cpus(),
+                  shards=str(args.shards), load_average_1min=round(os.getloadavg()[0], 2))   # others' work
     return show(report, args.json)
 
 
@@ -202,10 +171,6 @@ def _summary(measured: dict[str, dict[str, list[float]]]) -> dict:
                        if key != "feed_cpu_us_per_image" or name != "reference_pil"}
     if "dali_cpu" in measured:  # what the same pipeline does on the host when its operators run on a GPU
         report["gpu_pipeline_host_us_per_image"] = median("dali_cpu", "host_us", 2)
-        report["gpu_pipeline_host_parts_us_per_image"] = {
-            part: median("dali_cpu", figure, 2) for part, figure in (("callback", "callback_us"),
-                                                                     ("dali_feeding_scheduling", "dali_us"),
-                                                                     ("labels_queue_other", "other_us"))}
     if "dali_cpu" in measured and "torch" in measured:
         report["dali_cpu_over_torch"] = round(report["dali_cpu"] / report["torch"], 2)
         report["cpu_cost_torch_over_dali"] = round(report["cpu_ms_per_image"]["torch"] /

@@ -112,10 +112,12 @@ def _objectives(n: int, queue_size: int, dim: int, device: torch.device
 
 
 def _timed(step: Callable, autocast: torch.autocast, device: torch.device) -> float:
-    _synchronize(device)
+    """Seconds of one forward + backward, from an idle device to an idle device."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    synchronize(device)
     start = time.perf_counter()
     step(autocast)
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -169,11 +171,6 @@ class _StorageCounter(TorchDispatchMode):
 
     def _free(self, pointer: int) -> None:
         self.current -= self.live.pop(pointer)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _summary(seconds: list[float], peak: int) -> dict[str, float]:

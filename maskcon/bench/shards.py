@@ -12,7 +12,6 @@ like natural images rather than like noise.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -20,15 +19,16 @@ import pickle
 import platform
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from maskcon import shards, usable_cpus
-from maskcon.bench import machine, positive, spread, table
+from maskcon.bench import machine, positive, show, spread
+from maskcon.bench import parser as bench_parser
 from maskcon.datasets.synthetic import write_imagenet32_source
-from maskcon.errors import OneLineParser
 from maskcon.shard_format import encode_label, split_files
 
 
@@ -80,71 +80,51 @@ def same_images(ours_out: Path, plain_out: Path, count: int = 500) -> bool:
                                             for k in keys)
 
 
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*.tar"))
-
-
 def main(argv: list[str]) -> int:
-    parser = OneLineParser(prog="python launch/bench.py shards", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("shards", __doc__)
     parser.add_argument("--train-images", type=int, default=100_000)
     parser.add_argument("--val-images", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None, help="processes for ours (default: all cores)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/maskcon-bench-shards"),
                         help="where the synthetic source (kept for reruns) and outputs go")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
     positive(args, "train_images", "val_images", "repeats")
     import webdataset  # noqa: F401  imported here, so that its import (it loads torch) is not timed
 
-    workers = args.workers or usable_cpus()
-    src = args.workdir / "source"
+    workers, src = args.workers or usable_cpus(), args.workdir / "source"
     print(f"writing the synthetic ImageNet32 source ({args.train_images} + {args.val_images} images) to {src}",
-          flush=True)
+          file=sys.stderr, flush=True)
     write_imagenet32_source(src, args.train_images, args.val_images)
     samples_per_shard = shards.shard_size(args.train_images)
     load_before = os.getloadavg()[0]  # other work on the machine slows every converter alike
-    timings: dict[str, list[float]] = {"ours": [], "ours_1_process": [], "plain": []}
-    cpu_times: dict[str, list[float]] = {name: [] for name in timings}  # this process's CPU seconds
-    counts, sizes = {}, {}
     runs = {"ours": lambda out: ours(src, out, workers), "ours_1_process": lambda out: ours(src, out, 1),
             "plain": lambda out: plain_loop(src, out, samples_per_shard)}
+    rates, cpu_times, counts, sizes = ({name: [] for name in runs} for _ in range(4))  # CPU: this process's
     for repeat in range(args.repeats):
         for name, run in runs.items():
             out = args.workdir / name
             shutil.rmtree(out, ignore_errors=True)
             start, cpu_start = time.perf_counter(), time.process_time()
             counts[name] = run(out)
-            timings[name].append(time.perf_counter() - start)
+            rates[name].append(counts[name] / (time.perf_counter() - start))
             cpu_times[name].append(time.process_time() - cpu_start)
-            sizes[name] = _folder_bytes(out)
-            print(f"repeat {repeat + 1}/{args.repeats} {name}: {counts[name]} images in "
-                  f"{timings[name][-1]:.1f} s", flush=True)
+            sizes[name] = round(sum(p.stat().st_size for p in out.rglob("*.tar")) / 1e6, 2)
+            print(f"repeat {repeat + 1}/{args.repeats} {name}: {counts[name]} images, {rates[name][-1]:.0f}/s",
+                  file=sys.stderr, flush=True)
+    median = {name: statistics.median(rate) for name, rate in rates.items()}
     agree = same_images(args.workdir / "ours", args.workdir / "plain")
-    rate = {name: [counts[name] / t for t in times] for name, times in timings.items()}
-    median = {name: statistics.median(r) for name, r in rate.items()}
-    result = {
+    report = {
         "machine": machine(), "python": platform.python_version(),
         "images": counts["ours"], "workers": workers, "repeats": args.repeats,
-        "images_per_s": {name: spread(r, 0) for name, r in rate.items()},
+        "images_per_s": {name: spread(rate, 0) for name, rate in rates.items()}, "tar_mb": sizes,
         "speedup_median": round(median["ours"] / median["plain"], 2),
         "speedup_1_process": round(median["ours_1_process"] / median["plain"], 2),
         # one-process runs only (the pool's workers are not this process): load-independent CPU cost
         "images_per_cpu_s": {name: round(counts[name] / statistics.median(cpu_times[name]))
                              for name in ("ours_1_process", "plain")},
-        "tar_bytes": sizes, "same_pixels_and_labels": agree,
+        "same_pixels_and_labels": agree,
         "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
     }
-    print()
-    print(table(["converter", "images/s median", "min", "max", "tar MB"],
-                [[name, *result["images_per_s"][name].values(), f"{sizes[name] / 1e6:.1f}"] for name in timings]))
-    print(f"speedup (ours / plain, medians): {result['speedup_median']}x with {workers} processes, "
-          f"{result['speedup_1_process']}x with 1; images per CPU second {result['images_per_cpu_s']}; "
-          f"same pixels and labels: {agree}; "
-          f"1-min load average {result['load_average_1min']['before']} before, "
-          f"{result['load_average_1min']['after']} after")
-    print(json.dumps(result))
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    show(report, args.json)
     return 0 if agree else 1

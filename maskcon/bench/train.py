@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import sys
 import tempfile
 import time
@@ -154,7 +155,7 @@ class _Bench:
                                        seed=settings["seed"], query_view=settings["query_view"],
                                        key_view=settings["key_view"],
                                        pin_memory=device.type == "cuda")
-        stream = _to_device(_repeat(loader), run.train_loader.spec)
+        stream = _to_device(_epochs(loader), run.train_loader.spec)
         return stream, lambda: stream.close(), None
 
     def step(self, batch: TrainBatch) -> torch.Tensor:
@@ -265,18 +266,10 @@ def _summary(windows: list[dict], from_start: list[dict] | None = None) -> dict:
     return summary
 
 
-def _epochs(loader: Iterable[dict]) -> Iterator[dict]:
-    """The loader's epochs one after another (a new shuffle each epoch)."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-def _repeat(loader: Iterable) -> Iterator:
-    """A DataLoader's epochs one after another (it reshuffles on every pass)."""
-    while True:
+def _epochs(loader: Iterable) -> Iterator:
+    """The loader's epochs one after another, each shuffled anew (set_epoch, where the loader has it)."""
+    for epoch in itertools.count():
+        getattr(loader, "set_epoch", lambda epoch: None)(epoch)
         yield from loader
 
 

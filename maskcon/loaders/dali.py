@@ -157,8 +157,6 @@ class _Feeder:
                              batch_size=spec.batch_size, seed=seed)
         self.feed_cpu_seconds_done = 0.0  # CPU seconds of finished work (the running pass adds its own)
         self.copy_cpu_seconds = 0.0  # of which: copying DALI's CPU outputs into torch tensors
-        self.run_cpu_seconds = 0.0  # of which: inside pipeline.run (DALI's feeding, scheduling, the callback)
-        self.source_cpu_seconds = 0.0  # of which: the external source's callback (reading, parameter draws)
         self._live = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, spec.prefetch))
         self._thread: threading.Thread | None = None
@@ -166,7 +164,7 @@ class _Feeder:
         self._fed: collections.deque = collections.deque()  # positions handed to DALI, not yet out
         self._damaged: UserError | None = None  # a sample found damaged before DALI decoded it
         self.pipeline = _views_pipeline(
-            self._source, self.plan.names, split.image_format, spec.recipe, views, spec.image_size,
+            self._batch_inputs, self.plan.names, split.image_format, spec.recipe, views, spec.image_size,
             self.device.type == "cuda", self.plan.resident_shape is not None, spec.channels_last,
             batch_size=spec.batch_size * self.plan.run_batches, num_threads=spec.num_threads,
             device_id=_device_id(self.device), seed=seed % 2**31, prefetch_queue_depth=PIPELINE_PREFETCH,
@@ -180,13 +178,6 @@ class _Feeder:
         return self.feed_cpu_seconds_done + self._live
 
     # --------------------------------------------------------------------- in the feeding thread
-
-    def _source(self, info):
-        started = time.thread_time()
-        try:
-            return self._batch_inputs(info)
-        finally:
-            self.source_cpu_seconds += time.thread_time() - started
 
     def _batch_inputs(self, info) -> tuple:
         """The external source's outputs for one run: FeedPlan.run_inputs of the run DALI asks for."""
@@ -252,7 +243,6 @@ class _Feeder:
     def _run(self, stream) -> tuple:
         """The next run's outputs (StopIteration at the end of the pass); a sample that does not decode
         becomes the UserError naming it."""
-        started = time.thread_time()
         try:
             outputs = self.pipeline.run(stream) if stream is not None else self.pipeline.run()
         except StopIteration:
@@ -263,8 +253,6 @@ class _Feeder:
             if isinstance(error, RuntimeError):
                 raise self._bad_sample(error) from None
             raise
-        finally:
-            self.run_cpu_seconds += time.thread_time() - started
         self._fed.popleft()
         return outputs
 
