@@ -103,7 +103,9 @@ def test_a_variant_runs_its_part_again_with_its_options_right_after_it(tmp_path)
     ("job", ["r4=real --workers 4"], "--variant 'r4=real --workers 4'"),   # real does not run
     ("real", ["real=real --workers 4"], "a NAME of its own"), ("real", ["=real --workers 4"], "a NAME of its own"),
     ("real", ["a=real --workers 4", "a=real --workers 2"], "a NAME of its own"),
-    ("real", ["a real --workers 4"], "PART one of the parts that run (real)")])
+    ("real", ["a real --workers 4"], "PART one of the parts that run (real)"),
+    ("real", ["a=real --workers 4", "b=a --workers 2"], "PART one of the parts that run (real)"),
+    ("real", ["a=real --run-name 'x"], "PART one of the parts that run (real)")])
 def test_a_wrong_part_or_variant_is_one_line(parts, variants, says):
     with pytest.raises(UserError, match=re.escape(says)) as caught:
         gpu._chosen(parts, variants)

@@ -106,6 +106,7 @@ def main(argv: list[str]) -> int:
     options.add_argument("--variant", action="append", default=[], metavar="NAME=PART OPTIONS",
                          help="run PART again with OPTIONS added, reported as NAME (repeatable)")
     args = options.parse_args(argv)
+    chosen = _chosen(args.parts, args.variant)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -118,7 +119,6 @@ def main(argv: list[str]) -> int:
         raise UserError("--out must not be BENCHMARKS.md: the block is written apart and copied in by hand")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="maskcon-gpu-") as scratch:
-        chosen = _chosen(args.parts, args.variant)
         outcomes = _run_parts(args.work or Path(scratch), sizes, args.device, chosen, deadline=started + budget)
     context = _context(args, argv, sizes)
     block = _block(outcomes, context)
@@ -144,12 +144,16 @@ def _chosen(parts: str, variants: list[str]) -> list[tuple[str, str, list[str]]]
         raise UserError(f"--parts: unknown {', '.join(sorted(named - {'all', *PARTS, *every})) or 'empty list'}; "
                         f"choose all, speed, job or parts among {', '.join(every)}")
     chosen = [(name, name, []) for group, names in PARTS.items() for name in names if {name, group, "all"} & named]
+    bases = [name for name, _, _ in chosen]
     for text in variants:
         name, _, rest = (side.strip() for side in text.partition("="))
-        part, *extra = shlex.split(rest) or [""]
-        if not name or name in every or name in [c[0] for c in chosen] or part not in [c[0] for c in chosen]:
+        try:
+            part, *extra = shlex.split(rest) or [""]
+        except ValueError:                  # an unclosed quote
+            part, extra = "", []
+        if not name or name in every or name in [c[0] for c in chosen] or part not in bases:
             raise UserError(f"--variant {text!r}: write NAME=PART OPTIONS, with a NAME of its own and PART one of "
-                            f"the parts that run ({', '.join(c[0] for c in chosen if c[0] == c[1])})")
+                            f"the parts that run ({', '.join(bases)})")
         chosen.insert(max(i for i, c in enumerate(chosen) if c[1] == part) + 1, (name, part, extra))
     return chosen
 
