@@ -7,7 +7,7 @@
 # From the project root, with the Python dependencies importable (for an offline machine: unpack them and
 # put them on PYTHONPATH first). Writes under $OUT (default /tmp/maskcon-gpu): gpu-GROUP.md (the block for
 # BENCHMARKS.md), gpu-GROUP.md.json (every part's report) and log-GROUP.txt. Extra arguments go to
-# `launch/bench.py gpu`.
+# `launch/bench.py gpu`. Ctrl-C or SIGTERM stops the running part and writes the parts before it (exit 130).
 set -u
 group=${1:-speed}
 shift $(( $# > 0 ? 1 : 0 ))
@@ -19,8 +19,16 @@ esac
 OUT=${OUT:-/tmp/maskcon-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-timeout 560 python3 launch/bench.py gpu "${parts[@]}" --out "$OUT/gpu-$group.md" --work /tmp/maskcon-gpu-work \
-  "$@" 2>&1 | grep -v "nvjpeg2k\|nvtiff\|nvJPEG2000\|nvTIFF" | tee "$OUT/log-$group.txt"
-status=${PIPESTATUS[0]}
-echo "exit status $status" | tee -a "$OUT/log-$group.txt"
+log="$OUT/log-$group.txt"
+# in the background, so that a stop signal reaches this script at once and is passed on: the command stops its
+# running part and writes the block of the parts before it (exit status 130)
+child=
+trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null' INT TERM
+timeout --foreground 560 python3 launch/bench.py gpu "${parts[@]}" --out "$OUT/gpu-$group.md" \
+  --work /tmp/maskcon-gpu-work "$@" > >(trap '' INT TERM; exec tee "$log") 2>&1 &
+child=$!
+status=0
+wait "$child" || status=$?
+while kill -0 "$child" 2>/dev/null; do wait "$child"; status=$?; done
+echo "exit status $status" | tee -a "$log"
 exit "$status"

@@ -1,12 +1,16 @@
 """The one GPU command (`python launch/bench.py gpu`): its parts, its one-line failures and its block."""
 
+import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -175,3 +179,47 @@ def test_the_whole_command_runs_small_on_the_cpu_and_writes_every_part(tmp_path)
     assert parts["job"]["report"]["images_per_s"] > 0 and parts["job"]["report"]["eval_s"][-1] > 0
     assert parts["profile"]["report"]["profile"]["aten_ops_per_step"] > 0
     assert "skipped" in parts["gpu_tests"]["report"]["output"]           # no GPU here: the GPU tests skip
+
+
+def _processes_naming(text: str) -> list[str]:
+    """The command lines of the processes that name `text` (a folder of this test's)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(text in part for part in process.info["cmdline"] or []):
+                found.append(" ".join(process.info["cmdline"]))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("door, stop", [("bench", "SIGINT"), ("bench", "SIGTERM"), ("script", "Ctrl-C"),
+                                        ("script", "SIGTERM")])
+def test_a_stop_signal_ends_the_running_part_and_writes_the_parts_before_it(tmp_path, door, stop):
+    work, out = tmp_path / "work", tmp_path / ("gpu-job.md" if door == "script" else "block.md")
+    options = ["--device", "cpu", "--small", "--work", str(work)]
+    command = (["bash", "launch/gpu-check.sh", "job", *options] if door == "script" else
+               [sys.executable, "launch/bench.py", "gpu", "--parts", "job", *options, "--out", str(out)])
+    env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not any("launch/train.py" in line for line in _processes_naming(str(work / "s32"))):   # the main job runs
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-2000:]
+        time.sleep(0.5)
+    time.sleep(2)
+    if stop == "Ctrl-C":                                      # the terminal signals its foreground group
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(getattr(signal, stop))
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-2000:]
+    block = out.read_text()
+    assert "| job | stopped by a signal |" in block and "| shards32 | " in block and "| gpu_tests |" not in block
+    assert "stopped by a signal: the block holds the parts that ran before it" in output
+    if door == "script":
+        assert (tmp_path / "log-job.txt").read_text().strip().endswith("exit status 130")
+    for _ in range(100):                                     # every process of the part has ended
+        if not _processes_naming(str(work)):
+            break
+        time.sleep(0.1)
+    assert not _processes_naming(str(work))

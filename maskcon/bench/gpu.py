@@ -23,8 +23,9 @@ Each part is a subprocess of a door with its own time limit (at most what is lef
 that fails or hangs gives one line, and the others still run. The BENCHMARKS.md block (card, driver,
 versions, commit, command, each figure, each goal met or not) goes to --out, never into BENCHMARKS.md, and
 every part's JSON report to --out with `.json` added. Without CUDA the command stops with one line;
-`--device cpu --small` runs every part with tiny sizes on the CPU. Exit status: 0 when every part gave its
-figures, 1 when some did not, 2 for a usage error.
+`--device cpu --small` runs every part with tiny sizes on the CPU. Ctrl-C or SIGTERM stops the running part
+and every process it started, and writes the block of the parts before it. Exit status: 0 when every part
+gave its figures, 1 when some did not, 2 for a usage error, 130 when stopped.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ GOALS = {   # the figures a GPU must reach on the ImageNet32 preset (one H100/H2
 }
 PARTS = {"speed": ("loader", "step", "compiled", "real", "official", "objectives", "jpeg"),
          "job": ("job", "gpu_tests", "profile")}
+STOPPED = "stopped by a signal"
 NEEDS = {"shards32": "source32", "jpeg_shards": "jpeg_source", "jpeg": "jpeg_shards",
          **{name: "shards32" for name in ("loader", "step", "compiled", "real", "official", "job", "profile")}}
 
@@ -118,8 +120,13 @@ def main(argv: list[str]) -> int:
     if out.resolve() == (ROOT / "BENCHMARKS.md").resolve():
         raise UserError("--out must not be BENCHMARKS.md: the block is written apart and copied in by hand")
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="maskcon-gpu-") as scratch:
-        outcomes = _run_parts(args.work or Path(scratch), sizes, args.device, chosen, deadline=started + budget)
+    earlier = {number: signal.signal(number, _interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with tempfile.TemporaryDirectory(prefix="maskcon-gpu-") as scratch:
+            outcomes = _run_parts(args.work or Path(scratch), sizes, args.device, chosen, deadline=started + budget)
+    finally:
+        for number, handler in earlier.items():
+            signal.signal(number, handler)
     context = _context(args, argv, sizes)
     block = _block(outcomes, context)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +135,18 @@ def main(argv: list[str]) -> int:
     write_atomic(out.with_name(out.name + ".json"), json.dumps(everything, indent=1))
     print(json.dumps(everything, indent=1) if args.json else block)
     print(f"written to {out} in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    if outcomes and outcomes[-1].error == STOPPED:
+        print("stopped by a signal: the block holds the parts that ran before it", file=sys.stderr)
+        return 130
     return 0 if all(outcome.error is None for outcome in outcomes) else 1
+
+
+def _interrupt(number, frame):
+    """Ctrl-C or a stop signal, the first one: KeyboardInterrupt, and the ones after it (timeout and a terminal
+    may both send one) are ignored while the running part is stopped and the block written."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 # ------------------------------------------------------------------------------------------ the parts
@@ -211,11 +229,16 @@ def _run_parts(work: Path, sizes: dict, device: str, chosen: list[tuple[str, str
         elif left < 5:
             outcome.error = "not run: the time budget was spent"
         else:
-            _run_one(outcome, timeout=min(limit * sizes["slower"], left))
+            try:
+                _run_one(outcome, timeout=min(limit * sizes["slower"], left))
+            except KeyboardInterrupt:       # Ctrl-C or SIGTERM: the part has ended, no other part starts
+                outcome.error = STOPPED
         if outcome.error is not None:
             failed.add(name)
         print(f"{name}: {outcome.error or 'ok'} ({outcome.seconds:.0f} s)", file=sys.stderr, flush=True)
         outcomes.append(outcome)
+        if outcome.error == STOPPED:
+            break
     return outcomes
 
 
@@ -230,10 +253,12 @@ def _run_one(outcome: Outcome, *, timeout: float) -> None:
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.communicate(timeout=30)
+        _end(process, signal.SIGKILL)
         stdout, outcome.error = "", f"timed out after {timeout:.0f} s"
+    except BaseException:       # Ctrl-C or a stop signal: the part, in a session of its own, is stopped too
+        _end(process, signal.SIGTERM)
+        outcome.seconds = time.monotonic() - start
+        raise
     outcome.seconds = time.monotonic() - start
     if outcome.error is not None:
         return
@@ -248,6 +273,16 @@ def _run_one(outcome: Outcome, *, timeout: float) -> None:
             outcome.report = json.loads(stdout[stdout.index("{"):stdout.rindex("}") + 1])
         except json.JSONDecodeError as error:
             outcome.error = f"unreadable JSON report ({error})"
+
+
+def _end(process: subprocess.Popen, number: int) -> None:
+    """Send `number` to the part's process group and wait for the part; SIGKILL after 30 s."""
+    for sent in (number, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sent)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.communicate(timeout=30)
+            return
 
 
 # ------------------------------------------------------------------------------------------ the block
