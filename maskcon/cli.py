@@ -193,10 +193,23 @@ def run_bench(argv: list[str]) -> int:
         if argv and argv[0] not in ("-h", "--help"):
             return fail(UserError(f"unknown benchmark {argv[0]!r}; known: {', '.join(BENCHMARKS)}"))
         return 0
+    import signal
+
+    from maskcon.stopping import STOP_SIGNALS
+
+    def stop(signum, frame):   # SIGTERM and SIGHUP end a benchmark as Ctrl-C does: its clean-up runs
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in set(STOP_SIGNALS) - {signal.SIGINT}:
+        signal.signal(signum, stop)
     try:
         return importlib.import_module(f"maskcon.bench.{argv[0]}").main(argv[1:])
     except UserError as err:
         return fail(err)
+    except KeyboardInterrupt as stopped:
+        print(f"stopped by {stopped.args[0] if stopped.args else 'SIGINT'}: the benchmark's scratch files and "
+              "processes are gone, nothing else was written", file=sys.stderr)
+        return 130
 
 
 def run_eval(argv: list[str]) -> int:

@@ -1,9 +1,14 @@
 """The `maskcon` console script: the doors of launch/ by name."""
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 SCRIPT = Path(sys.executable).parent / "maskcon"
@@ -28,3 +33,37 @@ def test_the_console_script_runs_the_trainers_door(tmp_path):
     assert printed.returncode == 0, printed.stderr
     resolved = yaml.safe_load(printed.stdout)
     assert resolved["dataset"] == "digits" and resolved["num_processes"] == 1
+
+
+def _group(leader: int) -> list[int]:
+    """The live processes of the process group `leader` leads (zombies left for their parent to reap aside)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(process.pid) == leader and process.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(process.pid)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bench, options, started", [("collectives", ["--repeats", "3000"], 3),  # 2 gloo processes
+                                                     ("remote", ["--images", "3000"], 2)])         # the S3 server
+def test_a_stop_signal_ends_a_benchmark_with_every_process_it_started(bench, options, started):
+    process = subprocess.Popen([sys.executable, "launch/bench.py", bench, *options], cwd=Path(__file__).parents[1],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(_group(process.pid)) < started:
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:]
+        time.sleep(0.2)
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=90)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM: ")
+    for _ in range(100):
+        if not _group(process.pid):
+            break
+        time.sleep(0.1)
+    assert _group(process.pid) == []

@@ -206,7 +206,14 @@ def main(argv: list[str]) -> int:
     positive(options, "processes", least=2)
     positive(options, "repeats", "log_every", "queue_size", "dim", "eval_rows", "image_sizes", "batches")
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(free_port(), options, out_dir), nprocs=options.processes,
-                           start_method="spawn")
+        context = mp.start_processes(_worker, args=(free_port(), options, out_dir), nprocs=options.processes,
+                                     start_method="spawn", join=False)
+        try:
+            while not context.join():
+                pass
+        except BaseException:           # a stop, or a process that failed: none of them is left behind
+            for process in context.processes:
+                process.kill()
+            raise
         per_rank = [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(options.processes)]
     return show(_summary(per_rank, options, argv), options.json)
