@@ -75,14 +75,18 @@ def main(argv: list[str]) -> int:
         job = launch_command(options, 1, None)
         samples, started = [], time.monotonic()
         process = subprocess.Popen(job, stdin=subprocess.DEVNULL, stdout=sys.stderr)   # stdout: the report only
-        # a stop signal goes on to the job (Ctrl-C reaches it by itself), which ends with a checkpoint
-        signal.signal(signal.SIGTERM, lambda number, frame: process.send_signal(signal.SIGTERM))
+        stops = []     # a stop signal goes on to the job (Ctrl-C reaches it by itself), which ends with a checkpoint
+        for number in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(number, lambda number, frame: (stops.append(number), process.send_signal(number)))
         try:
             while process.poll() is None:
                 samples.append((_last_row(run_dir / rundir.METRICS), _gpu_busy()))
                 time.sleep(args.every)
         except KeyboardInterrupt:
             process.wait()
+            raise
+        if stops:
+            raise KeyboardInterrupt(signal.Signals(stops[0]).name)
         wall_s = time.monotonic() - started
         if process.returncode != 0:
             raise UserError(f"the main job stopped with exit status {process.returncode} (its output is above)")
