@@ -197,19 +197,28 @@ def run_bench(argv: list[str]) -> int:
 
     from maskcon.stopping import STOP_SIGNALS
 
-    def stop(signum, frame):   # SIGTERM and SIGHUP end a benchmark as Ctrl-C does: its clean-up runs
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+    stops: list[str] = []
 
-    for signum in set(STOP_SIGNALS) - {signal.SIGINT}:
+    def stop(signum, frame):   # a stop ends a benchmark as Ctrl-C does: its clean-up runs, and is not cut short
+        stops.append(signal.Signals(signum).name)
+        for number in STOP_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+        raise KeyboardInterrupt(stops[0])
+
+    for signum in STOP_SIGNALS:
         signal.signal(signum, stop)
     try:
-        return importlib.import_module(f"maskcon.bench.{argv[0]}").main(argv[1:])
+        status = importlib.import_module(f"maskcon.bench.{argv[0]}").main(argv[1:])
+        if not stops:
+            return status
+        stopped = KeyboardInterrupt(stops[0])   # raised where Python drops it (a finalizer): the benchmark ran on
     except UserError as err:
         return fail(err)
-    except KeyboardInterrupt as stopped:
-        print(f"stopped by {stopped.args[0] if stopped.args else 'SIGINT'}: the benchmark's scratch files and "
-              "processes are gone, nothing else was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        stopped = interrupt
+    print(f"stopped by {stopped.args[0] if stopped.args else 'SIGINT'}: the benchmark's scratch files and "
+          "processes are gone, nothing else was written", file=sys.stderr)
+    return 130
 
 
 def run_eval(argv: list[str]) -> int:
