@@ -3,7 +3,7 @@
 # fit 10 minutes: `bash launch/gpu-check.sh speed` (loader, step, compiled step, real, official, objectives,
 # the JPEG path), then `bash launch/gpu-check.sh job` (the main job with the GPU's utilisation, the GPU
 # tests, a profile of 20 steps); the second reuses the shards the first wrote. `all` runs both in one call;
-# `tune` runs the --parts and --variant entries given after it (BENCHMARKS.md, "Tuning").
+# `tune` runs the --parts (all when none is given) and --variant entries given after it (BENCHMARKS.md).
 # From the project root, with the Python dependencies importable (for an offline machine: unpack them and
 # put them on PYTHONPATH first). Writes under $OUT (default /tmp/maskcon-gpu): gpu-GROUP.md (the block for
 # BENCHMARKS.md), gpu-GROUP.md.json (every part's report) and log-GROUP.txt. Extra arguments go to

@@ -201,8 +201,8 @@ def run_bench(argv: list[str]) -> int:
 
     def stop(signum, frame):   # a stop ends a benchmark as Ctrl-C does: its clean-up runs, and is not cut short
         stops.append(signal.Signals(signum).name)
-        for number in STOP_SIGNALS:
-            signal.signal(number, signal.SIG_IGN)
+        for number in STOP_SIGNALS:   # a handler that does nothing, not SIG_IGN: one may be pending already
+            signal.signal(number, lambda number, frame: None)
         raise KeyboardInterrupt(stops[0])
 
     for signum in STOP_SIGNALS:

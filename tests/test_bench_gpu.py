@@ -68,7 +68,7 @@ def test_each_goal_is_judged_from_its_part_and_a_missing_figure_is_said():
     assert "| real training / synthetic | 93.3% | >= 95 % | NOT met |" in block
     for text in ("NVIDIA H200 (140 GiB)", "driver 580.1", "torch 2.11.0", "DALI 2.4.0", "abc1234",
                  "`python launch/bench.py gpu`", "| gpu_tests | 11 passed, 650 deselected in 80.0s |",
-                 "| loader | dali_gpu 61,000 img/s, 0.0091 ms CPU/img (8 threads",
+                 "| loader | dali_gpu 61,000 img/s, 9.1 us CPU/img (8 threads",
                  "| objectives | repeats 60, maskcon_over_selfcon_time 1.6 |",
                  "gpu_busy 0.85, eval_s 3, 4.5, wall_s 95, R@1 12.5", "GPU idle 0.2; per step 300.0 kernels, "
                  "2.0 launches, 40.0 aten operators; longest kernel sm90_gemm (30%)",
@@ -89,6 +89,29 @@ def test_a_group_of_parts_runs_with_the_data_it_needs_and_keeps_shards_written_b
     assert [o.name for o in everything] == list(PARTS)
 
 
+@pytest.mark.parametrize("options, says", [(["--budget", "0"], "--budget must be a positive number"),
+                                           (["--out", "{tmp}"], "is a folder; name the block's file"),
+                                           (["--work", "{tmp}/file"], "is a file; name a folder")])
+def test_a_place_or_budget_that_cannot_serve_is_refused_before_any_part(tmp_path, options, says):
+    (tmp_path / "file").write_text("")
+    options = [option.format(tmp=tmp_path) for option in options]
+    with pytest.raises(UserError, match=re.escape(says)) as caught:
+        gpu.main(["--device", "cpu", "--small", *options])
+    assert "\n" not in str(caught.value) and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_the_block_names_each_variant_and_only_the_goals_of_the_parts_that_ran(tmp_path):
+    chosen = gpu._chosen("real", ["r4=real --workers 4"])
+    outcomes = gpu._run_parts(tmp_path, gpu.SIZES["small"], "cpu", chosen, deadline=0)
+    context = {"card": "NVIDIA H100", "memory_gib": 80, "date": "2026-12-05", "command": "c", "device": "cuda",
+               "commit": "abc1234", "driver": "580", "cpus": 16, "torch": "2.11.0", "cuda": "13.0", "dali": "2.4.0",
+               "train_images": 100_000, "jpeg_images": 6000, "jpeg_side": 256}
+    block = gpu._block(outcomes, context)
+    assert "| r4 = real --workers 4 | not run: shards32 failed |" in block
+    assert "| real training / synthetic | - | >= 95 % | no figure |" in block
+    assert block.count(" | no figure |") == 1 and "JPEG" not in block      # no loader, step, job, jpeg goal
+
+
 def test_a_variant_runs_its_part_again_with_its_options_right_after_it(tmp_path):
     chosen = gpu._chosen("job,real", ["r4=real --workers 4", "nchw=real --channels-last false",
                                       "eval=job --eval-batch-size 2048"])
@@ -103,13 +126,15 @@ def test_a_variant_runs_its_part_again_with_its_options_right_after_it(tmp_path)
 
 
 @pytest.mark.parametrize("parts, variants, says", [
-    ("real,jpg", [], "--parts: unknown jpg"), ("", [], "--parts: unknown empty list"),
-    ("job", ["r4=real --workers 4"], "--variant 'r4=real --workers 4'"),   # real does not run
-    ("real", ["real=real --workers 4"], "a NAME of its own"), ("real", ["=real --workers 4"], "a NAME of its own"),
-    ("real", ["a=real --workers 4", "a=real --workers 2"], "a NAME of its own"),
-    ("real", ["a real --workers 4"], "PART one of the parts that run (real)"),
-    ("real", ["a=real --workers 4", "b=a --workers 2"], "PART one of the parts that run (real)"),
-    ("real", ["a=real --run-name 'x"], "PART one of the parts that run (real)")])
+    ("real,jpg", [], "--parts: unknown jpg; choose all, speed, job or parts among loader,"),
+    (" , ", [], "--parts: empty; choose"),
+    ("job", ["r4=real --workers 4"], "'r4=real --workers 4': real is not among the parts that run; add it to --parts"),
+    ("real", ["x=nothing"], "'nothing' is not a part; choose one of real"),
+    ("real", ["a=real --workers 4", "b=a --workers 2"], "'a' is not a part; choose one of real"),
+    ("real", ["real=real --workers 4"], "real is already the name of a part or a variant"),
+    ("real", ["a=real --workers 4", "a=real --workers 2"], "a is already the name of a part or a variant"),
+    ("real", ["=real --workers 4"], "write NAME=PART OPTIONS"), ("real", ["real --workers 4"], "write NAME=PART"),
+    ("real", ["a=real --run-name 'x"], "a quote is not closed")])
 def test_a_wrong_part_or_variant_is_one_line(parts, variants, says):
     with pytest.raises(UserError, match=re.escape(says)) as caught:
         gpu._chosen(parts, variants)
@@ -150,7 +175,7 @@ def test_without_a_gpu_the_command_stops_with_one_line():
 def test_the_block_never_goes_into_benchmarks_md():
     before = (ROOT / "BENCHMARKS.md").read_bytes()
     with pytest.raises(UserError, match="BENCHMARKS.md"):
-        gpu.main(["--device", "cpu", "--small", "--budget", "0", "--out", str(ROOT / "BENCHMARKS.md")])
+        gpu.main(["--device", "cpu", "--small", "--budget", "1", "--out", str(ROOT / "BENCHMARKS.md")])
     assert (ROOT / "BENCHMARKS.md").read_bytes() == before
 
 

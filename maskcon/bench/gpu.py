@@ -13,12 +13,14 @@ itself (`maskcon.datasets.synthetic.write_imagenet32_source`, then `launch/make_
     job         the main job as users start it, 2 epochs, with the GPU's utilisation: `bench.py job`
     gpu_tests   the GPU-marked tests: `pytest -m gpu`
     profile     torch.profiler over 20 steady steps of the real run: `bench.py train --modes real --profile 20`
-`--parts speed` runs the data parts and loader..jpeg, `--parts job` the data parts and job..profile (each fits
-one call of a GPU machine; a second call with the same --work reuses the shards), `--parts all` both; or name
-parts, e.g. `--parts real,job`. To tune, `--variant NAME=PART OPTIONS` runs a chosen part once more with OPTIONS
-added to its command, reported as NAME, right after it: e.g. `--variant "real-4=real --workers 4"`, `--variant
-"compiled-max=compiled --compile-mode max-autotune-no-cudagraphs"`, `--variant "step-nchw=step --channels-last
-false"`, `--variant "loader-p8=loader --prefetch 8"`, `--variant "job-eval2k=job --eval-batch-size 2048"`.
+Before the parts that need them run the data parts: source32 and shards32 (the ImageNet32-format source and its
+shards), jpeg_source and jpeg_shards (the JPEG folder and its shards). `--parts speed` runs loader..jpeg,
+`--parts job` job..profile (each fits one call of a GPU machine; a second call with the same --work reuses the
+shards), `--parts all` both; or name parts, e.g. `--parts real,job`. To tune, `--variant NAME=PART OPTIONS` runs
+a chosen part once more with OPTIONS added to its command, reported as NAME, right after it: e.g. `--variant
+"real-4=real --workers 4"`, `--variant "compiled-max=compiled --compile-mode max-autotune-no-cudagraphs"`,
+`--variant "step-nchw=step --channels-last false"`, `--variant "loader-p8=loader --prefetch 8"`, `--variant
+"job-eval2k=job --eval-batch-size 2048"`.
 Each part is a subprocess of a door with its own time limit (at most what is left of the budget): a part
 that fails or hangs gives one line, and the others still run. The BENCHMARKS.md block (card, driver,
 versions, commit, command, each figure, each goal met or not) goes to --out, never into BENCHMARKS.md, and
@@ -61,6 +63,8 @@ GOALS = {   # the figures a GPU must reach on the ImageNet32 preset (one H100/H2
 }
 PARTS = {"speed": ("loader", "step", "compiled", "real", "official", "objectives", "jpeg"),
          "job": ("job", "gpu_tests", "profile")}
+GOAL_PARTS = {"loader": ("loader",), "host": ("loader",), "step": ("step", "compiled"), "real": ("real",),
+              "objectives": ("objectives",), "jpeg": ("jpeg",), "busy": ("job",)}
 STOPPED = "stopped by a signal"
 NEEDS = {"shards32": "source32", "jpeg_shards": "jpeg_source", "jpeg": "jpeg_shards",
          **{name: "shards32" for name in ("loader", "step", "compiled", "real", "official", "job", "profile")}}
@@ -90,6 +94,7 @@ class Outcome:
     seconds: float = 0.0
     report: dict | None = None
     error: str | None = None
+    variant: str | None = None      # for a variant: its part and the options added ("real --workers 4")
 
 
 def main(argv: list[str]) -> int:
@@ -109,6 +114,8 @@ def main(argv: list[str]) -> int:
                          help="run PART again with OPTIONS added, reported as NAME (repeatable)")
     args = options.parse_args(argv)
     chosen = _chosen(args.parts, args.variant)
+    out = args.out or Path(os.environ.get("OUT", ".")) / "gpu-benchmarks.md"
+    _check_places(args, out)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -116,9 +123,6 @@ def main(argv: list[str]) -> int:
                         "--device cpu --small")
     sizes = SIZES["small" if args.small else "gpu"]
     budget = args.budget if args.budget is not None else (3000.0 if args.small else 470.0)
-    out = args.out or Path(os.environ.get("OUT", ".")) / "gpu-benchmarks.md"
-    if out.resolve() == (ROOT / "BENCHMARKS.md").resolve():
-        raise UserError("--out must not be BENCHMARKS.md: the block is written apart and copied in by hand")
     started = time.monotonic()
     earlier = {number: signal.signal(number, _interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -141,11 +145,27 @@ def main(argv: list[str]) -> int:
     return 0 if all(outcome.error is None for outcome in outcomes) else 1
 
 
+def _check_places(args, out: Path) -> None:
+    """One line (UserError) before any part runs for a budget, --out or --work that cannot serve."""
+    if args.budget is not None and args.budget <= 0:
+        raise UserError(f"--budget must be a positive number of seconds, got {args.budget:g}")
+    if out.resolve() == (ROOT / "BENCHMARKS.md").resolve():
+        raise UserError("--out must not be BENCHMARKS.md: the block is written apart and copied in by hand")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name the block's file, e.g. --out {out / 'gpu-benchmarks.md'}")
+    if args.work is not None and args.work.exists() and not args.work.is_dir():
+        raise UserError(f"--work {args.work} is a file; name a folder for the shards")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out {out}: its folder cannot be made ({error.strerror}); name a writable place") from None
+
+
 def _interrupt(number, frame):
     """Ctrl-C or a stop signal, the first one: KeyboardInterrupt, and the ones after it (timeout and a terminal
     may both send one) are ignored while the running part is stopped and the block written."""
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, signal.SIG_IGN)
+    for stop in (signal.SIGINT, signal.SIGTERM):     # a handler that does nothing, not SIG_IGN: one may be pending
+        signal.signal(stop, lambda number, frame: None)
     raise KeyboardInterrupt
 
 
@@ -159,19 +179,25 @@ def _chosen(parts: str, variants: list[str]) -> list[tuple[str, str, list[str]]]
     every = [name for names in PARTS.values() for name in names]
     named = {name.strip() for name in parts.split(",") if name.strip()}
     if not named or named - {"all", *PARTS, *every}:
-        raise UserError(f"--parts: unknown {', '.join(sorted(named - {'all', *PARTS, *every})) or 'empty list'}; "
-                        f"choose all, speed, job or parts among {', '.join(every)}")
+        wrong = f"unknown {', '.join(sorted(named - {'all', *PARTS, *every}))}" if named else "empty"
+        raise UserError(f"--parts: {wrong}; choose all, speed, job or parts among {', '.join(every)}")
     chosen = [(name, name, []) for group, names in PARTS.items() for name in names if {name, group, "all"} & named]
     bases = [name for name, _, _ in chosen]
     for text in variants:
-        name, _, rest = (side.strip() for side in text.partition("="))
+        name, equals, rest = (side.strip() for side in text.partition("="))
         try:
             part, *extra = shlex.split(rest) or [""]
-        except ValueError:                  # an unclosed quote
-            part, extra = "", []
-        if not name or name in every or name in [c[0] for c in chosen] or part not in bases:
-            raise UserError(f"--variant {text!r}: write NAME=PART OPTIONS, with a NAME of its own and PART one of "
-                            f"the parts that run ({', '.join(bases)})")
+        except ValueError:
+            raise UserError(f"--variant {text!r}: a quote is not closed") from None
+        if not name or not equals:
+            raise UserError(f"--variant {text!r}: write NAME=PART OPTIONS, e.g. --variant \"real-4=real --workers 4\"")
+        if name in every or name in [c[0] for c in chosen]:
+            raise UserError(f"--variant {text!r}: {name} is already the name of a part or a variant; give it one of "
+                            "its own")
+        if part not in bases:
+            raise UserError(f"--variant {text!r}: " + (f"{part} is not among the parts that run; add it to --parts"
+                                                       if part in every else
+                                                       f"{part!r} is not a part; choose one of {', '.join(bases)}"))
         chosen.insert(max(i for i, c in enumerate(chosen) if c[1] == part) + 1, (name, part, extra))
     return chosen
 
@@ -220,7 +246,8 @@ def _run_parts(work: Path, sizes: dict, device: str, chosen: list[tuple[str, str
     written = {"source32": shards32, "shards32": shards32, "jpeg_source": jpeg_shards, "jpeg_shards": jpeg_shards}
     for name, part, extra in runs:
         limit, part_command = plan[part]
-        outcome = Outcome(name=name, command=[*part_command, *extra])
+        outcome = Outcome(name=name, command=[*part_command, *extra],
+                          variant=" ".join([part, *extra]) if name != part else None)
         left = deadline - time.monotonic()
         if NEEDS.get(part) in failed:
             outcome.error = f"not run: {NEEDS[part]} failed"
@@ -338,13 +365,17 @@ def _block(outcomes: list[Outcome], context: dict) -> str:
              f"Command: `{context['command']}` at commit {context['commit']}.",
              f"Machine: {card}, driver {context['driver']}, {context['cpus']} CPU cores; torch {context['torch']} "
              f"(CUDA {context['cuda']}), DALI {context['dali']}.",
-             f"Data: synthetic ImageNet32-format shards ({context['train_images']:,} training images); a synthetic "
-             f"JPEG folder ({context['jpeg_images']:,} images of {context['jpeg_side']} px).", "",
+             f"Data: synthetic ImageNet32-format shards ({context['train_images']:,} training images)" +
+             (f"; a synthetic JPEG folder ({context['jpeg_images']:,} images of {context['jpeg_side']} px)."
+              if any(outcome.name == "jpeg_source" for outcome in outcomes) else "."), "",
              "| part | result | seconds |", "|---|---|---|"]
-    lines += [f"| {outcome.name} | {outcome.error or _summary(outcome.report)} | {outcome.seconds:.0f} |"
-              for outcome in outcomes]
+    lines += [f"| {outcome.name}{f' = {outcome.variant}' if outcome.variant else ''} | "
+              f"{outcome.error or _summary(outcome.report)} | {outcome.seconds:.0f} |" for outcome in outcomes]
     lines += ["", "| goal | figure | wanted | met |", "|---|---|---|---|"]
+    ran = {outcome.name for outcome in outcomes}
     for goal, (figure, met) in _figures(outcomes).items():
+        if not ran & set(GOAL_PARTS[goal]):       # a goal of parts this call did not choose
+            continue
         verdict = ("not judged on the CPU" if context["device"] != "cuda" else "no figure" if met is None
                    else "met" if met else "NOT met")
         lines.append(f"| {GOALS[goal][0]} | {figure} | {GOALS[goal][1]} | {verdict} |")
@@ -365,7 +396,7 @@ def _summary(report: dict) -> str:
         return "; ".join(f"{mode} {m['images_per_s']:,.0f} img/s, data wait {m['data_wait']:.0%}"
                          for mode, m in report["modes"].items())
     if "cpu_ms_per_image" in report:      # the loader's
-        rates = [f"{name} {report[name]:,.0f} img/s, {cpu_ms} ms CPU/img"
+        rates = [f"{name} {report[name]:,.0f} img/s, {1000 * cpu_ms:.1f} us CPU/img"
                  for name, cpu_ms in report["cpu_ms_per_image"].items()]
         return "; ".join(rates) + f" ({report['threads']} threads, prefetch {report.get('prefetch')})"
     return ", ".join(f"{name} {_cell(value)}" for name, value in report.items()
