@@ -195,18 +195,11 @@ def run_bench(argv: list[str]) -> int:
         return 0
     import signal
 
-    from maskcon.stopping import STOP_SIGNALS
+    from maskcon.stopping import STOP_SIGNALS, interrupt_once
 
     stops: list[str] = []
-
-    def stop(signum, frame):   # a stop ends a benchmark as Ctrl-C does: its clean-up runs, and is not cut short
-        stops.append(signal.Signals(signum).name)
-        for number in STOP_SIGNALS:   # a handler that does nothing, not SIG_IGN: one may be pending already
-            signal.signal(number, lambda number, frame: None)
-        raise KeyboardInterrupt(stops[0])
-
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, stop)
+    for signum in STOP_SIGNALS:   # a stop ends a benchmark as Ctrl-C does: its clean-up runs, and is not cut short
+        signal.signal(signum, interrupt_once(stops))
     try:
         status = importlib.import_module(f"maskcon.bench.{argv[0]}").main(argv[1:])
         if not stops:

@@ -199,6 +199,18 @@ def exit_status(code: int) -> int:
 # ----------------------------------------------------------------------------------------- the door's side
 
 
+def interrupt_once(stops: list[str]) -> Callable:
+    """A handler for STOP_SIGNALS that makes a stop end a command as Ctrl-C does: the first one is recorded in
+    `stops` (its name) and raises KeyboardInterrupt; the ones after it do nothing, so that the clean-up runs whole
+    (a handler that does nothing, not SIG_IGN: one may be pending already)."""
+    def handler(signum, frame) -> None:
+        stops.append(signal.Signals(signum).name)
+        for number in STOP_SIGNALS:
+            signal.signal(number, lambda number, frame: None)
+        raise KeyboardInterrupt(stops[0])
+    return handler
+
+
 def stop_before_start(signum, frame) -> None:
     """A door's handler until it starts the run: end with one line (cli prints the Stopped), nothing written."""
     raise Stopped(f"stopped by {signal.Signals(signum).name} before the run started; nothing was written")

@@ -50,6 +50,7 @@ from maskcon import usable_cpus, write_atomic
 from maskcon.bench import _cell, command, nvidia_smi, parser
 from maskcon.errors import UserError
 from maskcon.provenance import code_state, dali_wheel
+from maskcon.stopping import STOP_SIGNALS, interrupt_once
 
 ROOT = Path(__file__).resolve().parents[2]
 GOALS = {   # the figures a GPU must reach on the ImageNet32 preset (one H100/H200): title, wanted, bound
@@ -124,7 +125,8 @@ def main(argv: list[str]) -> int:
     sizes = SIZES["small" if args.small else "gpu"]
     budget = args.budget if args.budget is not None else (3000.0 if args.small else 470.0)
     started = time.monotonic()
-    earlier = {number: signal.signal(number, _interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+    stop = interrupt_once([])             # the command itself writes the block of a stopped call
+    earlier = {number: signal.signal(number, stop) for number in STOP_SIGNALS}
     try:
         with tempfile.TemporaryDirectory(prefix="maskcon-gpu-") as scratch:
             outcomes = _run_parts(args.work or Path(scratch), sizes, args.device, chosen, deadline=started + budget)
@@ -159,14 +161,6 @@ def _check_places(args, out: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"--out {out}: its folder cannot be made ({error.strerror}); name a writable place") from None
-
-
-def _interrupt(number, frame):
-    """Ctrl-C or a stop signal, the first one: KeyboardInterrupt, and the ones after it (timeout and a terminal
-    may both send one) are ignored while the running part is stopped and the block written."""
-    for stop in (signal.SIGINT, signal.SIGTERM):     # a handler that does nothing, not SIG_IGN: one may be pending
-        signal.signal(stop, lambda number, frame: None)
-    raise KeyboardInterrupt
 
 
 # ------------------------------------------------------------------------------------------ the parts
