@@ -6,7 +6,8 @@
 # `tune` runs the --parts (all when none is given) and --variant entries given after it (BENCHMARKS.md).
 # From the project root, with the Python dependencies importable (for an offline machine: unpack them and
 # put them on PYTHONPATH first). Writes under $OUT (default /tmp/maskcon-gpu): gpu-GROUP.md (the block for
-# BENCHMARKS.md), gpu-GROUP.md.json (every part's report) and log-GROUP.txt. Extra arguments go to
+# BENCHMARKS.md; --out names another file), gpu-GROUP.md.json (every part's report) and log-GROUP.txt;
+# the shards go to /tmp/maskcon-gpu-work (--work names another folder). Extra arguments go to
 # `launch/bench.py gpu`. Ctrl-C or SIGTERM stops the running part and writes the parts before it (exit 130).
 set -u
 group=${1:-speed}
@@ -24,8 +25,15 @@ log="$OUT/log-$group.txt"
 # running part and writes the block of the parts before it (exit status 130)
 child=
 trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null' INT TERM
-timeout --foreground 560 python3 launch/bench.py gpu "${parts[@]}" --out "$OUT/gpu-$group.md" \
-  --work /tmp/maskcon-gpu-work "$@" > >(trap '' INT TERM; exec tee "$log") 2>&1 &
+out=(--out "$OUT/gpu-$group.md") work=(--work /tmp/maskcon-gpu-work)   # unless the arguments name their own
+for argument in "$@"; do
+  case $argument in
+    --out|--out=*) out=();;
+    --work|--work=*) work=();;
+  esac
+done
+timeout --foreground 560 python3 launch/bench.py gpu "${parts[@]}" "${out[@]}" "${work[@]}" "$@" \
+  > >(trap '' INT TERM; exec tee "$log") 2>&1 &
 child=$!
 status=0
 wait "$child" || status=$?

@@ -22,6 +22,7 @@ with its checkpoint written, EXIT_AT_ONCE a second Ctrl-C.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,6 +186,10 @@ def exit_status(code: int) -> int:
     processes no sooner than they end themselves."""
     folder = os.environ.get(STATUS_ENV)
     if not folder:
+        return code
+    pid, _, started = os.environ.get(LAUNCHER_ENV, "").partition(":")
+    if pid.isdigit() and start_time(int(pid)) != started:   # the door has gone: nobody reads a status
+        shutil.rmtree(folder, ignore_errors=True)             # its folder would stay behind in /tmp
         return code
     rank = os.environ.get("RANK", "0")
     partial = Path(folder) / f".{rank}.partial"

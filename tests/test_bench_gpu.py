@@ -243,6 +243,7 @@ def test_a_stop_signal_ends_the_running_part_and_writes_the_parts_before_it(tmp_
     assert "stopped by a signal: the block holds the parts that ran before it" in output
     if door == "script":
         assert (tmp_path / "log-job.txt").read_text().strip().endswith("exit status 130")
+        assert block.count("--work") == 1            # the user's, not also the script's default
     for _ in range(100):                                     # every process of the part has ended
         if not _processes_naming(str(work)):
             break

@@ -95,6 +95,14 @@ def _command(pid: int) -> str:
         return ""
 
 
+def _environment(pid: int) -> dict[str, str]:
+    try:
+        entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(entry.decode(errors="replace").split("=", 1) for entry in entries if b"=" in entry)
+
+
 def fingerprint(folder: Path) -> list[float]:
     return json.loads((folder / "results.json").read_text())["weights_fingerprint_per_process"]
 
@@ -148,6 +156,9 @@ def test_a_killed_door_leaves_no_process_of_the_run_behind(digits_shards, tmp_pa
     launcher = door(["--shards", str(digits_shards), *RUN, "--epochs", "20", "--output-dir", str(out)],
                     output=subprocess.DEVNULL)
     processes = training_processes(launcher)
+    status_folders = {_environment(pid).get("MASKCON_STATUS_DIR") for pid in processes
+                      if "launch/train.py" in _command(pid)}
+    assert len(status_folders) == 1 and None not in status_folders
     wait_for(lambda: len(metrics_rows(out)) >= 1, launcher)
     launcher.send_signal(signal.SIGKILL)
     launcher.wait()
@@ -158,6 +169,7 @@ def test_a_killed_door_leaves_no_process_of_the_run_behind(digits_shards, tmp_pa
     saved = list((out / "checkpoints").glob("step-*"))   # they stopped as if signalled, before the end
     assert len(saved) == 1 and not (out / "results.json").exists()
     assert metrics_rows(out)[-1]["step"] < 20 * STEPS_PER_EPOCH
+    assert not Path(status_folders.pop()).exists()     # the door's folder in /tmp went with it
 
 
 def test_a_second_ctrl_c_ends_at_once_and_keeps_the_last_checkpoint(digits_shards, tmp_path):
