@@ -169,7 +169,7 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
                 channels_last=device == "cuda" if config.channels_last is None else config.channels_last,
                 shards=folder, manifest=manifest, base_lr=base_learning_rate(config, processes),
                 steps_per_epoch=steps_per_epoch, resume_from=resume_from, start_step=0,
-                notes=_notes(config, device), shards_url=url, manifest_sha256=digest, staging=staging)
+                notes=_notes(config, device, None if manifest is None else train_samples), shards_url=url, manifest_sha256=digest, staging=staging)
     if resume_from is None or manifest is None:
         return plan
     saved = checkpoints.read_state(resume_from)
@@ -178,12 +178,18 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
                    "accepted": tuple(accepted)})
 
 
-def _notes(config: Config, device: str) -> tuple[str, ...]:
-    """Warnings of the plan: a warm-up as long as the run, GPUs that CUDA cannot use."""
+def _notes(config: Config, device: str, train_samples: int | None) -> tuple[str, ...]:
+    """Warnings of the plan: a warm-up as long as the run, a bank larger than the training split, GPUs that CUDA
+    cannot use."""
     notes = []
     if config.warmup_epochs >= config.epochs:
-        notes.append(f"the warm-up ({config.warmup_epochs:g} epochs) is as long as the run ({config.epochs} "
+        than = "as long as" if config.warmup_epochs == config.epochs else "longer than"
+        notes.append(f"the warm-up ({config.warmup_epochs:g} epochs) is {than} the run ({config.epochs} "
                      f"epochs): the learning rate never reaches its base; lower --warmup-epochs")
+    if train_samples is not None and config.queue_size > train_samples:
+        notes.append(f"the memory bank (--queue-size {config.queue_size}) holds more keys than the train split has "
+                     f"images ({train_samples}): filling it passes over them {-(-config.queue_size // train_samples)} "
+                     f"times and each stands in it as several negatives; use --queue-size {train_samples} or less")
     unusable = unusable_gpus() if device == "cpu" else 0
     if unusable:
         notes.append(f"nvidia-smi lists {unusable} GPU(s) that CUDA cannot use (a driver older than this PyTorch's "

@@ -216,8 +216,18 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
     """The run of `config` on `accelerator`: every process calls it at the same point. It claims the run
     folder, writes the bundled digits' shards when missing, plans (`planned`) and carries the plan out."""
     settle_device(config, accelerator)
+    made = config.output_dir is None or not Path(config.output_dir).exists()   # by this start, when it is fresh
     claimed = rundir.claim_everywhere(config.output_dir, config.resume, dataset=config.dataset,
                                       method=config.method, log=accelerator.print)
+    try:
+        return _build_claimed(config, accelerator, claimed)
+    except BaseException:     # bad input found while building: a fresh start leaves no half-made folder
+        if claimed.resume_from is None and accelerator.is_main_process:
+            rundir.abandon_start(claimed.path, made)
+        raise
+
+
+def _build_claimed(config: Config, accelerator: Accelerator, claimed: rundir.RunFolder) -> Run:
     folder = prepare_shards(config, accelerator)
     plan = planned(config, accelerator, claimed.resume_from, folder)
     train_loader, test_loader = build_loaders(config, accelerator, plan.shards, plan.channels_last)

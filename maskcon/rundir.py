@@ -16,7 +16,9 @@ One writer per folder: the main process of a run holds an exclusive lock on RUN/
 whole life, with its host and pid written in the file. The system releases it when the process ends, however
 it ends, so a lock of a dead process never blocks; a second run, resume or orphan on a folder in use is
 refused naming the holder. A fresh start marks its folder (START_MARK) until its first checkpoint or metrics
-row: a start that failed before training leaves the mark, and the same command then takes the folder over.
+row. A start whose run could not be built (bad input) removes what it wrote, and the folder when it made it
+(`abandon_start`); one that ended otherwise before training (killed, or failing in its first steps) leaves the
+mark, and the same command then takes the folder over.
 
 The decision is made on the main process and shared with all processes (claim_everywhere).
 """
@@ -279,13 +281,34 @@ def mark_trained(folder: Path) -> None:
 
 def _take_over_failed_start(folder: Path, log: Callable[[str], None]) -> None:
     """Remove what a start that failed before training left in FOLDER (it holds START_MARK and no checkpoint)."""
+    if _remove_start_files(folder):
+        log(f"{folder}: taking over the files of a start that ended before training")
+
+
+def _remove_start_files(folder: Path) -> bool:
+    """Remove START_FILES and START_MARK from FOLDER when it holds the mark and no checkpoint; whether it did."""
     if not (folder / START_MARK).exists() or checkpoints.list_checkpoints(folder / CHECKPOINTS):
-        return
+        return False
     for pattern in START_FILES:
         for path in folder.glob(pattern):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     (folder / START_MARK).unlink()
-    log(f"{folder}: taking over the files of a start that ended before training")
+    return True
+
+
+def abandon_start(folder: Path, made: bool) -> None:
+    """A fresh start in FOLDER ended before training (bad input found while the run was built): its files go,
+    and the folder itself when the start made it, so that retries leave no empty run folders behind."""
+    _remove_start_files(folder)
+    release(folder)
+    if run_files(folder):
+        return
+    (folder / LOCK).unlink(missing_ok=True)
+    if made:
+        try:
+            folder.rmdir()
+        except OSError:    # something else was put there meanwhile: it stays
+            pass
 
 
 def _checkpoint_at(path: Path, newest: Callable[[Path], Path | None]) -> tuple[Path | None, Path]:

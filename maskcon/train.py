@@ -301,9 +301,8 @@ def _before_training(run: Run, feed: Feed) -> dict:
     untrained = {}
     if run.loop.eval_untrained:
         untrained = {f"untrained_{k}": v for k, v in evaluate(run, 0, 0, final=False).items()}
-    run.accelerator.print(f"filling the memory bank: {run.learner.queue.shape[0]} keys of training images",
-                          flush=True)
-    fill_memory_bank(run.learner, run.train_loader, feed, seed=run.parts.seed)
+    fill_memory_bank(run.learner, run.train_loader, feed, seed=run.parts.seed,
+                     show_progress=run.accelerator.is_main_process)
     return untrained
 
 
@@ -403,23 +402,28 @@ def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fill_memory_bank(model: MaskConModel, loader, feed: Feed | None = None, *, seed: int = 0) -> None:
+def fill_memory_bank(model: MaskConModel, loader, feed: Feed | None = None, *, seed: int = 0,
+                     show_progress: bool = False) -> None:
     """Fill the K slots of the bank with keys of training images before the first step (official code).
 
     The keys come from loader epochs of their own (BANK_FILL_EPOCH, then the one before it, as K needs), so
     the training epochs see the same data whether or not a run filled its bank (a resumed run does not).
     With a `feed`, a failure of the loader is kept for the next stop vote (see `Feed`). seed: the run's seed;
-    the b-th batch's keys are shuffled as step -1 - b would be (`shuffle_seed`).
+    the b-th batch's keys are shuffled as step -1 - b would be (`shuffle_seed`). show_progress: a bar of the
+    keys filled (the main process's).
     """
     slots, filled = model.queue.shape[0], 0
     batches = _bank_epochs(loader)
     number = 0                                       # the batch's place in the fill
-    while filled < slots:
-        batch = next(batches) if feed is None else feed.take(batches)
-        keys = model.encode_keys(batch["key"], shuffle_seed(seed, -1 - number)).float()
-        model.enqueue(keys, batch["coarse"], batch["fine"])
-        filled += keys.shape[0] * dist.world_size()
-        number += 1
+    with tqdm(total=slots, unit="keys", desc="filling the memory bank", disable=not show_progress,
+              dynamic_ncols=True) as bar:
+        while filled < slots:
+            batch = next(batches) if feed is None else feed.take(batches)
+            keys = model.encode_keys(batch["key"], shuffle_seed(seed, -1 - number)).float()
+            model.enqueue(keys, batch["coarse"], batch["fine"])
+            filled += keys.shape[0] * dist.world_size()
+            number += 1
+            bar.update(min(filled, slots) - bar.n)
 
 
 def _bank_epochs(loader):

@@ -115,6 +115,19 @@ def test_the_plan_warns_of_a_warm_up_as_long_as_the_run(digits_shards):
     from maskcon.plan import plan_run
 
     short = plan_run(parse_config(["--shards", str(digits_shards), "--epochs", "2", "--warmup-epochs", "5"]), 1)
-    assert [line for line in short.lines() if line.startswith("warning: the warm-up (5 epochs)")]
+    assert [line for line in short.lines() if line.startswith("warning: the warm-up (5 epochs) is longer than")]
     fine = plan_run(parse_config(["--shards", str(digits_shards), "--epochs", "12", "--warmup-epochs", "5"]), 1)
     assert not [line for line in fine.lines() if line.startswith("warning:")]
+
+
+def test_the_plan_warns_of_a_bank_larger_than_the_train_split(digits_shards):
+    from maskcon.config import parse_config
+    from maskcon.plan import plan_run
+
+    def warnings(queue_size: int) -> list[str]:
+        plan = plan_run(parse_config(["--shards", str(digits_shards), "--queue-size", str(queue_size)]), 1)
+        return [line for line in plan.lines() if line.startswith("warning: the memory bank")]
+
+    assert warnings(1437) == []                       # digits' train split: 1,437 images
+    found = warnings(1438)
+    assert len(found) == 1 and "passes over them 2 times" in found[0] and "--queue-size 1437 or less" in found[0]

@@ -313,3 +313,21 @@ def test_a_start_that_failed_before_training_is_taken_over_and_one_that_trained_
     with pytest.raises(UserError, match="holds another run's files"):
         rundir.claim(folder, None, default=tmp_path / "unused", log=quiet)
     assert (folder / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("door", ["launch/train.py", "launch/run.py"])
+def test_a_start_with_bad_input_leaves_no_run_folder_behind(door, tmp_path):
+    """Missing shards, found once the run folder is claimed: the start removes the folder it made (the default
+    one and a new --output-dir) and what it wrote in a folder the user made."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    for where in ([], ["--output-dir", "new/run"], ["--output-dir", str(mine)]):
+        done = subprocess.run([sys.executable, str(ROOT / door), "--dataset", "cifar100", "--shards", "nowhere",
+                               "--wandb", "disabled", *where], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: "), done.stderr
+        assert "Traceback" not in done.stderr
+    # launch/run.py checks before it starts anything; the trainer keeps only the empty parent folders it made
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == ["mine"] + (
+        ["new", "runs"] if door == "launch/train.py" else [])
