@@ -70,8 +70,8 @@ def model_card(metadata: dict) -> str:
     norm = metadata["normalisation"]
     hyper = ", ".join(f"{name} {metadata[name]}" for name in ("w", "t") if metadata.get(name) is not None)
     return (f"# {metadata['arch']} backbone: {metadata['method']} on {metadata['dataset']}\n\n"
-            f"- Trained with maskcon ({metadata['method']}{', ' + hyper if hyper else ''}) for {metadata['step']} "
-            f"steps on the coarse labels of `{metadata['dataset']}`; commit {metadata['commit']}"
+            f"- Trained by maskcon with the `{metadata['method']}` objective{f' ({hyper})' if hyper else ''} for "
+            f"{metadata['step']} steps on the coarse labels of `{metadata['dataset']}`; commit {metadata['commit']}"
             f"{'' if metadata['clean'] in (True, None) else ' (with uncommitted changes)'}.\n"
             f"- Fine-label Recall@K on the test split: {recall}.\n"
             f"- Input: {norm['input']} ({metadata['image_size']} px), normalised with mean {norm['mean']} and std "
@@ -95,6 +95,8 @@ def load_backbone(path: Path | str, map_location: str | torch.device = "cpu") ->
     N x 3 x S x S normalised images -> N x F features, with the run's metadata as `.metadata` (a dict:
     arch, stem, image_size, feature_dim, normalisation, dataset, method, w, t, recall_at_k, step, commit)."""
     file = Path(path) / BACKBONE_FILE if Path(path).is_dir() else Path(path)
+    if not Path(path).exists():
+        raise UserError(f"{path}: no such file or folder; pass a finished run folder or its {BACKBONE_FILE}")
     if not file.is_file():
         raise UserError(f"no backbone at {file}; pass a finished run folder or its {BACKBONE_FILE}")
     try:

@@ -44,6 +44,9 @@ def load_network(path: Path) -> tuple[nn.Module, dict, str]:
     """(the query encoder, the run's settings {dataset, arch, image_size, eval_batch_size, shards}, what was
     loaded) of PATH: a run folder, a backbone.pt, or a checkpoint folder."""
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder; pass a run folder, a backbone.pt or a checkpoint folder "
+                        f"(RUN/checkpoints/step-N)")
     run = _run_folder(path)
     settings = yaml.safe_load((run / rundir.CONFIG).read_text()) if run and (run / rundir.CONFIG).is_file() else {}
     if path.is_file() or (path / BACKBONE_FILE).is_file():

@@ -220,7 +220,7 @@ def check_dataset(config: Config, manifest: dict, where) -> None:
 
 def _manifest(config: Config, folder: Path) -> dict:
     """The shards' manifest after checking every split by size and index."""
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, config.dataset)
     check_dataset(config, manifest, folder)
     for split in ("train", "test"):
         check_split(folder, split, manifest)

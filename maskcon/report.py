@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from maskcon import rundir
+from maskcon import rundir, write_atomic
 from maskcon.datasets import DATASETS as PRESET_DATASETS
 from maskcon.errors import OneLineParser, UserError
 from maskcon.methods import METHODS
@@ -422,9 +422,13 @@ def main(argv: list[str]) -> int:
     text = markdown(rows)
     print(text, end="")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.md").write_text(text)
+    write_atomic(args.out / "report.md", text)
     write_csv(rows, args.out / "report.csv")
     plot(rows, args.out / "recall.png")
     print(f"wrote {args.out / 'report.md'}, {args.out / 'report.csv'}, {args.out / 'recall.png'} "
-          f"({len(records)} runs in {len(rows)} rows)", file=sys.stderr)
+          f"({_count(sum(len(row.seeds) for row in rows), 'run')} in {_count(len(rows), 'row')})", file=sys.stderr)
     return 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"

@@ -284,20 +284,21 @@ def remedy(folder: Path | str, manifest: dict | None = None) -> str:
             f"python launch/make_shards.py create {made_by} --out {folder} --overwrite")
 
 
-def read_manifest(folder: Path | str) -> dict:
-    """The manifest of the shards under `folder`; UserError when it is missing or malformed."""
+def read_manifest(folder: Path | str, dataset: str = "DATASET") -> dict:
+    """The manifest of the shards under `folder`; UserError when it is missing or malformed, naming the command
+    that makes them (for `dataset`, when the caller knows it)."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         hint = " (a conversion was interrupted: rerun the same create command)" if (Path(folder) / PLAN).exists() else ""
         raise UserError(f"no complete shards at {folder}: {path} is missing{hint}; make them with "
-                        f"python launch/make_shards.py create DATASET --src SRC --out {folder}")
+                        f"python launch/make_shards.py create {dataset} --src SRC --out {folder}")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         manifest = None
     if not _is_manifest(manifest):
         raise UserError(f"{path} is not a maskcon shard manifest; recreate the shards with "
-                        f"python launch/make_shards.py create DATASET --src SRC --out {folder} --overwrite")
+                        f"python launch/make_shards.py create {dataset} --src SRC --out {folder} --overwrite")
     return manifest
 
 

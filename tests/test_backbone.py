@@ -52,5 +52,14 @@ def test_weights_without_metadata_are_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match="no maskcon metadata") as error:
         maskcon.load_backbone(tmp_path)
     assert "\n" not in str(error.value)
-    with pytest.raises(UserError, match="no backbone at"):
+    with pytest.raises(UserError, match="elsewhere: no such file or folder"):
         maskcon.load_backbone(tmp_path / "elsewhere")
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(UserError, match="no backbone at"):
+        maskcon.load_backbone(tmp_path / "unfinished")
+    from maskcon.evaluation import load_network
+
+    with pytest.raises(UserError, match="elsewhere: no such file or folder"):
+        load_network(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="holds no backbone.pt and no checkpoint"):
+        load_network(tmp_path / "unfinished")

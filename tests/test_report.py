@@ -152,3 +152,18 @@ def test_a_smoke_run_a_stopped_run_and_another_recipe_stay_out_of_the_recipes_ro
     variants = {row.variant: row for row in everything}
     assert set(variants) == {"", "global_batch 32, epochs 1, max_steps 5", "lr 0.05"}
     assert variants["lr 0.05"].seeds == [3] and variants["lr 0.05"].published() is None
+
+
+def test_the_report_counts_the_runs_its_rows_hold(tmp_path, capsys):
+    from maskcon.report import main
+
+    recall = {"R@1": 65.0, "R@2": 74.0, "R@5": 83.0, "R@10": 89.0}
+    write_run(tmp_path / "runs" / "done", "cifar100", "maskcon", 0, recall)
+    write_run(tmp_path / "runs" / "stopped", "cifar100", "maskcon", 1, None)    # left out: no results.json
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("(1 run in 1 row)"), last
+    write_run(tmp_path / "runs" / "again", "cifar100", "maskcon", 2, recall)
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("(2 runs in 1 row)")
+    assert (tmp_path / "report" / "report.md").read_text().endswith("|\n")

@@ -326,7 +326,8 @@ def test_a_start_with_bad_input_leaves_no_run_folder_behind(door, tmp_path):
         done = subprocess.run([sys.executable, str(ROOT / door), "--dataset", "cifar100", "--shards", "nowhere",
                                "--wandb", "disabled", *where], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300)
-        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: "), done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and last.startswith("error: ") and "create cifar100 --src SRC" in last, last
         assert "Traceback" not in done.stderr
     # launch/run.py checks before it starts anything; the trainer keeps only the empty parent folders it made
     assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == ["mine"] + (

@@ -70,7 +70,8 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
             "Stanford Cars as torchvision's `StanfordCars` reads it (`devkit/`, `cars_train/`, `cars_test/`, "
             "`cars_test_annos_withlabels.mat`)", "8 body types", dict(w=1.0, t=0.1)),
     Dataset("folder", folder.read, recipes.PHOTOS, 224, "imagenet",
-            "a class-per-folder image tree plus `fine_to_coarse.csv` (header `fine,coarse`, one row per class folder) in it", "your own"),
+            "`train/<class>/` and `test/<class>/` image folders (JPEG or PNG, one of the two for all) plus "
+            "`fine_to_coarse.csv` (header `fine,coarse`, one row per class folder)", "your own"),
 )}
 
 
