@@ -141,16 +141,18 @@ MAKE_SHARDS_EXIT_CODES = """exit status:
   0  done: the shards are written (create), every shard is intact (verify)
   1  problems found (verify): one line per damaged or missing shard on stdout
   2  failed: bad arguments or source, OUT made from other inputs, no space or no permission to write
-     (one line on stderr; files written before are intact)"""
+     (one line on stderr; files written before are intact)
+  130 stopped by Ctrl-C or a stop signal: the same command again continues where it stopped"""
 
 
 def run_make_shards(argv: list[str]) -> int:
-    """The exit status of MAKE_SHARDS_EXIT_CODES: 0 done, 1 problems found (verify), 2 failed."""
+    """The exit status of MAKE_SHARDS_EXIT_CODES: 0 done, 1 problems found (verify), 2 failed, 130 stopped."""
 
     from maskcon import remote, shards
     from maskcon.config import default_shards_dir
 
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    stops = _stop_as_ctrl_c()
     try:
         args = _make_shards_parser().parse_args(argv)
         remote.check_location(args.out, writing=args.command == "create")
@@ -173,9 +175,9 @@ def run_make_shards(argv: list[str]) -> int:
         problems = shards.verify(folder, workers=args.workers, log=log)
     except UserError as err:
         return fail(err)
-    except KeyboardInterrupt:   # Ctrl-C: what is finished stays (shards, uploads, staged files)
-        print("stopped by SIGINT; run the same command again to continue: finished shards, uploads and "
-              "downloads are kept", file=sys.stderr)
+    except KeyboardInterrupt:   # Ctrl-C or a stop signal: what is finished stays (shards, uploads, staged files)
+        print(f"stopped by {stops[0] if stops else 'SIGINT'}; run the same command again to continue: finished "
+              "shards, uploads and downloads are kept", file=sys.stderr)
         return 130
     for problem in problems:
         print(problem)
@@ -186,6 +188,19 @@ def run_make_shards(argv: list[str]) -> int:
     return 0
 
 
+def _stop_as_ctrl_c() -> list[str]:
+    """SIGTERM, SIGINT and SIGHUP end this command as Ctrl-C does (KeyboardInterrupt, the first one only: the
+    clean-up is not cut short); the list gets the name of the signal that came."""
+    import signal
+
+    from maskcon.stopping import STOP_SIGNALS, interrupt_once
+
+    stops: list[str] = []
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, interrupt_once(stops))
+    return stops
+
+
 def run_bench(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
         lines = [f"  {name:<11} {text}" for name, text in BENCHMARKS.items()]
@@ -193,13 +208,7 @@ def run_bench(argv: list[str]) -> int:
         if argv and argv[0] not in ("-h", "--help"):
             return fail(UserError(f"unknown benchmark {argv[0]!r}; known: {', '.join(BENCHMARKS)}"))
         return 0
-    import signal
-
-    from maskcon.stopping import STOP_SIGNALS, interrupt_once
-
-    stops: list[str] = []
-    for signum in STOP_SIGNALS:   # a stop ends a benchmark as Ctrl-C does: its clean-up runs, and is not cut short
-        signal.signal(signum, interrupt_once(stops))
+    stops = _stop_as_ctrl_c()   # a stop ends a benchmark as Ctrl-C does: its clean-up runs, and is not cut short
     try:
         status = importlib.import_module(f"maskcon.bench.{argv[0]}").main(argv[1:])
         if not stops:

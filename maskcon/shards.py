@@ -312,7 +312,8 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
     source = DATASETS[dataset].read(Path(src) if src is not None else None, **reader_options)
     from maskcon.datasets.source import describe_files
 
-    source_files = describe_files(Path(src)) if src is not None else None
+    # the folder the reader read (SRC, or the dataset's folder inside it): the same files however SRC names them
+    source_files = describe_files(Path(source.notes.get("source", src))) if src is not None else None
     create_args = [dataset] + (["--src", str(Path(src).resolve())] if src is not None else [])
     create_args += ["--labels", str(Path(labels).resolve())] if labels is not None else []
     for flag, value, default in (("--seed", seed, 0), ("--samples-per-shard", samples_per_shard, None),
@@ -393,7 +394,7 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
 
     workers = usable_cpus() if workers is None else max(1, workers)
     staging = out / _STAGING
-    jobs, split_jobs = [], {}
+    jobs, split_jobs, found = [], {}, 0
     for name, split in source.splits.items():
         (out / name).mkdir(exist_ok=True)
         for leftover in (out / name).glob(f"*{_PARTIAL}"):
@@ -404,12 +405,13 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
             split = split.staged(staging / name)
         split_jobs[name] = []
         for shard in range(-(-len(split) // size)):
-            tar = shard_names(name, shard)[0]
+            tar, idx = shard_names(name, shard)
+            found += (out / tar).exists() and (out / idx).exists()   # kept when whole (see _shard_job)
             split_jobs[name].append(len(jobs))
             jobs.append((_shard_job, split, str(out), name, shard, order[shard * size:(shard + 1) * size],
                          source.image_format, compress_level, recorded.get(tar)))
     log(f"{dataset}: {sum(s['num_samples'] for s in plan['splits'].values())} samples in {len(jobs)} shards "
-        f"({len(recorded)} finished before), {min(workers, len(jobs))} processes")
+        f"({found} finished before), {min(workers, len(jobs))} processes")
     with open(progress_path, "a") as progress, _executor(min(workers, len(jobs))) as executor:
         def record(result: dict) -> None:
             progress.write(json.dumps(result) + "\n")
@@ -511,7 +513,10 @@ def _changes(recorded: dict | None, plan: dict) -> list[str]:
     if recorded.get("dataset") != plan["dataset"]:
         changes.append(f"dataset {recorded.get('dataset')} -> {plan['dataset']}")
     old_options = recorded.get("options") or {}
-    changes += [f"--{name.replace('_', '-')} {old_options.get(name)} -> {value}"
+    def shown(value) -> str:   # None: the option was left out (its default)
+        return "default" if value is None else str(value)
+
+    changes += [f"--{name.replace('_', '-')} {shown(old_options.get(name))} -> {shown(value)}"
                 for name, value in plan["options"].items() if old_options.get(name) != value]
     old_files, new_files = recorded.get("source_files") or {}, plan["source_files"] or {}
     if old_files.get("sha256") != new_files.get("sha256"):

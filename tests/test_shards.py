@@ -264,6 +264,30 @@ def _kill_during_create(out: Path, *args: str) -> None:
     assert not (out / "manifest.json").exists(), "the run was stopped before it finished"
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_ends_create_as_ctrl_c_does_and_the_same_command_finishes_it(tmp_path, stop):
+    import psutil
+
+    out = tmp_path / "out"
+    command = [sys.executable, str(DOOR), "create", "digits", "--out", str(out), "--samples-per-shard", "4",
+               "--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ((out / "train").is_dir() and len(os.listdir(out / "train")) > 20):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
+        time.sleep(0.01)
+    workers = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(stop)
+    _, err = process.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert lines[-1].startswith(f"stopped by {stop.name}; run the same command again to continue"), lines[-1]
+    _, left = psutil.wait_procs(workers, timeout=15)     # the workers and the fork server end with the command
+    assert not (out / "manifest.json").exists() and not left
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and shards.verify(out, workers=1) == [], again.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     reference = tmp_path / "reference"
@@ -279,8 +303,24 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     (out / (finished[1][:-4] + ".idx")).unlink()  # a shard whose index is gone,
     (out / finished[2]).write_bytes(b"")  # a finished shard damaged since,
     (out / "train" / "train-000300.tar.partial").write_bytes(b"half a shard")  # a shard being written
-    shards.create("digits", None, out, samples_per_shard=4, workers=2)
+    on_disk = sum((out / split / f"{split}-{tar.stem.split('-')[1]}.idx").exists()
+                  for split in ("train", "test") for tar in (out / split).glob("*.tar"))
+    lines = []
+    shards.create("digits", None, out, samples_per_shard=4, workers=2, log=lines.append)
     assert tree(out) == tree(reference)
+    assert f"({on_disk} finished before)" in lines[0] and on_disk >= len(finished) - 2, lines[0]
+
+
+def test_the_same_source_named_by_its_parent_folder_is_the_same_input(tmp_path):
+    sources.write_cifar100(tmp_path / "src")
+    out = tmp_path / "shards"
+    shards.create("cifar100", tmp_path / "src" / "cifar-100-python", out, workers=1)
+    before = tree(out)
+    shards.create("cifar100", tmp_path / "src", out, workers=1)     # the folder that holds cifar-100-python
+    assert tree(out) == before
+    (tmp_path / "src" / "cifar-100-python" / "extra").write_bytes(b"a file more")
+    with pytest.raises(UserError, match="the source files"):
+        shards.create("cifar100", tmp_path / "src", out, workers=1)
 
 
 def test_complete_shards_made_otherwise_need_overwrite(tmp_path):
@@ -290,6 +330,8 @@ def test_complete_shards_made_otherwise_need_overwrite(tmp_path):
     assert tree(tmp_path) == before  # already complete: nothing rewritten
     with pytest.raises(UserError, match="--overwrite"):
         shards.create("digits", None, tmp_path, samples_per_shard=200, seed=3, workers=1)
+    with pytest.raises(UserError, match=r"--samples-per-shard 200 -> default\b"):
+        shards.create("digits", None, tmp_path, workers=1)
     assert tree(tmp_path) == before
     manifest = shards.create("digits", None, tmp_path, samples_per_shard=200, seed=3, workers=1, overwrite=True)
     assert manifest["options"]["seed"] == 3 and shards.verify(tmp_path, workers=1) == []
