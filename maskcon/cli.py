@@ -243,11 +243,22 @@ def run_report(argv: list[str]) -> int:
         return fail(err)
 
 
+def run_grid(argv: list[str]) -> int:
+    """launch/grid.py: 0 every point done, 2 a mistake (one line) or a failed point, EXIT_STOPPED when stopped."""
+    from maskcon.grid import main as grid
+
+    try:
+        return grid(argv)
+    except UserError as err:
+        return fail(err)
+
+
 DOORS = {
     "train": (run_train, "one process of a run (launch/train.py)"),
     "run": (run_launch, "check a run, then start its processes on this machine (launch/run.py)"),
     "make-shards": (run_make_shards, "convert a dataset to shards, or verify shards (launch/make_shards.py)"),
     "bench": (run_bench, "the benchmarks of BENCHMARKS.md (launch/bench.py)"),
+    "grid": (run_grid, "a W&B grid sweep run here, point after point, without a server (launch/grid.py)"),
     "report": (run_report, "the supplement's tables from finished runs (launch/report.py)"),
     "eval": (run_eval, "Recall@K of a trained network on a test split, without training (launch/eval.py)"),
 }

@@ -169,7 +169,8 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
                 channels_last=device == "cuda" if config.channels_last is None else config.channels_last,
                 shards=folder, manifest=manifest, base_lr=base_learning_rate(config, processes),
                 steps_per_epoch=steps_per_epoch, resume_from=resume_from, start_step=0,
-                notes=_notes(config, device, None if manifest is None else train_samples), shards_url=url, manifest_sha256=digest, staging=staging)
+                notes=_notes(config, device, None if manifest is None else train_samples), shards_url=url,
+                manifest_sha256=digest, staging=staging)
     if resume_from is None or manifest is None:
         return plan
     saved = checkpoints.read_state(resume_from)

@@ -244,16 +244,21 @@ def supervise(command: list[str], environment: dict) -> int:
             else:   # no training process yet: nothing to save, the launcher ends quietly
                 _signal(launcher.pid, signal.SIGTERM)
 
-        previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
-        try:
-            returncode = launcher.wait()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        returncode = wait_handling_stops(launcher, forward)
         written = _statuses(Path(folder))
     if written:
         return written.get("0", max(written.values()))
     return 128 - returncode if returncode < 0 else returncode   # a launcher ended by a signal: 128 + its number
+
+
+def wait_handling_stops(process: subprocess.Popen, handler: Callable) -> int:
+    """PROCESS's exit status, with `handler` taking STOP_SIGNALS while it runs (the handlers before, after)."""
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        return process.wait()
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
 
 
 def _statuses(folder: Path) -> dict[str, int]:

@@ -25,7 +25,7 @@ def test_the_console_script_lists_its_doors_and_refuses_an_unknown_one_in_one_li
         assert f"  {door} " in listed.stdout
     unknown = maskcon("trian")
     assert unknown.returncode == 2 and unknown.stderr.strip().splitlines() == [
-        "error: unknown command 'trian'; known: train, run, make-shards, bench, report, eval"]
+        "error: unknown command 'trian'; known: train, run, make-shards, bench, grid, report, eval"]
 
 
 def test_the_console_script_runs_the_trainers_door(tmp_path):

@@ -10,6 +10,7 @@ from maskcon.cli import _make_shards_parser
 from maskcon.config import build_parser, parse_config
 from maskcon.datasets import readme_table
 from maskcon.evaluation import build_parser as eval_parser
+from maskcon.grid import _parser as grid_parser
 from maskcon.launcher import _processes, launcher_parser
 from maskcon.report import build_parser as report_parser
 
@@ -70,6 +71,10 @@ def test_each_documented_command_parses_with_the_real_parser(command):
         report_parser().parse_args(args)
     elif door == "launch/eval.py":
         eval_parser().parse_args(args)
+    elif door == "launch/grid.py":
+        own, rest = grid_parser().parse_known_args(args)
+        assert (ROOT / own.sweep).is_file(), own.sweep
+        parse_config(rest)     # the options every point gets
     elif door.startswith("launch/sweeps/") or door.startswith("launch/accelerate/"):
         assert (ROOT / door).is_file(), door
     else:
@@ -88,7 +93,8 @@ def _option_strings(parser) -> set[str]:
 
 def test_every_flag_readme_names_is_a_flag_of_a_door_or_of_the_tool_it_runs():
     known = (_option_strings(build_parser()) | _option_strings(launcher_parser()) | _option_strings(report_parser())
-             | _option_strings(_make_shards_parser()) | _option_strings(eval_parser()) | OTHER_TOOLS)
+             | _option_strings(_make_shards_parser()) | _option_strings(eval_parser()) | _option_strings(grid_parser())
+             | OTHER_TOOLS)
     text = README.replace(readme_table(), "")   # the dataset table is rendered from maskcon.datasets
     named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", text))
     assert sorted(named - known) == []

@@ -1,0 +1,138 @@
+"""A W&B grid sweep run on this machine, without a W&B server: `python launch/grid.py SWEEP.yaml [options]`.
+
+Each point of the grid (the product of every parameter's `values`, or its one `value`, in the file's order) is
+the command a W&B agent runs for it, `python PROGRAM --NAME=VALUE ...` (the sweeps' `launch/run.py`: every
+GPU of this machine), with the options given after the sweep file added, in a run folder of its own:
+RUNS/POINT, where RUNS is --runs (default runs/SWEEP_NAME) and POINT names the values that vary
+(`method-grafit_seed-1`). The points run one after another. A point whose folder holds results.json is done
+and skipped; any other continues from its newest checkpoint (`--resume auto`), so the same command after a
+stop or a failure carries on where the grid was. `python launch/report.py RUNS` makes the tables.
+
+Ctrl-C, SIGTERM and SIGHUP go on to the running point, which stops with a checkpoint; then the grid stops
+(exit 3, as a stopped run). A point that fails is named and the next one runs; the exit status is then 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from maskcon import rundir
+from maskcon.errors import OneLineParser, UserError
+from maskcon.stopping import EXIT_AT_ONCE, EXIT_STOPPED, wait_handling_stops
+
+ROOT = Path(__file__).resolve().parents[1]
+PROGRAMS = ("launch/run.py", "launch/train.py")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python launch/grid.py", description=__doc__, allow_abbrev=False,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           usage="%(prog)s SWEEP.yaml [--runs DIR] [--dry-run] [options added to every point]")
+    parser.add_argument("sweep", type=Path, help="a grid sweep file, e.g. launch/sweeps/cifar100-main.yaml")
+    parser.add_argument("--runs", type=Path, default=None, help="folder of the points' run folders "
+                        "(default: runs/SWEEP_NAME)")
+    parser.add_argument("--dry-run", action="store_true", help="print each point's command and state; run nothing")
+    return parser
+
+
+def read_sweep(path: Path) -> dict:
+    """The sweep file at PATH, checked: a grid over `parameters`, running one of PROGRAMS; UserError else."""
+    try:
+        sweep = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"sweep file {path} not found; see launch/sweeps/") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise UserError(f"cannot read the sweep file {path} ({str(error).splitlines()[0]})") from None
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("parameters"), dict) or not sweep["parameters"]:
+        raise UserError(f"{path} is not a W&B sweep (no `parameters`); see launch/sweeps/")
+    if sweep.get("method") != "grid":
+        raise UserError(f"{path} is a {sweep.get('method')!r} sweep; only grid sweeps run without W&B's server "
+                        f"(wandb sweep, then wandb agent)")
+    if sweep.get("program") not in PROGRAMS:
+        raise UserError(f"{path} runs {sweep.get('program')!r}; a grid runs here when its program is one of "
+                        f"{', '.join(PROGRAMS)}")
+    for name, spec in sweep["parameters"].items():
+        if not isinstance(spec, dict) or not ("value" in spec or isinstance(spec.get("values"), list)):
+            raise UserError(f"{path}: parameter {name} has neither `value` nor a list of `values`")
+    return sweep
+
+
+def points(sweep: dict) -> list[dict]:
+    """The grid's points: one dict of parameter values each, the last parameter varying fastest."""
+    names = list(sweep["parameters"])
+    choices = [spec["values"] if "values" in spec else [spec["value"]] for spec in sweep["parameters"].values()]
+    return [dict(zip(names, values)) for values in itertools.product(*choices)]
+
+
+def point_name(point: dict, sweep: dict) -> str:
+    """The folder name of a point: NAME-VALUE of each parameter with several values, joined by `_`."""
+    varying = [name for name, spec in sweep["parameters"].items() if "values" in spec and len(spec["values"]) > 1]
+    name = "_".join(f"{key}-{point[key]}" for key in varying) or "point"
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", name)
+
+
+def command(sweep: dict, point: dict, extra: list[str], folder: Path) -> list[str]:
+    """What a W&B agent runs for `point` (`${env} ${interpreter} ${program} ${args}`: --NAME=VALUE), with
+    `extra`, the point's run folder and --resume auto added."""
+    return [sys.executable, str(ROOT / sweep["program"]), *(f"--{name}={value}" for name, value in point.items()),
+            *extra, "--output-dir", str(folder), "--resume", "auto"]
+
+
+def main(argv: list[str]) -> int:
+    args, extra = _parser().parse_known_args(argv)
+    sweep = read_sweep(args.sweep)
+    runs = args.runs or rundir.DEFAULT_ROOT / str(sweep.get("name") or args.sweep.stem)
+    grid = [(point, runs / point_name(point, sweep)) for point in points(sweep)]
+    done = [folder for _, folder in grid if (folder / rundir.RESULTS).exists()]
+    print(f"{args.sweep}: {len(grid)} points into {runs}, {len(done)} done before", file=sys.stderr, flush=True)
+    failed = []
+    for number, (point, folder) in enumerate(grid, 1):
+        line = command(sweep, point, extra, folder)
+        if folder in done:
+            print(f"[{number}/{len(grid)}] {folder.name}: done", file=sys.stderr, flush=True)
+            continue
+        print(f"[{number}/{len(grid)}] {folder.name}: python {sweep['program']} {' '.join(line[2:])}",
+              file=sys.stderr, flush=True)
+        if args.dry_run:
+            continue
+        status = _run_point(line, sweep)
+        if status in (EXIT_STOPPED, EXIT_AT_ONCE):
+            print(f"stopped at point {number} of {len(grid)} ({folder.name}); run the same command again to continue",
+                  file=sys.stderr)
+            return status
+        if status != 0:
+            print(f"point {number} ({folder.name}) failed with exit status {status} (its output is above); the "
+                  f"next one runs", file=sys.stderr, flush=True)
+            failed.append(folder.name)
+    if failed:
+        print(f"{len(failed)} of {len(grid)} points failed: {', '.join(failed)}; fix the cause and run the same "
+              f"command again (the finished ones are skipped)", file=sys.stderr)
+        return 2
+    if not args.dry_run:
+        print(f"every point done: python launch/report.py {runs}", file=sys.stderr)
+    return 0
+
+
+def _run_point(line: list[str], sweep: dict) -> int:
+    """Run one point in a session of its own (its door passes stops on to the training processes), with every
+    stop signal this process gets passed on to it; its exit status."""
+    env = {**os.environ, "WANDB_RUN_GROUP": str(sweep.get("name") or "grid")}   # the grid's runs, together in W&B
+    child = subprocess.Popen(line, env=env, start_new_session=True)
+    stops: list[int] = []
+
+    def forward(signum, frame) -> None:
+        stops.append(signum)
+        child.send_signal(signum)
+
+    status = wait_handling_stops(child, forward)
+    if stops and status == 0:     # the stop came as the point finished: it is done, the grid stops anyway
+        return EXIT_STOPPED
+    return status

@@ -1,0 +1,111 @@
+"""launch/grid.py: a W&B grid sweep run here without a server, point after point, as W&B's agent runs each."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from maskcon import grid
+from tests.test_sweeps import ALL_SWEEPS, agent_command, load
+
+ROOT = Path(__file__).resolve().parents[1]
+DOOR = ROOT / "launch" / "grid.py"
+TINY = ["--processes", "1", "--image-size", "8", "--queue-size", "128", "--eval-batch-size", "128",
+        "--warmup-epochs", "0.5", "--log-every", "2", "--loader-threads", "1", "--eval-untrained", "false",
+        "--wandb", "disabled"]
+
+
+@pytest.mark.parametrize("path", ALL_SWEEPS, ids=lambda path: path.stem)
+def test_each_point_runs_what_a_wandb_agent_runs_in_a_folder_of_its_own(path):
+    sweep = load(path)
+    found = grid.points(sweep)
+    assert len(found) == math.prod(len(spec.get("values", [None])) for spec in sweep["parameters"].values())
+    names = {grid.point_name(point, sweep) for point in found}
+    assert len(names) == len(found)                          # no two points share a run folder
+    for point in found:
+        line = grid.command(sweep, point, ["--epochs", "1"], Path("runs/x"))
+        agent = agent_command(sweep, point)                  # W&B's own way: /usr/bin/env python PROGRAM ARGS
+        assert line[1] == str(ROOT / agent[2]) and line[2:2 + len(agent) - 3] == agent[3:]
+        assert line[2 + len(agent) - 3:] == ["--epochs", "1", "--output-dir", "runs/x", "--resume", "auto"]
+
+
+def _sweep(tmp_path: Path, seeds: list[int]) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "program": "launch/run.py", "method": "grid",
+                                    "command": ["${env}", "${interpreter}", "${program}", "${args}"],
+                                    "parameters": {"dataset": {"value": "digits"}, "global_batch": {"value": 64},
+                                                   "seed": {"values": seeds}}}))
+    return path
+
+
+def _grid(tmp_path: Path, *args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(DOOR), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.mark.slow
+def test_a_grid_runs_every_point_and_the_same_command_skips_the_finished_ones(digits_shards, tmp_path):
+    sweep = _sweep(tmp_path, [0, 1])
+    options = ["--shards", str(digits_shards), "--max-steps", "2", *TINY]
+    first = _grid(tmp_path, str(sweep), *options)
+    _, err = first.communicate(timeout=900)
+    assert first.returncode == 0, err[-3000:]
+    runs = tmp_path / "runs" / "tiny"
+    assert sorted(path.name for path in runs.iterdir()) == ["seed-0", "seed-1"]
+    for seed in (0, 1):
+        config = yaml.safe_load((runs / f"seed-{seed}" / "config.yaml").read_text())
+        assert (config["seed"], config["global_batch"], config["dataset"]) == (seed, 64, "digits")
+        assert json.loads((runs / f"seed-{seed}" / "results.json").read_text())["step"] == 2
+    again = _grid(tmp_path, str(sweep), *options)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0 and "2 points into runs/tiny, 2 done before" in err, err[-3000:]
+    assert "training maskcon" not in err
+
+
+def test_a_sweep_that_cannot_run_here_is_one_line(tmp_path):
+    for text, wanted in (("method: bayes\nprogram: launch/run.py\nparameters: {seed: {values: [0, 1]}}\n",
+                          "only grid sweeps run without W&B's server"),
+                         ("method: grid\nprogram: train.py\nparameters: {seed: {values: [0, 1]}}\n", "runs 'train.py'"),
+                         ("method: grid\nprogram: launch/run.py\n", "not a W&B sweep"),
+                         ("method: [grid\n", "cannot read the sweep file")):
+        (tmp_path / "sweep.yaml").write_text(text)
+        done = _grid(tmp_path, "sweep.yaml")
+        _, err = done.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and wanted in lines[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_stop_ends_the_running_point_with_a_checkpoint_and_the_grid_continues_from_it(digits_shards, tmp_path):
+    sweep = _sweep(tmp_path, [0, 1])
+    options = ["--shards", str(digits_shards), "--epochs", "2", *TINY]
+    started = _grid(tmp_path, str(sweep), *options)
+    metrics = tmp_path / "runs" / "tiny" / "seed-0" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and '"loss"' in metrics.read_text()):
+        assert started.poll() is None and time.monotonic() < deadline, started.communicate()[1][-3000:]
+        time.sleep(0.2)
+    below = psutil.Process(started.pid).children(recursive=True)
+    started.send_signal(signal.SIGTERM)                      # `kill PID` of the grid alone
+    _, err = started.communicate(timeout=300)
+    assert started.returncode == 3, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("stopped at point 1 of 2 (seed-0)")
+    assert list((metrics.parent / "checkpoints").glob("step-*")) and not (metrics.parent / "results.json").exists()
+    assert not (tmp_path / "runs" / "tiny" / "seed-1").exists()
+    _, left = psutil.wait_procs(below, timeout=30)
+    assert not left
+    again = _grid(tmp_path, str(sweep), *options)
+    out, err = again.communicate(timeout=900)
+    assert again.returncode == 0 and "resumed from" in out, err[-3000:]
+    for seed in (0, 1):
+        assert json.loads((tmp_path / "runs" / "tiny" / f"seed-{seed}" / "results.json").read_text())["step"] == 44
