@@ -653,6 +653,8 @@ def verify(out: Path | str, *, workers: int | None = None, log: Callable[[str], 
     [] when everything is intact.
     """
     log = log or (lambda message: None)
+    if not Path(out).is_dir():
+        raise UserError(f"{out}: no such folder; name a folder of shards (e.g. shards/cifar100)")
     manifest = read_manifest(out)
     problems = []
     jobs = []

@@ -212,9 +212,11 @@ def test_bad_cifar_sources(tmp_path):
 
 
 def test_bad_imagenet32_sources(tmp_path):
+    sources.write_cifar100(tmp_path / "c100")     # another dataset's folder: the batches are what is missing
+    _one_line_error("imagenet32", tmp_path / "c100", "train_data_batch_1", "image-net.org")
     sources.write_imagenet32(tmp_path)
     (tmp_path / "imagenet_fine_to_coarse.json").unlink()
-    _one_line_error("imagenet32", tmp_path, "imagenet_fine_to_coarse.json", "MaskCon_CVPR2023")
+    _one_line_error("imagenet32", tmp_path, "imagenet_fine_to_coarse.json", "MaskCon_CVPR2023", "--labels")
     (tmp_path / "imagenet_fine_to_coarse.json").write_text('{"0": 1}')
     _one_line_error("imagenet32", tmp_path, "does not map every class")
     (tmp_path / "imagenet_fine_to_coarse.json").write_text(json.dumps(sources.imagenet32_maps()[1]))

@@ -311,6 +311,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert f"({on_disk} finished before)" in lines[0] and on_disk >= len(finished) - 2, lines[0]
 
 
+def test_verify_of_a_folder_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(UserError, match="nosuch: no such folder"):
+        shards.verify(tmp_path / "nosuch")
+
+
 def test_the_same_source_named_by_its_parent_folder_is_the_same_input(tmp_path):
     sources.write_cifar100(tmp_path / "src")
     out = tmp_path / "shards"

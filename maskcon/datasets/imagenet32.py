@@ -20,7 +20,8 @@ from maskcon.errors import UserError
 WHERE = ("download Imagenet32_train.zip and Imagenet32_val.zip (or their npz versions) from "
          "https://image-net.org/download-images (Downsampled ImageNet 32x32) and extract them into --src")
 WHERE_MAPS = ("copy imagenet32_to_fine.json and imagenet_fine_to_coarse.json from the official MaskCon release "
-              "(https://github.com/MrChenFeng/MaskCon_CVPR2023, folder coarse_labels/imagenet32) into --src")
+              "(https://github.com/MrChenFeng/MaskCon_CVPR2023, folder coarse_labels/imagenet32) into --src, or "
+              "pass their folder as --labels")
 FILES = {"train": [f"train_data_batch_{k}" for k in range(1, 11)], "test": ["val_data"]}
 FOLDERS = {"train": ["", "Imagenet32_train", "Imagenet32_train_npz"],
            "test": ["", "Imagenet32_val", "Imagenet32_val_npz"]}
@@ -80,12 +81,12 @@ def _read_map(path: Path, num_values: int) -> list[int]:
 def read(src: Path | None, labels: Path | None = None) -> DatasetSource:
     """labels: the folder of the two official MaskCon maps (default: SRC)."""
     src = source_folder(src, "imagenet32", WHERE)
+    paths = {split: tuple(str(_find(src, split, name)) for name in names) for split, names in FILES.items()}
     maps = src if labels is None else source_folder(labels, "imagenet32", WHERE_MAPS)
     to_fine = _read_map(maps / "imagenet32_to_fine.json", NUM_CLASSES)
     fine_to_coarse = _read_map(maps / "imagenet_fine_to_coarse.json", len(COARSE_CLASSES))
     if len(set(to_fine)) != NUM_CLASSES:
         raise UserError(f"{maps / 'imagenet32_to_fine.json'} maps two labels to one class; {WHERE_MAPS}")
-    paths = {split: tuple(str(_find(src, split, name)) for name in names) for split, names in FILES.items()}
     return DatasetSource(
         name="imagenet32", fine_classes=[f"imagenet1k-{i:03d}" for i in range(NUM_CLASSES)],
         coarse_classes=list(COARSE_CLASSES), fine_to_coarse=fine_to_coarse, image_format="png",
