@@ -374,14 +374,7 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
     out = Path(out)
     options = {"seed": seed, "samples_per_shard": samples_per_shard, "min_shards": min_shards,
                "max_samples_per_shard": max_samples_per_shard, "png_compress_level": compress_level}
-    plan = {"dataset": dataset, "version": _version(), "options": options, "source_files": source_files,
-            "classes": {"fine": list(source.fine_classes), "coarse": list(source.coarse_classes),
-                        "fine_to_coarse": [int(c) for c in source.fine_to_coarse]},
-            "splits": {name: {"num_samples": len(split),
-                              "samples_per_shard": shard_size(len(split), samples_per_shard=samples_per_shard,
-                                                              min_shards=min_shards,
-                                                              max_samples_per_shard=max_samples_per_shard)}
-                       for name, split in source.splits.items()}}
+    plan = _inputs(source, options, source_files)
     for name, split_plan in plan["splits"].items():
         if split_plan["num_samples"] == 0:
             raise UserError(f"the {name} split of {dataset} is empty; check --src")
@@ -503,6 +496,18 @@ def _plan_of(manifest: dict) -> dict | None:
                            for name, split in manifest["splits"].items()}}
     except (KeyError, TypeError, AttributeError):
         return None
+
+
+def _inputs(source: DatasetSource, options: dict, source_files: dict | None) -> dict:
+    """The plan of a conversion: what its shards are made from (see write_shards)."""
+    sizes = {name: shard_size(len(split), samples_per_shard=options["samples_per_shard"],
+                              min_shards=options["min_shards"], max_samples_per_shard=options["max_samples_per_shard"])
+             for name, split in source.splits.items()}
+    return {"dataset": source.name, "version": _version(), "options": options, "source_files": source_files,
+            "classes": {"fine": list(source.fine_classes), "coarse": list(source.coarse_classes),
+                        "fine_to_coarse": [int(c) for c in source.fine_to_coarse]},
+            "splits": {name: {"num_samples": len(split), "samples_per_shard": sizes[name]}
+                       for name, split in source.splits.items()}}
 
 
 def _changes(recorded: dict | None, plan: dict) -> list[str]:
