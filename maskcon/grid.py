@@ -6,7 +6,8 @@ GPU of this machine), with the options given after the sweep file added, in a ru
 RUNS/POINT, where RUNS is --runs (default runs/SWEEP_NAME) and POINT names the values that vary
 (`method-grafit_seed-1`). The points run one after another. A point whose folder holds results.json is done
 and skipped; any other continues from its newest checkpoint (`--resume auto`), so the same command after a
-stop or a failure carries on where the grid was. `python launch/report.py RUNS` makes the tables.
+stop or a failure carries on where the grid was; other options need a folder of their own (RUNS/grid.yaml
+records the grid's). `python launch/report.py RUNS` makes the tables.
 
 Ctrl-C, SIGTERM and SIGHUP go on to the running point, which stops with a checkpoint; then the grid stops
 (exit 3, as a stopped run). A point that fails is named and the next one runs; the exit status is then 2.
@@ -24,12 +25,13 @@ from pathlib import Path
 
 import yaml
 
-from maskcon import rundir
+from maskcon import rundir, write_atomic
 from maskcon.errors import OneLineParser, UserError
 from maskcon.stopping import EXIT_AT_ONCE, EXIT_STOPPED, wait_handling_stops
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ("launch/run.py", "launch/train.py")
+GRID_FILE = "grid.yaml"     # RUNS/grid.yaml: the sweep file and the options of the grid whose points RUNS holds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,6 +92,8 @@ def main(argv: list[str]) -> int:
     args, extra = _parser().parse_known_args(argv)
     sweep = read_sweep(args.sweep)
     runs = args.runs or rundir.DEFAULT_ROOT / str(sweep.get("name") or args.sweep.stem)
+    if not args.dry_run:
+        _claim(runs, args.sweep, extra)
     grid = [(point, runs / point_name(point, sweep)) for point in points(sweep)]
     done = [folder for _, folder in grid if (folder / rundir.RESULTS).exists()]
     print(f"{args.sweep}: {len(grid)} points into {runs}, {len(done)} done before", file=sys.stderr, flush=True)
@@ -119,6 +123,20 @@ def main(argv: list[str]) -> int:
     if not args.dry_run:
         print(f"every point done: python launch/report.py {runs}", file=sys.stderr)
     return 0
+
+
+def _claim(runs: Path, sweep: Path, extra: list[str]) -> None:
+    """Record in RUNS/GRID_FILE the sweep and options its points run with; refuse (UserError) other options,
+    whose points would be taken for done by those of the earlier grid."""
+    record = runs / GRID_FILE
+    wanted = {"sweep": str(sweep.resolve()), "options": extra}
+    earlier = yaml.safe_load(record.read_text()) if record.is_file() else None
+    if earlier is not None and earlier != wanted:
+        raise UserError(f"{runs} holds the points of {earlier.get('sweep')} with options "
+                        f"{' '.join(earlier.get('options') or []) or '(none)'}; run that grid with the same options, "
+                        f"or give this one a folder of its own with --runs")
+    runs.mkdir(parents=True, exist_ok=True)
+    write_atomic(record, yaml.safe_dump(wanted, sort_keys=False))
 
 
 def _run_point(line: list[str], sweep: dict) -> int:

@@ -60,7 +60,7 @@ def test_a_grid_runs_every_point_and_the_same_command_skips_the_finished_ones(di
     _, err = first.communicate(timeout=900)
     assert first.returncode == 0, err[-3000:]
     runs = tmp_path / "runs" / "tiny"
-    assert sorted(path.name for path in runs.iterdir()) == ["seed-0", "seed-1"]
+    assert sorted(path.name for path in runs.iterdir()) == ["grid.yaml", "seed-0", "seed-1"]
     for seed in (0, 1):
         config = yaml.safe_load((runs / f"seed-{seed}" / "config.yaml").read_text())
         assert (config["seed"], config["global_batch"], config["dataset"]) == (seed, 64, "digits")
@@ -69,6 +69,11 @@ def test_a_grid_runs_every_point_and_the_same_command_skips_the_finished_ones(di
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0 and "2 points into runs/tiny, 2 done before" in err, err[-3000:]
     assert "training maskcon" not in err
+    other = _grid(tmp_path, str(sweep), *[("3" if option == "2" else option) for option in options])
+    _, err = other.communicate(timeout=300)       # its points would be taken for done: refused in one line
+    lines = err.strip().splitlines()
+    assert other.returncode == 2 and lines[-1].startswith("error: runs/tiny holds the points of "), err[-3000:]
+    assert "--max-steps 2" in lines[-1] and "--runs" in lines[-1]
 
 
 def test_a_sweep_that_cannot_run_here_is_one_line(tmp_path):
