@@ -217,12 +217,13 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
     folder, writes the bundled digits' shards when missing, plans (`planned`) and carries the plan out."""
     settle_device(config, accelerator)
     made = config.output_dir is None or not Path(config.output_dir).exists()   # by this start, when it is fresh
+    alone = made or not rundir.run_files(Path(config.output_dir))   # no other run's file there: this start's alone
     claimed = rundir.claim_everywhere(config.output_dir, config.resume, dataset=config.dataset,
                                       method=config.method, log=accelerator.print)
     try:
         return _build_claimed(config, accelerator, claimed)
     except BaseException:     # bad input found while building: a fresh start leaves no half-made folder
-        if claimed.resume_from is None and accelerator.is_main_process:
+        if claimed.resume_from is None and alone and accelerator.is_main_process:
             rundir.abandon_start(claimed.path, made)
         raise
 

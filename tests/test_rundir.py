@@ -332,3 +332,17 @@ def test_a_start_with_bad_input_leaves_no_run_folder_behind(door, tmp_path):
     # launch/run.py checks before it starts anything; the trainer keeps only the empty parent folders it made
     assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == ["mine"] + (
         ["new", "runs"] if door == "launch/train.py" else [])
+
+
+def test_a_failed_start_in_a_folder_of_an_earlier_run_leaves_its_files(tmp_path):
+    """--resume auto in a folder whose run trained but saved no checkpoint, then bad input: nothing of it goes."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("dataset: digits\n")
+    (folder / "metrics.jsonl").write_text('{"step": 2, "loss": 5.0}\n')
+    before = contents(folder)
+    done = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--dataset", "cifar100", "--shards",
+                           "nowhere", "--wandb", "disabled", "--output-dir", str(folder), "--resume", "auto"],
+                          cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert {name: value for name, value in contents(folder).items() if name in before} == before
