@@ -210,3 +210,12 @@ def gather_to_main(tensor: torch.Tensor) -> torch.Tensor | None:
     parts = [torch.empty_like(padded) for _ in range(processes)]
     torch_dist.gather(padded, parts, dst=0)
     return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now: the rendezvous of processes started on this machine."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        return listener.getsockname()[1]

@@ -20,6 +20,7 @@ import torch
 from maskcon import checkpoints, remote, rundir
 from maskcon.config import ACTIONS, Config, base_learning_rate, shards_dir, to_dict
 from maskcon.errors import UserError
+from maskcon.provenance import nvidia_smi
 from maskcon.shard_format import check_split, read_manifest
 
 
@@ -200,16 +201,9 @@ def _notes(config: Config, device: str, train_samples: int | None) -> tuple[str,
 
 def unusable_gpus() -> int:
     """How many GPUs nvidia-smi lists while CUDA sees none (0 when CUDA sees one, or without nvidia-smi)."""
-    import shutil
-    import subprocess
-
-    if torch.cuda.is_available() or shutil.which("nvidia-smi") is None:
+    if torch.cuda.is_available():
         return 0
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(line.startswith("GPU ") for line in listed.splitlines())
+    return sum(line.startswith("GPU ") for line in nvidia_smi("-L") or [])
 
 
 def check_dataset(config: Config, manifest: dict, where) -> None:

@@ -70,6 +70,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def nvidia_smi(*args: str) -> list[str] | None:
+    """The lines nvidia-smi prints for `args` (e.g. "-L", or "--query-gpu=driver_version" with
+    "--format=csv,noheader,nounits"), None without nvidia-smi or when it fails."""
+    try:
+        done = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else None
+
+
+def gpu_field(query: str) -> str | None:
+    """The first GPU's `query` field from nvidia-smi (e.g. "driver_version"), None without a GPU or nvidia-smi."""
+    lines = nvidia_smi(f"--query-gpu={query}", "--format=csv,noheader,nounits")
+    return lines[0] if lines else None
+
+
 def provenance() -> dict:
     """{"code": code_state(), "libraries": library_versions(), "machine": machine()}: the `provenance`
     entry of config.yaml and of W&B's config."""

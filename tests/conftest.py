@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskcon.bench import free_port
+from maskcon.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HANG_GUARD_S = 60    # every process of a harness run must have ended by then (a hang fails instead of blocking)

@@ -131,3 +131,22 @@ def test_the_plan_warns_of_a_bank_larger_than_the_train_split(digits_shards):
     assert warnings(1437) == []                       # digits' train split: 1,437 images
     found = warnings(1438)
     assert len(found) == 1 and "passes over them 2 times" in found[0] and "--queue-size 1437 or less" in found[0]
+
+
+def test_gpus_that_nvidia_smi_lists_while_cuda_sees_none_are_counted(tmp_path, monkeypatch):
+    import torch
+
+    from maskcon import plan, provenance
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA sees a GPU here: none is unusable")
+    smi = tmp_path / "nvidia-smi"     # a driver that lists two GPUs, as nvidia-smi prints them
+    smi.write_text('#!/bin/sh\nif [ "$1" = -L ]; then echo "GPU 0: NVIDIA H100 (UUID: GPU-1)"; '
+                   'echo "GPU 1: NVIDIA H100 (UUID: GPU-2)"; else echo " 580.65 "; fi\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert plan.unusable_gpus() == 2 and provenance.gpu_field("driver_version") == "580.65"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed'\nexit 9\n")
+    assert plan.unusable_gpus() == 0 and provenance.gpu_field("driver_version") is None
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert plan.unusable_gpus() == 0 and provenance.nvidia_smi("-L") is None

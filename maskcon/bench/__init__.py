@@ -30,21 +30,21 @@ def text(report: dict) -> str:
     as a table with a row each; any other mapping indented below its name."""
     lines = []
     for name, value in report.items():
-        rows = (value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else None)
+        keyed = isinstance(value, dict)
+        rows = list(value.values()) if keyed else value if isinstance(value, list) else None
         if rows and all(isinstance(row, dict) for row in rows):
             columns = list(dict.fromkeys(column for row in rows for column in row))
-            names = [[key] for key in value] if isinstance(value, dict) else [[] for _ in rows]
-            lines += [f"{name}:", table([*([""] if isinstance(value, dict) else []), *columns],
-                                        [[*key, *(_cell(row.get(column, "-")) for column in columns)]
-                                         for key, row in zip(names, rows)])]
-        elif isinstance(value, dict):
+            lines += [f"{name}:", table([""] * keyed + columns,
+                                        [[key] * keyed + [cell(row.get(column)) for column in columns]
+                                         for key, row in zip(value if keyed else rows, rows)])]
+        elif keyed:
             lines += [f"{name}:", *(f"  {line}" for line in text(value).splitlines())]
         else:
-            lines.append(f"{name}: {_cell(value)}")
+            lines.append(f"{name}: {cell(value)}")
     return "\n".join(lines)
 
 
-def _cell(value) -> str:
+def cell(value) -> str:
     """A value in a report's text: a float to 4 significant digits (whole above 10,000, with thousands
     separators), a spread as `median (min-max)`, None as "-"."""
     if value is None:
@@ -52,11 +52,19 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
     if isinstance(value, dict) and set(value) == {"median", "min", "max"}:
-        middle, low, high = (_cell(value[end]) for end in ("median", "min", "max"))
+        middle, low, high = (cell(value[end]) for end in ("median", "min", "max"))
         return middle if low == high else f"{middle} ({low}-{high})"
     if isinstance(value, (list, dict)):
-        return json.dumps(value) if isinstance(value, dict) else ", ".join(_cell(item) for item in value)
+        return json.dumps(value) if isinstance(value, dict) else ", ".join(map(cell, value))
     return str(value)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """An aligned text table: the first column left-aligned, the others right-aligned."""
+    cells = [[str(item) for item in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(item.rjust(width) if i else item.ljust(width)
+                               for i, (item, width) in enumerate(zip(row, widths))) for row in cells)
 
 
 def machine(device=None) -> str:
@@ -86,33 +94,3 @@ def positive(args, *names: str, least: int = 1) -> None:
 def command(name: str, argv: list[str]) -> str:
     """The command line of benchmark `name` with arguments argv, as a user types it."""
     return shlex.join(["python", "launch/bench.py", name, *argv])
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    """An aligned text table: the first column left-aligned, the others right-aligned."""
-    cells = [[str(cell) for cell in row] for row in [header, *rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
-                               for i, (cell, width) in enumerate(zip(row, widths))) for row in cells)
-
-
-def nvidia_smi(query: str) -> str | None:
-    """The first GPU's `query` field from nvidia-smi (e.g. "driver_version"), None without a GPU or nvidia-smi."""
-    import subprocess
-
-    try:
-        done = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = done.stdout.strip().splitlines()
-    return lines[0].strip() if done.returncode == 0 and lines else None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        return listener.getsockname()[1]

@@ -32,7 +32,9 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from maskcon import dist, failures, usable_cpus
-from maskcon.bench import command, cpu_name, free_port, positive, show, spread
+from maskcon.bench import command, positive, show, spread
+from maskcon.dist import free_port
+from maskcon.provenance import cpu_name
 from maskcon.bench import parser as bench_parser
 from maskcon.config import ARCHS
 from maskcon.model import FEATURE_DIMS, MaskConModel

@@ -1,33 +1,26 @@
-"""The one GPU command: `python launch/bench.py gpu [--out FILE] [--budget S]` (BENCHMARKS.md, "GPU").
+"""The one GPU command: `python launch/bench.py gpu [--parts P] [--variant V] [--out FILE]` (BENCHMARKS.md, "GPU").
 
-On one GPU, within --budget seconds, on the ImageNet32 preset with synthetic ImageNet32-format shards it writes
-itself (`maskcon.datasets.synthetic.write_imagenet32_source`, then `launch/make_shards.py create imagenet32`):
-    loader      the 32-px loader alone: `bench.py loader --loaders dali_gpu --threads 8`
-    step        the training step on synthetic batches: `bench.py train --modes synthetic`, eager
-    compiled    the same with `--compile --compile-mode reduce-overhead` (the whole step, CUDA graphs)
-    real        real training against synthetic batches, with data wait: `--modes synthetic,real`
-    official    the official-style loader: `--modes official`
-    objectives  MaskCon's loss against SelfCon's: `bench.py objectives --device cuda --amp bf16`
-    jpeg        the 224-px JPEG path: a synthetic JPEG folder -> `make_shards.py create folder` ->
-                `bench.py train --dataset folder --modes synthetic,real`
-    job         the main job as users start it, 2 epochs, with the GPU's utilisation: `bench.py job`
-    gpu_tests   the GPU-marked tests: `pytest -m gpu`
-    profile     torch.profiler over 20 steady steps of the real run: `bench.py train --modes real --profile 20`
-Before the parts that need them run the data parts: source32 and shards32 (the ImageNet32-format source and its
-shards), jpeg_source and jpeg_shards (the JPEG folder and its shards). `--parts speed` runs loader..jpeg,
-`--parts job` job..profile (each fits one call of a GPU machine; a second call with the same --work reuses the
-shards), `--parts all` both; or name parts, e.g. `--parts real,job`. To tune, `--variant NAME=PART OPTIONS` runs
-a chosen part once more with OPTIONS added to its command, reported as NAME, right after it: e.g. `--variant
-"real-4=real --workers 4"`, `--variant "compiled-max=compiled --compile-mode max-autotune-no-cudagraphs"`,
-`--variant "step-nchw=step --channels-last false"`, `--variant "loader-p8=loader --prefetch 8"`, `--variant
-"job-eval2k=job --eval-batch-size 2048"`.
-Each part is a subprocess of a door with its own time limit (at most what is left of the budget): a part
-that fails or hangs gives one line, and the others still run. The BENCHMARKS.md block (card, driver,
-versions, commit, command, each figure, each goal met or not) goes to --out, never into BENCHMARKS.md, and
-every part's JSON report to --out with `.json` added. Without CUDA the command stops with one line;
-`--device cpu --small` runs every part with tiny sizes on the CPU. Ctrl-C or SIGTERM stops the running part
-and every process it started, and writes the block of the parts before it. Exit status: 0 when every part
-gave its figures, 1 when some did not, 2 for a usage error, 130 when stopped.
+On one GPU, within --budget seconds, on the ImageNet32 preset with synthetic ImageNet32-format shards it
+writes first (parts source32, shards32; jpeg_source, jpeg_shards for the JPEG part), the parts:
+    loader      the 32-px loader alone (`bench.py loader`, dali_gpu, 8 threads)
+    step        the training step on synthetic batches (`bench.py train --modes synthetic`), eager
+    compiled    the same, the whole step compiled with CUDA graphs (reduce-overhead)
+    real        real training against synthetic batches, with data wait; official: the official-style loader
+    objectives  MaskCon's loss against SelfCon's (`bench.py objectives`, bf16)
+    jpeg        the 224-px JPEG path: a synthetic JPEG folder, its shards, real against synthetic
+    job         the main job as users start it, 2 epochs, with the GPU's utilisation (`bench.py job`)
+    gpu_tests   the GPU-marked tests (`pytest -m gpu`)
+    profile     torch.profiler over 20 steady steps of the real run (`bench.py train --profile 20`)
+`--parts speed` runs loader..jpeg, `job` job..profile (each fits one call of a GPU machine; a second call with
+the same --work reuses the shards), `all` both, or name parts (`real,job`). `--variant "NAME=PART OPTIONS"`
+runs a chosen part again with OPTIONS added, reported as NAME: e.g. `"real-4=real --workers 4"`,
+`"compiled-max=compiled --compile-mode max-autotune-no-cudagraphs"`, `"job-eval2k=job --eval-batch-size 2048"`.
+Each part is a subprocess with its own time limit: one that fails or hangs gives one line and the others
+run. The BENCHMARKS.md block (card, driver, versions, commit, command, figures, each goal met or not) goes to
+--out, never into BENCHMARKS.md, every part's JSON report to --out with `.json` added. Without CUDA it stops
+with one line; `--device cpu --small` runs every part tiny on the CPU. Ctrl-C or SIGTERM stops the running
+part and its processes and writes the block of the parts before it. Exit status: 0 when every part gave its
+figures, 1 when some did not, 2 for a usage error, 130 when stopped.
 """
 
 from __future__ import annotations
@@ -47,9 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maskcon import usable_cpus, write_atomic
-from maskcon.bench import _cell, command, nvidia_smi, parser
+from maskcon.bench import cell, command, parser
 from maskcon.errors import UserError
-from maskcon.provenance import code_state, dali_wheel
+from maskcon.provenance import code_state, dali_wheel, gpu_field
 from maskcon.stopping import STOP_SIGNALS, interrupt_once
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,19 +93,17 @@ class Outcome:
 
 def main(argv: list[str]) -> int:
     options = parser("gpu", __doc__)
-    options.add_argument("--out", type=Path, default=None,
-                         help="file for the BENCHMARKS.md block (default: $OUT/gpu-benchmarks.md when $OUT is "
-                              "set, else gpu-benchmarks.md here)")
-    options.add_argument("--work", type=Path, default=None, help="scratch folder for shards (default: a temporary one)")
-    options.add_argument("--budget", type=float, default=None,
-                         help="seconds for all parts together (default: 470 on a GPU, 3000 with --small)")
-    options.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where the parts run")
-    options.add_argument("--small", action="store_true", help="tiny sizes: try the command on the CPU")
-    options.add_argument("--commit", default=None, help="the commit measured (default: git's HEAD, when known)")
-    options.add_argument("--parts", default="all", help="which parts run: all, speed, job or part names, comma-"
-                         "separated (default: all)")
-    options.add_argument("--variant", action="append", default=[], metavar="NAME=PART OPTIONS",
-                         help="run PART again with OPTIONS added, reported as NAME (repeatable)")
+    add = options.add_argument
+    add("--out", type=Path, default=None, help="file for the BENCHMARKS.md block (default: $OUT/gpu-benchmarks.md "
+        "when $OUT is set, else gpu-benchmarks.md here)")
+    add("--work", type=Path, default=None, help="scratch folder for shards (default: a temporary one)")
+    add("--budget", type=float, default=None, help="seconds for all parts (default: 470 on a GPU, 3000 with --small)")
+    add("--device", choices=("cuda", "cpu"), default="cuda", help="where the parts run")
+    add("--small", action="store_true", help="tiny sizes: try the command on the CPU")
+    add("--commit", default=None, help="the commit measured (default: git's HEAD, when known)")
+    add("--parts", default="all", help="all, speed, job or part names, comma-separated (default: all)")
+    add("--variant", action="append", default=[], metavar="NAME=PART OPTIONS",
+        help="run PART again with OPTIONS added, reported as NAME (repeatable)")
     args = options.parse_args(argv)
     chosen = _chosen(args.parts, args.variant)
     out = args.out or Path(os.environ.get("OUT", ".")) / "gpu-benchmarks.md"
@@ -122,21 +113,17 @@ def main(argv: list[str]) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("no CUDA GPU is visible to PyTorch; run this on the GPU machine, or try the command with "
                         "--device cpu --small")
-    sizes = SIZES["small" if args.small else "gpu"]
-    budget = args.budget if args.budget is not None else (3000.0 if args.small else 470.0)
-    started = time.monotonic()
-    stop = interrupt_once([])             # the command itself writes the block of a stopped call
-    earlier = {number: signal.signal(number, stop) for number in STOP_SIGNALS}
+    sizes, started = SIZES["small" if args.small else "gpu"], time.monotonic()
+    deadline = started + (args.budget or (3000.0 if args.small else 470.0))
+    earlier = {number: signal.signal(number, interrupt_once([])) for number in STOP_SIGNALS}   # the block is written
     try:
         with tempfile.TemporaryDirectory(prefix="maskcon-gpu-") as scratch:
-            outcomes = _run_parts(args.work or Path(scratch), sizes, args.device, chosen, deadline=started + budget)
+            outcomes = _run_parts(args.work or Path(scratch), sizes, args.device, chosen, deadline=deadline)
     finally:
         for number, handler in earlier.items():
             signal.signal(number, handler)
     context = _context(args, argv, sizes)
-    block = _block(outcomes, context)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    everything = {"context": context, "parts": [vars(outcome) for outcome in outcomes]}
+    block, everything = _block(outcomes, context), {"context": context, "parts": [vars(o) for o in outcomes]}
     write_atomic(out, block)
     write_atomic(out.with_name(out.name + ".json"), json.dumps(everything, indent=1))
     print(json.dumps(everything, indent=1) if args.json else block)
@@ -183,36 +170,30 @@ def _chosen(parts: str, variants: list[str]) -> list[tuple[str, str, list[str]]]
             part, *extra = shlex.split(rest) or [""]
         except ValueError:
             raise UserError(f"--variant {text!r}: a quote is not closed") from None
-        if not name or not equals:
-            raise UserError(f"--variant {text!r}: write NAME=PART OPTIONS, e.g. --variant \"real-4=real --workers 4\"")
-        if name in every or name in [c[0] for c in chosen]:
-            raise UserError(f"--variant {text!r}: {name} is already the name of a part or a variant; give it one of "
-                            "its own")
-        if part not in bases:
-            raise UserError(f"--variant {text!r}: " + (f"{part} is not among the parts that run; add it to --parts"
-                                                       if part in every else
-                                                       f"{part!r} is not a part; choose one of {', '.join(bases)}"))
+        wrong = ("write NAME=PART OPTIONS, e.g. --variant \"real-4=real --workers 4\"" if not name or not equals else
+                 f"{name} is already the name of a part or a variant; give it one of its own"
+                 if name in every or name in [c[0] for c in chosen] else
+                 f"{part} is not among the parts that run; add it to --parts" if part in every and part not in bases
+                 else f"{part!r} is not a part; choose one of {', '.join(bases)}" if part not in bases else None)
+        if wrong:
+            raise UserError(f"--variant {text!r}: {wrong}")
         chosen.insert(max(i for i, c in enumerate(chosen) if c[1] == part) + 1, (name, part, extra))
     return chosen
 
 
-def _run_parts(work: Path, sizes: dict, device: str, chosen: list[tuple[str, str, list[str]]], *,
-               deadline: float) -> list[Outcome]:
-    """The data the chosen parts need first (ImageNet32-format shards, the JPEG folder and its shards; shards
-    an earlier call left in `work` are kept), then every chosen part (a name) and variant ((name, part, options),
-    the part's command with the options added) in order."""
+def _commands(work: Path, sizes: dict, device: str) -> dict[str, tuple[int, list[str]]]:
+    """part -> (its time limit on a GPU in seconds, its command), the data in `work`."""
     src32, shards32, jpeg_src, jpeg_shards = work / "src32", work / "s32", work / "jpeg", work / "sj"
     python, bench = sys.executable, str(ROOT / "launch" / "bench.py")
     make_shards = [python, str(ROOT / "launch" / "make_shards.py"), "create"]
-    train = [python, bench, "train", "--dataset", "imagenet32", "--shards", str(shards32), "--device", device,
-             *sizes["train"].split(), "--json"]
+    on32 = ["--dataset", "imagenet32", "--shards", str(shards32)]
+    train = [python, bench, "train", *on32, "--device", device, *sizes["train"].split(), "--json"]
     write = "import sys; from maskcon.datasets import synthetic; synthetic.{}(sys.argv[1], *map(int, sys.argv[2:]))"
-    plan = {   # part -> (time limit on a GPU, s; its command)
+    return {
         "source32": (150, [python, "-c", write.format("write_imagenet32_source"), str(src32),
                            str(sizes["train_images"]), str(sizes["val_images"])]),
         "shards32": (150, [*make_shards, "imagenet32", "--src", str(src32), "--out", str(shards32)]),
-        "loader": (90, [python, bench, "loader", "--dataset", "imagenet32", "--shards", str(shards32),
-                        *sizes["loader"].split(), "--json"]),
+        "loader": (90, [python, bench, "loader", *on32, *sizes["loader"].split(), "--json"]),
         "step": (90, [*train, "--modes", "synthetic"]),
         "compiled": (240, [*train, "--modes", "synthetic", "--compile", "--compile-mode", "reduce-overhead"]),
         "real": (120, [*train, "--modes", "synthetic,real"]),
@@ -222,26 +203,32 @@ def _run_parts(work: Path, sizes: dict, device: str, chosen: list[tuple[str, str
         "jpeg_shards": (90, [*make_shards, "folder", "--src", str(jpeg_src), "--out", str(jpeg_shards)]),
         "jpeg": (150, [python, bench, "train", "--dataset", "folder", "--shards", str(jpeg_shards), "--device", device,
                        *sizes["jpeg_train"].split(), "--modes", "synthetic,real", "--json"]),
-        "job": (240, [python, bench, "job", "--dataset", "imagenet32", "--shards", str(shards32), "--pretrained",
-                      "none", "--epochs", "2", *sizes["job"].split(), "--json"]),
+        "job": (240, [python, bench, "job", *on32, "--pretrained", "none", "--epochs", "2", *sizes["job"].split(),
+                      "--json"]),
         "gpu_tests": (240, [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]),
         "profile": (120, [*train, "--modes", "real", "--profile", sizes["profile"]]),
     }
-    runs, added = [], set()       # before each part, the data it needs that no earlier part needed
-    for name, part, extra in chosen:
+
+
+def _run_parts(work: Path, sizes: dict, device: str, chosen: list[tuple[str, str, list[str]]], *,
+               deadline: float) -> list[Outcome]:
+    """The data the chosen parts need first (ImageNet32-format shards, the JPEG folder and its shards; shards
+    an earlier call left in `work` are kept), then every chosen part and variant (the part's command with the
+    variant's options added) in order."""
+    commands, runs, added = _commands(work, sizes, device), [], set()
+    for name, part, extra in chosen:       # before each part, the data it needs that no earlier part needed
         needed, need = [], NEEDS.get(part)
         while need is not None and need not in added:
             needed.insert(0, need)
             added.add(need)
             need = NEEDS.get(need)
         runs += [(data, data, []) for data in needed] + [(name, part, extra)]
-    outcomes: list[Outcome] = []
-    failed: set[str] = set()
-    written = {"source32": shards32, "shards32": shards32, "jpeg_source": jpeg_shards, "jpeg_shards": jpeg_shards}
+    outcomes, failed = [], set()
+    written = {name: work / folder for names, folder in ((("source32", "shards32"), "s32"),
+                                                         (("jpeg_source", "jpeg_shards"), "sj")) for name in names}
     for name, part, extra in runs:
-        limit, part_command = plan[part]
-        outcome = Outcome(name=name, command=[*part_command, *extra],
-                          variant=" ".join([part, *extra]) if name != part else None)
+        limit, part_command = commands[part]
+        outcome = Outcome(name, [*part_command, *extra], variant=" ".join([part, *extra]) if name != part else None)
         left = deadline - time.monotonic()
         if NEEDS.get(part) in failed:
             outcome.error = f"not run: {NEEDS[part]} failed"
@@ -254,8 +241,7 @@ def _run_parts(work: Path, sizes: dict, device: str, chosen: list[tuple[str, str
                 _run_one(outcome, timeout=min(limit * sizes["slower"], left))
             except KeyboardInterrupt:       # Ctrl-C or SIGTERM: the part has ended, no other part starts
                 outcome.error = STOPPED
-        if outcome.error is not None:
-            failed.add(name)
+        failed |= {name} if outcome.error else set()
         print(f"{name}: {outcome.error or 'ok'} ({outcome.seconds:.0f} s)", file=sys.stderr, flush=True)
         outcomes.append(outcome)
         if outcome.error == STOPPED:
@@ -275,16 +261,16 @@ def _run_one(outcome: Outcome, *, timeout: float) -> None:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         _end(process, signal.SIGKILL)
-        stdout, outcome.error = "", f"timed out after {timeout:.0f} s"
+        stdout, stderr, outcome.error = "", "", f"timed out after {timeout:.0f} s"
     except BaseException:       # Ctrl-C or a stop signal: the part, in a session of its own, is stopped too
         _end(process, signal.SIGTERM)
-        outcome.seconds = time.monotonic() - start
         raise
-    outcome.seconds = time.monotonic() - start
+    finally:
+        outcome.seconds = time.monotonic() - start
+    lines = [line.strip() for line in (stderr + stdout).splitlines() if line.strip()]
     if outcome.error is not None:
         return
     if process.returncode != 0:
-        lines = [line.strip() for line in (stderr + stdout).splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error:") or "Error" in line]
         outcome.error = f"exit {process.returncode}: {(errors or lines or ['no output'])[-1][:300]}"
     elif "{" not in stdout:           # a door without a JSON report (the tests): its last line
@@ -322,7 +308,7 @@ def _context(args, argv: list[str], sizes: dict) -> dict:
     if args.device == "cuda":
         properties = torch.cuda.get_device_properties(0)
         context.update(card=properties.name, memory_gib=round(properties.total_memory / 2**30),
-                       driver=nvidia_smi("driver_version") or "unknown")
+                       driver=gpu_field("driver_version") or "unknown")
     return context
 
 
@@ -330,8 +316,8 @@ def _figures(outcomes: list[Outcome]) -> dict[str, tuple[str, bool | None]]:
     """goal name -> (the figure as text, met?) from the parts' reports; ("-", None) where a part gave none."""
     reports = collections.defaultdict(dict, {outcome.name: outcome.report or {} for outcome in outcomes})
     loader = reports["loader"]
-    steps = {name: reports[name].get("modes", {}).get("synthetic", {}).get("images_per_s") for name in
-             ("step", "compiled")}
+    steps = {name: reports[name].get("modes", {}).get("synthetic", {}).get("images_per_s")
+             for name in ("step", "compiled")}
     best = max((name for name in steps if steps[name]), key=steps.get, default=None)
     # on a GPU: the process's CPU per image, every thread (DALI's own included); on the CPU: the host part
     host_ms = loader.get("cpu_ms_per_image", {}).get("dali_gpu")
@@ -343,36 +329,34 @@ def _figures(outcomes: list[Outcome]) -> dict[str, tuple[str, bool | None]]:
              "objectives": (reports["objectives"].get("maskcon_over_selfcon_time"), "{:.2f}x"),
              "jpeg": (reports["jpeg"].get("real_over_synthetic"), "{:.1%}"),
              "busy": (reports["job"].get("gpu_busy"), "{:.0%}")}
-
-    def judged(goal: str, value: float | None, shape: str) -> tuple[str, bool | None]:
-        if value is None:
-            return "-", None
-        bound = GOALS[goal][2]
-        return shape.format(value), value >= bound if GOALS[goal][1].startswith(">=") else value <= bound
-    return {goal: judged(goal, *found[goal]) for goal in found}
+    judged = {}
+    for goal, (value, shape) in found.items():
+        _, wanted, bound = GOALS[goal]
+        judged[goal] = ("-", None) if value is None else (
+            shape.format(value), value >= bound if wanted.startswith(">=") else value <= bound)
+    return judged
 
 
 def _block(outcomes: list[Outcome], context: dict) -> str:
     """The BENCHMARKS.md block: where, what, each part's figures and each goal."""
     card = context["card"] + (f" ({context['memory_gib']} GiB)" if context["memory_gib"] else "")
+    jpeg = any(outcome.name == "jpeg_source" for outcome in outcomes)
     lines = [f"### {context['card']}, {context['date']}", "",
              f"Command: `{context['command']}` at commit {context['commit']}.",
              f"Machine: {card}, driver {context['driver']}, {context['cpus']} CPU cores; torch {context['torch']} "
              f"(CUDA {context['cuda']}), DALI {context['dali']}.",
              f"Data: synthetic ImageNet32-format shards ({context['train_images']:,} training images)" +
-             (f"; a synthetic JPEG folder ({context['jpeg_images']:,} images of {context['jpeg_side']} px)."
-              if any(outcome.name == "jpeg_source" for outcome in outcomes) else "."), "",
-             "| part | result | seconds |", "|---|---|---|"]
-    lines += [f"| {outcome.name}{f' = {outcome.variant}' if outcome.variant else ''} | "
-              f"{outcome.error or _summary(outcome.report)} | {outcome.seconds:.0f} |" for outcome in outcomes]
+             (f"; a synthetic JPEG folder ({context['jpeg_images']:,} images of {context['jpeg_side']} px)." if jpeg
+              else "."), "", "| part | result | seconds |", "|---|---|---|"]
+    lines += [f"| {o.name}{f' = {o.variant}' if o.variant else ''} | {o.error or _summary(o.report)} | "
+              f"{o.seconds:.0f} |" for o in outcomes]
     lines += ["", "| goal | figure | wanted | met |", "|---|---|---|---|"]
     ran = {outcome.name for outcome in outcomes}
     for goal, (figure, met) in _figures(outcomes).items():
-        if not ran & set(GOAL_PARTS[goal]):       # a goal of parts this call did not choose
-            continue
-        verdict = ("not judged on the CPU" if context["device"] != "cuda" else "no figure" if met is None
-                   else "met" if met else "NOT met")
-        lines.append(f"| {GOALS[goal][0]} | {figure} | {GOALS[goal][1]} | {verdict} |")
+        if ran & set(GOAL_PARTS[goal]):       # only the goals of the parts this call chose
+            verdict = ("not judged on the CPU" if context["device"] != "cuda" else "no figure" if met is None
+                       else "met" if met else "NOT met")
+            lines.append(f"| {GOALS[goal][0]} | {figure} | {GOALS[goal][1]} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -383,7 +367,7 @@ def _summary(report: dict) -> str:
     if "profile" in report:
         profile = report["profile"]
         top = (profile["kernels"] or [{"name": "-", "share": 0}])[0]
-        return (f"GPU idle {_cell(profile['gpu_idle_share'])}; per step {profile['kernels_per_step']} kernels, "
+        return (f"GPU idle {cell(profile['gpu_idle_share'])}; per step {profile['kernels_per_step']} kernels, "
                 f"{profile['launches_per_step']} launches, {profile['aten_ops_per_step']} aten operators; longest "
                 f"kernel {top['name'][:60]} ({top['share']:.0%})")
     if "modes" in report:
@@ -393,5 +377,5 @@ def _summary(report: dict) -> str:
         rates = [f"{name} {report[name]:,.0f} img/s, {1000 * cpu_ms:.1f} us CPU/img"
                  for name, cpu_ms in report["cpu_ms_per_image"].items()]
         return "; ".join(rates) + f" ({report['threads']} threads, prefetch {report.get('prefetch')})"
-    return ", ".join(f"{name} {_cell(value)}" for name, value in report.items()
+    return ", ".join(f"{name} {cell(value)}" for name, value in report.items()
                      if isinstance(value, (int, float, list)) and not isinstance(value, bool) and name != "windows")

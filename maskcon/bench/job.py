@@ -21,16 +21,17 @@ import time
 from pathlib import Path
 
 from maskcon import rundir
-from maskcon.bench import command, machine, nvidia_smi, show
+from maskcon.bench import command, machine, show
 from maskcon.bench import parser as bench_parser
 from maskcon.config import parse_config
 from maskcon.errors import UserError
 from maskcon.launcher import launch_command
+from maskcon.provenance import gpu_field
 
 
 def _gpu_busy() -> float | None:
     """The first GPU's utilisation now, percent; None without one."""
-    busy = nvidia_smi("utilization.gpu")
+    busy = gpu_field("utilization.gpu")
     try:
         return float(busy) if busy is not None else None
     except ValueError:            # "[N/A]" on some devices

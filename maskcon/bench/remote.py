@@ -21,9 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from maskcon.bench import command, free_port, machine, show
+from maskcon.bench import command, machine, show
 from maskcon.bench import parser as bench_parser
 from maskcon.datasets.synthetic import write_synthetic_imagenet32
+from maskcon.dist import free_port
 from maskcon.errors import UserError
 
 

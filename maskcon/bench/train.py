@@ -1,27 +1,21 @@
 """Training speed: `python launch/bench.py train [--synthetic N] [--device cpu|cuda] [--json] [train.py options]`.
 
 Images per second of the MaskCon training step, in one run on the same shards, model and settings, fed by
-    real       the trainer's own loader (maskcon.loaders.build_train_loader, DALI back end; GPU pipeline on cuda)
+    real       the trainer's own loader (maskcon.loaders.build_train_loader, DALI; its GPU pipeline on cuda)
     synthetic  one batch of random tensors already on the device, reused every step: the ceiling
-    official   the official MaskCon code's way (maskcon.loaders.reference.official_style_loader): a PIL
-               image per sample decoded from its shard tar member, torchvision transforms on PIL images
-               (AutoAugment CIFAR-10 policy for the strong view of the 32x32 sets), a shuffling torch
-               DataLoader with worker processes; batches are copied to the device as part of fetching them
-    resume     the first step of a resumed run: the real loader started at the middle batch of an epoch
-               (`set_epoch(epoch, start=...)`, as the loop resumes), against the first step of an epoch
-               started at its first batch, each timed from `set_epoch` to the end of the step
-Every option of launch/train.py (--dataset, --shards, --batch-size, --compile, ...) sets up the run, over the
-dataset's preset; the benchmark fixes MaskCon, random weights, the DALI loader with --workers threads and no
-W&B. The run is built by the trainer's builder (maskcon.run.build_run) and stepped by the loop's step
-(`run.step_fn`); as in the loop, the loss is read only at the end of a window, which waits for the device.
-The figures per mode are the loop's own (maskcon.train.DataClock), logged in metrics.jsonl under the same names:
-    images_per_s           images / wall time of the window
-    data_wait              fraction of the window's time the training thread spent in next(batches)
-    data_ms_per_batch      ms the training thread spent in next(batches), per batch
-    feed_cpu_ms_per_batch  CPU ms of the loader's host feeding work per batch (loaders that count it)
-Each mode runs `--warmup` untimed steps, then `--repeats` windows of `--steps` steps; figures are the median
-window with the range over windows. `--synthetic N` first writes N synthetic 32x32 training images as
-ImageNet32-format shards (1,000 fine classes in 12 coarse) and benchmarks on them.
+    official   the official MaskCon code's way (maskcon.loaders.reference.official_style_loader): PIL images,
+               torchvision transforms (AutoAugment for the strong view of the 32x32 sets), a shuffling torch
+               DataLoader with worker processes, batches copied to the device as they are fetched
+    resume     the first step of an epoch started at its middle batch, as a resumed run starts it, against
+               one started at batch 0, each timed from `set_epoch` to the end of the step
+Every option of launch/train.py sets up the run over the dataset's preset; the benchmark fixes MaskCon,
+random weights, the DALI loader with --workers threads and no W&B. The run is built by the trainer's builder
+(maskcon.run.build_run) and stepped by the loop's step; as in the loop, the loss is read only at the end of
+a window. The figures per mode are the loop's own (maskcon.train.DataClock), as in metrics.jsonl:
+images_per_s, data_wait (the share of the window spent in next(batches)), data_ms_per_batch and
+feed_cpu_ms_per_batch (CPU ms of the loader's host feeding work). Each mode runs `--warmup` untimed steps,
+then `--repeats` windows of `--steps` steps: the median window with the range over windows. `--synthetic N`
+first writes N synthetic 32x32 ImageNet32-format training images and benchmarks on them.
 """
 
 from __future__ import annotations
@@ -144,10 +138,7 @@ class _Bench:
                 value.copy_(torch.randn(value.shape, generator=generator) if classes is None
                             else torch.randint(classes, value.shape, generator=generator))
 
-            def repeat():
-                while True:
-                    yield batch
-            return repeat(), lambda: None, None
+            return itertools.repeat(batch), lambda: None, None
         if mode == "real":
             return _epochs(run.train_loader), lambda: None, run.train_loader
         loader = official_style_loader(run.folder, recipe=settings["dataset"], image_size=settings["image_size"],
@@ -166,14 +157,12 @@ class _Bench:
     def measure(self, mode: str) -> dict:
         if mode == "resume":
             return self.measure_resume()
-        stream, release, loader = self.batches(mode)
-        args = self.args
+        (stream, release, loader), args, windows = self.batches(mode), self.args, []
         try:
             for _ in range(args.warmup):
                 loss = self.step(next(stream))
             if args.warmup:
                 loss.item()
-            windows = []
             for _ in range(args.repeats):
                 clock = DataClock(loader, self.run.resolved["batch_size"])
                 for _ in range(args.steps):
@@ -216,7 +205,7 @@ class _Bench:
                 loader.set_epoch(1000 + repeat, start=start)
                 loss = self.step(clock.next(iter(loader)))
                 loss.item()
-                windows.append({**clock.figures(), "start": start})
+                windows.append(clock.figures())     # at batch 0, then at the middle batch
         began = time.perf_counter()
         loader.set_epoch(1000)
         batches = iter(loader)
@@ -225,8 +214,7 @@ class _Bench:
         skip_by_reading_s = time.perf_counter() - began
         del batches
         gc.collect()
-        return {**_summary([w for w in windows if w["start"] == middle],
-                           from_start=[w for w in windows if w["start"] == 0]), "skip_by_reading_s": skip_by_reading_s}
+        return {**_summary(windows[1::2], from_start=windows[::2]), "skip_by_reading_s": skip_by_reading_s}
 
 
 def _profile_summary(events, steps: int, window_us: float) -> dict:
@@ -255,12 +243,12 @@ def _profile_summary(events, steps: int, window_us: float) -> dict:
 def _summary(windows: list[dict], from_start: list[dict] | None = None) -> dict:
     """The median window (by images/s) with the ranges over windows; for a resume also the median first step of
     an epoch started at batch 0 (`epoch_start_images_per_s`)."""
-    rates, waits = [w["images_per_s"] for w in windows], [w["data_wait"] for w in windows]
-    middle = windows[sorted(range(len(rates)), key=rates.__getitem__)[len(rates) // 2]]
-    summary = {"images_per_s": middle["images_per_s"], "images_per_s_min": min(rates),
-               "images_per_s_max": max(rates), "data_wait": middle["data_wait"], "data_wait_min": min(waits),
-               "data_wait_max": max(waits), "data_ms_per_batch": middle["data_ms_per_batch"],
-               "feed_cpu_ms_per_batch": middle.get("feed_cpu_ms_per_batch"), "windows": rates}
+    middle = sorted(windows, key=lambda window: window["images_per_s"])[len(windows) // 2]
+    summary = {name: middle.get(name) for name in ("images_per_s", "data_wait", "data_ms_per_batch",
+                                                   "feed_cpu_ms_per_batch")}
+    for name in ("images_per_s", "data_wait"):
+        summary.update({f"{name}_min": min(w[name] for w in windows), f"{name}_max": max(w[name] for w in windows)})
+    summary["windows"] = [window["images_per_s"] for window in windows]
     if from_start:
         summary["epoch_start_images_per_s"] = sorted(w["images_per_s"] for w in from_start)[len(from_start) // 2]
     return summary
@@ -295,9 +283,8 @@ def _report(by_mode: dict[str, dict], run: Run, args: argparse.Namespace) -> dic
               **{name: getattr(args, name) for name in ("workers", "steps", "repeats", "warmup")},
               "modes": by_mode}
     rate = {mode: m["images_per_s"] for mode, m in by_mode.items()}
-    for top, bottom in (("real", "official"), ("real", "synthetic")):
-        if top in rate and bottom in rate:
-            report[f"{top}_over_{bottom}"] = rate[top] / rate[bottom]
+    report.update({f"real_over_{other}": rate["real"] / rate[other] for other in ("official", "synthetic")
+                   if "real" in rate and other in rate})
     if "resume" in by_mode:
         report.update(resume_first_step_s=settings["batch_size"] / rate["resume"],
                       epoch_first_step_s=settings["batch_size"] / by_mode["resume"]["epoch_start_images_per_s"],
