@@ -173,10 +173,14 @@ def check_pretrained_reachable(arch: str) -> None:
     try:
         urllib.request.urlopen(urllib.request.Request(weights.url, method="HEAD"), timeout=15).close()
     except (OSError, urllib.error.URLError) as error:
-        reason = str(getattr(error, "reason", error)).splitlines()[0] or type(error).__name__
-        raise UserError(f"cannot reach torchvision's {arch} ImageNet weights ({reason}); fetch {weights.url} "
-                        f"elsewhere and pass the file with --pretrained PATH, or start from random weights with "
-                        f"--pretrained none") from None
+        raise _unreachable(arch, weights.url, error) from None
+
+
+def _unreachable(arch: str, url: str, error: BaseException) -> UserError:
+    """The one line for torchvision's ImageNet weights that cannot be downloaded: --check and the run say it alike."""
+    reason = (str(getattr(error, "reason", error)).splitlines() or [""])[0] or type(error).__name__
+    return UserError(f"cannot download torchvision's {arch} ImageNet weights ({reason}); fetch {url} elsewhere and "
+                     f"pass the file with --pretrained PATH, or start from random weights with --pretrained none")
 
 
 def fetch_pretrained(arch: str, pretrained: str) -> None:
@@ -195,10 +199,7 @@ def _pretrained_state(arch: str, pretrained: str) -> dict[str, torch.Tensor]:
         try:
             return weights.get_state_dict(progress=False)
         except (OSError, RuntimeError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise UserError(f"cannot download torchvision's {arch} ImageNet weights ({reason}); fetch "
-                            f"{weights.url} elsewhere and pass the file with --pretrained PATH, or start from "
-                            f"random weights with --pretrained none") from None
+            raise _unreachable(arch, weights.url, error) from None
     path = Path(pretrained).expanduser()
     if not path.is_file():
         raise UserError(f"pretrained weights file {str(path)!r} not found; pass 'imagenet' or the path of "

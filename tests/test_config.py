@@ -212,9 +212,13 @@ def test_check_refuses_imagenet_weights_it_cannot_reach_and_passes_cached_ones(d
     refused = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     line = refused.stderr.strip()
-    assert "\n" not in line and line.startswith("error: cannot reach torchvision's resnet18 ImageNet weights")
+    assert "\n" not in line and line.startswith("error: cannot download torchvision's resnet18 ImageNet weights")
+    run = [arg for arg in command if arg != "--check"] + ["--epochs", "1", "--output-dir", str(tmp_path / "run")]
+    ran = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 2 and ran.stderr.strip().splitlines()[-1] == line, ran.stderr   # the run says the same
+    assert not (tmp_path / "run").exists()
     cache = tmp_path / "torch" / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
+    cache.mkdir(parents=True, exist_ok=True)
     (cache / "resnet18-f37072fd.pth").write_bytes(b"weights fetched before")
     passed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert passed.returncode == 0 and "check passed" in passed.stdout, passed.stderr
