@@ -29,6 +29,7 @@ from maskcon.loaders import LoaderSpec, build_test_loader, build_train_loader
 from maskcon.methods import method_for
 from maskcon.model import MaskConModel, fetch_pretrained
 from maskcon.plan import Plan, check_dataset, lr_schedule, plan_run, resolve_precision
+from maskcon.shard_format import read_manifest
 from maskcon.step import StepParts, build_step, make_optimizer
 
 
@@ -144,8 +145,7 @@ def prepare_shards(config: Config, accelerator: Accelerator | None = None) -> Pa
         if (folder / "manifest.json").exists():
             return
         if config.dataset != "digits":
-            raise UserError(f"no shards in {folder}; make them with: python launch/make_shards.py create "
-                            f"{config.dataset} --src SRC --out {folder}")
+            read_manifest(folder, config.dataset)     # the line the plan says too: how to make them
         shards.create("digits", None, folder)
 
     failures.run_on_main(make_if_missing)

@@ -477,12 +477,19 @@ def test_the_main_job_learns_beyond_the_untrained_network(tmp_path):
     assert results["R@1"] > results["untrained_R@1"] + 1.0, results
 
 
-def test_missing_shards_name_the_command_to_run(tmp_path):
-    result = train(["--dataset", "cifar100", "--shards", str(tmp_path / "nowhere"), "--wandb", "disabled",
-                    "--output-dir", str(tmp_path / "run")])
-    assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: no shards in {tmp_path / 'nowhere'}; make them with: python "
-                                     f"launch/make_shards.py create cifar100 --src SRC --out {tmp_path / 'nowhere'}")
+def test_missing_shards_name_the_command_to_run_and_every_door_says_it_alike(tmp_path):
+    nowhere = tmp_path / "nowhere"
+    options = ["--dataset", "cifar100", "--shards", str(nowhere), "--wandb", "disabled"]
+    said = []
+    for door, extra in (("launch/train.py", ["--output-dir", str(tmp_path / "a")]), ("launch/train.py", ["--check"]),
+                        ("launch/run.py", ["--output-dir", str(tmp_path / "b")])):
+        result = subprocess.run([sys.executable, door, *options, *extra], cwd=ROOT, env=environment(),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr
+        said.append(result.stderr.strip())
+    assert said == [f"error: no complete shards at {nowhere}: {nowhere / 'manifest.json'} is missing; make them with "
+                    f"python launch/make_shards.py create cifar100 --src SRC --out {nowhere}"] * 3
+    assert sorted(path.name for path in tmp_path.iterdir()) == []          # no run folder left behind
 
 
 def test_batch_larger_than_the_dataset_is_refused(digits_shards, tmp_path):
