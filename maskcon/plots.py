@@ -59,9 +59,13 @@ def retrieval_grid(table: dict, folder: Path, step: int | None = None) -> Image.
             tile = images.get(int(index[table_row]))
             if tile is not None:
                 canvas.paste(tile.resize((TILE, TILE), Image.NEAREST), (x + BORDER, y + BORDER))
-    when = "" if step is None else f", step {step}"
     return captioned(canvas, f"Top-{GRID_NEIGHBOURS} retrievals of {len(rows)} fixed test queries by backbone "
-                             f"features{when}", RETRIEVAL_LEGEND)
+                             f"features{_when(step)}", RETRIEVAL_LEGEND)
+
+
+def _when(step: int | None) -> str:
+    """A picture's title's end: the training step it shows, or that it shows the network before training."""
+    return "" if step is None else ", before training" if step == 0 else f", step {step}"
 
 
 def captioned(body: Image.Image, title: str, legend: tuple) -> Image.Image:
@@ -108,7 +112,7 @@ def embedding_plot(table: dict, max_points: int = 2000, seed: int = 0, coarse_na
     perplexity = float(min(30, max(2, len(chosen) // 4)))
     points = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features[chosen])
     figure, axes = plt.subplots(1, 2, figsize=(11, 5.5), dpi=100)
-    title = "Test features of the backbone, t-SNE" + ("" if step is None else f", step {step}")
+    title = f"Test features of the backbone, t-SNE{_when(step)}"
     figure.suptitle(title)
     names = {"coarse class": lambda c: coarse_names[c] if coarse_names else f"coarse {c}",
              "fine class": lambda c: fine_names[c] if fine_names else f"fine {c}"}

@@ -92,6 +92,7 @@ def test_the_pictures_carry_their_titles_and_legends_into_their_files(tmp_path):
     _save_picture(retrieval_grid(table, out, step=120), tmp_path / "grid.png")
     texts = Image.open(tmp_path / "grid.png").text
     assert "retrievals" in texts["Title"] and "step 120" in texts["Title"]
+    assert retrieval_grid(table, out, step=0).info["Title"].endswith("features, before training")   # untrained
     assert texts["Description"].split("; ") == ["query (first column)", "same fine class as the query",
                                                 "another fine class"]
     _save_picture(embedding_plot(table, coarse_names=["animals", "vehicles"], step=120), tmp_path / "map.png")
