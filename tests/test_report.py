@@ -164,6 +164,10 @@ def test_the_report_counts_the_runs_its_rows_hold(tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.endswith("(1 run in 1 row)"), last
     write_run(tmp_path / "runs" / "again", "cifar100", "maskcon", 2, recall)
+    other = write_run(tmp_path / "runs" / "other-lr", "cifar100", "maskcon", 3, recall)   # finished, left out:
+    config = yaml.safe_load((other / "config.yaml").read_text())                         # not the paper's recipe
+    (other / "config.yaml").write_text(yaml.safe_dump({**config, "lr": 0.05}))
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("(2 runs in 1 row)")
+    said = capsys.readouterr().err.strip().splitlines()
+    assert any("other-lr" in line for line in said) and said[-1].endswith("(2 runs in 1 row)"), said
     assert (tmp_path / "report" / "report.md").read_text().endswith("|\n")
