@@ -26,8 +26,8 @@ def show(report: dict, as_json: bool) -> int:
 
 
 def text(report: dict) -> str:
-    """A report as text: `name: value` per figure; a mapping or list of mappings (one per mode, loader, case)
-    as a table with a row each; any other mapping indented below its name."""
+    """A report as text: `name: value` per figure (a spread as `median (min-max)`); a mapping or list of
+    mappings (one per mode, loader, case) as a table with a row each; any other mapping indented below its name."""
     lines = []
     for name, value in report.items():
         keyed = isinstance(value, dict)
@@ -37,7 +37,7 @@ def text(report: dict) -> str:
             lines += [f"{name}:", table([""] * keyed + columns,
                                         [[key] * keyed + [cell(row.get(column)) for column in columns]
                                          for key, row in zip(value if keyed else rows, rows)])]
-        elif keyed:
+        elif keyed and set(value) != {"median", "min", "max"}:       # a spread is one figure
             lines += [f"{name}:", *(f"  {line}" for line in text(value).splitlines())]
         else:
             lines.append(f"{name}: {cell(value)}")
