@@ -15,6 +15,7 @@ your own images:
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -99,16 +100,21 @@ def load_backbone(path: Path | str, map_location: str | torch.device = "cpu") ->
         raise UserError(f"{path}: no such file or folder; pass a finished run folder or its {BACKBONE_FILE}")
     if not file.is_file():
         raise UserError(f"no backbone at {file}; pass a finished run folder or its {BACKBONE_FILE}")
-    try:
+    try:    # only tensors and plain containers are read (weights_only): a hostile file runs no code
         saved = torch.load(file, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError) as error:
-        raise UserError(f"cannot read {file} ({type(error).__name__}); it is not a maskcon backbone") from None
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        raise UserError(f"cannot read {file} ({type(error).__name__}); it is not a maskcon backbone: pass a run "
+                        f"folder, its {BACKBONE_FILE} or a checkpoint folder (RUN/checkpoints/step-N)") from None
     if not isinstance(saved, dict) or not {"state_dict", "metadata"} <= set(saved):
         raise UserError(f"{file} holds no maskcon metadata (weights only); rebuild the encoder with "
                         f"maskcon.backbone.build_encoder(arch, image_size) and load it")
-    metadata = saved["metadata"]
-    encoder = build_encoder(metadata["arch"], metadata["image_size"])
-    encoder.load_state_dict(saved["state_dict"])
+    try:
+        metadata = saved["metadata"]
+        encoder = build_encoder(metadata["arch"], metadata["image_size"])
+        encoder.load_state_dict(saved["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise UserError(f"{file}: its weights do not fit the network its metadata describes "
+                        f"({type(error).__name__}); save the backbone again from its run") from None
     encoder.metadata = metadata
     return encoder.eval()
 

@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 import torch
 import yaml
@@ -61,9 +62,14 @@ def load_network(path: Path) -> tuple[nn.Module, dict, str]:
     if not settings:
         raise UserError(f"{checkpoint} lies outside a run folder with config.yaml; its network cannot be built")
     encoder = build_encoder(settings["arch"], settings["image_size"])
-    weights = safetensors.torch.load_file(str(checkpoint / checkpoints.MODEL_FILE))
-    encoder.load_state_dict({name[len(ENCODER_PREFIX):]: tensor for name, tensor in weights.items()
-                             if name.startswith(ENCODER_PREFIX)})
+    try:
+        weights = safetensors.torch.load_file(str(checkpoint / checkpoints.MODEL_FILE))
+        encoder.load_state_dict({name[len(ENCODER_PREFIX):]: tensor for name, tensor in weights.items()
+                                 if name.startswith(ENCODER_PREFIX)})
+    except (OSError, RuntimeError, ValueError, safetensors.SafetensorError) as error:
+        problem = checkpoints.damage(checkpoint) or type(error).__name__
+        raise UserError(f"checkpoint {checkpoint} cannot be read ({problem}); pass another checkpoint, or the run "
+                        f"folder for its newest intact one") from None
     return encoder.eval(), settings, f"checkpoint {checkpoint}"
 
 

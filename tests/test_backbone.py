@@ -63,3 +63,41 @@ def test_weights_without_metadata_are_refused_in_one_line(tmp_path):
         load_network(tmp_path / "elsewhere")
     with pytest.raises(UserError, match="holds no backbone.pt and no checkpoint"):
         load_network(tmp_path / "unfinished")
+
+
+class _Hostile:
+    """A pickle that runs a command when it is loaded without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_files_that_are_not_a_network_are_refused_in_one_line_and_run_nothing(tmp_path):
+    import os
+
+    from maskcon.evaluation import load_network
+
+    (tmp_path / "config.yaml").write_text("dataset: digits\narch: resnet18\nimage_size: 8\n")   # a run folder's
+    (tmp_path / "noise.pt").write_bytes(os.urandom(4096))
+    torch.save({"weights": _Hostile(tmp_path / "ran")}, tmp_path / "hostile.pt")
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}, "metadata": {"arch": "resnet18", "image_size": 8}},
+               tmp_path / "misfit.pt")
+    for name, says in (("config.yaml", "it is not a maskcon backbone: pass a run folder"),
+                       ("noise.pt", "it is not a maskcon backbone"), ("hostile.pt", "it is not a maskcon backbone"),
+                       ("misfit.pt", "its weights do not fit the network its metadata describes")):
+        for load in (maskcon.load_backbone, load_network):
+            with pytest.raises(UserError, match=says) as error:
+                load(tmp_path / name)
+            assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
+    assert not (tmp_path / "ran").exists()
+    checkpoint = tmp_path / "checkpoints" / "step-00000010"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(b"\xff" * 64)      # cut short while it was copied
+    with pytest.raises(UserError, match=r"step-00000010 cannot be read \(files.json missing") as error:
+        load_network(checkpoint)
+    assert "\n" not in str(error.value)
