@@ -1,6 +1,7 @@
 """Errors the user can fix: the entry points print them as one line and exit with status 2."""
 
 import argparse
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -30,3 +31,11 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def file_in_the_way(path) -> Path | None:
+    """The file that stands where PATH or one of its parents must be a folder; None when there is none."""
+    for candidate in (Path(path), *Path(path).parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None

@@ -19,7 +19,7 @@ import torch
 
 from maskcon import checkpoints, remote, rundir
 from maskcon.config import ACTIONS, Config, base_learning_rate, shards_dir, to_dict
-from maskcon.errors import UserError
+from maskcon.errors import UserError, file_in_the_way
 from maskcon.provenance import nvidia_smi
 from maskcon.shard_format import check_split, read_manifest
 
@@ -144,6 +144,11 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     url, digest, staging = (config.shards, None, None) if remote.is_url(config.shards) else (None, None, None)
     folder = staged if staged is not None else shards_dir(config)
+    for place, fix in ((None if url else folder, "name a folder for the shards"),
+                       (config.output_dir, "choose another --output-dir")):   # as the builder would find them
+        blocker = file_in_the_way(place) if place else None
+        if blocker is not None:
+            raise UserError(f"{blocker} is a file, not a folder; {fix}")
     if url is not None and staged is None:
         manifest, raw = (None, b"") if not shards_required else remote.read_remote_manifest(url)
         digest = remote.manifest_sha256(raw) if manifest is not None else None

@@ -216,15 +216,17 @@ def build_run(config: Config, accelerator: Accelerator) -> Run:
     """The run of `config` on `accelerator`: every process calls it at the same point. It claims the run
     folder, writes the bundled digits' shards when missing, plans (`planned`) and carries the plan out."""
     settle_device(config, accelerator)
-    made = config.output_dir is None or not Path(config.output_dir).exists()   # by this start, when it is fresh
-    alone = made or not rundir.run_files(Path(config.output_dir))   # no other run's file there: this start's alone
+    # the folders this start makes, when it is fresh: the missing part of --output-dir, or runs/ and its new folder
+    top = rundir.missing_top(Path(config.output_dir) if config.output_dir else
+                             rundir.default_base(config.dataset, config.method).parent)
+    alone = top or config.output_dir is None or not rundir.run_files(Path(config.output_dir))   # no other run's file
     claimed = rundir.claim_everywhere(config.output_dir, config.resume, dataset=config.dataset,
                                       method=config.method, log=accelerator.print)
     try:
         return _build_claimed(config, accelerator, claimed)
     except BaseException:     # bad input found while building: a fresh start leaves no half-made folder
         if claimed.resume_from is None and alone and accelerator.is_main_process:
-            rundir.abandon_start(claimed.path, made)
+            rundir.abandon_start(claimed.path, top or (claimed.path if config.output_dir is None else None))
         raise
 
 

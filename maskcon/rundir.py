@@ -37,7 +37,7 @@ from pathlib import Path
 
 from maskcon import checkpoints, dist, failures
 from maskcon.backbone import BACKBONE_FILE
-from maskcon.errors import UserError
+from maskcon.errors import UserError, file_in_the_way
 from maskcon.stopping import LAUNCHER_ENV
 
 RESUME_NEWEST = "newest"  # the value of a bare --resume
@@ -296,25 +296,38 @@ def _remove_start_files(folder: Path) -> bool:
     return True
 
 
-def abandon_start(folder: Path, made: bool) -> None:
+def abandon_start(folder: Path, made: Path | None) -> None:
     """A fresh start in FOLDER ended before training (bad input found while the run was built): its files go,
-    and the folder itself when the start made it, so that retries leave no empty run folders behind."""
+    and the folders the start made (MADE: FOLDER, or the outermost of its parents that it created), so that
+    retries leave no empty run folders behind."""
     _remove_start_files(folder)
     release(folder)
     if run_files(folder):
         return
     (folder / LOCK).unlink(missing_ok=True)
-    if made:
+    for path in (folder, *folder.parents) if made is not None else ():
         try:
-            folder.rmdir()
-        except OSError:    # something else was put there meanwhile: it stays
-            pass
+            path.rmdir()
+        except OSError:    # something else was put there meanwhile: it stays, and so do the folders above it
+            return
+        if path == made:
+            return
+
+
+def missing_top(path: Path) -> Path | None:
+    """The outermost of PATH and its parents that does not exist (what creating PATH makes); None when PATH exists."""
+    top = None
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        top = candidate
+    return top
 
 
 def _checkpoint_at(path: Path, newest: Callable[[Path], Path | None]) -> tuple[Path | None, Path]:
     """--resume PATH: a run folder, its checkpoints folder, or one checkpoint; (run folder or None, checkpoint)."""
     if not path.is_dir():
-        raise UserError(f"--resume {path}: no such folder; pass a run folder or one of its checkpoints "
+        raise UserError(f"--resume {path}: {'a file, not a folder' if path.exists() else 'no such folder'}; pass a run folder or one of its checkpoints "
                         f"(RUN/{CHECKPOINTS}/step-N), or a bare --resume with --output-dir")
     if (path / checkpoints.FILES_RECORD).exists() or (path / checkpoints.STATE_FILE).exists():
         problem = checkpoints.damage(path)
@@ -339,6 +352,9 @@ def claim_everywhere(output_dir: str | None, resume: str | None, *, dataset: str
         try:
             claimed = claim(output_dir, resume, default=default_base(dataset, method), log=log)
         except OSError as error:
+            blocker = file_in_the_way(error.filename or output_dir or ".")
+            if blocker is not None:
+                raise UserError(f"{blocker} is a file, not a folder; choose another --output-dir") from None
             raise UserError(f"cannot prepare the run folder {error.filename or output_dir} ({error.strerror}); "
                             f"fix its permissions or choose another --output-dir") from None
         return [str(claimed.path), None if claimed.resume_from is None else str(claimed.resume_from)]

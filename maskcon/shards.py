@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from maskcon import usable_cpus, write_atomic
-from maskcon.errors import UserError
+from maskcon.errors import UserError, file_in_the_way
 from maskcon.shard_format import (LABEL_BYTES, LABEL_ENCODING, LABEL_MEMBERS, MANIFEST, PLAN, PNG_SIGNATURE, SPLITS,
                                   Member, decode_label, encode_label, format_index, index_of_tar, member_name,
                                   read_manifest, shard_names, shard_problem, shard_record, split_member)
@@ -337,6 +337,9 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
         return write(out)
     except OSError as error:  # no space, no permission: in this process or in a worker
         shutil.rmtree(Path(out) / _STAGING, ignore_errors=True)
+        blocker = file_in_the_way(out)
+        if blocker is not None:
+            raise UserError(f"{blocker} is a file, not a folder; name a folder for the shards") from None
         raise UserError(f"create failed at {error.filename or out} ({error.strerror or error}); free space or fix "
                         f"permissions there, then rerun the same command: finished shards are kept") from None
 

@@ -110,6 +110,22 @@ def test_the_plan_refuses_what_the_run_refuses_without_writing(digits_shards, tm
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("option, fix", [("--output-dir", "choose another --output-dir"),
+                                         ("--shards", "name a folder for the shards")])
+def test_a_file_where_a_folder_must_be_is_one_line_from_check_and_run_alike(tmp_path, option, fix):
+    (tmp_path / "file").write_text("notes\n")
+    said = set()
+    for script, extra in (("train.py", ["--check"]), ("train.py", []), ("run.py", [])):
+        where = [] if option == "--output-dir" else ["--output-dir", str(tmp_path / "runs" / script)]
+        result = door(script, [option, str(tmp_path / "file" / "sub"), *where, "--epochs", "1", *extra])
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        said.add(result.stderr.strip())
+    assert said == {f"error: {tmp_path / 'file'} is a file, not a folder; {fix}"}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "notes\n"
+    result = door("train.py", ["--resume", str(tmp_path / "file")])
+    assert result.stderr.strip().startswith(f"error: --resume {tmp_path / 'file'}: a file, not a folder; pass a run")
+
+
 def test_the_plan_warns_of_a_warm_up_as_long_as_the_run(digits_shards):
     from maskcon.config import parse_config
     from maskcon.plan import plan_run
