@@ -327,7 +327,8 @@ def missing_top(path: Path) -> Path | None:
 def _checkpoint_at(path: Path, newest: Callable[[Path], Path | None]) -> tuple[Path | None, Path]:
     """--resume PATH: a run folder, its checkpoints folder, or one checkpoint; (run folder or None, checkpoint)."""
     if not path.is_dir():
-        raise UserError(f"--resume {path}: {'a file, not a folder' if path.exists() else 'no such folder'}; pass a run folder or one of its checkpoints "
+        what = "a file, not a folder" if path.exists() else "no such folder"
+        raise UserError(f"--resume {path}: {what}; pass a run folder or one of its checkpoints "
                         f"(RUN/{CHECKPOINTS}/step-N), or a bare --resume with --output-dir")
     if (path / checkpoints.FILES_RECORD).exists() or (path / checkpoints.STATE_FILE).exists():
         problem = checkpoints.damage(path)
