@@ -167,15 +167,16 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
             raise UserError(f"the train split has {train_samples} samples: too few for {processes} process(es) of "
                             f"batch {config.batch_size}; lower the batch size")
         steps_per_epoch = train_samples // processes // config.batch_size
+    skipped: list[str] = []     # damaged newer checkpoints, as the run will say it skips them
     if resume_from is _READ:
-        resume_from = rundir.resume_point(config.output_dir, config.resume, lambda line: None, repair=False)[1] \
+        resume_from = rundir.resume_point(config.output_dir, config.resume, skipped.append, repair=False)[1] \
             if config.resume and manifest is not None else None
     precision = resolve_precision(config.mixed_precision, device)
     plan = Plan(config=config, processes=processes, device=device, precision=precision,
                 channels_last=device == "cuda" if config.channels_last is None else config.channels_last,
                 shards=folder, manifest=manifest, base_lr=base_learning_rate(config, processes),
                 steps_per_epoch=steps_per_epoch, resume_from=resume_from, start_step=0,
-                notes=_notes(config, device, None if manifest is None else train_samples), shards_url=url,
+                notes=(*skipped, *_notes(config, device, None if manifest is None else train_samples)), shards_url=url,
                 manifest_sha256=digest, staging=staging)
     if resume_from is None or manifest is None:
         return plan

@@ -185,10 +185,12 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(digits_shards
     newest = out / "checkpoints" / f"step-{2 * STEPS_PER_EPOCH:08d}"
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])                  # a copy that stopped half way
+    checked = train(["--shards", str(digits_shards), *RUN, "--output-dir", str(out), "--resume", "--check"])
     resumed = train(["--shards", str(digits_shards), *RUN, "--output-dir", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     notice = [line for line in resumed.stdout.splitlines() if "is damaged" in line]
     assert len(notice) == 1 and str(newest) in notice[0] and "model.safetensors" in notice[0]
+    assert f"warning: {notice[0]}" in checked.stdout.splitlines(), checked.stdout     # --check says it first
     assert f"at step {STEPS_PER_EPOCH}" in resumed.stdout
     assert_same_run(out, uninterrupted, STEPS_PER_EPOCH)
 
