@@ -379,9 +379,27 @@ def earlier_results(folder: Path) -> dict:
     return results if isinstance(results, dict) else {}
 
 
-def write_results(folder: Path, results: dict, *, resumed: bool) -> None:
-    """Write FOLDER/results.json atomically; a resumed run's results extend those it found there."""
-    content = {**(earlier_results(folder) if resumed else {}), **results}
+def untrained_results(folder: Path) -> dict:
+    """untrained_R@K of the run in FOLDER from its metrics.jsonl (the evaluation at step 0, with
+    --eval-untrained); {} when it holds none. A run stopped before its end wrote no results.json: its resume
+    finds the figures here."""
+    try:
+        with open(folder / METRICS) as rows:
+            for line in rows:
+                row = json.loads(line)
+                if row.get("step") == 0 and "R@1" in row:
+                    return {f"untrained_{name}": value for name, value in row.items() if name.startswith("R@")}
+                if row.get("step", 0) > 0:
+                    return {}
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {}
+
+
+def write_results(folder: Path, results: dict, *, resumed: bool) -> dict:
+    """Write FOLDER/results.json atomically and return what it holds: a resumed run's results extend those it
+    found there (or, when a stop left none, the untrained figures of its metrics.jsonl)."""
+    content = {**(earlier_results(folder) or untrained_results(folder) if resumed else {}), **results}
     target = folder / RESULTS
     partial = target.with_name(f".{RESULTS}.partial")
     try:
@@ -391,3 +409,4 @@ def write_results(folder: Path, results: dict, *, resumed: bool) -> None:
         partial.unlink(missing_ok=True)
         raise UserError(f"writing {target} failed ({error.strerror}); free space or fix permissions there; "
                         f"the checkpoints are intact") from None
+    return content

@@ -225,6 +225,9 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
     first = step = logged = run.step
     end = run.total_steps if config.max_steps is None else min(run.total_steps, config.max_steps)
     _announce(run)
+    if first >= end:
+        run.accelerator.print(f"the run is already at step {first} of {end}: nothing is left to train; its results "
+                              f"stay in {run.output_dir / rundir.RESULTS}", flush=True)
     untrained, metrics, stopped = {}, {}, "finished"
     feed = Feed(run.train_loader.spec.blank_train_batch())
     if step == 0 and run.resumed_from is None:   # a resumed run has its bank (and its untrained figures)
@@ -368,8 +371,7 @@ def _write_results(run: Run, results: dict) -> None:
     recall = {name: value for name, value in results.items() if name.startswith("R@")}
     if results["stopped"] != "preempted":
         save_backbone(run.output_dir, run.learner.encoder, backbone_metadata(run.resolved, recall, results["step"]))
-        rundir.write_results(run.output_dir, results, resumed=run.resumed_from is not None)
-        _say_results(run, results)
+        _say_results(run, rundir.write_results(run.output_dir, results, resumed=run.resumed_from is not None))
     run.tracker.summary(recall)
     run.tracker.close()
 

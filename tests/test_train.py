@@ -165,6 +165,38 @@ def test_resume_after_sigkill_at_an_epoch_checkpoint_ends_with_the_same_weights(
     assert_same_run(killed, uninterrupted, STEPS_PER_EPOCH)
 
 
+def test_a_run_killed_and_resumed_keeps_its_untrained_figures(digits_shards, tmp_path):
+    killed = tmp_path / "killed"
+    options = ["--shards", str(digits_shards), *RUN, "--eval-untrained", "true", "--output-dir", str(killed)]
+    process = subprocess.Popen([sys.executable, "launch/train.py", *options], cwd=ROOT, env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: (killed / "checkpoints" / f"step-{STEPS_PER_EPOCH:08d}" / "files.json").exists(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    step_zero = read_metrics(killed)[1][0]                  # the evaluation before the first step
+    assert step_zero["step"] == 0 and not (killed / "results.json").exists()
+    resumed = train([*options, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = json.loads((killed / "results.json").read_text())
+    assert {name: results[f"untrained_{name}"] for name in ("R@1", "R@10")} == \
+        {name: step_zero[name] for name in ("R@1", "R@10")}
+    assert f"untrained R@1 {step_zero['R@1']:.2f}" in resumed.stdout
+
+
+def test_resuming_a_finished_run_says_it_is_finished_and_keeps_its_results(digits_shards, uninterrupted, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(uninterrupted, out)
+    before = json.loads((out / "results.json").read_text())
+    resumed = train(["--shards", str(digits_shards), *RUN, "--output-dir", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    end = 2 * STEPS_PER_EPOCH
+    assert f"the run is already at step {end} of {end}: nothing is left to train" in resumed.stdout
+    assert f"final R@1 {before['R@1']:.2f}" in resumed.stdout
+    after = json.loads((out / "results.json").read_text())
+    assert {name: after[name] for name in before if name.startswith("R@")} == \
+        {name: value for name, value in before.items() if name.startswith("R@")}
+
+
 def test_resume_in_the_middle_of_an_epoch_ends_with_the_same_weights(digits_shards, uninterrupted, tmp_path):
     out = tmp_path / "mid"
     middle = STEPS_PER_EPOCH + 7
