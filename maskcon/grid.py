@@ -7,7 +7,9 @@ RUNS/POINT, where RUNS is --runs (default runs/SWEEP_NAME) and POINT names the v
 (`method-grafit_seed-1`). The points run one after another. A point whose folder holds results.json is done
 and skipped; any other continues from its newest checkpoint (`--resume auto`), so the same command after a
 stop or a failure carries on where the grid was; other options need a folder of their own (RUNS/grid.yaml
-records the grid's). `python launch/report.py RUNS` makes the tables.
+records the grid's). Before the first point runs, it is checked (`--check`): shards or options that every point
+shares and that cannot run are said once. `--dry-run` lists the points on stdout. `python launch/report.py
+RUNS` makes the tables.
 
 Ctrl-C, SIGTERM and SIGHUP go on to the running point, which stops with a checkpoint; then the grid stops
 (exit 3, as a stopped run). A point that fails is named and the next one runs; the exit status is then 2.
@@ -92,19 +94,21 @@ def main(argv: list[str]) -> int:
     args, extra = _parser().parse_known_args(argv)
     sweep = read_sweep(args.sweep)
     runs = args.runs or rundir.DEFAULT_ROOT / str(sweep.get("name") or args.sweep.stem)
-    if not args.dry_run:
-        _claim(runs, args.sweep, extra)
     grid = [(point, runs / point_name(point, sweep)) for point in points(sweep)]
     done = [folder for _, folder in grid if (folder / rundir.RESULTS).exists()]
+    if not args.dry_run:
+        _check_first([command(sweep, point, extra, folder) for point, folder in grid if folder not in done])
+        _claim(runs, args.sweep, extra)
     print(f"{args.sweep}: {len(grid)} points into {runs}, {len(done)} done before", file=sys.stderr, flush=True)
+    listing = sys.stdout if args.dry_run else sys.stderr     # --dry-run's list is its output
     failed = []
     for number, (point, folder) in enumerate(grid, 1):
         line = command(sweep, point, extra, folder)
         if folder in done:
-            print(f"[{number}/{len(grid)}] {folder.name}: done", file=sys.stderr, flush=True)
+            print(f"[{number}/{len(grid)}] {folder.name}: done", file=listing, flush=True)
             continue
         print(f"[{number}/{len(grid)}] {folder.name}: python {sweep['program']} {' '.join(line[2:])}",
-              file=sys.stderr, flush=True)
+              file=listing, flush=True)
         if args.dry_run:
             continue
         status = _run_point(line, sweep)
@@ -120,9 +124,20 @@ def main(argv: list[str]) -> int:
         print(f"{len(failed)} of {len(grid)} points failed: {', '.join(failed)}; fix the cause and run the same "
               f"command again (the finished ones are skipped)", file=sys.stderr)
         return 2
-    if not args.dry_run:
-        print(f"every point done: python launch/report.py {runs}", file=sys.stderr)
+    if not args.dry_run:    # options of the grid's own make runs outside the paper's recipes: --all shows them
+        print(f"every point done: python launch/report.py {runs}{' --all' if extra else ''}", file=sys.stderr)
     return 0
+
+
+def _check_first(lines: list[str]) -> None:
+    """The first point to run, checked (`--check`) before the grid starts: what every point shares (its shards,
+    its options) refused once in one line (UserError) rather than by each point in turn."""
+    if not lines:
+        return
+    checked = subprocess.run([*lines[0], "--check"], stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if checked.returncode != 0:
+        said = [line for line in checked.stderr.splitlines() if line.startswith("error: ")] or ["it failed"]
+        raise UserError(f"the grid's first point does not pass --check: {said[-1].removeprefix('error: ')}")
 
 
 def _claim(runs: Path, sweep: Path, extra: list[str]) -> None:

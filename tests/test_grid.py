@@ -59,6 +59,8 @@ def test_a_grid_runs_every_point_and_the_same_command_skips_the_finished_ones(di
     first = _grid(tmp_path, str(sweep), *options)
     _, err = first.communicate(timeout=900)
     assert first.returncode == 0, err[-3000:]
+    # --max-steps 2 is not the paper's recipe: the report needs --all to show these points
+    assert err.strip().splitlines()[-1] == "every point done: python launch/report.py runs/tiny --all"
     runs = tmp_path / "runs" / "tiny"
     assert sorted(path.name for path in runs.iterdir()) == ["grid.yaml", "seed-0", "seed-1"]
     for seed in (0, 1):
@@ -88,6 +90,23 @@ def test_a_sweep_that_cannot_run_here_is_one_line(tmp_path):
         lines = err.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and wanted in lines[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_shards_every_point_lacks_are_refused_once_before_any_point_and_dry_run_lists_on_stdout(tmp_path):
+    sweep = _sweep(tmp_path, [0, 1, 2])
+    text = sweep.read_text().replace("value: digits", "value: cifar100")
+    sweep.write_text(text)
+    done = _grid(tmp_path, str(sweep), "--shards", str(tmp_path / "nowhere"))
+    out, err = done.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: the grid's first point does not pass --check: no complete shards at ")
+    assert "make_shards.py create cifar100" in lines[0] and not (tmp_path / "runs").exists()
+    listed = _grid(tmp_path, str(sweep), "--dry-run")
+    out, err = listed.communicate(timeout=120)
+    assert listed.returncode == 0 and [line.split(":")[0] for line in out.splitlines()] == [
+        "[1/3] seed-0", "[2/3] seed-1", "[3/3] seed-2"], (out, err)
+    assert "3 points into runs/tiny, 0 done before" in err and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
