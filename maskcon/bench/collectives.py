@@ -185,22 +185,29 @@ def _summary(per_rank: list[list[dict]], options: argparse.Namespace, argv: list
         for scheme in ("old", "new"):
             busiest = {section: max(row[scheme].get(section, 0) for row in rows) for section in SECTIONS}
             case[scheme].append({**busiest, "total": max(sum(row[scheme].values()) for row in rows)})
-    steps = []
+    steps, sections = [], []      # per case: the totals; per case and scheme: each section of the step
     for (size, batch), case in sorted(cases.items()):
-        step = {"image_size": size, "batch": batch, "gradients_kB": round(case["gradients_bytes"] / 1e3),
-                **{f"{scheme} {section} kB": spread([repeat[section] / 1e3 for repeat in case[scheme]], 1)
-                   for scheme in ("old", "new") for section in (*SECTIONS, "total")}}
-        step["old/new"] = round(step["old total kB"]["median"] / max(step["new total kB"]["median"], 0.1), 1)
-        steps.append(step)
+        kilobytes = {scheme: {section: spread([repeat[section] / 1e3 for repeat in case[scheme]], 1)
+                              for section in (*SECTIONS, "total")} for scheme in ("old", "new")}
+        steps.append({"image_size": size, "batch": batch, "old kB": kilobytes["old"]["total"],
+                      "new kB": kilobytes["new"]["total"],
+                      "old/new": round(kilobytes["old"]["total"]["median"] / max(kilobytes["new"]["total"]["median"],
+                                                                                 0.1), 1),
+                      "gradients kB": round(case["gradients_bytes"] / 1e3)})
+        sections += [{"case": f"{size} px, N {batch}", "scheme": scheme,
+                      **{f"{section} kB": kilobytes[scheme][section] for section in SECTIONS}}
+                     for scheme in ("old", "new")]
     evaluation = [rows[-1]["evaluation"] for rows in per_rank]
     return {"command": command("collectives", argv),
             "machine": f"{cpu_name()}, {usable_cpus()} CPUs, torch {torch.__version__}, gloo",
             **{name: getattr(options, name) for name in ("processes", "arch", "precision", "queue_size", "dim",
                                                          "log_every", "repeats")},
-            "steps": steps,
-            "evaluation": {"rows": options.eval_rows,
-                           **{f"{scheme}_bytes": max(e[scheme] for e in evaluation) for scheme in ("old", "new")},
-                           **{f"{scheme}_bytes_all": sum(e[scheme] for e in evaluation) for scheme in ("old", "new")}}}
+            "steps": steps, "sections": sections,
+            "evaluation": {"rows": options.eval_rows,   # kB received by the busiest process, and by all together
+                           **{f"{scheme} kB": round(max(e[scheme] for e in evaluation) / 1e3, 1)
+                              for scheme in ("old", "new")},
+                           **{f"{scheme} kB, all processes": round(sum(e[scheme] for e in evaluation) / 1e3, 1)
+                              for scheme in ("old", "new")}}}
 
 
 def main(argv: list[str]) -> int:
