@@ -256,6 +256,9 @@ class _InProcess:
     def submit(self, function, *args) -> _Deferred:
         return _Deferred(function, args)
 
+    def map(self, function, items, chunksize: int = 1):
+        return map(function, items)
+
     def __enter__(self):
         return self
 
@@ -306,6 +309,7 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     _check_options(compress_level, samples_per_shard)
+    _check_apart(src, out)
     if labels is not None and not DATASETS[dataset].label_files:
         raise UserError(f"--labels: {dataset} reads no official label files; leave --labels out")
     reader_options = {} if labels is None else {"labels": Path(labels)}
@@ -342,6 +346,18 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
             raise UserError(f"{blocker} is a file, not a folder; name a folder for the shards") from None
         raise UserError(f"create failed at {error.filename or out} ({error.strerror or error}); free space or fix "
                         f"permissions there, then rerun the same command: finished shards are kept") from None
+
+
+def _check_apart(src: Path | str | None, out: Path | str) -> None:
+    """UserError when the shards would be written into the source: they would become source files of it."""
+    from maskcon import remote
+
+    if src is None or remote.is_url(str(out)):
+        return
+    source, target = Path(src).resolve(), Path(out).resolve()
+    if target == source or source in target.parents:
+        raise UserError(f"--out {out} lies inside --src {src}: the shards would become files of the source; "
+                        f"choose an --out outside it")
 
 
 def _check_options(compress_level: int, samples_per_shard: int | None) -> None:
@@ -382,13 +398,13 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
         if split_plan["num_samples"] == 0:
             raise UserError(f"the {name} split of {dataset} is empty; check --src")
 
-    complete = _prepare_out(out, plan, source, overwrite, log)
+    workers = usable_cpus() if workers is None else max(1, workers)
+    complete = _prepare_out(out, plan, source, overwrite, log, workers)
     if complete is not None:
         return complete
     manifest_path, plan_path, progress_path = out / MANIFEST, out / PLAN, out / _PROGRESS
     recorded = _read_progress(progress_path)  # tar -> sha256 of the shards an earlier run finished
 
-    workers = usable_cpus() if workers is None else max(1, workers)
     staging = out / _STAGING
     jobs, split_jobs, found = [], {}, 0
     for name, split in source.splits.items():
@@ -427,8 +443,8 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
     return manifest
 
 
-def _prepare_out(out: Path, plan: dict, source: DatasetSource, overwrite: bool,
-                 log: Callable[[str], None]) -> dict | None:
+def _prepare_out(out: Path, plan: dict, source: DatasetSource, overwrite: bool, log: Callable[[str], None],
+                 workers: int) -> dict | None:
     """Make OUT ready for writing by `plan`, or return its manifest when it already holds the complete,
     undamaged result. Refuses (UserError naming what changed) a folder made, or being made, from other
     inputs unless `overwrite`; checks the source's files before anything is removed or written."""
@@ -454,7 +470,7 @@ def _prepare_out(out: Path, plan: dict, source: DatasetSource, overwrite: bool,
     if changes and not overwrite:
         raise UserError(f"{out} holds an interrupted conversion of other inputs ({'; '.join(changes)}); pass "
                         "--overwrite to start afresh from these, or choose another --out")
-    _check_source(source, log)
+    _check_source(source, log, workers)
     if replaces_manifest:
         manifest_path.unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -524,11 +540,15 @@ def _changes(recorded: dict | None, plan: dict) -> list[str]:
     def shown(value) -> str:   # None: the option was left out (its default)
         return "default" if value is None else str(value)
 
-    changes += [f"--{name.replace('_', '-')} {shown(old_options.get(name))} -> {shown(value)}"
+    flag = {"png_compress_level": "compress_level"}     # the option of make_shards create that sets it
+    changes += [f"--{flag.get(name, name).replace('_', '-')} {shown(old_options.get(name))} -> {shown(value)}"
                 for name, value in plan["options"].items() if old_options.get(name) != value]
     old_files, new_files = recorded.get("source_files") or {}, plan["source_files"] or {}
     if old_files.get("sha256") != new_files.get("sha256"):
-        changes.append(f"the source files ({_files_text(old_files)} -> {_files_text(new_files)})")
+        alike = old_files and all(old_files.get(key) == new_files.get(key) for key in ("files", "bytes"))
+        changes.append(f"the source files ({_files_text(new_files)} as before, but one was renamed or rewritten: "
+                       f"names or modification times differ)" if alike else
+                       f"the source files ({_files_text(old_files)} -> {_files_text(new_files)})")
     old_classes = recorded.get("classes") or {}
     if old_classes.get("fine") != plan["classes"]["fine"] or old_classes.get("coarse") != plan["classes"]["coarse"]:
         changes.append("the class names")
@@ -551,10 +571,11 @@ def _version_change(recorded: dict, plan: dict) -> list[str]:
     return [f"maskcon version {recorded.get('version')} -> {plan['version']}"]
 
 
-def _check_source(source: DatasetSource, log: Callable[[str], None]) -> None:
-    """Every source file checked before the first shard is written: each bad one named in a log line, then
-    one UserError."""
-    problems = [problem for split in source.splits.values() for problem in split.check()]
+def _check_source(source: DatasetSource, log: Callable[[str], None], workers: int) -> None:
+    """Every source file read whole (in `workers` processes) before the first shard is written: each bad one
+    named in a log line, then one UserError."""
+    with _executor(workers) as executor:
+        problems = [problem for split in source.splits.values() for problem in split.check(executor)]
     for problem in problems:
         log(f"bad source file: {problem}")
     if problems:

@@ -252,6 +252,26 @@ def test_bad_sop_cars_and_folder_sources(tmp_path):
     _one_line_error("folder", tmp_path / "folder", "header fine,coarse")
 
 
+def test_folder_sources_as_users_get_them_wrong_are_one_line_each_and_a_bom_is_read(tmp_path):
+    src = tmp_path / "folder"
+    sources.write_folder(src)
+    csv = src / "fine_to_coarse.csv"
+    text = csv.read_text()
+    csv.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())     # as a spreadsheet saves it
+    assert DATASETS["folder"].read(src).fine_classes == ["beagle", "persian", "poodle", "siamese", "boxer"]
+    csv.write_text(text + "owl,bird\nhusky,dog\n")
+    _one_line_error("folder", src, "lists the fine class 'owl' (and 1 more), which has no folder", "remove its row")
+    csv.write_text(text)
+    shutil.rmtree(src / "train" / "boxer")      # a class of the test split alone, as SOP's and Cars196's are
+    assert len(DATASETS["folder"].read(src).splits["train"]) == 4 * 4
+    (src / "train" / "boxer").mkdir()
+    _one_line_error("folder", src, f"the class folder {src / 'train' / 'boxer'} holds no images")
+    (src / "train" / "boxer").rmdir()
+    (src / "test" / "poodle" / "odd.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    _one_line_error("folder", src, "mixes JPEG and PNG images: 31 JPG (e.g. train/beagle/img.0.jpg), 1 PNG (e.g. "
+                    "test/poodle/odd.png)")
+
+
 class _CreatesAFile:
     """What a crafted pickle can hold: unpickling it calls `how` with arguments that create TARGET."""
 

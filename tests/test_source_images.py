@@ -4,6 +4,7 @@ know the inputs they were made from. Real image files, real shards, real DALI (C
 
 import io
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -157,7 +158,40 @@ def test_an_interrupted_create_is_not_finished_from_another_source(tmp_path):
     assert written and not (out / "manifest.json").exists()
     with pytest.raises(UserError, match="interrupted conversion of other inputs .*the source files.*--overwrite"):
         shards.create("folder", second, out, samples_per_shard=2, workers=1)
+    with pytest.raises(UserError, match=r"other inputs \(--compress-level \d -> 9\)"):      # the option as typed
+        shards.create("folder", first, out, samples_per_shard=2, workers=1, compress_level=9)
     manifest = shards.create("folder", first, out, samples_per_shard=2, workers=1)  # the same inputs resume
     assert manifest["source_files"]["folder"] == str(first.resolve())
     assert shards.verify(out, workers=1) == []
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["num_samples"] == 20
+    touched = sorted(first.rglob("*.png"))[0]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))   # saved again, alike
+    with pytest.raises(UserError, match=r"made from other inputs \(the source files \(36 files, .* as before, but "
+                                        r"one was renamed or rewritten"):
+        shards.create("folder", first, out, samples_per_shard=2, workers=1)
+
+
+def test_an_image_cut_short_inside_is_named_by_create_and_the_same_command_finishes_once_it_is_replaced(tmp_path):
+    src = tmp_path / "src"
+    sources.write_folder(src)
+    victim = sorted((src / "train").rglob("*.jpg"))[3]
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[:len(whole) * 2 // 3])      # a copy that stopped: the header reads, the pixels do not
+    for workers in (1, 2):
+        with pytest.raises(UserError, match=f"1 source file.* {victim}: its pixels do not decode") as caught:
+            shards.create("folder", src, tmp_path / "out", workers=workers)
+        assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()      # found before any shard
+    victim.write_bytes(whole)
+    manifest = shards.create("folder", src, tmp_path / "out", workers=2)
+    assert manifest["splits"]["train"]["num_samples"] == len(list((src / "train").rglob("*.jpg")))
+
+
+def test_shards_written_into_their_own_source_are_refused_before_anything_is_written(tmp_path):
+    src = tmp_path / "src"
+    sources.write_folder(src)
+    before = sorted(path.relative_to(src) for path in src.rglob("*"))
+    for out in (src, src / "shards", src / "train" / "shards"):
+        with pytest.raises(UserError, match=f"--out {out} lies inside --src {src}: .*choose an --out outside it"):
+            shards.create("folder", src, out, workers=1)
+    assert sorted(path.relative_to(src) for path in src.rglob("*")) == before
+    assert shards.create("folder", src, tmp_path / "shards", workers=1)["dataset"] == "folder"   # beside it: fine

@@ -23,7 +23,7 @@ WHERE = (f"make SRC hold {CSV_NAME} (header fine,coarse) and train/<class>/ and 
 
 def _read_csv(path: Path) -> list[tuple[str, str]]:
     try:
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:     # a BOM, as spreadsheets write, is skipped
             rows = list(csv.reader(handle))
     except FileNotFoundError:
         raise UserError(f"missing {path}; {WHERE}") from None
@@ -51,7 +51,7 @@ def read(src: Path | None) -> DatasetSource:
     coarse_classes = list(dict.fromkeys(coarse for _, coarse in pairs))
     fine_to_coarse = [coarse_classes.index(coarse) for _, coarse in pairs]
     fine_index = {name: i for i, name in enumerate(fine_classes)}
-    formats = set()
+    formats: dict[str, list[str]] = {}      # format -> the files of it
     splits = {}
     for split in ("train", "test"):
         split_dir = src / split
@@ -64,23 +64,33 @@ def read(src: Path | None) -> DatasetSource:
             if class_dir.name not in fine_index:
                 raise UserError(f"the class folder {class_dir} is not listed in {src / CSV_NAME}; add a row "
                                 f"{class_dir.name},<coarse class>")
-            for image in sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            images = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+            if not images:
+                raise UserError(f"the class folder {class_dir} holds no images; add them, or remove the folder")
+            for image in images:
                 kind = FORMATS.get(image.suffix.lower())
                 if kind is None:
                     raise UserError(f"{image} is neither JPEG (.jpg, .jpeg) nor PNG (.png); convert it or move it "
                                     "out of SRC")
-                formats.add(kind)
+                formats.setdefault(kind, []).append(image.relative_to(src).as_posix())
                 paths.append(image.relative_to(src).as_posix())
                 fine.append(fine_index[class_dir.name])
         if not paths:
             raise UserError(f"{split_dir} holds no images; {WHERE}")
         splits[split] = FileSplit(src, paths, fine, [fine_to_coarse[f] for f in fine])
     if len(formats) > 1:
-        raise UserError(f"{src} mixes JPEG and PNG images; convert them to one format (files pass through "
-                        "unchanged, so one format per dataset)")
+        counts = ", ".join(f"{len(files)} {kind.upper()} (e.g. {files[0]})" for kind, files in sorted(formats.items()))
+        raise UserError(f"{src} mixes JPEG and PNG images: {counts}; convert them to one format (files pass "
+                        "through unchanged, so one format per dataset)")
+    seen = {label for split in splits.values() for label in split.fine}
+    unused = [name for name in fine_classes if fine_index[name] not in seen]
+    if unused:
+        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+        raise UserError(f"{src / CSV_NAME} lists the fine class {unused[0]!r}{more}, which has no folder under "
+                        f"train/ or test/; remove its row, or add its images")
     return DatasetSource(
         name="folder", fine_classes=fine_classes, coarse_classes=coarse_classes, fine_to_coarse=fine_to_coarse,
-        image_format=formats.pop(), image_size=None, channels=3, splits=splits,
+        image_format=next(iter(formats)), image_size=None, channels=3, splits=splits,
         notes={"source": str(src), "keys": "image path relative to SRC, made key-safe",
                "labels": f"fine = class folder in {CSV_NAME} row order; coarse from {CSV_NAME}"},
     )

@@ -41,9 +41,9 @@ class Split:
     def item(self, i: int) -> Sample:
         raise NotImplementedError
 
-    def check(self) -> list[str]:
+    def check(self, executor) -> list[str]:
         """One line per source file that cannot become a sample, read before any is converted (default:
-        none; array sources are checked as they load)."""
+        none; array sources are checked as they load); executor: where the files are read (its map)."""
         return []
 
     def staged(self, work_dir: Path) -> "Split":
@@ -187,14 +187,15 @@ class FileSplit(Split):
         return Sample(key=key_from_path(self.paths[i]), image=decoded_alike(data, path), fine=self.fine[i],
                       coarse=self.coarse[i])
 
-    def check(self) -> list[str]:
-        return [f"{self.root / path}: {problem}" for path in self.paths
-                if (problem := file_problem(self.root / path)) is not None]
+    def check(self, executor) -> list[str]:
+        files = [self.root / path for path in self.paths]
+        return [f"{file}: {problem}" for file, problem in zip(files, executor.map(file_problem, files, chunksize=64))
+                if problem is not None]
 
 
 def file_problem(path: Path) -> str | None:
     """What makes the image file at PATH unusable, in a few words (empty, unreadable header, more pixels
-    than MAX_IMAGE_PIXELS), or None. Reads the header only."""
+    than MAX_IMAGE_PIXELS, pixels that do not decode: a file cut short or damaged inside), or None."""
     from PIL import Image
 
     try:
@@ -204,6 +205,11 @@ def file_problem(path: Path) -> str | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 width, height = image.size
+                if width * height <= MAX_IMAGE_PIXELS:
+                    try:
+                        image.load()
+                    except (OSError, ValueError, SyntaxError, struct.error) as error:
+                        return f"its pixels do not decode ({error})"
     except Image.DecompressionBombError:
         return f"declares more than {MAX_IMAGE_PIXELS} pixels (the limit)"
     except OSError as error:  # PIL's UnidentifiedImageError included
