@@ -198,7 +198,11 @@ def run_record(config: dict, results: dict, where: str) -> dict:
     method = METHODS[config["method"]]
     recalls = {int(name[2:]): float(value) for name, value in results.items()
                if name.startswith("R@") and name[2:].isdigit() and isinstance(value, (int, float))}
-    return {"dataset": config["dataset"], "method": config["method"], "seed": config["seed"],
+    # runs of `--dataset folder` on different shards are of different datasets: each folder its own table
+    dataset = config["dataset"]
+    if dataset == "folder":
+        dataset = f"folder {config.get('shards') or 'shards/folder'}"
+    return {"dataset": dataset, "method": config["method"], "seed": config["seed"],
             "w": float(config["w"]) if method.uses_w else None, "t": float(config["t"]) if method.uses_t else None,
             "recalls": recalls, "where": where, "options": {name: config[name] for name in DEFINING if name in config},
             "variant": _variant(config)}
@@ -256,6 +260,7 @@ def group(records: list[dict], *, everything: bool = False,
     """Rows over seeds, ordered by dataset (first seen), then the tables' method order, w, tau, variant.
     Runs of another recipe than the paper's are named through `log` and left out, unless `everything`."""
     rows: dict[tuple, Row] = {}
+    where: dict[tuple, str] = {}       # (row key, seed) -> the run that gave it
     for record in records:
         variant = record.get("variant", "")
         if variant and not everything:
@@ -266,8 +271,9 @@ def group(records: list[dict], *, everything: bool = False,
         key = (record["dataset"], record["method"], record["w"], record["t"], variant, options)
         row = rows.setdefault(key, Row(*key[:5], options=options))
         if record["seed"] in row.seeds:
-            raise UserError(f"two runs of {_label(row)} with seed {record['seed']} (one is {record['where']}); "
-                            f"pass each run once")
+            raise UserError(f"two runs of {_label(row)} with seed {record['seed']}: {where[key, record['seed']]} "
+                            f"and {record['where']}; pass each run once")
+        where[key, record["seed"]] = record["where"]
         row.seeds.append(record["seed"])
         for k, value in record["recalls"].items():
             row.recalls.setdefault(k, []).append(value)

@@ -171,3 +171,19 @@ def test_the_report_counts_the_runs_its_rows_hold(tmp_path, capsys):
     said = capsys.readouterr().err.strip().splitlines()
     assert any("other-lr" in line for line in said) and said[-1].endswith("(2 runs in 1 row)"), said
     assert (tmp_path / "report" / "report.md").read_text().endswith("|\n")
+
+
+def test_runs_on_two_folder_datasets_are_two_tables_and_a_seed_given_twice_names_both_runs(tmp_path):
+
+    recall = {"R@1": 50.0, "R@2": 60.0, "R@5": 70.0, "R@10": 80.0}
+    for name, shards in (("pets", "shards/pets"), ("birds", "shards/birds")):
+        folder = write_run(tmp_path / "runs" / name, "folder", "maskcon", 0, recall)
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        (folder / "config.yaml").write_text(yaml.safe_dump({**config, "shards": shards}))
+    rows = group(read_run_folders([tmp_path / "runs"], log=lambda line: None))
+    assert sorted(row.dataset for row in rows) == ["folder shards/birds", "folder shards/pets"]
+    assert "### folder shards/birds" in markdown(rows) and "### folder shards/pets" in markdown(rows)
+    again = write_run(tmp_path / "again", "folder", "maskcon", 0, recall)
+    (again / "config.yaml").write_text((tmp_path / "runs" / "pets" / "config.yaml").read_text())
+    with pytest.raises(UserError, match=r"seed 0: \S+/runs/pets and \S+/again; pass each run once"):
+        group(read_run_folders([tmp_path / "runs", again], log=lambda line: None))
