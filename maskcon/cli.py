@@ -176,8 +176,9 @@ def run_make_shards(argv: list[str]) -> int:
     except UserError as err:
         return fail(err)
     except KeyboardInterrupt:   # Ctrl-C or a stop signal: what is finished stays (shards, uploads, staged files)
-        print(f"stopped by {stops[0] if stops else 'SIGINT'}; run the same command again to continue: finished "
-              "shards, uploads and downloads are kept", file=sys.stderr)
+        again = "the same command without --overwrite" if "--overwrite" in argv else "the same command again"
+        print(f"stopped by {stops[0] if stops else 'SIGINT'}; run {again} to continue: finished shards, uploads "
+              "and downloads are kept", file=sys.stderr)
         return 130
     for problem in problems:
         print(problem)

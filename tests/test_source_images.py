@@ -5,6 +5,7 @@ know the inputs they were made from. Real image files, real shards, real DALI (C
 import io
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -195,3 +196,25 @@ def test_shards_written_into_their_own_source_are_refused_before_anything_is_wri
             shards.create("folder", src, out, workers=1)
     assert sorted(path.relative_to(src) for path in src.rglob("*")) == before
     assert shards.create("folder", src, tmp_path / "shards", workers=1)["dataset"] == "folder"   # beside it: fine
+
+
+def test_a_stopped_overwrite_continues_when_run_again_without_overwrite(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources.write_folder(src, file_format="png")
+    shards.create("folder", src, out, samples_per_shard=2, workers=1)
+    csv = src / "fine_to_coarse.csv"
+    csv.write_text(csv.read_text().replace("poodle,dog", "poodle,cat"))      # needs --overwrite
+
+    def stop_after_the_first_shards(line: str) -> None:
+        if line.startswith("folder: ") and "/" in line and not line.endswith("0/0 shards"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        shards.create("folder", src, out, samples_per_shard=2, workers=1, overwrite=True,
+                      log=stop_after_the_first_shards)
+    lines = []
+    manifest = shards.create("folder", src, out, samples_per_shard=2, workers=1, log=lines.append)
+    assert manifest["coarse_classes"][manifest["fine_to_coarse"][manifest["fine_classes"].index("poodle")]] == "cat"
+    finished = [int(found) for line in lines for found in re.findall(r"\((\d+) finished before\)", line)]
+    assert finished and max(finished) > 0, lines                                # it continued, not afresh
+    assert shards.verify(out, workers=1) == []
