@@ -33,6 +33,7 @@ from maskcon.shard_format import (LABEL_BYTES, LABEL_ENCODING, LABEL_MEMBERS, MA
 if TYPE_CHECKING:
     from maskcon.datasets.source import DatasetSource
 
+CHECK_POOL_FILES = 512   # source files read whole in a pool of the workers above this many (below: no pool to start)
 MIN_SHARDS = 64  # per split where the data allows: more than 8 GPUs x loader workers read at once
 MAX_SAMPLES_PER_SHARD = 10_000  # ImageNet32 train: 129 shards of ~25 MB
 PNG_COMPRESS_LEVEL = 6  # zlib level of PNG image data (lossless at every level)
@@ -574,7 +575,8 @@ def _version_change(recorded: dict, plan: dict) -> list[str]:
 def _check_source(source: DatasetSource, log: Callable[[str], None], workers: int) -> None:
     """Every source file read whole (in `workers` processes) before the first shard is written: each bad one
     named in a log line, then one UserError."""
-    with _executor(workers) as executor:
+    files = sum(len(split) for split in source.splits.values())
+    with _executor(workers if files > CHECK_POOL_FILES else 1) as executor:
         problems = [problem for split in source.splits.values() for problem in split.check(executor)]
     for problem in problems:
         log(f"bad source file: {problem}")
