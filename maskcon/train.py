@@ -253,10 +253,12 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
                     break
             if boundary:
                 ended = math.ceil(step / steps_per_epoch)   # epochs begun; the last one may be cut by --max-steps
+                own = None
                 if ended % config.eval_every == 0 or step == end:
+                    own = _unscheduled_own(run, step, position)
                     metrics = evaluate(run, step, ended, final=step == end)
                 if step == end or (config.checkpoint_every and ended % config.checkpoint_every == 0):
-                    save(run, step)
+                    save(run, step, own)
                 elif vote(stop, feed, run).sigterm:   # a stop signal during the evaluation
                     stopped = _preempted(run, step, stop)
                     break
@@ -330,18 +332,32 @@ def _log(run: Run, step: int, steps: int, agreement: failures.Agreement, clock: 
     return agreement.sigterm
 
 
-def save(run: Run, step: int) -> None:
+def save(run: Run, step: int, own: dict | None = None) -> None:
     """The checkpoint of STEP. Its network holds the batch-norm statistics averaged over processes (any number
     of processes can continue from it); each process's own statistics are kept beside them and stay live, so
-    a resume on as many processes continues exactly as if never stopped."""
-    own = {name: buffer.clone() for name, buffer in dist.running_statistics(run.learner).items()}
+    a resume on as many processes continues exactly as if never stopped. own: this process's statistics as
+    they were before an evaluation that a whole run does not make here (`_unscheduled_own`): saved as its own,
+    while the live network keeps the averaged ones it was evaluated with (its backbone.pt)."""
+    keep_live = own is not None
+    own = own if keep_live else {name: buffer.clone() for name, buffer in dist.running_statistics(run.learner).items()}
     dist.average_buffers(run.learner)
     checkpoints.save(run.accelerator, run.checkpoint_root, step=step, epoch=step // run.steps_per_epoch,
                      keep=run.loop.keep_checkpoints, own_tensors=own,
                      extra_state={"run": run.record, "steps_per_epoch": run.steps_per_epoch})
-    checkpoints.copy_into(dist.running_statistics(run.learner), own)
+    if not keep_live:
+        checkpoints.copy_into(dist.running_statistics(run.learner), own)
     if run.accelerator.is_main_process:
         rundir.mark_trained(run.output_dir)
+
+
+def _unscheduled_own(run: Run, step: int, position: int) -> dict | None:
+    """Before an evaluation at STEP that a whole run does not make (the end of a --max-steps run within an
+    epoch, or at an epoch --eval-every skips), this process's batch-norm statistics, which the evaluation
+    averages: its checkpoint keeps them, so that a resume continues as the whole run would. None elsewhere."""
+    scheduled = step == run.total_steps or (position == 0 and (step // run.steps_per_epoch) % run.loop.eval_every == 0)
+    if scheduled:
+        return None
+    return {name: buffer.clone() for name, buffer in dist.running_statistics(run.learner).items()}
 
 
 def _preempted(run: Run, step: int, stop: stopping.StopRequest) -> str:
