@@ -37,7 +37,7 @@ def check_run(config: Config, processes: int) -> list[str]:
     holder = None if config.output_dir is None else rundir.lock_holder(Path(config.output_dir))
     if holder is not None:
         raise rundir.in_use(Path(config.output_dir), holder)
-    if config.output_dir is not None and not config.resume:
+    if config.output_dir is not None and rundir.starts_in_new_folder(config.output_dir, config.resume):
         rundir.check_fresh(Path(config.output_dir))
     lines = plan_run(config, processes).lines()
     mode = resolve_wandb_mode(config.wandb)

@@ -202,6 +202,17 @@ def _fresh_folder(folder: Path, log: Callable[[str], None]) -> Path:
     return folder
 
 
+def starts_in_new_folder(output_dir: str | Path, resume: str | None) -> bool:
+    """Whether a run with --output-dir OUTPUT_DIR and --resume RESUME starts in that folder as in a new one (claim()
+    then refuses it when another run's files are there): a fresh start, or a --resume PATH continued elsewhere."""
+    if resume is None:
+        return True
+    if resume in (RESUME_NEWEST, RESUME_AUTO):
+        return False
+    run = _writer(None, resume)
+    return run is None or run.resolve() != Path(output_dir).resolve()
+
+
 def _writer(output_dir: str | Path | None, resume: str) -> Path | None:
     """The folder a run with --resume RESUME writes into, read from the paths alone (None: claim() refuses)."""
     if output_dir is not None:

@@ -126,6 +126,23 @@ def test_a_file_where_a_folder_must_be_is_one_line_from_check_and_run_alike(tmp_
     assert result.stderr.strip().startswith(f"error: --resume {tmp_path / 'file'}: a file, not a folder; pass a run")
 
 
+def test_a_resume_continued_in_a_folder_of_another_run_is_refused_by_check_and_run_alike(digits_shards, tmp_path):
+    options = ["--shards", str(digits_shards), "--image-size", "8", "--batch-size", "64", "--queue-size", "128",
+               "--eval-batch-size", "128", "--eval-untrained", "false", "--loader-threads", "1", "--epochs", "1",
+               "--max-steps", "2"]
+    for name in ("a", "b"):
+        assert door("train.py", [*options, "--output-dir", str(tmp_path / name)]).returncode == 0
+    before = sorted(path.name for path in (tmp_path / "b").iterdir())
+    said = []
+    for extra in (["--check"], []):
+        result = door("train.py", [*options, "--resume", str(tmp_path / "a"), "--output-dir", str(tmp_path / "b"),
+                                   *extra])
+        assert result.returncode == 2, result.stdout + result.stderr
+        said.append(result.stderr.strip().splitlines()[-1])
+    assert said[0] == said[1] and said[0].startswith(f"error: {tmp_path / 'b'} holds another run's files")
+    assert sorted(path.name for path in (tmp_path / "b").iterdir()) == before
+
+
 def test_the_plan_warns_of_a_warm_up_as_long_as_the_run(digits_shards):
     from maskcon.config import parse_config
     from maskcon.plan import plan_run
