@@ -265,6 +265,9 @@ def parse_config(argv: list[str] | None = None, *, processes: int | None = None)
     if "num_processes" in recorded or "batch_size" in cli or "global_batch" in cli:
         _one_batch_option(from_yaml, cli)
     dataset = cli.get("dataset", from_yaml.get("dataset", Config.dataset))
+    if from_yaml.get("dataset", dataset) != dataset:    # its other values are that dataset's recipe
+        raise UserError(f"config file {cli['config']} is of a {from_yaml['dataset']} run: --dataset {dataset} would "
+                        f"train {dataset} with its image size, epochs and bank; drop --dataset, or --config")
     method = cli.get("method", from_yaml.get("method", Config.method))
     values = preset(dataset, method)
     values.update(from_yaml)

@@ -67,6 +67,9 @@ def launcher_parser() -> argparse.ArgumentParser:
 
 
 def _processes(text: str, accelerate_config: Path | None) -> int:
+    if accelerate_config is not None and text != "auto":
+        raise UserError(f"--processes {text} and --accelerate-config {accelerate_config} both set the processes; "
+                        f"give one of them")
     if accelerate_config is not None:
         if not accelerate_config.is_file():
             raise UserError(f"accelerate configuration {accelerate_config} not found; see launch/accelerate/")

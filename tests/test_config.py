@@ -222,3 +222,13 @@ def test_check_refuses_imagenet_weights_it_cannot_reach_and_passes_cached_ones(d
     (cache / "resnet18-f37072fd.pth").write_bytes(b"weights fetched before")
     passed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert passed.returncode == 0 and "check passed" in passed.stdout, passed.stderr
+
+
+def test_a_config_file_of_another_dataset_is_refused_in_one_line(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"dataset": "cifar100", "image_size": 32, "epochs": 200}))
+    with pytest.raises(UserError, match="is of a cifar100 run: --dataset digits would train digits with its image "
+                                        "size") as caught:
+        parse_config(["--config", str(tmp_path / "config.yaml"), "--dataset", "digits"], processes=1)
+    assert "\n" not in str(caught.value)
+    same = parse_config(["--config", str(tmp_path / "config.yaml"), "--dataset", "cifar100"], processes=1)
+    assert (same.dataset, same.epochs) == ("cifar100", 200)

@@ -246,3 +246,12 @@ def test_eval_gives_the_trainers_recall_of_the_same_weights_and_writes_the_featu
     written = torch.load(tmp_path / "f.pt")
     assert written["features"].shape == (360, 512) and len(written["keys"]) == 360
     assert written["index"].tolist() == list(range(360)) and written["fine"].shape == (360,)
+
+
+def test_processes_and_an_accelerate_config_together_are_refused_in_one_line():
+    done = subprocess.run([sys.executable, "launch/run.py", "--processes", "2", "--accelerate-config",
+                           "launch/accelerate/gpu_8.yaml", "--check"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "error: --processes 2 and --accelerate-config launch/accelerate/gpu_8.yaml both set the processes; give one "
+        "of them"), done.stderr
