@@ -137,9 +137,10 @@ class Tracker:
                 raise UserError(f"W&B could not start in {self.mode} mode ({str(err).splitlines()[0]}); "
                                 "use --wandb offline or --wandb disabled") from None
             run_id_file.write_text(self.run.id)
-            if self.mode == "offline":
-                print(f"W&B is offline; upload later with: wandb sync {self.run.dir.rsplit('/files', 1)[0]}",
-                      file=sys.stderr)
+            if self.mode == "offline":    # a resumed run's parts, one per start: wandb sync sends them in order
+                this = self.run.dir.rsplit("/files", 1)[0]
+                parts = sorted({str(path) for path in Path(this).parent.glob(f"offline-run-*-{self.run.id}")} | {this})
+                print(f"W&B is offline; upload later with: wandb sync {' '.join(parts)}", file=sys.stderr)
 
     def log(self, row: dict) -> None:
         _append(self._file, self.metrics_path, (json.dumps(row) + "\n").encode())

@@ -473,6 +473,11 @@ def test_wandb_offline_files_hold_metrics_and_images(digits_shards, tmp_path):
     images = list(run_dirs[0].glob("files/media/images/*.png"))
     assert any(p.name.startswith("retrievals") for p in images)
     assert any(p.name.startswith("embedding") for p in images)
+    more = train(["--shards", str(digits_shards), "--output-dir", str(out), "--epochs", "1", "--max-steps", "6",
+                  *FAST, "--wandb", "offline", "--resume"])
+    assert more.returncode == 0, more.stderr[-3000:]
+    parts = sorted(str(path) for path in (out / "wandb").glob("offline-run-*"))
+    assert len(parts) == 2 and f"upload later with: wandb sync {' '.join(parts)}" in more.stderr   # both starts
 
 
 def read_wandb_history(path: Path) -> list[dict]:
