@@ -103,8 +103,8 @@ def load_backbone(path: Path | str, map_location: str | torch.device = "cpu") ->
     try:    # only tensors and plain containers are read (weights_only): a hostile file runs no code
         saved = torch.load(file, map_location=map_location, weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
-        raise UserError(f"cannot read {file} ({type(error).__name__}); it is not a maskcon backbone: pass a run "
-                        f"folder, its {BACKBONE_FILE} or a checkpoint folder (RUN/checkpoints/step-N)") from None
+        raise UserError(f"cannot read {file} ({type(error).__name__}); it is not a maskcon backbone: pass a "
+                        f"finished run folder or its {BACKBONE_FILE}") from None
     if not isinstance(saved, dict) or not {"state_dict", "metadata"} <= set(saved):
         raise UserError(f"{file} holds no maskcon metadata (weights only); rebuild the encoder with "
                         f"maskcon.backbone.build_encoder(arch, image_size) and load it")

@@ -66,8 +66,10 @@ def shards_fingerprint(manifest: dict) -> str:
 
 
 def parse_accept(text: str | None) -> set[str]:
-    """The option names of --accept-changes ("batch_size,epochs"; dashes or underscores)."""
+    """The option names of --accept-changes ("batch_size,epochs"; dashes or underscores; num_processes, as
+    config.yaml names it, for world_size)."""
     names = {name.strip().replace("-", "_") for name in (text or "").split(",") if name.strip()}
+    names = {"world_size" if name == "num_processes" else name for name in names}
     _check_known(names)
     return names
 

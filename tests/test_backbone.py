@@ -87,7 +87,7 @@ def test_files_that_are_not_a_network_are_refused_in_one_line_and_run_nothing(tm
     torch.save({"weights": _Hostile(tmp_path / "ran")}, tmp_path / "hostile.pt")
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}, "metadata": {"arch": "resnet18", "image_size": 8}},
                tmp_path / "misfit.pt")
-    for name, says in (("config.yaml", "it is not a maskcon backbone: pass a run folder"),
+    for name, says in (("config.yaml", "it is not a maskcon backbone: pass a finished run folder"),
                        ("noise.pt", "it is not a maskcon backbone"), ("hostile.pt", "it is not a maskcon backbone"),
                        ("misfit.pt", "its weights do not fit the network its metadata describes")):
         for load in (maskcon.load_backbone, load_network):

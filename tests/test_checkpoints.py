@@ -289,6 +289,7 @@ def test_accepted_differences_pass_and_are_returned():
     saved, new = record(), record(epochs=400, batch_size=32, log_every=1, wandb="disabled", max_steps=5)
     accept = checkpoints.parse_accept("epochs, batch-size")
     assert accept == {"epochs", "batch_size"}
+    assert checkpoints.parse_accept("num_processes") == {"world_size"}     # config.yaml's name of it
     assert checkpoints.check_resume(saved, new, accept) == ["epochs (200 -> 400)", "batch_size (64 -> 32)"]
     with pytest.raises(UserError, match=r"in batch_size \(64 -> 32\); pass --accept-changes batch_size "):
         checkpoints.check_resume(saved, new, {"epochs"})
