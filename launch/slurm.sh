@@ -37,7 +37,14 @@ set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-.}"
 
-nodes=${SLURM_JOB_NUM_NODES:?launch/slurm.sh runs under sbatch (SLURM_JOB_NUM_NODES is not set)}
+missing=
+[[ -n "${SLURM_JOB_NUM_NODES:-}" ]] || missing="SLURM_JOB_NUM_NODES is not set"
+command -v scontrol > /dev/null || missing=${missing:-"scontrol is not found"}
+if [[ -n "$missing" ]]; then
+    echo "error: launch/slurm.sh runs in a SLURM job (sbatch --nodes N launch/slurm.sh OPTIONS); here $missing" >&2
+    exit 2
+fi
+nodes=$SLURM_JOB_NUM_NODES
 # SLURM_GPUS_PER_NODE may read "8" or "a100:8"; keep the count.
 gpus_per_node=${GPUS_PER_NODE:-${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}}
 gpus_per_node=${gpus_per_node##*:}

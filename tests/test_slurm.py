@@ -200,3 +200,12 @@ def test_a_requeued_job_continues_in_its_own_folder_and_given_options_are_kept(t
     argv = launches[0]["argv"]
     assert argv.count("--output-dir") == 1 and argv.count("--resume") == 1
     assert argv[argv.index("--output-dir") + 1] == "runs/mine"
+
+
+def test_outside_a_slurm_job_the_script_says_so_in_one_line():
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+    done = subprocess.run(["bash", "launch/slurm.sh", "--dataset", "digits"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "error: launch/slurm.sh runs in a SLURM job (sbatch --nodes N launch/slurm.sh OPTIONS); here "
+        "SLURM_JOB_NUM_NODES is not set"), done.stderr
