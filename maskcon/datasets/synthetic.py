@@ -144,19 +144,20 @@ def write_imagenet32_source(src: Path | str, train_images: int, val_images: int,
 
 def write_jpeg_folder(dest: str, train: int, test: int, side: int) -> None:
     """A `folder`-format source of JPEG photos: crops of scikit-learn's two sample photos at random scales,
-    resized to side x side px, JPEG quality 90; 100 fine classes in 10 coarse ones. Written by every core."""
+    resized to side x side px, JPEG quality 90; image i is of fine class i mod 100 (coarse: fine // 10), and
+    the classes that get an image are listed. Written by every core."""
     from multiprocessing import Pool
 
     from maskcon import usable_cpus
 
     root = Path(dest)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "fine_to_coarse.csv").write_text("fine,coarse\n" + "".join(f"f{k:03d},c{k // 10}\n" for k in range(100)))
     jobs = [(str(root), split, index, side) for split, count in (("train", train), ("test", test))
             for index in range(count)]
-    for split in ("train", "test"):
-        for fine in range(100):
-            (root / split / f"f{fine:03d}").mkdir(parents=True, exist_ok=True)
+    used = sorted({index % 100 for _, _, index, _ in jobs})     # a class is listed, and has a folder, with images
+    (root / "fine_to_coarse.csv").write_text("fine,coarse\n" + "".join(f"f{k:03d},c{k // 10}\n" for k in used))
+    for _, split, index, _ in jobs:
+        (root / split / f"f{index % 100:03d}").mkdir(parents=True, exist_ok=True)
     with Pool(min(16, usable_cpus())) as pool:
         pool.map(_write_jpeg, jobs, chunksize=32)
 
