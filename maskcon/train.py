@@ -339,7 +339,7 @@ def save(run: Run, step: int, own: dict | None = None) -> None:
     they were before an evaluation that a whole run does not make here (`_unscheduled_own`): saved as its own,
     while the live network keeps the averaged ones it was evaluated with (its backbone.pt)."""
     keep_live = own is not None
-    own = own if keep_live else {name: buffer.clone() for name, buffer in dist.running_statistics(run.learner).items()}
+    own = own if keep_live else _own_statistics(run)
     dist.average_buffers(run.learner)
     checkpoints.save(run.accelerator, run.checkpoint_root, step=step, epoch=step // run.steps_per_epoch,
                      keep=run.loop.keep_checkpoints, own_tensors=own,
@@ -357,6 +357,11 @@ def _unscheduled_own(run: Run, step: int, position: int) -> dict | None:
     scheduled = step == run.total_steps or (position == 0 and (step // run.steps_per_epoch) % run.loop.eval_every == 0)
     if scheduled:
         return None
+    return _own_statistics(run)
+
+
+def _own_statistics(run: Run) -> dict[str, torch.Tensor]:
+    """A copy of this process's batch-norm running statistics, by name."""
     return {name: buffer.clone() for name, buffer in dist.running_statistics(run.learner).items()}
 
 
