@@ -46,6 +46,7 @@ def recall_at_k(features: torch.Tensor, labels: torch.Tensor, ks=RECALL_KS, *,
     neighbours = nearest_neighbours(features, max(ks), chunk_size=chunk_size)
     labels = labels.to(neighbours.device)
     hits = labels[neighbours] == labels[:, None]  # N x k
-    first_hit = torch.where(hits.any(1), hits.float().argmax(1), torch.full_like(labels, hits.shape[1]))
+    # rank of the first image of the query's class; a query without one misses at every K, however large
+    first_hit = torch.where(hits.any(1), hits.float().argmax(1), torch.full_like(labels, max(ks)))
     num = labels.shape[0]
     return {f"R@{k}": 100.0 * int((first_hit < k).sum()) / num for k in ks}

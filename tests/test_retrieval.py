@@ -18,16 +18,27 @@ def brute_force_recall(features: np.ndarray, labels: np.ndarray, ks) -> dict:
 
 
 @pytest.mark.parametrize("chunk_size", [7, 1024])
-def test_recall_equals_brute_force_numpy(chunk_size):
+@pytest.mark.parametrize("num, alone", [(300, 0), (40, 3)])    # 40 images: K of 50 and 100 see them all
+def test_recall_equals_brute_force_numpy(chunk_size, num, alone):
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 12, size=300)
-    features = rng.normal(size=(300, 16)) + 0.8 * np.eye(16)[labels % 16]
+    labels = rng.integers(0, 12, size=num)
+    labels[:alone] = 12 + np.arange(alone)      # classes of one image each
+    features = rng.normal(size=(num, 16)) + 0.8 * np.eye(16)[labels % 16]
     expected = brute_force_recall(features, labels, RECALL_KS)
     got = recall_at_k(torch.tensor(features, dtype=torch.float32), torch.tensor(labels), RECALL_KS,
                       chunk_size=chunk_size)
     for k in RECALL_KS:
         assert got[f"R@{k}"] == pytest.approx(expected[f"R@{k}"], abs=1e-6)
     assert 0 < got["R@1"] < got["R@10"] <= got["R@100"] <= 100
+    if alone:       # K above N - 1 finds a match for every image, but those alone in their class
+        assert got["R@100"] == pytest.approx(100 * np.mean(np.bincount(labels)[labels] > 1)) and got["R@100"] < 100
+
+
+def test_an_image_alone_in_its_class_is_a_miss_at_every_k():
+    # fewer test images than K: a query with no other image of its class still misses at K of 50 and 100
+    features = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    assert set(recall_at_k(features, torch.arange(5), RECALL_KS).values()) == {0.0}
+    assert recall_at_k(features, torch.tensor([0, 0, 1, 2, 3]), (100,))["R@100"] == 40.0
 
 
 def test_query_excluded_by_index_not_by_rank():
