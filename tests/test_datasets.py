@@ -78,6 +78,34 @@ def test_cifar100_reads_pickles_with_official_superclasses(tmp_path):
             assert_arrays_match(source.splits[split], expected[split])
 
 
+@pytest.mark.parametrize("dataset, write, folder", [("cifar100", sources.write_cifar100, "cifar-100-python"),
+                                                    ("cifartoy_good", sources.write_cifar10, "cifar-10-batches-py")])
+def test_cifar_batches_saved_again_by_python_3_read_as_the_originals(tmp_path, dataset, write, folder):
+    # the CIFAR page's loader, pickle.load(f, encoding="bytes"), gives the release's Python 2 strings as bytes
+    # (keys, class names, file names); saved again by Python 3, they stay bytes
+    def as_python_2_strings(value):
+        if isinstance(value, str):
+            return value.encode()
+        return [as_python_2_strings(item) for item in value] if isinstance(value, list) else value
+
+    write(tmp_path / "original")
+    (tmp_path / "again" / folder).mkdir(parents=True)
+    for path in (tmp_path / "original" / folder).iterdir():
+        with open(path, "rb") as handle:
+            content = pickle.load(handle)
+        with open(tmp_path / "again" / folder / path.name, "wb") as handle:
+            pickle.dump({key.encode(): as_python_2_strings(value) for key, value in content.items()}, handle)
+    original, again = (DATASETS[dataset].read(tmp_path / name / folder) for name in ("original", "again"))
+    assert again.fine_classes == original.fine_classes and again.coarse_classes == original.coarse_classes
+    assert all(isinstance(name, str) for name in again.fine_classes + again.coarse_classes)
+    for split in ("train", "test"):
+        assert len(again.splits[split]) == len(original.splits[split])
+        for i in (0, len(original.splits[split]) - 1):
+            first, second = original.splits[split].item(i), again.splits[split].item(i)
+            assert (first.key, first.fine, first.coarse) == (second.key, second.fine, second.coarse)
+            assert np.array_equal(first.image, second.image)
+
+
 @pytest.mark.parametrize("variant", ["good", "bad"])
 def test_cifartoy_keeps_eight_classes_in_two_coarse(tmp_path, variant):
     cifar10 = sources.write_cifar10(tmp_path)
@@ -204,6 +232,9 @@ def test_bad_cifar_sources(tmp_path):
     _one_line_error("cifar100", tmp_path / "c100", "missing", "test")
     (tmp_path / "c100" / "cifar-100-python" / "test").write_bytes(b"not a pickle")
     _one_line_error("cifar100", tmp_path / "c100", "not a pickled batch")
+    folder = tmp_path / "c100" / "cifar-100-python"
+    (folder / "test").write_bytes((folder / "train").read_bytes()[:5000])   # a download cut short
+    _one_line_error("cifar100", tmp_path / "c100", "test ends before", "cut short")
     (tmp_path / "c10" / "cifar-10-batches-py" / "data_batch_3").unlink()
     _one_line_error("cifartoy_good", tmp_path / "c10", "data_batch_3")
     with open(tmp_path / "c10" / "cifar-10-batches-py" / "data_batch_3", "wb") as handle:

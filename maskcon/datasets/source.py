@@ -357,11 +357,23 @@ def load_pickle(path: Path, where_to_get: str) -> dict:
     except ForbiddenPickle as error:
         raise UserError(f"{path} holds a pickled {error}, which the official files never hold (such a file can "
                         f"run code; it was not run); {where_to_get}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError):
-        raise UserError(f"{path} is not a pickled batch of the expected format; {where_to_get}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as error:
+        cut = isinstance(error, EOFError) or "truncated" in str(error)
+        what = "ends before its pickled batch does (cut short?)" if cut else "is not a pickled batch of the expected format"
+        raise UserError(f"{path} {what}; {where_to_get}") from None
     if not isinstance(content, dict):
         raise UserError(f"{path} is not a pickled batch of the expected format; {where_to_get}")
-    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in content.items()}
+    return {_text(key): _text(value) for key, value in content.items()}
+
+
+def _text(value):
+    """Names as str: the release's Python 2 pickles give str, but a batch loaded with encoding="bytes" and saved
+    again by Python 3 (as the CIFAR page's own loader does) holds bytes, for keys and for lists of class names."""
+    if isinstance(value, bytes):
+        return value.decode("latin1")
+    if isinstance(value, list) and value and all(isinstance(item, bytes) for item in value):
+        return [item.decode("latin1") for item in value]
+    return value
 
 
 def require_keys(content: dict, keys: tuple[str, ...], path: Path, where_to_get: str) -> None:
