@@ -68,6 +68,8 @@ def split_member(name: str) -> tuple[str, str] | None:
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+IMAGE_MAGIC = {"jpg": b"\xff\xd8\xff", "png": PNG_SIGNATURE}   # first bytes of every file of each image format
+IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}   # a source file's name -> its image format
 
 
 def png_problem(data: bytes) -> str | None:

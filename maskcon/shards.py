@@ -26,7 +26,7 @@ import numpy as np
 
 from maskcon import usable_cpus, write_atomic
 from maskcon.errors import UserError, file_in_the_way
-from maskcon.shard_format import (LABEL_BYTES, LABEL_ENCODING, LABEL_MEMBERS, MANIFEST, PLAN, PNG_SIGNATURE, SPLITS,
+from maskcon.shard_format import (IMAGE_MAGIC, LABEL_BYTES, LABEL_ENCODING, LABEL_MEMBERS, MANIFEST, PLAN, PNG_SIGNATURE, SPLITS,
                                   Member, decode_label, encode_label, format_index, index_of_tar, member_name,
                                   read_manifest, shard_names, shard_problem, shard_record, split_member)
 
@@ -86,7 +86,6 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-_MAGIC = {"jpg": b"\xff\xd8\xff", "png": PNG_SIGNATURE}  # first bytes of every such file
 _TAR_BLOCK = 512
 _TAR_RECORD = 20 * _TAR_BLOCK  # archives end padded to a whole record, as GNU tar and tarfile write them
 
@@ -198,7 +197,7 @@ def _write_shard(split, out: str, split_name: str, shard: int, positions: np.nda
                   for s in samples]
     builder = _TarBuilder()
     for sample, image in zip(samples, images):
-        if not image.startswith(_MAGIC[image_format]):
+        if not image.startswith(IMAGE_MAGIC[image_format]):
             raise UserError(f"sample {sample.key} of {split_name} is not a {image_format.upper()} file; the "
                             f"source must hold the original {image_format.upper()} images")
         builder.add_sample(sample.key, [(image_format, image), ("fine", encode_label(sample.fine)),

@@ -189,6 +189,23 @@ def test_an_image_cut_short_inside_is_named_by_create_and_the_same_command_finis
     assert manifest["splits"]["train"]["num_samples"] == len(list((src / "train").rglob("*.jpg")))
 
 
+@pytest.mark.parametrize("file_format, other", [("png", "jpg"), ("jpg", "png")])
+def test_an_image_of_the_other_format_under_the_name_of_this_one_is_named_before_any_shard(tmp_path, file_format,
+                                                                                           other):
+    src = tmp_path / "src"
+    sources.write_folder(src, file_format=file_format)
+    sources.write_folder(tmp_path / "other", file_format=other)
+    victim = sorted((src / "train").rglob(f"*.{file_format}"))[2]      # a scraped file: a JPEG saved as .png
+    victim.write_bytes(sorted((tmp_path / "other" / "train").rglob(f"*.{other}"))[0].read_bytes())
+    with pytest.raises(UserError, match=f"1 source file.* {victim}: its name says {file_format.upper()} but it "
+                                        f"holds a {other.upper()} image; rename it to .{other} or convert it"):
+        shards.create("folder", src, tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists()
+    victim.write_bytes(b"GIF89a" + bytes(100))
+    with pytest.raises(UserError, match=f"{victim}: its name says {file_format.upper()} but it holds no JPEG or PNG"):
+        shards.create("folder", src, tmp_path / "out", workers=1)
+
+
 def test_shards_written_into_their_own_source_are_refused_before_anything_is_written(tmp_path):
     src = tmp_path / "src"
     sources.write_folder(src)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from maskcon.datasets.source import DatasetSource, FileSplit, source_folder
 from maskcon.errors import UserError
+from maskcon.shard_format import IMAGE_SUFFIXES
 
 CSV_NAME = "fine_to_coarse.csv"
-FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 WHERE = (f"make SRC hold {CSV_NAME} (header fine,coarse) and train/<class>/ and test/<class>/ image folders")
 
 
@@ -68,7 +68,7 @@ def read(src: Path | None) -> DatasetSource:
             if not images:
                 raise UserError(f"the class folder {class_dir} holds no images; add them, or remove the folder")
             for image in images:
-                kind = FORMATS.get(image.suffix.lower())
+                kind = IMAGE_SUFFIXES.get(image.suffix.lower())
                 if kind is None:
                     raise UserError(f"{image} is neither JPEG (.jpg, .jpeg) nor PNG (.png); convert it or move it "
                                     "out of SRC")

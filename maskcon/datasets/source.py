@@ -21,7 +21,8 @@ from typing import Callable
 import numpy as np
 
 from maskcon.errors import UserError
-from maskcon.shard_format import MAX_IMAGE_PIXELS, PNG_SIGNATURE  # the pixel cap: refused before any shard is written
+# MAX_IMAGE_PIXELS: the pixel cap, refused before any shard is written
+from maskcon.shard_format import IMAGE_MAGIC, IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, PNG_SIGNATURE
 
 
 @dataclass(frozen=True)
@@ -194,13 +195,21 @@ class FileSplit(Split):
 
 
 def file_problem(path: Path) -> str | None:
-    """What makes the image file at PATH unusable, in a few words (empty, unreadable header, more pixels
-    than MAX_IMAGE_PIXELS, pixels that do not decode: a file cut short or damaged inside), or None."""
+    """What makes the image file at PATH unusable, in a few words (empty, another format than its name says,
+    unreadable header, more pixels than MAX_IMAGE_PIXELS, pixels that do not decode: a file cut short or damaged
+    inside), or None."""
     from PIL import Image
 
     try:
         if path.stat().st_size == 0:
             return "empty file"
+        named = IMAGE_SUFFIXES.get(path.suffix.lower())
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+        held = next((kind for kind, magic in IMAGE_MAGIC.items() if head.startswith(magic)), None)
+        if named is not None and held != named:
+            return (f"its name says {named.upper()} but it holds " + (f"a {held.upper()} image; rename it to "
+                    f"{'.png' if held == 'png' else '.jpg'} or convert it" if held else "no JPEG or PNG image"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
