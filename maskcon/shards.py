@@ -452,7 +452,12 @@ def _prepare_out(out: Path, plan: dict, source: DatasetSource, overwrite: bool, 
     replaces_manifest = manifest_path.exists()
     if replaces_manifest:
         existing = _load_json(manifest_path)
-        changes = _changes(_plan_of(existing), plan) if isinstance(existing, dict) else [f"{MANIFEST} unreadable"]
+        recorded = _plan_of(existing) if isinstance(existing, dict) else None
+        if recorded is None and not any(next((out / split).glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"), None)
+                                        for split in SPLITS):
+            raise UserError(f"{manifest_path} is not a shard manifest and {out} holds no shards: not a shard folder "
+                            f"(nothing was changed); choose another --out")
+        changes = _changes(recorded, plan) if isinstance(existing, dict) else [f"{MANIFEST} unreadable"]
         if not changes and not overwrite:
             damaged = [record["tar"] for split in existing["splits"].values() for record in split["shards"]
                        if shard_problem(out, record) is not None]

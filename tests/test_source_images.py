@@ -206,6 +206,24 @@ def test_an_image_of_the_other_format_under_the_name_of_this_one_is_named_before
         shards.create("folder", src, tmp_path / "out", workers=1)
 
 
+def test_a_manifest_json_of_the_users_own_is_not_taken_for_shards_even_with_overwrite(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "mine"
+    sources.write_folder(src)
+    out.mkdir()
+    (out / "manifest.json").write_text('{"my": "config"}')
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=f"{out / 'manifest.json'} is not a shard manifest and {out} holds no "
+                                            f"shards: not a shard folder .*choose another --out"):
+            shards.create("folder", src, out, workers=1, overwrite=overwrite)
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+        assert (out / "manifest.json").read_text() == '{"my": "config"}'
+    made = shards.create("folder", src, tmp_path / "shards", workers=1)
+    (tmp_path / "shards" / "manifest.json").write_text("{")      # shards with their manifest damaged: rebuilt
+    with pytest.raises(UserError, match="unreadable.*--overwrite"):
+        shards.create("folder", src, tmp_path / "shards", workers=1)
+    assert shards.create("folder", src, tmp_path / "shards", workers=1, overwrite=True) == made
+
+
 def test_shards_written_into_their_own_source_are_refused_before_anything_is_written(tmp_path):
     src = tmp_path / "src"
     sources.write_folder(src)
