@@ -4,29 +4,34 @@ with the supplement's published figures beside ours where its tables have the ro
 A run is read from its folder (config.yaml, results.json) or from W&B (config, summary). Runs form one row
 only when every option that defines a run (those a resume must match, `checkpoints.MUST_MATCH_ON_RESUME`,
 with the global batch for the batch and the processes) is equal but the seed. Rows are (dataset, method, w,
-tau), with w and tau shown only for the methods that read them ("/" as in the supplement). Runs stopped early
-(--max-steps) and runs of another recipe than the paper's (the dataset's preset) are left out, each named;
-`--all` shows them as rows of their own, labelled by what differs, without the paper's figures beside them.
+tau), with w and tau shown only for the methods that read them ("–" in the tables, left out of the plot's
+legend). Unfinished runs (no results.json: still running or stopped by a signal) and runs whose files are
+damaged are left out, each named; so are runs stopped early (--max-steps) and runs of another recipe than the
+paper's (the dataset's preset), which `--all` shows as rows of their own, labelled by what differs, without the
+paper's figures beside them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from maskcon import rundir, write_atomic
+from maskcon import rundir
 from maskcon.datasets import DATASETS as PRESET_DATASETS
-from maskcon.errors import OneLineParser, UserError
+from maskcon.errors import OneLineParser, UserError, file_in_the_way
 from maskcon.methods import METHODS
 
 PAPER_KS = (1, 2, 5, 10)   # the Recall@K columns of the supplement's tables
 METHOD_ORDER = ("supfine", "grafit", "coins", "maskcon", "selfcon")   # the tables' row order
+NOT_APPLICABLE = "–"   # a table's cell with nothing to show: w or tau a method ignores, a figure not published
 METHOD_NAMES = {"supfine": "SupFINE", "grafit": "Grafit", "coins": "CoIns", "maskcon": "MaskCon", "selfcon": "SelfCon"}
 
 
@@ -223,23 +228,54 @@ def _variant(config: dict) -> str:
 
 
 def read_run_folders(paths: list[Path], log=lambda line: print(line, file=sys.stderr)) -> list[dict]:
-    """Records of the finished runs under `paths` (run folders, or folders of run folders); an unfinished run
-    (no results.json) is named through `log` and left out."""
+    """Records of the finished runs under `paths` (run folders, or folders that hold run folders at any depth,
+    as runs/SWEEP/POINT); an unfinished run (no results.json) or one whose files are damaged is named through
+    `log` and left out."""
     records = []
     for path in paths:
         if not path.is_dir():
             raise UserError(f"{path} is not a folder; pass run folders (runs/NAME) or the folder that holds them")
-        folders = [path] if (path / rundir.CONFIG).exists() else sorted(p for p in path.iterdir()
-                                                                        if (p / rundir.CONFIG).exists())
+        folders = run_folders(path)
         if not folders:
-            raise UserError(f"{path} holds no run (no config.yaml in it or its subfolders)")
+            raise UserError(f"{path} holds no run (no config.yaml in it or the folders below it)")
         for folder in folders:
             if not (folder / rundir.RESULTS).exists():
                 log(f"{folder}: no results.json (unfinished); left out")
                 continue
-            config = yaml.safe_load((folder / rundir.CONFIG).read_text()) or {}
-            records.append(run_record(config, json.loads((folder / rundir.RESULTS).read_text()), str(folder)))
+            try:
+                records.append(run_record(_mapping(folder / rundir.CONFIG, yaml.safe_load),
+                                          _mapping(folder / rundir.RESULTS, json.loads), str(folder)))
+            except UserError as error:
+                log(f"{error}; left out")
     return records
+
+
+def run_folders(path: Path, seen: set[Path] | None = None) -> list[Path]:
+    """The run folders (those holding config.yaml) at or below PATH, in name order; a run folder's own
+    subfolders (checkpoints/, wandb/) are not searched, and a folder reached twice (through links) counts once."""
+    seen = set() if seen is None else seen
+    if path.resolve() in seen:
+        return []
+    seen.add(path.resolve())
+    if (path / rundir.CONFIG).exists():
+        return [path]
+    try:
+        below = sorted(child for child in path.iterdir() if child.is_dir())
+    except OSError as error:
+        raise UserError(f"cannot look for runs in {path} ({error.strerror}); fix its permissions, or name the run "
+                        f"folders") from None
+    return [folder for child in below for folder in run_folders(child, seen)]
+
+
+def _mapping(path: Path, parse) -> dict:
+    """The mapping that `parse` reads from the file at PATH; UserError naming the file when it is damaged."""
+    try:
+        value = parse(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+        raise UserError(f"{path} is damaged ({str(error).splitlines()[0]})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is damaged (not a mapping)")
+    return value
 
 
 def read_wandb(path: str) -> list[dict]:
@@ -249,10 +285,14 @@ def read_wandb(path: str) -> list[dict]:
     parts = path.strip("/").split("/")
     if len(parts) not in (2, 3):
         raise UserError(f"--wandb {path!r}: give ENTITY/PROJECT or ENTITY/PROJECT/SWEEP_ID")
-    api = wandb.Api()
-    runs = api.sweep("/".join(parts)).runs if len(parts) == 3 else api.runs("/".join(parts))
-    return [run_record(dict(run.config), dict(run.summary), run.url) for run in runs
-            if run.state == "finished" and "R@1" in run.summary]
+    try:
+        api = wandb.Api()
+        runs = api.sweep("/".join(parts)).runs if len(parts) == 3 else api.runs("/".join(parts))
+        return [run_record(dict(run.config), dict(run.summary), run.url) for run in runs
+                if run.state == "finished" and "R@1" in run.summary]
+    except (wandb.errors.Error, ValueError) as error:
+        raise UserError(f"--wandb {path}: W&B cannot be read ({str(error).splitlines()[0]}); log in (wandb login) "
+                        f"and check the name and the network, or pass the run folders") from None
 
 
 def group(records: list[dict], *, everything: bool = False,
@@ -294,7 +334,12 @@ def group(records: list[dict], *, everything: bool = False,
 
 
 def _label(row: Row) -> str:
-    return f"{row.dataset} {row.method} w {_shown(row.w)} tau {_shown(row.t)}" + _qualifier(row)
+    return f"{row.dataset} {row.method}{_keys(row)}" + _qualifier(row)
+
+
+def _keys(row: Row) -> str:
+    """" w 1 τ 0.05": the w and tau of a row whose method reads them."""
+    return "".join(f" {name} {value:g}" for name, value in (("w", row.w), ("τ", row.t)) if value is not None)
 
 
 def _qualifier(row: Row) -> str:
@@ -304,7 +349,7 @@ def _qualifier(row: Row) -> str:
 
 
 def _shown(value: float | None) -> str:
-    return "/" if value is None else f"{value:g}"
+    return NOT_APPLICABLE if value is None else f"{value:g}"
 
 
 def _cell(row: Row, k: int) -> str:
@@ -325,7 +370,7 @@ def markdown(rows: list[Row], ks=PAPER_KS) -> str:
         lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in chosen:
             paper = row.published()
-            figures = [f"{value:.2f}" for value in paper[1]] if paper else ["–"] * len(ks)
+            figures = [f"{value:.2f}" for value in paper[1]] if paper else [NOT_APPLICABLE] * len(ks)
             name = METHOD_NAMES.get(row.method, row.method) + _qualifier(row)
             cells = [name, _shown(row.w), _shown(row.t), str(len(row.seeds)),
                      *[_cell(row, k) for k in ks], *figures[:len(ks)]]
@@ -354,41 +399,54 @@ def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def plot(rows: list[Row], path: Path) -> None:
-    """Recall@K against K, one panel per dataset: ours (error bars: std over seeds), the paper's dashed."""
+def recall_figure(rows: list[Row]):
+    """Recall@K against K, one panel per dataset: ours (error bars: std over seeds), the paper's dashed; the K
+    axis (log scale) is labelled with the K values plotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from maskcon.plots import figure_texts
-
     datasets = list(dict.fromkeys(row.dataset for row in rows))
     figure, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.6), squeeze=False)
-    entries = []
     for axis, dataset in zip(axes[0], datasets):
-        for index, row in enumerate(row for row in rows if row.dataset == dataset):
+        chosen = [row for row in rows if row.dataset == dataset]
+        for index, row in enumerate(chosen):
             colour = f"C{index % 10}"
             ks = sorted(row.recalls)
-            variant = _qualifier(row)
             axis.errorbar(ks, [row.mean(k) for k in ks], yerr=[row.spread(k) or 0.0 for k in ks], color=colour,
-                          marker="o", capsize=3, label=f"{METHOD_NAMES.get(row.method, row.method)} w {_shown(row.w)} "
-                                                       f"τ {_shown(row.t)}{variant} (n={len(row.seeds)})")
+                          marker="o", capsize=3, label=f"{METHOD_NAMES.get(row.method, row.method)}{_keys(row)}"
+                                                       f"{_qualifier(row)} (n={len(row.seeds)})")
             if row.published():
                 axis.plot(PAPER_KS, row.published()[1], color=colour, linestyle="--", marker="x")
-        if any(row.published() for row in rows if row.dataset == dataset):
+        if any(row.published() for row in chosen):
             axis.plot([], [], color="grey", linestyle="--", marker="x", label="dashed: the supplement's figures")
         axis.set_xscale("log")
+        ticks = sorted({k for row in chosen for k in row.recalls} | {k for row in chosen if row.published()
+                                                                      for k in PAPER_KS})
+        axis.set_xticks(ticks, [str(k) for k in ticks])
+        axis.minorticks_off()
         axis.set_xlabel("K")
         axis.set_ylabel("Recall@K of the fine labels, %")
         axis.set_title(dataset)
-        legend = axis.legend(fontsize=7)
-        entries += [text.get_text() for text in legend.get_texts()]
-    title = "Recall@K on the test split: mean over seeds (bars: std)"
-    figure.suptitle(title)
+        axis.legend(fontsize=7)
+    figure.suptitle("Recall@K on the test split: mean over seeds (bars: std)")
     figure.tight_layout()
-    figure.savefig(path, dpi=120, metadata=figure_texts(title, entries))
-    plt.close(figure)
+    return figure
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """recall_figure() as a PNG at PATH, its title and legend also as the PNG's text entries."""
+    import matplotlib.pyplot as plt
+
+    from maskcon.plots import figure_texts
+
+    figure = recall_figure(rows)
+    entries = [text.get_text() for axis in figure.axes for text in axis.get_legend().get_texts()]
+    try:
+        figure.savefig(path, format="png", dpi=120, metadata=figure_texts(figure.get_suptitle(), entries))
+    finally:
+        plt.close(figure)
 
 
 def build_parser():
@@ -398,17 +456,19 @@ def build_parser():
         description="Turn finished runs into the supplement's table layout: Markdown on stdout, and "
                     "OUT/report.md, OUT/report.csv, OUT/recall.png. Runs form one row only when every option "
                     "that defines a run (those a resume must match: dataset, method, w, tau, batch, lr, "
-                    "schedule, epochs, ...) is equal but --seed. Unfinished runs, runs stopped early "
-                    "(--max-steps, a stop signal) and runs of another recipe than the paper's are left out, "
-                    "each named on stderr; the paper's figures stand only beside rows of its recipe.")
-    parser.add_argument("runs", nargs="*", type=Path, help="run folders, or folders that hold run folders (runs/)")
+                    "schedule, epochs, ...) is equal but --seed. Unfinished runs (no results.json: still running, "
+                    "or stopped by a signal), runs with damaged files, runs stopped early by --max-steps and "
+                    "runs of another recipe than the paper's are left out, each named on stderr; the paper's "
+                    "figures stand only beside rows of its recipe.")
+    parser.add_argument("runs", nargs="*", type=Path,
+                        help="run folders, or folders that hold run folders at any depth (runs/, runs/SWEEP)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT[/SWEEP_ID]", default=None,
                         help="also read the finished runs of a W&B project or sweep (needs the network and a login)")
     parser.add_argument("--out", type=Path, default=Path("report"), help="folder for report.md, report.csv and "
                                                                          "recall.png (default: report)")
     parser.add_argument("--all", action="store_true", dest="everything",
-                        help="also show the runs stopped early or of another recipe, as rows of their own labelled "
-                             "by what differs (never pooled with the paper's recipe)")
+                        help="also show the finished runs stopped early by --max-steps or of another recipe, as rows "
+                             "of their own labelled by what differs (never pooled with the paper's recipe)")
     return parser
 
 
@@ -418,22 +478,46 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if not args.runs and args.wandb is None:
         raise UserError("name the runs: run folders (or runs/), and/or --wandb ENTITY/PROJECT[/SWEEP_ID]")
+    if file_in_the_way(args.out):
+        raise UserError(f"--out {args.out}: {file_in_the_way(args.out)} is a file, not a folder; name a folder for "
+                        f"the report (default: report)")
     records = read_run_folders(args.runs) + (read_wandb(args.wandb) if args.wandb else [])
     if not records:
-        raise UserError("no finished run among those named (a finished run has results.json)")
+        raise UserError("no finished run among those named (each run left out is named above; a finished run has "
+                        "results.json)")
     rows = group(records, everything=args.everything)
     if not rows:
         raise UserError("no finished run of the paper's recipe among those named (each run left out is named "
                         "above); --all shows them as rows of their own")
     text = markdown(rows)
+    write_report(rows, text, args.out)
     print(text, end="")
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "report.md", text)
-    write_csv(rows, args.out / "report.csv")
-    plot(rows, args.out / "recall.png")
     print(f"wrote {args.out / 'report.md'}, {args.out / 'report.csv'}, {args.out / 'recall.png'} "
           f"({_count(sum(len(row.seeds) for row in rows), 'run')} in {_count(len(rows), 'row')})", file=sys.stderr)
     return 0
+
+
+def write_report(rows: list[Row], text: str, out: Path) -> None:
+    """report.md (TEXT), report.csv and recall.png into the folder OUT, made when missing. All three are written
+    beside their place first, then renamed into it; a failure is a UserError naming the system's reason, and
+    leaves no partial file and no folder made for it."""
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]   # deepest first
+    partial = {name: out / f"{name}.partial" for name in ("report.md", "report.csv", "recall.png")}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        partial["report.md"].write_text(text)
+        write_csv(rows, partial["report.csv"])
+        plot(rows, partial["recall.png"])
+        for name, path in partial.items():
+            os.replace(path, out / name)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            for path in partial.values():
+                path.unlink(missing_ok=True)
+            for folder in made:
+                folder.rmdir()
+        raise UserError(f"cannot write the report into {out} ({error.strerror or error}); free space or fix the "
+                        f"permissions, or choose another --out") from None
 
 
 def _count(number: int, noun: str) -> str:

@@ -1,6 +1,7 @@
 """launch/report.py's table: rows over seeds, the supplement's published figures beside ours."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def test_seeds_form_one_row_with_mean_and_spread_and_the_papers_figures(tmp_path
     assert len(skipped) == 1 and "unfinished" in skipped[0]
     text = markdown(rows)
     assert "| MaskCon | 1 | 0.05 | 2 | 65.00 ± 1.41 | 70.00 ± 0.00 | 80.00 ± 0.00 | 90.00 ± 0.00 | 65.52 | 74.46 |" in text
-    assert "| SelfCon | / | / | 1 | 40.00 | 50.00 | 60.00 | 70.00 | 40.50 |" in text
+    assert "| SelfCon | – | – | 1 | 40.00 | 50.00 | 60.00 | 70.00 | 40.50 |" in text   # –: does not apply
     assert "(supplement Table 4)" in text
 
 
@@ -187,3 +188,129 @@ def test_runs_on_two_folder_datasets_are_two_tables_and_a_seed_given_twice_names
     (again / "config.yaml").write_text((tmp_path / "runs" / "pets" / "config.yaml").read_text())
     with pytest.raises(UserError, match=r"seed 0: \S+/runs/pets and \S+/again; pass each run once"):
         group(read_run_folders([tmp_path / "runs", again], log=lambda line: None))
+
+
+RECALL = {"R@1": 65.0, "R@2": 74.0, "R@5": 83.0, "R@10": 89.0, "R@50": 95.0, "R@100": 97.0}
+
+
+def report(*args: str, cwd: Path = ROOT, **run) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "report.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, **run)
+
+
+def test_the_points_of_a_grid_sweep_are_found_below_the_runs_folder_and_their_own_subfolders_are_not(tmp_path):
+    from maskcon.grid import GRID_FILE, point_name, points, read_sweep
+
+    sweep = read_sweep(ROOT / "launch" / "sweeps" / "cifar100-main.yaml")
+    sweep_runs = tmp_path / "runs" / sweep["name"]          # where `launch/grid.py` puts them: runs/SWEEP/POINT
+    chosen = [point for point in points(sweep) if point["method"] in ("maskcon", "selfcon") and point["seed"] < 3]
+    for point in chosen:
+        finished = point["seed"] < 2
+        folder = write_run(sweep_runs / point_name(point, sweep), point["dataset"], point["method"], point["seed"],
+                           RECALL if finished else None)
+        (folder / "checkpoints" / "step-00000010").mkdir(parents=True)
+        wandb_files = folder / "wandb" / "offline-run-20250101_000000-abc" / "files"   # W&B's own config.yaml
+        wandb_files.mkdir(parents=True)
+        (wandb_files / "config.yaml").write_text(yaml.safe_dump({"dataset": {"value": point["dataset"]}}))
+    (sweep_runs / GRID_FILE).write_text(yaml.safe_dump({"sweep": "cifar100-main.yaml", "options": []}))
+    write_run(tmp_path / "runs" / "alone", "cifar100", "maskcon", 7, RECALL)   # a run of its own beside the sweep
+    named = []
+    rows = group(read_run_folders([tmp_path / "runs"], log=named.append))
+    assert [(row.method, sorted(row.seeds)) for row in rows] == [("maskcon", [0, 1, 7]), ("selfcon", [0, 1])]
+    assert sorted(line.split(":")[0] for line in named) == [
+        str(sweep_runs / "method-maskcon_seed-2"), str(sweep_runs / "method-selfcon_seed-2")]
+    assert all("unfinished" in line and "left out" in line for line in named)
+    assert {row.method: sorted(row.seeds) for row in group(read_run_folders([sweep_runs], log=named.append))} == {
+        "maskcon": [0, 1], "selfcon": [0, 1]}
+
+
+def test_a_run_with_a_damaged_file_is_left_out_and_named_and_the_others_are_reported(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "good", "cifar100", "maskcon", 0, RECALL)
+    cut = write_run(runs / "cut", "cifar100", "maskcon", 1, RECALL)
+    (cut / "results.json").write_text((cut / "results.json").read_text()[:20])      # cut short
+    broken = write_run(runs / "broken", "cifar100", "maskcon", 2, RECALL)
+    (broken / "config.yaml").write_text("dataset: cifar100\nmethod: [maskcon\nseed: 2\n")   # not YAML
+    out = report(str(runs), "--out", str(tmp_path / "report"))
+    assert out.returncode == 0, out.stderr
+    said = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr and said[-1].endswith("(1 run in 1 row)")
+    left_out = [line for line in said if line.endswith("; left out")]
+    assert len(left_out) == 2 and left_out[0].startswith(f"{broken}/config.yaml is damaged (")
+    assert left_out[1].startswith(f"{cut}/results.json is damaged (")
+
+
+def test_an_out_that_is_a_file_or_cannot_be_made_is_one_line_and_nothing_is_written(tmp_path):
+    write_run(tmp_path / "runs" / "good", "cifar100", "maskcon", 0, RECALL)
+    (tmp_path / "notes.md").write_text("mine\n")
+    for out_folder, said in (("notes.md", "notes.md is a file"), ("notes.md/report", "notes.md is a file"),
+                             ("/proc/x", "cannot write the report into /proc/x")):
+        out = report(str(tmp_path / "runs"), "--out", out_folder, cwd=tmp_path)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and said in out.stderr, (out_folder, out.stderr)
+        assert out.stderr.startswith("error: ") and out.stdout == ""
+    assert (tmp_path / "notes.md").read_text() == "mine\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.md", "runs"]
+
+
+def test_a_report_that_cannot_be_written_whole_leaves_the_earlier_one_and_no_partial_file(tmp_path):
+    import resource
+
+    write_run(tmp_path / "runs" / "good", "cifar100", "maskcon", 0, RECALL)
+    small = 8192   # bytes a file may have: report.md and report.csv fit, recall.png does not (a disk filling up)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (small, small))  # noqa: E731
+    for out_folder in (tmp_path / "new" / "report", tmp_path / "earlier"):
+        out = report(str(tmp_path / "runs"), "--out", str(out_folder), preexec_fn=limit)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert out.stderr.startswith(f"error: cannot write the report into {out_folder} (File too large)")
+        if out_folder.name == "report":
+            assert not (tmp_path / "new").exists()   # the folders it made for the report are gone again
+            out_folder.mkdir(parents=True)
+            (tmp_path / "earlier").mkdir()
+            (tmp_path / "earlier" / "report.md").write_text("the earlier report\n")
+    assert [path.name for path in (tmp_path / "earlier").iterdir()] == ["report.md"]
+    assert (tmp_path / "earlier" / "report.md").read_text() == "the earlier report\n"
+    assert report(str(tmp_path / "runs"), "--out", str(tmp_path / "earlier")).returncode == 0
+    assert sorted(path.name for path in (tmp_path / "earlier").iterdir()) == ["recall.png", "report.csv", "report.md"]
+
+
+def test_wandb_without_a_login_is_one_line(tmp_path):
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("WANDB_") and name not in ("NETRC", "HOME")}
+    out = report("--wandb", "entity/maskcon/abc123", env={**env, "HOME": str(tmp_path)}, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("error: --wandb entity/maskcon/abc123: W&B cannot be read") and "log in" in out.stderr
+
+
+def test_the_plot_labels_k_by_its_values_and_leaves_out_w_and_tau_a_method_ignores(tmp_path):
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from maskcon.report import plot, recall_figure
+
+    write_run(tmp_path / "maskcon", "cifar100", "maskcon", 0, RECALL)
+    write_run(tmp_path / "selfcon", "cifar100", "selfcon", 0, RECALL)
+    write_run(tmp_path / "grafit", "cifar100", "grafit", 0, RECALL, w=0.5)
+    rows = group(read_run_folders([tmp_path]))
+    figure = recall_figure(rows)
+    figure.canvas.draw()
+    assert [label.get_text() for label in figure.axes[0].get_xticklabels()] == ["1", "2", "5", "10", "50", "100"]
+    plt.close(figure)
+    plot(rows, tmp_path / "recall.png")
+    legend = Image.open(tmp_path / "recall.png").text["Description"].split("; ")
+    assert sorted(legend) == ["Grafit w 0.5 (n=1)", "MaskCon w 1 τ 0.05 (n=1)", "SelfCon (n=1)",
+                              "dashed: the supplement's figures"]
+
+
+def test_all_leaves_out_a_run_stopped_by_a_signal_as_the_help_says(tmp_path):
+    from maskcon.report import build_parser, main
+
+    help_text = " ".join(build_parser().format_help().split())
+    assert "stopped by a signal" in help_text and "stopped early by --max-steps" in help_text
+    assert "a stop signal" not in help_text
+    write_run(tmp_path / "runs" / "done", "cifar100", "maskcon", 0, RECALL)
+    stopped = write_run(tmp_path / "runs" / "stopped", "cifar100", "maskcon", 1, None)  # no results.json
+    (stopped / "checkpoints" / "step-00000010").mkdir(parents=True)
+    named = []
+    rows = group(read_run_folders([tmp_path / "runs"], log=named.append), everything=True)
+    assert [row.seeds for row in rows] == [[0]] and named == [f"{stopped}: no results.json (unfinished); left out"]
+    assert main([str(tmp_path / "runs"), "--all", "--out", str(tmp_path / "report")]) == 0
