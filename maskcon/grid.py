@@ -6,8 +6,8 @@ GPU of this machine), with the options given after the sweep file added, in a ru
 RUNS/POINT, where RUNS is --runs (default runs/SWEEP_NAME) and POINT names the values that vary
 (`method-grafit_seed-1`). The points run one after another. A point whose folder holds results.json is done
 and skipped; any other continues from its newest checkpoint (`--resume auto`), so the same command after a
-stop or a failure carries on where the grid was; other options need a folder of their own (RUNS/grid.yaml
-records the grid's). Before the first point runs, it is checked (`--check`): shards or options that every point
+stop or a failure carries on where the grid was; other options, or other values in the sweep file for a point
+that has run, need a folder of their own (RUNS/grid.yaml records the grid's options and each point's values). Before the first point runs, it is checked (`--check`): shards or options that every point
 shares and that cannot run are said once. `--dry-run` lists the points on stdout. `python launch/report.py
 RUNS` makes the tables.
 
@@ -93,12 +93,19 @@ def command(sweep: dict, point: dict, extra: list[str], folder: Path) -> list[st
 def main(argv: list[str]) -> int:
     args, extra = _parser().parse_known_args(argv)
     sweep = read_sweep(args.sweep)
-    runs = args.runs or rundir.DEFAULT_ROOT / str(sweep.get("name") or args.sweep.stem)
+    runs = args.runs or rundir.DEFAULT_ROOT / re.sub(r"[^A-Za-z0-9._=-]+|^\.+", "-", str(sweep.get("name") or
+                                                                                          args.sweep.stem))
     grid = [(point, runs / point_name(point, sweep)) for point in points(sweep)]
+    record = _claim(runs, args.sweep, extra, grid)
     done = [folder for _, folder in grid if (folder / rundir.RESULTS).exists()]
     if not args.dry_run:
-        _check_first([command(sweep, point, extra, folder) for point, folder in grid if folder not in done])
-        _claim(runs, args.sweep, extra)
+        try:
+            _check_first([command(sweep, point, extra, folder) for point, folder in grid if folder not in done])
+        except KeyboardInterrupt:       # the check's process stopped too; nothing ran, nothing was written
+            print("stopped before the first point ran; run the same command again to start", file=sys.stderr)
+            return EXIT_STOPPED
+        runs.mkdir(parents=True, exist_ok=True)
+        write_atomic(runs / GRID_FILE, yaml.safe_dump(record, sort_keys=False))
     print(f"{args.sweep}: {len(grid)} points into {runs}, {len(done)} done before", file=sys.stderr, flush=True)
     listing = sys.stdout if args.dry_run else sys.stderr     # --dry-run's list is its output
     failed = []
@@ -140,18 +147,40 @@ def _check_first(lines: list[str]) -> None:
         raise UserError(f"the grid's first point does not pass --check: {said[-1].removeprefix('error: ')}")
 
 
-def _claim(runs: Path, sweep: Path, extra: list[str]) -> None:
-    """Record in RUNS/GRID_FILE the sweep and options its points run with; refuse (UserError) other options,
-    whose points would be taken for done by those of the earlier grid."""
-    record = runs / GRID_FILE
-    wanted = {"sweep": str(sweep.resolve()), "options": extra}
-    earlier = yaml.safe_load(record.read_text()) if record.is_file() else None
-    if earlier is not None and earlier != wanted:
+def _claim(runs: Path, sweep: Path, extra: list[str], grid: list[tuple[dict, Path]]) -> dict:
+    """The record of RUNS/GRID_FILE for this grid: the sweep, the options and each point's values (with those of
+    points the folder holds from earlier). UserError when RUNS holds points run with other options, or a point
+    folder whose values the sweep file now gives otherwise: the earlier points would be taken for done."""
+    path = runs / GRID_FILE
+    earlier = yaml.safe_load(path.read_text()) if path.is_file() else None
+    wanted = {"sweep": str(sweep.resolve()), "options": extra, "points": {}}
+    if earlier is not None and (earlier.get("sweep"), _options(earlier.get("options") or [])) != (
+            wanted["sweep"], _options(extra)):
         raise UserError(f"{runs} holds the points of {earlier.get('sweep')} with options "
                         f"{' '.join(earlier.get('options') or []) or '(none)'}; run that grid with the same options, "
                         f"or give this one a folder of its own with --runs")
-    runs.mkdir(parents=True, exist_ok=True)
-    write_atomic(record, yaml.safe_dump(wanted, sort_keys=False))
+    wanted["points"] = dict((earlier or {}).get("points") or {})
+    for point, folder in grid:
+        before = wanted["points"].get(folder.name)
+        if before is not None and before != point and folder.exists():
+            changed = ", ".join(f"{name} {before.get(name)} -> {point.get(name)}"
+                                for name in dict.fromkeys([*before, *point]) if before.get(name) != point.get(name))
+            raise UserError(f"{folder} ran with other values than {sweep} now gives ({changed}); restore the sweep "
+                            f"file, or give the changed grid a folder of its own with --runs")
+        wanted["points"][folder.name] = point
+    return wanted
+
+
+def _options(extra: list[str]) -> list[tuple[str, ...]]:
+    """The options added to every point, as the runs read them: `--name=value` as `--name value`, in name order."""
+    tokens = [part for token in extra for part in (token.split("=", 1) if token.startswith("--") else [token])]
+    groups: list[list[str]] = []
+    for token in tokens:
+        if token.startswith("--") or not groups:
+            groups.append([token])
+        else:
+            groups[-1].append(token)
+    return sorted((tuple(group) for group in groups), key=lambda group: group[0])   # repeats keep their order
 
 
 def _run_point(line: list[str], sweep: dict) -> int:

@@ -76,6 +76,19 @@ def test_a_grid_runs_every_point_and_the_same_command_skips_the_finished_ones(di
     lines = err.strip().splitlines()
     assert other.returncode == 2 and lines[-1].startswith("error: runs/tiny holds the points of "), err[-3000:]
     assert "--max-steps 2" in lines[-1] and "--runs" in lines[-1]
+    spelled = [options[0] + "=" + options[1], *options[4:], *options[2:4]]    # --shards=X, --max-steps 2 last
+    listed = _grid(tmp_path, str(sweep), *spelled, "--dry-run")
+    out, err = listed.communicate(timeout=300)      # the same options: its points are done
+    assert listed.returncode == 0 and out.splitlines() == ["[1/2] seed-0: done", "[2/2] seed-1: done"], err
+    sweep.write_text(sweep.read_text().replace("value: 64", "value: 32"))
+    for extra in ([], ["--dry-run"]):               # the points ran with global_batch 64: not done for this file
+        changed = _grid(tmp_path, str(sweep), *options, *extra)
+        out, err = changed.communicate(timeout=300)
+        lines = err.strip().splitlines()
+        assert changed.returncode == 2 and out == "" and len(lines) == 1, err[-3000:]
+        assert lines[0] == (f"error: {Path('runs/tiny/seed-0')} ran with other values than {sweep} now gives "
+                            f"(global_batch 64 -> 32); restore the sweep file, or give the changed grid a folder "
+                            f"of its own with --runs")
 
 
 def test_a_sweep_that_cannot_run_here_is_one_line(tmp_path):
@@ -107,6 +120,30 @@ def test_shards_every_point_lacks_are_refused_once_before_any_point_and_dry_run_
     assert listed.returncode == 0 and [line.split(":")[0] for line in out.splitlines()] == [
         "[1/3] seed-0", "[2/3] seed-1", "[3/3] seed-2"], (out, err)
     assert "3 points into runs/tiny, 0 done before" in err and not (tmp_path / "runs").exists()
+
+
+def test_a_stop_while_the_first_point_is_checked_ends_the_grid_in_one_line_with_nothing_written(tmp_path):
+    sweep = _sweep(tmp_path, [0, 1])
+    started = _grid(tmp_path, str(sweep), "--max-steps", "2", *TINY, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not any("--check" in child.cmdline() for child in psutil.Process(started.pid).children()):
+        assert started.poll() is None and time.monotonic() < deadline, started.communicate()
+        time.sleep(0.05)
+    os.killpg(started.pid, signal.SIGINT)       # Ctrl-C: the grid and its check, one process group
+    out, err = started.communicate(timeout=120)
+    assert started.returncode == 3 and err.strip().splitlines() == [
+        "stopped before the first point ran; run the same command again to start"], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_name_is_one_folder_under_runs(tmp_path):
+    sweep = _sweep(tmp_path, [0])
+    sweep.write_text(sweep.read_text().replace("name: tiny", "name: ../../elsewhere"))
+    listed = _grid(tmp_path, str(sweep), "--dry-run")
+    out, err = listed.communicate(timeout=120)
+    into = Path(err.split(" points into ")[1].split(",")[0])
+    assert listed.returncode == 0 and into.parent == Path("runs") and not into.name.startswith("."), err
+    assert f"--output-dir {into / 'point'} " in out      # one value each: the one point is 'point'
 
 
 @pytest.mark.slow
