@@ -611,9 +611,13 @@ def create_remote(url: str, write: Callable[[Path, Callable[[dict], None]], dict
     staging = (Path(cache).expanduser() if cache else default_cache()) / ".uploads" / entry_name(url, "0" * 16)
     manifest_path = f"{root}/{MANIFEST}"
     bucket = root.split("/", 1)[0]
-    if not _exists(fs, bucket):   # before any shard is written
-        raise UserError(f"no bucket {bucket!r} at the store of {url} (or these credentials may not see it); "
-                        f"create the bucket first, or fix the URL")
+    try:    # before any shard is written: a listing says no credentials, access denied or no bucket apart
+        with_retries(lambda: fs.ls(bucket, refresh=True), url, "reading", log)
+    except UserError as error:
+        if "no such bucket or prefix" not in str(error):
+            raise
+        raise UserError(f"no bucket {bucket!r} at the store of {url}; create the bucket first, or fix the "
+                        f"URL") from None
     present = with_retries(lambda: fs.exists(manifest_path), url, "reading", log)
     if present and not overwrite:
         raw = with_retries(lambda: fs.cat_file(manifest_path), url, "reading the manifest of", log)

@@ -212,6 +212,11 @@ def test_wrong_credentials_a_missing_bucket_and_no_credentials_are_one_line_each
     bare = {k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     none = one_line(make_shards("verify", remote_digits, env=bare))
     assert "no credentials found" in none
+    for wanted, environment in (("access denied", dict(env, AWS_SECRET_ACCESS_KEY="not-the-secret")),
+                                ("no credentials found", bare)):     # create says the same, before any shard
+        out = f"s3://{BUCKET}/made-{wanted.split()[0]}"
+        line = one_line(make_shards("create", "digits", "--out", out, env=environment))
+        assert wanted in line and "no bucket" not in line, line
     assert not cache_files(tmp_path / "cache") if (tmp_path / "cache").exists() else True
 
 
