@@ -26,6 +26,7 @@ from maskcon.errors import UserError
 
 BACKBONE_FILE = "backbone.pt"
 MODEL_CARD_FILE = "MODEL_CARD.md"
+FEATURES_KEYS = {"features", "fine", "coarse", "index", "keys"}   # the dict that `launch/eval.py --features` saves
 
 
 def backbone_metadata(resolved: dict, metrics: dict, step: int) -> dict:
@@ -99,12 +100,15 @@ def load_backbone(path: Path | str, map_location: str | torch.device = "cpu") ->
     if not Path(path).exists():
         raise UserError(f"{path}: no such file or folder; pass a finished run folder or its {BACKBONE_FILE}")
     if not file.is_file():
-        raise UserError(f"no backbone at {file}; pass a finished run folder or its {BACKBONE_FILE}")
+        raise UserError(_no_backbone(Path(path)))
     try:    # only tensors and plain containers are read (weights_only): a hostile file runs no code
         saved = torch.load(file, map_location=map_location, weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
         raise UserError(f"cannot read {file} ({type(error).__name__}); it is not a maskcon backbone: pass a "
                         f"finished run folder or its {BACKBONE_FILE}") from None
+    if isinstance(saved, dict) and FEATURES_KEYS <= set(saved):
+        raise UserError(f"{file} is a features file written by launch/eval.py --features, not a network; pass a "
+                        f"finished run folder or its {BACKBONE_FILE}")
     if not isinstance(saved, dict) or not {"state_dict", "metadata"} <= set(saved):
         raise UserError(f"{file} holds no maskcon metadata (weights only); rebuild the encoder with "
                         f"maskcon.backbone.build_encoder(arch, image_size) and load it")
@@ -119,13 +123,49 @@ def load_backbone(path: Path | str, map_location: str | torch.device = "cpu") ->
     return encoder.eval()
 
 
+def _no_backbone(folder: Path) -> str:
+    """Why FOLDER (a folder without backbone.pt) gives no backbone, and how to get one: a run writes its
+    backbone.pt when it finishes, so a stopped run, its checkpoints folder or one checkpoint is resumed to the end."""
+    from maskcon import checkpoints, rundir
+
+    if (folder / checkpoints.FILES_RECORD).exists() or (folder / checkpoints.MODEL_FILE).exists():
+        what, run, resume = "is a checkpoint, not a backbone", folder.parent.parent, f"--resume {folder}"
+    elif checkpoints.list_checkpoints(folder):
+        what, run, resume = "is a run's checkpoints folder, not a backbone", folder.parent, "--resume"
+    elif (folder / rundir.CONFIG).is_file():
+        what, run, resume = f"holds no {BACKBONE_FILE}: the run has not finished", folder, "--resume"
+    else:
+        return f"no backbone at {folder / BACKBONE_FILE}; pass a finished run folder or its {BACKBONE_FILE}"
+    return (f"{folder} {what}; a run writes {BACKBONE_FILE} when it finishes: resume it to the end (the command "
+            f"that started it, with --output-dir {run} {resume}), or evaluate it as it is with "
+            f"python launch/eval.py {folder}")
+
+
 def images_to_batch(images: list, metadata: dict) -> torch.Tensor:
-    """PIL images -> N x 3 x S x S float32 batch as the run's test view made it: RGB, the whole image resized
-    to S x S (bilinear, antialiased), scaled to [0, 1] and normalised with the run's mean and std."""
+    """PIL images (or paths of image files) -> N x 3 x S x S float32 batch as the run's test view made it: 8-bit
+    RGB as the shards hold it (16-bit grey / 257, alpha dropped), the whole image resized to S x S (bilinear,
+    antialiased), scaled to [0, 1] and normalised with the run's mean and std."""
+    from PIL import Image
     from torchvision.transforms import functional as TF
 
+    from maskcon.datasets.source import _rgb8   # the shard converter's 8-bit RGB, so both see the same pixels
+
+    if isinstance(images, (str, os.PathLike, Image.Image)) or not hasattr(images, "__iter__"):
+        raise TypeError(f"images_to_batch takes a list of PIL images or image paths, not a {type(images).__name__}")
+    images = list(images)
+    if not images:
+        raise ValueError("images_to_batch got no images; pass a list of at least one PIL image or image path")
+    wrong = [type(image).__name__ for image in images if not isinstance(image, (str, os.PathLike, Image.Image))]
+    if wrong:
+        raise TypeError(f"images_to_batch takes PIL images or image paths, not {', '.join(sorted(set(wrong)))}")
     size = metadata["image_size"]
     norm = metadata["normalisation"]
-    tensors = [TF.normalize(TF.to_tensor(TF.resize(image.convert("RGB"), [size, size], antialias=True)),
-                            norm["mean"], norm["std"]) for image in images]
-    return torch.stack(tensors)
+
+    def test_view(image) -> torch.Tensor:
+        if not isinstance(image, Image.Image):
+            with Image.open(image) as opened:
+                return test_view(opened)
+        rgb = Image.fromarray(_rgb8(image))
+        return TF.normalize(TF.to_tensor(TF.resize(rgb, [size, size], antialias=True)), norm["mean"], norm["std"])
+
+    return torch.stack([test_view(image) for image in images])

@@ -6,14 +6,17 @@ normalisation), and the features written to a file for one's own retrieval.
     accelerate launch --multi_gpu --num_processes N launch/eval.py ...
 
 The network is a run folder's backbone.pt (its newest intact checkpoint when it has none yet), a backbone.pt
-file, or one checkpoint folder (RUN/checkpoints/step-N). Its recipe (normalisation), image size, architecture
-and evaluation batch are the run's, from the backbone's metadata and the run's config.yaml.
+file, a run's checkpoints folder (its newest intact checkpoint), or one checkpoint folder (RUN/checkpoints/step-N).
+Its recipe (normalisation), image size, architecture and evaluation batch are the run's, from the backbone's
+metadata and the run's config.yaml. An existing --features file is replaced only when eval.py wrote it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
 from pathlib import Path
 
 import safetensors
@@ -23,8 +26,8 @@ import yaml
 from torch import nn
 
 from maskcon import checkpoints, rundir
-from maskcon.backbone import BACKBONE_FILE, build_encoder, load_backbone
-from maskcon.errors import OneLineParser, UserError
+from maskcon.backbone import BACKBONE_FILE, FEATURES_KEYS, build_encoder, load_backbone
+from maskcon.errors import OneLineParser, UserError, file_in_the_way
 from maskcon.retrieval import RECALL_KS, recall_at_k
 
 ENCODER_PREFIX = "encoder."   # the query encoder's weights in a checkpoint's model.safetensors
@@ -43,7 +46,7 @@ class Network(nn.Module):
 
 def load_network(path: Path) -> tuple[nn.Module, dict, str]:
     """(the query encoder, the run's settings {dataset, arch, image_size, eval_batch_size, shards}, what was
-    loaded) of PATH: a run folder, a backbone.pt, or a checkpoint folder."""
+    loaded) of PATH: a run folder, a backbone.pt, a run's checkpoints folder, or one checkpoint folder."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder; pass a run folder, a backbone.pt or a checkpoint folder "
@@ -54,11 +57,11 @@ def load_network(path: Path) -> tuple[nn.Module, dict, str]:
         encoder = load_backbone(path)
         settings = {**settings, **{name: encoder.metadata[name] for name in ("dataset", "arch", "image_size")}}
         return encoder, settings, f"backbone {path if path.is_file() else path / BACKBONE_FILE}"
-    checkpoint = path if (path / checkpoints.MODEL_FILE).is_file() else \
-        checkpoints.newest_intact(path / rundir.CHECKPOINTS, lambda line: None) if path.is_dir() else None
+    checkpoint = path if (path / checkpoints.MODEL_FILE).is_file() else _newest_checkpoint(
+        path if checkpoints.list_checkpoints(path) else path / rundir.CHECKPOINTS)
     if checkpoint is None:
         raise UserError(f"{path} holds no backbone.pt and no checkpoint; pass a run folder, a backbone.pt or a "
-                        f"checkpoint folder (RUN/checkpoints/step-N)")
+                        f"checkpoint folder (RUN/checkpoints or RUN/checkpoints/step-N)")
     if not settings:
         raise UserError(f"{checkpoint} lies outside a run folder with config.yaml; its network cannot be built")
     encoder = build_encoder(settings["arch"], settings["image_size"])
@@ -71,6 +74,16 @@ def load_network(path: Path) -> tuple[nn.Module, dict, str]:
         raise UserError(f"checkpoint {checkpoint} cannot be read ({problem}); pass another checkpoint, or the run "
                         f"folder for its newest intact one") from None
     return encoder.eval(), settings, f"checkpoint {checkpoint}"
+
+
+def _newest_checkpoint(root: Path) -> Path | None:
+    """The newest intact checkpoint under ROOT (a run's checkpoints folder); None when it holds none."""
+    try:
+        return checkpoints.newest_intact(root, lambda line: None)
+    except UserError:
+        listed = "; ".join(f"{path.name}: {checkpoints.damage(path)}" for path in checkpoints.list_checkpoints(root))
+        raise UserError(f"no intact checkpoint in {root} ({listed}); pass the run's {BACKBONE_FILE} if it has one, "
+                        f"else train the run again") from None
 
 
 def _run_folder(path: Path) -> Path | None:
@@ -116,22 +129,58 @@ def _write_features(file: Path, table: dict, shards: Path) -> None:
     samples = TarSamples(read_split(shards, "test")[1])
     keys = [key_at(samples.split.indexes[int(samples.rows[i, 0])], int(samples.rows[i, 1]))
             for i in table["index"].tolist()]
-    partial = file.with_name(f".{file.name}.partial")
-    torch.save({**{name: values.cpu() for name, values in table.items()}, "keys": keys}, partial)
-    partial.replace(file)
+    check_features_file(file)   # again: a file may have been put there while the evaluation ran
+    partial = file.with_name(f".{file.name}.partial")   # beside FILE, renamed over it when whole
+    try:
+        torch.save({**{name: values.cpu() for name, values in table.items()}, "keys": keys}, partial)
+        os.replace(partial, file)
+    except (OSError, RuntimeError) as error:   # torch.save reports a full disk as a RuntimeError
+        raise UserError(f"writing --features {file} failed ({' '.join(str(error).split())}); free space or fix "
+                        f"permissions there; nothing was written") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def check_features_file(file: Path) -> None:
+    """Refuse a --features FILE that cannot be written, or that would replace a file other than a features
+    file of eval.py, before anything is evaluated."""
+    if file.is_dir():
+        raise UserError(f"--features {file} is a folder; name a file in it, e.g. --features {file / 'features.pt'}")
+    if not file.parent.is_dir():
+        blocker = file_in_the_way(file.parent)
+        if blocker:
+            raise UserError(f"--features {file}: {blocker} is a file, not a folder; choose another path")
+        raise UserError(f"--features {file}: the folder {file.parent} does not exist; create it (mkdir -p "
+                        f"{file.parent}) or choose another path")
+    if not os.access(file.parent, os.W_OK | os.X_OK):
+        raise UserError(f"--features {file}: no permission to write in {file.parent}; choose another folder")
+    if os.path.lexists(file) and not (file.is_file() and _is_features_file(file)):
+        raise UserError(f"--features {file} exists and is not a features file written by eval.py; choose another "
+                        f"file name, or move that file away first")
+
+
+def _is_features_file(file: Path) -> bool:
+    """Whether FILE is a features file that eval.py --features wrote (only tensors and lists read; tensors mapped)."""
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
+        return False
+    return isinstance(saved, dict) and FEATURES_KEYS <= set(saved)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python launch/eval.py", allow_abbrev=False,
-                                     description="Recall@K of a trained network on a test split, without training.")
-    parser.add_argument("network", type=Path, help="a run folder, its backbone.pt, or a checkpoint folder")
+                           description="Recall@K of a trained network on a test split, without training.")
+    parser.add_argument("network", type=Path,
+                        help="a run folder, its backbone.pt, its checkpoints folder, or one checkpoint folder")
     parser.add_argument("--shards", type=Path, default=None,
                         help="shard folder whose test split is evaluated (default: the run's shards)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per process per batch (default: the run's)")
     parser.add_argument("--loader", choices=("dali", "torch"), default="dali", help="data loader back end")
     parser.add_argument("--loader-threads", type=int, default=None, help="loader threads per process")
     parser.add_argument("--features", type=Path, default=None,
-                        help="also write the features, labels, test positions and sample keys to this file (torch.save)")
+                        help="also write the features, labels, test positions and sample keys to this file "
+                             "(torch.save); an existing file is replaced only if it is a features file of eval.py")
     parser.add_argument("--json", action="store_true", help="print the Recall@K as one JSON line")
     return parser
 
@@ -140,6 +189,8 @@ def main(argv: list[str]) -> int:
     """launch/eval.py (through maskcon.cli, which prints a UserError as its one line): Recall@K printed (and
     with --json, one JSON line); 0."""
     args = build_parser().parse_args(argv)
+    if args.features is not None:
+        check_features_file(args.features)
     metrics, what = evaluate(args.network, args.shards, batch_size=args.batch_size, loader=args.loader,
                              threads=args.loader_threads, features_file=args.features)
     if metrics:

@@ -101,3 +101,110 @@ def test_files_that_are_not_a_network_are_refused_in_one_line_and_run_nothing(tm
     with pytest.raises(UserError, match=r"step-00000010 cannot be read \(files.json missing") as error:
         load_network(checkpoint)
     assert "\n" not in str(error.value)
+
+
+def test_16_bit_grey_images_keep_their_greys_as_the_shards_do(tmp_path):
+    import io
+
+    import numpy as np
+
+    from maskcon.datasets.source import decoded_alike
+
+    meta = backbone_metadata(RESOLVED, {}, step=1)
+    Image.fromarray(np.full((8, 8), 128 * 257, dtype=np.uint16)).save(tmp_path / "grey16.png")   # 16-bit mid grey
+    as_sharded = Image.open(io.BytesIO(decoded_alike((tmp_path / "grey16.png").read_bytes(), tmp_path / "grey16.png")))
+    mid_grey = (128 / 255 - 0.5071) / 0.2673           # channel 0 of a pixel of 128 / 255, CIFAR-100's mean and std
+    for image in (Image.open(tmp_path / "grey16.png"), tmp_path / "grey16.png", str(tmp_path / "grey16.png")):
+        batch = images_to_batch([image], meta)
+        assert batch[0, 0].allclose(torch.full((32, 32), mid_grey), atol=1e-4), image
+        assert torch.equal(batch, images_to_batch([as_sharded], meta))
+
+
+def test_images_to_batch_names_what_it_takes():
+    meta = backbone_metadata(RESOLVED, {}, step=1)
+    with pytest.raises(ValueError, match="no images"):
+        images_to_batch([], meta)
+    for wrong, named in ((Image.new("RGB", (4, 4)), "Image"), ([torch.zeros(3, 4, 4)], "Tensor"), ([3], "int")):
+        with pytest.raises(TypeError, match=f"PIL images or image paths, not .*{named}"):
+            images_to_batch(wrong, meta)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(module_folder):
+    """A run folder stopped before its end: config.yaml and one real checkpoint of a tiny learner, no backbone.pt.
+    (the run folder, the learner's query encoder weights)"""
+    import dataclasses
+
+    import yaml
+    from accelerate import Accelerator
+
+    from maskcon import checkpoints
+    from tests.conftest import tiny_config, tiny_learner
+
+    run = module_folder / "stopped"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(tiny_config())))
+    learner = tiny_learner(seed=3)
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(learner)
+    checkpoints.save(accelerator, run / "checkpoints", step=2, epoch=0, extra_state={}, keep=1)
+    return run, {name: tensor.clone() for name, tensor in learner.encoder.state_dict().items()}
+
+
+def test_a_runs_checkpoints_folder_is_evaluated_by_its_newest_checkpoint(stopped_run):
+    from maskcon.evaluation import load_network
+
+    run, weights = stopped_run
+    for where in (run / "checkpoints", run, run / "checkpoints" / "step-00000002"):
+        encoder, settings, what = load_network(where)
+        assert what == f"checkpoint {run / 'checkpoints' / 'step-00000002'}" and settings["dataset"] == "digits"
+        assert all(torch.equal(tensor, weights[name]) for name, tensor in encoder.state_dict().items())
+
+
+def test_load_backbone_on_a_stopped_run_says_how_to_get_its_backbone(stopped_run):
+    run, _ = stopped_run
+    step = run / "checkpoints" / "step-00000002"
+    for where, resume in ((run, f"--output-dir {run} --resume)"), (step, f"--output-dir {run} --resume {step})"),
+                          (run / "checkpoints", f"--output-dir {run} --resume)")):
+        with pytest.raises(UserError, match="resume it to the end") as error:
+            maskcon.load_backbone(where)
+        assert resume in str(error.value) and f"python launch/eval.py {where}" in str(error.value)
+        assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("features, says", [("out", "is a folder"), ("nodir/f.pt", "does not exist"),
+                                            ("notes.txt/f.pt", "notes.txt is a file, not a folder"),
+                                            ("notes.txt", "exists and is not a features file written by eval.py")])
+def test_eval_features_checks_its_file_before_evaluating_and_leaves_nothing(stopped_run, tmp_path, capsys, features,
+                                                                           says):
+    from maskcon.cli import run_eval
+
+    run, _ = stopped_run
+    (tmp_path / "out").mkdir()
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    before = sorted(tmp_path.rglob("*"))
+    # shards that do not exist: an evaluation that ran first would fail on them instead
+    assert run_eval([str(run), "--shards", str(tmp_path / "no-shards"), "--features", str(tmp_path / features)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: --features {tmp_path / features}") and says in error, error
+    assert error.count("\n") == 1
+    assert sorted(tmp_path.rglob("*")) == before and (tmp_path / "notes.txt").read_text() == "my notes\n"
+
+
+def test_eval_replaces_its_own_features_file_which_no_loader_takes_for_a_network(stopped_run, digits_shards,
+                                                                                 tmp_path):
+    from maskcon.cli import run_eval
+    from maskcon.evaluation import load_network
+
+    run, _ = stopped_run
+    (tmp_path / "out").mkdir()
+    written = tmp_path / "out" / "features.pt"
+    for _ in range(2):    # the second run replaces the features file the first wrote
+        assert run_eval([str(run), "--shards", str(digits_shards), "--loader", "torch",
+                         "--features", str(written)]) == 0
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["features.pt"]
+    table = torch.load(written)
+    assert table["features"].shape == (360, 512) and len(table["keys"]) == 360
+    for load in (maskcon.load_backbone, load_network):
+        with pytest.raises(UserError, match="is a features file written by launch/eval.py --features, not a network"):
+            load(written)
