@@ -148,7 +148,7 @@ def images_to_batch(images: list, metadata: dict) -> torch.Tensor:
     from PIL import Image
     from torchvision.transforms import functional as TF
 
-    from maskcon.datasets.source import _rgb8   # the shard converter's 8-bit RGB, so both see the same pixels
+    from maskcon.datasets.source import rgb8   # the shard converter's 8-bit RGB, so both see the same pixels
 
     if isinstance(images, (str, os.PathLike, Image.Image)) or not hasattr(images, "__iter__"):
         raise TypeError(f"images_to_batch takes a list of PIL images or image paths, not a {type(images).__name__}")
@@ -165,7 +165,7 @@ def images_to_batch(images: list, metadata: dict) -> torch.Tensor:
         if not isinstance(image, Image.Image):
             with Image.open(image) as opened:
                 return test_view(opened)
-        rgb = Image.fromarray(_rgb8(image))
+        rgb = Image.fromarray(rgb8(image))
         return TF.normalize(TF.to_tensor(TF.resize(rgb, [size, size], antialias=True)), norm["mean"], norm["std"])
 
     return torch.stack([test_view(image) for image in images])

@@ -251,7 +251,7 @@ def decoded_alike(data: bytes, path: Path) -> bytes:
         with Image.open(io.BytesIO(data)) as image:
             if image.format == "JPEG" and image.mode in ("L", "RGB"):
                 return data
-            pixels = _rgb8(image)
+            pixels = rgb8(image)
             kind = image.format
     except (OSError, ValueError, SyntaxError) as error:
         raise UserError(f"cannot decode image {path} ({error}); replace the file or remove it from SRC") from None
@@ -263,7 +263,7 @@ def decoded_alike(data: bytes, path: Path) -> bytes:
     return buffer.getvalue()
 
 
-def _rgb8(image) -> np.ndarray:
+def rgb8(image) -> np.ndarray:
     """H x W x 3 uint8 pixels of a PIL image of any mode (16-bit values / 257, rounded; alpha dropped)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         grey = np.round(np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
