@@ -192,8 +192,10 @@ def _notes(config: Config, device: str, train_samples: int | None) -> tuple[str,
     notes = []
     if config.warmup_epochs >= config.epochs:
         than = "as long as" if config.warmup_epochs == config.epochs else "longer than"
-        notes.append(f"the warm-up ({config.warmup_epochs:g} epochs) is {than} the run ({config.epochs} "
-                     f"epochs): the learning rate never reaches its base; lower --warmup-epochs")
+        warmup, run = (f"{number:g} epoch{'' if number == 1 else 's'}" for number in (config.warmup_epochs,
+                                                                                         config.epochs))
+        notes.append(f"the warm-up ({warmup}) is {than} the run ({run}): the learning rate never reaches its base; "
+                     f"lower --warmup-epochs")
     if train_samples is not None and config.queue_size > train_samples:
         notes.append(f"the memory bank (--queue-size {config.queue_size}) holds more keys than the train split has "
                      f"images ({train_samples}): filling it passes over them {-(-config.queue_size // train_samples)} "

@@ -255,6 +255,10 @@ def test_bad_imagenet32_sources(tmp_path):
     _one_line_error("imagenet32", tmp_path, "train_data_batch_7", "image-net.org")
     np.savez(tmp_path / "train_data_batch_7.npz", data=np.zeros((2, 100), np.uint8), labels=[1, 2])
     _one_line_error("imagenet32", tmp_path, "train_data_batch_7.npz", "3072 bytes")
+    for labels, wanted in (([1, 2, 3], "holds 2 images with 3 labels;"),
+                           ([1, 0], "holds 1 label outside 1..1000 (the first 0, of image 1);")):
+        np.savez(tmp_path / "train_data_batch_7.npz", data=np.zeros((2, 3072), np.uint8), labels=labels)
+        assert "or labels" not in _one_line_error("imagenet32", tmp_path, "train_data_batch_7.npz", wanted)
 
 
 def test_bad_sop_cars_and_folder_sources(tmp_path):

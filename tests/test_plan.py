@@ -148,7 +148,11 @@ def test_the_plan_warns_of_a_warm_up_as_long_as_the_run(digits_shards):
     from maskcon.plan import plan_run
 
     short = plan_run(parse_config(["--shards", str(digits_shards), "--epochs", "2", "--warmup-epochs", "5"]), 1)
-    assert [line for line in short.lines() if line.startswith("warning: the warm-up (5 epochs) is longer than")]
+    assert [line for line in short.lines() if line.startswith("warning: the warm-up (5 epochs) is longer than "
+                                                               "the run (2 epochs)")]
+    one = plan_run(parse_config(["--shards", str(digits_shards), "--epochs", "1", "--warmup-epochs", "1"]), 1)
+    assert [line for line in one.lines() if line.startswith("warning: the warm-up (1 epoch) is as long as the run "
+                                                             "(1 epoch):")]
     fine = plan_run(parse_config(["--shards", str(digits_shards), "--epochs", "12", "--warmup-epochs", "5"]), 1)
     assert not [line for line in fine.lines() if line.startswith("warning:")]
 

@@ -421,6 +421,7 @@ def test_rerunning_create_on_damaged_shards_re_creates_them(small_digits, tmp_pa
     logged = []
     shards.create("digits", None, out, samples_per_shard=40, workers=1, log=logged.append)
     assert any("no longer match" in line for line in logged)
+    assert [line for line in logged if "samples in" in line][0].endswith(" 1 process")
     assert tree(out) == tree(small_digits)
 
 

@@ -52,9 +52,13 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     require_keys(content, ("data", "labels"), path, WHERE)
     images = planar_rows_to_images(content["data"], path, WHERE)
     labels = np.asarray(content["labels"], dtype=np.int64).reshape(-1) - 1  # files count from 1
-    if len(labels) != len(images) or (len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES)):
-        raise UserError(f"{path} holds {len(images)} images with {len(labels)} labels, or labels outside "
-                        f"1..{NUM_CLASSES}; {WHERE}")
+    if len(labels) != len(images):
+        raise UserError(f"{path} holds {len(images)} images with {len(labels)} labels; {WHERE}")
+    outside = (labels < 0) | (labels >= NUM_CLASSES)
+    if outside.any():
+        count = int(outside.sum())
+        raise UserError(f"{path} holds {count} label{'s' * (count != 1)} outside 1..{NUM_CLASSES} (the first "
+                        f"{int(labels[outside][0]) + 1}, of image {int(np.flatnonzero(outside)[0])}); {WHERE}")
     return images, labels
 
 
