@@ -12,6 +12,7 @@ and every sample is three tar members named `<key>.<extension>`: the image (`png
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shlex
@@ -286,11 +287,27 @@ def remedy(folder: Path | str, manifest: dict | None = None) -> str:
             f"python launch/make_shards.py create {made_by} --out {folder} --overwrite")
 
 
+SOURCE_FILES = ("fine_to_coarse.csv", "meta", "batches.meta", "val_data", "val_data.npz")   # a download's own
+
+
+def _looks_like_a_source(folder: Path, looked_at: int = 2000) -> bool:
+    """Whether FOLDER holds a download (an image folder, CIFAR's or ImageNet32's files) rather than shards: a
+    look at its first `looked_at` files, no more."""
+    if any((folder / name).is_file() for name in SOURCE_FILES):
+        return True
+    files = (name for _, _, names in os.walk(folder) for name in names)
+    return any(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in itertools.islice(files, looked_at))
+
+
 def read_manifest(folder: Path | str, dataset: str = "DATASET") -> dict:
     """The manifest of the shards under `folder`; UserError when it is missing or malformed, naming the command
     that makes them (for `dataset`, when the caller knows it)."""
     path = Path(folder) / MANIFEST
     if not path.exists():
+        if _looks_like_a_source(Path(folder)):
+            raise UserError(f"{folder} holds a dataset's source files, not shards; make its shards in a folder of "
+                            f"their own with python launch/make_shards.py create {dataset} --src {folder} --out "
+                            f"shards/NAME, and pass that folder")
         hint = " (a conversion was interrupted: rerun the same create command)" if (Path(folder) / PLAN).exists() else ""
         raise UserError(f"no complete shards at {folder}: {path} is missing{hint}; make them with "
                         f"python launch/make_shards.py create {dataset} --src SRC --out {folder}")

@@ -643,3 +643,18 @@ def test_png_problems_are_found_without_decoding():
     assert "ends before" in png_problem(good[:-12])                  # cut before IEND
     assert "runs past the end" in png_problem(good[:-20])
     assert "signature" in png_problem(b"\xff\xd8\xff" + good[3:])
+
+
+def test_a_source_folder_given_for_shards_is_named_as_one_and_not_offered_as_the_out(tmp_path):
+
+    sources.write_folder(tmp_path / "photos")
+    sources.write_cifar100(tmp_path / "c100")
+    for folder, dataset in ((tmp_path / "photos", "folder"), (tmp_path / "c100" / "cifar-100-python", "cifar100")):
+        with pytest.raises(UserError) as raised:
+            shard_format.read_manifest(folder, dataset)
+        assert str(raised.value) == (f"{folder} holds a dataset's source files, not shards; make its shards in a "
+                                     f"folder of their own with python launch/make_shards.py create {dataset} --src "
+                                     f"{folder} --out shards/NAME, and pass that folder")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=f"is missing; make them with .* --out {tmp_path / 'empty'}$"):
+        shard_format.read_manifest(tmp_path / "empty", "folder")
