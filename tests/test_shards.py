@@ -646,7 +646,6 @@ def test_png_problems_are_found_without_decoding():
 
 
 def test_a_source_folder_given_for_shards_is_named_as_one_and_not_offered_as_the_out(tmp_path):
-
     sources.write_folder(tmp_path / "photos")
     sources.write_cifar100(tmp_path / "c100")
     for folder, dataset in ((tmp_path / "photos", "folder"), (tmp_path / "c100" / "cifar-100-python", "cifar100")):
