@@ -602,11 +602,14 @@ def upload(fs, root: str, url: str, folder: Path, name: str, log: Callable[[str]
 _JOURNAL_LOCK = threading.Lock()
 
 
-def create_remote(url: str, write: Callable[[Path, Callable[[dict], None]], dict], *, overwrite: bool,
-                  log: Callable[[str], None], cache: Path | str | None = None) -> dict:
+def create_remote(url: str, write: Callable[[Path, Callable[[dict], None]], dict],
+                  changes: Callable[[dict | None], list[str]], *, overwrite: bool, log: Callable[[str], None],
+                  cache: Path | str | None = None) -> dict:
     """`make_shards create --out URL`: write(folder, on_shard) writes the shards into a local staging folder
     and calls on_shard(record) as each is finished, which uploads its tar and index at once; manifest.json is
-    uploaded last, so a remote folder without one is never read. A rerun continues where it stopped."""
+    uploaded last, so a remote folder without one is never read. A rerun continues where it stopped. A folder
+    that holds shards already: changes(its manifest) says what differs from this create's inputs; none, and
+    it is left as it is (as a local folder is); some, and it is refused unless `overwrite`."""
     fs, root = filesystem(url)
     staging = (Path(cache).expanduser() if cache else default_cache()) / ".uploads" / entry_name(url, "0" * 16)
     manifest_path = f"{root}/{MANIFEST}"
@@ -622,7 +625,16 @@ def create_remote(url: str, write: Callable[[Path, Callable[[dict], None]], dict
     if present and not overwrite:
         raw = with_retries(lambda: fs.cat_file(manifest_path), url, "reading the manifest of", log)
         if not ((staging / MANIFEST).is_file() and (staging / MANIFEST).read_bytes() == raw):
-            raise UserError(f"{url} already holds shards; pass --overwrite to replace them, or choose another --out")
+            try:
+                manifest = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                manifest = None
+            changed = changes(manifest)
+            if changed:
+                raise UserError(f"{url} holds shards made from other inputs ({'; '.join(changed)}); pass --overwrite "
+                                f"to rebuild them from these, or choose another --out")
+            log(f"{url} already holds complete {manifest['dataset']} shards")
+            return manifest
     if present and overwrite:
         with_retries(lambda: fs.rm_file(manifest_path), url, "removing the old manifest of", log)
     if overwrite:   # every file is put again

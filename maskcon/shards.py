@@ -328,6 +328,11 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
             create_args += [flag, str(value)]
     from maskcon import remote
 
+    def changes(manifest) -> list[str]:     # what differs between a remote folder's shards and these inputs
+        options = _plan_options(seed, samples_per_shard, min_shards, max_samples_per_shard, compress_level)
+        recorded = _plan_of(manifest) if isinstance(manifest, dict) else None
+        return _changes(recorded, _inputs(source, options, source_files))
+
     def write(folder: Path | str, on_shard: Callable[[dict], None] | None = None) -> dict:
         return write_shards(source, folder, create_args=create_args, source_files=source_files, seed=seed,
                             samples_per_shard=samples_per_shard, min_shards=min_shards,
@@ -336,8 +341,8 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
 
     try:
         if remote.is_url(str(out)):   # written locally, each shard uploaded once finished, the manifest last
-            return remote.create_remote(str(out), write, overwrite=overwrite, log=log or (lambda line: None),
-                                        cache=cache)
+            return remote.create_remote(str(out), write, changes, overwrite=overwrite,
+                                        log=log or (lambda line: None), cache=cache)
         return write(out)
     except OSError as error:  # no space, no permission: in this process or in a worker
         shutil.rmtree(Path(out) / _STAGING, ignore_errors=True)
@@ -391,9 +396,8 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
     _check_options(compress_level, samples_per_shard)
     dataset = source.name
     out = Path(out)
-    options = {"seed": seed, "samples_per_shard": samples_per_shard, "min_shards": min_shards,
-               "max_samples_per_shard": max_samples_per_shard, "png_compress_level": compress_level}
-    plan = _inputs(source, options, source_files)
+    plan = _inputs(source, _plan_options(seed, samples_per_shard, min_shards, max_samples_per_shard,
+                                         compress_level), source_files)
     for name, split_plan in plan["splits"].items():
         if split_plan["num_samples"] == 0:
             raise UserError(f"the {name} split of {dataset} is empty; check --src")
@@ -520,6 +524,13 @@ def _plan_of(manifest: dict) -> dict | None:
                            for name, split in manifest["splits"].items()}}
     except (KeyError, TypeError, AttributeError):
         return None
+
+
+def _plan_options(seed: int | None, samples_per_shard: int | None, min_shards: int, max_samples_per_shard: int,
+                  compress_level: int) -> dict:
+    """The options of a conversion, as its plan and manifest record them."""
+    return {"seed": seed, "samples_per_shard": samples_per_shard, "min_shards": min_shards,
+            "max_samples_per_shard": max_samples_per_shard, "png_compress_level": compress_level}
 
 
 def _inputs(source: DatasetSource, options: dict, source_files: dict | None) -> dict:

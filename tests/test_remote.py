@@ -167,6 +167,21 @@ def test_create_uploads_every_shard_and_verify_stages_them_once(s3, remote_digit
     assert not list((tmp_path / "cache").rglob("*.partial"))
 
 
+def test_the_same_create_again_leaves_the_folder_as_it_is_and_other_inputs_are_named(s3, remote_digits, tmp_path):
+    server, env = s3
+    before = manifest_of(env, remote_digits)
+    for cache in (None, tmp_path / "other-cache"):      # this node's staging, or another node's: the same answer
+        again = make_shards("create", "digits", "--out", remote_digits, "--workers", "1",
+                            env=env if cache is None else dict(env, MASKCON_SHARD_CACHE=str(cache)))
+        assert again.returncode == 0 and f"{remote_digits} already holds complete digits shards" in again.stderr, \
+            again.stderr[-3000:]
+        assert manifest_of(env, remote_digits) == before
+    line = one_line(make_shards("create", "digits", "--out", remote_digits, "--seed", "1", env=env))
+    assert line == (f"error: {remote_digits} holds shards made from other inputs (--seed 0 -> 1); pass --overwrite "
+                    f"to rebuild them from these, or choose another --out")
+    assert manifest_of(env, remote_digits) == before
+
+
 def test_two_processes_of_one_node_download_each_file_once(s3, remote_digits, tmp_path):
     server, env = s3
     url = f"s3://{BUCKET}/twice"
