@@ -157,6 +157,11 @@ def run_make_shards(argv: list[str]) -> int:
         args = _make_shards_parser().parse_args(argv)
         remote.check_location(args.out, writing=args.command == "create")
         remote.check_location(args.shard_cache)
+        if args.workers is not None and args.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {args.workers}")
+        if args.shard_cache is not None and not remote.is_url(str(args.out or "")):
+            raise UserError("--shard-cache serves a URL --out (s3://, gs://, https://); a local folder is read and "
+                            "written in place: leave --shard-cache out")
         if args.command == "create":
             out = args.out if args.out is not None else default_shards_dir(args.dataset)
             manifest = shards.create(args.dataset, args.src, out, seed=args.seed, labels=args.labels,

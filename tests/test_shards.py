@@ -657,3 +657,16 @@ def test_a_source_folder_given_for_shards_is_named_as_one_and_not_offered_as_the
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=f"is missing; make them with .* --out {tmp_path / 'empty'}$"):
         shard_format.read_manifest(tmp_path / "empty", "folder")
+
+
+@pytest.mark.parametrize("argv, wanted", [
+    (["create", "digits", "--out", "{tmp}/d", "--workers", "0"], "error: --workers must be at least 1, got 0"),
+    (["verify", "{tmp}/d", "--workers", "-2"], "error: --workers must be at least 1, got -2"),
+    (["create", "digits", "--out", "{tmp}/d", "--shard-cache", "{tmp}/cache"], "error: --shard-cache serves a URL"),
+    (["verify", "{tmp}/d", "--shard-cache", "{tmp}/cache"], "error: --shard-cache serves a URL"),
+])
+def test_options_that_could_do_nothing_are_one_line(tmp_path, capsys, argv, wanted):
+    assert run_make_shards([part.format(tmp=tmp_path) for part in argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(wanted), lines
+    assert list(tmp_path.iterdir()) == []
