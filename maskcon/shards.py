@@ -349,8 +349,11 @@ def create(dataset: str, src: Path | str | None, out: Path | str, *, seed: int =
         blocker = file_in_the_way(out)
         if blocker is not None:
             raise UserError(f"{blocker} is a file, not a folder; name a folder for the shards") from None
-        raise UserError(f"create failed at {error.filename or out} ({error.strerror or error}); free space or fix "
-                        f"permissions there, then rerun the same command: finished shards are kept") from None
+        reason = error.strerror or str(error)
+        if error.errno is None and "requested and" in reason:     # numpy's short write of a staged array
+            reason = f"a file cut short, {reason.replace('requested', 'bytes requested')}: the disk or a quota is full"
+        raise UserError(f"create failed at {error.filename or out} ({reason}); free space or fix permissions there, "
+                        f"then rerun the same command: finished shards are kept") from None
 
 
 def _check_apart(src: Path | str | None, out: Path | str) -> None:

@@ -670,3 +670,20 @@ def test_options_that_could_do_nothing_are_one_line(tmp_path, capsys, argv, want
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(wanted), lines
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_that_fills_while_create_stages_its_arrays_is_named_as_full(tmp_path):
+    import resource
+
+    def at_most_50_kb() -> None:      # a real limit on file sizes: the kernel stops the write, as a full disk does
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+
+    done = subprocess.run([sys.executable, "launch/make_shards.py", "create", "digits", "--out", str(tmp_path / "d"),
+                           "--workers", "2"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          preexec_fn=at_most_50_kb, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith(f"error: create failed at {tmp_path / 'd'} (a file cut short, ") and \
+        "bytes requested and" in lines[0] and "the disk or a quota is full); free space" in lines[0], lines[0]
+    assert not (tmp_path / "d" / ".staging").exists() and not (tmp_path / "d" / "manifest.json").exists()
