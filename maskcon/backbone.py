@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from maskcon.errors import UserError
+from maskcon.rundir import BACKBONE_FILE, CONFIG
 
-BACKBONE_FILE = "backbone.pt"
 MODEL_CARD_FILE = "MODEL_CARD.md"
 FEATURES_KEYS = {"features", "fine", "coarse", "index", "keys"}   # the dict that `launch/eval.py --features` saves
 
@@ -126,13 +126,13 @@ def load_backbone(path: Path | str, map_location: str | torch.device = "cpu") ->
 def _no_backbone(folder: Path) -> str:
     """Why FOLDER (a folder without backbone.pt) gives no backbone, and how to get one: a run writes its
     backbone.pt when it finishes, so a stopped run, its checkpoints folder or one checkpoint is resumed to the end."""
-    from maskcon import checkpoints, rundir
+    from maskcon import checkpoints
 
     if (folder / checkpoints.FILES_RECORD).exists() or (folder / checkpoints.MODEL_FILE).exists():
         what, run, resume = "is a checkpoint, not a backbone", folder.parent.parent, f"--resume {folder}"
     elif checkpoints.list_checkpoints(folder):
         what, run, resume = "is a run's checkpoints folder, not a backbone", folder.parent, "--resume"
-    elif (folder / rundir.CONFIG).is_file():
+    elif (folder / CONFIG).is_file():
         what, run, resume = f"holds no {BACKBONE_FILE}: the run has not finished", folder, "--resume"
     else:
         return f"no backbone at {folder / BACKBONE_FILE}; pass a finished run folder or its {BACKBONE_FILE}"

@@ -26,7 +26,8 @@ import yaml
 from torch import nn
 
 from maskcon import checkpoints, rundir
-from maskcon.backbone import BACKBONE_FILE, FEATURES_KEYS, build_encoder, load_backbone
+from maskcon.rundir import BACKBONE_FILE
+from maskcon.backbone import FEATURES_KEYS, build_encoder, load_backbone
 from maskcon.errors import OneLineParser, UserError, file_in_the_way
 from maskcon.retrieval import RECALL_KS, recall_at_k
 

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maskcon import checkpoints, dist, failures
-from maskcon.backbone import BACKBONE_FILE
 from maskcon.errors import UserError, file_in_the_way
 from maskcon.stopping import LAUNCHER_ENV
 
@@ -48,6 +47,7 @@ CONFIG = "config.yaml"       # the resolved record of the run
 METRICS = "metrics.jsonl"    # a row per logging point and evaluation
 CONSOLE = "console.log"      # what the main process printed
 RESULTS = "results.json"     # the final figures
+BACKBONE_FILE = "backbone.pt"  # the trained encoder with its metadata (maskcon.backbone)
 WANDB_RUN_ID, WANDB_DIR = "wandb_run_id", "wandb"
 # What a run writes into its folder; a folder holding any of them belongs to a run.
 RUN_FILES = (CONFIG, METRICS, RESULTS, BACKBONE_FILE, WANDB_RUN_ID, WANDB_DIR, CHECKPOINTS)

@@ -625,9 +625,10 @@ def test_a_file_that_is_not_the_announced_format_stops_the_run(tmp_path):
     Image.new("RGB", (8, 8), (200, 10, 10)).save(src / "test" / "poodle" / "img.1.jpg", format="GIF")  # a real GIF
     result = door("create", "folder", "--src", src, "--out", tmp_path / "out", "--workers", "2")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: sample test_poodle_img_1_jpg of test is not a JPG file; the source must hold the original JPG images")
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    line = result.stderr.strip().splitlines()[-1]      # found when the source is checked, before any shard
+    assert line.startswith("error: 1 source file") and line.endswith("nothing was written"), line
+    assert f"{src / 'test' / 'poodle' / 'img.1.jpg'}: its name says JPG but it holds no JPEG or PNG image" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_png_problems_are_found_without_decoding():
