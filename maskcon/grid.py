@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from maskcon import rundir, write_atomic
+from maskcon import checkpoints, rundir, write_atomic
 from maskcon.errors import OneLineParser, UserError
 from maskcon.stopping import EXIT_AT_ONCE, EXIT_STOPPED, wait_handling_stops
 
@@ -61,11 +61,14 @@ def read_sweep(path: Path) -> dict:
         raise UserError(f"{path} is a {sweep.get('method')!r} sweep; only grid sweeps run without W&B's server "
                         f"(wandb sweep, then wandb agent)")
     if sweep.get("program") not in PROGRAMS:
-        raise UserError(f"{path} runs {sweep.get('program')!r}; a grid runs here when its program is one of "
-                        f"{', '.join(PROGRAMS)}")
+        runs = f"runs {sweep['program']!r}" if sweep.get("program") else "names no `program`"
+        raise UserError(f"{path} {runs}; a grid runs here when its program is one of {', '.join(PROGRAMS)}")
     for name, spec in sweep["parameters"].items():
         if not isinstance(spec, dict) or not ("value" in spec or isinstance(spec.get("values"), list)):
             raise UserError(f"{path}: parameter {name} has neither `value` nor a list of `values`")
+        if spec.get("values") == [] and "value" not in spec:
+            raise UserError(f"{path}: parameter {name} has an empty list of `values`, so the grid has no point; "
+                            f"give it one value at least")
     return sweep
 
 
@@ -117,6 +120,9 @@ def main(argv: list[str]) -> int:
         print(f"[{number}/{len(grid)}] {folder.name}: python {sweep['program']} {' '.join(line[2:])}",
               file=listing, flush=True)
         if args.dry_run:
+            newest = checkpoints.list_checkpoints(folder / rundir.CHECKPOINTS)
+            if newest:
+                print(f"    continues from {newest[-1].name} (or an older intact checkpoint)", file=listing)
             continue
         status = _run_point(line, sweep)
         if status in (EXIT_STOPPED, EXIT_AT_ONCE):

@@ -96,6 +96,9 @@ def test_a_sweep_that_cannot_run_here_is_one_line(tmp_path):
                           "only grid sweeps run without W&B's server"),
                          ("method: grid\nprogram: train.py\nparameters: {seed: {values: [0, 1]}}\n", "runs 'train.py'"),
                          ("method: grid\nprogram: launch/run.py\n", "not a W&B sweep"),
+                         ("method: grid\nparameters: {seed: {values: [0, 1]}}\n", "names no `program`; a grid runs"),
+                         ("method: grid\nprogram: launch/run.py\nparameters: {seed: {values: []}}\n",
+                          "parameter seed has an empty list of `values`, so the grid has no point"),
                          ("method: [grid\n", "cannot read the sweep file")):
         (tmp_path / "sweep.yaml").write_text(text)
         done = _grid(tmp_path, "sweep.yaml")
@@ -165,6 +168,11 @@ def test_a_stop_ends_the_running_point_with_a_checkpoint_and_the_grid_continues_
     assert not (tmp_path / "runs" / "tiny" / "seed-1").exists()
     _, left = psutil.wait_procs(below, timeout=30)
     assert not left
+    listed = _grid(tmp_path, str(sweep), *options, "--dry-run")
+    out, _ = listed.communicate(timeout=120)
+    step = sorted((metrics.parent / "checkpoints").glob("step-*"))[-1].name
+    assert out.splitlines()[1] == f"    continues from {step} (or an older intact checkpoint)", out
+    assert out.splitlines()[2].startswith("[2/2] seed-1: ") and len(out.splitlines()) == 3, out
     again = _grid(tmp_path, str(sweep), *options)
     out, err = again.communicate(timeout=900)
     assert again.returncode == 0 and "resumed from" in out, err[-3000:]
