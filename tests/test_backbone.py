@@ -191,6 +191,7 @@ def test_eval_features_checks_its_file_before_evaluating_and_leaves_nothing(stop
     assert sorted(tmp_path.rglob("*")) == before and (tmp_path / "notes.txt").read_text() == "my notes\n"
 
 
+@pytest.mark.slow
 def test_eval_replaces_its_own_features_file_which_no_loader_takes_for_a_network(stopped_run, digits_shards,
                                                                                  tmp_path):
     from maskcon.cli import run_eval

@@ -125,6 +125,7 @@ def test_shards_every_point_lacks_are_refused_once_before_any_point_and_dry_run_
     assert "3 points into runs/tiny, 0 done before" in err and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_a_stop_while_the_first_point_is_checked_ends_the_grid_in_one_line_with_nothing_written(tmp_path):
     sweep = _sweep(tmp_path, [0, 1])
     started = _grid(tmp_path, str(sweep), "--max-steps", "2", *TINY, start_new_session=True)

@@ -240,6 +240,7 @@ def test_a_run_with_a_damaged_file_is_left_out_and_named_and_the_others_are_repo
     assert left_out[1].startswith(f"{cut}/results.json is damaged (")
 
 
+@pytest.mark.slow
 def test_an_out_that_is_a_file_or_cannot_be_made_is_one_line_and_nothing_is_written(tmp_path):
     write_run(tmp_path / "runs" / "good", "cifar100", "maskcon", 0, RECALL)
     (tmp_path / "notes.md").write_text("mine\n")
@@ -252,6 +253,7 @@ def test_an_out_that_is_a_file_or_cannot_be_made_is_one_line_and_nothing_is_writ
     assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.md", "runs"]
 
 
+@pytest.mark.slow
 def test_a_report_that_cannot_be_written_whole_leaves_the_earlier_one_and_no_partial_file(tmp_path):
     import resource
 
