@@ -148,12 +148,12 @@ MAKE_SHARDS_EXIT_CODES = """exit status:
 def run_make_shards(argv: list[str]) -> int:
     """The exit status of MAKE_SHARDS_EXIT_CODES: 0 done, 1 problems found (verify), 2 failed, 130 stopped."""
 
-    from maskcon import remote, shards
-    from maskcon.config import default_shards_dir
-
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    stops = _stop_as_ctrl_c()
+    stops = _stop_as_ctrl_c()   # first: a stop while the libraries load is one line too
     try:
+        from maskcon import remote, shards
+        from maskcon.config import default_shards_dir
+
         args = _make_shards_parser().parse_args(argv)
         remote.check_location(args.out, writing=args.command == "create")
         remote.check_location(args.shard_cache)
@@ -230,23 +230,37 @@ def run_bench(argv: list[str]) -> int:
 
 
 def run_eval(argv: list[str]) -> int:
-    """launch/eval.py: 0, or 2 with one line."""
-    from maskcon.evaluation import main as evaluate
-
+    """launch/eval.py: 0, 2 with one line, or 130 stopped (one line; no --features file half written)."""
+    stops = _stop_as_ctrl_c()
     try:
+        from maskcon.evaluation import main as evaluate
+
         return evaluate(argv)
     except UserError as err:
         return fail(err)
+    except KeyboardInterrupt:
+        return _stopped_writing_nothing(stops, "the evaluation")
 
 
 def run_report(argv: list[str]) -> int:
-    """launch/report.py: 0 when the report is written, or 2 with one line."""
-    from maskcon.report import main as report
-
+    """launch/report.py: 0 when the report is written, 2 with one line, or 130 stopped (one line; an earlier
+    report stays as it was)."""
+    stops = _stop_as_ctrl_c()
     try:
+        from maskcon.report import main as report
+
         return report(argv)
     except UserError as err:
         return fail(err)
+    except KeyboardInterrupt:
+        return _stopped_writing_nothing(stops, "the report")
+
+
+def _stopped_writing_nothing(stops: list[str], what: str) -> int:
+    if int(os.environ.get("RANK", "0")) == 0:     # the main process speaks for all
+        print(f"stopped by {stops[0] if stops else 'SIGINT'}: {what} wrote nothing; run the same command again",
+              file=sys.stderr)
+    return 130
 
 
 def run_grid(argv: list[str]) -> int:

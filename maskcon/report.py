@@ -510,12 +510,14 @@ def write_report(rows: list[Row], text: str, out: Path) -> None:
         plot(rows, partial["recall.png"])
         for name, path in partial.items():
             os.replace(path, out / name)
-    except OSError as error:
+    except BaseException as error:      # a failed write, or a stop: nothing of it stays
         with contextlib.suppress(OSError):
             for path in partial.values():
                 path.unlink(missing_ok=True)
             for folder in made:
                 folder.rmdir()
+        if not isinstance(error, OSError):
+            raise
         raise UserError(f"cannot write the report into {out} ({error.strerror or error}); free space or fix the "
                         f"permissions, or choose another --out") from None
 

@@ -122,3 +122,25 @@ def synthetic_shards(tmp_path_factory) -> Path:
     return write_synthetic_shards(tmp_path_factory.mktemp("synthetic") / "shards", num_train=256, num_test=201,
                                   image=cifar_like_image, labels=lambda i: (i % 10, i % 10 // 5), num_fine=10,
                                   num_coarse=2, samples_per_shard=40)
+
+
+def stop_while_loading(argv: list[str], *, library: str = "libtorch_cpu.so", env: dict | None = None):
+    """Run `python ARGV` from the project's root and send it SIGINT (Ctrl-C) as soon as it has mapped LIBRARY,
+    while its imports are under way; (exit status, stdout, stderr)."""
+    import signal
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if library in Path(f"/proc/{process.pid}/maps").read_text():
+                break
+        except OSError:
+            pass
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    return process.returncode, out, err

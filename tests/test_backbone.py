@@ -209,3 +209,13 @@ def test_eval_replaces_its_own_features_file_which_no_loader_takes_for_a_network
     for load in (maskcon.load_backbone, load_network):
         with pytest.raises(UserError, match="is a features file written by launch/eval.py --features, not a network"):
             load(written)
+
+
+def test_ctrl_c_while_eval_loads_is_one_line_and_writes_no_features(stopped_run, tmp_path):
+    from tests.conftest import stop_while_loading
+
+    run, _ = stopped_run
+    status, _, err = stop_while_loading(["launch/eval.py", str(run), "--features", str(tmp_path / "f.pt")])
+    assert status == 130 and err.strip().splitlines() == [
+        "stopped by SIGINT: the evaluation wrote nothing; run the same command again"], err
+    assert list(tmp_path.iterdir()) == []

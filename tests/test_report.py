@@ -316,3 +316,13 @@ def test_all_leaves_out_a_run_stopped_by_a_signal_as_the_help_says(tmp_path):
     rows = group(read_run_folders([tmp_path / "runs"], log=named.append), everything=True)
     assert [row.seeds for row in rows] == [[0]] and named == [f"{stopped}: no results.json (unfinished); left out"]
     assert main([str(tmp_path / "runs"), "--all", "--out", str(tmp_path / "report")]) == 0
+
+
+def test_ctrl_c_while_the_report_loads_is_one_line_and_writes_nothing(tmp_path):
+    from tests.conftest import stop_while_loading
+
+    (tmp_path / "runs").mkdir()
+    status, out, err = stop_while_loading(["launch/report.py", str(tmp_path / "runs"), "--out", str(tmp_path / "r")])
+    assert status == 130 and err.strip().splitlines() == [
+        "stopped by SIGINT: the report wrote nothing; run the same command again"], err
+    assert not (tmp_path / "r").exists()

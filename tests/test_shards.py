@@ -688,3 +688,11 @@ def test_a_disk_that_fills_while_create_stages_its_arrays_is_named_as_full(tmp_p
     assert lines[0].startswith(f"error: create failed at {tmp_path / 'd'} (a file cut short, ") and \
         "bytes requested and" in lines[0] and "the disk or a quota is full); free space" in lines[0], lines[0]
     assert not (tmp_path / "d" / ".staging").exists() and not (tmp_path / "d" / "manifest.json").exists()
+
+
+def test_ctrl_c_while_make_shards_loads_is_one_line_and_exit_130(tmp_path):
+    from tests.conftest import stop_while_loading
+
+    status, _, err = stop_while_loading(["launch/make_shards.py", "create", "digits", "--out", str(tmp_path / "d")])
+    lines = err.strip().splitlines()
+    assert status == 130 and len(lines) == 1 and lines[0].startswith("stopped by SIGINT; run the same command"), err
