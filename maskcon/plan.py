@@ -21,7 +21,7 @@ from maskcon import checkpoints, remote, rundir
 from maskcon.config import ACTIONS, Config, base_learning_rate, shards_dir, to_dict
 from maskcon.errors import UserError, file_in_the_way
 from maskcon.provenance import nvidia_smi
-from maskcon.shard_format import check_split, read_manifest
+from maskcon.shard_format import check_folder_for_digits, check_split, read_manifest
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,8 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
             url, manifest, raw, config.shard_cache, remote.parse_size(config.shard_cache_limit))
     else:
         missing = not (folder / "manifest.json").exists() and (config.dataset == "digits" or not shards_required)
+        if missing and config.dataset == "digits":
+            check_folder_for_digits(folder)
         manifest = None if missing else _manifest(config, folder)
         digest = remote.manifest_sha256((folder / "manifest.json").read_bytes()) if url and manifest else None
     steps_per_epoch = None

@@ -29,7 +29,7 @@ from maskcon.loaders import LoaderSpec, build_test_loader, build_train_loader
 from maskcon.methods import method_for
 from maskcon.model import MaskConModel, fetch_pretrained
 from maskcon.plan import Plan, check_dataset, lr_schedule, plan_run, resolve_precision
-from maskcon.shard_format import read_manifest
+from maskcon.shard_format import check_folder_for_digits, read_manifest
 from maskcon.step import StepParts, build_step, make_optimizer
 
 
@@ -146,6 +146,7 @@ def prepare_shards(config: Config, accelerator: Accelerator | None = None) -> Pa
             return
         if config.dataset != "digits":
             read_manifest(folder, config.dataset)     # the line the plan says too: how to make them
+        check_folder_for_digits(folder)               # as the plan says: never into a folder of the user's own
         shards.create("digits", None, folder)
 
     failures.run_on_main(make_if_missing)

@@ -299,6 +299,16 @@ def _looks_like_a_source(folder: Path, looked_at: int = 2000) -> bool:
     return any(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in itertools.islice(files, looked_at))
 
 
+def check_folder_for_digits(folder: Path | str) -> None:
+    """UserError when FOLDER, where the bundled digits' shards are written on first use, holds files that are
+    neither shards nor an interrupted conversion's: a folder of the user's own stays as it is."""
+    folder = Path(folder)
+    if folder.is_dir() and not (folder / PLAN).exists() and next(folder.iterdir(), None) is not None:
+        what = "a dataset's source files" if _looks_like_a_source(folder) else "files of its own"
+        raise UserError(f"{folder} holds {what} and no shards; the bundled digits' shards are written only into a "
+                        f"new or empty folder: choose another --shards, or leave --shards out")
+
+
 def read_manifest(folder: Path | str, dataset: str = "DATASET") -> dict:
     """The manifest of the shards under `folder`; UserError when it is missing or malformed, naming the command
     that makes them (for `dataset`, when the caller knows it)."""

@@ -531,6 +531,28 @@ def test_missing_shards_name_the_command_to_run_and_every_door_says_it_alike(tmp
     assert sorted(path.name for path in tmp_path.iterdir()) == []          # no run folder left behind
 
 
+def test_the_bundled_digits_are_never_written_into_a_folder_of_the_users_own(tmp_path):
+    from tests import sources
+
+    sources.write_folder(tmp_path / "photos")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    for folder, what in ((tmp_path / "photos", "a dataset's source files"), (tmp_path / "notes", "files of its own")):
+        before = sorted((path.relative_to(folder), path.stat().st_mtime_ns) for path in folder.rglob("*"))
+        said = []
+        for extra in (["--check"], ["--output-dir", str(tmp_path / "run")]):
+            result = train(["--dataset", "digits", "--shards", str(folder), "--wandb", "disabled", *extra])
+            assert result.returncode == 2, result.stderr[-3000:]
+            said.append(result.stderr.strip().splitlines()[-1])
+        assert said == [f"error: {folder} holds {what} and no shards; the bundled digits' shards are written only "
+                        f"into a new or empty folder: choose another --shards, or leave --shards out"] * 2
+        assert sorted((path.relative_to(folder), path.stat().st_mtime_ns) for path in folder.rglob("*")) == before
+        assert not (tmp_path / "run").exists()
+    (tmp_path / "empty").mkdir()
+    checked = train(["--dataset", "digits", "--shards", str(tmp_path / "empty"), "--wandb", "disabled", "--check"])
+    assert checked.returncode == 0 and "is written on first use" in checked.stdout, checked.stderr[-3000:]
+
+
 def test_batch_larger_than_the_dataset_is_refused(digits_shards, tmp_path):
     result = train(["--shards", str(digits_shards), "--batch-size", "5000", "--wandb", "disabled",
                     "--output-dir", str(tmp_path / "run")])
