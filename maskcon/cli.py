@@ -265,12 +265,17 @@ def _stopped_writing_nothing(stops: list[str], what: str) -> int:
 
 def run_grid(argv: list[str]) -> int:
     """launch/grid.py: 0 every point done, 2 a mistake (one line) or a failed point, EXIT_STOPPED when stopped."""
-    from maskcon.grid import main as grid
-
     try:
+        from maskcon.grid import main as grid
+
         return grid(argv)
     except UserError as err:
         return fail(err)
+    except KeyboardInterrupt:   # Ctrl-C outside a point (a running point passes it on and ends with a checkpoint)
+        from maskcon.stopping import EXIT_STOPPED
+
+        print("stopped by SIGINT; run the same command again: finished points are skipped", file=sys.stderr)
+        return EXIT_STOPPED
 
 
 DOORS = {

@@ -202,7 +202,10 @@ def run_record(config: dict, results: dict, where: str) -> dict:
         raise UserError(f"{where} is not a maskcon run (its configuration lacks {', '.join(missing) or 'a method'})")
     method = METHODS[config["method"]]
     recalls = {int(name[2:]): float(value) for name, value in results.items()
-               if name.startswith("R@") and name[2:].isdigit() and isinstance(value, (int, float))}
+               if name.startswith("R@") and name[2:].isdigit() and isinstance(value, (int, float))
+               and not isinstance(value, bool)}
+    if 1 not in recalls or len(recalls) != sum(name.startswith("R@") for name in results):
+        raise UserError(f"{where}: its results hold no Recall@K figures (R@1 missing, or a figure not a number)")
     # runs of `--dataset folder` on different shards are of different datasets: each folder its own table
     dataset = config["dataset"]
     if dataset == "folder":

@@ -179,3 +179,13 @@ def test_a_stop_ends_the_running_point_with_a_checkpoint_and_the_grid_continues_
     assert again.returncode == 0 and "resumed from" in out, err[-3000:]
     for seed in (0, 1):
         assert json.loads((tmp_path / "runs" / "tiny" / f"seed-{seed}" / "results.json").read_text())["step"] == 44
+
+
+def test_ctrl_c_while_the_grid_loads_is_one_line_and_exit_3(tmp_path):
+    from tests.conftest import stop_while_loading
+
+    sweep = _sweep(tmp_path, [0, 1])
+    status, _, err = stop_while_loading(["launch/grid.py", str(sweep), "--runs", str(tmp_path / "runs")],
+                                        env={**os.environ, "WANDB_MODE": "disabled"})
+    assert status == 3 and len(err.strip().splitlines()) == 1 and err.startswith("stopped "), err
+    assert not (tmp_path / "runs").exists()

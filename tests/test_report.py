@@ -231,13 +231,17 @@ def test_a_run_with_a_damaged_file_is_left_out_and_named_and_the_others_are_repo
     (cut / "results.json").write_text((cut / "results.json").read_text()[:20])      # cut short
     broken = write_run(runs / "broken", "cifar100", "maskcon", 2, RECALL)
     (broken / "config.yaml").write_text("dataset: cifar100\nmethod: [maskcon\nseed: 2\n")   # not YAML
+    for seed, results in enumerate(({}, {"R@1": "abc", "R@2": 5.0}, {"R@2": 5.0}), 3):      # JSON, but no figures
+        write_run(runs / f"empty-{seed}", "cifar100", "maskcon", seed, results)
     out = report(str(runs), "--out", str(tmp_path / "report"))
     assert out.returncode == 0, out.stderr
     said = out.stderr.strip().splitlines()
     assert "Traceback" not in out.stderr and said[-1].endswith("(1 run in 1 row)")
     left_out = [line for line in said if line.endswith("; left out")]
-    assert len(left_out) == 2 and left_out[0].startswith(f"{broken}/config.yaml is damaged (")
+    assert len(left_out) == 5 and left_out[0].startswith(f"{broken}/config.yaml is damaged (")
     assert left_out[1].startswith(f"{cut}/results.json is damaged (")
+    assert left_out[2:] == [f"{runs / f'empty-{seed}'}: its results hold no Recall@K figures (R@1 missing, or a "
+                            f"figure not a number); left out" for seed in (3, 4, 5)]
 
 
 @pytest.mark.slow

@@ -197,8 +197,9 @@ def test_an_image_of_the_other_format_under_the_name_of_this_one_is_named_before
     sources.write_folder(tmp_path / "other", file_format=other)
     victim = sorted((src / "train").rglob(f"*.{file_format}"))[2]      # a scraped file: a JPEG saved as .png
     victim.write_bytes(sorted((tmp_path / "other" / "train").rglob(f"*.{other}"))[0].read_bytes())
-    with pytest.raises(UserError, match=f"1 source file.* {victim}: its name says {file_format.upper()} but it "
-                                        f"holds a {other.upper()} image; rename it to .{other} or convert it"):
+    wanted = (f"{victim}: its name says {file_format.upper()} but it holds a {other.upper()} image; convert it to "
+              f"{file_format.upper()} (or rename it to .{other} when the dataset's images are {other.upper()})")
+    with pytest.raises(UserError, match=f"1 source file.* {re.escape(wanted)}"):
         shards.create("folder", src, tmp_path / "out", workers=1)
     assert not (tmp_path / "out").exists()
     victim.write_bytes(b"GIF89a" + bytes(100))

@@ -208,8 +208,9 @@ def file_problem(path: Path) -> str | None:
             head = handle.read(8)
         held = next((kind for kind, magic in IMAGE_MAGIC.items() if head.startswith(magic)), None)
         if named is not None and held != named:
-            return (f"its name says {named.upper()} but it holds " + (f"a {held.upper()} image; rename it to "
-                    f"{'.png' if held == 'png' else '.jpg'} or convert it" if held else "no JPEG or PNG image"))
+            return (f"its name says {named.upper()} but it holds " + (
+                f"a {held.upper()} image; convert it to {named.upper()} (or rename it to .{held} when the dataset's "
+                f"images are {held.upper()})" if held else "no JPEG or PNG image"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
