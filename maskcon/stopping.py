@@ -230,6 +230,7 @@ def supervise(command: list[str], environment: dict) -> int:
         environment = {**environment, LAUNCHER_ENV: f"{me}:{start_time(me)}", STATUS_ENV: folder}
         launcher = subprocess.Popen(command, env=environment, start_new_session=True)
         received: list[int] = []
+        early: list[str] = []      # a stop that came before any training process: the launcher was ended
 
         def forward(signum, frame) -> None:
             received.append(signum)
@@ -242,12 +243,16 @@ def supervise(command: list[str], environment: dict) -> int:
                 for pid in trainers:
                     _signal(pid, signum)
             else:   # no training process yet: nothing to save, the launcher ends quietly
+                early.append(signal.Signals(signum).name)
                 _signal(launcher.pid, signal.SIGTERM)
 
         returncode = wait_handling_stops(launcher, forward)
         written = _statuses(Path(folder))
     if written:
         return written.get("0", max(written.values()))
+    if early:
+        print(f"stopped by {early[0]} before the run started; nothing was written", file=sys.stderr)
+        return EXIT_STOPPED
     return 128 - returncode if returncode < 0 else returncode   # a launcher ended by a signal: 128 + its number
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import torchvision
@@ -286,3 +287,17 @@ def test_check_refuses_a_folder_of_another_run_as_the_run_would(digits_shards, t
     assert checked.returncode == 2 and checked.stderr.strip().splitlines() == [checked.stderr.strip()]
     assert "holds another run's files" in checked.stderr
 
+
+
+def test_a_stop_while_the_launcher_starts_before_any_training_process_is_one_line_and_exit_3(digits_shards, tmp_path):
+    started = door(["--shards", str(digits_shards), *RUN, "--output-dir", str(tmp_path / "run")], processes=1)
+    deadline = time.monotonic() + 120
+    launcher = None
+    while launcher is None:      # accelerate's launcher is up, and has started no training process yet
+        assert started.poll() is None and time.monotonic() < deadline, started.communicate()
+        below = psutil.Process(started.pid).children()
+        launcher = below[0] if below and not below[0].children() else None
+    os.killpg(started.pid, signal.SIGINT)       # Ctrl-C: the door's group (the launcher has a session of its own)
+    out, err = started.communicate(timeout=GRACE_S + 60)
+    assert started.returncode == STOPPED and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGINT"), err[-3000:]
