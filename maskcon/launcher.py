@@ -38,7 +38,7 @@ def check_run(config: Config, processes: int) -> list[str]:
     if holder is not None:
         raise rundir.in_use(Path(config.output_dir), holder)
     if config.output_dir is not None and rundir.starts_in_new_folder(config.output_dir, config.resume):
-        rundir.check_fresh(Path(config.output_dir))
+        rundir.check_fresh(Path(config.output_dir), config.resume)
     lines = plan_run(config, processes).lines()
     mode = resolve_wandb_mode(config.wandb)
     if mode == "online" and not wandb_logged_in():

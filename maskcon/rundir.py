@@ -111,11 +111,19 @@ def claim(output_dir: str | Path | None, resume: str | None, *, default: Path,
             hold(folder)
             _mark_start(folder)
             return RunFolder(folder, None)
-        return RunFolder(_fresh_folder(Path(output_dir), log), None)
+        return RunFolder(_fresh_folder(Path(output_dir), log, None), None)
     writer = _writer(output_dir, resume)
-    if writer is not None and (writer.is_dir() or resume == RESUME_AUTO):
+    held = writer is not None and (writer.is_dir() or resume == RESUME_AUTO)
+    lock_made = held and not (writer / LOCK).exists() and writer.resolve() not in _held
+    if held:
         hold(writer)   # before anything in the folder is read or repaired
-    run, checkpoint = resume_point(output_dir, resume, log)
+    try:
+        run, checkpoint = resume_point(output_dir, resume, log)
+    except UserError:
+        if lock_made:  # a refused resume leaves the folder as it found it
+            release(writer)
+            (writer / LOCK).unlink(missing_ok=True)
+        raise
     if resume in (RESUME_NEWEST, RESUME_AUTO):
         if checkpoint is None:  # --resume auto with nothing to continue
             run.mkdir(parents=True, exist_ok=True)
@@ -131,7 +139,7 @@ def claim(output_dir: str | Path | None, resume: str | None, *, default: Path,
     folder = Path(output_dir)
     if run is not None and folder.resolve() == run.resolve():
         return RunFolder(folder, checkpoint)
-    return RunFolder(_fresh_folder(folder, log), checkpoint)  # continued in a folder of its own
+    return RunFolder(_fresh_folder(folder, log, resume), checkpoint)  # continued in a folder of its own
 
 
 def resume_point(output_dir: str | Path | None, resume: str, log: Callable[[str], None], *,
@@ -155,38 +163,45 @@ def resume_point(output_dir: str | Path | None, resume: str, log: Callable[[str]
     checkpoint = newest(folder / CHECKPOINTS)
     if checkpoint is not None:
         return folder, checkpoint
+    finished = [name for name in FINISHED_FILES if (folder / name).exists()]
+    if finished:
+        raise UserError(f"{flag}: {folder} holds a finished run ({', '.join(finished)}) and no checkpoint "
+                        f"to continue from; choose a new --output-dir")
     if resume == RESUME_NEWEST:
         if run_files(folder):   # a run that ended before its first checkpoint: only a fresh start is left
             raise UserError(f"--resume: no checkpoint in {folder / CHECKPOINTS} (the run there ended before its "
                             f"first one); start it afresh with --resume auto, or choose a new --output-dir")
         raise UserError(f"--resume: no checkpoint in {folder / CHECKPOINTS}; start without --resume, or pass "
                         f"--resume auto to start afresh when there is none")
-    finished = [name for name in FINISHED_FILES if (folder / name).exists()]
-    if finished:
-        raise UserError(f"--resume auto: {folder} holds a finished run ({', '.join(finished)}) and no checkpoint "
-                        f"to continue from; choose a new --output-dir")
     return folder, None
 
 
-def check_fresh(folder: Path) -> None:
-    """The refusal a fresh start in FOLDER would meet (another run's files, not those of a start that ended
-    before training), read without writing: for --check and launch/run.py's pre-check."""
+def check_fresh(folder: Path, resume: str | None) -> None:
+    """The refusal a fresh start in FOLDER (of a run with --resume RESUME: None, or a path continued in FOLDER)
+    would meet (another run's files, not those of a start that ended before training), read without writing:
+    for --check and launch/run.py's pre-check."""
     if (folder / START_MARK).exists() and not checkpoints.list_checkpoints(folder / CHECKPOINTS):
         return
     found = run_files(folder)
     if found:
-        raise _holds_another_run(folder, found)
+        raise _holds_another_run(folder, found, resume)
 
 
-def _holds_another_run(folder: Path, found: list[str]) -> UserError:
+def _holds_another_run(folder: Path, found: list[str], resume: str | None) -> UserError:
+    """The refusal of FOLDER, which holds another run's files, to a fresh start or to --resume PATH continued there."""
     listed = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    if resume is not None:
+        return UserError(f"{folder} holds another run's files ({listed}); --resume {resume} continues in a folder "
+                         f"of its own: choose a new or empty --output-dir, or leave --output-dir out to continue in "
+                         f"the resumed run's folder")
     return UserError(f"{folder} holds another run's files ({listed}); continue that run with --resume (or "
                      f"--resume auto), or choose a new --output-dir")
 
 
-def _fresh_folder(folder: Path, log: Callable[[str], None]) -> Path:
-    """FOLDER, held for a fresh start: refused when another run holds it or its files are there (a start that
-    failed before training excepted: its files are taken over)."""
+def _fresh_folder(folder: Path, log: Callable[[str], None], resume: str | None) -> Path:
+    """FOLDER, held for a fresh start (RESUME: None, or the --resume PATH continued in FOLDER): refused when
+    another run holds it or its files are there (a start that failed before training excepted: its files are
+    taken over)."""
     holder = lock_holder(folder)
     if holder is not None:
         raise in_use(folder, holder)
@@ -196,7 +211,7 @@ def _fresh_folder(folder: Path, log: Callable[[str], None]) -> Path:
     found = run_files(folder)
     if found:
         release(folder)
-        raise _holds_another_run(folder, found)
+        raise _holds_another_run(folder, found, resume)
     hold(folder)
     _mark_start(folder)
     return folder

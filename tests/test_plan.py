@@ -140,6 +140,7 @@ def test_a_resume_continued_in_a_folder_of_another_run_is_refused_by_check_and_r
         assert result.returncode == 2, result.stdout + result.stderr
         said.append(result.stderr.strip().splitlines()[-1])
     assert said[0] == said[1] and said[0].startswith(f"error: {tmp_path / 'b'} holds another run's files")
+    assert "new or empty --output-dir" in said[0] and "continue that run" not in said[0]
     assert sorted(path.name for path in (tmp_path / "b").iterdir()) == before
 
 

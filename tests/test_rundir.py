@@ -93,6 +93,36 @@ def test_resume_auto_refuses_a_finished_run_without_checkpoints(tmp_path):
     assert json.loads((folder / "results.json").read_text()) == {"R@1": 80.0}
 
 
+def test_a_bare_resume_of_a_finished_run_without_checkpoints_names_a_new_folder_not_auto(tmp_path):
+    """--resume auto refuses that folder too: advising it would send the user round in a circle."""
+    folder = tmp_path / "finished"
+    folder.mkdir()
+    (folder / "results.json").write_text('{"R@1": 80.0}\n')
+    (folder / "config.yaml").write_text("dataset: digits\n")
+    for resume in ("newest", "auto"):
+        with pytest.raises(UserError) as refused:
+            rundir.claim(folder, resume, default=tmp_path / "unused", log=quiet)
+        message = str(refused.value)
+        assert "holds a finished run" in message and "new --output-dir" in message
+        assert "--resume auto" not in message.split(":", 1)[1], message
+    assert sorted(path.name for path in folder.iterdir()) == ["config.yaml", "results.json"]
+
+
+def test_resume_path_into_a_folder_of_another_run_says_to_choose_another_folder(tmp_path):
+    """The user already resumes: the refusal names the folder to change, not --resume."""
+    run = tmp_path / "a"
+    _, checkpoint = an_earlier_run(run, steps=(5, 9))
+    other = tmp_path / "b"
+    an_earlier_run(other, steps=(3,))
+    before = contents(other)
+    with pytest.raises(UserError) as refused:
+        rundir.claim(other, str(checkpoint), default=tmp_path / "unused", log=quiet)
+    message = str(refused.value)
+    assert message.startswith(f"{other} holds another run's files") and "continue that run" not in message
+    assert "new or empty --output-dir" in message and "leave --output-dir out" in message
+    assert contents(other) == before
+
+
 def test_a_bare_resume_without_a_checkpoint_names_auto(tmp_path):
     with pytest.raises(UserError, match="no checkpoint in .*--resume auto"):
         rundir.claim(tmp_path / "new", "newest", default=tmp_path / "unused", log=quiet)
