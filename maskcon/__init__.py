@@ -11,6 +11,11 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def count(number: float, one: str, many: str | None = None) -> str:
+    """NUMBER with its noun: "1 epoch", "3 epochs", "2 processes" (MANY where the plural is not ONE + "s")."""
+    return f"{number:g} {one if number == 1 else many or one + 's'}"
+
+
 def write_atomic(path, text: str) -> None:
     """Write TEXT to PATH whole or not at all: first to PATH.partial, then renamed over PATH; a failed write
     leaves PATH as it was and no partial file behind."""

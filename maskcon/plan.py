@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from maskcon import checkpoints, remote, rundir
+from maskcon import checkpoints, count, remote, rundir
 from maskcon.config import ACTIONS, Config, base_learning_rate, shards_dir, to_dict
 from maskcon.errors import UserError, file_in_the_way
 from maskcon.provenance import nvidia_smi
@@ -86,8 +86,11 @@ class Plan:
         config = self.config
         steps = "steps per epoch once the shards are written" if self.steps_per_epoch is None else \
             f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
-        lines = [f"{config.method} on {config.dataset}: {self.processes} process(es) x batch {self.batch_size} = "
-                 f"global batch {self.global_batch}, lr {self.base_lr:g}, {config.epochs} epochs, {steps}",
+        if config.max_steps is not None:
+            steps += f"; stops at step {config.max_steps} (--max-steps)"
+        lines = [f"{config.method} on {config.dataset}: {count(self.processes, 'process', 'processes')} x batch "
+                 f"{self.batch_size} = global batch {self.global_batch}, lr {self.base_lr:g}, "
+                 f"{count(config.epochs, 'epoch')}, {steps}",
                  f"device: {self.device}, precision {self.precision}, "
                  f"{'channels-last' if self.channels_last else 'contiguous'} memory format"]
         if self.shards_url is not None and self.shards == Path(self.shards_url):
@@ -194,8 +197,7 @@ def _notes(config: Config, device: str, train_samples: int | None) -> tuple[str,
     notes = []
     if config.warmup_epochs >= config.epochs:
         than = "as long as" if config.warmup_epochs == config.epochs else "longer than"
-        warmup, run = (f"{number:g} epoch{'' if number == 1 else 's'}" for number in (config.warmup_epochs,
-                                                                                         config.epochs))
+        warmup, run = (count(number, "epoch") for number in (config.warmup_epochs, config.epochs))
         notes.append(f"the warm-up ({warmup}) is {than} the run ({run}): the learning rate never reaches its base; "
                      f"lower --warmup-epochs")
     if train_samples is not None and config.queue_size > train_samples:

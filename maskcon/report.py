@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from maskcon import rundir
+from maskcon import count, rundir
 from maskcon.datasets import DATASETS as PRESET_DATASETS
 from maskcon.errors import OneLineParser, UserError, file_in_the_way
 from maskcon.methods import METHODS
@@ -496,7 +496,7 @@ def main(argv: list[str]) -> int:
     write_report(rows, text, args.out)
     print(text, end="")
     print(f"wrote {args.out / 'report.md'}, {args.out / 'report.csv'}, {args.out / 'recall.png'} "
-          f"({_count(sum(len(row.seeds) for row in rows), 'run')} in {_count(len(rows), 'row')})", file=sys.stderr)
+          f"({count(sum(len(row.seeds) for row in rows), 'run')} in {count(len(rows), 'row')})", file=sys.stderr)
     return 0
 
 
@@ -523,7 +523,3 @@ def write_report(rows: list[Row], text: str, out: Path) -> None:
             raise
         raise UserError(f"cannot write the report into {out} ({error.strerror or error}); free space or fix the "
                         f"permissions, or choose another --out") from None
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from maskcon import usable_cpus, write_atomic
+from maskcon import count, usable_cpus, write_atomic
 from maskcon.errors import UserError, file_in_the_way
 from maskcon.shard_format import (IMAGE_MAGIC, LABEL_BYTES, LABEL_ENCODING, LABEL_MEMBERS, MANIFEST, PLAN, PNG_SIGNATURE, SPLITS,
                                   Member, decode_label, encode_label, format_index, index_of_tar, member_name,
@@ -430,7 +430,7 @@ def write_shards(source: DatasetSource, out: Path | str, *, create_args: list[st
             jobs.append((_shard_job, split, str(out), name, shard, order[shard * size:(shard + 1) * size],
                          source.image_format, compress_level, recorded.get(tar)))
     log(f"{dataset}: {sum(s['num_samples'] for s in plan['splits'].values())} samples in {len(jobs)} shards "
-        f"({found} finished before), {_count(min(workers, len(jobs)), 'process', 'processes')}")
+        f"({found} finished before), {count(min(workers, len(jobs)), 'process', 'processes')}")
     with open(progress_path, "a") as progress, _executor(min(workers, len(jobs))) as executor:
         def record(result: dict) -> None:
             progress.write(json.dumps(result) + "\n")
@@ -602,10 +602,6 @@ def _check_source(source: DatasetSource, log: Callable[[str], None], workers: in
         more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
         raise UserError(f"{len(problems)} source file(s) cannot be converted: {problems[0]}{more}; replace or "
                         "remove them in SRC; nothing was written")
-
-
-def _count(number: int, one: str, many: str) -> str:
-    return f"{number} {one if number == 1 else many}"
 
 
 def _remove_shards(out: Path) -> None:

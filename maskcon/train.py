@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from maskcon import checkpoints, dist, failures, rundir, stopping
+from maskcon import checkpoints, count, dist, failures, rundir, stopping
 from maskcon.backbone import backbone_metadata, save_backbone
 from maskcon.config import Config
 from maskcon.errors import AgreedError, UserError
@@ -289,8 +289,10 @@ def _announce(run: Run) -> None:
         return
     config = run.loop
     print(f"training {config.method} on {config.dataset}: {run.manifest['splits']['train']['num_samples']} images, "
-          f"{run.accelerator.num_processes} process(es) x batch {config.batch_size} on {device_text(run.accelerator)}, "
-          f"{run.steps_per_epoch} steps/epoch, {config.epochs} epochs, lr {run.base_lr:g}, precision "
+          f"{count(run.accelerator.num_processes, 'process', 'processes')} x batch {config.batch_size} on "
+          f"{device_text(run.accelerator)}, {run.steps_per_epoch} steps/epoch, {count(config.epochs, 'epoch')}"
+          f"{'' if config.max_steps is None else f' (stops at step {config.max_steps}, --max-steps)'}, lr "
+          f"{run.base_lr:g}, precision "
           f"{run.accelerator.mixed_precision}; writing to {run.output_dir}", flush=True)
 
 

@@ -60,7 +60,7 @@ def test_a_sweep_run_on_two_processes_trains_the_recipes_global_batch_and_lr(run
     one_process = yaml.safe_load((runs["seed1"] / "config.yaml").read_text())
     assert (one_process["num_processes"], one_process["global_batch"], one_process["base_lr"]) == (
         1, 64, resolved["base_lr"])
-    assert "2 process(es) x batch 32" in (runs["seed0"] / "console.log").read_text()
+    assert "2 processes x batch 32" in (runs["seed0"] / "console.log").read_text()
 
 
 @pytest.mark.parametrize("argv, environment, words", [

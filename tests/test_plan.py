@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--epochs", "2", "--image-size", "8", "--queue-size", "128", "--eval-batch-size", "128",
        "--warmup-epochs", "0.5", "--log-every", "1", "--loader-threads", "1", "--eval-untrained", "false",
        "--eval-every", "2", "--checkpoint-every", "1", "--wandb", "disabled"]
-PLAN_LINE = re.compile(r"(\d+) process\(es\) x batch (\d+) = global batch (\d+), lr ([0-9.e-]+), (\d+) epochs, "
+PLAN_LINE = re.compile(r"(\d+) process(?:es)? x batch (\d+) = global batch (\d+), lr ([0-9.e-]+), (\d+) epochs?, "
                        r"(\d+) steps/epoch")
 
 
@@ -83,6 +83,7 @@ def test_check_and_the_run_agree_fresh_resumed_with_a_change_and_on_two_processe
             "--output-dir", str(two)]
     plan = checked("run.py", args)
     assert (plan["processes"], plan["batch"]) == (2, 32)
+    assert "2 processes x batch 32" in plan["text"] and "stops at step 3 (--max-steps)" in plan["text"]
     assert_agree(plan, ran(two, door("run.py", args)))
 
     # the run's own config.yaml, given back, resolves to the same run

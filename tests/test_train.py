@@ -392,7 +392,7 @@ def test_two_gloo_processes_train_one_learner_and_evaluate_like_one_process(synt
             "--max-steps", "3", *FAST, "--batch-size", "32", "--eval-untrained", "--wandb", "disabled"]
     two = launch_two([*args, "--output-dir", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "2 process(es)" in two.stdout
+    assert "2 processes x batch 32" in two.stdout and "(stops at step 3, --max-steps)" in two.stdout
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     first, second = results["weights_fingerprint_per_process"]
     assert first == second and results["step"] == 3
