@@ -136,10 +136,9 @@ def claim(output_dir: str | Path | None, resume: str | None, *, default: Path,
             raise UserError(f"--resume {resume}: the checkpoint lies outside a run folder; name the folder to "
                             f"write into with --output-dir")
         return RunFolder(run, checkpoint)
-    folder = Path(output_dir)
-    if run is not None and folder.resolve() == run.resolve():
-        return RunFolder(folder, checkpoint)
-    return RunFolder(_fresh_folder(folder, log, resume), checkpoint)  # continued in a folder of its own
+    if not starts_in_new_folder(output_dir, resume):
+        return RunFolder(Path(output_dir), checkpoint)
+    return RunFolder(_fresh_folder(Path(output_dir), log, resume), checkpoint)  # continued in a folder of its own
 
 
 def resume_point(output_dir: str | Path | None, resume: str, log: Callable[[str], None], *,
