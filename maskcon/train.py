@@ -225,11 +225,10 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
     first = step = logged = run.step
     end = run.total_steps if config.max_steps is None else min(run.total_steps, config.max_steps)
     _announce(run)
-    if first >= end:
-        run.accelerator.print(f"the run is already at step {first} of {end}: nothing is left to train; its results "
-                              f"stay in {run.output_dir / rundir.RESULTS}", flush=True)
     untrained, metrics, stopped = {}, {}, "finished"
     feed = Feed(run.train_loader.spec.blank_train_batch())
+    if first >= end:
+        metrics = _at_the_end(run, end)
     if step == 0 and run.resumed_from is None:   # a resumed run has its bank (and its untrained figures)
         untrained = _before_training(run, feed)
     clock = DataClock(run.train_loader, run.global_batch)
@@ -277,6 +276,19 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
     if stopped == "preempted":
         _say_stopped(run, step, stop)
     return _finish(run, step, stopped, metrics, untrained)
+
+
+def _at_the_end(run: Run, end: int) -> dict:
+    """A run resumed at its last step: nothing is left to train. Its final evaluation is made again when its
+    results.json does not hold it (a run ended after its last checkpoint and before its results were written)."""
+    earlier = rundir.earlier_results(run.output_dir)     # on every process: the run folder is shared
+    if earlier.get("step") == end and f"R@{RECALL_KS[0]}" in earlier:
+        run.accelerator.print(f"the run is already at step {end} of {end}: nothing is left to train; its results "
+                              f"stay in {run.output_dir / rundir.RESULTS}", flush=True)
+        return {}
+    run.accelerator.print(f"the run is already at step {end} of {end}: nothing is left to train, but its final "
+                          f"evaluation was not written; evaluating the last checkpoint", flush=True)
+    return evaluate(run, end, math.ceil(end / run.steps_per_epoch), final=True)
 
 
 def _epoch_text(step: int, run: Run) -> str:

@@ -197,6 +197,27 @@ def test_resuming_a_finished_run_says_it_is_finished_and_keeps_its_results(digit
         {name: value for name, value in before.items() if name.startswith("R@")}
 
 
+def test_a_run_ended_after_its_last_checkpoint_before_its_results_is_evaluated_on_resume(digits_shards,
+                                                                                        uninterrupted, tmp_path):
+    """A kill between the last checkpoint and results.json: the resume has nothing to train, and still ends
+    with the final figures (those of the whole run), in results.json and in the backbone's metadata."""
+    out = tmp_path / "cut"
+    shutil.copytree(uninterrupted, out)
+    for name in ("results.json", "backbone.pt", "MODEL_CARD.md"):
+        (out / name).unlink(missing_ok=True)
+    resumed = train(["--shards", str(digits_shards), *RUN, "--output-dir", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = json.loads((uninterrupted / "results.json").read_text())
+    after = json.loads((out / "results.json").read_text())
+    recall = {name: value for name, value in whole.items() if name.startswith("R@")}
+    assert recall and {name: after.get(name) for name in recall} == pytest.approx(recall)
+    assert after["step"] == 2 * STEPS_PER_EPOCH and after["stopped"] == "finished"
+    assert f"final R@1 {whole['R@1']:.2f}" in resumed.stdout
+    from maskcon import load_backbone
+
+    assert load_backbone(out).metadata["recall_at_k"] == pytest.approx(recall)
+
+
 def test_resume_in_the_middle_of_an_epoch_ends_with_the_same_weights(digits_shards, uninterrupted, tmp_path):
     out = tmp_path / "mid"
     middle = STEPS_PER_EPOCH + 7
