@@ -33,7 +33,7 @@ from maskcon.stopping import EXIT_AT_ONCE, EXIT_STOPPED, wait_handling_stops
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ("launch/run.py", "launch/train.py")
-GRID_FILE = "grid.yaml"     # RUNS/grid.yaml: the sweep file and the options of the grid whose points RUNS holds
+GRID_FILE = rundir.GRID_FILE   # RUNS/grid.yaml: the sweep file, the options of the grid and each point's values
 
 
 def _parser() -> argparse.ArgumentParser:

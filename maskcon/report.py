@@ -313,9 +313,10 @@ def group(records: list[dict], *, everything: bool = False,
         options = tuple(sorted((name, str(value)) for name, value in record.get("options", {}).items()))
         key = (record["dataset"], record["method"], record["w"], record["t"], variant, options)
         row = rows.setdefault(key, Row(*key[:5], options=options))
-        if record["seed"] in row.seeds:
-            raise UserError(f"two runs of {_label(row)} with seed {record['seed']}: {where[key, record['seed']]} "
-                            f"and {record['where']}; pass each run once")
+        if record["seed"] in row.seeds:    # a repeat of a run: a row counts each seed once
+            log(f"{record['where']}: the same options and seed {record['seed']} as {where[key, record['seed']]} "
+                f"({_label(row)}); left out, the row counts each seed once (another --seed makes a run count)")
+            continue
         where[key, record["seed"]] = record["where"]
         row.seeds.append(record["seed"])
         for k, value in record["recalls"].items():

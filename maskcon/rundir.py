@@ -53,6 +53,7 @@ WANDB_RUN_ID, WANDB_DIR = "wandb_run_id", "wandb"
 RUN_FILES = (CONFIG, METRICS, RESULTS, BACKBONE_FILE, WANDB_RUN_ID, WANDB_DIR, CHECKPOINTS)
 RUN_PICTURES = ("retrievals-*.png", "embedding-*.png")
 FINISHED_FILES = (RESULTS, BACKBONE_FILE)  # written when a run ends (finished, or at --max-steps)
+GRID_FILE = "grid.yaml"   # RUNS/grid.yaml: the record of the grid whose points RUNS holds (maskcon.grid)
 DEFAULT_ROOT = Path("runs")
 LOCK = "run.lock"           # held by the run writing into the folder (see the module's text)
 START_MARK = ".starting"    # a fresh start that has not trained yet; removed at its first row or checkpoint
@@ -115,6 +116,8 @@ def claim(output_dir: str | Path | None, resume: str | None, *, default: Path,
     writer = _writer(output_dir, resume)
     held = writer is not None and (writer.is_dir() or resume == RESUME_AUTO)
     lock_made = held and not (writer / LOCK).exists() and writer.resolve() not in _held
+    if writer is not None:
+        check_place(writer)
     if held:
         hold(writer)   # before anything in the folder is read or repaired
     try:
@@ -175,10 +178,22 @@ def resume_point(output_dir: str | Path | None, resume: str, log: Callable[[str]
     return folder, None
 
 
+def check_place(folder: Path) -> None:
+    """Refuse FOLDER for a run of its own when it is a grid's folder or lies inside another run's folder: the
+    run would mix its files with theirs, and the report would count one and leave out the others."""
+    if (folder / GRID_FILE).exists():
+        raise UserError(f"{folder} holds a grid ({GRID_FILE}); a run needs a folder of its own: choose another "
+                        f"--output-dir (a new folder beside it, not in it)")
+    for parent in Path(os.path.abspath(folder)).parents:   # a run's options beside its own figures or lock
+        if (parent / CONFIG).is_file() and any((parent / name).exists() for name in (METRICS, RESULTS, LOCK)):
+            raise UserError(f"{folder} lies inside the run folder {parent}; choose an --output-dir outside it")
+
+
 def check_fresh(folder: Path, resume: str | None) -> None:
     """The refusal a fresh start in FOLDER (of a run with --resume RESUME: None, or a path continued in FOLDER)
     would meet (another run's files, not those of a start that ended before training), read without writing:
     for --check and launch/run.py's pre-check."""
+    check_place(folder)
     if (folder / START_MARK).exists() and not checkpoints.list_checkpoints(folder / CHECKPOINTS):
         return
     found = run_files(folder)
@@ -204,6 +219,7 @@ def _fresh_folder(folder: Path, log: Callable[[str], None], resume: str | None) 
     holder = lock_holder(folder)
     if holder is not None:
         raise in_use(folder, holder)
+    check_place(folder)
     if (folder / START_MARK).exists():
         hold(folder)
         _take_over_failed_start(folder, log)

@@ -98,11 +98,15 @@ def test_seeds_form_one_row_with_mean_and_spread_and_the_papers_figures(tmp_path
     assert "(supplement Table 4)" in text
 
 
-def test_a_seed_given_twice_is_refused(tmp_path):
-    for name in ("a", "b"):
-        write_run(tmp_path / name, "cifar100", "maskcon", 0, {"R@1": 1.0})
-    with pytest.raises(UserError, match="seed 0"):
-        group(read_run_folders([tmp_path]))
+def test_a_seed_given_twice_counts_once_and_the_report_still_comes(tmp_path):
+    """The quick start run twice: both runs have seed 0. The row keeps the first and names the other."""
+    write_run(tmp_path / "runs" / "a", "cifar100", "maskcon", 0, {"R@1": 10.0})
+    write_run(tmp_path / "runs" / "b", "cifar100", "maskcon", 0, {"R@1": 30.0})
+    done = report(str(tmp_path / "runs"), "--out", str(tmp_path / "report"))
+    assert done.returncode == 0, done.stderr
+    assert f"{tmp_path / 'runs' / 'b'}: the same options and seed 0 as {tmp_path / 'runs' / 'a'}" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith("(1 run in 1 row)")
+    assert "10.0" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_the_door_reports_a_folder_without_runs_in_one_line(tmp_path):
@@ -174,7 +178,7 @@ def test_the_report_counts_the_runs_its_rows_hold(tmp_path, capsys):
     assert (tmp_path / "report" / "report.md").read_text().endswith("|\n")
 
 
-def test_runs_on_two_folder_datasets_are_two_tables_and_a_seed_given_twice_names_both_runs(tmp_path):
+def test_runs_on_two_folder_datasets_are_two_tables_and_a_seed_given_twice_counts_once_naming_both_runs(tmp_path):
 
     recall = {"R@1": 50.0, "R@2": 60.0, "R@5": 70.0, "R@10": 80.0}
     for name, shards in (("pets", "shards/pets"), ("birds", "shards/birds")):
@@ -186,8 +190,12 @@ def test_runs_on_two_folder_datasets_are_two_tables_and_a_seed_given_twice_names
     assert "### folder shards/birds" in markdown(rows) and "### folder shards/pets" in markdown(rows)
     again = write_run(tmp_path / "again", "folder", "maskcon", 0, recall)
     (again / "config.yaml").write_text((tmp_path / "runs" / "pets" / "config.yaml").read_text())
-    with pytest.raises(UserError, match=r"seed 0: \S+/runs/pets and \S+/again; pass each run once"):
-        group(read_run_folders([tmp_path / "runs", again], log=lambda line: None))
+    said = []
+    rows = group(read_run_folders([tmp_path / "runs", again], log=lambda line: None), log=said.append)
+    pets = [row for row in rows if row.dataset == "folder shards/pets"]
+    assert len(pets) == 1 and pets[0].seeds == [0]
+    assert len(said) == 1 and said[0].startswith(f"{tmp_path / 'again'}: the same options and seed 0 as "
+                                                 f"{tmp_path / 'runs' / 'pets'}") and "left out" in said[0]
 
 
 RECALL = {"R@1": 65.0, "R@2": 74.0, "R@5": 83.0, "R@10": 89.0, "R@50": 95.0, "R@100": 97.0}

@@ -123,6 +123,34 @@ def test_resume_path_into_a_folder_of_another_run_says_to_choose_another_folder(
     assert contents(other) == before
 
 
+def test_a_grid_folder_or_a_folder_inside_a_run_is_refused_for_a_run_of_its_own(tmp_path):
+    """Such a run would mix its files with the grid's or the run's, and the report would leave one out."""
+    grid = tmp_path / "runs" / "sweep"
+    grid.mkdir(parents=True)
+    (grid / "grid.yaml").write_text("sweep: cifar100-main.yaml\noptions: []\n")
+    run = tmp_path / "runs" / "run1"
+    an_earlier_run(run)
+    for folder, words in ((grid, "holds a grid"), (run / "sub", f"lies inside the run folder {run}"),
+                          (run / "checkpoints" / "x", f"lies inside the run folder {run}")):
+        before = contents(tmp_path)
+        for resume in (None, "auto"):
+            with pytest.raises(UserError, match=words):
+                rundir.claim(folder, resume, default=tmp_path / "unused", log=quiet)
+        with pytest.raises(UserError, match=words):
+            rundir.check_fresh(folder, None)
+        assert contents(tmp_path) == before and not (run / "sub").exists()
+    # a grid's point, and a folder in a project that holds W&B's and other tools' folders, are taken
+    point = grid / "method=maskcon"
+    assert rundir.claim(point, None, default=tmp_path / "unused", log=quiet) == rundir.RunFolder(point, None)
+    project = tmp_path / "project"
+    for name in ("wandb", "checkpoints"):
+        (project / name).mkdir(parents=True)
+    (project / "config.yaml").write_text("lr: 1\n")
+    mine = project / "runs" / "a"
+    assert rundir.claim(mine, None, default=tmp_path / "unused", log=quiet) == rundir.RunFolder(mine, None)
+    rundir.release()
+
+
 def test_a_bare_resume_without_a_checkpoint_names_auto(tmp_path):
     with pytest.raises(UserError, match="no checkpoint in .*--resume auto"):
         rundir.claim(tmp_path / "new", "newest", default=tmp_path / "unused", log=quiet)
