@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from maskcon.errors import UserError
 from maskcon.report import PUBLISHED, group, markdown, read_run_folders
 from tests.test_sweeps import SWEEPS, grid, load
 
