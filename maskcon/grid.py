@@ -7,8 +7,10 @@ RUNS/POINT, where RUNS is --runs (default runs/SWEEP_NAME) and POINT names the v
 (`method-grafit_seed-1`). The points run one after another. A point whose folder holds results.json is done
 and skipped; any other continues from its newest checkpoint (`--resume auto`), so the same command after a
 stop or a failure carries on where the grid was; other options, or other values in the sweep file for a point
-that has run, need a folder of their own (RUNS/grid.yaml records the grid's options and each point's values). Before the first point runs, it is checked (`--check`): shards or options that every point
-shares and that cannot run are said once. `--dry-run` lists the points on stdout. `python launch/report.py
+that has run, need a folder of their own (RUNS/grid.yaml records the grid's options and each point's values).
+Before any point runs, every point's options are read as its program reads them, and the first point is checked
+(`--check`): a value no run knows, or shards or options that every point shares and that cannot run, are said
+once. `--dry-run` lists the points on stdout. `python launch/report.py
 RUNS` makes the tables.
 
 Ctrl-C, SIGTERM and SIGHUP go on to the running point, which stops with a checkpoint; then the grid stops
@@ -99,6 +101,7 @@ def main(argv: list[str]) -> int:
     runs = args.runs or rundir.DEFAULT_ROOT / re.sub(r"[^A-Za-z0-9._=-]+|^\.+", "-", str(sweep.get("name") or
                                                                                           args.sweep.stem))
     grid = [(point, runs / point_name(point, sweep)) for point in points(sweep)]
+    _check_options(sweep, [(folder.name, command(sweep, point, extra, folder)) for point, folder in grid])
     record = _claim(runs, args.sweep, extra, grid)
     done = [folder for _, folder in grid if (folder / rundir.RESULTS).exists()]
     if not args.dry_run:
@@ -140,6 +143,20 @@ def main(argv: list[str]) -> int:
     if not args.dry_run:    # options of the grid's own make runs outside the paper's recipes: --all shows them
         print(f"every point done: python launch/report.py {runs}{' --all' if extra else ''}", file=sys.stderr)
     return 0
+
+
+def _check_options(sweep: dict, lines: list[tuple[str, list[str]]]) -> None:
+    """Every point's options read as its program reads them, before anything runs: a value one point gets
+    wrong (a misspelt method in the last point) or an option the grid adds that no run knows is one line
+    (UserError) now, not after the points before it have trained."""
+    from maskcon.config import parse_config
+    from maskcon.launcher import parse_run
+
+    for name, line in lines:
+        try:
+            parse_run(line[2:]) if sweep["program"] == "launch/run.py" else parse_config(line[2:])
+        except UserError as error:
+            raise UserError(f"point {name}: {error}; nothing ran") from None
 
 
 def _check_first(lines: list[str]) -> None:

@@ -96,14 +96,20 @@ def launch_command(argv: list[str], processes: int, accelerate_config: Path | No
     return [*command, str(ROOT / "launch" / "train.py"), *argv]
 
 
+def parse_run(argv: list[str]) -> tuple[argparse.Namespace, list[str], int, Config]:
+    """launch/run.py ARGV read as run() reads it: its own options, the trainer's options, the processes and
+    the trainer's configuration; UserError (one line) for a mistake."""
+    own, rest = launcher_parser().parse_known_args(argv)
+    processes = _processes(own.processes, own.accelerate_config)
+    return own, rest, processes, parse_config(rest, processes=processes)
+
+
 def run(argv: list[str]) -> int:
     """Check, then launch. 2 (one line) for a mistake found before launching, else the launcher's status."""
     if argv and argv[0] in ("-h", "--help"):
         launcher_parser().print_help()
         return 0
-    own, rest = launcher_parser().parse_known_args(argv)
-    processes = _processes(own.processes, own.accelerate_config)
-    config = parse_config(rest, processes=processes)
+    own, rest, processes, config = parse_run(argv)
     if config.print_config or config.check:   # answered here, in one process, as the trainer would
         return report_or_check(config, processes)
     check_run(config, processes)

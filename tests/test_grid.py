@@ -125,6 +125,29 @@ def test_shards_every_point_lacks_are_refused_once_before_any_point_and_dry_run_
     assert "3 points into runs/tiny, 0 done before" in err and not (tmp_path / "runs").exists()
 
 
+def test_a_value_of_a_later_point_or_an_option_no_run_knows_is_one_line_before_any_point_runs(tmp_path):
+    """Found before the first point trains, not after: a misspelt method in the last point, and a misspelt option
+    added to a grid whose folder holds its earlier points (named as such, not as other options)."""
+    sweep = _sweep(tmp_path, [0])
+    spec = yaml.safe_load(sweep.read_text())
+    spec["parameters"]["method"] = {"values": ["maskcon", "grafitt"]}
+    sweep.write_text(yaml.safe_dump(spec))
+    done = _grid(tmp_path, str(sweep), "--max-steps", "2", *TINY)
+    _, err = done.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: point ") and "grafitt" in lines[0] and "nothing ran" in lines[0], err
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    record = {"sweep": str(sweep.resolve()), "options": ["--epochs", "2"], "points": {}}
+    (tmp_path / "runs" / "tiny" / "grid.yaml").write_text(yaml.safe_dump(record))
+    again = _grid(tmp_path, str(sweep), "--epochs", "2", "--epocs", "3", "--dry-run")
+    _, err = again.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert again.returncode == 2 and len(lines) == 1 and "unrecognized arguments: --epocs 3" in lines[0], err
+    assert yaml.safe_load((tmp_path / "runs" / "tiny" / "grid.yaml").read_text()) == record
+
+
 @pytest.mark.slow
 def test_a_stop_while_the_first_point_is_checked_ends_the_grid_in_one_line_with_nothing_written(tmp_path):
     sweep = _sweep(tmp_path, [0, 1])
