@@ -22,7 +22,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
-from maskcon import checkpoints, dist, failures, remote, rundir, shards, usable_cpus
+from maskcon import checkpoints, dist, failures, remote, rundir, shards, stopping, usable_cpus
 from maskcon.config import Config, shards_dir
 from maskcon.errors import AgreedError, UserError
 from maskcon.loaders import LoaderSpec, build_test_loader, build_train_loader
@@ -259,5 +259,18 @@ def _build_claimed(config: Config, accelerator: Accelerator, claimed: rundir.Run
                                                          warmup_steps=plan.warmup_steps),
               channels_last=plan.channels_last, steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps,
               step=plan.start_step, resumed_from=plan.resume_from, tracker=None)
+    _stop_before_training(plan.resume_from)
     run.tracker = failures.run_on_main(_start_tracker, config, run)
     return run
+
+
+def _stop_before_training(resume_from: Path | None) -> None:
+    """A stop signal while the run was built (shards staged, loaders and learner made) ends it here, before the
+    untrained evaluation and the bank fill: nothing to save yet. Every process calls it at the same point; from
+    here on a stop ends with a checkpoint (and the first signal's notice says so)."""
+    request = stopping.REQUEST
+    request.checkpointing = True
+    if failures.agree_to_stop(sigterm=request.requested).sigterm:
+        then = "" if resume_from is None else f"; --resume continues from {resume_from} as before"
+        raise stopping.Stopped(f"stopped by {request.reason or 'a stop request to another process'} before training "
+                               f"began; nothing was written{then}")

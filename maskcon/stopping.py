@@ -100,6 +100,7 @@ class StopRequest:
 
     def __init__(self):
         self.reason: str | None = None
+        self.checkpointing = False   # whether a stop now ends with a checkpoint: set once the run is built
         self.last_checkpoint: Callable[[], str] = lambda: "no checkpoint was written yet"
         self._previous: dict[int, object] = {}
         self._wakeup: tuple[int, int] = (-1, -1)   # (the wakeup fd before ours, ours)
@@ -150,10 +151,15 @@ class StopRequest:
     def _received(self, signum: signal.Signals) -> None:
         if self.reason is None:
             self.reason = signum.name
-            if int(os.environ.get("RANK", "0")) == 0:   # at once, though the stop waits for the processes to agree
+            if int(os.environ.get("RANK", "0")) != 0:   # the main process speaks at once, before the processes agree
+                return
+            if self.checkpointing:
                 print(f"\n{signum.name}: stopping with a checkpoint where the processes next agree (within "
                       f"--log-every steps, or after the evaluation or bank fill under way); a second Ctrl-C ends "
                       f"at once without one", file=sys.stderr, flush=True)
+            else:
+                print(f"\n{signum.name}: stopping before training begins, once the run is set up; nothing is "
+                      f"written", file=sys.stderr, flush=True)
         elif signum == signal.SIGINT:
             self._end_at_once(signum.name)
 

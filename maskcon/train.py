@@ -201,6 +201,7 @@ def train(config: Config) -> RunResult:
     installed_here = not stop.installed
     if installed_here:
         stop.install()
+    stop.checkpointing = False    # until the run is built (run._stop_before_training)
     try:
         if stop.requested:
             raise stopping.Stopped(f"stopped by {stop.reason} before the run started; nothing was written")

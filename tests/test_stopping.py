@@ -263,7 +263,7 @@ def test_a_stop_during_the_untrained_evaluation_resumes_from_step_0_to_the_same_
     assert whole.returncode == 0, stderr[-3000:]
     out = tmp_path / "run"
     launcher = door([*args, "--output-dir", str(out)])
-    wait_for(lambda: (out / "config.yaml").exists(), launcher)   # next: the untrained evaluation, the bank fill
+    wait_for(lambda: (out / "wandb_run_id").exists(), launcher)   # next: the untrained evaluation, the bank fill
     os.killpg(launcher.pid, signal.SIGINT)
     stdout, stderr = launcher.communicate(timeout=GRACE_S + 60)
     assert launcher.returncode == STOPPED and "stopped by SIGINT at step 0" in stdout, stderr[-3000:]
@@ -275,6 +275,25 @@ def test_a_stop_during_the_untrained_evaluation_resumes_from_step_0_to_the_same_
     untrained = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
                  if row.get("step") == 0 and "R@1" in row]
     assert len(untrained) == 1                                     # evaluated once, not again on resume
+
+
+def test_a_stop_while_the_run_is_set_up_ends_before_training_with_nothing_written(digits_shards, tmp_path):
+    """Ctrl-C once the run folder is claimed, while the loaders and the learner are made: the run ends before the
+    untrained evaluation and the bank fill, without a checkpoint, and the fresh folder it made is gone."""
+    out = tmp_path / "new" / "run"
+    args = ["--shards", str(digits_shards), *RUN, "--eval-untrained", "true", "--max-steps", "2", "--output-dir",
+            str(out)]
+    started = one_process(args)
+    wait_for(lambda: (out / ".starting").exists(), started)
+    started.send_signal(signal.SIGINT)
+    stdout, stderr = started.communicate(timeout=GRACE_S + 60)
+    assert started.returncode == STOPPED, stdout + stderr[-3000:]
+    assert "SIGINT: stopping before training begins" in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "stopped by SIGINT before training began; nothing was written", stderr
+    assert "untrained" not in stdout and not (tmp_path / "new").exists()
+    again = one_process(args)
+    _, stderr = again.communicate(timeout=900)
+    assert again.returncode == 0 and json.loads((out / "results.json").read_text())["step"] == 2, stderr[-3000:]
 
 
 def test_check_refuses_a_folder_of_another_run_as_the_run_would(digits_shards, tmp_path):
