@@ -91,7 +91,7 @@ class Plan:
         lines = [f"{config.method} on {config.dataset}: {count(self.processes, 'process', 'processes')} x batch "
                  f"{self.batch_size} = global batch {self.global_batch}, lr {self.base_lr:g}, "
                  f"{count(config.epochs, 'epoch')}, {steps}",
-                 f"device: {self.device}, precision {self.precision}, "
+                 f"device: {self.device}, precision {precision_text(self.precision)}, "
                  f"{'channels-last' if self.channels_last else 'contiguous'} memory format"]
         if self.shards_url is not None and self.shards == Path(self.shards_url):
             sizes = ", ".join(f"{name} {split['num_samples']}" for name, split in self.manifest["splits"].items())
@@ -109,6 +109,11 @@ class Plan:
             lines.append(f"resume: from {self.resume_from} at step {self.start_step}"
                          + "".join(f"; accepted change {change}" for change in self.accepted))
         return lines + [f"warning: {note}" for note in self.notes]
+
+
+def precision_text(precision: str) -> str:
+    """A --mixed-precision value as a person reads it: "no" (none) is fp32."""
+    return "fp32" if precision == "no" else precision
 
 
 def resolve_precision(requested: str | None, device: str) -> str:

@@ -39,7 +39,7 @@ from maskcon.errors import AgreedError, UserError
 from maskcon.loaders.spec import TrainBatch
 from maskcon.model import MaskConModel
 from maskcon.retrieval import RECALL_KS, recall_at_k
-from maskcon.plan import base_learning_rate, lr_schedule, resolve_precision
+from maskcon.plan import base_learning_rate, lr_schedule, precision_text, resolve_precision
 from maskcon.run import Run, build_run, make_accelerator
 
 __all__ = ["DataClock", "RunResult", "base_learning_rate", "evaluate", "extract_features", "fill_memory_bank",
@@ -306,7 +306,7 @@ def _announce(run: Run) -> None:
           f"{device_text(run.accelerator)}, {run.steps_per_epoch} steps/epoch, {count(config.epochs, 'epoch')}"
           f"{'' if config.max_steps is None else f' (stops at step {config.max_steps}, --max-steps)'}, lr "
           f"{run.base_lr:g}, precision "
-          f"{run.accelerator.mixed_precision}; writing to {run.output_dir}", flush=True)
+          f"{precision_text(run.accelerator.mixed_precision)}; writing to {run.output_dir}", flush=True)
 
 
 def device_text(accelerator) -> str:

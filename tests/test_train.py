@@ -66,6 +66,7 @@ def test_short_run_writes_metrics_results_and_exports(digits_shards, tmp_path):
     assert results["R@1"] == evals[-1]["R@1"] and results["step"] == 2 * STEPS_PER_EPOCH
     assert results["untrained_R@1"] == evals[0]["R@1"]
     assert "final R@1" in result.stdout and "untrained R@1" in result.stdout
+    assert "precision fp32;" in result.stdout and "1 process x batch" in result.stdout   # the start line
     final = f"final R@1 {results['R@1']:.2f}"
     assert final in result.stdout and final in (out / "console.log").read_text()   # the last words are logged too
     assert (out / "backbone.pt").exists() and (out / "config.yaml").exists()
