@@ -147,6 +147,7 @@ def prepare_shards(config: Config, accelerator: Accelerator | None = None) -> Pa
         if config.dataset != "digits":
             read_manifest(folder, config.dataset)     # the line the plan says too: how to make them
         check_folder_for_digits(folder)               # as the plan says: never into a folder of the user's own
+        print(f"writing the bundled digits' shards to {folder} (once: later runs read them)", flush=True)
         shards.create("digits", None, folder)
 
     failures.run_on_main(make_if_missing)

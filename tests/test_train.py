@@ -573,6 +573,10 @@ def test_the_bundled_digits_are_never_written_into_a_folder_of_the_users_own(tmp
     (tmp_path / "empty").mkdir()
     checked = train(["--dataset", "digits", "--shards", str(tmp_path / "empty"), "--wandb", "disabled", "--check"])
     assert checked.returncode == 0 and "is written on first use" in checked.stdout, checked.stderr[-3000:]
+    ran = train(["--dataset", "digits", "--shards", str(tmp_path / "empty"), *FAST, "--max-steps", "1",
+                 "--eval-untrained", "false", "--wandb", "disabled", "--output-dir", str(tmp_path / "run")])
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert f"writing the bundled digits' shards to {tmp_path / 'empty'} (once" in ran.stdout   # said, not silent
 
 
 def test_batch_larger_than_the_dataset_is_refused(digits_shards, tmp_path):
