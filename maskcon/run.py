@@ -251,7 +251,6 @@ def _build_claimed(config: Config, accelerator: Accelerator, claimed: rundir.Run
         checkpoints.load(accelerator, plan.resume_from)
         checkpoints.copy_into(dist.running_statistics(learner), checkpoints.own_tensors(
             plan.resume_from, accelerator.process_index, accelerator.num_processes))
-        accelerator.print(f"resumed from {plan.resume_from} at step {plan.start_step}")
     run = Run(loop=LoopSettings.of(config), accelerator=accelerator, output_dir=claimed.path, folder=plan.shards,
               manifest=plan.manifest, record=plan.record, resolved=resolved, train_loader=train_loader,
               test_loader=test_loader, model=model, learner=learner, optimizer=optimizer, parts=parts,
@@ -262,6 +261,8 @@ def _build_claimed(config: Config, accelerator: Accelerator, claimed: rundir.Run
               step=plan.start_step, resumed_from=plan.resume_from, tracker=None)
     _stop_before_training(plan.resume_from)
     run.tracker = failures.run_on_main(_start_tracker, config, run)
+    if plan.resume_from is not None:    # once the console is logged: console.log says it too
+        accelerator.print(f"resumed from {plan.resume_from} at step {plan.start_step}")
     return run
 
 

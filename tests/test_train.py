@@ -161,7 +161,8 @@ def test_resume_after_sigkill_at_an_epoch_checkpoint_ends_with_the_same_weights(
     assert not (killed / "results.json").exists()
     resumed = train(["--shards", str(digits_shards), *RUN, "--output-dir", str(killed), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"at step {STEPS_PER_EPOCH}" in resumed.stdout
+    said = f"resumed from {killed / 'checkpoints' / f'step-{STEPS_PER_EPOCH:08d}'} at step {STEPS_PER_EPOCH}"
+    assert said in resumed.stdout and said in (killed / "console.log").read_text()
     assert [r["step"] for r in read_metrics(killed)[0]] == [r["step"] for r in read_metrics(uninterrupted)[0]]
     assert_same_run(killed, uninterrupted, STEPS_PER_EPOCH)
 
@@ -245,7 +246,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(digits_shards
     notice = [line for line in resumed.stdout.splitlines() if "is damaged" in line]
     assert len(notice) == 1 and str(newest) in notice[0] and "model.safetensors" in notice[0]
     assert f"warning: {notice[0]}" in checked.stdout.splitlines(), checked.stdout     # --check says it first
-    assert f"at step {STEPS_PER_EPOCH}" in resumed.stdout
+    said = f"resumed from {killed / 'checkpoints' / f'step-{STEPS_PER_EPOCH:08d}'} at step {STEPS_PER_EPOCH}"
+    assert said in resumed.stdout and said in (killed / "console.log").read_text()
     assert_same_run(out, uninterrupted, STEPS_PER_EPOCH)
 
 
