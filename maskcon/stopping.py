@@ -188,23 +188,24 @@ REQUEST = StopRequest()   # the one of this process; installed by `cli.run_train
 
 def exit_status(code: int) -> int:
     """What this training process exits with: CODE, also written to the door's status folder when a door
-    started it; a stop on a signal is then 0, so Accelerate's launcher sees no failure and ends the other
-    processes no sooner than they end themselves."""
+    started it; a stop on a signal is then 0 (also when the door has gone), so Accelerate's launcher sees no
+    failure, ends the other processes no sooner than they end themselves and prints no failure report."""
     folder = os.environ.get(STATUS_ENV)
     if not folder:
         return code
     pid, _, started = os.environ.get(LAUNCHER_ENV, "").partition(":")
+    quiet = 0 if code in (EXIT_STOPPED, EXIT_AT_ONCE) else code   # a stop is no failure to Accelerate's launcher
     if pid.isdigit() and start_time(int(pid)) != started:   # the door has gone: nobody reads a status
         shutil.rmtree(folder, ignore_errors=True)             # its folder would stay behind in /tmp
-        return code
+        return quiet
     rank = os.environ.get("RANK", "0")
     partial = Path(folder) / f".{rank}.partial"
     try:
         partial.write_text(str(code))
         os.replace(partial, Path(folder) / rank)
     except OSError:   # the door has gone (its folder with it): nobody reads the status
-        return code
-    return 0 if code in (EXIT_STOPPED, EXIT_AT_ONCE) else code
+        pass
+    return quiet
 
 
 # ----------------------------------------------------------------------------------------- the door's side

@@ -153,9 +153,9 @@ def test_a_signalled_run_ends_every_process_with_a_checkpoint_and_resumes_to_the
 
 def test_a_killed_door_leaves_no_process_of_the_run_behind(digits_shards, tmp_path):
     out = tmp_path / "run"
-    # its output goes nowhere: the processes must not wait on a pipe that nobody reads any more
+    log = open(tmp_path / "output.log", "w")     # a file: it never blocks a writer
     launcher = door(["--shards", str(digits_shards), *RUN, "--epochs", "20", "--output-dir", str(out)],
-                    output=subprocess.DEVNULL)
+                    output=log)
     processes = training_processes(launcher)
     status_folders = {_environment(pid).get("MASKCON_STATUS_DIR") for pid in processes
                       if "launch/train.py" in _command(pid)}
@@ -171,6 +171,9 @@ def test_a_killed_door_leaves_no_process_of_the_run_behind(digits_shards, tmp_pa
     assert len(saved) == 1 and not (out / "results.json").exists()
     assert metrics_rows(out)[-1]["step"] < 20 * STEPS_PER_EPOCH
     assert not Path(status_folders.pop()).exists()     # the door's folder in /tmp went with it
+    log.close()
+    said = (tmp_path / "output.log").read_text()       # a stop, told as one: no launcher's failure report
+    assert "stopped by the end of launch/run.py" in said and "FAILED" not in said and "Traceback" not in said, said
 
 
 def test_a_second_ctrl_c_ends_at_once_and_keeps_the_last_checkpoint(digits_shards, tmp_path):
