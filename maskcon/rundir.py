@@ -420,6 +420,20 @@ def earlier_results(folder: Path) -> dict:
     return results if isinstance(results, dict) else {}
 
 
+def evaluated_at(folder: Path, step: int) -> dict:
+    """The R@K of the last evaluation row at STEP in FOLDER's metrics.jsonl; {} when it holds none."""
+    found = {}
+    try:
+        with open(folder / METRICS) as rows:
+            for line in rows:
+                row = json.loads(line)
+                if isinstance(row, dict) and row.get("step") == step and "R@1" in row:
+                    found = {name: value for name, value in row.items() if name.startswith("R@")}
+    except (OSError, ValueError):
+        return {}
+    return found
+
+
 def untrained_results(folder: Path) -> dict:
     """untrained_R@K of the run in FOLDER from its metrics.jsonl (the evaluation at step 0, with
     --eval-untrained); {} when it holds none. A run stopped before its end wrote no results.json: its resume

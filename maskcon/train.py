@@ -280,15 +280,19 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
 
 
 def _at_the_end(run: Run, end: int) -> dict:
-    """A run resumed at its last step: nothing is left to train. Its final evaluation is made again when its
-    results.json does not hold it (a run ended after its last checkpoint and before its results were written)."""
+    """A run resumed at its last step: nothing is left to train. When its results.json does not hold the final
+    figures (it ended after its last checkpoint, before its results were written), they are those its
+    metrics.jsonl logged at that step, or, when it holds none, an evaluation of the last checkpoint."""
     earlier = rundir.earlier_results(run.output_dir)     # on every process: the run folder is shared
+    already = f"the run is already at step {end} of {end}: nothing is left to train"
     if earlier.get("step") == end and f"R@{RECALL_KS[0]}" in earlier:
-        run.accelerator.print(f"the run is already at step {end} of {end}: nothing is left to train; its results "
-                              f"stay in {run.output_dir / rundir.RESULTS}", flush=True)
+        run.accelerator.print(f"{already}; its results stay in {run.output_dir / rundir.RESULTS}", flush=True)
         return {}
-    run.accelerator.print(f"the run is already at step {end} of {end}: nothing is left to train, but its final "
-                          f"evaluation was not written; evaluating the last checkpoint", flush=True)
+    logged = rundir.evaluated_at(run.output_dir, end)
+    if logged:
+        run.accelerator.print(f"{already}; its final figures, logged before it ended, go to results.json", flush=True)
+        return logged
+    run.accelerator.print(f"{already}; evaluating the last checkpoint for its results", flush=True)
     return evaluate(run, end, math.ceil(end / run.steps_per_epoch), final=True)
 
 

@@ -199,22 +199,30 @@ def test_resuming_a_finished_run_says_it_is_finished_and_keeps_its_results(digit
         {name: value for name, value in before.items() if name.startswith("R@")}
 
 
-def test_a_run_ended_after_its_last_checkpoint_before_its_results_is_evaluated_on_resume(digits_shards,
-                                                                                        uninterrupted, tmp_path):
+@pytest.mark.parametrize("logged", [True, False], ids=["final-row-logged", "no-final-row"])
+def test_a_run_ended_after_its_last_checkpoint_before_its_results_gets_them_on_resume(digits_shards, uninterrupted,
+                                                                                     tmp_path, logged):
     """A kill between the last checkpoint and results.json: the resume has nothing to train, and still ends
-    with the final figures (those of the whole run), in results.json and in the backbone's metadata."""
-    out = tmp_path / "cut"
+    with the final figures (those of the whole run), in results.json and in the backbone's metadata: those the
+    run logged at its last step (not logged twice), or, without that row, an evaluation of the last checkpoint."""
+    out, end = tmp_path / "cut", 2 * STEPS_PER_EPOCH
     shutil.copytree(uninterrupted, out)
     for name in ("results.json", "backbone.pt", "MODEL_CARD.md"):
         (out / name).unlink(missing_ok=True)
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    if not logged:
+        rows = [row for row in rows if not (json.loads(row)["step"] == end and "R@1" in json.loads(row))]
+        (out / "metrics.jsonl").write_text("".join(row + "\n" for row in rows))
     resumed = train(["--shards", str(digits_shards), *RUN, "--output-dir", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     whole = json.loads((uninterrupted / "results.json").read_text())
     after = json.loads((out / "results.json").read_text())
     recall = {name: value for name, value in whole.items() if name.startswith("R@")}
     assert recall and {name: after.get(name) for name in recall} == pytest.approx(recall)
-    assert after["step"] == 2 * STEPS_PER_EPOCH and after["stopped"] == "finished"
+    assert after["step"] == end and after["stopped"] == "finished"
     assert f"final R@1 {whole['R@1']:.2f}" in resumed.stdout
+    final_rows = [row for row in read_metrics(out)[1] if row["step"] == end]
+    assert len(final_rows) == 1
     from maskcon import load_backbone
 
     assert load_backbone(out).metadata["recall_at_k"] == pytest.approx(recall)
