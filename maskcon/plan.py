@@ -86,7 +86,7 @@ class Plan:
         config = self.config
         steps = "steps per epoch once the shards are written" if self.steps_per_epoch is None else \
             f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
-        if config.max_steps is not None:
+        if config.max_steps is not None and (self.total_steps is None or config.max_steps < self.total_steps):
             steps += f"; stops at step {config.max_steps} (--max-steps)"
         lines = [f"{config.method} on {config.dataset}: {count(self.processes, 'process', 'processes')} x batch "
                  f"{self.batch_size} = global batch {self.global_batch}, lr {self.base_lr:g}, "

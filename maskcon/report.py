@@ -210,6 +210,12 @@ def run_record(config: dict, results: dict, where: str) -> dict:
     dataset = config["dataset"]
     if dataset == "folder":
         dataset = f"folder {config.get('shards') or 'shards/folder'}"
+    # a whole number read from YAML or typed (1.0) is the preset's (1); a --max-steps the run never reached
+    # (it finished its epochs) did not change it
+    config = {name: int(value) if isinstance(value, float) and value.is_integer() else value
+              for name, value in config.items()}
+    if results.get("stopped") == "finished":
+        config["max_steps"] = None
     return {"dataset": dataset, "method": config["method"], "seed": config["seed"],
             "w": float(config["w"]) if method.uses_w else None, "t": float(config["t"]) if method.uses_t else None,
             "recalls": recalls, "where": where, "options": {name: config[name] for name in DEFINING if name in config},

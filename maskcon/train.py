@@ -305,11 +305,11 @@ def _announce(run: Run) -> None:
     if not run.accelerator.is_main_process:
         return
     config = run.loop
+    cut = config.max_steps is not None and config.max_steps < run.total_steps
     print(f"training {config.method} on {config.dataset}: {run.manifest['splits']['train']['num_samples']} images, "
           f"{count(run.accelerator.num_processes, 'process', 'processes')} x batch {config.batch_size} on "
           f"{device_text(run.accelerator)}, {run.steps_per_epoch} steps/epoch, {count(config.epochs, 'epoch')}"
-          f"{'' if config.max_steps is None else f' (stops at step {config.max_steps}, --max-steps)'}, lr "
-          f"{run.base_lr:g}, precision "
+          f"{f' (stops at step {config.max_steps}, --max-steps)' if cut else ''}, lr {run.base_lr:g}, precision "
           f"{precision_text(run.accelerator.mixed_precision)}; writing to {run.output_dir}", flush=True)
 
 

@@ -96,6 +96,12 @@ def test_check_and_the_run_agree_fresh_resumed_with_a_change_and_on_two_processe
     assert resolved == {**written, "config": str(two / "config.yaml")}
 
 
+def test_the_plan_names_a_max_steps_stop_only_where_it_cuts_the_run(digits_shards):
+    for max_steps, cuts in (("5", True), ("1000", False)):
+        text = checked("train.py", ["--shards", str(digits_shards), *RUN, "--max-steps", max_steps])["text"]
+        assert ("stops at step 5 (--max-steps)" in text) == cuts and "stops at step 1000" not in text, text
+
+
 def test_the_plan_refuses_what_the_run_refuses_without_writing(digits_shards, tmp_path):
     from maskcon.config import parse_config
     from maskcon.errors import UserError

@@ -197,6 +197,22 @@ def test_runs_on_two_folder_datasets_are_two_tables_and_a_seed_given_twice_count
                                                  f"{tmp_path / 'runs' / 'pets'}") and "left out" in said[0]
 
 
+def test_a_whole_number_typed_as_a_float_and_a_max_steps_never_reached_pool_with_the_recipes_runs(tmp_path):
+    """warmup_epochs 1 (the preset's) and 1.0 (from YAML or typed) are one option; --max-steps 30 on a run of 22
+    steps finished its epochs all the same. A run that --max-steps did cut is a row of its own."""
+    recall = {"R@1": 50.0, "R@2": 60.0}
+    for seed, extra, stopped in ((0, {"warmup_epochs": 1}, "finished"), (1, {"warmup_epochs": 1.0}, "finished"),
+                                 (2, {"warmup_epochs": 1, "max_steps": 30}, "finished"),
+                                 (3, {"warmup_epochs": 1, "max_steps": 10}, "max_steps")):
+        folder = write_run(tmp_path / "runs" / f"s{seed}", "digits", "maskcon", seed, recall)
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        (folder / "config.yaml").write_text(yaml.safe_dump({**config, **extra}))
+        (folder / "results.json").write_text(json.dumps({"step": 22, "stopped": stopped, **recall}))
+    rows = group(read_run_folders([tmp_path / "runs"], log=lambda line: None), everything=True)
+    assert sorted(sorted(row.seeds) for row in rows) == [[0, 1, 2], [3]]
+    assert "max_steps 10" in next(row for row in rows if row.seeds == [3]).variant
+
+
 RECALL = {"R@1": 65.0, "R@2": 74.0, "R@5": 83.0, "R@10": 89.0, "R@50": 95.0, "R@100": 97.0}
 
 
