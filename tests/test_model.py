@@ -41,6 +41,31 @@ def test_large_images_keep_the_imagenet_stem():
     assert isinstance(model.encoder.maxpool, nn.MaxPool2d)
 
 
+def test_the_projectors_are_512_relu_128_as_the_supplement_gives_them():
+    """Section A of the supplement: a 512-512-128 MLP with a ReLU between; q = the normalised output."""
+    model = tiny_model()
+    for projector in (model.projector, model.key_projector):
+        layers = list(projector)
+        assert [type(layer) for layer in layers] == [nn.Linear, nn.ReLU, nn.Linear]
+        assert [(layers[i].in_features, layers[i].out_features) for i in (0, 2)] == [(512, 512), (512, 128)]
+    images = torch.randn(3, 3, 8, 8)
+    first, second = model.projector[0], model.projector[2]
+    with torch.no_grad():
+        pooled = model.encoder(images)
+        hand = torch.relu(pooled @ first.weight.T + first.bias) @ second.weight.T + second.bias
+        q = model(images)["q"]
+    torch.testing.assert_close(q, hand / hand.norm(dim=1, keepdim=True))
+    assert (q < 0).any()                       # no ReLU after the last layer
+
+
+def test_the_momentum_update_builds_no_autograd_graph():
+    model = tiny_model()
+    model(torch.randn(2, 3, 8, 8))["q"].sum().backward()
+    model.momentum_update()
+    for key in [*model.key_encoder.parameters(), *model.key_projector.parameters()]:
+        assert key.is_leaf and key.grad_fn is None and not key.requires_grad
+
+
 def test_key_encoder_is_a_frozen_momentum_copy():
     model = tiny_model()
     query_parameters = [*model.encoder.parameters(), *model.projector.parameters()]

@@ -91,6 +91,30 @@ def test_the_step_uses_an_optimizer_with_every_option_of_the_run(digits_shards, 
     assert not any(id(p) in optimized for p in run.learner.key_encoder.parameters())
 
 
+def test_the_step_takes_the_runs_temperatures_weight_and_method(digits_shards, tmp_path):
+    run = built_run(digits_shards, tmp_path / "run", "--method", "maskcon", "--t0", "0.2", "--t", "0.07", "--w", "0.3")
+    assert (run.parts.t0, run.parts.t, run.parts.w) == (0.2, 0.07, 0.3)
+    assert run.parts.method.name == "maskcon"
+
+
+def test_the_bank_is_filled_with_keys_of_the_key_view(digits_shards, tmp_path):
+    """MoCo's bank holds keys of the key view by the momentum encoder: the fill's entries are the keys an
+    untouched copy of the learner gives the key views of the fill's batch, not those of its query views."""
+    import copy
+
+    from maskcon.train import BANK_FILL_EPOCH, fill_memory_bank
+
+    run = built_run(digits_shards, tmp_path / "run")     # a bank of 64 keys, batches of 64: one batch fills it
+    untouched = copy.deepcopy(run.learner)
+    fill_memory_bank(run.learner, run.train_loader)
+    run.train_loader.set_epoch(BANK_FILL_EPOCH)
+    batch = next(iter(run.train_loader))
+    keys, of_queries = (untouched.encode_keys(batch[view], 0) for view in ("key", "query"))
+    torch.testing.assert_close(run.learner.queue, keys)
+    assert not torch.allclose(run.learner.queue, of_queries, atol=1e-3)
+    assert torch.equal(run.learner.queue_fine.cpu(), batch["fine"].cpu())
+
+
 def test_the_loader_and_the_bank_hold_fine_and_coarse_labels_of_the_shards(digits_shards, tmp_path):
     from maskcon.train import fill_memory_bank
 
