@@ -102,6 +102,7 @@ def main(argv: list[str]) -> int:
                                                                                           args.sweep.stem))
     grid = [(point, runs / point_name(point, sweep)) for point in points(sweep)]
     _check_options(sweep, [(folder.name, command(sweep, point, extra, folder)) for point, folder in grid])
+    _check_runs_folder(runs)
     record = _claim(runs, args.sweep, extra, grid)
     done = [folder for _, folder in grid if (folder / rundir.RESULTS).exists()]
     if not args.dry_run:
@@ -168,6 +169,15 @@ def _check_first(lines: list[str]) -> None:
     if checked.returncode != 0:
         said = [line for line in checked.stderr.splitlines() if line.startswith("error: ")] or ["it failed"]
         raise UserError(f"the grid's first point does not pass --check: {said[-1].removeprefix('error: ')}")
+
+
+def _check_runs_folder(runs: Path) -> None:
+    """Refuse a --runs folder that is a run's folder or lies inside one: the grid's record and points would mix
+    with that run's files."""
+    where = rundir.enclosing_run(runs, itself=True)
+    if where is not None:
+        raise UserError(f"--runs {runs} {'is' if where == runs else 'lies inside'} the run folder {where}; a grid "
+                        f"needs a folder of its own: choose another --runs")
 
 
 def _claim(runs: Path, sweep: Path, extra: list[str], grid: list[tuple[dict, Path]]) -> dict:

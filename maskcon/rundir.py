@@ -168,7 +168,7 @@ def resume_point(output_dir: str | Path | None, resume: str, log: Callable[[str]
     finished = [name for name in FINISHED_FILES if (folder / name).exists()]
     if finished:
         raise UserError(f"{flag}: {folder} holds a finished run ({', '.join(finished)}) and no checkpoint "
-                        f"to continue from; choose a new --output-dir")
+                        f"to continue from; start anew in a new --output-dir, without --resume")
     if resume == RESUME_NEWEST:
         if run_files(folder):   # a run that ended before its first checkpoint: only a fresh start is left
             raise UserError(f"--resume: no checkpoint in {folder / CHECKPOINTS} (the run there ended before its "
@@ -183,10 +183,19 @@ def check_place(folder: Path) -> None:
     run would mix its files with theirs, and the report would count one and leave out the others."""
     if (folder / GRID_FILE).exists():
         raise UserError(f"{folder} holds a grid ({GRID_FILE}); a run needs a folder of its own: choose another "
-                        f"--output-dir (a new folder beside it, not in it)")
-    for parent in Path(os.path.abspath(folder)).parents:   # a run's options beside its own figures or lock
-        if (parent / CONFIG).is_file() and any((parent / name).exists() for name in (METRICS, RESULTS, LOCK)):
-            raise UserError(f"{folder} lies inside the run folder {parent}; choose an --output-dir outside it")
+                        f"--output-dir than the grid's")
+    run = enclosing_run(folder)
+    if run is not None:
+        raise UserError(f"{folder} lies inside the run folder {run}; choose an --output-dir outside it")
+
+
+def enclosing_run(folder: Path, *, itself: bool = False) -> Path | None:
+    """The run folder that FOLDER lies inside (or is, with `itself`): one that holds a run's options beside its
+    figures or its lock, not merely folders such as wandb/ or checkpoints/ that other tools make too."""
+    for candidate in [*([Path(folder)] if itself else []), *Path(os.path.abspath(folder)).parents]:
+        if (candidate / CONFIG).is_file() and any((candidate / name).exists() for name in (METRICS, RESULTS, LOCK)):
+            return candidate
+    return None
 
 
 def check_fresh(folder: Path, resume: str | None) -> None:

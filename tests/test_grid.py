@@ -148,6 +148,21 @@ def test_a_value_of_a_later_point_or_an_option_no_run_knows_is_one_line_before_a
     assert yaml.safe_load((tmp_path / "runs" / "tiny" / "grid.yaml").read_text()) == record
 
 
+def test_a_runs_folder_that_is_or_lies_inside_a_run_is_refused_before_anything_is_written(tmp_path):
+    sweep = _sweep(tmp_path, [0, 1])
+    run = tmp_path / "done"
+    run.mkdir()
+    (run / "config.yaml").write_text("dataset: digits\n")
+    (run / "results.json").write_text('{"R@1": 80.0}\n')
+    for runs, words in ((run, f"is the run folder {run}"), (run / "grid", f"lies inside the run folder {run}")):
+        for dry in ([], ["--dry-run"]):
+            done = _grid(tmp_path, str(sweep), "--runs", str(runs), "--max-steps", "2", *TINY, *dry)
+            _, err = done.communicate(timeout=300)
+            lines = err.strip().splitlines()
+            assert done.returncode == 2 and len(lines) == 1 and words in lines[0], err
+    assert sorted(path.name for path in run.iterdir()) == ["config.yaml", "results.json"]
+
+
 @pytest.mark.slow
 def test_a_stop_while_the_first_point_is_checked_ends_the_grid_in_one_line_with_nothing_written(tmp_path):
     sweep = _sweep(tmp_path, [0, 1])

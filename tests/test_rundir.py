@@ -103,7 +103,7 @@ def test_a_bare_resume_of_a_finished_run_without_checkpoints_names_a_new_folder_
         with pytest.raises(UserError) as refused:
             rundir.claim(folder, resume, default=tmp_path / "unused", log=quiet)
         message = str(refused.value)
-        assert "holds a finished run" in message and "new --output-dir" in message
+        assert "holds a finished run" in message and "new --output-dir, without --resume" in message
         assert "--resume auto" not in message.split(":", 1)[1], message
     assert sorted(path.name for path in folder.iterdir()) == ["config.yaml", "results.json"]
 
