@@ -442,7 +442,7 @@ def test_two_processes_stop_together_on_sigterm_outside_the_steps_with_a_checkpo
     # as SLURM does: every process of the job gets SIGTERM; the launcher waits for its workers meanwhile
     process = subprocess.Popen(command, cwd=ROOT, env=environment(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _wait_for(lambda: (out / "config.yaml").exists(), process)   # next: the untrained evaluation, the bank fill
+    _wait_for(lambda: (out / "console.log").exists(), process)   # set up; next: the untrained evaluation, the fill
     os.killpg(process.pid, signal.SIGTERM)
     started = time.time()
     stdout, stderr = process.communicate(timeout=300)
