@@ -235,7 +235,7 @@ def test_eval_gives_the_trainers_recall_of_the_same_weights_and_writes_the_featu
     trained = json.loads((folder / "results.json").read_text())
     door = [sys.executable, "launch/eval.py"] if processes == 1 else \
         [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "launch/eval.py"]
+         "--main_process_port", "0", "--dynamo_backend", "no", "launch/eval.py"]
     for network in (folder, folder / "backbone.pt", sorted((folder / "checkpoints").glob("step-*"))[-1]):
         done = run([*door, str(network), "--shards", str(shards), "--json", "--features", str(tmp_path / "f.pt")])
         assert done.returncode == 0, done.stderr[-3000:]

@@ -411,7 +411,8 @@ def test_sigterm_leaves_a_checkpoint_to_resume_from(digits_shards, tmp_path):
 def two_processes(args) -> list[str]:
     """`accelerate launch` of launch/train.py in two CPU processes (gloo)."""
     return [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "launch/train.py", *args]
+            "--num_machines", "1", "--main_process_port", "0",   # a free port: tests beside it launch too
+            "--mixed_precision", "no", "--dynamo_backend", "no", "launch/train.py", *args]
 
 
 def launch_two(args, *, timeout=600, env=None, **popen):
