@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,13 @@ def pytest_xdist_auto_num_workers(config) -> int:
     from maskcon import usable_cpus
 
     return max(1, min(usable_cpus(), 4))
+
+
+def pytest_configure(config) -> None:
+    """Ctrl-C as a terminal gives it: a suite started in the background (`pytest ... &` in a script) inherits
+    SIGINT ignored, and so would every process a test starts, which then could not be stopped by the Ctrl-C
+    that tests send. A handler here is reset to the default in each process a test starts."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):
