@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from maskcon import checkpoints, count, remote, rundir
-from maskcon.config import ACTIONS, Config, base_learning_rate, shards_dir, to_dict
+from maskcon.config import ACTIONS, Config, base_learning_rate, preset, shards_dir, to_dict
 from maskcon.errors import UserError, file_in_the_way
+from maskcon.methods import METHODS
 from maskcon.provenance import nvidia_smi
 from maskcon.shard_format import check_folder_for_digits, check_split, read_manifest
 
@@ -197,9 +198,9 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
 
 
 def _notes(config: Config, device: str, train_samples: int | None) -> tuple[str, ...]:
-    """Warnings of the plan: a warm-up as long as the run, a bank larger than the training split, GPUs that CUDA
-    cannot use."""
-    notes = []
+    """Warnings of the plan: a --w or --t the method does not use, a warm-up as long as the run, a bank larger than
+    the training split, GPUs that CUDA cannot use."""
+    notes = list(_unused_by_the_method(config))
     if config.warmup_epochs >= config.epochs:
         than = "as long as" if config.warmup_epochs == config.epochs else "longer than"
         warmup, run = (count(number, "epoch") for number in (config.warmup_epochs, config.epochs))
@@ -214,6 +215,19 @@ def _notes(config: Config, device: str, train_samples: int | None) -> tuple[str,
         notes.append(f"nvidia-smi lists {unusable} GPU(s) that CUDA cannot use (a driver older than this PyTorch's "
                      f"CUDA {torch.version.cuda}?): the run computes on the CPU")
     return tuple(notes)
+
+
+def _unused_by_the_method(config: Config) -> list[str]:
+    """A --w or --t set away from the recipe's value for a method whose objective does not read it."""
+    recipe, method = preset(config.dataset, config.method), METHODS[config.method]
+    notes = []
+    for name in ("w", "t"):
+        value = getattr(config, name)
+        if not getattr(method, f"uses_{name}") and value != recipe.get(name, getattr(Config, name)):
+            *others, last = [other.name for other in METHODS.values() if getattr(other, f"uses_{name}")]
+            users = f"{', '.join(others)} and {last} use" if others else f"{last} uses"
+            notes.append(f"--{name} {value:g} has no effect with --method {config.method}: only {users} --{name}")
+    return notes
 
 
 def unusable_gpus() -> int:

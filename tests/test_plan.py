@@ -165,6 +165,25 @@ def test_the_plan_warns_of_a_warm_up_as_long_as_the_run(digits_shards):
     assert not [line for line in fine.lines() if line.startswith("warning:")]
 
 
+@pytest.mark.parametrize("options, unused", [
+    (["--method", "grafit", "--t", "0.3"], ["t"]),             # Grafit's target has no temperature
+    (["--method", "supfine", "--w", "0.5", "--t", "0.2"], ["w", "t"]),
+    (["--method", "selfcon", "--w", "0.9"], ["w"]),            # SelfCon: InfoNCE alone
+    (["--method", "maskcon", "--w", "0.5", "--t", "0.3"], []),
+    (["--method", "coins", "--w", "0.3"], []),                  # CoIns weighs its coarse classifier by w
+    (["--method", "coins", "--t", "0.05"], []),                 # the recipe's own t: nothing was set
+])
+def test_the_plan_warns_of_a_w_or_t_the_method_does_not_use(digits_shards, options, unused):
+    from maskcon.config import parse_config
+    from maskcon.plan import plan_run
+
+    plan = plan_run(parse_config(["--shards", str(digits_shards), *options]), 1)
+    warned = [line for line in plan.lines() if line.startswith("warning: --")]
+    assert [line.split()[1] for line in warned] == [f"--{name}" for name in unused], warned
+    for line in warned:
+        assert f"has no effect with --method {options[1]}" in line
+
+
 def test_the_plan_warns_of_a_bank_larger_than_the_train_split(digits_shards):
     from maskcon.config import parse_config
     from maskcon.plan import plan_run
