@@ -276,6 +276,9 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
         bar.close()
     if stopped == "preempted":
         _say_stopped(run, step, stop)
+    elif stop.requested:   # it came during the last evaluation or checkpoint
+        run.accelerator.print(f"{stop.reason} came after the last step ({step}): the run ends as it would have, "
+                              f"with its results and its last checkpoint", flush=True)
     return _finish(run, step, stopped, metrics, untrained)
 
 

@@ -408,6 +408,27 @@ def test_sigterm_leaves_a_checkpoint_to_resume_from(digits_shards, tmp_path):
     assert json.loads((out / "results.json").read_text())["step"] == state["step"] + 1
 
 
+def test_a_stop_after_the_last_step_ends_the_run_with_its_results_and_says_so(digits_shards, tmp_path):
+    """The last metrics row is written after the last stop vote: a SIGTERM then arrives during the final evaluation,
+    which the run finishes (results, backbone, checkpoint), and it says why it did not stop."""
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "launch/train.py", "--shards", str(digits_shards), "--max-steps", "4",
+                                *FAST, "--wandb", "disabled", "--output-dir", str(out)],
+                               cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (out / "metrics.jsonl").exists() and [r for r in read_metrics(out)[0] if r["step"] == 4],
+              process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    said = ("SIGTERM came after the last step (4): the run ends as it would have, with its results and its last "
+            "checkpoint")
+    assert said in stdout.splitlines() and said in (out / "console.log").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert results["step"] == 4 and results["stopped"] == "max_steps" and "R@1" in results
+    assert [path.name for path in (out / "checkpoints").glob("step-*")] == ["step-00000004"]
+    assert (out / "backbone.pt").exists()
+
+
 def two_processes(args) -> list[str]:
     """`accelerate launch` of launch/train.py in two CPU processes (gloo)."""
     return [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
