@@ -16,15 +16,19 @@ def count(number: float, one: str, many: str | None = None) -> str:
     return f"{number:g} {one if number == 1 else many or one + 's'}"
 
 
-def write_atomic(path, text: str) -> None:
-    """Write TEXT to PATH whole or not at all: first to PATH.partial, then renamed over PATH; a failed write
-    leaves PATH as it was and no partial file behind."""
+def write_atomic(path, content) -> None:
+    """Write CONTENT (text, or a function that writes the file at the path it is given) to PATH whole or not at
+    all: first to PATH.partial, then renamed over PATH; a failed write leaves PATH as it was and no partial file
+    behind."""
     import os
     from pathlib import Path
 
     partial = Path(path).with_name(Path(path).name + ".partial")
     try:
-        partial.write_text(text)
+        if callable(content):
+            content(partial)
+        else:
+            partial.write_text(content)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

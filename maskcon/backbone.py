@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from maskcon import write_atomic
 from maskcon.errors import UserError
 from maskcon.rundir import BACKBONE_FILE, CONFIG
 
@@ -56,13 +57,8 @@ def save_backbone(output_dir: Path | str, encoder: nn.Module, metadata: dict) ->
     output_dir = Path(output_dir)
     state = {name: tensor.detach().cpu() for name, tensor in encoder.state_dict().items()}
     path = output_dir / BACKBONE_FILE
-    partial = path.with_name(path.name + ".partial")
-    torch.save({"state_dict": state, "metadata": metadata}, partial)
-    os.replace(partial, path)
-    card = output_dir / MODEL_CARD_FILE
-    partial = card.with_name(card.name + ".partial")
-    partial.write_text(model_card(metadata))
-    os.replace(partial, card)
+    write_atomic(path, lambda partial: torch.save({"state_dict": state, "metadata": metadata}, partial))
+    write_atomic(output_dir / MODEL_CARD_FILE, model_card(metadata))
     return path
 
 

@@ -25,7 +25,7 @@ import torch
 import yaml
 from torch import nn
 
-from maskcon import checkpoints, rundir
+from maskcon import checkpoints, rundir, write_atomic
 from maskcon.rundir import BACKBONE_FILE
 from maskcon.backbone import FEATURES_KEYS, build_encoder, load_backbone
 from maskcon.errors import OneLineParser, UserError, file_in_the_way
@@ -131,15 +131,12 @@ def _write_features(file: Path, table: dict, shards: Path) -> None:
     keys = [key_at(samples.split.indexes[int(samples.rows[i, 0])], int(samples.rows[i, 1]))
             for i in table["index"].tolist()]
     check_features_file(file)   # again: a file may have been put there while the evaluation ran
-    partial = file.with_name(f".{file.name}.partial")   # beside FILE, renamed over it when whole
+    features = {**{name: values.cpu() for name, values in table.items()}, "keys": keys}
     try:
-        torch.save({**{name: values.cpu() for name, values in table.items()}, "keys": keys}, partial)
-        os.replace(partial, file)
+        write_atomic(file, lambda partial: torch.save(features, partial))
     except (OSError, RuntimeError) as error:   # torch.save reports a full disk as a RuntimeError
         raise UserError(f"writing --features {file} failed ({' '.join(str(error).split())}); free space or fix "
                         f"permissions there; nothing was written") from None
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def check_features_file(file: Path) -> None:

@@ -447,17 +447,7 @@ def untrained_results(folder: Path) -> dict:
     """untrained_R@K of the run in FOLDER from its metrics.jsonl (the evaluation at step 0, with
     --eval-untrained); {} when it holds none. A run stopped before its end wrote no results.json: its resume
     finds the figures here."""
-    try:
-        with open(folder / METRICS) as rows:
-            for line in rows:
-                row = json.loads(line)
-                if row.get("step") == 0 and "R@1" in row:
-                    return {f"untrained_{name}": value for name, value in row.items() if name.startswith("R@")}
-                if row.get("step", 0) > 0:
-                    return {}
-    except (OSError, ValueError, AttributeError):
-        pass
-    return {}
+    return {f"untrained_{name}": value for name, value in evaluated_at(folder, 0).items()}
 
 
 def write_results(folder: Path, results: dict, *, resumed: bool) -> dict:
