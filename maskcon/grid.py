@@ -31,7 +31,7 @@ import yaml
 
 from maskcon import checkpoints, rundir, write_atomic
 from maskcon.errors import OneLineParser, UserError
-from maskcon.stopping import EXIT_AT_ONCE, EXIT_STOPPED, wait_handling_stops
+from maskcon.stopping import EXIT_AT_ONCE, EXIT_STOPPED, GRID_ENV, wait_handling_stops
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ("launch/run.py", "launch/train.py")
@@ -219,7 +219,8 @@ def _options(extra: list[str]) -> list[tuple[str, ...]]:
 def _run_point(line: list[str], sweep: dict) -> int:
     """Run one point in a session of its own (its door passes stops on to the training processes), with every
     stop signal this process gets passed on to it; its exit status."""
-    env = {**os.environ, "WANDB_RUN_GROUP": str(sweep.get("name") or "grid")}   # the grid's runs, together in W&B
+    env = {**os.environ, "WANDB_RUN_GROUP": str(sweep.get("name") or "grid"),   # the grid's runs, together in W&B
+           GRID_ENV: "1"}                                                         # its stop says: the grid continues it
     child = subprocess.Popen(line, env=env, start_new_session=True)
     stops: list[int] = []
 

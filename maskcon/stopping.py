@@ -37,6 +37,7 @@ EXIT_STOPPED = 3          # stopped by a signal (or the door's end) with a check
 EXIT_AT_ONCE = 130        # a second Ctrl-C: ended at once, without a new checkpoint (128 + SIGINT)
 LAUNCHER_ENV = "MASKCON_LAUNCHER"      # "PID:START" of the door that started this process (START: /proc's)
 STATUS_ENV = "MASKCON_STATUS_DIR"      # the door's folder where each process writes its exit status
+GRID_ENV = "MASKCON_GRID"              # set for a point of launch/grid.py: the grid's command continues it
 WATCH_INTERVAL_S = 1.0    # how often a trainer looks whether its door still lives
 KILL_AFTER_SIGNALS = 3    # the door's third stop signal SIGKILLs whatever of the run is left
 
@@ -166,7 +167,8 @@ class StopRequest:
     def _end_at_once(self, name: str) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             last = self.last_checkpoint()
-            then = "continue with --resume" if "intact" in last else "start again with --resume auto"
+            then = ("run the grid's command again to continue" if os.environ.get(GRID_ENV) else
+                    "continue with --resume" if "intact" in last else "start again with --resume auto")
             print(f"\nsecond {name}: ended at once, without a new checkpoint; {last}; {then}",
                   file=sys.stderr, flush=True)
         sys.stdout.flush()
@@ -177,6 +179,13 @@ class StopRequest:
             time.sleep(WATCH_INTERVAL_S)
         if self.reason is None:
             self.reason = f"the end of launch/run.py (pid {pid})"
+
+
+def how_to_continue(output_dir) -> str:
+    """What continues a stopped run: the grid's command for a point of launch/grid.py, else --resume."""
+    if os.environ.get(GRID_ENV):
+        return "run the grid's command again to continue it"
+    return f"resume with the same command and --output-dir {output_dir} --resume"
 
 
 class Stopped(Exception):

@@ -396,8 +396,7 @@ def _say_stopped(run: Run, step: int, stop: stopping.StopRequest) -> None:
     """The one line of a stop (the reason is the main process's; another process may have been the one asked)."""
     saved = checkpoints.list_checkpoints(run.checkpoint_root)[-1]
     run.accelerator.print(f"stopped by {stop.reason or 'a stop request to another process'} at step {step}; "
-                          f"checkpoint saved in {saved}; resume with the same command and "
-                          f"--output-dir {run.output_dir} --resume", flush=True)
+                          f"checkpoint saved in {saved}; {stopping.how_to_continue(run.output_dir)}", flush=True)
 
 
 def _finish(run: Run, step: int, stopped: str, metrics: dict, untrained: dict) -> RunResult:

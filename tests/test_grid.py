@@ -200,9 +200,11 @@ def test_a_stop_ends_the_running_point_with_a_checkpoint_and_the_grid_continues_
         time.sleep(0.2)
     below = psutil.Process(started.pid).children(recursive=True)
     started.send_signal(signal.SIGTERM)                      # `kill PID` of the grid alone
-    _, err = started.communicate(timeout=300)
+    out, err = started.communicate(timeout=300)
     assert started.returncode == 3, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("stopped at point 1 of 2 (seed-0)")
+    said = [line for line in out.splitlines() if line.startswith("stopped by SIGTERM at step ")]
+    assert len(said) == 1 and said[0].endswith("; run the grid's command again to continue it"), out[-3000:]
     assert list((metrics.parent / "checkpoints").glob("step-*")) and not (metrics.parent / "results.json").exists()
     assert not (tmp_path / "runs" / "tiny" / "seed-1").exists()
     _, left = psutil.wait_procs(below, timeout=30)
