@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from maskcon import write_atomic
 from maskcon.errors import UserError
+from maskcon.methods import METHODS
 from maskcon.rundir import BACKBONE_FILE, CONFIG
 
 MODEL_CARD_FILE = "MODEL_CARD.md"
@@ -46,7 +47,9 @@ def backbone_metadata(resolved: dict, metrics: dict, step: int) -> dict:
         "feature_dim": FEATURE_DIMS[resolved["arch"]],
         "normalisation": {"mean": list(recipe.mean), "std": list(recipe.std),
                           "input": "RGB in [0, 1], whole image resized to image_size x image_size"},
-        "dataset": resolved["dataset"], "method": resolved["method"], "w": resolved.get("w"), "t": resolved.get("t"),
+        "dataset": resolved["dataset"], "method": resolved["method"],
+        **{name: resolved.get(name) if getattr(METHODS[resolved["method"]], f"uses_{name}") else None
+           for name in ("w", "t")},                     # None where the objective does not read it
         "recall_at_k": dict(metrics), "step": step, "commit": code.get("commit"), "clean": code.get("clean"),
         "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -62,6 +65,9 @@ def save_backbone(output_dir: Path | str, encoder: nn.Module, metadata: dict) ->
     return path
 
 
+LABELS_READ = {"coarse": "on the coarse labels of", "fine": "on the fine labels of", None: "without labels, on"}
+
+
 def model_card(metadata: dict) -> str:
     """A short Markdown model card of the backbone."""
     recall = "  ".join(f"{name} {value:.2f}" for name, value in metadata["recall_at_k"].items()) or "not evaluated"
@@ -69,7 +75,8 @@ def model_card(metadata: dict) -> str:
     hyper = ", ".join(f"{name} {metadata[name]}" for name in ("w", "t") if metadata.get(name) is not None)
     return (f"# {metadata['arch']} backbone: {metadata['method']} on {metadata['dataset']}\n\n"
             f"- Trained by maskcon with the `{metadata['method']}` objective{f' ({hyper})' if hyper else ''} for "
-            f"{metadata['step']} steps on the coarse labels of `{metadata['dataset']}`; commit {metadata['commit']}"
+            f"{metadata['step']} steps {LABELS_READ[METHODS[metadata['method']].labels]} `{metadata['dataset']}`; "
+            f"commit {metadata['commit']}"
             f"{'' if metadata['clean'] in (True, None) else ' (with uncommitted changes)'}.\n"
             f"- Fine-label Recall@K on the test split: {recall}.\n"
             f"- Input: {norm['input']} ({metadata['image_size']} px), normalised with mean {norm['mean']} and std "

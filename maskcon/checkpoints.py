@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 
 from maskcon import config, failures
 from maskcon.errors import UserError
+from maskcon.methods import METHODS
 
 CHECKPOINT_PREFIX = "step-"
 PARTIAL_PREFIX = ".partial-"
@@ -77,8 +78,10 @@ def parse_accept(text: str | None) -> set[str]:
 def compare_configs(saved: dict, new: dict, accept: set[str]) -> list[str]:
     """"name (old -> new)" for each option that defines the run and differs, not counting accepted ones;
     in the order of `new` (Config's field order), then any names only the checkpoint has."""
+    method = METHODS.get(new.get("method"))     # a --w or --t its objective does not read changes nothing
+    unread = {name for name in ("w", "t") if method is not None and not getattr(method, f"uses_{name}")}
     names = [name for name in dict.fromkeys([*new, *saved])
-             if name in MUST_MATCH_ON_RESUME and name not in accept]
+             if name in MUST_MATCH_ON_RESUME and name not in accept and name not in unread]
     return [f"{name} ({_shown(saved, name)} -> {_shown(new, name)})" for name in names
             if saved.get(name, _ABSENT) != new.get(name, _ABSENT)]
 

@@ -96,13 +96,14 @@ class StopRequest:
     """Whether, and why, this training process was asked to stop. `reason` is None, a signal's name
     ("SIGTERM", "SIGINT", "SIGHUP") or "the end of launch/run.py (pid N)".
 
-    `last_checkpoint`: a callable giving the text of the last intact checkpoint, set by the loop once the
-    run folder is known, for the line of a second Ctrl-C."""
+    `last_checkpoint`: a callable giving the text of the last intact checkpoint, and `output_dir`: the run's
+    folder, both set once the run is built, for the line of a second Ctrl-C."""
 
     def __init__(self):
         self.reason: str | None = None
         self.checkpointing = False   # whether a stop now ends with a checkpoint: set once the run is built
         self.last_checkpoint: Callable[[], str] = lambda: "no checkpoint was written yet"
+        self.output_dir: Path | None = None
         self._previous: dict[int, object] = {}
         self._wakeup: tuple[int, int] = (-1, -1)   # (the wakeup fd before ours, ours)
         self._watching = False
@@ -168,7 +169,9 @@ class StopRequest:
         if int(os.environ.get("RANK", "0")) == 0:
             last = self.last_checkpoint()
             then = ("run the grid's command again to continue" if os.environ.get(GRID_ENV) else
-                    "continue with --resume" if "intact" in last else "start again with --resume auto")
+                    "run the same command again" if self.output_dir is None else
+                    f"continue with the same command and --output-dir {self.output_dir} --resume" if "intact" in last
+                    else f"start again with the same command and --output-dir {self.output_dir} --resume auto")
             print(f"\nsecond {name}: ended at once, without a new checkpoint; {last}; {then}",
                   file=sys.stderr, flush=True)
         sys.stdout.flush()

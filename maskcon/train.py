@@ -209,6 +209,7 @@ def train(config: Config) -> RunResult:
         run = build_run(config, accelerator)
         root = run.checkpoint_root
         stop.last_checkpoint = lambda: _last_good(root)
+        stop.output_dir = run.output_dir
         result = train_loop(run, stop)
         del run   # the learner, optimizer and loaders go before the process group ends
         gc.collect()

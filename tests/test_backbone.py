@@ -34,6 +34,21 @@ def test_a_saved_backbone_loads_as_the_same_network_with_its_metadata(tmp_path):
     assert "R@1 65.50" in card and "uncommitted" in card and "load_backbone" in card
 
 
+@pytest.mark.parametrize("method, hyper, labels", [
+    ("maskcon", "(w 1.0, t 0.05)", "on the coarse labels of `cifar100`"),
+    ("grafit", "(w 1.0)", "on the coarse labels of `cifar100`"),
+    ("supfine", "", "on the fine labels of `cifar100`"),        # the upper bound trains on the fine labels
+    ("selfcon", "", "without labels, on `cifar100`"),
+])
+def test_the_model_card_names_the_labels_and_the_weights_its_method_reads(tmp_path, method, hyper, labels):
+    meta = backbone_metadata({**RESOLVED, "method": method}, {}, step=3)
+    save_backbone(tmp_path, build_encoder("resnet18", 32), meta)
+    line = (tmp_path / "MODEL_CARD.md").read_text().splitlines()[2]
+    assert line.startswith(f"- Trained by maskcon with the `{method}` objective{' ' + hyper if hyper else ''} for "
+                           f"3 steps {labels}; commit "), line
+    assert (meta["w"], meta["t"]) == ((1.0 if "w" in hyper else None), (0.05 if "t " in hyper else None))
+
+
 def test_a_large_image_backbone_keeps_torchvisions_stem():
     meta = backbone_metadata({**RESOLVED, "dataset": "cars196", "image_size": 224}, {}, step=1)
     assert meta["stem"].startswith("conv7x7") and meta["normalisation"]["mean"] == [0.485, 0.456, 0.406]

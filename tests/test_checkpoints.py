@@ -307,6 +307,15 @@ def test_an_unknown_accepted_option_is_refused():
         checkpoints.check_resume(record(), record(), {"batchsize"})
 
 
+@pytest.mark.parametrize("method, unread", [("supfine", {"w", "t"}), ("selfcon", {"w", "t"}),
+                                           ("grafit", {"t"}), ("coins", {"t"}), ("maskcon", set())])
+def test_a_w_or_t_the_method_does_not_read_may_differ_on_resume(method, unread):
+    # SupFINE and SelfCon read neither; Grafit and CoIns read w alone; MaskCon both (supplement section 4)
+    saved, new = record(method=method, w=0.5, t=0.2), record(method=method, w=1.0, t=0.05)
+    expected = [change for name, change in (("w", "w (0.5 -> 1.0)"), ("t", "t (0.2 -> 0.05)")) if name not in unread]
+    assert checkpoints.compare_configs(saved, new, set()) == expected
+
+
 def test_an_option_only_one_side_has_counts_as_a_difference():
     saved = {name: value for name, value in record().items() if name != "key_momentum"}
     assert checkpoints.compare_configs(saved, record(), set()) == ["key_momentum (unset -> 0.99)"]
