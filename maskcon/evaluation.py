@@ -30,6 +30,7 @@ from maskcon.rundir import BACKBONE_FILE
 from maskcon.backbone import FEATURES_KEYS, build_encoder, load_backbone
 from maskcon.errors import OneLineParser, UserError, file_in_the_way
 from maskcon.retrieval import RECALL_KS, recall_at_k
+from maskcon.shard_format import MANIFEST
 
 ENCODER_PREFIX = "encoder."   # the query encoder's weights in a checkpoint's model.safetensors
 
@@ -105,7 +106,12 @@ def evaluate(path: Path, shards: Path | None, *, batch_size: int | None, loader:
     from maskcon.train import extract_features
 
     encoder, settings, what = load_network(path)
-    shards = Path(shards) if shards else Path(settings.get("shards") or default_shards_dir(settings["dataset"]))
+    if not shards:
+        shards = Path(settings.get("shards") or default_shards_dir(settings["dataset"]))
+        if not (shards / MANIFEST).is_file():    # a relative folder of the run's is relative to where it ran
+            where = "" if shards.is_absolute() else ", relative to the folder it was started in"
+            raise UserError(f"the run's shards are not at {shards} (its --shards{where}); pass --shards FOLDER, "
+                            f"the {settings['dataset']} shards it trained on")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     network = Network(encoder).to(accelerator.device)
     test = build_test_loader(shards, LoaderSpec(recipe=settings["dataset"], image_size=settings["image_size"],

@@ -176,6 +176,17 @@ def test_a_runs_checkpoints_folder_is_evaluated_by_its_newest_checkpoint(stopped
         assert all(torch.equal(tensor, weights[name]) for name, tensor in encoder.state_dict().items())
 
 
+def test_eval_from_another_folder_names_the_runs_shards_and_asks_for_them(stopped_run, tmp_path, monkeypatch):
+    from maskcon.evaluation import evaluate
+
+    run, _ = stopped_run              # trained on the default digits shards, shards/digits where it ran
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as error:
+        evaluate(run, None, batch_size=None, loader="dali", threads=1, features_file=None)
+    assert str(error.value) == ("the run's shards are not at shards/digits (its --shards, relative to the folder it "
+                                "was started in); pass --shards FOLDER, the digits shards it trained on")
+
+
 def test_load_backbone_on_a_stopped_run_says_how_to_get_its_backbone(stopped_run):
     run, _ = stopped_run
     step = run / "checkpoints" / "step-00000002"
