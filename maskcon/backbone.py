@@ -139,6 +139,9 @@ def _no_backbone(folder: Path) -> str:
         what, run, resume = f"holds no {BACKBONE_FILE}: the run has not finished", folder, "--resume"
     else:
         return f"no backbone at {folder / BACKBONE_FILE}; pass a finished run folder or its {BACKBONE_FILE}"
+    if (run / BACKBONE_FILE).is_file():      # the run has finished: its backbone is there
+        return (f"{folder} {what}; the run's trained backbone is {run / BACKBONE_FILE} (load {run}), or evaluate "
+                f"this one with python launch/eval.py {folder}")
     return (f"{folder} {what}; a run writes {BACKBONE_FILE} when it finishes: resume it to the end (the command "
             f"that started it, with --output-dir {run} {resume}), or evaluate it as it is with "
             f"python launch/eval.py {folder}")

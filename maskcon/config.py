@@ -367,8 +367,8 @@ def validate(config: Config) -> None:
     if not 0.0 <= config.w <= 1.0:
         raise UserError(f"--w must lie in [0, 1], got {config.w}")
     for name in ("t", "t0"):
-        if not getattr(config, name) > 0:
-            raise UserError(f"temperature --{name} must be > 0, got {getattr(config, name)}")
+        if not 0 < getattr(config, name) < math.inf:
+            raise UserError(f"temperature --{name} must be a positive number, got {getattr(config, name)}")
     for name in ("query_view", "key_view"):
         if getattr(config, name) not in VIEWS:
             raise UserError(f"--{name.replace('_', '-')} must be {' or '.join(VIEWS)}, got {getattr(config, name)!r}")

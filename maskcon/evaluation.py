@@ -61,6 +61,9 @@ def load_network(path: Path) -> tuple[nn.Module, dict, str]:
         return encoder, settings, f"backbone {path if path.is_file() else path / BACKBONE_FILE}"
     checkpoint = path if (path / checkpoints.MODEL_FILE).is_file() else _newest_checkpoint(
         path if checkpoints.list_checkpoints(path) else path / rundir.CHECKPOINTS)
+    if checkpoint is None and (path / rundir.GRID_FILE).is_file():
+        raise UserError(f"{path} is the folder of a grid (launch/grid.py): pass one of its points, a run folder "
+                        f"{path}/POINT")
     if checkpoint is None:
         raise UserError(f"{path} holds no backbone.pt and no checkpoint; pass a run folder, a backbone.pt or a "
                         f"checkpoint folder (RUN/checkpoints or RUN/checkpoints/step-N)")

@@ -187,6 +187,31 @@ def test_eval_from_another_folder_names_the_runs_shards_and_asks_for_them(stoppe
                                 "was started in); pass --shards FOLDER, the digits shards it trained on")
 
 
+def test_load_backbone_on_a_checkpoint_of_a_finished_run_points_to_its_backbone(stopped_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "finished"
+    shutil.copytree(stopped_run[0], run)
+    save_backbone(run, build_encoder("resnet18", 8), backbone_metadata({**RESOLVED, "image_size": 8}, {}, step=2))
+    step = run / "checkpoints" / "step-00000002"
+    for where in (step, run / "checkpoints"):
+        with pytest.raises(UserError) as error:
+            maskcon.load_backbone(where)
+        assert f"the run's trained backbone is {run / 'backbone.pt'} (load {run})" in str(error.value)
+        assert "resume" not in str(error.value) and f"python launch/eval.py {where}" in str(error.value)
+    assert maskcon.load_backbone(run).metadata["step"] == 2
+
+
+def test_eval_of_a_grid_folder_asks_for_one_of_its_points(tmp_path):
+    from maskcon.evaluation import load_network
+
+    (tmp_path / "grid.yaml").write_text("sweep: tiny.yaml\n")
+    (tmp_path / "seed-0").mkdir()
+    with pytest.raises(UserError, match=f"^{tmp_path} is the folder of a grid \\(launch/grid.py\\): pass one of its "
+                                        f"points, a run folder {tmp_path}/POINT$"):
+        load_network(tmp_path)
+
+
 def test_load_backbone_on_a_stopped_run_says_how_to_get_its_backbone(stopped_run):
     run, _ = stopped_run
     step = run / "checkpoints" / "step-00000002"

@@ -72,6 +72,8 @@ def test_command_line_wins_in_both_spellings(tmp_path):
     (["--w", "1.5"], "[0, 1]"),
     (["--t", "0"], "temperature"),
     (["--t0=-1"], "temperature"),
+    (["--t", "inf"], "temperature --t must be a positive number"),     # every similarity divided away
+    (["--t0", "nan"], "temperature --t0 must be a positive number"),
     (["--batch-size", "0"], "at least 1"),
     (["--epochs", "many"], "invalid"),
     (["--accept-changes", "epochs"], "only applies with --resume"),
