@@ -435,10 +435,13 @@ def evaluated_at(folder: Path, step: int) -> dict:
     try:
         with open(folder / METRICS) as rows:
             for line in rows:
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except ValueError:       # a row cut short by a kill: the others stand
+                    continue
                 if isinstance(row, dict) and row.get("step") == step and "R@1" in row:
                     found = {name: value for name, value in row.items() if name.startswith("R@")}
-    except (OSError, ValueError):
+    except (OSError, UnicodeDecodeError):
         return {}
     return found
 

@@ -403,3 +403,14 @@ def test_a_failed_start_in_a_folder_of_an_earlier_run_leaves_its_files(tmp_path)
                           cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert {name: value for name, value in contents(folder).items() if name in before} == before
+
+
+def test_logged_figures_are_read_past_a_row_cut_short_by_a_kill(tmp_path):
+    rows = [{"step": 0, "R@1": 50.0, "R@10": 90.0}, {"step": 2, "loss": 4.8}, {"step": 4, "loss": 4.7},
+            {"step": 4, "R@1": 61.5, "R@10": 93.0}]
+    lines = [json.dumps(row) for row in rows]
+    (tmp_path / "metrics.jsonl").write_text("\n".join([*lines[:2], lines[2][:9], *lines[3:]]) + "\n")
+    assert rundir.evaluated_at(tmp_path, 4) == {"R@1": 61.5, "R@10": 93.0}
+    assert rundir.evaluated_at(tmp_path, 2) == {}                     # a loss row holds no figures
+    assert rundir.untrained_results(tmp_path) == {"untrained_R@1": 50.0, "untrained_R@10": 90.0}
+    assert rundir.untrained_results(tmp_path / "nothing-here") == {}
