@@ -18,12 +18,12 @@ def count(number: float, one: str, many: str | None = None) -> str:
 
 def write_atomic(path, content) -> None:
     """Write CONTENT (text, or a function that writes the file at the path it is given) to PATH whole or not at
-    all: first to PATH.partial, then renamed over PATH; a failed write leaves PATH as it was and no partial file
-    behind."""
+    all: first to the hidden .NAME.partial beside it, then renamed over PATH; a failed write leaves PATH as it was
+    and no partial file behind."""
     import os
     from pathlib import Path
 
-    partial = Path(path).with_name(Path(path).name + ".partial")
+    partial = Path(path).with_name(f".{Path(path).name}.partial")
     try:
         if callable(content):
             content(partial)

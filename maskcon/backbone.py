@@ -48,7 +48,7 @@ def backbone_metadata(resolved: dict, metrics: dict, step: int) -> dict:
         "normalisation": {"mean": list(recipe.mean), "std": list(recipe.std),
                           "input": "RGB in [0, 1], whole image resized to image_size x image_size"},
         "dataset": resolved["dataset"], "method": resolved["method"],
-        **{name: resolved.get(name) if getattr(METHODS[resolved["method"]], f"uses_{name}") else None
+        **{name: resolved.get(name) if METHODS[resolved["method"]].reads(name) else None
            for name in ("w", "t")},                     # None where the objective does not read it
         "recall_at_k": dict(metrics), "step": step, "commit": code.get("commit"), "clean": code.get("clean"),
         "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -131,6 +131,7 @@ def _no_backbone(folder: Path) -> str:
     backbone.pt when it finishes, so a stopped run, its checkpoints folder or one checkpoint is resumed to the end."""
     from maskcon import checkpoints
 
+    folder = folder.absolute()       # "." inside a checkpoints folder: its run is the folder above
     if (folder / checkpoints.FILES_RECORD).exists() or (folder / checkpoints.MODEL_FILE).exists():
         what, run, resume = "is a checkpoint, not a backbone", folder.parent.parent, f"--resume {folder}"
     elif checkpoints.list_checkpoints(folder):

@@ -25,7 +25,7 @@ import torch
 import yaml
 from torch import nn
 
-from maskcon import checkpoints, rundir, write_atomic
+from maskcon import checkpoints, remote, rundir, write_atomic
 from maskcon.rundir import BACKBONE_FILE
 from maskcon.backbone import FEATURES_KEYS, build_encoder, load_backbone
 from maskcon.errors import OneLineParser, UserError, file_in_the_way
@@ -104,17 +104,12 @@ def evaluate(path: Path, shards: Path | None, *, batch_size: int | None, loader:
     """(R@K on the main process, {} elsewhere; what was evaluated). Every process calls it."""
     from accelerate import Accelerator
 
-    from maskcon.config import default_shards_dir
     from maskcon.loaders import LoaderSpec, build_test_loader
     from maskcon.train import extract_features
 
     encoder, settings, what = load_network(path)
     if not shards:
-        shards = Path(settings.get("shards") or default_shards_dir(settings["dataset"]))
-        if not (shards / MANIFEST).is_file():    # a relative folder of the run's is relative to where it ran
-            where = "" if shards.is_absolute() else ", relative to the folder it was started in"
-            raise UserError(f"the run's shards are not at {shards} (its --shards{where}); pass --shards FOLDER, "
-                            f"the {settings['dataset']} shards it trained on")
+        shards = _recorded_shards(settings)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     network = Network(encoder).to(accelerator.device)
     test = build_test_loader(shards, LoaderSpec(recipe=settings["dataset"], image_size=settings["image_size"],
@@ -128,6 +123,23 @@ def evaluate(path: Path, shards: Path | None, *, batch_size: int | None, loader:
     if features_file is not None:
         _write_features(features_file, table, shards)
     return metrics, f"{what} on {shards}"
+
+
+def _recorded_shards(settings: dict) -> Path:
+    """The local shards a run recorded (its --shards, else its dataset's default folder), where they are; one line
+    asking for --shards where they are not (a relative folder is relative to where the run was started)."""
+    from maskcon.config import default_shards_dir
+
+    recorded, dataset = settings.get("shards"), settings["dataset"]
+    if remote.is_url(recorded):
+        raise UserError(f"the run read its shards from {recorded}; pass --shards FOLDER, a local copy of them")
+    shards = Path(recorded or default_shards_dir(dataset))
+    if not (shards / MANIFEST).is_file():
+        whose = "its --shards" if recorded else "the default"
+        where = "" if shards.is_absolute() else ", relative to the folder the run was started in"
+        raise UserError(f"no {dataset} shards at {shards} ({whose}{where}); pass --shards FOLDER, the {dataset} "
+                        f"shards the run trained on")
+    return shards
 
 
 def _write_features(file: Path, table: dict, shards: Path) -> None:

@@ -36,6 +36,10 @@ class Method:
     objective: Callable[..., torch.Tensor]
     fixed_w: dict[str, float] = field(default_factory=dict)
 
+    def reads(self, option: str) -> bool:
+        """Whether the objective reads --w or --t ("w", "t")."""
+        return {"w": self.uses_w, "t": self.uses_t}[option]
+
     def loss(self, *, q: torch.Tensor, k: torch.Tensor, logits_coarse: torch.Tensor | None, bank,
              coarse: torch.Tensor, fine: torch.Tensor, t0: float, t: float, w: float) -> torch.Tensor:
         """The objective of one batch. q, k: N x D projections; bank: the learner (queue, queue_coarse,

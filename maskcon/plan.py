@@ -223,8 +223,8 @@ def _unused_by_the_method(config: Config) -> list[str]:
     notes = []
     for name in ("w", "t"):
         value = getattr(config, name)
-        if not getattr(method, f"uses_{name}") and value != recipe.get(name, getattr(Config, name)):
-            *others, last = [other.name for other in METHODS.values() if getattr(other, f"uses_{name}")]
+        if not method.reads(name) and value != recipe.get(name, getattr(Config, name)):
+            *others, last = [other.name for other in METHODS.values() if other.reads(name)]
             users = f"{', '.join(others)} and {last} use" if others else f"{last} uses"
             notes.append(f"--{name} {value:g} has no effect with --method {config.method}: only {users} --{name}")
     return notes

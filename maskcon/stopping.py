@@ -168,10 +168,7 @@ class StopRequest:
     def _end_at_once(self, name: str) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             last = self.last_checkpoint()
-            then = ("run the grid's command again to continue" if os.environ.get(GRID_ENV) else
-                    "run the same command again" if self.output_dir is None else
-                    f"continue with the same command and --output-dir {self.output_dir} --resume" if "intact" in last
-                    else f"start again with the same command and --output-dir {self.output_dir} --resume auto")
+            then = how_to_continue(self.output_dir, auto="intact" not in last)
             print(f"\nsecond {name}: ended at once, without a new checkpoint; {last}; {then}",
                   file=sys.stderr, flush=True)
         sys.stdout.flush()
@@ -184,11 +181,15 @@ class StopRequest:
             self.reason = f"the end of launch/run.py (pid {pid})"
 
 
-def how_to_continue(output_dir) -> str:
-    """What continues a stopped run: the grid's command for a point of launch/grid.py, else --resume."""
+def how_to_continue(output_dir: Path | None, *, auto: bool = False) -> str:
+    """What continues a stopped run: the grid's command for a point of launch/grid.py; the same command for a run
+    stopped before its folder was known; else the same command with --output-dir and --resume (`auto`: --resume
+    auto, for a run that may hold no intact checkpoint)."""
     if os.environ.get(GRID_ENV):
         return "run the grid's command again to continue it"
-    return f"resume with the same command and --output-dir {output_dir} --resume"
+    if output_dir is None:
+        return "run the same command again"
+    return f"resume with the same command and --output-dir {output_dir} --resume{' auto' * auto}"
 
 
 class Stopped(Exception):

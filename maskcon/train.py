@@ -202,6 +202,7 @@ def train(config: Config) -> RunResult:
     if installed_here:
         stop.install()
     stop.checkpointing = False    # until the run is built (run._stop_before_training)
+    stop.last_checkpoint, stop.output_dir = (lambda: "no checkpoint was written yet"), None
     try:
         if stop.requested:
             raise stopping.Stopped(f"stopped by {stop.reason} before the run started; nothing was written")

@@ -195,8 +195,8 @@ def test_a_second_ctrl_c_ends_at_once_and_keeps_the_last_checkpoint(digits_shard
     assert len(lines) == 1 and "Traceback" not in stderr + stdout, stderr[-3000:]
     intact = [path for path in checkpoints.list_checkpoints(out / "checkpoints") if checkpoints.damage(path) is None]
     assert intact and str(intact[-1]) in lines[0]
-    # the way on names the folder: a run started without --output-dir finds it there
-    assert lines[0].endswith(f"; continue with the same command and --output-dir {out} --resume"), lines[0]
+    # the way on names the folder, which a run started without --output-dir needs
+    assert lines[0].endswith(f"; resume with the same command and --output-dir {out} --resume"), lines[0]
     resumed = door([*args, "--resume", "--max-steps", str(STEPS_PER_EPOCH + 2)])
     _, stderr = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, stderr[-3000:]
