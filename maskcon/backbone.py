@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from maskcon import write_atomic
+from maskcon.files import write_atomic
 from maskcon.errors import UserError
 from maskcon.methods import METHODS
 from maskcon.rundir import BACKBONE_FILE, CONFIG

@@ -78,8 +78,9 @@ def parse_accept(text: str | None) -> set[str]:
 def compare_configs(saved: dict, new: dict, accept: set[str]) -> list[str]:
     """"name (old -> new)" for each option that defines the run and differs, not counting accepted ones;
     in the order of `new` (Config's field order), then any names only the checkpoint has."""
-    method = METHODS.get(new.get("method"))     # a --w or --t its objective does not read changes nothing
-    unread = {name for name in ("w", "t") if method is not None and not method.reads(name)}
+    # a --w or --t that neither the checkpoint's objective nor this run's reads changes nothing
+    methods = [METHODS.get(record.get("method")) for record in (saved, new)]
+    unread = {name for name in ("w", "t") if all(method is not None and not method.reads(name) for method in methods)}
     names = [name for name in dict.fromkeys([*new, *saved])
              if name in MUST_MATCH_ON_RESUME and name not in accept and name not in unread]
     return [f"{name} ({_shown(saved, name)} -> {_shown(new, name)})" for name in names

@@ -25,10 +25,11 @@ import torch
 import yaml
 from torch import nn
 
-from maskcon import checkpoints, remote, rundir, write_atomic
+from maskcon import checkpoints, remote, rundir
 from maskcon.rundir import BACKBONE_FILE
 from maskcon.backbone import FEATURES_KEYS, build_encoder, load_backbone
 from maskcon.errors import OneLineParser, UserError, file_in_the_way
+from maskcon.files import write_atomic
 from maskcon.retrieval import RECALL_KS, recall_at_k
 from maskcon.shard_format import MANIFEST
 
