@@ -22,7 +22,7 @@ import yaml
 from maskcon.datasets import DATASETS
 from maskcon.errors import OneLineParser, UserError
 from maskcon.loaders.spec import BACKENDS
-from maskcon.model import FEATURE_DIMS
+from maskcon.model import FEATURE_DIMS, MIN_IMAGE_SIZE
 from maskcon.recipes import VIEW_NAMES
 from maskcon.remote import check_location
 from maskcon.step import COMPILE_MODES
@@ -378,7 +378,10 @@ def validate(config: Config) -> None:
         raise UserError(f"--wandb must be auto, online, offline or disabled, got {config.wandb!r}")
     if config.mixed_precision not in (None, "no", "bf16", "fp16"):
         raise UserError(f"--mixed-precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
-    positive = ("image_size", "epochs", "batch_size", "queue_size", "eval_every", "eval_batch_size",
+    if config.image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"--image-size must be at least {MIN_IMAGE_SIZE} px (the encoder halves the side three times), "
+                        f"got {config.image_size}")
+    positive = ("epochs", "batch_size", "queue_size", "eval_every", "eval_batch_size",
                 "log_every", "keep_checkpoints", "lr_reference_batch", "proj_hidden", "proj_dim")
     for name in positive:
         if getattr(config, name) < 1:

@@ -19,6 +19,7 @@ from maskcon.errors import UserError
 # pooled feature width F of each backbone (torchvision ResNets without their fc layer)
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 SMALL_IMAGE_SIZE = 64   # px; at or below it the stem is a 3x3 stride-1 conv without max-pool (official code)
+MIN_IMAGE_SIZE = 8      # px; the small stem's encoder halves the side three times: below 8 its last stage sees padding
 
 
 class MaskConModel(nn.Module):

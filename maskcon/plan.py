@@ -218,7 +218,7 @@ def _notes(config: Config, device: str, train_samples: int | None) -> tuple[str,
 
 
 def _unused_by_the_method(config: Config) -> list[str]:
-    """A --w or --t set away from the recipe's value for a method whose objective does not read it."""
+    """A w or t (from --w, --t or --config) set away from the recipe's value for a method whose objective does not read it."""
     recipe, method = preset(config.dataset, config.method), METHODS[config.method]
     notes = []
     for name in ("w", "t"):
@@ -226,7 +226,8 @@ def _unused_by_the_method(config: Config) -> list[str]:
         if not method.reads(name) and value != recipe.get(name, getattr(Config, name)):
             *others, last = [other.name for other in METHODS.values() if other.reads(name)]
             users = f"{', '.join(others)} and {last} use" if others else f"{last} uses"
-            notes.append(f"--{name} {value:g} has no effect with --method {config.method}: only {users} --{name}")
+            notes.append(f"{name} = {value:g} (from --{name} or --config) has no effect with --method {config.method}: "
+                         f"only {users} {name}")
     return notes
 
 

@@ -75,6 +75,8 @@ def test_command_line_wins_in_both_spellings(tmp_path):
     (["--t", "inf"], "temperature --t must be a positive number"),     # every similarity divided away
     (["--t0", "nan"], "temperature --t0 must be a positive number"),
     (["--batch-size", "0"], "at least 1"),
+    (["--image-size", "1"], "--image-size must be at least 8 px"),
+    (["--image-size", "7"], "--image-size must be at least 8 px"),
     (["--epochs", "many"], "invalid"),
     (["--accept-changes", "epochs"], "only applies with --resume"),
     (["--compile-mode", "default"], "only applies with --compile"),

@@ -178,10 +178,22 @@ def test_the_plan_warns_of_a_w_or_t_the_method_does_not_use(digits_shards, optio
     from maskcon.plan import plan_run
 
     plan = plan_run(parse_config(["--shards", str(digits_shards), *options]), 1)
-    warned = [line for line in plan.lines() if line.startswith("warning: --")]
-    assert [line.split()[1] for line in warned] == [f"--{name}" for name in unused], warned
+    warned = [line for line in plan.lines() if "has no effect" in line]
+    assert [line.split()[1] for line in warned] == unused, warned
     for line in warned:
         assert f"has no effect with --method {options[1]}" in line
+
+
+def test_the_warning_names_a_w_from_a_config_file_without_calling_it_an_option(digits_shards, tmp_path):
+    from maskcon.config import parse_config
+    from maskcon.plan import plan_run
+
+    (tmp_path / "run.yaml").write_text("w: 0.25\n")
+    plan = plan_run(parse_config(["--shards", str(digits_shards), "--config", str(tmp_path / "run.yaml"),
+                                  "--method", "selfcon"]), 1)
+    assert [line for line in plan.lines() if "has no effect" in line] == [
+        "warning: w = 0.25 (from --w or --config) has no effect with --method selfcon: only maskcon, grafit and "
+        "coins use w"]
 
 
 def test_the_plan_warns_of_a_bank_larger_than_the_train_split(digits_shards):
