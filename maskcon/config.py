@@ -22,7 +22,7 @@ import yaml
 from maskcon.datasets import DATASETS
 from maskcon.errors import OneLineParser, UserError
 from maskcon.loaders.spec import BACKENDS
-from maskcon.model import FEATURE_DIMS, MIN_IMAGE_SIZE
+from maskcon.model import FEATURE_DIMS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from maskcon.recipes import VIEW_NAMES
 from maskcon.remote import check_location
 from maskcon.step import COMPILE_MODES
@@ -378,9 +378,9 @@ def validate(config: Config) -> None:
         raise UserError(f"--wandb must be auto, online, offline or disabled, got {config.wandb!r}")
     if config.mixed_precision not in (None, "no", "bf16", "fp16"):
         raise UserError(f"--mixed-precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
-    if config.image_size < MIN_IMAGE_SIZE:
-        raise UserError(f"--image-size must be at least {MIN_IMAGE_SIZE} px (the encoder halves the side three times), "
-                        f"got {config.image_size}")
+    if not MIN_IMAGE_SIZE <= config.image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must be {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} px (the encoder halves the side "
+                        f"three times; the paper's largest is 224), got {config.image_size}")
     positive = ("epochs", "batch_size", "queue_size", "eval_every", "eval_batch_size",
                 "log_every", "keep_checkpoints", "lr_reference_batch", "proj_hidden", "proj_dim")
     for name in positive:
@@ -390,8 +390,18 @@ def validate(config: Config) -> None:
         raise UserError(f"--loader-threads must be at least 1, got {config.loader_threads}")
     if config.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be >= 0, got {config.checkpoint_every}")
+    for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "dist_timeout"):
+        if not math.isfinite(getattr(config, name)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(config, name)}")
     if config.lr <= 0:
         raise UserError(f"--lr must be > 0, got {config.lr}")
+    if not 0.0 <= config.momentum < 1.0:
+        raise UserError(f"--momentum must lie in [0, 1), got {config.momentum}")
+    if config.weight_decay < 0 or config.warmup_epochs < 0:
+        name = "weight_decay" if config.weight_decay < 0 else "warmup_epochs"
+        raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    if not 0 <= config.seed < 2**32:
+        raise UserError(f"--seed must lie in 0 to 2**32 - 1, got {config.seed}")
     if not 0.0 <= config.key_momentum < 1.0:
         raise UserError(f"--key-momentum must lie in [0, 1), got {config.key_momentum}")
     if config.compile_mode not in (None, *COMPILE_MODES):

@@ -20,6 +20,7 @@ from maskcon.errors import UserError
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 SMALL_IMAGE_SIZE = 64   # px; at or below it the stem is a 3x3 stride-1 conv without max-pool (official code)
 MIN_IMAGE_SIZE = 8      # px; the small stem's encoder halves the side three times: below 8 its last stage sees padding
+MAX_IMAGE_SIZE = 1024   # px; the paper's largest input is 224, and one 1024-px view of a batch of 128 is 1.6 GB
 
 
 class MaskConModel(nn.Module):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maskcon import checkpoints, dist, failures
+from maskcon.shard_format import data_in
 from maskcon.errors import UserError, file_in_the_way
 from maskcon.stopping import LAUNCHER_ENV
 
@@ -187,6 +188,13 @@ def check_place(folder: Path) -> None:
     run = enclosing_run(folder)
     if run is not None:
         raise UserError(f"{folder} lies inside the run folder {run}; choose an --output-dir outside it")
+    if not run_files(folder):     # a run's own folder holds pictures: it is no dataset source
+        for place in (Path(folder), *Path(os.path.abspath(folder)).parents):
+            held = data_in(place, sources=place == Path(folder))
+            if held is not None:
+                where = "holds" if place == Path(folder) else f"lies inside {place}, which holds"
+                raise UserError(f"{folder} {where} {held}; a run writes its checkpoints and pictures in a folder "
+                                f"of its own: choose another --output-dir")
 
 
 def enclosing_run(folder: Path, *, itself: bool = False) -> Path | None:

@@ -299,6 +299,21 @@ def _looks_like_a_source(folder: Path, looked_at: int = 2000) -> bool:
     return any(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in itertools.islice(files, looked_at))
 
 
+def data_in(folder: Path, *, sources: bool = True) -> str | None:
+    """What dataset files FOLDER holds, in words ("shards", or with `sources` "a dataset's source files"), or
+    None: a run writing there would mix its files into a dataset."""
+    if (folder / PLAN).exists() or (folder / MANIFEST).is_file() and _is_manifest(_json(folder / MANIFEST)):
+        return "shards"
+    return "a dataset's source files" if sources and folder.is_dir() and _looks_like_a_source(folder) else None
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
 def check_folder_for_digits(folder: Path | str) -> None:
     """UserError when FOLDER, where the bundled digits' shards are written on first use, holds files that are
     neither shards nor an interrupted conversion's: a folder of the user's own stays as it is."""
@@ -321,10 +336,7 @@ def read_manifest(folder: Path | str, dataset: str = "DATASET") -> dict:
         hint = " (a conversion was interrupted: rerun the same create command)" if (Path(folder) / PLAN).exists() else ""
         raise UserError(f"no complete shards at {folder}: {path} is missing{hint}; make them with "
                         f"python launch/make_shards.py create {dataset} --src SRC --out {folder}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        manifest = None
+    manifest = _json(path)
     if not _is_manifest(manifest):
         raise UserError(f"{path} is not a maskcon shard manifest; recreate the shards with "
                         f"python launch/make_shards.py create {dataset} --src SRC --out {folder} --overwrite")

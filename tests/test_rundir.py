@@ -61,6 +61,30 @@ def test_a_fresh_run_refuses_a_folder_of_another_run_and_leaves_it_byte_for_byte
     assert contents(folder) == before
 
 
+def test_a_shard_folder_or_a_dataset_source_is_refused_as_a_run_folder_and_left_as_it_was(tmp_path, digits_shards):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(digits_shards, shards)
+    source = tmp_path / "photos"
+    (source / "train" / "gull").mkdir(parents=True)
+    (source / "train" / "gull" / "0.jpg").write_bytes(b"\xff\xd8\xff an image")
+    for folder, words in ((shards, f"{shards} holds shards"), (shards / "run", f"lies inside {shards}, which holds shards"),
+                          (source, f"{source} holds a dataset's source files")):
+        before = contents(tmp_path)
+        for check in (lambda: rundir.claim(folder, None, default=tmp_path / "unused", log=quiet),
+                      lambda: rundir.check_fresh(folder, None)):       # the run, and --check
+            with pytest.raises(UserError) as caught:
+                check()
+            assert words in str(caught.value) and "another --output-dir" in str(caught.value), caught.value
+            assert "\n" not in str(caught.value) and contents(tmp_path) == before
+    # a manifest.json that is not a shard manifest (a web app's, say) is no dataset
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "manifest.json").write_text('{"name": "my app"}')
+    folder = tmp_path / "site" / "run"
+    assert rundir.claim(folder, None, default=tmp_path / "unused", log=quiet) == rundir.RunFolder(folder, None)
+
+
 def test_a_folder_without_run_files_is_taken(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
