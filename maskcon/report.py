@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,7 +233,7 @@ def _variant(config: dict) -> str:
     preset = parse_config(["--dataset", config["dataset"], "--method", config["method"]], processes=1)
     expected = {**{name: getattr(preset, name) for name in RECIPE if hasattr(preset, name)},
                 "global_batch": preset.batch_size}
-    return ", ".join(f"{name} {config[name]}" for name in RECIPE
+    return ", ".join(f"{name} {_option(config[name])}" for name in RECIPE
                      if name in config and config[name] != expected.get(name))
 
 
@@ -339,8 +340,13 @@ def group(records: list[dict], *, everything: bool = False,
         values = [dict(row.options) for row in group_of_rows]
         differing = [name for name in DEFINING if len({value.get(name) for value in values}) > 1]
         for row, value in zip(group_of_rows, values):
-            row.detail = ", ".join(f"{name} {value.get(name)}" for name in differing)
+            row.detail = ", ".join(f"{name} {_option(value.get(name))}" for name in differing)
     return ordered
+
+
+def _option(value) -> str:
+    """An option's value as a user types it: none, true and false, not Python's None, True and False."""
+    return str(value).lower() if value is None or isinstance(value, bool) else str(value)
 
 
 def _label(row: Row) -> str:
@@ -418,15 +424,16 @@ def recall_figure(rows: list[Row]):
     import matplotlib.pyplot as plt
 
     datasets = list(dict.fromkeys(row.dataset for row in rows))
-    figure, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.6), squeeze=False)
+    most = max(sum(row.dataset == dataset for row in rows) for dataset in datasets)   # legend entries of a panel
+    figure, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.6 + 0.3 * most), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
         chosen = [row for row in rows if row.dataset == dataset]
         for index, row in enumerate(chosen):
             colour = f"C{index % 10}"
             ks = sorted(row.recalls)
+            label = f"{METHOD_NAMES.get(row.method, row.method)}{_keys(row)}{_qualifier(row)} (n={len(row.seeds)})"
             axis.errorbar(ks, [row.mean(k) for k in ks], yerr=[row.spread(k) or 0.0 for k in ks], color=colour,
-                          marker="o", capsize=3, label=f"{METHOD_NAMES.get(row.method, row.method)}{_keys(row)}"
-                                                       f"{_qualifier(row)} (n={len(row.seeds)})")
+                          marker="o", capsize=3, label=textwrap.fill(label, 70))   # within the panel's width
             if row.published():
                 axis.plot(PAPER_KS, row.published()[1], color=colour, linestyle="--", marker="x")
         if any(row.published() for row in chosen):
@@ -439,7 +446,9 @@ def recall_figure(rows: list[Row]):
         axis.set_xlabel("K")
         axis.set_ylabel("Recall@K of the fine labels, %")
         axis.set_title(dataset)
-        axis.legend(fontsize=7)
+        low, high = axis.get_ylim()
+        axis.set_ylim(max(low, 0.0), min(high, 101.0))      # a recall is a share: 0 to 100 %
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)   # below the panel
     figure.suptitle("Recall@K on the test split: mean over seeds (bars: std)")
     figure.tight_layout()
     return figure
@@ -452,9 +461,10 @@ def plot(rows: list[Row], path: Path) -> None:
     from maskcon.plots import figure_texts
 
     figure = recall_figure(rows)
-    entries = [text.get_text() for axis in figure.axes for text in axis.get_legend().get_texts()]
-    try:
-        figure.savefig(path, format="png", dpi=120, metadata=figure_texts(figure.get_suptitle(), entries))
+    entries = [" ".join(text.get_text().split()) for axis in figure.axes for text in axis.get_legend().get_texts()]
+    try:        # "tight": the legends below the panels are inside the picture
+        figure.savefig(path, format="png", dpi=120, bbox_inches="tight",
+                       metadata=figure_texts(figure.get_suptitle(), entries))
     finally:
         plt.close(figure)
 

@@ -330,6 +330,37 @@ def test_the_plot_labels_k_by_its_values_and_leaves_out_w_and_tau_a_method_ignor
                               "dashed: the supplement's figures"]
 
 
+def test_long_legends_stay_inside_the_picture_and_off_the_other_panels(tmp_path):
+    """Rows told apart by many options have long labels; two datasets make two panels side by side."""
+    import matplotlib.pyplot as plt
+
+    from maskcon.report import recall_figure
+
+    for dataset in ("cifar100", "cars196"):
+        for index, method in enumerate(("maskcon", "selfcon", "maskcon")):
+            folder = write_run(tmp_path / f"{dataset}-{index}", dataset, method, 0,
+                               {"R@1": 100.0, "R@2": 100.0, "R@5": 100.0, "R@10": 100.0})
+            options = yaml.safe_load((folder / "config.yaml").read_text())
+            options.update(image_size=32 + index, lr=0.02 * (index + 1), warmup_epochs=index, pretrained=None if index else "imagenet",
+                           weight_decay=index, momentum=0.1 * index, loader=("dali", "torch")[index % 2])
+            (folder / "config.yaml").write_text(yaml.safe_dump(options))
+    figure = recall_figure(group(read_run_folders([tmp_path], log=lambda line: None), everything=True))
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    picture = figure.get_tightbbox(renderer)         # what savefig(bbox_inches="tight") keeps, in inches
+    try:
+        labels = [text.get_text() for axis in figure.axes for text in axis.get_legend().get_texts()]
+        assert any("pretrained none" in label for label in labels) and not any("None" in label for label in labels)
+        for axis in figure.axes:
+            legend = axis.get_legend().get_window_extent(renderer)
+            assert picture.x0 * figure.dpi <= legend.x0 and legend.x1 <= picture.x1 * figure.dpi
+            for other in figure.axes:
+                assert not legend.overlaps(other.get_window_extent(renderer)), (axis.get_title(), other.get_title())
+            assert axis.get_ylim()[1] <= 101          # every recall is 100 %: the axis ends near 100, not at 104
+    finally:
+        plt.close(figure)
+
+
 def test_all_leaves_out_a_run_stopped_by_a_signal_as_the_help_says(tmp_path):
     from maskcon.report import build_parser, main
 
