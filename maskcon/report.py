@@ -314,8 +314,8 @@ def group(records: list[dict], *, everything: bool = False,
     for record in records:
         variant = record.get("variant", "")
         if variant and not everything:
-            log(f"{record['where']}: not a full run of the paper's recipe ({variant}); left out (--all shows it "
-                f"as a row of its own)")
+            log(f"{record['where']}: not a full run of {_recipe(record['dataset'])} ({variant}); left out (--all "
+                f"shows it as a row of its own)")
             continue
         options = tuple(sorted((name, str(value)) for name, value in record.get("options", {}).items()))
         key = (record["dataset"], record["method"], record["w"], record["t"], variant, options)
@@ -342,6 +342,12 @@ def group(records: list[dict], *, everything: bool = False,
         for row, value in zip(group_of_rows, values):
             row.detail = ", ".join(f"{name} {_option(value.get(name))}" for name in differing)
     return ordered
+
+
+def _recipe(dataset: str) -> str:
+    """Whose recipe a dataset's preset is: the paper's where the supplement has its table, else maskcon's own."""
+    preset = dataset.split()[0]          # "folder SHARDS": the folder preset
+    return "the paper's recipe" if any(key[0] == preset for key in PUBLISHED) else f"the {preset} preset"
 
 
 def _option(value) -> str:
@@ -507,8 +513,8 @@ def main(argv: list[str]) -> int:
                         "results.json)")
     rows = group(records, everything=args.everything)
     if not rows:
-        raise UserError("no finished run of the paper's recipe among those named (each run left out is named "
-                        "above); --all shows them as rows of their own")
+        raise UserError("no finished run of its dataset's full recipe among those named (each run left out is "
+                        "named above); --all shows them as rows of their own")
     text = markdown(rows)
     write_report(rows, text, args.out)
     print(text, end="")

@@ -330,6 +330,17 @@ def test_the_plot_labels_k_by_its_values_and_leaves_out_w_and_tau_a_method_ignor
                               "dashed: the supplement's figures"]
 
 
+def test_a_run_of_a_dataset_without_a_table_is_named_against_its_preset_not_the_paper(tmp_path):
+    for dataset in ("folder", "cifar100"):
+        folder = write_run(tmp_path / dataset, dataset, "maskcon", 0, RECALL)
+        options = yaml.safe_load((folder / "config.yaml").read_text())
+        (folder / "config.yaml").write_text(yaml.safe_dump({**options, "epochs": 1}))
+    lines = []
+    assert group(read_run_folders([tmp_path], log=lines.append), log=lines.append) == []
+    assert sorted(line.split(": ", 1)[1].split(" (")[0] for line in lines) == [
+        "not a full run of the folder preset", "not a full run of the paper's recipe"]
+
+
 def test_long_legends_stay_inside_the_picture_and_off_the_other_panels(tmp_path):
     """Rows told apart by many options have long labels; two datasets make two panels side by side."""
     import matplotlib.pyplot as plt
