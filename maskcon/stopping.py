@@ -104,6 +104,7 @@ class StopRequest:
         self.checkpointing = False   # whether a stop now ends with a checkpoint: set once the run is built
         self.last_checkpoint: Callable[[], str] = lambda: "no checkpoint was written yet"
         self.output_dir: Path | None = None
+        self.given: tuple[bool, str | None] = (False, None)   # the run's command: --output-dir named?, --resume
         self._previous: dict[int, object] = {}
         self._wakeup: tuple[int, int] = (-1, -1)   # (the wakeup fd before ours, ours)
         self._watching = False
@@ -168,7 +169,7 @@ class StopRequest:
     def _end_at_once(self, name: str) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             last = self.last_checkpoint()
-            then = how_to_continue(self.output_dir, auto="intact" not in last)
+            then = how_to_continue(self.output_dir, auto="intact" not in last, given=self.given)
             print(f"\nsecond {name}: ended at once, without a new checkpoint; {last}; {then}",
                   file=sys.stderr, flush=True)
         sys.stdout.flush()
@@ -181,14 +182,24 @@ class StopRequest:
             self.reason = f"the end of launch/run.py (pid {pid})"
 
 
-def how_to_continue(output_dir: Path | None, *, auto: bool = False) -> str:
+def how_to_continue(output_dir: Path | None, *, auto: bool = False, given: tuple[bool, str | None] = (False, None)
+                    ) -> str:
     """What continues a stopped run: the grid's command for a point of launch/grid.py; the same command for a run
-    stopped before its folder was known; else the same command with --output-dir and --resume (`auto`: --resume
-    auto, for a run that may hold no intact checkpoint)."""
+    stopped before its folder was known; else the same command with what it lacks of --output-dir and --resume
+    (`auto`: --resume auto, for a run that may hold no intact checkpoint). `given`: whether the command named
+    --output-dir, and its --resume ("newest" for a bare one, "auto", a path or None)."""
     if os.environ.get(GRID_ENV):
         return "run the grid's command again to continue it"
     if output_dir is None:
         return "run the same command again"
+    named, resume = given
+    if named and (resume == "auto" or resume == "newest" and not auto):   # the command continues as it stands
+        return "run the same command again to continue it"
+    if named and resume is None:
+        return f"run the same command with --resume{' auto' * auto} added"
+    if named:     # a bare --resume that may find no intact checkpoint, or --resume PATH (this run is newer)
+        return (f"run the same command with --resume{' auto' * auto} in place of --resume"
+                + ("" if resume == "newest" else f" {resume}"))
     return f"resume with the same command and --output-dir {output_dir} --resume{' auto' * auto}"
 
 

@@ -203,6 +203,7 @@ def train(config: Config) -> RunResult:
         stop.install()
     stop.checkpointing = False    # until the run is built (run._stop_before_training)
     stop.last_checkpoint, stop.output_dir = (lambda: "no checkpoint was written yet"), None
+    stop.given = (config.output_dir is not None, config.resume)
     try:
         if stop.requested:
             raise stopping.Stopped(f"stopped by {stop.reason} before the run started; nothing was written")
@@ -397,8 +398,9 @@ def _preempted(run: Run, step: int, stop: stopping.StopRequest) -> str:
 def _say_stopped(run: Run, step: int, stop: stopping.StopRequest) -> None:
     """The one line of a stop (the reason is the main process's; another process may have been the one asked)."""
     saved = checkpoints.list_checkpoints(run.checkpoint_root)[-1]
+    then = stopping.how_to_continue(run.output_dir, given=stop.given)
     run.accelerator.print(f"stopped by {stop.reason or 'a stop request to another process'} at step {step}; "
-                          f"checkpoint saved in {saved}; {stopping.how_to_continue(run.output_dir)}", flush=True)
+                          f"checkpoint saved in {saved}; {then}", flush=True)
 
 
 def _finish(run: Run, step: int, stopped: str, metrics: dict, untrained: dict) -> RunResult:

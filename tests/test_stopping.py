@@ -195,8 +195,8 @@ def test_a_second_ctrl_c_ends_at_once_and_keeps_the_last_checkpoint(digits_shard
     assert len(lines) == 1 and "Traceback" not in stderr + stdout, stderr[-3000:]
     intact = [path for path in checkpoints.list_checkpoints(out / "checkpoints") if checkpoints.damage(path) is None]
     assert intact and str(intact[-1]) in lines[0]
-    # the way on names the folder, which a run started without --output-dir needs
-    assert lines[0].endswith(f"; resume with the same command and --output-dir {out} --resume"), lines[0]
+    # the command named --output-dir: --resume is what it lacks
+    assert lines[0].endswith("; run the same command with --resume added"), lines[0]
     resumed = door([*args, "--resume", "--max-steps", str(STEPS_PER_EPOCH + 2)])
     _, stderr = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, stderr[-3000:]
@@ -328,3 +328,25 @@ def test_a_stop_while_the_launcher_starts_before_any_training_process_is_one_lin
     out, err = started.communicate(timeout=GRACE_S + 60)
     assert started.returncode == STOPPED and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("stopped by SIGINT"), err[-3000:]
+
+
+@pytest.mark.parametrize("given, auto, advice", [
+    ((False, None), False, "resume with the same command and --output-dir RUN --resume"),   # a folder of its own
+    ((True, None), False, "run the same command with --resume added"),
+    ((True, None), True, "run the same command with --resume auto added"),
+    ((True, "newest"), False, "run the same command again to continue it"),
+    ((True, "newest"), True, "run the same command with --resume auto in place of --resume"),   # none intact?
+    ((True, "auto"), True, "run the same command again to continue it"),
+    ((True, "old/checkpoints/step-00000010"), False,
+     "run the same command with --resume in place of --resume old/checkpoints/step-00000010"),
+])
+def test_the_way_on_adds_to_the_command_only_what_it_lacks(monkeypatch, given, auto, advice):
+    from pathlib import Path
+
+    from maskcon.stopping import GRID_ENV, how_to_continue
+
+    monkeypatch.delenv(GRID_ENV, raising=False)
+    assert how_to_continue(Path("RUN"), auto=auto, given=given) == advice
+    assert how_to_continue(None, auto=auto, given=given) == "run the same command again"   # stopped before its folder
+    monkeypatch.setenv(GRID_ENV, "1")
+    assert how_to_continue(Path("RUN"), auto=auto, given=given) == "run the grid's command again to continue it"
