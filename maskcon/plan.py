@@ -218,7 +218,8 @@ def _notes(config: Config, device: str, train_samples: int | None) -> tuple[str,
 
 
 def _unused_by_the_method(config: Config) -> list[str]:
-    """A w or t (from --w, --t or --config) set away from the recipe's value for a method whose objective does not read it."""
+    """A w or t (from --w, --t or --config) set away from the recipe's value for a method whose objective does
+    not read it."""
     recipe, method = preset(config.dataset, config.method), METHODS[config.method]
     notes = []
     for name in ("w", "t"):

@@ -352,7 +352,8 @@ def test_long_legends_stay_inside_the_picture_and_off_the_other_panels(tmp_path)
             folder = write_run(tmp_path / f"{dataset}-{index}", dataset, method, 0,
                                {"R@1": 100.0, "R@2": 100.0, "R@5": 100.0, "R@10": 100.0})
             options = yaml.safe_load((folder / "config.yaml").read_text())
-            options.update(image_size=32 + index, lr=0.02 * (index + 1), warmup_epochs=index, pretrained=None if index else "imagenet",
+            options.update(image_size=32 + index, lr=0.02 * (index + 1), warmup_epochs=index,
+                           pretrained=None if index else "imagenet",
                            weight_decay=index, momentum=0.1 * index, loader=("dali", "torch")[index % 2])
             (folder / "config.yaml").write_text(yaml.safe_dump(options))
     figure = recall_figure(group(read_run_folders([tmp_path], log=lambda line: None), everything=True))

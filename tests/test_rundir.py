@@ -69,7 +69,8 @@ def test_a_shard_folder_or_a_dataset_source_is_refused_as_a_run_folder_and_left_
     source = tmp_path / "photos"
     (source / "train" / "gull").mkdir(parents=True)
     (source / "train" / "gull" / "0.jpg").write_bytes(b"\xff\xd8\xff an image")
-    for folder, words in ((shards, f"{shards} holds shards"), (shards / "run", f"lies inside {shards}, which holds shards"),
+    for folder, words in ((shards, f"{shards} holds shards"),
+                          (shards / "run", f"lies inside {shards}, which holds shards"),
                           (source, f"{source} holds a dataset's source files")):
         before = contents(tmp_path)
         for check in (lambda: rundir.claim(folder, None, default=tmp_path / "unused", log=quiet),
