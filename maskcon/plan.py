@@ -22,6 +22,7 @@ from maskcon.config import ACTIONS, Config, base_learning_rate, preset, shards_d
 from maskcon.errors import UserError, file_in_the_way
 from maskcon.methods import METHODS
 from maskcon.provenance import nvidia_smi
+from maskcon.retrieval import RECALL_KS
 from maskcon.shard_format import check_folder_for_digits, check_split, read_manifest
 
 
@@ -187,7 +188,7 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
                 channels_last=device == "cuda" if config.channels_last is None else config.channels_last,
                 shards=folder, manifest=manifest, base_lr=base_learning_rate(config, processes),
                 steps_per_epoch=steps_per_epoch, resume_from=resume_from, start_step=0,
-                notes=(*skipped, *_notes(config, device, None if manifest is None else train_samples)), shards_url=url,
+                notes=(*skipped, *_notes(config, device, manifest)), shards_url=url,
                 manifest_sha256=digest, staging=staging)
     if resume_from is None or manifest is None:
         return plan
@@ -197,10 +198,16 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
                    "accepted": tuple(accepted)})
 
 
-def _notes(config: Config, device: str, train_samples: int | None) -> tuple[str, ...]:
+def _notes(config: Config, device: str, manifest: dict | None) -> tuple[str, ...]:
     """Warnings of the plan: a --w or --t the method does not use, a warm-up as long as the run, a bank larger than
-    the training split, GPUs that CUDA cannot use."""
+    the training split, a test split too small for some Recall@K, GPUs that CUDA cannot use."""
     notes = list(_unused_by_the_method(config))
+    train_samples, test_samples = (None, None) if manifest is None else (
+        manifest["splits"][split]["num_samples"] for split in ("train", "test"))
+    trivial = [f"R@{k}" for k in RECALL_KS if test_samples is not None and k >= test_samples - 1]
+    if trivial:
+        notes.append(f"the test split has {test_samples} images: {' and '.join(trivial)} rank all the others, so they "
+                     f"say nothing of the network; judge the run by the smaller K")
     if config.warmup_epochs >= config.epochs:
         than = "as long as" if config.warmup_epochs == config.epochs else "longer than"
         warmup, run = (count(number, "epoch") for number in (config.warmup_epochs, config.epochs))

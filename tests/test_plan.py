@@ -226,3 +226,16 @@ def test_gpus_that_nvidia_smi_lists_while_cuda_sees_none_are_counted(tmp_path, m
     assert plan.unusable_gpus() == 0 and provenance.gpu_field("driver_version") is None
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert plan.unusable_gpus() == 0 and provenance.nvidia_smi("-L") is None
+
+
+def test_the_plan_warns_of_a_recall_at_k_that_ranks_the_whole_test_split(tmp_path):
+    from maskcon.config import parse_config
+    from maskcon.datasets.synthetic import write_synthetic_imagenet32
+    from maskcon.plan import plan_run
+
+    small = write_synthetic_imagenet32(tmp_path / "shards", num_train=64, num_test=51)
+    plan = plan_run(parse_config(["--dataset", "imagenet32", "--shards", str(small), "--batch-size", "8",
+                                  "--queue-size", "64"]), 1)
+    assert [line for line in plan.lines() if "test split" in line] == [
+        "warning: the test split has 51 images: R@50 and R@100 rank all the others, so they say nothing of the "
+        "network; judge the run by the smaller K"]
