@@ -290,12 +290,13 @@ def remedy(folder: Path | str, manifest: dict | None = None) -> str:
 SOURCE_FILES = ("fine_to_coarse.csv", "meta", "batches.meta", "val_data", "val_data.npz")   # a download's own
 
 
-def _looks_like_a_source(folder: Path, looked_at: int = 2000) -> bool:
+def _looks_like_a_source(folder: Path, looked_at: int = 2000, *, nested: bool = False) -> bool:
     """Whether FOLDER holds a download (an image folder, CIFAR's or ImageNet32's files) rather than shards: a
-    look at its first `looked_at` files, no more."""
+    look at its first `looked_at` files, no more (`nested`: only images in its subfolders count, as a dataset
+    keeps them; loose pictures beside a run's files do not)."""
     if any((folder / name).is_file() for name in SOURCE_FILES):
         return True
-    files = (name for _, _, names in os.walk(folder) for name in names)
+    files = (name for place, _, names in os.walk(folder) if not nested or Path(place) != folder for name in names)
     return any(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in itertools.islice(files, looked_at))
 
 
@@ -304,7 +305,8 @@ def data_in(folder: Path, *, sources: bool = True) -> str | None:
     None: a run writing there would mix its files into a dataset."""
     if (folder / PLAN).exists() or (folder / MANIFEST).is_file() and _is_manifest(_json(folder / MANIFEST)):
         return "shards"
-    return "a dataset's source files" if sources and folder.is_dir() and _looks_like_a_source(folder) else None
+    return ("a dataset's source files" if sources and folder.is_dir() and _looks_like_a_source(folder, nested=True)
+            else None)
 
 
 def _json(path: Path):

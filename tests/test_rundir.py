@@ -79,9 +79,11 @@ def test_a_shard_folder_or_a_dataset_source_is_refused_as_a_run_folder_and_left_
                 check()
             assert words in str(caught.value) and "another --output-dir" in str(caught.value), caught.value
             assert "\n" not in str(caught.value) and contents(tmp_path) == before
-    # a manifest.json that is not a shard manifest (a web app's, say) is no dataset
+    # a manifest.json that is not a shard manifest (a web app's, say) is no dataset, nor are loose pictures
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "manifest.json").write_text('{"name": "my app"}')
+    (tmp_path / "site" / "run").mkdir()
+    (tmp_path / "site" / "run" / "loss-curve.png").write_bytes(b"\x89PNG\r\n\x1a\n a plot")
     folder = tmp_path / "site" / "run"
     assert rundir.claim(folder, None, default=tmp_path / "unused", log=quiet) == rundir.RunFolder(folder, None)
 
