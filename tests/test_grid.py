@@ -59,7 +59,7 @@ def test_a_grid_runs_every_point_and_the_same_command_skips_the_finished_ones(di
     first = _grid(tmp_path, str(sweep), *options)
     _, err = first.communicate(timeout=900)
     assert first.returncode == 0, err[-3000:]
-    # --max-steps 2 is not the paper's recipe: the report needs --all to show these points
+    # --max-steps 2 is not the digits' full recipe: the report needs --all to show these points
     assert err.strip().splitlines()[-1] == "every point done: python launch/report.py runs/tiny --all"
     runs = tmp_path / "runs" / "tiny"
     assert sorted(path.name for path in runs.iterdir()) == ["grid.yaml", "seed-0", "seed-1"]

@@ -159,8 +159,8 @@ def test_the_run_folder_holds_the_files_readme_lists(runs):
 def test_report_of_three_finished_runs_prints_the_table_and_writes_csv_and_png(runs, tmp_path):
     results = [json.loads((folder / "results.json").read_text()) for folder in runs.values()]
     report = [sys.executable, "launch/report.py", *map(str, runs.values()), "--out", str(tmp_path / "report")]
-    smoke = run(report)     # 2 steps of 1 epoch: not the paper's recipe, each run named, no table
-    assert smoke.returncode == 2 and smoke.stderr.count("not a full run of the paper's recipe") == 3, smoke.stderr
+    smoke = run(report)     # 2 steps of 1 epoch: not the digits' recipe, each run named, no table
+    assert smoke.returncode == 2 and smoke.stderr.count("not a full run of the digits preset") == 3, smoke.stderr
     done = run([*report, "--all"])
     assert done.returncode == 0, done.stderr
     recall_1 = [result["R@1"] for result in results]
