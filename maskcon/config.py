@@ -122,6 +122,9 @@ assert sorted(name for names in SECTIONS.values() for name in names) == sorted(F
 # with --config they are accepted, and checked against the options they follow from, never taken as options.
 RECORDED = ("num_processes", "base_lr", "provenance")
 ACTIONS = ("print_config", "check")   # options that end a run before training: never recorded
+# Options of one start of the run, not of the run: never recorded either, so that a config.yaml starts the same
+# run anew (a resume is asked for on the command line).
+NOT_RECORDED = (*ACTIONS, "resume", "accept_changes")
 
 
 def _parse_bool(text: str) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from maskcon import checkpoints, count, remote, rundir
-from maskcon.config import ACTIONS, Config, base_learning_rate, preset, shards_dir, to_dict
+from maskcon.config import NOT_RECORDED, Config, base_learning_rate, preset, shards_dir, to_dict
 from maskcon.errors import UserError, file_in_the_way
 from maskcon.methods import METHODS
 from maskcon.provenance import nvidia_smi
@@ -75,7 +75,7 @@ class Plan:
         """The resolved configuration as config.yaml and W&B hold it: every option, then what the run decided."""
         from maskcon.provenance import provenance
 
-        options = {name: value for name, value in to_dict(self.config).items() if name not in ACTIONS}
+        options = {name: value for name, value in to_dict(self.config).items() if name not in NOT_RECORDED}
         origin = provenance()
         if self.shards_url is not None:
             origin["shards"] = {"url": self.shards_url, "manifest_sha256": self.manifest_sha256}

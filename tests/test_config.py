@@ -209,6 +209,20 @@ def test_print_config_output_given_back_as_config_resolves_to_the_same_run(tmp_p
     assert changed["base_lr"] == pytest.approx(0.04 * 32 * processes / 128)
 
 
+def test_the_record_of_a_resumed_start_starts_the_same_run_anew(tmp_path):
+    """--resume and --accept-changes belong to one start of a run: config.yaml leaves them out, so that the
+    file of a resumed run, given back with another --output-dir, starts that run afresh."""
+    from maskcon.plan import plan_run
+
+    argv = ["--dataset", "cifar100", "--epochs", "7", "--output-dir", str(tmp_path / "run"), "--resume", "auto",
+            "--accept-changes", "epochs"]
+    resolved = plan_run(parse_config(argv), 1, shards_required=False).resolved()
+    assert "resume" not in resolved and "accept_changes" not in resolved and resolved["epochs"] == 7
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(resolved))
+    again = parse_config(["--config", str(tmp_path / "config.yaml"), "--output-dir", str(tmp_path / "new")])
+    assert (again.resume, again.accept_changes, again.epochs) == (None, None, 7)
+
+
 def test_a_recorded_learning_rate_that_no_longer_follows_from_the_file_is_one_line(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"dataset": "cifar100", "lr": 0.05, "global_batch": 128,
                                                           "num_processes": 1, "base_lr": 0.02}))
