@@ -25,7 +25,7 @@ import torch.nn as nn
 from maskcon.files import write_atomic
 from maskcon.errors import UserError
 from maskcon.methods import METHODS
-from maskcon.rundir import BACKBONE_FILE, CONFIG
+from maskcon.rundir import BACKBONE_FILE, CHECKPOINTS, CONFIG
 
 MODEL_CARD_FILE = "MODEL_CARD.md"
 FEATURES_KEYS = {"features", "fine", "coarse", "index", "keys"}   # the dict that `launch/eval.py --features` saves
@@ -138,6 +138,9 @@ def _no_backbone(folder: Path) -> str:
         what, run, resume = "is a run's checkpoints folder, not a backbone", folder.parent, "--resume"
     elif (folder / CONFIG).is_file():
         what, run, resume = f"holds no {BACKBONE_FILE}: the run has not finished", folder, "--resume"
+        if not any(checkpoints.damage(path) is None for path in checkpoints.list_checkpoints(folder / CHECKPOINTS)):
+            return (f"{folder} {what} and holds no intact checkpoint; run it again (the command that started it, "
+                    f"with --output-dir {folder} --resume auto)")
     else:
         return f"no backbone at {folder / BACKBONE_FILE}; pass a finished run folder or its {BACKBONE_FILE}"
     if (run / BACKBONE_FILE).is_file():      # the run has finished: its backbone is there

@@ -283,3 +283,14 @@ def test_ctrl_c_while_eval_loads_is_one_line_and_writes_no_features(stopped_run,
     assert status == 130 and err.strip().splitlines() == [
         "stopped by SIGINT: the evaluation wrote nothing; run the same command again"], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_backbone_on_a_run_stopped_before_its_first_checkpoint_asks_for_resume_auto(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000004").mkdir(parents=True)     # a checkpoint cut off before its record
+    (run / "config.yaml").write_text("dataset: digits\nmethod: maskcon\n")
+    with pytest.raises(UserError) as error:
+        maskcon.load_backbone(run)
+    assert str(error.value) == (f"{run.absolute()} holds no backbone.pt: the run has not finished and holds no intact "
+                                f"checkpoint; run it again (the command that started it, with --output-dir "
+                                f"{run.absolute()} --resume auto)")
