@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import pickle
+import sys
 from pathlib import Path
 
 import safetensors
@@ -121,6 +122,10 @@ def evaluate(path: Path, shards: Path | None, *, batch_size: int | None, loader:
     if table is None:
         return {}, what
     metrics = recall_at_k(table["features"], table["fine"], RECALL_KS)
+    alone = int((torch.bincount(table["fine"])[table["fine"]] == 1).sum())
+    if alone:     # no other image can be found for them: a figure near 0 may say more of the split than the network
+        print(f"note: {alone} of {len(table['fine'])} test images are the only one of their fine class in {shards}: "
+              f"each counts as a miss at every K", file=sys.stderr)
     if features_file is not None:
         _write_features(features_file, table, shards)
     return metrics, f"{what} on {shards}"

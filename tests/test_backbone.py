@@ -294,3 +294,21 @@ def test_load_backbone_on_a_run_stopped_before_its_first_checkpoint_asks_for_res
     assert str(error.value) == (f"{run.absolute()} holds no backbone.pt: the run has not finished and holds no intact "
                                 f"checkpoint; run it again (the command that started it, with --output-dir "
                                 f"{run.absolute()} --resume auto)")
+
+
+@pytest.mark.slow
+def test_eval_notes_test_images_alone_in_their_fine_class(stopped_run, digits_shards, tmp_path, capsys):
+    import json
+
+    from maskcon.cli import run_eval
+    from maskcon.datasets.synthetic import write_synthetic_imagenet32
+
+    run, _ = stopped_run
+    assert run_eval([str(run), "--shards", str(digits_shards), "--loader", "torch", "--json"]) == 0
+    assert "note:" not in capsys.readouterr().err           # 360 test digits, 36 of each class
+    lonely = write_synthetic_imagenet32(tmp_path / "lonely", num_train=40, num_test=30)   # 30 classes, one image each
+    assert run_eval([str(run), "--shards", str(lonely), "--loader", "torch", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["R@100"] == 0.0
+    assert f"note: 30 of 30 test images are the only one of their fine class in {lonely}: each counts as a miss " \
+           f"at every K" in err.splitlines()
