@@ -101,18 +101,24 @@ def _run_folder(path: Path) -> Path | None:
     return None
 
 
-def evaluate(path: Path, shards: Path | None, *, batch_size: int | None, loader: str, threads: int | None,
-             features_file: Path | None) -> tuple[dict, str]:
-    """(R@K on the main process, {} elsewhere; what was evaluated). Every process calls it."""
+def evaluate(path: Path, shards: str | Path | None, *, batch_size: int | None, loader: str, threads: int | None,
+             features_file: Path | None, shard_cache: str | None = None) -> tuple[dict, str]:
+    """(R@K on the main process, {} elsewhere; what was evaluated). Every process calls it. SHARDS: a folder or a
+    remote one (staged into the node's SHARD_CACHE, by default the run's, as the trainer stages it); None: the
+    shards the run recorded."""
     from accelerate import Accelerator
 
     from maskcon.loaders import LoaderSpec, build_test_loader
     from maskcon.train import extract_features
 
     encoder, settings, what = load_network(path)
-    if not shards:
-        shards = _recorded_shards(settings)
+    location = shards or _recorded_shards(settings)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    shards = Path(location)
+    if remote.is_url(str(location)):     # one process per node downloads, the others wait on the cache's lock
+        speaks = accelerator.is_local_main_process
+        shards = remote.stage(str(location), shard_cache or settings.get("shard_cache"), show_progress=speaks,
+                              log=lambda line: print(line, file=sys.stderr) if speaks else None, announce_wait=speaks)
     network = Network(encoder).to(accelerator.device)
     test = build_test_loader(shards, LoaderSpec(recipe=settings["dataset"], image_size=settings["image_size"],
                                                 batch_size=batch_size or settings.get("eval_batch_size", 256),
@@ -128,17 +134,18 @@ def evaluate(path: Path, shards: Path | None, *, batch_size: int | None, loader:
               f"each counts as a miss at every K", file=sys.stderr)
     if features_file is not None:
         _write_features(features_file, table, shards)
-    return metrics, f"{what} on {shards}"
+    return metrics, f"{what} on {location}"
 
 
-def _recorded_shards(settings: dict) -> Path:
-    """The local shards a run recorded (its --shards, else its dataset's default folder), where they are; one line
-    asking for --shards where they are not (a relative folder is relative to where the run was started)."""
+def _recorded_shards(settings: dict) -> str | Path:
+    """The shards a run recorded: its remote folder, else its local --shards or its dataset's default folder where
+    they are; one line asking for --shards where they are not (a relative folder is relative to where the run was
+    started)."""
     from maskcon.config import default_shards_dir
 
     recorded, dataset = settings.get("shards"), settings["dataset"]
     if remote.is_url(recorded):
-        raise UserError(f"the run read its shards from {recorded}; pass --shards FOLDER, a local copy of them")
+        return recorded
     shards = Path(recorded or default_shards_dir(dataset))
     if not (shards / MANIFEST).is_file():
         whose = "its --shards" if recorded else "the default"
@@ -198,8 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Recall@K of a trained network on a test split, without training.")
     parser.add_argument("network", type=Path,
                         help="a run folder, its backbone.pt, its checkpoints folder, or one checkpoint folder")
-    parser.add_argument("--shards", type=Path, default=None,
-                        help="shard folder whose test split is evaluated (default: the run's shards)")
+    parser.add_argument("--shards", default=None,
+                        help="shard folder whose test split is evaluated, or a remote one (s3://, gs://, https://), "
+                             "staged as training stages it (default: the run's shards)")
+    parser.add_argument("--shard-cache", default=None,
+                        help="node-local folder for remote shards (default: the run's, else $MASKCON_SHARD_CACHE, "
+                             "else ~/.cache/maskcon/shards)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per process per batch (default: the run's)")
     parser.add_argument("--loader", choices=("dali", "torch"), default="dali", help="data loader back end")
     parser.add_argument("--loader-threads", type=int, default=None, help="loader threads per process")
@@ -214,10 +225,12 @@ def main(argv: list[str]) -> int:
     """launch/eval.py (through maskcon.cli, which prints a UserError as its one line): Recall@K printed (and
     with --json, one JSON line); 0."""
     args = build_parser().parse_args(argv)
+    remote.check_location(args.shards)
+    remote.check_location(args.shard_cache)
     if args.features is not None:
         check_features_file(args.features)
     metrics, what = evaluate(args.network, args.shards, batch_size=args.batch_size, loader=args.loader,
-                             threads=args.loader_threads, features_file=args.features)
+                             threads=args.loader_threads, features_file=args.features, shard_cache=args.shard_cache)
     if metrics:
         print(json.dumps(metrics) if args.json else
               f"{what}: " + "  ".join(f"{name} {value:.2f}" for name, value in metrics.items()))

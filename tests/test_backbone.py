@@ -179,7 +179,6 @@ def test_a_runs_checkpoints_folder_is_evaluated_by_its_newest_checkpoint(stopped
 @pytest.mark.parametrize("recorded, says", [
     (None, "no digits shards at shards/digits (the default, relative to the folder the run was started in)"),
     ("mine/digits", "no digits shards at mine/digits (its --shards, relative to the folder the run was started in)"),
-    ("s3://bucket/digits", "the run read its shards from s3://bucket/digits; pass --shards FOLDER, a local copy"),
 ])
 def test_eval_from_another_folder_names_the_runs_shards_and_asks_for_them(stopped_run, tmp_path, monkeypatch,
                                                                           recorded, says):

@@ -411,6 +411,15 @@ def test_a_run_on_s3_shards_ends_with_the_weights_of_the_run_on_local_shards(s3,
     before = server.gets("/digits/")
     train(remote_digits, tmp_path / "again")   # a second run on the node: the cache alone
     assert server.gets("/digits/") - before == 1   # the manifest, compared
+    # eval.py reads the remote shards the run recorded, or those of --shards URL, staged as training stages them
+    for options, cache in (([], tmp_path / "cache"), (["--shards", remote_digits, "--shard-cache", "other"],
+                                                      tmp_path / "other")):
+        evaluated = subprocess.run([sys.executable, str(ROOT / "launch" / "eval.py"), str(tmp_path / "remote"),
+                                    "--json", *options], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                   timeout=600)
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        assert json.loads(evaluated.stdout)["R@1"] == pytest.approx(remote_run["R@1"], abs=1e-9)
+        assert [entry.name for entry in entries(cache)] == [staged.name]
 
 
 def test_an_interrupted_create_continues_where_it_stopped(s3, remote_digits, tmp_path):
