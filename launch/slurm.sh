@@ -6,13 +6,18 @@
 # Submit from the repository root with the Python environment active (sbatch passes the environment on).
 # Every argument goes to launch/train.py unchanged. The run is checked once first, here, for all its processes
 # (`launch/train.py --check`: options, the global batch over all GPUs, shards, --resume checkpoint, W&B); a
-# mistake is one line and exit 2 before any node starts. `accelerate launch -q` keeps its own traceback out. The node count comes from sbatch (--nodes); GPUs per
-# node from SLURM's allocation (--gpus-per-node), or GPUS_PER_NODE=N to say it. The rendezvous is the first
+# mistake is one line and exit 2 before any node starts. `accelerate launch -q` keeps its own traceback out.
+# The node count comes from sbatch (--nodes); GPUs per node from SLURM's allocation (--gpus-per-node, 8 by
+# the #SBATCH line below: change it to your nodes), or GPUS_PER_NODE=N to say it. The rendezvous is the first
 # node of the job on port MAIN_PROCESS_PORT (default 29500 + job id mod 1000, so jobs sharing a node differ).
 #
-# A shared file system is assumed: the repository, the environment, the shards and --output-dir must be
-# visible at the same path on every node (all processes read the shards; checkpoints are written by every
-# process into one folder and read back by all of them on --resume).
+# A shared file system is assumed for the repository, the environment and --output-dir: they must be visible
+# at the same path on every node (checkpoints are written by every process into one folder and read back by all
+# of them on --resume). The shards too, unless --shards is a remote folder (s3://, gs://, https://), which each
+# node stages into its own --shard-cache.
+#
+# --help prints this text and train.py's options; --check and --print-config print the plan or the resolved
+# configuration of the whole job (every GPU of every node) and start nothing.
 #
 # CPUs: srun has not inherited sbatch's --cpus-per-task since Slurm 22.05, so it is passed on explicitly;
 # otherwise the one task per node, with all its processes and loader threads, gets a single CPU.
@@ -36,6 +41,12 @@
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-.}"
+
+case " $* " in *" --help "*|*" -h "*)
+    sed -n '2,/^#SBATCH/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    echo
+    exec python "$(dirname "$0")/train.py" --help ;;
+esac
 
 missing=
 [[ -n "${SLURM_JOB_NUM_NODES:-}" ]] || missing="SLURM_JOB_NUM_NODES is not set"
@@ -68,6 +79,9 @@ run_args=("$@")
 case " $* " in *" --output-dir"*|*" --output_dir"*) ;; *) run_args+=(--output-dir "runs/${SLURM_JOB_NAME:-maskcon}-${SLURM_JOB_ID:?}") ;; esac
 case " $* " in *" --resume"*) ;; *) run_args+=(--resume auto) ;; esac
 
+case " $* " in *" --check "*|*" --print-config "*|*" --print_config "*)   # the job's plan or configuration alone
+    WORLD_SIZE=$((nodes * gpus_per_node)) exec python launch/train.py "${run_args[@]}" ;;
+esac
 WORLD_SIZE=$((nodes * gpus_per_node)) python launch/train.py --check "${run_args[@]}" >&2 || exit $?
 
 echo "nodes $nodes x $gpus_per_node GPUs, ${cpus_per_task:-?} CPUs per node, rendezvous $main_node:$main_port," \

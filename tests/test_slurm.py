@@ -209,3 +209,28 @@ def test_outside_a_slurm_job_the_script_says_so_in_one_line():
     assert done.returncode == 2 and done.stderr.strip() == (
         "error: launch/slurm.sh runs in a SLURM job (sbatch --nodes N launch/slurm.sh OPTIONS); here "
         "SLURM_JOB_NUM_NODES is not set"), done.stderr
+
+
+@pytest.mark.parametrize("option", ["--help", "--check", "--print-config"])
+def test_help_check_and_print_config_in_a_job_start_no_node(tmp_path, option):
+    """--help: the script's text, then train.py's options; --check and --print-config: the plan or the resolved
+    configuration of the whole job (WORLD_SIZE: every GPU of every node); srun never runs."""
+    sruns, launches = run_under_fake_slurm(tmp_path, args=(option,))
+    assert sruns == [] and launches == []
+    lines = [json.loads(line) for line in (tmp_path / "record.jsonl").read_text().splitlines()]
+    if option == "--help":
+        assert [line["argv"][1:] for line in lines] == [["--help"]]
+        assert lines[0]["argv"][0].endswith("launch/train.py")
+    else:
+        assert lines == [{"program": "python", "world_size": "8", "argv": [
+            "launch/train.py", "--dataset", "imagenet32", "--run-name", "two words", option, "--output-dir",
+            "runs/maskcon-4242", "--resume", "auto"]}]
+
+
+def test_help_outside_a_job_prints_the_scripts_text():
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"      # the environment active, as for sbatch
+    done = subprocess.run(["bash", "launch/slurm.sh", "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.startswith("Train on several nodes under SLURM") and "sbatch --nodes 2" in done.stdout
+    assert "#SBATCH --" not in done.stdout and "usage: python launch/train.py" in done.stdout, done.stderr[-2000:]
