@@ -538,6 +538,17 @@ def staging_state(url: str, manifest: dict, raw: bytes, cache: Path | str | None
     entry = cache / entry_name(url, manifest_sha256(raw))
     if (entry / MANIFEST).is_file() and (entry / MANIFEST).read_bytes() == raw:
         return f"already staged in {entry}"
+    made = next(folder for folder in (cache, *cache.absolute().parents) if folder.exists())   # the cache, or above
+    if not (made.is_dir() and os.access(made, os.W_OK | os.X_OK)):
+        raise UserError(f"the shard cache {cache} cannot be written ({made} is "
+                        f"{'not writable' if made.is_dir() else 'a file'}); fix permissions there, or pass another "
+                        f"--shard-cache")
+    if size is not None:     # what an interrupted staging left at its size counts as there (the run checks it)
+        left = sum(size for name, size, _ in remote_files(manifest)
+                   if not ((entry / name).is_file() and (entry / name).stat().st_size == size))
+        problem = space_problem(left, shutil.disk_usage(made).free, cache)
+        if problem:
+            raise UserError(problem)
     return f"staged by the run into the shard cache {cache}" + (f" ({format_size(size)})" if size else "")
 
 

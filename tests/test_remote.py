@@ -627,3 +627,26 @@ def test_a_remote_folder_of_another_dataset_is_refused_before_any_download(s3, r
         line = one_line(done)
         assert f"{remote_digits} holds shards of 'digits', not 'cifar100'" in line, extra
     assert not cache.exists() or cache_files(cache) == []
+
+
+def test_check_refuses_a_cache_it_cannot_write_or_fill_before_anything_is_read(tmp_path, digits_shards):
+    """staging_state (what --check says of a remote folder) reads the local disk alone: a --shard-cache under a
+    file, and shards larger than the cache's free space, are each one line, as the run would meet them."""
+    from maskcon.errors import UserError
+    from maskcon.remote import staging_state
+
+    raw = (digits_shards / "manifest.json").read_bytes()
+    manifest = json.loads(raw)
+    (tmp_path / "notes.txt").write_text("mine\n")
+    with pytest.raises(UserError) as error:
+        staging_state("s3://bucket/digits", manifest, raw, tmp_path / "notes.txt" / "cache", None)
+    assert str(error.value).startswith(f"the shard cache {tmp_path / 'notes.txt' / 'cache'} cannot be written "
+                                       f"({tmp_path / 'notes.txt'} is a file)")
+    huge = json.loads(raw)
+    huge["splits"]["train"]["shards"][0]["tar_bytes"] = 2**62          # more than any disk holds
+    with pytest.raises(UserError) as error:
+        staging_state("s3://bucket/digits", huge, raw, tmp_path / "cache", None)
+    assert str(error.value).startswith("the shards need ") and f"in the shard cache {tmp_path / 'cache'}" in \
+        str(error.value)
+    assert "staged by the run" in staging_state("s3://bucket/digits", manifest, raw, tmp_path / "cache", None)
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "notes.txt"]      # nothing written
