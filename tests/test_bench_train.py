@@ -66,8 +66,10 @@ def test_a_report_as_text_shows_figures_spreads_and_tables():
     from maskcon.bench import text
 
     report = {"ratio": 1.23456, "paired": {"median": 4.0, "min": 0.5, "max": 10.0}, "inputs": {"N": 256},
+              "spread": [4167.3, 18714.2],
               "modes": {"real": {"images_per_s": 12345.6, "data_wait": None}, "synthetic": {"images_per_s": 2.5}}}
-    assert text(report).splitlines() == ["ratio: 1.235", "paired: 4 (0.5-10)", "inputs:", "  N: 256", "modes:",
+    assert text(report).splitlines() == ["ratio: 1.235", "paired: 4 (0.5-10)", "inputs:", "  N: 256",
+                                         "spread: 4,167; 18,714", "modes:",
                                          "           images_per_s  data_wait",
                                          "real             12,346          -",
                                          "synthetic           2.5          -"]

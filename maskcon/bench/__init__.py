@@ -45,17 +45,17 @@ def text(report: dict) -> str:
 
 
 def cell(value) -> str:
-    """A value in a report's text: a float to 4 significant digits (whole above 10,000, with thousands
-    separators), a spread as `median (min-max)`, None as "-"."""
+    """A value in a report's text: a float to 4 significant digits (whole from 1,000 on, with thousands
+    separators), a spread as `median (min-max)`, a list's items apart by "; ", None as "-"."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+        return f"{value:,.0f}" if abs(value) >= 1e3 else f"{value:.4g}"
     if isinstance(value, dict) and set(value) == {"median", "min", "max"}:
         middle, low, high = (cell(value[end]) for end in ("median", "min", "max"))
         return middle if low == high else f"{middle} ({low}-{high})"
     if isinstance(value, (list, dict)):
-        return json.dumps(value) if isinstance(value, dict) else ", ".join(map(cell, value))
+        return json.dumps(value) if isinstance(value, dict) else "; ".join(map(cell, value))
     return str(value)
 
 
