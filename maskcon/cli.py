@@ -211,7 +211,9 @@ def run_bench(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
         lines = [f"  {name:<11} {text}" for name, text in BENCHMARKS.items()]
         print("usage: python launch/bench.py {" + ",".join(BENCHMARKS) + "} [options]\n" + "\n".join(lines))
-        if argv and argv[0] not in ("-h", "--help"):
+        if not argv:
+            return fail(UserError(f"name a benchmark: one of {', '.join(BENCHMARKS)}"))
+        if argv[0] not in ("-h", "--help"):
             return fail(UserError(f"unknown benchmark {argv[0]!r}; known: {', '.join(BENCHMARKS)}"))
         return 0
     stops = _stop_as_ctrl_c()   # a stop ends a benchmark as Ctrl-C does: its clean-up runs, and is not cut short

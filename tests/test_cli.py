@@ -28,6 +28,17 @@ def test_the_console_script_lists_its_doors_and_refuses_an_unknown_one_in_one_li
         "error: unknown command 'trian'; known: train, run, make-shards, bench, grid, report, eval"]
 
 
+def test_bench_without_a_benchmark_lists_them_and_exits_2_as_a_mistake():
+    from maskcon.cli import run_bench
+
+    listed = subprocess.run([sys.executable, "launch/bench.py"], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 2 and listed.stdout.startswith("usage: python launch/bench.py {")
+    assert listed.stderr.strip().splitlines() == ["error: name a benchmark: one of shards, loader, objectives, "
+                                                  "train, job, collectives, gpu, remote"]
+    assert run_bench(["--help"]) == 0
+
+
 def test_the_console_script_runs_the_trainers_door(tmp_path):
     printed = maskcon("train", "--print-config", "--wandb", "disabled", "--output-dir", str(tmp_path / "run"))
     assert printed.returncode == 0, printed.stderr
