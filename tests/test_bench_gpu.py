@@ -70,7 +70,7 @@ def test_each_goal_is_judged_from_its_part_and_a_missing_figure_is_said():
                  "`python launch/bench.py gpu`", "| gpu_tests | 11 passed, 650 deselected in 80.0s |",
                  "| loader | dali_gpu 61,000 img/s, 9.1 us CPU/img (8 threads",
                  "| objectives | repeats 60, maskcon_over_selfcon_time 1.6 |",
-                 "gpu_busy 0.85, eval_s 3, 4.5, wall_s 95, R@1 12.5", "GPU idle 0.2; per step 300.0 kernels, "
+                 "gpu_busy 0.85, eval_s 3; 4.5, wall_s 95, R@1 12.5", "GPU idle 0.2; per step 300.0 kernels, "
                  "2.0 launches, 40.0 aten operators; longest kernel sm90_gemm (30%)",
                  "| GPU busy during the main job's last epoch | 85% | >= 90 % |"):
         assert text in block
