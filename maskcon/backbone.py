@@ -15,7 +15,6 @@ your own images:
 from __future__ import annotations
 
 import os
-import pickle
 import time
 from pathlib import Path
 
@@ -106,7 +105,7 @@ def load_backbone(path: Path | str, map_location: str | torch.device = "cpu") ->
         raise UserError(_no_backbone(Path(path)))
     try:    # only tensors and plain containers are read (weights_only): a hostile file runs no code
         saved = torch.load(file, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+    except Exception as error:      # bytes of anything else: the unpickler raises whatever it stumbles on
         raise UserError(f"cannot read {file} ({type(error).__name__}); it is not a maskcon backbone: pass a "
                         f"finished run folder or its {BACKBONE_FILE}") from None
     if isinstance(saved, dict) and FEATURES_KEYS <= set(saved):

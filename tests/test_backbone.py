@@ -311,3 +311,19 @@ def test_eval_notes_test_images_alone_in_their_fine_class(stopped_run, digits_sh
     assert json.loads(out)["R@100"] == 0.0
     assert f"note: 30 of 30 test images are the only one of their fine class in {lonely}: each counts as a miss " \
            f"at every K" in err.splitlines()
+
+
+def test_any_bytes_that_are_not_a_network_are_one_line(tmp_path):
+    """The weights-only unpickler meets random bytes with UnpicklingError, IndexError, KeyError or
+    UnicodeDecodeError: each is the same one line, for load_backbone and for eval's features-file check."""
+    import random
+
+    from maskcon.evaluation import check_features_file
+
+    for seed in range(300):
+        noise = tmp_path / f"noise-{seed}.pt"
+        noise.write_bytes(random.Random(seed).randbytes(4096))
+        with pytest.raises(UserError, match="it is not a maskcon backbone"):
+            maskcon.load_backbone(noise)
+        with pytest.raises(UserError, match="not a features file"):
+            check_features_file(noise)
