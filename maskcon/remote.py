@@ -162,8 +162,29 @@ def _plain(error: BaseException) -> str:
     return "the store failed to answer"
 
 
-def with_retries(action: Callable[[], object], url: str, doing: str, log: Callable[[str], None]):
-    """action(), tried ATTEMPTS times with a doubling pause after each transient failure; one line at the end."""
+class SharedNotices:
+    """The retry notices of transfers running in parallel. When the store fails, every transfer under way
+    meets it at once: the first to retry says so, and the others at the same try keep quiet for QUIET_S (a
+    failure after that is said again)."""
+
+    QUIET_S = 30.0
+
+    def __init__(self):
+        self.lock, self.said = threading.Lock(), {}
+
+    def first(self, attempt: int) -> bool:
+        now = time.monotonic()
+        with self.lock:
+            if now - self.said.get(attempt, -self.QUIET_S) < self.QUIET_S:
+                return False
+            self.said[attempt] = now
+            return True
+
+
+def with_retries(action: Callable[[], object], url: str, doing: str, log: Callable[[str], None],
+                 notices: SharedNotices | None = None):
+    """action(), tried ATTEMPTS times with a doubling pause after each transient failure; one line at the end.
+    Each retry is said, unless `notices` (shared by parallel transfers) has just said it for another."""
     for attempt in range(1, ATTEMPTS + 1):
         try:
             return action()
@@ -172,8 +193,9 @@ def with_retries(action: Callable[[], object], url: str, doing: str, log: Callab
                 if isinstance(error, (UserError, CacheWriteError)):
                     raise
                 raise remote_error(error, url, doing) from None
-            log(f"{doing} {url}: {_plain(error)}; try {attempt + 1} of {ATTEMPTS} in "
-                f"{BACKOFF_S * 2 ** (attempt - 1):g} s")
+            if notices is None or notices.first(attempt):
+                log(f"{doing} {url}: {_plain(error)}; try {attempt + 1} of {ATTEMPTS} in "
+                    f"{BACKOFF_S * 2 ** (attempt - 1):g} s")
             time.sleep(BACKOFF_S * 2 ** (attempt - 1))
 
 
@@ -342,7 +364,7 @@ def _fetch(fs, source: str, partial: Path, bar: _Bar) -> tuple[int, str]:
 
 
 def download(fs, root: str, url: str, entry: Path, file: tuple[str, int | None, str | None], bar: _Bar,
-             log: Callable[[str], None]) -> None:
+             log: Callable[[str], None], notices: SharedNotices | None = None) -> None:
     """Download one file of the folder into the entry: under a `.partial` name, checked against the manifest,
     then renamed into place. UserError (one line) when the remote file differs from the manifest."""
     name, size, sha256 = file
@@ -351,7 +373,7 @@ def download(fs, root: str, url: str, entry: Path, file: tuple[str, int | None, 
     partial = target.with_name(target.name + PARTIAL)
     try:
         got_size, got_sha256 = with_retries(lambda: _fetch(fs, f"{root}/{name}", partial, bar), url,
-                                            f"downloading {name} of", log)
+                                            f"downloading {name} of", log, notices)
         if not _matches(got_size, got_sha256, size, sha256):
             what = f"{got_size} bytes" if size is not None and got_size != size else "its sha256"
             raise UserError(f"{url}/{name} differs from the folder's manifest ({what}, changed or damaged after "
@@ -381,13 +403,13 @@ def _download_all(fs, root: str, url: str, entry: Path, files: list, shown: bool
     """Every file, THREADS at a time; the first file that fails for good ends the staging: the files not yet
     begun are left for the rerun (the network is likely lost; each would only fail after its own retries)."""
     bar = _Bar(sum(size for _, size, _ in files), f"staging {url}", shown)
-    failed = threading.Event()
+    failed, notices = threading.Event(), SharedNotices()
 
     def one(file) -> None:
         if failed.is_set():
             return
         try:
-            download(fs, root, url, entry, file, bar, log)
+            download(fs, root, url, entry, file, bar, log, notices)
         except BaseException:
             failed.set()
             raise

@@ -303,8 +303,11 @@ def test_network_lost_mid_download_is_one_line_and_the_same_command_then_complet
     proxy = CuttingProxy(server.port, cut_after=total // 3)
     env = dict(env, MASKCON_SHARD_CACHE=str(tmp_path / "cache"), AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}",
                MASKCON_REMOTE_ATTEMPTS="2")
-    line = one_line(make_shards("verify", remote_digits, "--workers", "1", env=env, timeout=120))
+    cut = make_shards("verify", remote_digits, "--workers", "1", env=env, timeout=120)
+    line = one_line(cut)
     assert "failed" in line and "rerun" in line
+    # the parallel downloads all meet the cut at once: one notice of the retry for them all, not one per file
+    assert sum("; try 2 of 2 in" in said for said in cut.stderr.splitlines()) == 1, cut.stderr[-3000:]
     entry = entries(tmp_path / "cache")[0]
     kept = cache_files(entry)
     assert kept and not (entry / "manifest.json").exists() and not list(entry.rglob("*.partial"))

@@ -142,6 +142,7 @@ def test_a_signalled_run_ends_every_process_with_a_checkpoint_and_resumes_to_the
     assert 0 < step < EPOCHS * STEPS_PER_EPOCH
     saved = sorted((out / "checkpoints").glob("step-*"))
     assert [path.name for path in saved] == [f"step-{step:08d}"] and str(saved[0]) in lines[0]
+    assert lines[0].endswith("; run the same command with --resume added"), lines[0]   # it named --output-dir
     assert "Traceback" not in stderr + stdout, stderr[-3000:]
     assert not (out / "results.json").exists()
 
