@@ -327,6 +327,17 @@ class _Bar:
             with self.lock:
                 self.bar.update(count)
 
+    def above(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """`log`, its lines written above the bar: the bar is cleared first and drawn again below them."""
+        if self.bar is None:
+            return log
+
+        def say(line: str) -> None:
+            with self.lock, type(self.bar).external_write_mode():
+                log(line)
+
+        return say
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -403,7 +414,7 @@ def _download_all(fs, root: str, url: str, entry: Path, files: list, shown: bool
     """Every file, THREADS at a time; the first file that fails for good ends the staging: the files not yet
     begun are left for the rerun (the network is likely lost; each would only fail after its own retries)."""
     bar = _Bar(sum(size for _, size, _ in files), f"staging {url}", shown)
-    failed, notices = threading.Event(), SharedNotices()
+    failed, notices, log = threading.Event(), SharedNotices(), bar.above(log)
 
     def one(file) -> None:
         if failed.is_set():

@@ -322,6 +322,44 @@ def test_network_lost_mid_download_is_one_line_and_the_same_command_then_complet
         assert hashlib.sha256((entry / record["tar"]).read_bytes()).hexdigest() == record["sha256"]
 
 
+def test_a_retry_notice_on_a_terminal_starts_its_own_line_above_the_progress_bar(s3, remote_digits, tmp_path):
+    """On a terminal (a pty: one screen for stdout and stderr) the bar is cleared before a retry notice is
+    written, so the notice is not glued to the end of the bar's line."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    server, env = s3
+    manifest = manifest_of(env, remote_digits)
+    total = sum(record["tar_bytes"] + record["index_bytes"] for split in manifest["splits"].values()
+                for record in split["shards"])
+    proxy = CuttingProxy(server.port, cut_after=total // 3)
+    env = dict(env, MASKCON_SHARD_CACHE=str(tmp_path / "cache"), AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}",
+               MASKCON_REMOTE_ATTEMPTS="2")
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))   # 40 rows of 160 columns
+    command = subprocess.Popen([sys.executable, "launch/make_shards.py", "verify", remote_digits], cwd=ROOT,
+                               env=env, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:    # the command ended and closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(controller)
+    assert command.wait(timeout=120) == 2
+    text = screen.decode(errors="replace")
+    assert "%|" in text, repr(text)     # the bar was drawn
+    notice = text.index("; try 2 of 2 in")
+    start = text.rindex("downloading ", 0, notice)
+    assert text[start - 1] in "\r\n", repr(text[max(0, start - 200):notice])
+
+
 def test_the_cache_limit_evicts_the_least_recently_used_folder(s3, remote_digits, tmp_path):
     server, env = s3
     manifest = manifest_of(env, remote_digits)
