@@ -53,7 +53,10 @@ def run_train(argv: list[str]) -> int:
     from maskcon import stopping
 
     stopping.REQUEST.install()   # first: a stop signal from here on is honoured, never a traceback
-    return stopping.exit_status(_train_process(argv))
+    try:
+        return stopping.exit_status(_train_process(argv))
+    finally:   # what is left is the interpreter's exit (W&B's included), which no signal should cut short
+        stopping.REQUEST.ignore_from_now()
 
 
 def _train_process(argv: list[str]) -> int:

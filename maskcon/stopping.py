@@ -105,6 +105,8 @@ class StopRequest:
         self.last_checkpoint: Callable[[], str] = lambda: "no checkpoint was written yet"
         self.output_dir: Path | None = None
         self.given: tuple[bool, str | None] = (False, None)   # the run's command: --output-dir named?, --resume
+        self.ended_at: int | None = None   # the last step, once the loop has ended without a stop
+        self._lock = threading.Lock()      # reason and ended_at, between the counting thread and the loop
         self._previous: dict[int, object] = {}
         self._wakeup: tuple[int, int] = (-1, -1)   # (the wakeup fd before ours, ours)
         self._watching = False
@@ -137,6 +139,27 @@ class StopRequest:
                              daemon=True).start()
         return self
 
+    def ended(self, step: int) -> None:
+        """The loop has trained its last step (`step`): a stop from now on changes nothing, and is said so, once
+        (also one that came during the final evaluation or checkpoint)."""
+        with self._lock:
+            self.ended_at, reason = step, self.reason
+        if reason is not None:
+            self._say_after_end(reason, step)
+
+    @staticmethod
+    def _say_after_end(reason: str, step: int) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{reason} came after the last step ({step}): the run ends as it would have, with its results "
+                  f"and its last checkpoint", flush=True)
+
+    def ignore_from_now(self) -> None:
+        """The process is ending: a stop signal changes nothing any more. Ignored rather than handled, since
+        Python's finalization resets handled signals to their default, under which a Ctrl-C in that last second
+        would kill a finished run (exit status 130)."""
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
     def restore(self) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
@@ -152,11 +175,16 @@ class StopRequest:
                     self._received(signal.Signals(received[0]))
 
     def _received(self, signum: signal.Signals) -> None:
-        if self.reason is None:
-            self.reason = signum.name
+        with self._lock:
+            first, ended = self.reason is None, self.ended_at
+            if first:
+                self.reason = signum.name
+        if first:
             if int(os.environ.get("RANK", "0")) != 0:   # the main process speaks at once, before the processes agree
                 return
-            if self.checkpointing:
+            if ended is not None:
+                self._say_after_end(signum.name, ended)
+            elif self.checkpointing:
                 print(f"\n{signum.name}: stopping with a checkpoint where the processes next agree (within "
                       f"--log-every steps, or after the evaluation or bank fill under way); a second Ctrl-C ends "
                       f"at once without one", file=sys.stderr, flush=True)

@@ -203,7 +203,7 @@ def train(config: Config) -> RunResult:
         stop.install()
     stop.checkpointing = False    # until the run is built (run._stop_before_training)
     stop.last_checkpoint, stop.output_dir = (lambda: "no checkpoint was written yet"), None
-    stop.given = (config.output_dir is not None, config.resume)
+    stop.given, stop.ended_at = (config.output_dir is not None, config.resume), None
     try:
         if stop.requested:
             raise stopping.Stopped(f"stopped by {stop.reason} before the run started; nothing was written")
@@ -279,9 +279,8 @@ def train_loop(run: Run, stop: stopping.StopRequest) -> RunResult:
         bar.close()
     if stopped == "preempted":
         _say_stopped(run, step, stop)
-    elif stop.requested:   # it came during the last evaluation or checkpoint
-        run.accelerator.print(f"{stop.reason} came after the last step ({step}): the run ends as it would have, "
-                              f"with its results and its last checkpoint", flush=True)
+    else:   # a stop that came during the last evaluation or checkpoint, or comes from now on, is said so
+        stop.ended(step)
     return _finish(run, step, stopped, metrics, untrained)
 
 

@@ -431,6 +431,33 @@ def test_a_stop_after_the_last_step_ends_the_run_with_its_results_and_says_so(di
     assert (out / "backbone.pt").exists()
 
 
+def test_a_ctrl_c_after_the_final_line_leaves_a_finished_run_finished(digits_shards, tmp_path):
+    """Ctrl-C (SIGINT to the process group, W&B's process included) as the final figures are printed, while the
+    tracker closes, and a second later, while the interpreter exits: both times the run ends as finished, 0,
+    and nothing says a checkpoint stop is coming."""
+    said_after = ("SIGINT came after the last step (3): the run ends as it would have, with its results and its "
+                  "last checkpoint")
+    for delay in (0.0, 1.0):
+        out = tmp_path / f"run-{delay}"
+        process = subprocess.Popen([sys.executable, "launch/train.py", "--shards", str(digits_shards),
+                                    "--max-steps", "3", *FAST, "--wandb", "offline", "--output-dir", str(out)],
+                                   cwd=ROOT, env=environment(WANDB_SILENT="false"), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        before = []
+        for line in process.stdout:
+            before.append(line)
+            if line.startswith("final R@1"):
+                break
+        time.sleep(delay)
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, (delay, process.returncode, stderr[-3000:])
+        assert "stopping with a checkpoint" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+        if delay == 0.0:   # the tracker was still closing: the line says why the run did not stop
+            assert stdout.splitlines() == [said_after], stdout
+        assert json.loads((out / "results.json").read_text())["step"] == 3 and (out / "backbone.pt").exists()
+
+
 def two_processes(args) -> list[str]:
     """`accelerate launch` of launch/train.py in two CPU processes (gloo)."""
     return [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
