@@ -249,8 +249,8 @@ def unusable_gpus() -> int:
 def check_dataset(config: Config, manifest: dict, where) -> None:
     """The shards at WHERE (a folder or a URL) are of the run's --dataset (any, for --dataset folder)."""
     if manifest["dataset"] != config.dataset and config.dataset != "folder":
-        raise UserError(f"{where} holds shards of {manifest['dataset']!r}, not {config.dataset!r}; "
-                        f"pass --shards for the right folder")
+        raise UserError(f"{where} holds shards of {manifest['dataset']!r}, not {config.dataset!r}; pass --dataset "
+                        f"{manifest['dataset']} to train on them, or --shards with shards of {config.dataset}")
 
 
 def _manifest(config: Config, folder: Path) -> dict:

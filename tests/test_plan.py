@@ -117,6 +117,17 @@ def test_the_plan_refuses_what_the_run_refuses_without_writing(digits_shards, tm
     assert not (tmp_path / "run").exists()
 
 
+def test_shards_of_another_dataset_say_which_dataset_they_are_and_that_advice_works(digits_shards, tmp_path):
+    """The likely mistake: shards right, --dataset forgotten or wrong (the default is digits)."""
+    args = ["--shards", str(digits_shards), "--output-dir", str(tmp_path / "run"), "--check"]
+    result = door("train.py", [*args, "--dataset", "cifar100"])
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: {digits_shards} holds shards of 'digits', not 'cifar100'; pass --dataset digits to train on "
+        f"them, or --shards with shards of cifar100"), result.stderr
+    assert checked("train.py", [*args[:-1], "--dataset", "digits"])["processes"] == 1   # the advice, followed
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("option, fix", [("--output-dir", "choose another --output-dir"),
                                          ("--shards", "name a folder for the shards")])
 def test_a_file_where_a_folder_must_be_is_one_line_from_check_and_run_alike(tmp_path, option, fix):
