@@ -6,8 +6,10 @@ GPU of this machine), with the options given after the sweep file added, in a ru
 RUNS/POINT, where RUNS is --runs (default runs/SWEEP_NAME) and POINT names the values that vary
 (`method-grafit_seed-1`). The points run one after another. A point whose folder holds results.json is done
 and skipped; any other continues from its newest checkpoint (`--resume auto`), so the same command after a
-stop or a failure carries on where the grid was; other options, or other values in the sweep file for a point
-that has run, need a folder of their own (RUNS/grid.yaml records the grid's options and each point's values).
+stop or a failure carries on where the grid was; other options (but those a resumed run may change: W&B, how
+often it logs ...), or other values in the sweep file for a point that has run, need a folder of their own
+(RUNS/grid.yaml records the grid's options and each point's values). The grid sets --output-dir and --resume
+itself, and each swept parameter: added to every point, they are refused.
 Before any point runs, every point's options are read as its program reads them, and the first point is checked
 (`--check`): a value no run knows, or shards or options that every point shares and that cannot run, are said
 once. `--dry-run` lists the points on stdout. `python launch/report.py
@@ -100,6 +102,7 @@ def main(argv: list[str]) -> int:
     sweep = read_sweep(args.sweep)
     runs = args.runs or rundir.DEFAULT_ROOT / re.sub(r"[^A-Za-z0-9._=-]+|^\.+", "-", str(sweep.get("name") or
                                                                                           args.sweep.stem))
+    _check_added(sweep, args.sweep, extra)
     grid = [(point, runs / point_name(point, sweep)) for point in points(sweep)]
     _check_options(sweep, [(folder.name, command(sweep, point, extra, folder)) for point, folder in grid])
     _check_runs_folder(runs)
@@ -146,6 +149,24 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _check_added(sweep: dict, path: Path, extra: list[str]) -> None:
+    """Refuse an added option that each point would override or be overridden by, silently: --output-dir and
+    --resume (the grid's own), and a parameter the sweep file gives several values (every point would then
+    train the same value, in folders named after the others)."""
+    swept = {name.replace("-", "_"): spec["values"] for name, spec in sweep["parameters"].items()
+             if "values" in spec and len(spec["values"]) > 1}
+    for name in (_name(group) for group in _options(extra) if group[0].startswith("--")):
+        option = "--" + name.replace("_", "-")
+        if name == "output_dir":
+            raise UserError(f"{option} is the grid's to choose: each point runs in RUNS/POINT; choose RUNS with --runs")
+        if name == "resume":
+            raise UserError(f"{option} is the grid's: the same grid command continues each unfinished point from its "
+                            f"newest checkpoint; leave {option} out")
+        if name in swept:
+            raise UserError(f"{option} is a parameter that {path} sweeps (values: "
+                            f"{', '.join(map(str, swept[name]))}); leave {option} out, or edit the sweep file")
+
+
 def _check_options(sweep: dict, lines: list[tuple[str, list[str]]]) -> None:
     """Every point's options read as its program reads them, before anything runs: a value one point gets
     wrong (a misspelt method in the last point) or an option the grid adds that no run knows is one line
@@ -187,8 +208,8 @@ def _claim(runs: Path, sweep: Path, extra: list[str], grid: list[tuple[dict, Pat
     path = runs / GRID_FILE
     earlier = yaml.safe_load(path.read_text()) if path.is_file() else None
     wanted = {"sweep": str(sweep.resolve()), "options": extra, "points": {}}
-    if earlier is not None and (earlier.get("sweep"), _options(earlier.get("options") or [])) != (
-            wanted["sweep"], _options(extra)):
+    if earlier is not None and (earlier.get("sweep"), _defining(earlier.get("options") or [])) != (
+            wanted["sweep"], _defining(extra)):
         raise UserError(f"{runs} holds the points of {earlier.get('sweep')} with options "
                         f"{' '.join(earlier.get('options') or []) or '(none)'}; run that grid with the same options, "
                         f"or give this one a folder of its own with --runs")
@@ -214,6 +235,24 @@ def _options(extra: list[str]) -> list[tuple[str, ...]]:
         else:
             groups[-1].append(token)
     return sorted((tuple(group) for group in groups), key=lambda group: group[0])   # repeats keep their order
+
+
+def _defining(extra: list[str]) -> list[tuple[str, ...]]:
+    """The added options that make a point's run another one: all but those a resumed run may change (where
+    and how often it logs, evaluates and writes, how fast it runs; config.option's resume="free"). --max-steps
+    and --config stay: a point cut short would be taken for done, and a file may hold any option."""
+    from maskcon.config import FIELDS, MUST_MATCH_ON_RESUME
+
+    free = set(FIELDS) - MUST_MATCH_ON_RESUME - {"max_steps", "config"}
+    return [group for group in _options(extra) if _name(group) not in free]
+
+
+def _name(group: tuple[str, ...]) -> str:
+    """The option of an added `--name value` group as config names it: `--no-eval-untrained` is eval_untrained."""
+    from maskcon.config import FIELDS
+
+    name = group[0][2:].replace("-", "_")
+    return name[3:] if name.startswith("no_") and name[3:] in FIELDS else name
 
 
 def _run_point(line: list[str], sweep: dict) -> int:

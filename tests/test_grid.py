@@ -80,6 +80,12 @@ def test_a_grid_runs_every_point_and_the_same_command_skips_the_finished_ones(di
     listed = _grid(tmp_path, str(sweep), *spelled, "--dry-run")
     out, err = listed.communicate(timeout=300)      # the same options: its points are done
     assert listed.returncode == 0 and out.splitlines() == ["[1/2] seed-0: done", "[2/2] seed-1: done"], err
+    # what a resumed run may change (how often it logs, W&B) does not make the points others: still done
+    logging = [option for option in options if option not in ("--wandb", "disabled")]
+    logging[logging.index("--log-every") + 1] = "5"
+    listed = _grid(tmp_path, str(sweep), *logging, "--dry-run")
+    out, err = listed.communicate(timeout=300)
+    assert listed.returncode == 0 and out.splitlines() == ["[1/2] seed-0: done", "[2/2] seed-1: done"], err
     sweep.write_text(sweep.read_text().replace("value: 64", "value: 32"))
     for extra in ([], ["--dry-run"]):               # the points ran with global_batch 64: not done for this file
         changed = _grid(tmp_path, str(sweep), *options, *extra)
@@ -89,6 +95,29 @@ def test_a_grid_runs_every_point_and_the_same_command_skips_the_finished_ones(di
         assert lines[0] == (f"error: {Path('runs/tiny/seed-0')} ran with other values than {sweep} now gives "
                             f"(global_batch 64 -> 32); restore the sweep file, or give the changed grid a folder "
                             f"of its own with --runs")
+
+
+def test_an_added_option_the_grid_sets_itself_is_refused_in_one_line(tmp_path):
+    """--output-dir and --resume are each point's own, and a swept parameter added to every point would train
+    one value in folders named after the others: each refused before anything is written. A parameter of one
+    `value` may be overridden."""
+    sweep = _sweep(tmp_path, [0, 1])
+    for added, said in (
+            (["--output-dir", "mine"], "error: --output-dir is the grid's to choose: each point runs in RUNS/POINT; "
+                                       "choose RUNS with --runs"),
+            (["--resume"], "error: --resume is the grid's: the same grid command continues each unfinished point "
+                           "from its newest checkpoint; leave --resume out"),
+            (["--resume=auto"], "error: --resume is the grid's"),
+            (["--seed", "3"], f"error: --seed is a parameter that {sweep} sweeps (values: 0, 1); leave --seed out, "
+                              f"or edit the sweep file")):
+        done = _grid(tmp_path, str(sweep), *added, "--dry-run")
+        out, err = done.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert done.returncode == 2 and out == "" and len(lines) == 1 and lines[0].startswith(said), (added, err)
+    overridden = _grid(tmp_path, str(sweep), "--global-batch", "32", "--dry-run")
+    out, err = overridden.communicate(timeout=120)
+    assert overridden.returncode == 0 and all("--global-batch 32" in line for line in out.splitlines()), err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mine").exists()
 
 
 def test_a_sweep_that_cannot_run_here_is_one_line(tmp_path):
