@@ -200,7 +200,8 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
 
 def _notes(config: Config, device: str, manifest: dict | None) -> tuple[str, ...]:
     """Warnings of the plan: a --w or --t the method does not use, a warm-up as long as the run, a bank larger than
-    the training split, a test split too small for some Recall@K, GPUs that CUDA cannot use."""
+    the training split, a test split too small for some Recall@K, a single coarse class, GPUs that CUDA cannot
+    use."""
     notes = list(_unused_by_the_method(config))
     train_samples, test_samples = (None, None) if manifest is None else (
         manifest["splits"][split]["num_samples"] for split in ("train", "test"))
@@ -217,6 +218,10 @@ def _notes(config: Config, device: str, manifest: dict | None) -> tuple[str, ...
         notes.append(f"the memory bank (--queue-size {config.queue_size}) holds more keys than the train split has "
                      f"images ({train_samples}): filling it passes over them {-(-config.queue_size // train_samples)} "
                      f"times and each stands in it as several negatives; use --queue-size {train_samples} or less")
+    if manifest is not None and len(manifest["coarse_classes"]) == 1 and len(manifest["fine_classes"]) > 1:
+        notes.append(f"the shards put all {len(manifest['fine_classes'])} fine classes in one coarse class "
+                     f"({manifest['coarse_classes'][0]!r}): the coarse labels tell the samples nothing apart; check "
+                     f"the coarse map the shards were made from")
     unusable = unusable_gpus() if device == "cpu" else 0
     if unusable:
         notes.append(f"nvidia-smi lists {unusable} GPU(s) that CUDA cannot use (a driver older than this PyTorch's "

@@ -250,3 +250,25 @@ def test_the_plan_warns_of_a_recall_at_k_that_ranks_the_whole_test_split(tmp_pat
     assert [line for line in plan.lines() if "test split" in line] == [
         "warning: the test split has 51 images: R@50 and R@100 rank all the others, so they say nothing of the "
         "network; judge the run by the smaller K"]
+
+
+def test_the_plan_warns_of_shards_whose_fine_classes_share_one_coarse_class(tmp_path):
+    """A coarse map that sends every class to one coarse class (a mistake) is said; the usual map is not."""
+    from maskcon import shards
+    from maskcon.config import parse_config
+    from maskcon.plan import plan_run
+    from tests import sources
+
+    said = {}
+    for name, rows in (("two", None), ("one", "fine,coarse\n" + "".join(
+            f"{fine},animal\n" for fine in ("beagle", "persian", "poodle", "siamese", "boxer")))):
+        sources.write_folder(tmp_path / name)
+        if rows is not None:
+            (tmp_path / name / "fine_to_coarse.csv").write_text(rows)
+        shards.create("folder", tmp_path / name, tmp_path / f"shards-{name}")
+        plan = plan_run(parse_config(["--dataset", "folder", "--shards", str(tmp_path / f"shards-{name}"),
+                                      "--batch-size", "4", "--queue-size", "8"]), 1)
+        said[name] = [line for line in plan.lines() if "coarse" in line]
+    assert said == {"two": [], "one": [
+        "warning: the shards put all 5 fine classes in one coarse class ('animal'): the coarse labels tell the "
+        "samples nothing apart; check the coarse map the shards were made from"]}
