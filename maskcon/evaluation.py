@@ -30,7 +30,7 @@ from maskcon.rundir import BACKBONE_FILE
 from maskcon.backbone import FEATURES_KEYS, build_encoder, load_backbone
 from maskcon.errors import OneLineParser, UserError, file_in_the_way
 from maskcon.files import write_atomic
-from maskcon.retrieval import RECALL_KS, recall_at_k
+from maskcon.retrieval import RECALL_KS, recall_at_k, whole_split_note
 from maskcon.shard_format import MANIFEST
 
 ENCODER_PREFIX = "encoder."   # the query encoder's weights in a checkpoint's model.safetensors
@@ -131,6 +131,9 @@ def evaluate(path: Path, shards: str | Path | None, *, batch_size: int | None, l
     if alone:     # no other image can be found for them: a figure near 0 may say more of the split than the network
         print(f"note: {alone} of {len(table['fine'])} test images are the only one of their fine class in {shards}: "
               f"each counts as a miss at every K", file=sys.stderr)
+    whole = whole_split_note(len(table["fine"]))
+    if whole:
+        print(f"note: {whole}", file=sys.stderr)
     if features_file is not None:
         _write_features(features_file, table, shards)
     return metrics, f"{what} on {location}"

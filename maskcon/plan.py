@@ -22,7 +22,7 @@ from maskcon.config import NOT_RECORDED, Config, base_learning_rate, preset, sha
 from maskcon.errors import UserError, file_in_the_way
 from maskcon.methods import METHODS
 from maskcon.provenance import nvidia_smi
-from maskcon.retrieval import RECALL_KS
+from maskcon.retrieval import whole_split_note
 from maskcon.shard_format import check_folder_for_digits, check_split, read_manifest
 
 
@@ -205,10 +205,9 @@ def _notes(config: Config, device: str, manifest: dict | None) -> tuple[str, ...
     notes = list(_unused_by_the_method(config))
     train_samples, test_samples = (None, None) if manifest is None else (
         manifest["splits"][split]["num_samples"] for split in ("train", "test"))
-    trivial = [f"R@{k}" for k in RECALL_KS if test_samples is not None and k >= test_samples - 1]
-    if trivial:
-        notes.append(f"the test split has {test_samples} images: {' and '.join(trivial)} rank all the others, so they "
-                     f"say nothing of the network; judge the run by the smaller K")
+    whole = None if test_samples is None else whole_split_note(test_samples)
+    if whole:
+        notes.append(whole)
     if config.warmup_epochs >= config.epochs:
         than = "as long as" if config.warmup_epochs == config.epochs else "longer than"
         warmup, run = (count(number, "epoch") for number in (config.warmup_epochs, config.epochs))

@@ -311,6 +311,9 @@ def test_eval_notes_test_images_alone_in_their_fine_class(stopped_run, digits_sh
     assert json.loads(out)["R@100"] == 0.0
     assert f"note: 30 of 30 test images are the only one of their fine class in {lonely}: each counts as a miss " \
            f"at every K" in err.splitlines()
+    # and R@50, R@100 rank all 29 others: as the trainer's plan says, eval says so too
+    assert "note: the test split has 30 images: R@50 and R@100 rank all the others, so they say nothing of the " \
+           "network; judge the run by the smaller K" in err.splitlines()
 
 
 def test_any_bytes_that_are_not_a_network_are_one_line(tmp_path):
