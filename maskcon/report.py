@@ -382,20 +382,22 @@ def _cell(row: Row, k: int) -> str:
 
 
 def markdown(rows: list[Row], ks=PAPER_KS) -> str:
-    """One Markdown table per dataset: ours (mean ± sample std over seeds) and the supplement's figures."""
+    """One Markdown table per dataset: ours (mean ± sample std over seeds) and, where the supplement has a figure
+    for one of its rows, the supplement's figures."""
     blocks = []
     for dataset in dict.fromkeys(row.dataset for row in rows):
         chosen = [row for row in rows if row.dataset == dataset]
         tables = sorted({row.published()[0] for row in chosen if row.published()})
         title = f"### {dataset}" + (f" (supplement Table {', '.join(map(str, tables))})" if tables else "")
-        head = ["Method", "w", "τ", "seeds", *[f"R@{k}" for k in ks], *[f"paper R@{k}" for k in ks]]
+        papers = len(ks) if tables else 0     # no paper columns for a table of rows the paper has no figure for
+        head = ["Method", "w", "τ", "seeds", *[f"R@{k}" for k in ks], *[f"paper R@{k}" for k in ks[:papers]]]
         lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in chosen:
             paper = row.published()
             figures = [f"{value:.2f}" for value in paper[1]] if paper else [NOT_APPLICABLE] * len(ks)
             name = METHOD_NAMES.get(row.method, row.method) + _qualifier(row)
             cells = [name, _shown(row.w), _shown(row.t), str(len(row.seeds)),
-                     *[_cell(row, k) for k in ks], *figures[:len(ks)]]
+                     *[_cell(row, k) for k in ks], *figures[:papers]]
             lines.append("| " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"

@@ -187,6 +187,9 @@ def test_runs_on_two_folder_datasets_are_two_tables_and_a_seed_given_twice_count
     rows = group(read_run_folders([tmp_path / "runs"], log=lambda line: None))
     assert sorted(row.dataset for row in rows) == ["folder shards/birds", "folder shards/pets"]
     assert "### folder shards/birds" in markdown(rows) and "### folder shards/pets" in markdown(rows)
+    # no row has a figure of the paper: no column of them, all –
+    assert "| Method | w | τ | seeds | R@1 | R@2 | R@5 | R@10 |\n" in markdown(rows)
+    assert "| MaskCon | 1 | 0.05 | 1 | 50.00 | 60.00 | 70.00 | 80.00 |\n" in markdown(rows)
     again = write_run(tmp_path / "again", "folder", "maskcon", 0, recall)
     (again / "config.yaml").write_text((tmp_path / "runs" / "pets" / "config.yaml").read_text())
     said = []
