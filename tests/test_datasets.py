@@ -305,6 +305,23 @@ def test_folder_sources_as_users_get_them_wrong_are_one_line_each_and_a_bom_is_r
     (src / "test" / "poodle" / "odd.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     _one_line_error("folder", src, "mixes JPEG and PNG images: 31 JPG (e.g. train/beagle/img.0.jpg), 1 PNG (e.g. "
                     "test/poodle/odd.png)")
+    (src / "test" / "poodle" / "odd.png").unlink()
+    # a misspelt row: the folder it misses and the row without a folder are named together, with the fix
+    csv.write_text(text.replace("persian,cat", "persain,cat"))
+    assert _one_line_error("folder", src) == (
+        f"the class folder {src / 'train' / 'persian'} is not listed in {csv}; its row may be 'persain', which has no "
+        f"folder: correct that row to persian")
+    csv.write_text(text)
+    # what file browsers leave is skipped; every other file that is no image is named in the one line
+    for system in ("Thumbs.db", "desktop.ini", ".DS_Store"):
+        (src / "train" / "beagle" / system).write_bytes(b"\0" * 16)
+    (src / "test" / "Thumbs.db").write_bytes(b"\0" * 16)
+    assert len(DATASETS["folder"].read(src).splits["train"]) == 4 * 4
+    for name in ("notes.txt", "a.gif", "b.webp", "c.heic"):
+        (src / "train" / "siamese" / name).write_bytes(b"x")
+    assert _one_line_error("folder", src) == (
+        f"4 file(s) under {src} are neither JPEG (.jpg, .jpeg) nor PNG (.png): train/siamese/a.gif, "
+        f"train/siamese/b.webp, train/siamese/c.heic (and 1 more); convert them or move them out of SRC")
 
 
 class _CreatesAFile:

@@ -5,12 +5,14 @@
     SRC/test/<fine class>/*.jpg
 
 Fine classes are numbered in the CSV's row order, coarse classes in the order they first appear in it.
-Images are JPEG (.jpg/.jpeg) or PNG (.png) files, all of one kind, passed through byte for byte; keys are
+Images are JPEG (.jpg/.jpeg) or PNG (.png) files, all of one kind, passed through byte for byte (hidden files and
+the file browsers' Thumbs.db and desktop.ini are skipped); keys are
 the paths relative to SRC made key-safe (`train/beagle/001.jpg` -> `train_beagle_001_jpg`).
 """
 from __future__ import annotations
 
 import csv
+import difflib
 from pathlib import Path
 
 from maskcon.datasets.source import DatasetSource, FileSplit, source_folder
@@ -18,6 +20,7 @@ from maskcon.errors import UserError
 from maskcon.shard_format import IMAGE_SUFFIXES
 
 CSV_NAME = "fine_to_coarse.csv"
+SYSTEM_FILES = {"thumbs.db", "desktop.ini"}   # written by file browsers (as are dot-files): not images, skipped
 WHERE = (f"make SRC hold {CSV_NAME} (header fine,coarse) and train/<class>/ and test/<class>/ image folders")
 
 
@@ -44,6 +47,36 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def _check_class_folders(src: Path, fine_classes: list[str]) -> None:
+    """train/ and test/ hold one folder per fine class of the map, and nothing but images in them; UserError
+    naming what is not (a folder the map lacks, with the map's row that may be its misspelling; every file that
+    is no image)."""
+    folders = []
+    for split in ("train", "test"):
+        split_dir = src / split
+        if not split_dir.is_dir():
+            raise UserError(f"missing the folder {split_dir}; {WHERE}")
+        for class_dir in sorted(p for p in split_dir.iterdir() if not p.name.startswith(".")):
+            if not class_dir.is_dir() and class_dir.name.lower() not in SYSTEM_FILES:
+                raise UserError(f"{class_dir} is a file; {split_dir} must hold one folder per fine class")
+            folders += [class_dir] if class_dir.is_dir() else []
+    names = {folder.name for folder in folders}
+    for class_dir in folders:
+        if class_dir.name not in fine_classes:
+            rowless = [name for name in fine_classes if name not in names]
+            close = difflib.get_close_matches(class_dir.name, rowless, n=1)
+            fix = (f"its row may be {close[0]!r}, which has no folder: correct that row to {class_dir.name}" if close
+                   else f"add a row {class_dir.name},<coarse class>")
+            raise UserError(f"the class folder {class_dir} is not listed in {src / CSV_NAME}; {fix}")
+    strangers = [path.relative_to(src).as_posix() for class_dir in folders for path in sorted(class_dir.rglob("*"))
+                 if path.is_file() and not path.name.startswith(".") and path.name.lower() not in SYSTEM_FILES
+                 and path.suffix.lower() not in IMAGE_SUFFIXES]
+    if strangers:
+        more = f" (and {len(strangers) - 3} more)" if len(strangers) > 3 else ""
+        raise UserError(f"{len(strangers)} file(s) under {src} are neither JPEG (.jpg, .jpeg) nor PNG (.png): "
+                        f"{', '.join(strangers[:3])}{more}; convert them or move them out of SRC")
+
+
 def read(src: Path | None) -> DatasetSource:
     src = source_folder(src, "folder", WHERE)
     pairs = _read_csv(src / CSV_NAME)
@@ -53,25 +86,17 @@ def read(src: Path | None) -> DatasetSource:
     fine_index = {name: i for i, name in enumerate(fine_classes)}
     formats: dict[str, list[str]] = {}      # format -> the files of it
     splits = {}
+    _check_class_folders(src, fine_classes)
     for split in ("train", "test"):
         split_dir = src / split
-        if not split_dir.is_dir():
-            raise UserError(f"missing the folder {split_dir}; {WHERE}")
         paths, fine = [], []
-        for class_dir in sorted(p for p in split_dir.iterdir() if not p.name.startswith(".")):
-            if not class_dir.is_dir():
-                raise UserError(f"{class_dir} is a file; {split_dir} must hold one folder per fine class")
-            if class_dir.name not in fine_index:
-                raise UserError(f"the class folder {class_dir} is not listed in {src / CSV_NAME}; add a row "
-                                f"{class_dir.name},<coarse class>")
-            images = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            images = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")
+                            and p.name.lower() not in SYSTEM_FILES)
             if not images:
                 raise UserError(f"the class folder {class_dir} holds no images; add them, or remove the folder")
             for image in images:
-                kind = IMAGE_SUFFIXES.get(image.suffix.lower())
-                if kind is None:
-                    raise UserError(f"{image} is neither JPEG (.jpg, .jpeg) nor PNG (.png); convert it or move it "
-                                    "out of SRC")
+                kind = IMAGE_SUFFIXES[image.suffix.lower()]
                 formats.setdefault(kind, []).append(image.relative_to(src).as_posix())
                 paths.append(image.relative_to(src).as_posix())
                 fine.append(fine_index[class_dir.name])
