@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from maskcon import checkpoints, rundir, write_atomic
+from maskcon import checkpoints, count, rundir, write_atomic
 from maskcon.errors import OneLineParser, UserError
 from maskcon.stopping import EXIT_AT_ONCE, EXIT_STOPPED, GRID_ENV, wait_handling_stops
 
@@ -116,7 +116,8 @@ def main(argv: list[str]) -> int:
             return EXIT_STOPPED
         runs.mkdir(parents=True, exist_ok=True)
         write_atomic(runs / GRID_FILE, yaml.safe_dump(record, sort_keys=False))
-    print(f"{args.sweep}: {len(grid)} points into {runs}, {len(done)} done before", file=sys.stderr, flush=True)
+    print(f"{args.sweep}: {count(len(grid), 'point')} into {runs}, {len(done)} done before", file=sys.stderr,
+          flush=True)
     listing = sys.stdout if args.dry_run else sys.stderr     # --dry-run's list is its output
     failed = []
     for number, (point, folder) in enumerate(grid, 1):
@@ -145,7 +146,8 @@ def main(argv: list[str]) -> int:
               f"command again (the finished ones are skipped)", file=sys.stderr)
         return 2
     if not args.dry_run:    # options of the grid's own make runs outside the paper's recipes: --all shows them
-        print(f"every point done: python launch/report.py {runs}{' --all' if extra else ''}", file=sys.stderr)
+        report = "python launch/report.py" if Path(sys.argv[0]).name == "grid.py" else "maskcon report"
+        print(f"every point done: {report} {runs}{' --all' if extra else ''}", file=sys.stderr)
     return 0
 
 

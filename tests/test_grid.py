@@ -67,10 +67,13 @@ def test_a_grid_runs_every_point_and_the_same_command_skips_the_finished_ones(di
         config = yaml.safe_load((runs / f"seed-{seed}" / "config.yaml").read_text())
         assert (config["seed"], config["global_batch"], config["dataset"]) == (seed, 64, "digits")
         assert json.loads((runs / f"seed-{seed}" / "results.json").read_text())["step"] == 2
-    again = _grid(tmp_path, str(sweep), *options)
-    _, err = again.communicate(timeout=300)
+    env = {**os.environ, "WANDB_MODE": "disabled"}      # the same grid through the `maskcon` command
+    again = subprocess.run([str(Path(sys.executable).parent / "maskcon"), "grid", str(sweep), *options], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=300)
+    err = again.stderr
     assert again.returncode == 0 and "2 points into runs/tiny, 2 done before" in err, err[-3000:]
     assert "training maskcon" not in err
+    assert err.strip().splitlines()[-1] == "every point done: maskcon report runs/tiny --all"   # its own command
     other = _grid(tmp_path, str(sweep), *[("3" if option == "2" else option) for option in options])
     _, err = other.communicate(timeout=300)       # its points would be taken for done: refused in one line
     lines = err.strip().splitlines()
@@ -212,7 +215,7 @@ def test_a_sweep_name_is_one_folder_under_runs(tmp_path):
     sweep.write_text(sweep.read_text().replace("name: tiny", "name: ../../elsewhere"))
     listed = _grid(tmp_path, str(sweep), "--dry-run")
     out, err = listed.communicate(timeout=120)
-    into = Path(err.split(" points into ")[1].split(",")[0])
+    into = Path(err.split(" point into ")[1].split(",")[0])   # one point
     assert listed.returncode == 0 and into.parent == Path("runs") and not into.name.startswith("."), err
     assert f"--output-dir {into / 'point'} " in out      # one value each: the one point is 'point'
 
