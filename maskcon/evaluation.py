@@ -158,16 +158,20 @@ def _recorded_shards(settings: dict) -> str | Path:
 
 
 def _write_features(file: Path, table: dict, shards: Path) -> None:
-    """FILE (torch.save): features N x F fp32, fine, coarse, index (position in the test split), keys."""
+    """FILE (torch.save): features N x F fp32, fine, coarse, index (position in the test split), keys, and the
+    names of the labels: fine_classes[fine[i]], coarse_classes[coarse[i]]."""
     from maskcon.loaders import read_split
     from maskcon.loaders.split import TarSamples
     from maskcon.shard_format import key_at
 
-    samples = TarSamples(read_split(shards, "test")[1])
+    manifest, split = read_split(shards, "test")
+    samples = TarSamples(split)
     keys = [key_at(samples.split.indexes[int(samples.rows[i, 0])], int(samples.rows[i, 1]))
             for i in table["index"].tolist()]
     check_features_file(file)   # again: a file may have been put there while the evaluation ran
-    features = {**{name: values.cpu() for name, values in table.items()}, "keys": keys}
+    features = {**{name: values.cpu() for name, values in table.items()}, "keys": keys,
+                "fine_classes": [str(name) for name in manifest["fine_classes"]],
+                "coarse_classes": [str(name) for name in manifest["coarse_classes"]]}
     try:
         write_atomic(file, lambda partial: torch.save(features, partial))
     except (OSError, RuntimeError) as error:   # torch.save reports a full disk as a RuntimeError

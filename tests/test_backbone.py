@@ -1,5 +1,7 @@
 """backbone.pt: the encoder with its metadata, its model card, and maskcon.load_backbone."""
 
+import json
+
 import torch
 import pytest
 from PIL import Image
@@ -269,6 +271,11 @@ def test_eval_replaces_its_own_features_file_which_no_loader_takes_for_a_network
     assert [path.name for path in (tmp_path / "out").iterdir()] == ["features.pt"]
     table = torch.load(written)
     assert table["features"].shape == (360, 512) and len(table["keys"]) == 360
+    # the labels' names, as the shards' manifest holds them: the digits under their two coarse classes
+    manifest = json.loads((digits_shards / "manifest.json").read_text())
+    assert table["fine_classes"] == manifest["fine_classes"] and len(table["fine_classes"]) == 10
+    assert [table["coarse_classes"][manifest["fine_to_coarse"][fine]] for fine in table["fine"].tolist()] == [
+        table["coarse_classes"][coarse] for coarse in table["coarse"].tolist()]
     for load in (maskcon.load_backbone, load_network):
         with pytest.raises(UserError, match="is a features file written by launch/eval.py --features, not a network"):
             load(written)
