@@ -295,7 +295,9 @@ class CuttingProxy:
         self._listen()
 
 
-def test_network_lost_mid_download_is_one_line_and_the_same_command_then_completes(s3, remote_digits, tmp_path):
+def cut_a_third_in(s3, remote_digits: str, tmp_path: Path) -> tuple:
+    """(server, manifest, proxy, env): the store behind a proxy that cuts every connection a third of the way
+    through the folder's bytes; two tries per file."""
     server, env = s3
     manifest = manifest_of(env, remote_digits)
     total = sum(record["tar_bytes"] + record["index_bytes"] for split in manifest["splits"].values()
@@ -303,6 +305,11 @@ def test_network_lost_mid_download_is_one_line_and_the_same_command_then_complet
     proxy = CuttingProxy(server.port, cut_after=total // 3)
     env = dict(env, MASKCON_SHARD_CACHE=str(tmp_path / "cache"), AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}",
                MASKCON_REMOTE_ATTEMPTS="2")
+    return server, manifest, proxy, env
+
+
+def test_network_lost_mid_download_is_one_line_and_the_same_command_then_completes(s3, remote_digits, tmp_path):
+    server, manifest, proxy, env = cut_a_third_in(s3, remote_digits, tmp_path)
     cut = make_shards("verify", remote_digits, "--workers", "1", env=env, timeout=120)
     line = one_line(cut)
     assert "failed" in line and "rerun" in line
@@ -330,13 +337,7 @@ def test_a_retry_notice_on_a_terminal_starts_its_own_line_above_the_progress_bar
     import struct
     import termios
 
-    server, env = s3
-    manifest = manifest_of(env, remote_digits)
-    total = sum(record["tar_bytes"] + record["index_bytes"] for split in manifest["splits"].values()
-                for record in split["shards"])
-    proxy = CuttingProxy(server.port, cut_after=total // 3)
-    env = dict(env, MASKCON_SHARD_CACHE=str(tmp_path / "cache"), AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}",
-               MASKCON_REMOTE_ATTEMPTS="2")
+    server, manifest, proxy, env = cut_a_third_in(s3, remote_digits, tmp_path)
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))   # 40 rows of 160 columns
     command = subprocess.Popen([sys.executable, "launch/make_shards.py", "verify", remote_digits], cwd=ROOT,

@@ -71,7 +71,8 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
             "`cars_test_annos_withlabels.mat`)", "8 body types", dict(w=1.0, t=0.1)),
     Dataset("folder", folder.read, recipes.PHOTOS, 224, "imagenet",
             "`train/<class>/` and `test/<class>/` image folders (JPEG or PNG, one of the two for all) plus "
-            "`fine_to_coarse.csv` (header `fine,coarse`, one row per class folder)", "your own"),
+            "`fine_to_coarse.csv` (header `fine,coarse`, one row per class folder); hidden files, `Thumbs.db` and "
+            "`desktop.ini` are skipped", "your own"),
 )}
 
 
