@@ -34,7 +34,7 @@ from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 
 from maskcon import config, failures
-from maskcon.errors import UserError
+from maskcon.errors import UserError, WriteFailed
 from maskcon.methods import METHODS
 
 CHECKPOINT_PREFIX = "step-"
@@ -414,7 +414,7 @@ def _disk_errors_explained(work: Callable, what: str):
     try:
         return work()
     except OSError as error:
-        raise UserError(f"{what} failed ({_one_line(error)}); free space or fix permissions there; "
+        raise WriteFailed(f"{what} failed ({_one_line(error)}); free space or fix permissions there; "
                         f"older checkpoints are intact") from None
 
 

@@ -12,6 +12,11 @@ class UserError(Exception):
     """
 
 
+class WriteFailed(UserError):
+    """Writing one of a run's files failed (no space, no permission); what was written before is intact. The
+    trainer adds to the line how to continue the run once the cause is fixed."""
+
+
 class AgreedError(UserError):
     """A UserError that every process of a run raises alike (all processes agreed on it, or learnt it from
     the main process): only the main process prints it, so a run of N processes reports it once."""

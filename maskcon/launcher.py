@@ -39,6 +39,7 @@ def check_run(config: Config, processes: int) -> list[str]:
         raise rundir.in_use(Path(config.output_dir), holder)
     if config.output_dir is not None and rundir.starts_in_new_folder(config.output_dir, config.resume):
         rundir.check_fresh(Path(config.output_dir), config.resume)
+    rundir.check_writable(_writes_in(config))
     lines = plan_run(config, processes).lines()
     mode = resolve_wandb_mode(config.wandb)
     if mode == "online" and not wandb_logged_in():
@@ -53,6 +54,19 @@ def check_run(config: Config, processes: int) -> list[str]:
         raise UserError(f"pretrained weights file {config.pretrained!r} not found; pass 'imagenet', a torchvision "
                         f"weights file or none")
     return lines
+
+
+def _writes_in(config: Config) -> Path:
+    """The folder the run will write in: --output-dir, else the run folder --resume PATH names, else runs/."""
+    from maskcon import rundir
+
+    if config.output_dir is not None:
+        return Path(config.output_dir)
+    if config.resume not in (None, "newest", "auto"):
+        path = Path(config.resume)
+        return path.parent.parent if path.parent.name == rundir.CHECKPOINTS else (
+            path.parent if path.name == rundir.CHECKPOINTS else path)
+    return rundir.DEFAULT_ROOT
 
 
 def launcher_parser() -> argparse.ArgumentParser:

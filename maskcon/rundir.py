@@ -37,7 +37,7 @@ from pathlib import Path
 
 from maskcon import checkpoints, dist, failures
 from maskcon.shard_format import data_in
-from maskcon.errors import UserError, file_in_the_way
+from maskcon.errors import UserError, WriteFailed, file_in_the_way
 from maskcon.stopping import LAUNCHER_ENV
 
 RESUME_NEWEST = "newest"  # the value of a bare --resume
@@ -372,6 +372,16 @@ def abandon_start(folder: Path, made: Path | None) -> None:
             return
 
 
+def check_writable(folder: Path) -> None:
+    """Refuse a run folder this process could not write in (or create), read without writing: for --check and
+    launch/run.py's pre-check, so that no process is started only to fail on its first file."""
+    place = next(candidate for candidate in (folder, *Path(os.path.abspath(folder)).parents) if candidate.exists())
+    if place.is_dir() and not os.access(place, os.W_OK | os.X_OK):
+        what = "write in" if place == folder else f"create {folder} in"
+        raise UserError(f"cannot {what} {place} (no permission, a read-only file system, or an immutable folder); "
+                        f"fix its permissions or choose another --output-dir")
+
+
 def missing_top(path: Path) -> Path | None:
     """The outermost of PATH and its parents that does not exist (what creating PATH makes); None when PATH exists."""
     top = None
@@ -472,6 +482,6 @@ def write_results(folder: Path, results: dict, *, resumed: bool) -> dict:
         os.replace(partial, target)
     except OSError as error:
         partial.unlink(missing_ok=True)
-        raise UserError(f"writing {target} failed ({error.strerror}); free space or fix permissions there; "
+        raise WriteFailed(f"writing {target} failed ({error.strerror}); free space or fix permissions there; "
                         f"the checkpoints are intact") from None
     return content

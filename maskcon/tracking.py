@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from maskcon import rundir
-from maskcon.errors import UserError
+from maskcon.errors import UserError, WriteFailed
 
 
 def wandb_logged_in() -> bool:
@@ -177,7 +177,7 @@ def _failed_write_explained(path: Path, write):
     try:
         return write()
     except OSError as error:
-        raise UserError(f"writing {path} failed ({error.strerror or error}); free space or fix permissions "
+        raise WriteFailed(f"writing {path} failed ({error.strerror or error}); free space or fix permissions "
                         f"there; what was written before is intact") from None
 
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from maskcon import checkpoints, count, dist, failures, rundir, stopping
 from maskcon.backbone import backbone_metadata, save_backbone
 from maskcon.config import Config
-from maskcon.errors import AgreedError, UserError
+from maskcon.errors import AgreedError, UserError, WriteFailed
 from maskcon.loaders.spec import TrainBatch
 from maskcon.model import MaskConModel
 from maskcon.retrieval import RECALL_KS, recall_at_k
@@ -212,7 +212,12 @@ def train(config: Config) -> RunResult:
         root = run.checkpoint_root
         stop.last_checkpoint = lambda: _last_good(root)
         stop.output_dir = run.output_dir
-        result = train_loop(run, stop)
+        try:
+            result = train_loop(run, stop)
+        except WriteFailed as error:   # once the disk or the permissions are fixed, the run continues
+            last = _last_good(root)
+            then = stopping.how_to_continue(run.output_dir, auto="intact" not in last, given=stop.given)
+            raise WriteFailed(f"{error}; {last}; once that is fixed, {then}") from None
         del run   # the learner, optimizer and loaders go before the process group ends
         gc.collect()
         return result

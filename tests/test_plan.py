@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,41 @@ def test_a_file_where_a_folder_must_be_is_one_line_from_check_and_run_alike(tmp_
     assert sorted(path.name for path in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "notes\n"
     result = door("train.py", ["--resume", str(tmp_path / "file")])
     assert result.stderr.strip().startswith(f"error: --resume {tmp_path / 'file'}: a file, not a folder; pass a run")
+
+
+def _unwritable(folder: Path) -> Callable[[], None]:
+    """Make FOLDER unwritable to this process (immutable for root, read-only for others); the undo."""
+    folder.mkdir()
+    if os.geteuid() == 0:
+        made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+        undo = lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)   # noqa: E731
+    else:
+        folder.chmod(0o555)
+        made, undo = subprocess.CompletedProcess([], 0), lambda: folder.chmod(0o755)
+    if made.returncode != 0 or os.access(folder, os.W_OK):
+        undo() if made.returncode == 0 else None
+        pytest.skip("this file system cannot make a folder unwritable here")
+    return undo
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line_before_any_process_starts(tmp_path):
+    undo = _unwritable(tmp_path / "locked")
+    try:
+        for script, target, said in (
+                ("train.py", ["--output-dir", str(tmp_path / "locked" / "run"), "--check"],
+                 f"cannot create {tmp_path / 'locked' / 'run'} in {tmp_path / 'locked'}"),
+                ("run.py", ["--processes", "2", "--output-dir", str(tmp_path / "locked" / "run"), "--max-steps", "2"],
+                 f"cannot create {tmp_path / 'locked' / 'run'} in {tmp_path / 'locked'}"),
+                ("train.py", ["--output-dir", str(tmp_path / "locked"), "--check"],
+                 f"cannot write in {tmp_path / 'locked'}")):
+            result = door(script, target)
+            assert result.returncode == 2 and result.stderr.strip() == (
+                f"error: {said} (no permission, a read-only file system, or an immutable folder); fix its permissions "
+                f"or choose another --output-dir"), (script, result.stderr)
+            assert "training" not in result.stdout + result.stderr      # no process of the run started
+    finally:
+        undo()
+    assert os.listdir(tmp_path / "locked") == []
 
 
 def test_a_resume_continued_in_a_folder_of_another_run_is_refused_by_check_and_run_alike(digits_shards, tmp_path):

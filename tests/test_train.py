@@ -458,6 +458,35 @@ def test_a_ctrl_c_after_the_final_line_leaves_a_finished_run_finished(digits_sha
         assert json.loads((out / "results.json").read_text())["step"] == 3 and (out / "backbone.pt").exists()
 
 
+def test_a_write_that_fails_mid_run_says_how_to_continue_and_that_advice_works(digits_shards, tmp_path):
+    """The run folder turns unwritable (made immutable) after the first metrics row: the final picture cannot be
+    written, before any checkpoint was. The line says so, and how to continue once fixed (--resume auto, since
+    no checkpoint is there); followed, the run completes."""
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        pytest.skip("making a folder immutable needs root and chattr")
+    out = tmp_path / "run"
+    args = ["--shards", str(digits_shards), "--max-steps", "6", *FAST, "--checkpoint-every", "0", "--wandb",
+            "disabled", "--output-dir", str(out)]
+    process = subprocess.Popen([sys.executable, "launch/train.py", *args], cwd=ROOT, env=environment(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (out / "metrics.jsonl").exists() and read_metrics(out)[0], process)
+    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
+        process.kill()
+        pytest.skip("this file system cannot make a folder immutable")
+    try:
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=True)
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert process.returncode == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert lines[0].startswith(f"error: writing {out}/") and "Operation not permitted" in lines[0], lines[0]
+    assert lines[0].endswith("; no checkpoint was written yet; once that is fixed, run the same command with "
+                             "--resume auto added"), lines[0]
+    resumed = train([*args, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["step"] == 6
+
+
 def two_processes(args) -> list[str]:
     """`accelerate launch` of launch/train.py in two CPU processes (gloo)."""
     return [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
