@@ -59,8 +59,14 @@ nodes=$SLURM_JOB_NUM_NODES
 # SLURM_GPUS_PER_NODE may read "8" or "a100:8"; keep the count.
 gpus_per_node=${GPUS_PER_NODE:-${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}}
 gpus_per_node=${gpus_per_node##*:}
-if [[ -z "$gpus_per_node" ]]; then
-    gpus_per_node=$(nvidia-smi --list-gpus | wc -l)
+if [[ -z "$gpus_per_node" ]] && command -v nvidia-smi > /dev/null; then
+    gpus_per_node=$(nvidia-smi --list-gpus 2> /dev/null | grep -c '^GPU ' || true)
+fi
+if [[ -z "$gpus_per_node" || "$gpus_per_node" == 0 ]]; then
+    echo "error: cannot tell how many processes to start per node: the job has no --gpus-per-node and" \
+         "nvidia-smi lists no GPU here; set GPUS_PER_NODE=N (processes per node; on nodes without GPUs they" \
+         "train on the CPUs)" >&2
+    exit 2
 fi
 # All host names are read (no `| head`, whose early exit would fail the pipe under pipefail).
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")

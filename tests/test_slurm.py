@@ -132,6 +132,32 @@ def test_a_bad_option_is_one_line_and_no_node_starts(tmp_path):
         assert not (tmp_path / "record.jsonl").exists()
 
 
+def test_a_node_without_gpus_or_nvidia_smi_is_one_line_and_gpus_per_node_then_runs(tmp_path):
+    """A CPU-only partition: no GPU count from SLURM, no nvidia-smi on PATH (or one that finds no GPU)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!{sys.executable}\n{FAKE_SCONTROL}")
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    plain = "/usr/bin:/bin"   # neither nvidia-smi nor srun
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("SLURM_", "SRUN_")) and name != "GPUS_PER_NODE"}
+    env.update(SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST=NODELIST, SLURM_JOB_ID="4242")
+    for path in (f"{bin_dir}:{plain}", f"{tmp_path / 'only-scontrol'}:{plain}"):
+        (tmp_path / "only-scontrol").mkdir(exist_ok=True)
+        (tmp_path / "only-scontrol" / "scontrol").write_text(f"#!{sys.executable}\n{FAKE_SCONTROL}")
+        (tmp_path / "only-scontrol" / "scontrol").chmod(0o755)
+        out = subprocess.run(["bash", str(SCRIPT), "--check"], cwd=tmp_path, env=dict(env, PATH=path),
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and out.stderr == (
+            "error: cannot tell how many processes to start per node: the job has no --gpus-per-node and nvidia-smi "
+            "lists no GPU here; set GPUS_PER_NODE=N (processes per node; on nodes without GPUs they train on the "
+            "CPUs)\n"), (path, out.stderr)
+    _, launches = run_under_fake_slurm(tmp_path, GPUS_PER_NODE="3")   # the override the line names
+    assert launches[0]["argv"][launches[0]["argv"].index("--num_processes") + 1] == "6"
+
+
 def test_without_cpus_per_task_the_task_gets_the_node_allocation(tmp_path):
     _, launches = run_under_fake_slurm(tmp_path, SLURM_CPUS_ON_NODE="64")
     assert [launch["env"]["SLURM_CPUS_PER_TASK"] for launch in launches] == ["64", "64"]
