@@ -194,8 +194,11 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
         return plan
     saved = checkpoints.read_state(resume_from)
     accepted = checkpoints.check_resume(saved["run"], plan.record, checkpoints.parse_accept(config.accept_changes))
-    return Plan(**{**plan.__dict__, "start_step": resume_position(saved, steps_per_epoch, plan.record),
-                   "accepted": tuple(accepted)})
+    start, total = resume_position(saved, steps_per_epoch, plan.record), config.epochs * steps_per_epoch
+    if start > total:   # fewer epochs accepted than the checkpoint has trained: its weights are past the end
+        raise UserError(f"{resume_from} is at step {start}, past the end of a run of {count(config.epochs, 'epoch')} "
+                        f"({total} steps); give --epochs {-(-start // steps_per_epoch)} or more to continue it")
+    return Plan(**{**plan.__dict__, "start_step": start, "accepted": tuple(accepted)})
 
 
 def _notes(config: Config, device: str, manifest: dict | None) -> tuple[str, ...]:

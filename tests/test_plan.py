@@ -97,6 +97,23 @@ def test_check_and_the_run_agree_fresh_resumed_with_a_change_and_on_two_processe
     assert resolved == {**written, "config": str(two / "config.yaml")}
 
 
+@pytest.mark.slow
+def test_fewer_epochs_than_the_checkpoint_has_trained_are_refused_by_check_and_run_alike(digits_shards, tmp_path):
+    """--epochs 1 --accept-changes epochs on a checkpoint at step 24 (an epoch is 22 steps): its weights lie past
+    the end of the shorter run, which would end at once and label them step 22."""
+    out = tmp_path / "run"
+    args = ["--shards", str(digits_shards), *RUN, "--output-dir", str(out)]
+    first = door("train.py", [*args, "--max-steps", "24"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = out / "checkpoints" / "step-00000024"
+    for extra in (["--check"], []):
+        result = door("train.py", [*args, "--epochs", "1", "--accept-changes", "epochs", "--resume", *extra])
+        assert result.returncode == 2 and result.stderr.strip() == (
+            f"error: {checkpoint} is at step 24, past the end of a run of 1 epoch (22 steps); give --epochs 2 or "
+            f"more to continue it"), result.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["step"] == 24
+
+
 def test_the_plan_names_a_max_steps_stop_only_where_it_cuts_the_run(digits_shards):
     for max_steps, cuts in (("5", True), ("1000", False)):
         text = checked("train.py", ["--shards", str(digits_shards), *RUN, "--max-steps", max_steps])["text"]
