@@ -188,7 +188,7 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
                 channels_last=device == "cuda" if config.channels_last is None else config.channels_last,
                 shards=folder, manifest=manifest, base_lr=base_learning_rate(config, processes),
                 steps_per_epoch=steps_per_epoch, resume_from=resume_from, start_step=0,
-                notes=(*skipped, *_notes(config, device, manifest)), shards_url=url,
+                notes=(*skipped, *_notes(config, device, manifest, processes)), shards_url=url,
                 manifest_sha256=digest, staging=staging)
     if resume_from is None or manifest is None:
         return plan
@@ -201,11 +201,16 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
     return Plan(**{**plan.__dict__, "start_step": start, "accepted": tuple(accepted)})
 
 
-def _notes(config: Config, device: str, manifest: dict | None) -> tuple[str, ...]:
-    """Warnings of the plan: a --w or --t the method does not use, a warm-up as long as the run, a bank larger than
-    the training split, a test split too small for some Recall@K, a single coarse class, GPUs that CUDA cannot
-    use."""
+def _notes(config: Config, device: str, manifest: dict | None, processes: int) -> tuple[str, ...]:
+    """Warnings of the plan: a --w or --t the method does not use, the recipe's batch on each of several
+    processes, a warm-up as long as the run, a bank larger than the training split, a test split too small for
+    some Recall@K, a single coarse class, GPUs that CUDA cannot use."""
     notes = list(_unused_by_the_method(config))
+    recipe_batch = preset(config.dataset, config.method).get("batch_size", Config.batch_size)
+    if processes > 1 and config.batch_size == recipe_batch:
+        notes.append(f"{processes} processes x batch {recipe_batch} = global batch {config.global_batch}, "
+                     f"{processes} times the recipe's {recipe_batch} (the learning rate scales with it, and the "
+                     f"report counts the run apart from the recipe's); --global-batch {recipe_batch} keeps the recipe")
     train_samples, test_samples = (None, None) if manifest is None else (
         manifest["splits"][split]["num_samples"] for split in ("train", "test"))
     whole = None if test_samples is None else whole_split_note(test_samples)

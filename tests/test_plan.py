@@ -325,3 +325,20 @@ def test_the_plan_warns_of_shards_whose_fine_classes_share_one_coarse_class(tmp_
     assert said == {"two": [], "one": [
         "warning: the shards put all 5 fine classes in one coarse class ('animal'): the coarse labels tell the "
         "samples nothing apart; check the coarse map the shards were made from"]}
+
+
+def test_the_plan_warns_when_several_processes_each_take_the_recipes_batch(digits_shards):
+    """The digits' recipe trains a global batch of 64: two processes of 64 train 128, which the plan says, with
+    the option that keeps the recipe; that option, or one process, says nothing."""
+    from maskcon.config import parse_config
+    from maskcon.plan import plan_run
+
+    def batch_notes(options: list[str], processes: int) -> list[str]:
+        config = parse_config(["--shards", str(digits_shards), *options], processes=processes)
+        return [line for line in plan_run(config, processes).lines() if "recipe's" in line]
+
+    assert batch_notes([], 2) == [
+        "warning: 2 processes x batch 64 = global batch 128, 2 times the recipe's 64 (the learning rate scales with "
+        "it, and the report counts the run apart from the recipe's); --global-batch 64 keeps the recipe"]
+    assert batch_notes(["--global-batch", "64"], 2) == [] and batch_notes([], 1) == []
+    assert batch_notes(["--batch-size", "32"], 2) == []
