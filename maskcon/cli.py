@@ -154,7 +154,7 @@ def run_make_shards(argv: list[str]) -> int:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     stops = _stop_as_ctrl_c()   # first: a stop while the libraries load is one line too
     try:
-        from maskcon import remote, shards
+        from maskcon import count, remote, shard_format, shards
         from maskcon.config import default_shards_dir
 
         args = _make_shards_parser().parse_args(argv)
@@ -191,7 +191,8 @@ def run_make_shards(argv: list[str]) -> int:
     for problem in problems:
         print(problem)
     if problems:
-        print(f"{args.out}: {len(problems)} problems", file=sys.stderr)
+        print(f"{args.out}: {count(len(problems), 'problem')}; {shard_format.recreate(folder, args.out)}",
+              file=sys.stderr)
         return 1
     print(f"{args.out}: every shard intact")
     return 0

@@ -279,12 +279,26 @@ def shard_record(tar: str, index: str, num_samples: int, sha256: str, tar_bytes:
 
 def remedy(folder: Path | str, manifest: dict | None = None) -> str:
     """What to run about damaged shards under `folder`: the verify command, then the one that re-creates them."""
+    return (f"list every damaged shard with python launch/make_shards.py verify {folder} and re-create them with "
+            f"{_create_command(folder, manifest)}")
+
+
+def recreate(folder: Path | str, out: Path | str | None = None) -> str:
+    """What re-creates the shards of `folder` (a local folder, or the staged copy of the remote `out`) from their
+    source, from its manifest where it can be read."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    return f"re-create them with {_create_command(out or folder, manifest if isinstance(manifest, dict) else None)}"
+
+
+def _create_command(folder: Path | str, manifest: dict | None) -> str:
     if manifest is not None and manifest.get("create_args"):  # recorded by `create`; older manifests lack it
         made_by = shlex.join(manifest["create_args"])
     else:
-        made_by = f"{manifest['dataset'] if manifest is not None else 'DATASET'} --src SRC"
-    return (f"list every damaged shard with python launch/make_shards.py verify {folder} and re-create them with "
-            f"python launch/make_shards.py create {made_by} --out {folder} --overwrite")
+        made_by = f"{manifest.get('dataset', 'DATASET') if manifest is not None else 'DATASET'} --src SRC"
+    return f"python launch/make_shards.py create {made_by} --out {folder} --overwrite"
 
 
 SOURCE_FILES = ("fine_to_coarse.csv", "meta", "batches.meta", "val_data", "val_data.npz")   # a download's own

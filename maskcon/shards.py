@@ -469,9 +469,11 @@ def _prepare_out(out: Path, plan: dict, source: DatasetSource, overwrite: bool, 
             damaged = [record["tar"] for split in existing["splits"].values() for record in split["shards"]
                        if shard_problem(out, record) is not None]
             if not damaged:
-                log(f"{out} already holds complete {plan['dataset']} shards")
+                log(f"{out} already holds complete {plan['dataset']} shards (sizes and indexes checked; "
+                    f"make_shards.py verify reads every byte)")
                 return existing
-            log(f"{out}: {len(damaged)} shards no longer match the manifest (first {damaged[0]}); re-creating")
+            log(f"{out}: {count(len(damaged), 'shard')} no longer {'matches' if len(damaged) == 1 else 'match'} the "
+                f"manifest (first {damaged[0]}); re-creating")
             overwrite = True
         if changes and not overwrite:
             raise UserError(f"{out} holds shards made from other inputs ({'; '.join(changes)}); pass --overwrite "
@@ -687,7 +689,7 @@ def _check_shard(out: str, record: dict, manifest: dict) -> list[str]:
         if manifest["image_size"] is not None and size != list(manifest["image_size"]):
             bad_samples.append(f"{key} has an image of {size[0]}x{size[1]}, not {manifest['image_size']}")
     if bad_samples:
-        problems.append(f"{len(bad_samples)} bad samples, e.g. {bad_samples[0]}")
+        problems.append(f"{count(len(bad_samples), 'bad sample')}, e.g. {bad_samples[0]}")
     if not idx_path.exists():
         problems.append(f"its index {record['index']} is missing")
     elif not problems and idx_path.read_text() != index_of_tar(tar_path):

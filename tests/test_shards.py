@@ -533,9 +533,13 @@ def test_verify_names_each_damaged_or_missing_shard(tmp_path, capsys):
     (out / "test" / "test-000003.tar").unlink()
     (out / "test" / "test-000005.idx").write_text("v1.2 0\n")
     assert run_make_shards(["verify", str(out), "--workers", "1"]) == 1
-    lines = capsys.readouterr().out.strip().splitlines()
+    said = capsys.readouterr()
+    lines = said.out.strip().splitlines()
     assert len(lines) == 3  # one line per damaged or missing shard
-    assert lines[0].startswith("train/train-000004.tar: damaged") and "bad samples" in lines[0]
+    # and on stderr the count, with the command that makes the folder whole: the create that made it, --overwrite
+    assert said.err.strip().splitlines()[-1] == (f"{out}: 3 problems; re-create them with python launch/make_shards.py "
+                                                 f"create digits --samples-per-shard 40 --out {out} --overwrite")
+    assert lines[0].startswith("train/train-000004.tar: damaged") and "1 bad sample, e.g. " in lines[0]
     assert lines[1] == "test/test-000003.tar: missing"
     assert lines[2].startswith("test/test-000005.tar: its index test/test-000005.idx does not match")
 
