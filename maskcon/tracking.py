@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -140,7 +141,7 @@ class Tracker:
             if self.mode == "offline":    # a resumed run's parts, one per start: wandb sync sends them in order
                 this = self.run.dir.rsplit("/files", 1)[0]
                 parts = sorted({str(path) for path in Path(this).parent.glob(f"offline-run-*-{self.run.id}")} | {this})
-                print(f"W&B is offline; upload later with: wandb sync {' '.join(parts)}", file=sys.stderr)
+                print(f"W&B is offline; upload later with: wandb sync {shlex.join(parts)}", file=sys.stderr)
 
     def log(self, row: dict) -> None:
         _append(self._file, self.metrics_path, (json.dumps(row) + "\n").encode())

@@ -64,3 +64,23 @@ def test_an_unreadable_netrc_is_offline(home):
 
 def test_wandb_mode_in_the_environment_wins(home):
     assert mode(home, WANDB_API_KEY=KEY, WANDB_MODE="offline") == "offline"
+
+
+def test_the_offline_sync_command_of_a_folder_with_a_space_pastes_as_it_is(tmp_path):
+    """The command the tracker prints runs as printed: a run folder `my run` is quoted."""
+    folder = tmp_path / "my run"
+    folder.mkdir()
+    script = ("import sys; from pathlib import Path; from maskcon.tracking import Tracker; "
+              "t = Tracker(Path(sys.argv[1]), config={}, wandb_mode='offline', project='p', name='n'); t.close()")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("WANDB_")}
+    done = subprocess.run([sys.executable, "-c", script, str(folder)], env=dict(env, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if "upload later with: " in line]
+    assert len(said) == 1, done.stderr[-3000:]
+    command = said[0].split("upload later with: ", 1)[1]
+    synced = subprocess.run(["bash", "-c", f'for a in {command.removeprefix("wandb sync ")}; do echo "$a"; done'],
+                            capture_output=True, text=True)
+    parts = synced.stdout.splitlines()
+    assert command.startswith("wandb sync ") and len(parts) == 1 and Path(parts[0]).is_dir(), command
+    assert Path(parts[0]).parent == folder / "wandb"
