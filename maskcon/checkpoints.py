@@ -247,8 +247,10 @@ def save(accelerator: Accelerator, root: Path | str, *, step: int, epoch: int, e
     def finish() -> None:
         state = {**extra_state, "step": step, "epoch": epoch}
         (partial / STATE_FILE).write_text(json.dumps(state, indent=1))
+        mode = (partial / STATE_FILE).stat().st_mode & 0o777   # what the umask gives a file: safetensors writes 600
         files = {}
         for file in sorted(p for p in partial.rglob("*") if p.is_file()):
+            os.chmod(file, mode)   # readable by whoever may read the run's other files (a team's shared folder)
             files[file.relative_to(partial).as_posix()] = {"bytes": file.stat().st_size,
                                                             "sha256": _sha256(file, sync=True)}
         sequence = 1 + max((sequence_number(path) for path in list_checkpoints(root)), default=0)

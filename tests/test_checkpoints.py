@@ -104,6 +104,21 @@ def test_save_records_every_file_and_keeps_the_newest(tmp_path):
     assert checkpoints.newest_intact(root, print) == path
 
 
+def test_every_file_of_a_checkpoint_gets_the_mode_the_umask_gives(tmp_path):
+    """The weights (which safetensors writes 600) are readable wherever the run's other files are: a team's
+    shared run folder."""
+    accelerator, model, optimizer = build(seed=0)
+    previous = os.umask(0o022)
+    try:
+        path = checkpoints.save(accelerator, tmp_path / "checkpoints", step=1, epoch=0, extra_state={}, keep=1,
+                                own_tensors={"running_mean": torch.zeros(3)})
+    finally:
+        os.umask(previous)
+    modes = {file.name: oct(file.stat().st_mode & 0o777) for file in path.iterdir()}
+    assert "model.safetensors" in modes and "own_0.safetensors" in modes
+    assert set(modes.values()) == {"0o644"}, modes
+
+
 def test_truncated_newest_is_skipped_in_one_line_and_the_older_loads_exactly(tmp_path):
     accelerator, model, optimizer = build(seed=0)
     root = tmp_path / "checkpoints"
