@@ -176,8 +176,10 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
     if manifest is not None:
         train_samples = manifest["splits"]["train"]["num_samples"]
         if train_samples // processes < config.batch_size:
+            fits = train_samples // config.batch_size
+            fewer = f", or start at most {count(fits, 'process', 'processes')}" if processes > 1 and fits else ""
             raise UserError(f"the train split has {train_samples} samples: too few for {processes} process(es) of "
-                            f"batch {config.batch_size}; lower the batch size")
+                            f"batch {config.batch_size}; lower the batch size{fewer}")
         steps_per_epoch = train_samples // processes // config.batch_size
     skipped: list[str] = []     # damaged newer checkpoints, as the run will say it skips them
     if resume_from is _READ:

@@ -127,7 +127,7 @@ def test_the_plan_refuses_what_the_run_refuses_without_writing(digits_shards, tm
 
     config = parse_config(["--shards", str(digits_shards), "--batch-size", "1000", "--output-dir",
                            str(tmp_path / "run")])
-    with pytest.raises(UserError, match="too few for 2 process"):
+    with pytest.raises(UserError, match="too few for 2 process.*; lower the batch size, or start at most 1 process$"):
         plan_run(config, 2)
     config = parse_config(["--shards", str(digits_shards), "--output-dir", str(tmp_path / "run"), "--resume"])
     with pytest.raises(UserError, match="no checkpoint"):
