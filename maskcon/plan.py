@@ -205,7 +205,8 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
 
 def _notes(config: Config, device: str, manifest: dict | None, processes: int) -> tuple[str, ...]:
     """Warnings of the plan: a --w or --t the method does not use, the recipe's batch on each of several
-    processes, a warm-up as long as the run, a bank larger than the training split, a test split too small for
+    processes, a warm-up as long as the run, a bank smaller than a step's batch or larger than the training split,
+    a test split too small for
     some Recall@K, a single coarse class, GPUs that CUDA cannot use."""
     notes = list(_unused_by_the_method(config))
     recipe_batch = preset(config.dataset, config.method).get("batch_size", Config.batch_size)
@@ -223,6 +224,10 @@ def _notes(config: Config, device: str, manifest: dict | None, processes: int) -
         warmup, run = (count(number, "epoch") for number in (config.warmup_epochs, config.epochs))
         notes.append(f"the warm-up ({warmup}) is {than} the run ({run}): the learning rate never reaches its base; "
                      f"lower --warmup-epochs")
+    if config.queue_size < config.global_batch:
+        notes.append(f"the memory bank (--queue-size {config.queue_size}) holds fewer keys than one step enqueues "
+                     f"(global batch {config.global_batch}): each step replaces it whole, so the bank is the last "
+                     f"{config.queue_size} keys of the step before; use --queue-size {config.global_batch} or more")
     if train_samples is not None and config.queue_size > train_samples:
         notes.append(f"the memory bank (--queue-size {config.queue_size}) holds more keys than the train split has "
                      f"images ({train_samples}): filling it passes over them {-(-config.queue_size // train_samples)} "

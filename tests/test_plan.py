@@ -342,3 +342,17 @@ def test_the_plan_warns_when_several_processes_each_take_the_recipes_batch(digit
         "it, and the report counts the run apart from the recipe's); --global-batch 64 keeps the recipe"]
     assert batch_notes(["--global-batch", "64"], 2) == [] and batch_notes([], 1) == []
     assert batch_notes(["--batch-size", "32"], 2) == []
+
+
+def test_the_plan_warns_of_a_bank_smaller_than_one_steps_batch(digits_shards):
+    from maskcon.config import parse_config
+    from maskcon.plan import plan_run
+
+    def bank_notes(options: list[str]) -> list[str]:
+        config = parse_config(["--shards", str(digits_shards), *options], processes=1)
+        return [line for line in plan_run(config, 1).lines() if "memory bank" in line]
+
+    assert bank_notes(["--queue-size", "10"]) == [
+        "warning: the memory bank (--queue-size 10) holds fewer keys than one step enqueues (global batch 64): each "
+        "step replaces it whole, so the bank is the last 10 keys of the step before; use --queue-size 64 or more"]
+    assert bank_notes(["--queue-size", "64"]) == []
