@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from maskcon.files import write_atomic
-from maskcon.errors import UserError
+from maskcon.errors import UserError, door
 from maskcon.methods import METHODS
 from maskcon.rundir import BACKBONE_FILE, CHECKPOINTS, CONFIG
 
@@ -144,10 +144,10 @@ def _no_backbone(folder: Path) -> str:
         return f"no backbone at {folder / BACKBONE_FILE}; pass a finished run folder or its {BACKBONE_FILE}"
     if (run / BACKBONE_FILE).is_file():      # the run has finished: its backbone is there
         return (f"{folder} {what}; the run's trained backbone is {run / BACKBONE_FILE} (load {run}), or evaluate "
-                f"this one with python launch/eval.py {folder}")
+                f"this one with {door('eval')} {folder}")
     return (f"{folder} {what}; a run writes {BACKBONE_FILE} when it finishes: resume it to the end (the command "
             f"that started it, with --output-dir {run} {resume}), or evaluate it as it is with "
-            f"python launch/eval.py {folder}")
+            f"{door('eval')} {folder}")
 
 
 def images_to_batch(images: list, metadata: dict) -> torch.Tensor:

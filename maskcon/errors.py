@@ -44,3 +44,11 @@ def file_in_the_way(path) -> Path | None:
         if candidate.exists():
             return None if candidate.is_dir() else candidate
     return None
+
+
+def door(script: str) -> str:
+    """How a command said in advice is typed here: `python launch/SCRIPT.py` where the current folder holds it
+    (a clone's root), else the `maskcon` command that installing the package made (`maskcon make-shards`)."""
+    if (Path.cwd() / "launch" / f"{script}.py").is_file():
+        return f"python launch/{script}.py"
+    return f"maskcon {script.replace('_', '-')}"

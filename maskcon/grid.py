@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from maskcon import checkpoints, count, rundir, write_atomic
-from maskcon.errors import OneLineParser, UserError
+from maskcon.errors import OneLineParser, UserError, door
 from maskcon.stopping import EXIT_AT_ONCE, EXIT_STOPPED, GRID_ENV, wait_handling_stops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,8 +146,7 @@ def main(argv: list[str]) -> int:
               f"command again (the finished ones are skipped)", file=sys.stderr)
         return 2
     if not args.dry_run:    # options of the grid's own make runs outside the paper's recipes: --all shows them
-        report = "python launch/report.py" if Path(sys.argv[0]).name == "grid.py" else "maskcon report"
-        print(f"every point done: {report} {runs}{' --all' if extra else ''}", file=sys.stderr)
+        print(f"every point done: {door('report')} {runs}{' --all' if extra else ''}", file=sys.stderr)
     return 0
 
 

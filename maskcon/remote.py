@@ -33,7 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from maskcon.errors import UserError
+from maskcon.errors import UserError, door
 from maskcon.shard_format import MANIFEST, _is_manifest
 
 SCHEMES = ("s3", "gs", "https")
@@ -138,7 +138,7 @@ def remote_error(error: BaseException, url: str, doing: str) -> UserError:
         return UserError(f"{doing} {url}: no such bucket ({text}); create the bucket first, or fix the URL")
     if isinstance(error, FileNotFoundError):
         return UserError(f"{doing} {url}: no such bucket or prefix ({text}); check the URL, or make the shards "
-                         f"there with python launch/make_shards.py create DATASET --src SRC --out {url}")
+                         f"there with {door('make_shards')} create DATASET --src SRC --out {url}")
     where = "AWS_ENDPOINT_URL (for an S3-compatible store)" if url.startswith("s3://") else "the URL"
     then = "rerun: finished files are kept" if doing.startswith(("downloading", "uploading")) else "rerun"
     return UserError(f"{doing} {url} failed: {text}; check the network and {where}, then {then}")

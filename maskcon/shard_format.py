@@ -22,7 +22,7 @@ import zlib
 from pathlib import Path
 from typing import NamedTuple
 
-from maskcon.errors import UserError
+from maskcon.errors import UserError, door
 
 SPLITS = ("train", "test")
 MANIFEST = "manifest.json"
@@ -279,7 +279,7 @@ def shard_record(tar: str, index: str, num_samples: int, sha256: str, tar_bytes:
 
 def remedy(folder: Path | str, manifest: dict | None = None) -> str:
     """What to run about damaged shards under `folder`: the verify command, then the one that re-creates them."""
-    return (f"list every damaged shard with python launch/make_shards.py verify {folder} and re-create them with "
+    return (f"list every damaged shard with {door('make_shards')} verify {folder} and re-create them with "
             f"{_create_command(folder, manifest)}")
 
 
@@ -298,7 +298,7 @@ def _create_command(folder: Path | str, manifest: dict | None) -> str:
         made_by = shlex.join(manifest["create_args"])
     else:
         made_by = f"{manifest.get('dataset', 'DATASET') if manifest is not None else 'DATASET'} --src SRC"
-    return f"python launch/make_shards.py create {made_by} --out {folder} --overwrite"
+    return f"{door('make_shards')} create {made_by} --out {folder} --overwrite"
 
 
 SOURCE_FILES = ("fine_to_coarse.csv", "meta", "batches.meta", "val_data", "val_data.npz")   # a download's own
@@ -347,15 +347,15 @@ def read_manifest(folder: Path | str, dataset: str = "DATASET") -> dict:
     if not path.exists():
         if _looks_like_a_source(Path(folder)):
             raise UserError(f"{folder} holds a dataset's source files, not shards; make its shards in a folder of "
-                            f"their own with python launch/make_shards.py create {dataset} --src {folder} --out "
+                            f"their own with {door('make_shards')} create {dataset} --src {folder} --out "
                             f"shards/NAME, and pass that folder")
         hint = " (a conversion was interrupted: rerun the same create command)" if (Path(folder) / PLAN).exists() else ""
         raise UserError(f"no complete shards at {folder}: {path} is missing{hint}; make them with "
-                        f"python launch/make_shards.py create {dataset} --src SRC --out {folder}")
+                        f"{door('make_shards')} create {dataset} --src SRC --out {folder}")
     manifest = _json(path)
     if not _is_manifest(manifest):
         raise UserError(f"{path} is not a maskcon shard manifest; recreate the shards with "
-                        f"python launch/make_shards.py create {dataset} --src SRC --out {folder} --overwrite")
+                        f"{door('make_shards')} create {dataset} --src SRC --out {folder} --overwrite")
     return manifest
 
 

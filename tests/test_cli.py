@@ -46,6 +46,30 @@ def test_the_console_script_runs_the_trainers_door(tmp_path):
     assert resolved["dataset"] == "digits" and resolved["num_processes"] == 1
 
 
+def test_advice_names_the_command_that_runs_where_it_is_given_and_followed_it_repairs(tmp_path):
+    """verify run from a folder without launch/ (through `maskcon`) names `maskcon make-shards`; from a clone's
+    root, `python launch/make_shards.py`. Run as said, the command makes the damaged folder whole."""
+    from maskcon import shards
+
+    out = tmp_path / "digits"
+    shards.create("digits", None, out, workers=1)
+    tar = out / "train" / "train-000000.tar"
+    tar.write_bytes(tar.read_bytes()[:-512])
+    verified = subprocess.run([str(SCRIPT), "make-shards", "verify", str(out)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+    said = verified.stderr.strip().splitlines()[-1]
+    assert verified.returncode == 1 and said.endswith(f"re-create them with maskcon make-shards create digits --out "
+                                                      f"{out} --overwrite"), verified.stderr
+    from_root = subprocess.run([sys.executable, "launch/make_shards.py", "verify", str(out)],
+                               cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert from_root.stderr.strip().splitlines()[-1].endswith(
+        f"re-create them with python launch/make_shards.py create digits --out {out} --overwrite"), from_root.stderr
+    command = said.split("re-create them with ", 1)[1].split()
+    repaired = subprocess.run([str(SCRIPT), *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert command[0] == "maskcon" and repaired.returncode == 0, repaired.stderr
+    assert shards.verify(out, workers=1) == []
+
+
 def _group(leader: int) -> list[int]:
     """The live processes of the process group `leader` leads (zombies left for their parent to reap aside)."""
     import psutil

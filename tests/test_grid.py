@@ -59,8 +59,9 @@ def test_a_grid_runs_every_point_and_the_same_command_skips_the_finished_ones(di
     first = _grid(tmp_path, str(sweep), *options)
     _, err = first.communicate(timeout=900)
     assert first.returncode == 0, err[-3000:]
-    # --max-steps 2 is not the digits' full recipe: the report needs --all to show these points
-    assert err.strip().splitlines()[-1] == "every point done: python launch/report.py runs/tiny --all"
+    # --max-steps 2 is not the digits' full recipe: the report needs --all to show these points; the command is
+    # the installed one, as this folder holds no launch/report.py
+    assert err.strip().splitlines()[-1] == "every point done: maskcon report runs/tiny --all"
     runs = tmp_path / "runs" / "tiny"
     assert sorted(path.name for path in runs.iterdir()) == ["grid.yaml", "seed-0", "seed-1"]
     for seed in (0, 1):
@@ -73,7 +74,7 @@ def test_a_grid_runs_every_point_and_the_same_command_skips_the_finished_ones(di
     err = again.stderr
     assert again.returncode == 0 and "2 points into runs/tiny, 2 done before" in err, err[-3000:]
     assert "training maskcon" not in err
-    assert err.strip().splitlines()[-1] == "every point done: maskcon report runs/tiny --all"   # its own command
+    assert err.strip().splitlines()[-1] == "every point done: maskcon report runs/tiny --all"
     other = _grid(tmp_path, str(sweep), *[("3" if option == "2" else option) for option in options])
     _, err = other.communicate(timeout=300)       # its points would be taken for done: refused in one line
     lines = err.strip().splitlines()
@@ -149,7 +150,7 @@ def test_shards_every_point_lacks_are_refused_once_before_any_point_and_dry_run_
     lines = err.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, err
     assert lines[0].startswith("error: the grid's first point does not pass --check: no complete shards at ")
-    assert "make_shards.py create cifar100" in lines[0] and not (tmp_path / "runs").exists()
+    assert "maskcon make-shards create cifar100" in lines[0] and not (tmp_path / "runs").exists()
     listed = _grid(tmp_path, str(sweep), "--dry-run")
     out, err = listed.communicate(timeout=120)
     assert listed.returncode == 0 and [line.split(":")[0] for line in out.splitlines()] == [
