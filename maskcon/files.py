@@ -4,6 +4,11 @@ import os
 from pathlib import Path
 
 
+def nearest_existing(path) -> Path:
+    """PATH, or the nearest of its parents that exists (where creating PATH begins)."""
+    return next(candidate for candidate in (Path(path), *Path(os.path.abspath(path)).parents) if candidate.exists())
+
+
 def write_atomic(path, content) -> None:
     """Write CONTENT (text, or a function that writes the file at the path it is given) to PATH whole or not at
     all: first to the hidden .NAME.partial beside it, then renamed over PATH; a failed write leaves PATH as it was

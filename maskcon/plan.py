@@ -206,8 +206,7 @@ def plan_run(config: Config, processes: int, *, device: str | None = None, resum
 def _notes(config: Config, device: str, manifest: dict | None, processes: int) -> tuple[str, ...]:
     """Warnings of the plan: a --w or --t the method does not use, the recipe's batch on each of several
     processes, a warm-up as long as the run, a bank smaller than a step's batch or larger than the training split,
-    a test split too small for
-    some Recall@K, a single coarse class, GPUs that CUDA cannot use."""
+    a test split too small for some Recall@K, a single coarse class, GPUs that CUDA cannot use."""
     notes = list(_unused_by_the_method(config))
     recipe_batch = preset(config.dataset, config.method).get("batch_size", Config.batch_size)
     if processes > 1 and config.batch_size == recipe_batch:

@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from maskcon.errors import UserError, door
+from maskcon.files import nearest_existing
 from maskcon.shard_format import MANIFEST, _is_manifest
 
 SCHEMES = ("s3", "gs", "https")
@@ -571,7 +572,7 @@ def staging_state(url: str, manifest: dict, raw: bytes, cache: Path | str | None
     entry = cache / entry_name(url, manifest_sha256(raw))
     if (entry / MANIFEST).is_file() and (entry / MANIFEST).read_bytes() == raw:
         return f"already staged in {entry}"
-    made = next(folder for folder in (cache, *cache.absolute().parents) if folder.exists())   # the cache, or above
+    made = nearest_existing(cache)   # the cache, or the folder above where it would be made
     if not (made.is_dir() and os.access(made, os.W_OK | os.X_OK)):
         raise UserError(f"the shard cache {cache} cannot be written ({made} is "
                         f"{'not writable' if made.is_dir() else 'a file'}); fix permissions there, or pass another "

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 RECALL_KS = (1, 2, 5, 10, 50, 100)
 
 
-@torch.no_grad()
 def whole_split_note(test_samples: int, ks=RECALL_KS) -> str | None:
     """The Recall@K that rank every other image of a test split this small, in words; None when there is none."""
     trivial = [f"R@{k}" for k in ks if k >= test_samples - 1]
@@ -24,6 +23,7 @@ def whole_split_note(test_samples: int, ks=RECALL_KS) -> str | None:
             f"nothing of the network; judge the run by the smaller K")
 
 
+@torch.no_grad()
 def nearest_neighbours(features: torch.Tensor, k: int, *, queries: torch.Tensor | list[int] | None = None,
                        chunk_size: int = 1024) -> torch.Tensor:
     """Indices of the k most similar other rows for every query row (default: every row). features: N x F.

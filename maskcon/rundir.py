@@ -38,6 +38,7 @@ from pathlib import Path
 from maskcon import checkpoints, dist, failures
 from maskcon.shard_format import data_in
 from maskcon.errors import UserError, WriteFailed, file_in_the_way
+from maskcon.files import nearest_existing
 from maskcon.stopping import LAUNCHER_ENV
 
 RESUME_NEWEST = "newest"  # the value of a bare --resume
@@ -375,7 +376,7 @@ def abandon_start(folder: Path, made: Path | None) -> None:
 def check_writable(folder: Path) -> None:
     """Refuse a run folder this process could not write in (or create), read without writing: for --check and
     launch/run.py's pre-check, so that no process is started only to fail on its first file."""
-    place = next(candidate for candidate in (folder, *Path(os.path.abspath(folder)).parents) if candidate.exists())
+    place = nearest_existing(folder)
     if place.is_dir() and not os.access(place, os.W_OK | os.X_OK):
         what = "write in" if place == folder else f"create {folder} in"
         raise UserError(f"cannot {what} {place} (no permission, a read-only file system, or an immutable folder); "

@@ -286,10 +286,7 @@ def remedy(folder: Path | str, manifest: dict | None = None) -> str:
 def recreate(folder: Path | str, out: Path | str | None = None) -> str:
     """What re-creates the shards of `folder` (a local folder, or the staged copy of the remote `out`) from their
     source, from its manifest where it can be read."""
-    try:
-        manifest = json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        manifest = None
+    manifest = _json(Path(folder) / MANIFEST)
     return f"re-create them with {_create_command(out or folder, manifest if isinstance(manifest, dict) else None)}"
 
 

@@ -47,19 +47,24 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def _check_class_folders(src: Path, fine_classes: list[str]) -> None:
-    """train/ and test/ hold one folder per fine class of the map, and nothing but images in them; UserError
+def _class_files(src: Path, fine_classes: list[str]) -> dict[str, dict[Path, list[Path]]]:
+    """{split: {class folder: its files}} of train/ and test/, read once (hidden and system files left out),
+    after checking that they hold one folder per fine class of the map and nothing but images in them; UserError
     naming what is not (a folder the map lacks, with the map's row that may be its misspelling; every file that
     is no image)."""
-    folders = []
+    found: dict[str, dict[Path, list[Path]]] = {}
     for split in ("train", "test"):
         split_dir = src / split
         if not split_dir.is_dir():
             raise UserError(f"missing the folder {split_dir}; {WHERE}")
+        found[split] = {}
         for class_dir in sorted(p for p in split_dir.iterdir() if not p.name.startswith(".")):
             if not class_dir.is_dir() and class_dir.name.lower() not in SYSTEM_FILES:
                 raise UserError(f"{class_dir} is a file; {split_dir} must hold one folder per fine class")
-            folders += [class_dir] if class_dir.is_dir() else []
+            if class_dir.is_dir():
+                found[split][class_dir] = sorted(p for p in class_dir.rglob("*") if p.is_file() and not
+                                                 p.name.startswith(".") and p.name.lower() not in SYSTEM_FILES)
+    folders = [class_dir for split in found.values() for class_dir in split]
     names = {folder.name for folder in folders}
     for class_dir in folders:
         if class_dir.name not in fine_classes:
@@ -68,13 +73,13 @@ def _check_class_folders(src: Path, fine_classes: list[str]) -> None:
             fix = (f"its row may be {close[0]!r}, which has no folder: correct that row to {class_dir.name}" if close
                    else f"add a row {class_dir.name},<coarse class>")
             raise UserError(f"the class folder {class_dir} is not listed in {src / CSV_NAME}; {fix}")
-    strangers = [path.relative_to(src).as_posix() for class_dir in folders for path in sorted(class_dir.rglob("*"))
-                 if path.is_file() and not path.name.startswith(".") and path.name.lower() not in SYSTEM_FILES
-                 and path.suffix.lower() not in IMAGE_SUFFIXES]
+    strangers = [path.relative_to(src).as_posix() for split in found.values() for files in split.values()
+                 for path in files if path.suffix.lower() not in IMAGE_SUFFIXES]
     if strangers:
         more = f" (and {len(strangers) - 3} more)" if len(strangers) > 3 else ""
         raise UserError(f"{len(strangers)} file(s) under {src} are neither JPEG (.jpg, .jpeg) nor PNG (.png): "
                         f"{', '.join(strangers[:3])}{more}; convert them or move them out of SRC")
+    return found
 
 
 def read(src: Path | None) -> DatasetSource:
@@ -86,13 +91,10 @@ def read(src: Path | None) -> DatasetSource:
     fine_index = {name: i for i, name in enumerate(fine_classes)}
     formats: dict[str, list[str]] = {}      # format -> the files of it
     splits = {}
-    _check_class_folders(src, fine_classes)
-    for split in ("train", "test"):
+    for split, class_folders in _class_files(src, fine_classes).items():
         split_dir = src / split
         paths, fine = [], []
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            images = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")
-                            and p.name.lower() not in SYSTEM_FILES)
+        for class_dir, images in class_folders.items():
             if not images:
                 raise UserError(f"the class folder {class_dir} holds no images; add them, or remove the folder")
             for image in images:
