@@ -420,9 +420,13 @@ def test_rerunning_create_on_damaged_shards_re_creates_them(small_digits, tmp_pa
     _truncate_tar(out)
     logged = []
     shards.create("digits", None, out, samples_per_shard=40, workers=1, log=logged.append)
-    assert any("no longer match" in line for line in logged)
+    assert any(f"{out}: 1 shard no longer matches the manifest (first " in line for line in logged), logged
     assert [line for line in logged if "samples in" in line][0].endswith(" 1 process")
     assert tree(out) == tree(small_digits)
+    logged.clear()       # once more: complete, and said to be so by sizes and indexes alone
+    shards.create("digits", None, out, samples_per_shard=40, workers=1, log=logged.append)
+    assert logged == [f"{out} already holds complete digits shards (sizes and indexes checked; make_shards.py verify "
+                      f"reads every byte)"]
 
 
 def test_the_check_names_the_first_shard_and_counts_the_others(small_digits, tmp_path):
